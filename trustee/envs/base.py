@@ -1,0 +1,98 @@
+"""The environment contract: what the policy talks to during an episode.
+
+Owns `Knobs`, `EpisodeState`, `AgentAction`, `Score` and the `Environment` protocol.
+Simulated (LLM-played), BFCL (executable) and toy (programmatic) environments implement it
+and are interchangeable in the episode runner (`rollout/episode.py`), which is the only
+caller of `start`/`step`/`score`; the scheduler calls `make_task` once per GRPO group.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Protocol, runtime_checkable
+
+import msgspec
+
+from trustee.types import Message, Task, ToolCall, ToolCallError
+
+
+class Knobs(msgspec.Struct, frozen=True, kw_only=True):
+    """Curriculum aspects for one task (TRUSTEE's seven, plus the tool error rate).
+
+    Values are already sampled within the curriculum's bounds; environments read the ones
+    they understand and ignore the rest.
+    """
+
+    difficulty: float = 1.0
+    n_tools: int = 1
+    n_expected_calls: int = 1
+    n_turns: int = 1
+    prompt_specificity: float = 1.0  # 1 detailed system prompt .. 0 generic
+    persona_expertise: float = 1.0  # 1 expert .. 0 novice
+    query_ambiguity: float = 0.0  # 0 clear .. 1 highly ambiguous
+    judge_strictness: int = 1  # 1 intent .. 5 efficiency
+    tool_error_rate: float = 0.0
+    extra: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        d = msgspec.structs.asdict(self)
+        d.pop("extra")
+        return {k: float(v) for k, v in d.items()}
+
+
+class EpisodeState(msgspec.Struct, kw_only=True):
+    """Mutable per-episode state owned by the environment.
+
+    `messages` is the full conversation (system and first user turn included); `done` is set
+    by the environment when the episode must end (user stop signal, last BFCL turn, ...).
+    `group` holds state shared by the episodes of one GRPO group (e.g. the tool simulator's
+    consistency memo); `data` is the environment's own scratch space.
+    """
+
+    episode_id: str
+    task: Task
+    messages: list[Message]
+    done: bool = False
+    sim_retries: int = 0
+    sim_error: str = ""
+    group: Any = None
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class AgentAction(msgspec.Struct, frozen=True, kw_only=True):
+    """One assistant turn as the environment sees it: the parsed message, the calls that
+    parsed, and the ones that did not (each error is shown to the policy as a tool result)."""
+
+    message: Message
+    calls: list[ToolCall] = msgspec.field(default_factory=list)
+    errors: list[ToolCallError] = msgspec.field(default_factory=list)
+    truncated: bool = False
+
+
+class Score(msgspec.Struct, frozen=True, kw_only=True):
+    """An episode's reward in [-1, 1] (BFCL progress and rubric rewards are in [0, 1]; the
+    syntax reward is rescaled) and its named parts for logging."""
+
+    reward: float
+    parts: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+@runtime_checkable
+class Environment(Protocol):
+    name: str
+
+    async def make_task(self, knobs: Knobs, rng: random.Random) -> Task:
+        """One task for a GRPO group."""
+        ...
+
+    async def start(self, task: Task, episode_id: str, group: Any = None) -> EpisodeState:
+        """System prompt, tools and the first user turn."""
+        ...
+
+    async def step(self, state: EpisodeState, action: AgentAction) -> list[Message]:
+        """The environment's reply to one assistant turn: tool results (role `tool`, one per
+        call or call error, in order) and/or a user message. An empty list with
+        `state.done` set ends the episode."""
+        ...
+
+    async def score(self, state: EpisodeState) -> Score: ...
