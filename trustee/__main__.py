@@ -1,0 +1,3 @@
+from trustee.run import main
+
+raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Entry point: `python -m trustee.run CONFIG [--set section.key=value]... [--out DIR] [--dry-run]`.
+
+Owns argument parsing, turning config errors into a clean exit (status 2, message on
+stderr, no traceback), the run directory (resolved config written beside the run), the
+start-up checks (model directories, tiny-model build, chat template prefix-preservation)
+and printing the run plan. The training loop itself is composed from rollout/, learn/ and
+placement; until it lands, a run stops after the plan and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import msgspec
+
+from trustee.config import Config, ConfigError, Resolved, load_config, resolve
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trustee.run",
+        description="Train a tool-calling agent with GRPO in simulated or executable environments.",
+        epilog="Example: python -m trustee.run configs/cpu-tiny.toml --set grpo.group_size=4 --dry-run",
+    )
+    p.add_argument("config", help="TOML config file (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config field; repeatable (e.g. --set learner.lr=1e-5)",
+    )
+    p.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
+    p.add_argument("--dry-run", action="store_true", help="validate, resolve and print the plan; write nothing")
+    return p
+
+
+def _model_checks(cfg: Config, build: bool) -> list[str]:
+    """Start-up checks on the model directories. Returns notes for the plan; raises
+    ConfigError-like SystemExit only for a real run that cannot start."""
+    notes: list[str] = []
+    path = Path(cfg.model.path)
+    if not (path / "config.json").exists():
+        if cfg.model.tiny and build:
+            from trustee.tiny import build_tiny_model
+
+            build_tiny_model(path, size=cfg.model.tiny, seed=cfg.seed)
+            notes.append(f"built tiny model ({cfg.model.tiny}) at {path}")
+        elif cfg.model.tiny:
+            notes.append(f"tiny model ({cfg.model.tiny}) will be built at {path}")
+        else:
+            notes.append(f"model directory {path} not found: a real run needs it locally (no hub downloads)")
+            return notes
+    if (path / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        from trustee.chat.render import check_prefix_preserving, project_template
+
+        tok = AutoTokenizer.from_pretrained(path)
+        template = project_template() if cfg.model.chat_template == "trustee" else None
+        problems = check_prefix_preserving(tok, template)
+        if problems:
+            notes.append(
+                "WARNING: the chat template is not prefix-preserving, so multi-turn token ids cannot be "
+                "extended in place: " + "; ".join(problems) + ". Set model.chat_template = 'trustee'."
+            )
+        else:
+            notes.append(f"chat template ({cfg.model.chat_template}) is prefix-preserving")
+    return notes
+
+
+def format_plan(cfg: Config, res: Resolved, notes: list[str]) -> str:
+    g, r = cfg.grpo, cfg.rollout
+    lines = [
+        f"trustee run '{cfg.name}' -> {res.run_dir}",
+        f"  policy     {res.policy_model}  ({res.engines['policy']}, thinking {'on' if cfg.model.enable_thinking else 'off'})",
+        f"  simulator  {res.simulator_model}  ({res.engines['simulator']})",
+        f"  env        {cfg.environment.kind}, reward {cfg.environment.reward}, curriculum {cfg.curriculum.kind}",
+        f"  steps      {g.steps} x {g.tasks_per_step} tasks x {g.group_size} episodes = {res.total_episodes} episodes",
+        f"  rollout    <= {r.max_turns} turns, {r.max_tokens_per_turn} tokens/turn, {r.max_inflight_episodes} in flight",
+        f"  loss       {g.loss_type}, clip [{1 - g.clip_low:.2f}, {1 + g.clip_high:.2f}], beta {g.beta}, IS {g.is_level}/{g.is_mode}",
+        f"  learner    {res.learner}, lr {cfg.learner.lr}, {cfg.learner.schedule}",
+        f"  placement  {cfg.placement.mode}, {res.gpus_required} GPU(s)",
+    ]
+    lines += [f"  note       {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return EXIT_CONFIG
+    run_dir = Path(args.out or Path("runs") / cfg.name)
+    res = resolve(cfg, run_dir)
+    notes = _model_checks(cfg, build=not args.dry_run)
+    print(format_plan(cfg, res, notes))
+    if args.dry_run:
+        print("dry run: config valid, nothing written")
+        return 0
+    if not (Path(cfg.model.path) / "config.json").exists():
+        print(f"error: model directory {cfg.model.path} not found", file=sys.stderr)
+        return EXIT_CONFIG
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(cfg)))
+    (run_dir / "resolved.json").write_bytes(msgspec.json.format(msgspec.json.encode(res)))
+    print(json.dumps({"run_dir": str(run_dir), "status": "planned"}))
+    print("the training loop is not wired into trustee.run yet; the plan and resolved config are written")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
