@@ -31,14 +31,15 @@ Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
 PosFloat = Annotated[float, Meta(gt=0.0)]
 
 
-class Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # kw_only is not inherited by msgspec subclasses: every section repeats `kw_only=True`.
     """Base of every config section: strict, immutable, keyword-only."""
 
 
 # ----------------------------------------------------------------------------- model
 
 
-class ModelConfig(Section):
+class ModelConfig(Section, kw_only=True):
     path: str = ".cache/models/tiny-demo"
     """Policy model: a local directory with config.json and tokenizer files (no hub access)."""
     tiny: Literal["", "test", "demo"] = ""
@@ -56,7 +57,7 @@ class ModelConfig(Section):
 # ----------------------------------------------------------------------------- engines
 
 
-class EngineConfig(Section):
+class EngineConfig(Section, kw_only=True):
     backend: Literal["hf", "vllm", "openai"] = "hf"
     """Inference backend: 'hf' (transformers, CPU/one GPU), 'vllm' (AsyncLLM), 'openai' (remote server)."""
     max_num_seqs: Positive = 256
@@ -85,7 +86,7 @@ class EngineConfig(Section):
     """Retries with exponential backoff on connection errors and 5xx (backend 'openai')."""
 
 
-class EnginesConfig(Section):
+class EnginesConfig(Section, kw_only=True):
     policy: EngineConfig = msgspec.field(default_factory=EngineConfig)
     """The engine that samples the policy being trained."""
     simulator: EngineConfig = msgspec.field(default_factory=lambda: EngineConfig(enable_sleep_mode=False, max_lora_rank=0))
@@ -95,7 +96,7 @@ class EnginesConfig(Section):
 # ----------------------------------------------------------------------------- simulator
 
 
-class SimulatorConfig(Section):
+class SimulatorConfig(Section, kw_only=True):
     model_path: str = ""
     """Simulator model directory; '' = the policy's base model (TRUSTEE: one free 8B model plays every role)."""
     temperature: Annotated[float, Meta(ge=0.0)] = 0.7
@@ -121,22 +122,42 @@ class SimulatorConfig(Section):
 # ----------------------------------------------------------------------------- environment
 
 
-class BfclConfig(Section):
-    categories: list[str] = msgspec.field(
-        default_factory=lambda: ["multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param", "multi_turn_long_context"]
+class BfclConfig(Section, kw_only=True):
+    categories: list[Literal["multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param", "multi_turn_long_context"]] = (
+        msgspec.field(
+            default_factory=lambda: [
+                "multi_turn_base",
+                "multi_turn_miss_func",
+                "multi_turn_miss_param",
+                "multi_turn_long_context",
+            ]
+        )
     )
-    """BFCL multi-turn categories to train on."""
+    """BFCL multi-turn categories to train on (a stage with split = 'base' narrows this to multi_turn_base)."""
     split: Literal["train", "heldout", "all"] = "train"
     """Which half of each category (fixed-seed split) to draw instances from."""
     split_seed: int = 0
-    """Seed of the train / held-out split of each category."""
+    """Seed of the train / held-out split; one index split shared by all categories (entry i of each is one scenario)."""
+    train_fraction: Annotated[float, Meta(gt=0.0, lt=1.0)] = 0.5
+    """Share of each category in the train half (Environment Tuning: 0.5, i.e. 100 / 100)."""
     hints: bool = True
     """Environment Tuning's actionable augmentation: corrective messages for unhelpful tool errors."""
     max_steps_per_turn: Positive = 5
-    """Policy steps allowed within one user turn before it is forced to end."""
+    """Policy steps allowed within one user turn before it is forced to end (Environment Tuning: 5)."""
+    force_quit_ends_episode: bool = False
+    """Hitting max_steps_per_turn ends the whole episode and fails its remaining turns (BFCL's own rule)."""
+    miss_turn_warning: bool = True
+    """On a turn with a missing function/parameter, a tool call fails the turn, is not executed, and the next question carries Environment Tuning's warning; false = BFCL's rule (executed, turn not scored)."""
+    syntax_instances: NonNeg = 75
+    """Instances used while the reward is 'syntax' (Environment Tuning's small stage-1 set); 0 = all."""
+    system_prompt: str = ""
+    """System prompt before the tool block; '' = none, as in BFCL's function-calling mode."""
 
 
-class EnvironmentConfig(Section):
+# ----------------------------------------------------------------------------- eval
+
+
+class EnvironmentConfig(Section, kw_only=True):
     kind: Literal["simulated", "toy", "bfcl"] = "simulated"
     """'simulated': all roles played by the simulator model; 'toy': programmatic tools, exact rewards; 'bfcl': BFCL executable classes."""
     reward: Literal["judge", "rubric", "progress", "syntax", "exact"] = "judge"
@@ -148,7 +169,7 @@ class EnvironmentConfig(Section):
 # ----------------------------------------------------------------------------- rollout
 
 
-class RolloutConfig(Section):
+class RolloutConfig(Section, kw_only=True):
     temperature: PosFloat = 1.0
     """Policy sampling temperature (the learner recomputes log-probs at the same temperature)."""
     max_turns: Positive = 16
@@ -168,7 +189,7 @@ class RolloutConfig(Section):
 # ----------------------------------------------------------------------------- grpo
 
 
-class GrpoConfig(Section):
+class GrpoConfig(Section, kw_only=True):
     steps: Positive = 200
     """Training steps (TRUSTEE: 200)."""
     tasks_per_step: Positive = 16
@@ -176,7 +197,9 @@ class GrpoConfig(Section):
     group_size: Annotated[int, Meta(ge=2)] = 8
     """Episodes per task; advantages compare within the group (TRUSTEE: 8)."""
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
-    """Loss aggregation: grpo (seq mean, then mean), dr_grpo (sum / fixed length), dapo (global token mean), bnpo (micro-batch token mean)."""
+    """Loss aggregation: grpo (seq mean, then mean), dr_grpo (sum / (seqs x dr_grpo_length)), dapo (token mean over all ranks' step batch), bnpo (token mean over this rank's step batch)."""
+    dr_grpo_length: Positive = 4096
+    """dr_grpo's fixed length: the step loss is the token sum / (sequences x this)."""
     clip_low: Fraction = 0.2
     """Lower clip: ratio >= 1 - clip_low."""
     clip_high: Annotated[float, Meta(ge=0.0)] = 0.28
@@ -200,13 +223,15 @@ class GrpoConfig(Section):
 # ----------------------------------------------------------------------------- learner
 
 
-class LearnerConfig(Section):
+class LearnerConfig(Section, kw_only=True):
     mode: Literal["lora", "qlora", "full"] = "lora"
     """What trains: LoRA adapters, LoRA on a 4-bit base (CUDA), or every weight."""
     lr: PosFloat = 1e-6
     """Peak learning rate (TRUSTEE / Environment Tuning: 1e-6 for full fine-tuning)."""
     schedule: Literal["constant", "cosine"] = "constant"
     """Learning-rate schedule after warm-up."""
+    min_lr_ratio: Fraction = 0.0
+    """Cosine schedule floor, as a share of lr (reached at grpo.steps)."""
     warmup_steps: NonNeg = 0
     """Linear warm-up steps."""
     weight_decay: Annotated[float, Meta(ge=0.0)] = 0.0
@@ -234,7 +259,7 @@ class LearnerConfig(Section):
 # ----------------------------------------------------------------------------- placement
 
 
-class PlacementConfig(Section):
+class PlacementConfig(Section, kw_only=True):
     mode: Literal["sync", "overlap", "split"] = "sync"
     """'sync': engines sleep while the learner trains; 'overlap': all resident; 'split': disjoint GPUs."""
     policy_gpus: list[Annotated[int, Meta(ge=0)]] = msgspec.field(default_factory=list)
@@ -248,7 +273,7 @@ class PlacementConfig(Section):
 # ----------------------------------------------------------------------------- curriculum
 
 
-class StageConfig(Section):
+class StageConfig(Section, kw_only=True):
     name: str
     """Stage name, shown in logs."""
     reward: Literal["judge", "rubric", "progress", "syntax", "exact"] = "progress"
@@ -267,7 +292,7 @@ class StageConfig(Section):
     """Consecutive steps the metric must hold."""
 
 
-class CurriculumConfig(Section):
+class CurriculumConfig(Section, kw_only=True):
     kind: Literal["adaptive", "staged", "fixed"] = "adaptive"
     """'adaptive': TRUSTEE difficulty control; 'staged': Environment Tuning stages; 'fixed': constant difficulty."""
     start_difficulty: Annotated[float, Meta(ge=1.0, le=100.0)] = 1.0
@@ -287,7 +312,7 @@ class CurriculumConfig(Section):
 # ----------------------------------------------------------------------------- logging / checkpoint
 
 
-class LoggingConfig(Section):
+class LoggingConfig(Section, kw_only=True):
     progress_bar: bool = True
     """Show a tqdm progress bar."""
     wandb_project: str = ""
@@ -298,7 +323,7 @@ class LoggingConfig(Section):
     """Steps between metric records."""
 
 
-class CheckpointConfig(Section):
+class CheckpointConfig(Section, kw_only=True):
     every_steps: NonNeg = 20
     """Steps between checkpoints; 0 = only at the end."""
     keep: Positive = 2
@@ -307,7 +332,7 @@ class CheckpointConfig(Section):
     """'auto': resume from the run directory's last checkpoint if there is one."""
 
 
-class Config(Section):
+class Config(Section, kw_only=True):
     name: str = "trustee"
     """Run name; the default run directory is runs/<name>."""
     seed: int = 0

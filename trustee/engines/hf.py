@@ -1,0 +1,585 @@
+"""The transformers engine: the embedded default on CPU or one GPU, and the test engine.
+
+Owns `HFEngine`: dynamic batching of concurrent `generate` calls over a plain transformers
+causal LM with a KV cache, exact log-probs of the sampled tokens after temperature, per-request
+JSON constraints through xgrammar, in-place full-weight and LoRA updates, and sleep/wake.
+It does not own tokenization or chat rendering (callers pass token ids) and has no prefix cache.
+
+How batching works: callers enqueue requests; one background task takes up to `max_batch`
+pending requests, prefills them as one left-padded batch, then decodes one token per step for
+every live row until all rows finish (rows that finish or whose caller was cancelled are
+dropped from the cache at once). Requests that arrive meanwhile wait for the next batch. A
+batch runs under one set of weights, so each `Completion.policy_version` is exact: weight
+updates and sleep wait for the running batch to finish. Torch work runs in a worker thread,
+so the event loop stays free.
+
+Callers: `build_engine` (backend 'hf'), the episode runner and learner tests, `bench/engine.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import torch
+
+from trustee.engines.base import (
+    Completion,
+    EngineStats,
+    FatalEngineError,
+    FinishReason,
+    FullUpdate,
+    LoraUpdate,
+    RecoverableEngineError,
+    Sampling,
+    WeightUpdate,
+)
+
+ADAPTER = "policy"
+
+
+@dataclass(eq=False)
+class _Request:
+    """One generate call while it is queued or decoding (mutable; engine-internal)."""
+
+    prompt: list[int]
+    params: Sampling
+    stops: frozenset[int]
+    max_new: int
+    future: asyncio.Future[Completion]
+    matcher: Any = None  # xgrammar.GrammarMatcher for JSON-constrained requests
+    generator: torch.Generator | None = None  # per-request RNG when params.seed is set
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: FinishReason | None = None
+
+    @property
+    def dropped(self) -> bool:
+        return self.future.done()  # cancelled by its caller (or failed)
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Decoding state of one batch: row i of every tensor belongs to `reqs[i]`."""
+
+    reqs: list[_Request]
+    cache: Any  # transformers DynamicCache over the live rows
+    mask: torch.Tensor  # [B, L] 1 for real tokens, 0 for left padding
+    next_pos: torch.Tensor  # [B] position id of the next token
+    logits: torch.Tensor  # [B, V] logits for the next token, float32
+
+
+class _Grammars:
+    """Compiles each JSON schema once (xgrammar), keyed by its canonical JSON text."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: list[int]):
+        import xgrammar as xgr
+
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_ids)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self._compiled: dict[str, Any] = {}
+
+    def get(self, schema: dict[str, Any]) -> Any:
+        key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        if key not in self._compiled:
+            try:
+                # any_whitespace=False: a model may otherwise emit whitespace until max_tokens.
+                self._compiled[key] = self._compiler.compile_json_schema(key, any_whitespace=False)
+            except Exception as e:  # xgrammar raises RuntimeError/ValueError/InvalidJSONError variants
+                raise RecoverableEngineError(f"json_schema cannot be compiled by xgrammar: {e}; schema: {key[:300]}") from e
+        return self._compiled[key]
+
+
+def _as_list(x: int | list[int] | None) -> list[int]:
+    if x is None:
+        return []
+    return [x] if isinstance(x, int) else list(x)
+
+
+class HFEngine:
+    """Dynamic-batching transformers engine. See the module docstring for the batching model.
+
+    `model` is a loaded causal LM (or use `from_pretrained`). `source_dir` (the checkpoint
+    directory) is needed only for `sleep(2)`, which drops the weights and reloads them on wake.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        *,
+        max_batch: int = 64,
+        max_model_len: int | None = None,
+        source_dir: str | Path | None = None,
+        seed: int = 0,
+    ):
+        self._model = model.eval()
+        self._tokenizer = tokenizer
+        self._device = next(model.parameters()).device
+        self._dtype = next(model.parameters()).dtype
+        self._source_dir = Path(source_dir) if source_dir is not None else None
+        self.max_batch = max_batch
+        cfg = model.config
+        self.max_model_len = max_model_len or int(getattr(cfg, "max_position_embeddings", 4096))
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.eos_ids = frozenset(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+        self.version = 0
+        self._stats = EngineStats()
+        self._gen = torch.Generator(device=self._device).manual_seed(seed)
+        self._grammars: _Grammars | None = None
+        self._peft: Any = None  # peft.PeftModel wrapping self._model once a LoRA update arrived
+        self._lora: LoraUpdate | None = None  # the active adapter, re-applied after sleep(2)
+        self._sleep_level = 0
+        self._needs_weights = False  # sleep(2) after a full update: the checkpoint is stale
+        self._full_updates = 0
+        self._fatal: BaseException | None = None
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_batch: int = 64,
+        max_model_len: int | None = None,
+        seed: int = 0,
+    ) -> HFEngine:
+        """Load model and tokenizer from a local directory (no hub access)."""
+        from transformers import AutoTokenizer
+
+        model = _load_model(Path(path), device, dtype)
+        tok = AutoTokenizer.from_pretrained(path)
+        return cls(model, tok, max_batch=max_batch, max_model_len=max_model_len, source_dir=path, seed=seed)
+
+    # ------------------------------------------------------------------ event-loop plumbing
+
+    def _bind_loop(self) -> None:
+        """Create the queue and batcher on the running loop (again if the caller's loop changed,
+        e.g. one `asyncio.run` per test; only allowed while nothing is in flight)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._loop is not None and not self._loop.is_closed() and self._pending:
+            raise RuntimeError("HFEngine is busy on another event loop; use one loop per engine")
+        self._loop = loop
+        self._pending: list[_Request] = []
+        self._has_work = asyncio.Event()
+        self._awake = asyncio.Event()
+        if self._sleep_level == 0:
+            self._awake.set()
+        self._gate = asyncio.Lock()  # held while a batch runs, and by sleep/wake/update
+        self._batcher = loop.create_task(self._serve(), name="hf-engine-batcher")
+
+    def _check_alive(self) -> None:
+        if self._closed:
+            raise FatalEngineError("HFEngine is closed; build a new engine")
+        if self._fatal is not None:
+            raise FatalEngineError(f"HFEngine failed earlier and cannot generate: {self._fatal!r}")
+
+    # ------------------------------------------------------------------ generate
+
+    async def generate(self, prompt: list[int], params: Sampling, *, key: str | None = None) -> Completion:
+        """Queue one request and wait for its completion. `key` is ignored (one replica)."""
+        self._check_alive()
+        self._bind_loop()
+        req = await self._make_request(prompt, params)
+        self._pending.append(req)
+        self._stats.requests += 1
+        self._stats.prompt_tokens += len(prompt)
+        self._has_work.set()
+        try:
+            return await req.future
+        except asyncio.CancelledError:
+            if req in self._pending:
+                self._pending.remove(req)
+            self._stats.aborted += 1
+            raise
+
+    async def _make_request(self, prompt: list[int], params: Sampling) -> _Request:
+        self._validate(prompt, params)
+        stops = frozenset(params.stop_token_ids) | self.eos_ids
+        matcher = None
+        if params.json_schema is not None:
+            compiled = await asyncio.to_thread(self._grammars_for().get, params.json_schema)
+            import xgrammar as xgr
+
+            matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stops))
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self._device).manual_seed(params.seed)
+        max_new = min(params.max_tokens, self.max_model_len - len(prompt))
+        loop = asyncio.get_running_loop()
+        return _Request(list(prompt), params, stops, max_new, loop.create_future(), matcher, gen)
+
+    def _validate(self, prompt: list[int], params: Sampling) -> None:
+        if not prompt:
+            raise RecoverableEngineError("prompt is empty; pass at least one token id")
+        if len(prompt) >= self.max_model_len:
+            raise RecoverableEngineError(
+                f"prompt has {len(prompt)} tokens, max_model_len is {self.max_model_len}; shorten the episode"
+            )
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RecoverableEngineError(f"prompt holds token ids outside [0, {self.vocab_size}): {bad[:5]}")
+        if params.max_tokens < 1:
+            raise RecoverableEngineError(f"max_tokens = {params.max_tokens}; must be >= 1")
+        if params.temperature < 0:
+            raise RecoverableEngineError(f"temperature = {params.temperature}; must be >= 0 (0 = greedy)")
+
+    def _grammars_for(self) -> _Grammars:
+        if self._grammars is None:
+            if self._tokenizer is None:
+                raise RecoverableEngineError(
+                    "json_schema needs the tokenizer; build HFEngine with a tokenizer (HFEngine.from_pretrained does)"
+                )
+            self._grammars = _Grammars(self._tokenizer, self.vocab_size, sorted(self.eos_ids))
+        return self._grammars
+
+    # ------------------------------------------------------------------ the batcher
+
+    async def _serve(self) -> None:
+        while True:
+            await self._has_work.wait()
+            await self._awake.wait()
+            async with self._gate:
+                if self._sleep_level:
+                    continue  # fell asleep between the two waits
+                reqs = [r for r in self._pending[: self.max_batch] if not r.dropped]
+                del self._pending[: self.max_batch]
+                if not self._pending:
+                    self._has_work.clear()
+                if reqs:
+                    await self._run_batch(reqs)
+
+    async def _run_batch(self, reqs: list[_Request]) -> None:
+        t0 = time.perf_counter()
+        self._stats.batches += 1
+        self._stats.max_batch = max(self._stats.max_batch, len(reqs))
+        version = self.version
+        try:
+            if self._needs_weights:
+                raise FatalEngineError(
+                    "weights were dropped by sleep(2) after a full-weight update; push the current "
+                    "weights with update_weights(FullUpdate) before generating"
+                )
+            batch = await asyncio.to_thread(self._prefill, reqs)
+            while batch.reqs:
+                done = await asyncio.to_thread(self._step, batch)
+                self._finish(done, version)
+        except FatalEngineError as e:
+            self._fail(reqs, e)
+        except Exception as e:  # a torch/xgrammar failure mid-batch: the engine state is unknown
+            self._fatal = e
+            self._fail(reqs, FatalEngineError(f"HFEngine batch failed: {e!r}"))
+        finally:
+            self._stats.busy_s += time.perf_counter() - t0
+
+    def _finish(self, done: list[_Request], version: int) -> None:
+        for r in done:
+            if r.dropped:
+                continue
+            assert r.finish is not None and len(r.ids) == len(r.logprobs)
+            r.future.set_result(
+                Completion(token_ids=r.ids, logprobs=r.logprobs, finish_reason=r.finish, policy_version=version)
+            )
+
+    def _fail(self, reqs: list[_Request], err: BaseException) -> None:
+        for r in reqs:
+            if not r.future.done():
+                self._stats.failed += 1
+                r.future.set_exception(err)
+
+    # ------------------------------------------------------------------ torch work (worker thread)
+
+    @torch.inference_mode()
+    def _prefill(self, reqs: list[_Request]) -> _Batch:
+        from transformers import DynamicCache
+
+        width = max(len(r.prompt) for r in reqs)
+        pad = 0
+        ids = torch.full((len(reqs), width), pad, dtype=torch.long)  # [B, T]
+        mask = torch.zeros((len(reqs), width), dtype=torch.long)  # [B, T]
+        for i, r in enumerate(reqs):
+            ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt)
+            mask[i, width - len(r.prompt) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
+        ids, mask, pos = ids.to(self._device), mask.to(self._device), pos.to(self._device)
+        cache = DynamicCache(config=self._model.config)
+        out = self._model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
+        logits = out.logits[:, -1].float()  # [B, V]
+        return _Batch(reqs, out.past_key_values, mask, pos[:, -1] + 1, logits)
+
+    @torch.inference_mode()
+    def _step(self, b: _Batch) -> list[_Request]:
+        """Sample one token per live row, retire finished rows, run the next forward pass.
+        Returns the requests that finished (or were dropped) in this step."""
+        toks, lps = self._sample(b.logits, b.reqs)  # [B], [B]
+        done: list[_Request] = []
+        keep: list[int] = []
+        for i, (r, t, lp) in enumerate(zip(b.reqs, toks.tolist(), lps.tolist(), strict=True)):
+            if r.dropped:
+                done.append(r)
+                continue
+            r.ids.append(t)
+            r.logprobs.append(lp)
+            if r.matcher is not None:
+                r.matcher.accept_token(t)
+            if t in r.stops or (r.matcher is not None and r.matcher.is_terminated()):
+                r.finish = "stop"
+            elif len(r.ids) >= r.max_new:
+                r.finish = "length"
+            if r.finish is None:
+                keep.append(i)
+            else:
+                done.append(r)
+        self._stats.generated_tokens += len(b.reqs) - sum(r.dropped for r in b.reqs)
+        if len(keep) < len(b.reqs):
+            self._select(b, keep)
+        if b.reqs:
+            self._forward_one(b, toks[keep] if keep else toks[:0])
+        return done
+
+    def _select(self, b: _Batch, keep: list[int]) -> None:
+        b.reqs = [b.reqs[i] for i in keep]
+        if not keep:
+            return
+        idx = torch.tensor(keep, device=self._device)
+        b.cache.batch_select_indices(idx)
+        b.mask, b.next_pos = b.mask[idx], b.next_pos[idx]
+
+    def _forward_one(self, b: _Batch, toks: torch.Tensor) -> None:
+        n = len(b.reqs)
+        b.mask = torch.cat([b.mask, b.mask.new_ones((n, 1))], dim=1)  # [B, L+1]
+        out = self._model(
+            input_ids=toks.view(n, 1).to(self._device),
+            attention_mask=b.mask,
+            position_ids=b.next_pos.view(n, 1),
+            past_key_values=b.cache,
+            use_cache=True,
+        )
+        b.cache = out.past_key_values
+        b.logits = out.logits[:, -1].float()  # [B, V]
+        b.next_pos = b.next_pos + 1
+
+    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [B, V] -> (token ids [B], log-probs [B] under the distribution sampled from:
+        after temperature, top-k/top-p and the grammar mask; greedy rows use temperature 1)."""
+        temps = torch.tensor([r.params.temperature or 1.0 for r in reqs], device=logits.device)
+        scores = logits / temps[:, None]  # [B, V]
+        for i, r in enumerate(reqs):
+            if r.params.top_k > 0 or r.params.top_p < 1.0:
+                scores[i] = _truncate(scores[i], r.params.top_k, r.params.top_p)
+        constrained = [i for i, r in enumerate(reqs) if r.matcher is not None]
+        if constrained:
+            self._apply_grammar(scores, reqs, constrained)
+        logp = torch.log_softmax(scores, dim=-1)  # [B, V]
+        toks = logp.argmax(dim=-1)  # [B] greedy default
+        free = [i for i, r in enumerate(reqs) if r.params.temperature > 0 and r.generator is None]
+        if free:
+            toks[free] = torch.multinomial(logp[free].exp(), 1, generator=self._gen)[:, 0]
+        for i, r in enumerate(reqs):
+            if r.params.temperature > 0 and r.generator is not None:
+                toks[i] = torch.multinomial(logp[i].exp(), 1, generator=r.generator)[0]
+        return toks, logp.gather(1, toks[:, None])[:, 0]
+
+    def _apply_grammar(self, scores: torch.Tensor, reqs: list[_Request], rows: list[int]) -> None:
+        import xgrammar as xgr
+
+        bitmask = xgr.allocate_token_bitmask(len(reqs), self.vocab_size)  # [B, ceil(V/32)] int32
+        for i in rows:
+            reqs[i].matcher.fill_next_token_bitmask(bitmask, i)
+        on_cpu = scores.device.type == "cpu"
+        target = scores if on_cpu else scores.cpu()
+        xgr.apply_token_bitmask_inplace(target, bitmask, vocab_size=self.vocab_size, indices=rows)
+        if not on_cpu:
+            scores.copy_(target)
+
+    # ------------------------------------------------------------------ weights
+
+    async def update_weights(self, update: WeightUpdate) -> None:
+        """Load a full-weight update or a LoRA adapter between batches; bump `version`."""
+        self._check_alive()
+        self._bind_loop()
+        async with self._gate:
+            if self._sleep_level == 2:
+                raise RecoverableEngineError("engine sleeps at level 2 (weights dropped); call wake() before update_weights")
+            if isinstance(update, FullUpdate):
+                await asyncio.to_thread(self._load_full, update.chunks)
+                self._full_updates += 1
+                self._needs_weights = False
+            elif isinstance(update, LoraUpdate):
+                await asyncio.to_thread(self._load_lora, update)
+            else:
+                raise TypeError(f"update must be LoraUpdate or FullUpdate, got {type(update).__name__}")
+            self.version += 1
+
+    def _base_params(self) -> dict[str, torch.Tensor]:
+        """HF checkpoint name -> parameter/buffer tensor, seeing through PEFT's `.base_layer`."""
+        out = {}
+        for name, t in self._model.state_dict(keep_vars=True).items():
+            if "lora_" in name:
+                continue
+            out[name.replace(".base_layer.", ".")] = t
+        return out
+
+    @torch.inference_mode()
+    def _load_full(self, chunks: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
+        params = self._base_params()
+        for chunk in chunks:
+            unknown = [n for n, _ in chunk if n not in params]
+            if unknown:
+                raise ValueError(
+                    f"full update names {unknown[:3]} are not parameters of this model "
+                    f"(expected HF checkpoint names such as {next(iter(params))!r}); earlier chunks were applied"
+                )
+            for name, t in chunk:
+                p = params[name]
+                if tuple(p.shape) != tuple(t.shape):
+                    raise ValueError(f"full update {name}: shape {tuple(t.shape)} != model's {tuple(p.shape)}")
+                p.data.copy_(t.to(device=p.device, dtype=p.dtype))
+
+    def _load_lora(self, update: LoraUpdate) -> None:
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+        tensors, config = _lora_tensors(update)
+        cfg = LoraConfig(**{k: v for k, v in config.items() if k not in ("peft_type", "auto_mapping")})
+        if self._peft is None or not _same_lora_shape(self._peft.peft_config[ADAPTER], cfg):
+            if self._peft is not None:
+                self._model = self._peft.unload()
+            self._peft = get_peft_model(self._model, cfg, adapter_name=ADAPTER)
+            self._model = self._peft.base_model.model  # same object, adapters injected in place
+            self._model.eval()
+        result = set_peft_model_state_dict(self._peft, tensors, adapter_name=ADAPTER)
+        unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if unexpected or missing:
+            raise ValueError(
+                f"LoRA tensors do not match the adapter built from their config: unexpected {unexpected[:3]}, "
+                f"missing {missing[:3]}; keys must be PEFT names as get_peft_model_state_dict returns them"
+            )
+        self._lora = LoraUpdate(config=config, tensors=tensors)
+
+    # ------------------------------------------------------------------ sleep / wake
+
+    async def sleep(self, level: int = 1) -> None:
+        """Level 1: weights to CPU (frees accelerator memory; no-op for memory on CPU).
+        Level 2: drop the weights; `wake` reloads the checkpoint (and the active adapter)."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level {level}: use 1 (offload weights) or 2 (drop weights)")
+        if level == 2 and self._source_dir is None:
+            raise ValueError("sleep(2) reloads weights from the checkpoint dir; build with source_dir= or use sleep(1)")
+        self._bind_loop()
+        async with self._gate:
+            if self._sleep_level:
+                return
+            self._awake.clear()
+            self._sleep_level = level
+            await asyncio.to_thread(self._release, level)
+
+    def _release(self, level: int) -> None:
+        if level == 1:
+            self._model.to("cpu")
+        else:
+            self._model.to("meta")
+            self._peft = None
+        gc.collect()
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    async def wake(self) -> None:
+        self._bind_loop()
+        async with self._gate:
+            if not self._sleep_level:
+                return
+            await asyncio.to_thread(self._restore, self._sleep_level)
+            self._sleep_level = 0
+            self._awake.set()
+
+    def _restore(self, level: int) -> None:
+        if level == 1:
+            self._model.to(self._device)
+            return
+        assert self._source_dir is not None
+        self._model = _load_model(self._source_dir, str(self._device), self._dtype)
+        if self._lora is not None:
+            self._load_lora(self._lora)
+        self._needs_weights = self._full_updates > 0
+
+    # ------------------------------------------------------------------ misc
+
+    def stats(self) -> EngineStats:
+        return msgspec.structs.replace(self._stats)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._loop is None:
+            return
+        for r in self._pending:
+            if not r.future.done():
+                r.future.set_exception(FatalEngineError("HFEngine closed while the request was queued"))
+        self._pending.clear()
+        if self._loop is asyncio.get_running_loop():
+            self._batcher.cancel()
+            try:
+                await self._batcher
+            except asyncio.CancelledError:
+                pass
+
+
+def _load_model(path: Path, device: str, dtype: torch.dtype) -> Any:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+def _truncate(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """scores [V] -> scores with tokens outside top-k / the top-p nucleus set to -inf."""
+    out = scores.clone()
+    if top_k > 0:
+        kth = torch.topk(out, min(top_k, out.numel())).values[-1]
+        out[out < kth] = float("-inf")
+    if top_p < 1.0:
+        sorted_s, order = torch.sort(out, descending=True)
+        cum = torch.softmax(sorted_s, -1).cumsum(-1)
+        cut = cum - torch.softmax(sorted_s, -1) >= top_p  # drop tokens once the mass before them reaches p
+        out[order[cut]] = float("-inf")
+    return out
+
+
+def _same_lora_shape(old: Any, new: Any) -> bool:
+    keys = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "bias")
+    norm = lambda v: sorted(v) if isinstance(v, (set, list, tuple)) else v  # noqa: E731
+    return all(norm(getattr(old, k, None)) == norm(getattr(new, k, None)) for k in keys)
+
+
+def _lora_tensors(update: LoraUpdate) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter's PEFT-named tensors and config, from memory or from a PEFT directory."""
+    if update.tensors is not None:
+        return dict(update.tensors), dict(update.config)
+    if update.path is None:
+        raise ValueError("LoraUpdate needs `tensors` or `path`; both are None")
+    from safetensors.torch import load_file
+
+    d = Path(update.path)
+    files = [d / "adapter_model.safetensors", d / "adapter_model.bin"]
+    found = next((f for f in files if f.exists()), None)
+    if found is None:
+        raise ValueError(f"LoRA dir {d} has no adapter_model.safetensors (write it with save_pretrained)")
+    tensors = load_file(found) if found.suffix == ".safetensors" else torch.load(found, weights_only=True)
+    config = dict(update.config) or json.loads((d / "adapter_config.json").read_text())
+    return tensors, config
