@@ -154,9 +154,6 @@ class BfclConfig(Section, kw_only=True):
     """System prompt before the tool block; '' = none, as in BFCL's function-calling mode."""
 
 
-# ----------------------------------------------------------------------------- eval
-
-
 class EnvironmentConfig(Section, kw_only=True):
     kind: Literal["simulated", "toy", "bfcl"] = "simulated"
     """'simulated': all roles played by the simulator model; 'toy': programmatic tools, exact rewards; 'bfcl': BFCL executable classes."""

@@ -87,14 +87,29 @@ class _Grammars:
         self._compiled: dict[str, Any] = {}
 
     def get(self, schema: dict[str, Any]) -> Any:
-        key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        # Property order is meaningful (it fixes the output order), so the key keeps it.
+        key = json.dumps(schema, separators=(",", ":"))
         if key not in self._compiled:
             try:
-                # any_whitespace=False: a model may otherwise emit whitespace until max_tokens.
-                self._compiled[key] = self._compiler.compile_json_schema(key, any_whitespace=False)
-            except Exception as e:  # xgrammar raises RuntimeError/ValueError/InvalidJSONError variants
+                self._compiled[key] = self._compiler.compile_grammar(json_grammar(key))
+            except (RuntimeError, ValueError) as e:  # xgrammar's InvalidJSONError etc. derive from these
                 raise RecoverableEngineError(f"json_schema cannot be compiled by xgrammar: {e}; schema: {key[:300]}") from e
         return self._compiled[key]
+
+
+# xgrammar 0.2.8 lets length-bounded JSON strings hold raw control characters (its unbounded
+# strings exclude them); strict JSON parsers such as msgspec reject those. Tighten the class.
+_BOUNDED_CHAR = r'[^\"\\\r\n]'
+_STRICT_CHAR = r'[^\0-\x1f\"\\]'
+
+
+def json_grammar(schema_json: str) -> Any:
+    """An xgrammar Grammar for compact JSON (no free whitespace: a model could otherwise emit
+    whitespace until max_tokens) of `schema_json`, with control characters kept out of strings."""
+    import xgrammar as xgr
+
+    text = str(xgr.Grammar.from_json_schema(schema_json, any_whitespace=False))
+    return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_CHAR, _STRICT_CHAR))
 
 
 def _as_list(x: int | list[int] | None) -> list[int]:

@@ -1,0 +1,274 @@
+"""The learner: one GRPO optimiser step per batch of groups.
+
+Owns `Learner` (policy + AdamW + schedule; `step` / `step_async`) and `StepMetrics`. A step:
+turn the groups into `Sample`s, compute the loss normaliser from the whole step's batch,
+pack the samples into micro-batches by token budget, and for each micro-batch compute
+reference log-probs (if beta > 0), the policy's log-probs (chunked, `learn/logprobs.py`),
+the per-token GRPO loss (`learn/grpo.py`) and backward; then clip gradients, step the
+optimiser and the schedule, and report metrics.
+
+With one optimiser step per batch, the learner's "old" log-probs are its own log-probs
+before the update, i.e. `logp.detach()` from the same forward pass (no extra pass). The PPO
+ratio is then 1 in value (its gradient is the policy gradient) and the clip never binds;
+it would bind with several updates per batch, which `grpo_token_loss` supports (old_logp
+is an argument) but this learner does not do. The sampler/learner mismatch (staleness,
+kernels, quantisation) is corrected by the importance weight exp(old - sampler) (TIS/MIS).
+
+Does not compute advantages (`learn/advantages.py`, called by the controller) or export
+weights (`learn/export.py`). Step code takes the device from the model and calls no
+`.cuda()`, so FSDP2 ranks can reuse it; `step_async` runs a step in a worker thread so the
+asyncio loop (rollouts) keeps going.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import threading
+import time
+
+import anyio.to_thread
+import msgspec
+import torch
+
+from trustee.config import GrpoConfig, LearnerConfig
+from trustee.learn.grpo import LossNorm, TokenLossParts, aggregate, grpo_token_loss, loss_norm, token_weights
+from trustee.learn.logprobs import model_device, token_logprobs
+from trustee.learn.packing import MicroBatch, Sample, build_packed, build_padded, check_sample, plan_bins
+from trustee.learn.policy import Policy
+from trustee.types import Group
+
+
+class StepMetrics(msgspec.Struct, kw_only=True):
+    """What one optimiser step did. Ratios are over loss tokens unless named otherwise.
+
+    `is_*` describe the raw importance ratio exp(learner - sampler) before truncation, in
+    units of grpo.is_level (tokens or sequences); `is_masked_frac` / `is_truncated_frac` are
+    shares of those units. `tokens` counts real input tokens (no padding), `input_tokens`
+    what the model saw; `peak_mem_bytes` is CUDA max_memory_allocated during the step, or
+    the process's peak RSS on CPU. `oversize` counts sequences longer than the token budget.
+    """
+
+    step: int
+    loss: float
+    clip_frac: float
+    kl: float
+    entropy: float
+    is_ratio_min: float
+    is_ratio_mean: float
+    is_ratio_max: float
+    is_masked_frac: float
+    is_truncated_frac: float
+    grad_norm: float
+    lr: float
+    seqs: int
+    loss_tokens: int
+    tokens: int
+    input_tokens: int
+    micro_batches: int
+    oversize: int
+    wall_s: float
+    tokens_per_s: float
+    peak_mem_bytes: int
+
+
+def samples_from_groups(groups: list[Group]) -> list[Sample]:
+    """One Sample per trajectory; every group must already carry its advantages."""
+    out: list[Sample] = []
+    for g in groups:
+        if len(g.advantages) != len(g.trajectories):
+            raise ValueError(
+                f"group {g.task_id!r}: {len(g.advantages)} advantages for {len(g.trajectories)} trajectories; "
+                "compute them with trustee.learn.advantages.compute_advantages before Learner.step"
+            )
+        for t, a in zip(g.trajectories, g.advantages, strict=True):
+            out.append(Sample(tokens=t.tokens, loss_mask=t.loss_mask, sampler_logprobs=t.logprobs, advantage=a))
+    return out
+
+
+def lr_lambda(cfg: LearnerConfig, total_steps: int):
+    """Multiplier of cfg.lr at a step: linear warm-up, then constant or cosine to min_lr_ratio."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _padded_bins(lengths: list[int], budget: int) -> list[list[int]]:
+    """Arrival-order bins whose padded size (count x longest) fits the budget (padded layout)."""
+    bins: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if bins and (len(bins[-1]) + 1) * max(n, max(lengths[j] for j in bins[-1])) <= budget:
+            bins[-1].append(i)
+        else:
+            bins.append([i])
+    return bins
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Learner:
+    """Owns the policy's optimiser and schedule; one `step` = one optimiser update.
+
+    temperature: the sampler's temperature (rollout.temperature), applied to the logits.
+    total_steps: the schedule's horizon (grpo.steps). layout: 'packed' (default) or 'padded'
+    (one row per sequence with an attention mask; for benchmarks and tests).
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        grpo: GrpoConfig,
+        cfg: LearnerConfig,
+        *,
+        temperature: float = 1.0,
+        total_steps: int | None = None,
+        layout: str = "packed",
+        pad_id: int = 0,
+    ):
+        if layout not in ("packed", "padded"):
+            raise ValueError(f"layout = {layout!r}: choose 'packed' or 'padded'")
+        if grpo.beta > 0 and policy.mode == "full" and policy.ref_model is None:
+            raise ValueError("grpo.beta > 0 with learner.mode = 'full' needs a reference copy: build the policy with need_reference=True")
+        self.policy, self.grpo, self.cfg = policy, grpo, cfg
+        self.temperature, self.layout, self.pad_id = temperature, layout, pad_id
+        params = policy.trainable_parameters()
+        if not params:
+            raise ValueError("the policy has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        horizon = total_steps if total_steps is not None else grpo.steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, horizon))
+        self.step_count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.policy.model
+
+    # ------------------------------------------------------------------ batching
+
+    def norm_for(self, samples: list[Sample]) -> LossNorm:
+        return loss_norm(self.grpo.loss_type, [s.n_loss for s in samples], max_len=self.grpo.dr_grpo_length)
+
+    def micro_batches(self, samples: list[Sample]) -> list[MicroBatch]:
+        lengths = [len(s.tokens) for s in samples]
+        budget = self.cfg.micro_batch_tokens
+        if self.layout == "padded":
+            return [build_padded([samples[i] for i in b], b, pad_id=self.pad_id) for b in _padded_bins(lengths, budget)]
+        flash = getattr(self.model.config, "_attn_implementation", "").startswith("flash")
+        return [build_packed([samples[i] for i in b], b, flash=flash) for b in plan_bins(lengths, budget)]
+
+    # ------------------------------------------------------------------ one micro-batch
+
+    def _micro_step(self, mb: MicroBatch, norm: LossNorm) -> tuple[float, TokenLossParts]:
+        """Forward + backward of one micro-batch; returns its share of the step loss."""
+        g = self.grpo
+        ref_logp = None
+        if g.beta > 0:
+            with torch.no_grad(), self.policy.reference() as ref:
+                ref_logp, _ = token_logprobs(ref, mb, temperature=self.temperature, chunk=self.cfg.logprob_chunk)
+        logp, entropy = token_logprobs(self.model, mb, temperature=self.temperature, chunk=self.cfg.logprob_chunk)
+        dev = logp.device
+        tok_loss, parts = grpo_token_loss(
+            logp,
+            logp.detach(),
+            mb.sampler_logp.to(dev),
+            mb.adv.to(dev),
+            mb.seq.to(dev),
+            mb.n_seqs,
+            clip_low=g.clip_low,
+            clip_high=g.clip_high,
+            beta=g.beta,
+            ref_logp=ref_logp,
+            is_level=g.is_level,
+            is_mode=g.is_mode,
+            is_min=g.is_min,
+            is_max=g.is_max,
+        )
+        loss = aggregate(tok_loss, token_weights(norm, mb.seq_tokens.to(dev)))
+        loss.backward()
+        parts.entropy_sum = float(entropy.sum())
+        return float(loss.detach()), parts
+
+    # ------------------------------------------------------------------ one step
+
+    def accumulate(self, samples: list[Sample]) -> tuple[float, TokenLossParts, list[MicroBatch]]:
+        """Zero the grads and accumulate the whole step's gradient; no optimiser step."""
+        for i, s in enumerate(samples):
+            check_sample(s, i)
+        norm = self.norm_for(samples)
+        mbs = self.micro_batches(samples)
+        self.optimizer.zero_grad(set_to_none=True)
+        total, parts = 0.0, TokenLossParts()
+        for mb in mbs:
+            loss, p = self._micro_step(mb, norm)
+            total += loss
+            parts.merge(p)
+        return total, parts, mbs
+
+    def step(self, groups: list[Group]) -> StepMetrics:
+        """One optimiser step on `groups` (with advantages). Thread-safe: steps never overlap."""
+        with self._lock:
+            return self._step(samples_from_groups(groups))
+
+    async def step_async(self, groups: list[Group]) -> StepMetrics:
+        """`step` in a worker thread, so the event loop (rollouts) keeps running."""
+        return await anyio.to_thread.run_sync(self.step, groups)
+
+    def _step(self, samples: list[Sample]) -> StepMetrics:
+        if not samples:
+            raise ValueError("Learner.step got no trajectories; skip the step when every group was filtered")
+        device = model_device(self.model)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        loss, parts, mbs = self.accumulate(samples)
+        params = self.policy.trainable_parameters()
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step_count += 1
+        wall = time.perf_counter() - t0
+        return self._metrics(samples, mbs, loss, parts, grad_norm, lr, wall, device)
+
+    def _metrics(self, samples, mbs, loss, parts: TokenLossParts, grad_norm, lr, wall, device) -> StepMetrics:
+        n_tok = max(1, parts.tokens)
+        isx = parts.is_stats
+        units = max(1, isx.count)
+        real = sum(len(s.tokens) for s in samples)
+        return StepMetrics(
+            step=self.step_count,
+            loss=loss,
+            clip_frac=parts.clipped / n_tok,
+            kl=parts.kl_sum / n_tok,
+            entropy=parts.entropy_sum / n_tok,
+            is_ratio_min=isx.min if isx.count else 1.0,
+            is_ratio_mean=isx.sum / units if isx.count else 1.0,
+            is_ratio_max=isx.max if isx.count else 1.0,
+            is_masked_frac=isx.masked / units,
+            is_truncated_frac=isx.truncated / units,
+            grad_norm=grad_norm,
+            lr=lr,
+            seqs=len(samples),
+            loss_tokens=parts.tokens,
+            tokens=real,
+            input_tokens=sum(mb.n_input_tokens for mb in mbs),
+            micro_batches=len(mbs),
+            oversize=sum(len(s.tokens) > self.cfg.micro_batch_tokens for s in samples),
+            wall_s=wall,
+            tokens_per_s=real / wall if wall > 0 else 0.0,
+            peak_mem_bytes=peak_memory(device),
+        )
