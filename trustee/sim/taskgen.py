@@ -1,0 +1,319 @@
+"""The task generator role: a data-free task from curriculum knobs and a domain.
+
+Owns `TaskGenerator`, its output Structs and `ToolCatalog`. Two simulator calls per task,
+laid out as one growing chat so the second repeats the first's prompt as its prefix:
+
+1. tools (skipped when a user-supplied catalog supplies them): `ToolSetDraft`, typed so
+   every generated tool becomes a valid OpenAI function schema by construction;
+2. scenario: `ScenarioDraft` (persona, goal, opening query, hidden info known only to the
+   user, expected calls, rubric). Its schema is tightened per task: `expected_calls` may
+   only name the task's tools with arguments of each tool's own (bounded) schema.
+
+Then validates in code (unique names, valid schemas, every expected call passes
+`ToolCallParser.validate`) and regenerates on failure within a budget. Called by
+`envs/simulated.py`; does not run episodes or score them.
+"""
+
+from __future__ import annotations
+
+import random
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from trustee.chat.parse import ToolCallParser, canonical_json
+from trustee.envs.base import Knobs
+from trustee.sim.client import OutputRejected, SimClient, SimError, as_json, bounded_schema, load_prompt, schema_of
+from trustee.types import Message, Rubric, Task, ToolCall, ToolSpec
+
+Ident = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{2,31}$")]
+Word = Annotated[str, Meta(min_length=1, max_length=24)]
+Short = Annotated[str, Meta(min_length=1, max_length=120)]
+Text = Annotated[str, Meta(min_length=1, max_length=240)]
+
+GENERIC_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+class ParamDraft(msgspec.Struct, kw_only=True):
+    name: Ident
+    type: Literal["string", "integer", "number", "boolean"]
+    description: Short
+    required: bool
+    enum: Annotated[list[Word], Meta(max_length=5)]
+
+
+class ToolDraft(msgspec.Struct, kw_only=True):
+    name: Ident
+    description: Text
+    params: Annotated[list[ParamDraft], Meta(max_length=4)]
+
+
+class ToolSetDraft(msgspec.Struct, kw_only=True):
+    """Stage 1 output: the task's tools (array size fixed per task to the knob)."""
+
+    tools: Annotated[list[ToolDraft], Meta(min_length=1, max_length=10)]
+
+
+class CallDraft(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: dict[str, Any]
+
+
+class ScenarioDraft(msgspec.Struct, kw_only=True):
+    """Stage 2 output. `expected_calls` is constrained per task to the task's tools."""
+
+    system_prompt: Annotated[str, Meta(max_length=300)]
+    persona: Text
+    goal: Text
+    hidden_info: Annotated[list[Short], Meta(max_length=4)]
+    first_query: Text
+    expected_calls: Annotated[list[CallDraft], Meta(min_length=1, max_length=3)]
+    subgoals: Annotated[list[Short], Meta(min_length=1, max_length=4)]
+    required_interactions: Annotated[list[Short], Meta(max_length=3)]
+    forbidden: Annotated[list[Short], Meta(max_length=2)]
+
+
+# ------------------------------------------------------------------ knob words
+
+
+def expertise_words(x: float) -> str:
+    if x >= 2 / 3:
+        return "expert: precise, uses the domain's terms"
+    if x >= 1 / 3:
+        return "beginner: knows what they want, not the terms"
+    return "novice: vague, unsure what is possible, needs guidance"
+
+
+def ambiguity_words(x: float) -> str:
+    if x < 1 / 3:
+        return "clear: states exactly what is wanted"
+    if x < 2 / 3:
+        return "somewhat ambiguous: the request needs one clarification"
+    return "highly ambiguous: the request is vague and needs several clarifications"
+
+
+def specificity_words(x: float) -> str:
+    if x >= 2 / 3:
+        return "detailed: the assistant's role, the domain's policies and how to use the tools"
+    return "brief: one or two sentences naming the assistant's role"
+
+
+def gap_words(n_turns: int) -> str:
+    if n_turns <= 1:
+        return "none needed: the opening message holds everything; hidden_info may be empty"
+    return f"leave {n_turns - 1} detail(s) the assistant needs out of the opening message; put them in hidden_info"
+
+
+# ------------------------------------------------------------------ catalog
+
+
+class CatalogEntry(msgspec.Struct, kw_only=True):
+    """One JSONL line of a tool catalog: a ToolSpec plus an optional category."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "object", "properties": {}})
+    category: str = ""
+
+
+class ToolCatalog:
+    """User-supplied tools; tasks draw tools from one category first (coherent tasks)."""
+
+    def __init__(self, entries: list[CatalogEntry]):
+        if not entries:
+            raise ValueError("tool catalog is empty; give a JSONL file with one tool spec per line")
+        self.by_category: dict[str, list[ToolSpec]] = {}
+        for e in entries:
+            spec = ToolSpec(name=e.name, description=e.description, parameters=e.parameters)
+            self.by_category.setdefault(e.category or "general", []).append(spec)
+        for tools in self.by_category.values():
+            ToolCallParser(_unique(tools))  # raises on invalid schemas now, not mid-run
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path) -> ToolCatalog:
+        dec = msgspec.json.Decoder(CatalogEntry)
+        entries = []
+        for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    entries.append(dec.decode(line))
+                except msgspec.DecodeError as e:
+                    raise ValueError(f"{path}:{i}: not a tool spec ({e}); expected {{name, description, parameters}}") from e
+        return cls(entries)
+
+    def sample(self, n: int, rng: random.Random) -> tuple[str, list[ToolSpec]]:
+        category = rng.choice(sorted(self.by_category))
+        own = list(self.by_category[category])
+        rng.shuffle(own)
+        tools = own[:n]
+        others = [t for c, ts in sorted(self.by_category.items()) if c != category for t in ts]
+        rng.shuffle(others)
+        tools += others[: n - len(tools)]
+        return category, _unique(tools)
+
+
+def _unique(tools: list[ToolSpec]) -> list[ToolSpec]:
+    seen: dict[str, ToolSpec] = {}
+    for t in tools:
+        seen.setdefault(t.name, t)
+    return list(seen.values())
+
+
+def load_domains() -> list[str]:
+    text = resources.files("trustee.sim").joinpath("domains.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------ conversion and checks
+
+
+def draft_to_spec(d: ToolDraft) -> ToolSpec:
+    props: dict[str, Any] = {}
+    for p in d.params:
+        prop: dict[str, Any] = {"type": p.type, "description": p.description}
+        if p.enum and p.type == "string":
+            prop["enum"] = list(dict.fromkeys(p.enum))
+        props[p.name] = prop
+    required = [p.name for p in d.params if p.required]
+    schema: dict[str, Any] = {"type": "object", "properties": props, "additionalProperties": False}
+    if required:
+        schema["required"] = required
+    return ToolSpec(name=d.name, description=d.description, parameters=schema)
+
+
+def check_tool_set(draft: ToolSetDraft, n_tools: int) -> None:
+    """OutputRejected if the tool set is unusable (wrong size, duplicate names)."""
+    names = [t.name for t in draft.tools]
+    if len(names) != n_tools:
+        raise OutputRejected(f"asked for {n_tools} tools, got {len(names)}")
+    if len(set(names)) != len(names):
+        raise OutputRejected(f"tool names are not unique: {names}")
+    for t in draft.tools:
+        params = [p.name for p in t.params]
+        if len(set(params)) != len(params):
+            raise OutputRejected(f"tool {t.name!r} repeats a parameter name: {params}")
+
+
+def task_problems(tools: list[ToolSpec], calls: list[ToolCall]) -> list[str]:
+    """Everything wrong with a generated task (empty list: valid)."""
+    try:
+        parser = ToolCallParser(tools)
+    except Exception as e:  # noqa: BLE001 - jsonschema raises several types for a bad schema
+        return [f"invalid tool set: {e}"]
+    problems = [err.message for c in calls if (err := parser.validate(c)) is not None]
+    if not calls:
+        problems.append("no expected calls")
+    return problems
+
+
+def scenario_schema(tools: list[ToolSpec], n_calls: int) -> dict[str, Any]:
+    """ScenarioDraft's schema with `expected_calls` restricted to the task's tools."""
+    schema = schema_of(ScenarioDraft)
+    variants = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t.name}, "arguments": bounded_schema(t.parameters)},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    calls = {"type": "array", "items": {"anyOf": variants}, "minItems": 1, "maxItems": max(1, n_calls)}
+    schema["properties"]["expected_calls"] = calls
+    return schema
+
+
+def tools_block(tools: list[ToolSpec]) -> str:
+    return "\n".join(canonical_json(t.to_openai()["function"]) for t in tools)
+
+
+# ------------------------------------------------------------------ the role
+
+
+class TaskGenerator:
+    """Invents (or draws) tools, then a scenario; validates; regenerates on failure."""
+
+    def __init__(
+        self,
+        client: SimClient,
+        *,
+        domains: list[str] | None = None,
+        catalog: ToolCatalog | None = None,
+        max_regenerations: int = 3,
+    ):
+        self.client = client
+        self.domains = domains or load_domains()
+        self.catalog = catalog
+        self.max_regenerations = max_regenerations
+        self.system = Message(role="system", content=load_prompt("task_system"))
+        self.rejected = 0
+
+    async def generate(self, knobs: Knobs, rng: random.Random) -> Task:
+        """One validated task; SimError after `max_regenerations` failed attempts."""
+        task_id = f"sim-{rng.getrandbits(48):012x}"
+        last: list[str] = []
+        for _ in range(self.max_regenerations + 1):
+            domain, history, tools = await self._tools(knobs, rng, key=task_id)
+            scenario = await self._scenario(knobs, history, tools, key=task_id)
+            calls = [ToolCall(name=c.name, arguments=c.arguments) for c in scenario.expected_calls]
+            last = task_problems(tools, calls)
+            if not last:
+                return self._task(task_id, domain, tools, scenario, calls, knobs)
+            self.rejected += 1
+        raise SimError("task", self.max_regenerations + 1, "; ".join(last))
+
+    async def _tools(self, knobs: Knobs, rng: random.Random, *, key: str) -> tuple[str, list[Message], list[ToolSpec]]:
+        n_tools, n_calls = max(1, knobs.n_tools), max(1, knobs.n_expected_calls)
+        if self.catalog is not None:
+            domain, tools = self.catalog.sample(n_tools, rng)
+            text = Template(load_prompt("task_catalog")).substitute(domain=domain, tools=tools_block(tools))
+            return domain, [self.system, Message(role="user", content=text)], tools
+        domain = rng.choice(self.domains)
+        ask = Template(load_prompt("task_tools")).substitute(domain=domain, n_tools=n_tools, n_calls=n_calls)
+        history = [self.system, Message(role="user", content=ask)]
+        schema = schema_of(ToolSetDraft)
+        schema["properties"]["tools"].update(minItems=n_tools, maxItems=n_tools)
+        draft, _ = await self.client.ask(
+            "task", history, ToolSetDraft, schema=schema, check=lambda d: check_tool_set(d, n_tools), key=key
+        )
+        history.append(Message(role="assistant", content=as_json(draft)))
+        return domain, history, [draft_to_spec(t) for t in draft.tools]
+
+    async def _scenario(self, knobs: Knobs, history: list[Message], tools: list[ToolSpec], *, key: str) -> ScenarioDraft:
+        n_calls = max(1, knobs.n_expected_calls)
+        ask = Template(load_prompt("task_scenario")).substitute(
+            expertise=expertise_words(knobs.persona_expertise),
+            ambiguity=ambiguity_words(knobs.query_ambiguity),
+            gap=gap_words(knobs.n_turns),
+            n_calls=n_calls,
+            specificity=specificity_words(knobs.prompt_specificity),
+        )
+        if history[-1].role == "user":  # catalog: tools and request in one user turn
+            messages = history[:-1] + [Message(role="user", content=history[-1].content + "\n" + ask)]
+        else:
+            messages = history + [Message(role="user", content=ask)]
+        value, _ = await self.client.ask("task", messages, ScenarioDraft, schema=scenario_schema(tools, n_calls), key=key)
+        return value
+
+    def _task(
+        self, task_id: str, domain: str, tools: list[ToolSpec], s: ScenarioDraft, calls: list[ToolCall], knobs: Knobs
+    ) -> Task:
+        generic = knobs.prompt_specificity < 1 / 3 or not s.system_prompt.strip()
+        return Task(
+            id=task_id,
+            env="simulated",
+            tools=tools,
+            first_query=s.first_query,
+            system_prompt=GENERIC_SYSTEM_PROMPT if generic else s.system_prompt,
+            domain=domain,
+            persona=s.persona,
+            goal=s.goal,
+            hidden_info="\n".join(f"- {h}" for h in s.hidden_info),
+            expected_calls=calls,
+            rubric=Rubric(subgoals=s.subgoals, required_interactions=s.required_interactions, forbidden=s.forbidden),
+            knobs=knobs.as_dict(),
+        )
