@@ -17,6 +17,7 @@ sync and by tests. Does not talk to engines.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from trustee.engines.base import FullUpdate, LoraUpdate
 from trustee.learn.logprobs import unwrap
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
+_QUANT_KEY = re.compile(r"\.weight\.(absmax|quant_map|nested_|quant_state)")
 
 
 def _plain(v: Any) -> Any:
@@ -94,14 +96,18 @@ def _dequantized(p: torch.Tensor) -> torch.Tensor:
     return dequantize_bnb_weight(p, state=p.quant_state)
 
 
+def _is_quant_state(name: str) -> bool:
+    """bitsandbytes' extra state-dict entries of a 4-bit weight (absmax, quant_map, ...)."""
+    return _QUANT_KEY.search(name) is not None
+
+
 def _state_items(model: nn.Module, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) of a plain transformers model's state dict, tied tensors once."""
     seen: set[int] = set()
     for name, t in model.state_dict(keep_vars=True).items():
-        ptr = t.data_ptr()
-        if ptr in seen:  # tied weights (lm_head = embed_tokens): engines re-tie on load
+        if t.data_ptr() in seen or _is_quant_state(name):  # tied weights: engines re-tie on load
             continue
-        seen.add(ptr)
+        seen.add(t.data_ptr())
         t = _dequantized(t).detach()
         yield name, t.to(dtype) if dtype is not None else t
 
@@ -117,6 +123,7 @@ def export_full(
 
 @torch.no_grad()
 def _merged_items(model: nn.Module, adapter: str, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, W + delta) for LoRA-wrapped weights, (HF name, W) for the rest."""
     from peft.tuners.lora import LoraLayer
 
     lm = unwrap(model)
@@ -128,22 +135,17 @@ def _merged_items(model: nn.Module, adapter: str, dtype: torch.dtype | None) -> 
             wrapped[mname] = mod
     seen: set[int] = set()
     for name, t in lm.state_dict(keep_vars=True).items():
-        if ".lora_" in name or t.data_ptr() in seen:
+        if ".lora_" in name or t.data_ptr() in seen or _is_quant_state(name):
             continue
         seen.add(t.data_ptr())
-        owner, _, leaf = name.rpartition(".base_layer.")
-        if owner in wrapped and leaf == "weight":
-            mod = wrapped[owner]
-            w = _dequantized(t).float() + mod.get_delta_weight(adapter).float()  # [out, in]
-            out_name = f"{owner}.weight"
+        dense = _dequantized(t).detach()  # a 4-bit weight comes back in its compute dtype
+        owner, sep, leaf = name.rpartition(".base_layer.")
+        if sep and owner in wrapped and leaf == "weight":
+            delta = wrapped[owner].get_delta_weight(adapter)  # [out, in], scaled
+            w, name = (dense.float() + delta.float()).to(dense.dtype), f"{owner}.weight"
         else:
-            w = _dequantized(t).detach()
-            out_name = name.replace(".base_layer.", ".")
-            if getattr(t, "quant_state", None) is not None:  # bnb-only state entries are folded in
-                pass
-        if ".absmax" in out_name or ".quant_" in out_name or out_name.endswith(".quant_map"):
-            continue  # bitsandbytes quantisation state, already applied by the dequantisation
-        yield out_name, (w.to(dtype) if dtype is not None else w.to(t.dtype if t.is_floating_point() else w.dtype))
+            w, name = dense, name.replace(".base_layer.", ".")
+        yield name, w.to(dtype) if dtype is not None else w
 
 
 def export_merged(
@@ -155,8 +157,8 @@ def export_merged(
 ) -> FullUpdate:
     """Full weights W + scale * B @ A of a LoRA/QLoRA policy, without modifying the model.
 
-    dtype: the output dtype (default: each base weight's own floating dtype; pass the
-    engine's dtype for a 4-bit base, whose packed storage dtype is meaningless).
+    dtype: the output dtype (default: each weight's own dtype; 4-bit weights come back in
+    their compute dtype).
     """
     if not hasattr(model, "peft_config"):
         raise TypeError(f"{type(model).__name__} has no LoRA adapter; use export_full")

@@ -15,12 +15,12 @@ says: the roles in `sim/` build the messages and read the Struct.
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeVar
 
+import anyio
 import msgspec
 
 from trustee.chat.render import ChatFormat
@@ -212,5 +212,22 @@ def as_json(value: Any) -> str:
     return msgspec.json.encode(value).decode()
 
 
-def finite(x: float) -> bool:
-    return isinstance(x, bool) or not isinstance(x, float) or math.isfinite(x)
+async def gather_first_error(fns: list[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Run the coroutine functions concurrently; results in order. If any fails, the others
+    still finish (their work, e.g. memoised tool results, is kept) and the first error is
+    re-raised as itself, not wrapped in an ExceptionGroup, so callers catch SimError."""
+    results: list[Any] = [None] * len(fns)
+    errors: list[Exception] = []
+
+    async def one(i: int) -> None:
+        try:
+            results[i] = await fns[i]()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the siblings finish
+            errors.append(e)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(fns)):
+            tg.start_soon(one, i)
+    if errors:
+        raise errors[0]
+    return results

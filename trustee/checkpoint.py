@@ -1,0 +1,82 @@
+"""Atomic checkpoints of a run, and finding the one to resume from.
+
+Owns the on-disk layout `RUN/checkpoints/step-000012/` holding `state.pt` (torch state dicts:
+trainable weights, optimiser, scheduler), `meta.json` (step, curriculum state, RNG seeds,
+metrics needed to resume) and a `COMPLETE` marker written last. A checkpoint is first written
+to a temporary sibling directory and renamed into place, so a run killed mid-save never leaves
+a checkpoint that looks complete. Callers: the training loop (save every N steps, resume at
+start). It does not decide what goes into the state: the caller passes it in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_PREFIX = "step-"
+_MARKER = "COMPLETE"
+
+
+def _dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically and prune to the newest `keep`. Returns its path."""
+    root = _dir(Path(run_dir))
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{_PREFIX}{step:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    torch.save(state, tmp / "state.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1, sort_keys=True))
+    (tmp / _MARKER).write_text("ok\n")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary and unmarked directories are ignored)."""
+    root = _dir(Path(run_dir))
+    if not root.exists():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / _MARKER).exists()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, meta) of a checkpoint directory."""
+    path = Path(path)
+    if not (path / _MARKER).exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_MARKER} marker)")
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    meta = json.loads((path / "meta.json").read_text())
+    return state, meta
