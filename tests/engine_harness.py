@@ -60,10 +60,14 @@ def load_reference(path: Any) -> Any:
 
 
 def perturbed_state(model: Any, seed: int, scale: float = 0.5) -> list[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for every weight, each with seeded noise added: 'new weights'."""
+    """(HF name, tensor) for every weight, each with seeded noise added: 'new weights'. Tied
+    weights (lm_head = embed_tokens) are sent once, under the first name, as a learner would."""
     g = torch.Generator().manual_seed(seed)
-    out = []
+    out, seen = [], set()
     for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
         noise = torch.randn(t.shape, generator=g) * t.float().std().clamp(min=1e-3) * scale
         out.append((name, (t.float() + noise).to(t.dtype)))
     return out

@@ -102,11 +102,13 @@ class SimulatorConfig(Section, kw_only=True):
     temperature: Annotated[float, Meta(ge=0.0)] = 0.7
     """Sampling temperature of the task generator, user and tool roles."""
     judge_mode: Literal["trustee", "rubric"] = "trustee"
-    """'trustee': verdict in {-1, 0, 1}, stricter with difficulty; 'rubric': SynthAgent's gated rubric score."""
+    """Judge used when environment.reward = 'judge': 'trustee' verdict in {-1, 0, 1} (stricter with difficulty) or 'rubric'."""
     judge_temperature: Annotated[float, Meta(ge=0.0)] = 0.1
     """Judge sampling temperature (low, as SynthAgent's 0.1)."""
     judge_votes: Positive = 1
-    """Judge calls per episode; the verdicts are averaged."""
+    """Judge calls per episode, combined by judge_vote_rule."""
+    judge_vote_rule: Literal["mean", "majority"] = "mean"
+    """How k judge votes combine: 'mean' of rewards, or 'majority' (ties to the lower reward; rubric: item-wise)."""
     max_decode_retries: NonNeg = 3
     """Retries when a simulator output fails to decode; then the episode is marked sim_error."""
     max_task_regenerations: NonNeg = 3
@@ -114,7 +116,9 @@ class SimulatorConfig(Section, kw_only=True):
     max_user_turns: Positive = 4
     """Most user-simulator replies per episode."""
     max_tokens: Positive = 512
-    """Token budget of one simulator output."""
+    """Token budget of one user, tool or judge output."""
+    task_max_tokens: Positive = 2048
+    """Token budget of one task-generator output (a tool set or a scenario is longer)."""
     tool_catalog: str = ""
     """Optional JSONL of tool specs to draw task tools from instead of inventing them."""
 
@@ -280,13 +284,34 @@ class StageConfig(Section, kw_only=True):
     split: str = "all"
     """Data subset of this stage (BFCL: 'base' or 'all')."""
     advance_after_steps: NonNeg = 0
-    """Advance after this many steps (0 = only by metric)."""
+    """Advance after this many steps in the stage (0 = only by metric); with both rules set, the first to fire advances."""
     advance_metric: str = ""
     """Metric that advances the stage when it stays >= advance_threshold (e.g. 'reward_mean')."""
     advance_threshold: float = 0.0
     """Threshold for advance_metric."""
     advance_patience: Positive = 3
     """Consecutive steps the metric must hold."""
+
+
+class AspectRanges(Section, kw_only=True):
+    """Each TRUSTEE aspect as [value at D = 1, value at D = 100]; linear in between (integers rounded)."""
+
+    n_tools: tuple[float, float] = (1.0, 10.0)
+    """Tools offered to the policy."""
+    n_expected_calls: tuple[float, float] = (1.0, 3.0)
+    """Tool calls the task needs."""
+    n_turns: tuple[float, float] = (1.0, 2.0)
+    """Expected user interaction turns (details the user holds back)."""
+    prompt_specificity: tuple[float, float] = (1.0, 0.0)
+    """1 = detailed system prompt .. 0 = generic 'You are a helpful assistant'."""
+    persona_expertise: tuple[float, float] = (1.0, 0.0)
+    """1 = expert user .. 0 = novice."""
+    query_ambiguity: tuple[float, float] = (0.0, 1.0)
+    """0 = clear opening query .. 1 = highly ambiguous."""
+    judge_strictness: tuple[float, float] = (1.0, 5.0)
+    """Judge criteria tier: 1 intent .. 5 efficiency."""
+    tool_error_rate: tuple[float, float] = (0.0, 0.0)
+    """Share of simulated tool calls that fail by injection (TRUSTEE: none)."""
 
 
 class CurriculumConfig(Section, kw_only=True):
@@ -302,8 +327,50 @@ class CurriculumConfig(Section, kw_only=True):
     """Mean batch reward above this raises D (TRUSTEE: 0.5)."""
     eps: Fraction = 0.5
     """Probability a task draws its aspects at random within the current bounds (soft curriculum)."""
+    aspects: AspectRanges = msgspec.field(default_factory=AspectRanges)
+    """How difficulty D maps to each aspect."""
     stages: list[StageConfig] = msgspec.field(default_factory=list)
     """Stages, in order (kind = 'staged')."""
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+class EvalConfig(Section, kw_only=True):
+    categories: list[str] = msgspec.field(
+        default_factory=lambda: [
+            "simple",
+            "multiple",
+            "parallel",
+            "parallel_multiple",
+            "live_simple",
+            "live_multiple",
+            "live_parallel",
+            "live_parallel_multiple",
+            "irrelevance",
+            "live_irrelevance",
+            "live_relevance",
+            "multi_turn_base",
+            "multi_turn_miss_func",
+            "multi_turn_miss_param",
+            "multi_turn_long_context",
+        ]
+    )
+    """BFCL categories evaluated by `python -m trustee.eval` (single-turn AST/relevance and multi-turn)."""
+    multi_turn_split: Literal["train", "heldout", "all"] = "heldout"
+    """Half of each multi-turn category to evaluate (environment.bfcl.split_seed's split; 'all' = BFCL's full 200)."""
+    limit: NonNeg = 0
+    """Entries per category (the first ones of the selection, in BFCL order); 0 = all."""
+    concurrency: Positive = 32
+    """Entries evaluated at once (requests in flight on the engine)."""
+    temperature: PosFloat = 0.001
+    """Sampling temperature (BFCL's default for local models: 0.001, near greedy)."""
+    max_tokens_per_turn: Positive = 1024
+    """Token budget of one policy turn."""
+    max_steps_per_turn: Positive = 21
+    """Policy steps per user turn before BFCL forces the entry to quit (BFCL: counter > 20, i.e. 21 steps)."""
+    out: str = ""
+    """JSON report path; '' = bfcl_eval.json next to the model (or in the run directory)."""
 
 
 # ----------------------------------------------------------------------------- logging / checkpoint
@@ -343,6 +410,7 @@ class Config(Section, kw_only=True):
     learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
     placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
     curriculum: CurriculumConfig = msgspec.field(default_factory=CurriculumConfig)
+    eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = msgspec.field(default_factory=CheckpointConfig)
 

@@ -29,11 +29,12 @@ class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
 class ToolCallError(msgspec.Struct, frozen=True, kw_only=True):
     """A `<tool_call>` block that could not become a ToolCall.
 
-    `kind` names the failure; `message` is what the policy is shown (it is an observation,
+    `kind` names the failure (`too_many_calls`: a valid call over the per-turn limit, set by
+    the episode runner, never executed); `message` is what the policy is shown (it is an observation,
     and each one is counted as a format or schema error); `raw` is the block's text.
     """
 
-    kind: Literal["invalid_json", "not_an_object", "missing_name", "unknown_tool", "schema", "unclosed"]
+    kind: Literal["invalid_json", "not_an_object", "missing_name", "unknown_tool", "schema", "unclosed", "too_many_calls"]
     message: str
     raw: str
     name: str | None = None

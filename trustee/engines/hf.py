@@ -98,9 +98,10 @@ class _Grammars:
 
 
 # xgrammar 0.2.8 lets length-bounded JSON strings hold raw control characters (its unbounded
-# strings exclude them); strict JSON parsers such as msgspec reject those. Tighten the class.
-_BOUNDED_CHAR = r'[^\"\\\r\n]'
-_STRICT_CHAR = r'[^\0-\x1f\"\\]'
+# strings exclude them), and any string hold UTF-16 surrogates (invalid UTF-8); strict JSON
+# parsers such as msgspec reject both. Tighten the two character classes.
+_LOOSE_CHARS = (r'[^\"\\\r\n]', r'[^\0-\x1f\"\\\r\n]')
+_STRICT_CHARS = r'[^\0-\x1f\"\\\ud800-\udfff]'
 
 
 def json_grammar(schema_json: str) -> Any:
@@ -109,7 +110,9 @@ def json_grammar(schema_json: str) -> Any:
     import xgrammar as xgr
 
     text = str(xgr.Grammar.from_json_schema(schema_json, any_whitespace=False))
-    return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_CHAR, _STRICT_CHAR))
+    for loose in _LOOSE_CHARS:
+        text = text.replace(loose, _STRICT_CHARS)
+    return xgr.Grammar.from_ebnf(text)
 
 
 def _as_list(x: int | list[int] | None) -> list[int]:

@@ -178,25 +178,31 @@ def oracle_calls(instance: MultiTurnInstance) -> list[list[ToolCall]]:
 _RUN_IDS = itertools.count()
 
 
-def bfcl_multi_turn_check(instance: MultiTurnInstance, steps_per_turn: list[list[list[str]]]) -> dict[str, Any]:
+def bfcl_multi_turn_check(
+    instance: MultiTurnInstance, steps_per_turn: list[list[list[str]]], *, turns: int | None = None
+) -> dict[str, Any]:
     """Run BFCL's own `multi_turn_checker` on a trajectory.
 
     `steps_per_turn[k]` lists, per step of turn k that executed at least one call, the call
     strings of that step (BFCL's decoded model result). Returns BFCL's verdict dict
     (`valid`, and on failure `error_type`, `error_message`). A turn count that differs from
-    the ground truth's is BFCL's "force terminated" failure.
+    the ground truth's is BFCL's "force terminated" failure. `turns` checks only the first
+    `turns` turns (BFCL's verdict on a prefix of the conversation).
     """
     from bfcl_eval.eval_checker.multi_turn_eval import multi_turn_utils
     from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker import multi_turn_checker
 
-    if len(steps_per_turn) != len(instance.ground_truth):
+    truth = instance.ground_truth
+    if turns is not None:
+        truth, steps_per_turn = truth[:turns], steps_per_turn[:turns]
+    if len(steps_per_turn) != len(truth):
         return {"valid": False, "error_type": "multi_turn:force_terminated", "error_message": "turn count differs"}
     # BFCL caches instances in its module globals under names built from the model name and
     # entry id; a fresh name per run keeps runs independent, and we drop them afterwards.
     model_name = f"trustee_check_{next(_RUN_IDS)}"
     entry = {"id": instance.id, "initial_config": instance.initial_config, "involved_classes": instance.involved_classes}
     try:
-        return multi_turn_checker(steps_per_turn, instance.ground_truth, entry, instance.id.rsplit("_", 1)[0], model_name)
+        return multi_turn_checker(steps_per_turn, truth, entry, instance.id.rsplit("_", 1)[0], model_name)
     finally:
         g = vars(multi_turn_utils)
         for key in [k for k in g if k.startswith(model_name + "_")]:

@@ -165,13 +165,14 @@ class SimClient:
         schema: dict[str, Any] | None = None,
         check: Callable[[T], None] | None = None,
         temperature: float | None = None,
+        max_tokens: int | None = None,
         key: str | None = None,
     ) -> tuple[T, int]:
         """One typed answer from the simulator. `schema` overrides the Struct's schema (a
         per-task tightening of it); `check` raises OutputRejected for unusable values."""
         ids = self.prompt_ids(messages)
         params = Sampling(
-            max_tokens=self.max_tokens,
+            max_tokens=self.max_tokens if max_tokens is None else max_tokens,
             temperature=self.temperature if temperature is None else temperature,
             json_schema=schema if schema is not None else schema_of(out_type),
         )

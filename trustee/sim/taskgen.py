@@ -244,8 +244,10 @@ class TaskGenerator:
         domains: list[str] | None = None,
         catalog: ToolCatalog | None = None,
         max_regenerations: int = 3,
+        max_tokens: int = 2048,
     ):
         self.client = client
+        self.max_tokens = max_tokens
         self.domains = domains or load_domains()
         self.catalog = catalog
         self.max_regenerations = max_regenerations
@@ -278,7 +280,13 @@ class TaskGenerator:
         schema = schema_of(ToolSetDraft)
         schema["properties"]["tools"].update(minItems=n_tools, maxItems=n_tools)
         draft, _ = await self.client.ask(
-            "task", history, ToolSetDraft, schema=schema, check=lambda d: check_tool_set(d, n_tools), key=key
+            "task",
+            history,
+            ToolSetDraft,
+            schema=schema,
+            check=lambda d: check_tool_set(d, n_tools),
+            max_tokens=self.max_tokens,
+            key=key,
         )
         history.append(Message(role="assistant", content=as_json(draft)))
         return domain, history, [draft_to_spec(t) for t in draft.tools]
@@ -296,7 +304,10 @@ class TaskGenerator:
             messages = history[:-1] + [Message(role="user", content=history[-1].content + "\n" + ask)]
         else:
             messages = history + [Message(role="user", content=ask)]
-        value, _ = await self.client.ask("task", messages, ScenarioDraft, schema=scenario_schema(tools, n_calls), key=key)
+        schema = scenario_schema(tools, n_calls)
+        value, _ = await self.client.ask(
+            "task", messages, ScenarioDraft, schema=schema, max_tokens=self.max_tokens, key=key
+        )
         return value
 
     def _task(

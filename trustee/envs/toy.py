@@ -1,0 +1,237 @@
+"""The toy environment: real deterministic tools and exact rewards (no simulator model).
+
+Owns `ToyEnv`: five programmatic tools (add, multiply, unit conversion, a small key-value
+store with get and set), a task generator driven by the curriculum knobs (more expected
+calls -> chained arithmetic; more tools -> distractor tools), exact scoring (reward 1.0 when
+the final answer or the final store state is right, else 0.0) and `sft_messages`, the
+reference conversation of a task (for warming a tiny model until it emits well-formed tool
+calls; see `trustee/sft.py`). It is the CPU learning demo's environment and the ground truth
+for runner tests. It is not a simulation of anything: every result is computed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from typing import Any
+
+from trustee.chat.parse import ToolCallParser, canonical_json, error_observation
+from trustee.envs.base import AgentAction, EpisodeState, Knobs, Score
+from trustee.types import Message, Task, ToolCall, ToolSpec
+
+SYSTEM_PROMPT = "You are a helpful assistant. Use the tools to get exact results, then answer in one short sentence."
+
+_NUM = {"type": "number"}
+UNITS: dict[str, tuple[str, float]] = {  # unit -> (dimension, factor to the base unit)
+    "m": ("length", 1.0),
+    "km": ("length", 1000.0),
+    "mi": ("length", 1609.344),
+    "ft": ("length", 0.3048),
+    "g": ("mass", 0.001),
+    "kg": ("mass", 1.0),
+    "lb": ("mass", 0.45359237),
+}
+TOOLS: dict[str, ToolSpec] = {
+    t.name: t
+    for t in [
+        ToolSpec(
+            name="add",
+            description="Add two numbers.",
+            parameters={"type": "object", "properties": {"a": _NUM, "b": _NUM}, "required": ["a", "b"]},
+        ),
+        ToolSpec(
+            name="multiply",
+            description="Multiply two numbers.",
+            parameters={"type": "object", "properties": {"a": _NUM, "b": _NUM}, "required": ["a", "b"]},
+        ),
+        ToolSpec(
+            name="convert_units",
+            description="Convert a value between units of length (m, km, mi, ft) or mass (g, kg, lb).",
+            parameters={
+                "type": "object",
+                "properties": {
+                    "value": _NUM,
+                    "from_unit": {"type": "string", "enum": list(UNITS)},
+                    "to_unit": {"type": "string", "enum": list(UNITS)},
+                },
+                "required": ["value", "from_unit", "to_unit"],
+            },
+        ),
+        ToolSpec(
+            name="kv_get",
+            description="Read the value stored under a key.",
+            parameters={"type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"]},
+        ),
+        ToolSpec(
+            name="kv_set",
+            description="Store a value under a key.",
+            parameters={
+                "type": "object",
+                "properties": {"key": {"type": "string"}, "value": {"type": "string"}},
+                "required": ["key", "value"],
+            },
+        ),
+    ]
+}
+_KEYS = ["color", "city", "pet", "fruit", "team", "code", "song", "planet"]
+_VALUES = ["blue", "paris", "cat", "mango", "red", "x42", "jazz", "mars", "green", "oslo"]
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else round(x, 4)
+
+
+def execute(call: ToolCall, store: dict[str, str]) -> dict[str, Any]:
+    """Run one (schema-valid) call; mutates `store` for kv_set. Errors are returned values."""
+    a = call.arguments
+    if call.name == "add":
+        return {"result": _num(a["a"] + a["b"])}
+    if call.name == "multiply":
+        return {"result": _num(a["a"] * a["b"])}
+    if call.name == "convert_units":
+        (d1, f1), (d2, f2) = UNITS[a["from_unit"]], UNITS[a["to_unit"]]
+        if d1 != d2:
+            return {"error": f"cannot convert {a['from_unit']} ({d1}) to {a['to_unit']} ({d2})"}
+        return {"result": round(a["value"] * f1 / f2, 4), "unit": a["to_unit"]}
+    if call.name == "kv_get":
+        if a["key"] not in store:
+            return {"error": f"key {a['key']!r} not found; keys: {sorted(store)}"}
+        return {"key": a["key"], "value": store[a["key"]]}
+    if call.name == "kv_set":
+        store[a["key"]] = str(a["value"])
+        return {"ok": True}
+    raise AssertionError(f"unknown toy tool {call.name}")  # the parser rejects unknown names first
+
+
+def _make(kind: str, rng: random.Random) -> tuple[str, list[ToolCall], dict[str, Any]]:
+    """(query, expected calls, payload) of one task of `kind`."""
+    if kind == "add":
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        return f"What is {a} plus {b}?", [ToolCall(name="add", arguments={"a": a, "b": b})], {"answer": a + b}
+    if kind == "chain":
+        a, b, c = rng.randint(2, 30), rng.randint(2, 30), rng.randint(2, 9)
+        calls = [ToolCall(name="add", arguments={"a": a, "b": b}), ToolCall(name="multiply", arguments={"a": a + b, "b": c})]
+        return f"What is ({a} plus {b}) times {c}?", calls, {"answer": (a + b) * c}
+    if kind == "convert":
+        dim = rng.choice(["length", "mass"])
+        units = [u for u, (d, _) in UNITS.items() if d == dim]
+        src, dst = rng.sample(units, 2)
+        v = rng.randint(1, 500)
+        call = ToolCall(name="convert_units", arguments={"value": v, "from_unit": src, "to_unit": dst})
+        return f"Convert {v} {src} to {dst}.", [call], {"answer": execute(call, {})["result"]}
+    store = dict(zip(rng.sample(_KEYS, 3), rng.sample(_VALUES, 3), strict=True))
+    if kind == "kv_get":
+        key = rng.choice(sorted(store))
+        call = ToolCall(name="kv_get", arguments={"key": key})
+        return f"What is stored under the key '{key}'?", [call], {"answer": store[key], "store": store}
+    key, value = rng.choice([k for k in _KEYS if k not in store]), rng.choice(_VALUES)
+    call = ToolCall(name="kv_set", arguments={"key": key, "value": value})
+    return f"Save the value '{value}' under the key '{key}'.", [call], {"set": [key, value], "store": store}
+
+
+def answer_correct(text: str, answer: Any) -> bool:
+    """Exact match: a number in the text equal to the answer (0.01 tolerance for conversions),
+    or the string answer as a word."""
+    if isinstance(answer, str):
+        return re.search(rf"\b{re.escape(answer)}\b", text, re.IGNORECASE) is not None
+    nums = [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))]
+    return any(abs(x - float(answer)) <= 0.01 + 1e-9 for x in nums)
+
+
+class ToyEnv:
+    name = "toy"
+
+    def __init__(self, *, kinds: tuple[str, ...] = ("add", "convert", "kv_get", "kv_set", "chain")):
+        self.kinds = kinds
+
+    async def make_task(self, knobs: Knobs, rng: random.Random) -> Task:
+        return self.task(knobs, rng)
+
+    def task(self, knobs: Knobs, rng: random.Random) -> Task:
+        """Synchronous `make_task` (SFT data, tests)."""
+        allowed = [k for k in self.kinds if k != "chain" or knobs.n_expected_calls >= 2] or list(self.kinds)
+        kind = rng.choice(allowed)
+        query, calls, payload = _make(kind, rng)
+        needed = list(dict.fromkeys(c.name for c in calls))
+        extra = [n for n in TOOLS if n not in needed]
+        rng.shuffle(extra)
+        names = needed + extra[: max(0, min(len(TOOLS), knobs.n_tools) - len(needed))]
+        rng.shuffle(names)
+        return Task(
+            id=f"toy-{rng.getrandbits(48):012x}",
+            env="toy",
+            tools=[TOOLS[n] for n in names],
+            first_query=query,
+            system_prompt=SYSTEM_PROMPT,
+            goal=query,
+            expected_calls=calls,
+            knobs=knobs.as_dict(),
+            payload={"kind": kind, **payload},
+        )
+
+    async def start(self, task: Task, episode_id: str, group: Any = None) -> EpisodeState:
+        messages = [Message(role="system", content=task.system_prompt), Message(role="user", content=task.first_query)]
+        store = dict(task.payload.get("store", {}))
+        return EpisodeState(
+            episode_id=episode_id, task=task, messages=messages, group=group, data={"store": store, "calls": []}
+        )
+
+    async def step(self, state: EpisodeState, action: AgentAction) -> list[Message]:
+        state.messages.append(action.message)
+        if not action.calls and not action.errors:
+            state.data["final"] = action.message.content
+            state.done = True
+            return []
+        out = []
+        for call in action.calls:
+            state.data["calls"].append(call)
+            result = execute(call, state.data["store"])
+            state.data["tool_errors"] = state.data.get("tool_errors", 0) + ("error" in result)
+            out.append(Message(role="tool", content=canonical_json(result), name=call.name))
+        out += [error_observation(e) for e in action.errors]
+        state.messages.extend(out)
+        return out
+
+    async def score(self, state: EpisodeState) -> Score:
+        p = state.task.payload
+        made = state.data["calls"]
+        expected = state.task.expected_calls
+        hit = sum(any(_same(c, m) for m in made) for c in expected) / len(expected)
+        if "set" in p:
+            key, value = p["set"]
+            correct = state.data["store"].get(key) == value
+        else:
+            correct = state.done and answer_correct(state.data.get("final", ""), p["answer"])
+        reward = 1.0 if correct else 0.0
+        return Score(reward=reward, parts={"exact": reward, "expected_calls": hit, "finished": float(state.done)})
+
+    def sft_messages(self, task: Task) -> list[Message]:
+        """The reference conversation: the expected calls one per turn, their real results,
+        then a one-sentence answer."""
+        store = dict(task.payload.get("store", {}))
+        msgs = [Message(role="system", content=task.system_prompt), Message(role="user", content=task.first_query)]
+        for call in task.expected_calls:
+            msgs.append(Message(role="assistant", tool_calls=[call]))
+            msgs.append(Message(role="tool", content=canonical_json(execute(call, store)), name=call.name))
+        p = task.payload
+        final = f"Done: '{p['set'][1]}' is saved under '{p['set'][0]}'." if "set" in p else f"The answer is {p['answer']}."
+        msgs.append(Message(role="assistant", content=final))
+        return msgs
+
+
+def _same(a: ToolCall, b: ToolCall) -> bool:
+    """Same call, numbers compared by value (3 == 3.0)."""
+
+    def norm(args: dict[str, Any]) -> str:
+        return json.dumps(
+            {k: float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for k, v in args.items()},
+            sort_keys=True,
+        )
+
+    return a.name == b.name and norm(a.arguments) == norm(b.arguments)
+
+
+def check_tools() -> None:
+    """The toy tool schemas are valid (raises otherwise); used by tests."""
+    ToolCallParser(list(TOOLS.values()))

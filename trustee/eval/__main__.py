@@ -1,0 +1,134 @@
+"""`python -m trustee.eval CONFIG [--model PATH] [--run-dir DIR] [--set k=v]...`
+
+Evaluates a policy on BFCL (see `eval/bfcl.py`): builds the policy engine from the config's
+`[model]` and `[engines.policy]` sections (HF on CPU; vLLM where `trustee.engines` offers a
+builder), runs the categories of `[eval]` through the episode runner, prints a Markdown
+table per category and writes the JSON report. `--run-dir` reads the run's `config.json`
+(written by `trustee.run`) instead of a TOML file. Exit codes: 0 ok, 2 config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import anyio
+import msgspec
+
+from trustee.config import Config, ConfigError, Problem, apply_overrides, load_config
+from trustee.eval.bfcl import evaluate, format_table, rollout_config, write_report
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trustee.eval", description="Evaluate a policy on BFCL.")
+    p.add_argument("config", nargs="?", help="TOML config (its [model], [engines.policy], [environment.bfcl], [eval])")
+    p.add_argument("--model", help="policy model directory (overrides model.path)")
+    p.add_argument("--run-dir", help="a run directory: use its config.json (and its model path unless --model)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V", help="override a config field")
+    p.add_argument("--limit", type=int, help="entries per category (overrides eval.limit)")
+    p.add_argument("--categories", help="comma-separated categories (overrides eval.categories)")
+    p.add_argument("--out", help="JSON report path (overrides eval.out)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _load(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model.path={args.model}")
+    if args.limit is not None:
+        overrides.append(f"eval.limit={args.limit}")
+    if args.categories:
+        overrides.append("eval.categories=" + msgspec.json.encode(args.categories.split(",")).decode())
+    if args.out:
+        overrides.append(f"eval.out={args.out}")
+    if args.run_dir:
+        return _load_run_dir(Path(args.run_dir), overrides)
+    return load_config(args.config, overrides)
+
+
+def _load_run_dir(run_dir: Path, overrides: list[str]) -> Config:
+    """The config a run wrote (`config.json`), plus overrides."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise ConfigError(str(path), [Problem("(file)", str(path), "no config.json: is this a trustee run directory?")])
+    raw = apply_overrides(msgspec.json.decode(path.read_bytes()), overrides)
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as e:
+        raise ConfigError(str(path), [Problem("(config)", str(path), str(e))]) from None
+
+
+def build_policy_engine(cfg: Config):
+    """The policy engine for evaluation: `trustee.engines.build_engine` when it exists,
+    else the HF engine (CPU, or the first GPU when there is one)."""
+    import trustee.engines as engines
+
+    if hasattr(engines, "build_engine"):
+        return engines.build_engine(cfg.engines.policy, cfg.model)
+    if cfg.engines.policy.backend != "hf":
+        raise ValueError(
+            f"engines.policy.backend = {cfg.engines.policy.backend!r}: no engine builder for it yet; use 'hf'"
+        )
+    import torch
+
+    from trustee.engines.hf import HFEngine
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32}.get(cfg.model.dtype) or getattr(
+        torch, cfg.model.dtype
+    )
+    return HFEngine.from_pretrained(
+        cfg.model.path, device=device, dtype=dtype, max_batch=cfg.engines.policy.max_num_seqs, max_model_len=cfg.model.max_model_len
+    )
+
+
+async def run(cfg: Config, *, progress: bool = True):
+    from trustee.chat.render import project_template
+    from trustee.rollout.episode import EpisodeRunner
+
+    if cfg.model.tiny and not (Path(cfg.model.path) / "config.json").exists():
+        from trustee.tiny import build_tiny_model
+
+        build_tiny_model(cfg.model.path, size=cfg.model.tiny)
+    engine = build_policy_engine(cfg)
+    runner = EpisodeRunner(
+        policy=engine,
+        tokenizer=engine._tokenizer if hasattr(engine, "_tokenizer") else None,
+        cfg=rollout_config(cfg.eval, cfg.rollout),
+        max_model_len=cfg.model.max_model_len,
+        template=project_template() if cfg.model.chat_template == "trustee" else None,
+        enable_thinking=cfg.model.enable_thinking,
+    )
+    if runner.tokenizer is None:
+        from transformers import AutoTokenizer
+
+        runner.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    try:
+        return await evaluate(runner.run, cfg.eval, bfcl_cfg=cfg.environment.bfcl, progress=progress, model=cfg.model.path)
+    finally:
+        await engine.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.config and not args.run_dir:
+        print("error: give a CONFIG file or --run-dir", file=sys.stderr)
+        return 2
+    try:
+        cfg = _load(args)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    report = anyio.run(lambda: run(cfg, progress=not args.no_progress))
+    out = cfg.eval.out or str(Path(args.run_dir or cfg.model.path) / "bfcl_eval.json")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_report(report, out)
+    print(format_table(report))
+    print(f"report: {out}  ({report.wall_s:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

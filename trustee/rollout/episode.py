@@ -1,0 +1,226 @@
+"""The episode runner: one multi-turn episode on token ids, and one GRPO group of them.
+
+Owns `EpisodeRunner.run` (policy turn -> parse -> environment step -> render the reply to
+ids -> ... -> score) and `run_group` (the G episodes of one task, concurrently, sharing the
+environment's group state). The loop works on a `Conversation` (TITO): sampled ids are
+appended exactly as the engine returned them (mask 1), environment turns are rendered and
+appended (mask 0), nothing is re-rendered.
+
+Limits: policy turns (`max_turns`), tool calls per turn (extra calls become
+`too_many_calls` error observations, never executed), tokens per turn, total tokens
+(`max_model_len`: an episode that would outgrow it ends as `truncated`), tool-result length
+(cut with a marker). Statuses: `ok` (the environment ended it), `truncated` (a limit ended
+it; still scored and trained), `sim_error` (the simulator failed its budget; not scored,
+never trained), `error` (an exception: logged with the episode id, counted, never raised to
+sibling episodes). Cancellation propagates.
+
+Tool calls of one turn are handed to the environment together (`env.step`); environments
+run them concurrently. Callers: the scheduler, `bench/prefix.py`, tests. It does not build
+tasks (the scheduler asks `env.make_task`) nor compute advantages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import anyio
+
+from trustee.chat.parse import ToolCallParser, canonical_json
+from trustee.chat.render import ChatFormat, Conversation
+from trustee.config import RolloutConfig
+from trustee.engines.base import Completion, Engine, Sampling
+from trustee.envs.base import AgentAction, Environment, EpisodeState
+from trustee.sim.client import SimError
+from trustee.types import Counters, EpisodeStatus, Message, Task, ToolCallError, Trajectory
+
+log = logging.getLogger("trustee.rollout")
+
+FORMAT_ERROR_KINDS = frozenset({"invalid_json", "not_an_object", "missing_name", "unclosed"})
+
+
+@runtime_checkable
+class GroupedEnvironment(Protocol):
+    """An environment whose episodes of one task share state (e.g. a tool memo)."""
+
+    def new_group(self, task: Task) -> Any: ...
+
+
+class EnvironmentStuck(RuntimeError):
+    """The environment neither replied nor ended the episode (an environment bug)."""
+
+
+@dataclass
+class _Episode:
+    """What one run accumulates; turned into a Trajectory at the end."""
+
+    episode_id: str
+    task: Task
+    started: float = field(default_factory=time.perf_counter)
+    counters: Counters = field(default_factory=Counters)
+    state: EpisodeState | None = None
+    conv: Conversation | None = None
+
+
+@dataclass
+class EpisodeRunner:
+    """Runs episodes of any `Environment` with one policy engine.
+
+    `template`: the chat template text (None: the tokenizer's own); `max_model_len`: the
+    longest token sequence an episode may reach.
+    """
+
+    policy: Engine
+    tokenizer: Any
+    cfg: RolloutConfig = field(default_factory=RolloutConfig)
+    max_model_len: int = 8192
+    template: str | None = None
+    enable_thinking: bool = False
+
+    async def run(self, env: Environment, task: Task, episode_id: str, *, group: Any = None) -> Trajectory:
+        """One episode. Never raises for a failure inside it (see module docstring)."""
+        ep = _Episode(episode_id=episode_id, task=task)
+        status: EpisodeStatus = "error"
+        error, reward, parts = "", 0.0, {}
+        try:
+            status = await self._play(env, ep, group)
+            if status in ("ok", "truncated"):
+                score = await env.score(ep.state)
+                reward, parts = score.reward, dict(score.parts)
+            if ep.state.sim_error:
+                status, error = "sim_error", ep.state.sim_error
+        except SimError as e:
+            status, error = "sim_error", str(e)
+        except Exception as e:  # noqa: BLE001 - invariant 8: one bad episode never stops a run
+            log.exception("episode %s (task %s) failed", episode_id, task.id)
+            status, error = "error", f"{type(e).__name__}: {e}"
+        if status in ("sim_error", "error"):
+            reward, parts = 0.0, {}
+        return self._trajectory(ep, status, error, reward, parts)
+
+    async def _play(self, env: Environment, ep: _Episode, group: Any) -> EpisodeStatus:
+        ep.state = state = await env.start(ep.task, ep.episode_id, group)
+        fmt = ChatFormat(self.tokenizer, ep.task.tools, enable_thinking=self.enable_thinking, template=self.template)
+        ep.conv = conv = Conversation.start(fmt, state.messages)
+        parser = ToolCallParser(ep.task.tools)
+        c = ep.counters
+        while True:
+            room = self.max_model_len - len(conv.ids)
+            if c.turns >= self.cfg.max_turns or room < 1:
+                return "truncated"
+            comp = await self._sample(conv, fmt, room, ep.episode_id)
+            conv.append_sampled(comp.token_ids, comp.logprobs, comp.policy_version)
+            c.turns += 1
+            action = self._action(comp, parser, c)
+            conv.add_assistant(action.message)
+            replies = await env.step(state, action)
+            c.sim_retries = state.sim_retries
+            if state.sim_error:
+                return "sim_error"
+            if state.done:
+                return "ok"
+            if not replies:
+                raise EnvironmentStuck(f"environment {env.name!r} returned no reply and did not end the episode")
+            replies = self._cut_results(replies, c)
+            c.user_turns += sum(m.role == "user" for m in replies)
+            if len(conv.ids) + len(fmt.continuation_ids(replies)) >= self.max_model_len:
+                return "truncated"
+            conv.append_env(replies)
+
+    async def _sample(self, conv: Conversation, fmt: ChatFormat, room: int, key: str) -> Completion:
+        params = Sampling(
+            max_tokens=min(self.cfg.max_tokens_per_turn, room),
+            temperature=self.cfg.temperature,
+            stop_token_ids=(fmt.eos_id,),
+        )
+        return await self.policy.generate(list(conv.ids), params, key=key)
+
+    def _action(self, comp: Completion, parser: ToolCallParser, c: Counters) -> AgentAction:
+        """Decode and parse one turn; calls over the per-turn limit become errors."""
+        parsed = parser.parse(self.tokenizer.decode(comp.token_ids, skip_special_tokens=False))
+        limit = self.cfg.max_tool_calls_per_turn
+        calls, errors = parsed.calls[:limit], list(parsed.errors)
+        for call in parsed.calls[limit:]:
+            errors.append(
+                ToolCallError(
+                    kind="too_many_calls",
+                    message=f"not executed: at most {limit} tool calls per turn",
+                    raw=canonical_json({"name": call.name, "arguments": call.arguments}),
+                    name=call.name,
+                )
+            )
+        c.tool_calls += len(calls)
+        c.format_errors += sum(e.kind in FORMAT_ERROR_KINDS for e in errors)
+        c.schema_errors += sum(e.kind == "schema" for e in errors)
+        c.unknown_tools += sum(e.kind == "unknown_tool" for e in errors)
+        return AgentAction(message=parsed.message, calls=calls, errors=errors, truncated=comp.finish_reason == "length")
+
+    def _cut_results(self, replies: list[Message], c: Counters) -> list[Message]:
+        """Tool results longer than `max_tool_result_tokens` are cut, with a marker."""
+        out = []
+        cap = self.cfg.max_tool_result_tokens
+        for m in replies:
+            if m.role == "tool":
+                c.tool_errors += _is_error(m.content)
+                ids = self.tokenizer.encode(m.content, add_special_tokens=False)
+                if len(ids) > cap:
+                    c.truncated_results += 1
+                    text = self.tokenizer.decode(ids[:cap]) + f"\n...[truncated {len(ids) - cap} tokens]"
+                    m = Message(role="tool", content=text, name=m.name)
+            out.append(m)
+        return out
+
+    def _trajectory(self, ep: _Episode, status: EpisodeStatus, error: str, reward: float, parts: dict) -> Trajectory:
+        conv = ep.conv
+        ep.counters.wall_s = time.perf_counter() - ep.started
+        if ep.state is not None:
+            ep.counters.sim_retries = ep.state.sim_retries
+        traj = Trajectory(
+            episode_id=ep.episode_id,
+            task_id=ep.task.id,
+            tokens=list(conv.ids) if conv else [],
+            loss_mask=list(conv.mask) if conv else [],
+            logprobs=list(conv.logprobs) if conv else [],
+            versions=list(conv.versions) if conv else [],
+            prompt_len=conv.prompt_len if conv else 0,
+            reward=reward,
+            parts=parts,
+            counters=ep.counters,
+            status=status,
+            error=error,
+            messages=list(conv.messages) if conv else [],
+            knobs=dict(ep.task.knobs),
+        )
+        traj.check()
+        return traj
+
+
+def _is_error(content: str) -> bool:
+    try:
+        obj = json.loads(content)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and "error" in obj
+
+
+async def run_group(
+    env: Environment, task: Task, group_size: int, runner: EpisodeRunner, *, group_id: str | None = None
+) -> list[Trajectory]:
+    """The `group_size` episodes of one task, run concurrently with one shared group state
+    (from `env.new_group` when the environment has one). Results in episode order."""
+    if group_size < 1:
+        raise ValueError(f"group_size = {group_size}: a group needs at least 1 episode")
+    group = env.new_group(task) if isinstance(env, GroupedEnvironment) else None
+    gid = group_id or task.id
+    out: list[Trajectory | None] = [None] * group_size
+
+    async def one(i: int) -> None:
+        out[i] = await runner.run(env, task, f"{gid}/{i}", group=group)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(group_size):
+            tg.start_soon(one, i)
+    return [t for t in out if t is not None]
