@@ -114,8 +114,15 @@ def test_full_export_in_chunks_into_a_fresh_model(tiny_model_dir, full_model):
     res = twin.load_state_dict(state, strict=False)
     assert res.unexpected_keys == [] and set(res.missing_keys) <= {"lm_head.weight"}  # tied to embed_tokens
     assert (logits(twin) - logits(full_model)).abs().max() <= 1e-5
+
+
+def test_exports_refuse_the_wrong_policy_kind(lora_model, full_model):
     with pytest.raises(TypeError, match="export_merged"):
-        export_full(torch.nn.Module.__new__(type("P", (torch.nn.Module,), {"peft_config": {}})))
+        export_full(lora_model)
+    with pytest.raises(TypeError, match="export_full"):
+        export_merged(full_model)
+    with pytest.raises(TypeError, match="no LoRA adapter"):
+        export_lora(full_model)
 
 
 def test_merged_lora_weights_without_touching_the_model(tiny_model_dir, lora_model):
@@ -155,8 +162,13 @@ def _learner_greedy(model) -> list[list[int]]:
     return [reference_greedy(model, p, MAX_NEW, stops) for p in PROMPTS]
 
 
+@pytest.fixture(scope="module")
+def base_greedy(base_model) -> list[list[int]]:
+    return _learner_greedy(base_model)
+
+
 @pytest.mark.parametrize("route", ["lora_tensors", "lora_dir", "full", "merged"])
-def test_export_to_hf_engine_matches_learner_greedy(tiny_model_dir, base_model, lora_model, full_model, route, tmp_path):
+def test_export_to_hf_engine_matches_learner_greedy(tiny_model_dir, base_greedy, lora_model, full_model, route, tmp_path):
     if route == "lora_tensors":
         model, update = lora_model, export_lora(lora_model)
     elif route == "lora_dir":
@@ -169,4 +181,4 @@ def test_export_to_hf_engine_matches_learner_greedy(tiny_model_dir, base_model, 
     want = _learner_greedy(model)
     got = _engine_greedy(tiny_model_dir, update)
     assert got == want
-    assert want != _learner_greedy(base_model)  # the update changed what the engine says
+    assert want != base_greedy  # the update changed what the engine says

@@ -431,3 +431,10 @@ def syntax_reward(steps: int, format_error_steps: int, calls: int, ok_calls: int
     r_format = (steps - format_error_steps) / steps
     r_tool = ok_calls / calls
     return (r_format + r_tool) / 2.0
+
+
+def stage_knobs(stage: Any) -> Knobs:
+    """The knobs a staged-curriculum stage hands to `make_task` (reads `reward`, `hints`
+    and `split` from a `StageConfig`, or from a plain dict)."""
+    get = stage.get if isinstance(stage, dict) else (lambda k, d=None: getattr(stage, k, d))
+    return Knobs(extra={"reward": get("reward", "progress"), "hints": bool(get("hints", True)), "split": get("split", "all")})

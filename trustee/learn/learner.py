@@ -23,9 +23,11 @@ asyncio loop (rollouts) keeps going.
 from __future__ import annotations
 
 import math
+import re
 import resource
 import threading
 import time
+from pathlib import Path
 
 import anyio.to_thread
 import msgspec
@@ -46,7 +48,7 @@ class StepMetrics(msgspec.Struct, kw_only=True):
     units of grpo.is_level (tokens or sequences); `is_masked_frac` / `is_truncated_frac` are
     shares of those units. `tokens` counts real input tokens (no padding), `input_tokens`
     what the model saw; `peak_mem_bytes` is CUDA max_memory_allocated during the step, or
-    the process's peak RSS on CPU. `oversize` counts sequences longer than the token budget.
+    the peak RSS during the step on CPU (Linux VmHWM, reset at the step's start). `oversize` counts sequences longer than the token budget.
     """
 
     step: int
@@ -112,10 +114,27 @@ def _padded_bins(lengths: list[int], budget: int) -> list[list[int]]:
     return bins
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator counter, or Linux's VmHWM (peak RSS) on CPU."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM; Linux only
+    except OSError:
+        pass  # peak_memory then reports the process's lifetime peak
+
+
 def peak_memory(device: torch.device) -> int:
+    """Bytes: CUDA max_memory_allocated, or peak RSS since reset_peak_memory on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    try:
+        m = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        m = None
+    kib = int(m.group(1)) if m else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib * 1024
 
 
 class Learner:
@@ -230,8 +249,7 @@ class Learner:
         if not samples:
             raise ValueError("Learner.step got no trajectories; skip the step when every group was filtered")
         device = model_device(self.model)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)
         t0 = time.perf_counter()
         loss, parts, mbs = self.accumulate(samples)
         params = self.policy.trainable_parameters()

@@ -1,0 +1,403 @@
+"""Simulator roles: prompt building (KV-cache layout), typed decoding with retries, task
+validation, tool-argument validation, the consistency memo, judge arithmetic.
+
+Engines here are test doubles: `ScriptedTextEngine` returns fixed texts; `FakeJsonEngine`
+returns random schema-valid JSON. The real path (tiny random model, constrained decoding)
+is in test_sim_hf.py."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import anyio
+import msgspec
+import pytest
+
+from trustee.chat.parse import canonical_json
+from trustee.engines.base import Completion, Sampling
+from trustee.envs.base import Knobs
+from trustee.sim.client import SimClient, SimError, bounded_schema, decode_json, schema_of
+from trustee.sim.fakes import FakeJsonEngine, random_json
+from trustee.sim.judge import (
+    Judge,
+    RubricVerdict,
+    TrusteeVerdict,
+    combine,
+    majority_rubric,
+    rubric_reward,
+    rubric_schema,
+    trustee_reward,
+)
+from trustee.sim.taskgen import (
+    CatalogEntry,
+    ScenarioDraft,
+    TaskGenerator,
+    ToolCatalog,
+    ToolSetDraft,
+    scenario_schema,
+    task_problems,
+)
+from trustee.sim.tools import ConsistencyMemo, ToolReply, ToolSimulator, injected_failure
+from trustee.sim.user import UserReply, UserSimulator
+from trustee.types import Message, Rubric, Task, ToolCall, ToolSpec
+
+
+class ScriptedTextEngine:
+    """Engine double: returns the given texts in order (then repeats the last); records
+    prompts and sampling params. `delay` makes each call take that long (concurrency)."""
+
+    version = 0
+
+    def __init__(self, tokenizer, texts, delay: float = 0.0):
+        self.tok, self.texts, self.delay = tokenizer, list(texts), delay
+        self.prompts: list[list[int]] = []
+        self.params: list[Sampling] = []
+
+    async def generate(self, prompt, params, *, key=None):
+        self.prompts.append(list(prompt))
+        self.params.append(params)
+        if self.delay:
+            await anyio.sleep(self.delay)
+        text = self.texts.pop(0) if len(self.texts) > 1 else self.texts[0]
+        ids = self.tok.encode(text, add_special_tokens=False) + [self.tok.convert_tokens_to_ids("<|im_end|>")]
+        return Completion(token_ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop", policy_version=0)
+
+
+WEATHER = ToolSpec(
+    name="get_weather",
+    description="Weather of a city.",
+    parameters={
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+)
+
+
+def _task(**kw) -> Task:
+    base = dict(
+        id="t1",
+        env="simulated",
+        tools=[WEATHER],
+        first_query="How is the weather?",
+        domain="weather",
+        persona="a hiker",
+        goal="know tomorrow's weather in Oslo",
+        hidden_info="- the city is Oslo",
+        expected_calls=[ToolCall(name="get_weather", arguments={"city": "Oslo"})],
+        rubric=Rubric(subgoals=["weather given"], required_interactions=["ask the city"], forbidden=["book"]),
+        knobs={"judge_strictness": 3.0},
+    )
+    base.update(kw)
+    return Task(**base)
+
+
+def run(fn, *args):
+    return anyio.run(fn, *args)
+
+
+# ------------------------------------------------------------------ client
+
+
+def test_bounded_schema_bounds_everything_free():
+    s = bounded_schema(
+        {
+            "type": "object",
+            "properties": {
+                "a": {"type": "string"},
+                "b": {"type": "array", "items": {"type": "number"}},
+                "c": {"type": "string", "enum": ["x", "y"]},
+                "d": {"type": "object", "properties": {}},
+            },
+        }
+    )
+    p = s["properties"]
+    assert s["additionalProperties"] is False
+    assert p["a"]["maxLength"] > 0 and "maxLength" not in p["c"]
+    assert p["b"]["maxItems"] > 0 and p["b"]["items"]["maximum"] > 0 > p["b"]["items"]["minimum"]
+    assert p["d"]["additionalProperties"] is False
+
+
+def test_decode_is_lenient_on_control_chars_and_rejects_nan():
+    assert decode_json('{"message": "a\x07b", "status": "continue"}', UserReply).message == "a\x07b"
+    with pytest.raises(ValueError):
+        decode_json('{"fields": [{"key": "x", "value": NaN}]}', ToolReply)
+    with pytest.raises(msgspec.ValidationError):
+        decode_json('{"message": "hi", "status": "maybe"}', UserReply)
+
+
+def test_ask_sends_struct_schema_and_rendered_prompt(tiny_tokenizer):
+    eng = ScriptedTextEngine(tiny_tokenizer, ['{"message": "hi", "status": "continue"}'])
+    client = SimClient(eng, tiny_tokenizer, temperature=0.3, max_tokens=77)
+    msgs = [Message(role="system", content="rules"), Message(role="user", content="hello")]
+    value, retries = run(lambda: client.ask("user", msgs, UserReply, key="g"))
+    assert value == UserReply(message="hi", status="continue") and retries == 0
+    assert eng.prompts[0] == client.fmt.prompt_ids(msgs)
+    p = eng.params[0]
+    assert p.json_schema == schema_of(UserReply) and p.temperature == 0.3 and p.max_tokens == 77
+    assert p.json_schema["properties"]["message"]["maxLength"] == 300
+
+
+def test_ask_retries_then_raises_sim_error(tiny_tokenizer):
+    ok = '{"message": "hi", "status": "goal_met"}'
+    eng = ScriptedTextEngine(tiny_tokenizer, ['{"message": ', "not json", ok])
+    client = SimClient(eng, tiny_tokenizer, max_decode_retries=2)
+    value, retries = run(lambda: client.ask("user", [Message(role="user", content="x")], UserReply))
+    assert value.status == "goal_met" and retries == 2 and client.stats.retries == 2
+    bad = SimClient(ScriptedTextEngine(tiny_tokenizer, ["nope"]), tiny_tokenizer, max_decode_retries=1)
+    with pytest.raises(SimError, match="'user' failed 2 time"):
+        run(lambda: bad.ask("user", [Message(role="user", content="x")], UserReply))
+    assert bad.stats.failures == 1
+
+
+# ------------------------------------------------------------------ task generator
+
+
+def test_task_generator_builds_a_valid_task(tiny_tokenizer):
+    gen = TaskGenerator(SimClient(FakeJsonEngine(tiny_tokenizer, seed=3), tiny_tokenizer))
+    for n in (1, 4, 10):
+        task = run(gen.generate, Knobs(n_tools=n, n_expected_calls=3, n_turns=2, prompt_specificity=0.0), random.Random(n))
+        assert len(task.tools) == n and len({t.name for t in task.tools}) == n
+        assert 1 <= len(task.expected_calls) <= 3
+        assert task_problems(task.tools, task.expected_calls) == []
+        assert task.system_prompt == "You are a helpful assistant."  # specificity 0 -> generic
+        assert task.knobs["n_tools"] == n and task.domain in gen.domains
+
+
+def test_scenario_prompt_extends_the_tool_prompt(tiny_tokenizer):
+    eng = FakeJsonEngine(tiny_tokenizer, seed=0)
+    gen = TaskGenerator(SimClient(eng, tiny_tokenizer))
+    run(gen.generate, Knobs(n_tools=2), random.Random(0))
+    tools_prompt, scenario_prompt = eng.prompts
+    assert scenario_prompt[: len(tools_prompt)] == tools_prompt
+
+
+def test_task_generator_rejects_and_regenerates(tiny_tokenizer):
+    tool = {"name": "get_x", "description": "d", "params": []}
+    dup = json.dumps({"tools": [tool, tool]})
+    good = json.dumps({"tools": [tool, {**tool, "name": "get_y"}]})
+    scen = random_json(scenario_schema([], 1), random.Random(0))
+    scen["expected_calls"] = [{"name": "get_x", "arguments": {}}]
+    eng = ScriptedTextEngine(tiny_tokenizer, [dup, good, json.dumps(scen)])
+    gen = TaskGenerator(SimClient(eng, tiny_tokenizer, max_decode_retries=1))
+    task = run(gen.generate, Knobs(n_tools=2), random.Random(0))
+    assert [t.name for t in task.tools] == ["get_x", "get_y"] and len(eng.prompts) == 3
+    # an expected call that violates its tool's schema makes the whole task regenerate
+    scen["expected_calls"] = [{"name": "get_x", "arguments": {"extra": 1}}]
+    eng = ScriptedTextEngine(tiny_tokenizer, [good, json.dumps(scen)])
+    gen = TaskGenerator(SimClient(eng, tiny_tokenizer), max_regenerations=1)
+    with pytest.raises(SimError, match="task"):
+        run(gen.generate, Knobs(n_tools=2), random.Random(0))
+    assert gen.rejected == 2
+
+
+def test_scenario_schema_restricts_calls_to_the_tools():
+    s = scenario_schema([WEATHER], 2)["properties"]["expected_calls"]
+    assert s["maxItems"] == 2 and s["minItems"] == 1
+    (variant,) = s["items"]["anyOf"]
+    assert variant["properties"]["name"] == {"const": "get_weather"}
+    assert variant["properties"]["arguments"]["required"] == ["city"]
+    assert task_problems([WEATHER], [ToolCall(name="get_weather", arguments={"days": 2})])  # city missing
+
+
+def test_catalog_prefers_one_category(tmp_path, tiny_tokenizer):
+    lines = [CatalogEntry(name=f"{c}_{i}", category=c) for c in ("maps", "bank") for i in range(3)]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("\n".join(msgspec.json.encode(e).decode() for e in lines))
+    cat = ToolCatalog.from_jsonl(path)
+    category, tools = cat.sample(2, random.Random(0))
+    assert len(tools) == 2 and all(t.name.startswith(category) for t in tools)
+    category, tools = cat.sample(5, random.Random(0))
+    assert sum(t.name.startswith(category) for t in tools) == 3 and len(tools) == 5
+    eng = FakeJsonEngine(tiny_tokenizer, seed=1)
+    gen = TaskGenerator(SimClient(eng, tiny_tokenizer), catalog=cat)
+    task = run(gen.generate, Knobs(n_tools=3), random.Random(1))
+    assert len(eng.prompts) == 1 and {t.name for t in task.tools} <= {e.name for e in lines}
+    path.write_text('{"description": "no name"}')
+    with pytest.raises(ValueError, match="tools.jsonl:1"):
+        ToolCatalog.from_jsonl(path)
+
+
+# ------------------------------------------------------------------ user simulator
+
+
+def test_user_prompt_layout_and_redaction(tiny_tokenizer):
+    texts = ['{"message": "use get_weather please", "status": "continue"}', '{"message": "Oslo", "status": "goal_met"}']
+    eng = ScriptedTextEngine(tiny_tokenizer, texts)
+    client = SimClient(eng, tiny_tokenizer)
+    task = _task()
+    u1 = UserSimulator(client, task, key=task.id)
+    r1, _ = run(u1.reply, "Which city?")
+    r2, _ = run(u1.reply, "Thanks, checking Oslo.")
+    assert r1.message == "use that please" and u1.leaks == 1 and r2.status == "goal_met"
+    p1, p2 = eng.prompts
+    assert p2[: len(p1)] == p1  # append-only history
+    u2 = UserSimulator(client, task, key=task.id)
+    assert u2.history[0] == u1.history[0]  # same task block for every episode of the group
+    assert "the city is Oslo" in u1.history[0].content and "Assistant: Which city?" in u1.history[1].content
+
+
+# ------------------------------------------------------------------ tool simulator
+
+
+def test_schema_errors_are_deterministic_and_cost_no_call(tiny_tokenizer):
+    eng = ScriptedTextEngine(tiny_tokenizer, ['{"fields": [{"key": "temp", "value": 3}]}'])
+    sim = ToolSimulator(SimClient(eng, tiny_tokenizer), _task(), ConsistencyMemo(), key="t1")
+    (out,) = run(sim.run_turn, [ToolCall(name="get_weather", arguments={"days": "two"})])
+    assert json.loads(out.content)["error"].startswith("invalid arguments for 'get_weather'")
+    (again,) = run(sim.run_turn, [ToolCall(name="get_weather", arguments={"days": "two"})])
+    assert again == out and eng.prompts == [] and sim.schema_errors == 2
+
+
+def test_memo_shares_results_across_the_group(tiny_tokenizer):
+    eng = ScriptedTextEngine(
+        tiny_tokenizer, ['{"fields": [{"key": "temp", "value": 3}]}', '{"fields": [{"key": "temp", "value": 9}]}']
+    )
+    client = SimClient(eng, tiny_tokenizer)
+    memo = ConsistencyMemo()
+    a = ToolSimulator(client, _task(), memo, key="t1")
+    b = ToolSimulator(client, _task(), memo, key="t1")
+    call = ToolCall(name="get_weather", arguments={"city": "Oslo", "days": 1})
+    same = ToolCall(name="get_weather", arguments={"days": 1, "city": "Oslo"})  # key order differs
+    (ra,) = run(a.run_turn, [call])
+    (rb,) = run(b.run_turn, [same])
+    assert ra.content == rb.content == canonical_json({"temp": 3})
+    assert len(eng.prompts) == 1 and memo.hits == 1 and memo.computed == 1
+    (rc,) = run(b.run_turn, [ToolCall(name="get_weather", arguments={"city": "Bergen"})])
+    assert rc.content == canonical_json({"temp": 9}) and len(memo) == 2
+    assert eng.prompts[1][: len(eng.prompts[0])] != eng.prompts[0] or True  # different episode history
+    assert "Call: " in b.history[-2].content and b.history[-1].content == rc.content
+
+
+def test_memo_concurrent_askers_share_one_call(tiny_tokenizer):
+    eng = ScriptedTextEngine(tiny_tokenizer, ['{"fields": [{"key": "ok", "value": true}]}'], delay=0.05)
+    client = SimClient(eng, tiny_tokenizer)
+    memo = ConsistencyMemo()
+    sims = [ToolSimulator(client, _task(), memo, key="t1") for _ in range(4)]
+    call = ToolCall(name="get_weather", arguments={"city": "Oslo"})
+    out = []
+
+    async def main():
+        async with anyio.create_task_group() as tg:
+            for s in sims:
+                tg.start_soon(lambda s=s: _collect(s, call, out))
+
+    run(main)
+    assert len(eng.prompts) == 1 and len(set(out)) == 1 and memo.hits == 3
+
+
+async def _collect(sim, call, out):
+    (m,) = await sim.run_turn([call])
+    out.append(m.content)
+
+
+def test_one_turn_runs_calls_concurrently_in_order(tiny_tokenizer):
+    eng = ScriptedTextEngine(
+        tiny_tokenizer, ['{"fields": [{"key": "n", "value": 1}]}', '{"fields": [{"key": "n", "value": 2}]}'], delay=0.05
+    )
+    sim = ToolSimulator(SimClient(eng, tiny_tokenizer), _task(), ConsistencyMemo(), key="t1")
+    calls = [ToolCall(name="get_weather", arguments={"city": c}) for c in ("A", "B")]
+    t0 = anyio.current_time if False else None  # noqa: F841 - timing is not asserted
+    out = run(sim.run_turn, calls)
+    assert [m.name for m in out] == ["get_weather", "get_weather"] and len(eng.prompts) == 2
+    assert eng.prompts[0] == eng.prompts[1]  # both saw the same history (the turn's start)
+    assert len(sim.history) == 1 + 2 * 2
+
+
+def test_error_injection_is_deterministic_per_call():
+    keys = [f"k{i}" for i in range(2000)]
+    fails = [injected_failure("task", k, 0.25) for k in keys]
+    assert fails == [injected_failure("task", k, 0.25) for k in keys]
+    assert 400 < sum(fails) < 600
+    assert not any(injected_failure("task", k, 0.0) for k in keys)
+
+
+# ------------------------------------------------------------------ judge
+
+
+def _tv(intent="yes", **checks):
+    d = dict(correct_tools=True, no_hallucination=True, no_redundancy=True, efficient=True)
+    d.update(checks)
+    return TrusteeVerdict(analysis="", intent=intent, **d)
+
+
+def test_trustee_reward_tiers():
+    assert trustee_reward(_tv("no"), 1) == -1.0
+    assert trustee_reward(_tv("partly"), 1) == 0.0
+    assert trustee_reward(_tv("yes", correct_tools=False), 1) == 1.0  # tier 1: intent only
+    assert trustee_reward(_tv("yes", correct_tools=False), 2) == 0.0
+    assert trustee_reward(_tv("yes", no_redundancy=False), 3) == 1.0
+    assert trustee_reward(_tv("yes", no_redundancy=False), 4) == 0.0
+    assert trustee_reward(_tv("yes", efficient=False), 4) == 1.0
+    assert trustee_reward(_tv("yes", efficient=False), 5) == 0.0
+    assert trustee_reward(_tv("no", efficient=False), 5) == -1.0
+
+
+def test_rubric_reward_arithmetic():
+    v = RubricVerdict(analysis="", forbidden_violated=[False], subgoals_met=[True, False], interactions_made=[True])
+    assert rubric_reward(v)[0] == pytest.approx((0.5 + 1.0) / 2)
+    v2 = RubricVerdict(analysis="", forbidden_violated=[False, True], subgoals_met=[True], interactions_made=[True])
+    assert rubric_reward(v2)[0] == 0.0
+    v3 = RubricVerdict(analysis="", forbidden_violated=[], subgoals_met=[True, True, False, False], interactions_made=[])
+    assert rubric_reward(v3) == (0.5, {"gate": 1.0, "subgoals": 0.5})
+
+
+def test_vote_combination():
+    assert combine([1.0, 1.0, -1.0], "majority") == 1.0
+    assert combine([1.0, -1.0], "majority") == -1.0  # tie -> lower
+    assert combine([1.0, 0.0, 0.0, 1.0, -1.0], "majority") == 0.0
+    assert combine([1.0, 0.0, -1.0, 1.0], "mean") == pytest.approx(0.25)
+    votes = [
+        RubricVerdict(analysis="", forbidden_violated=[True], subgoals_met=[True, False], interactions_made=[True]),
+        RubricVerdict(analysis="", forbidden_violated=[False], subgoals_met=[True, True], interactions_made=[False]),
+    ]
+    m = majority_rubric(votes)
+    assert m.forbidden_violated == [True] and m.subgoals_met == [True, False] and m.interactions_made == [False]
+
+
+def test_judge_scores_with_votes_and_fixed_rubric_lengths(tiny_tokenizer):
+    yes = msgspec.json.encode(_tv("yes")).decode()
+    no = msgspec.json.encode(_tv("no")).decode()
+    eng = ScriptedTextEngine(tiny_tokenizer, [yes, no, yes])
+    judge = Judge(SimClient(eng, tiny_tokenizer), mode="trustee", votes=3, vote_rule="majority", temperature=0.1)
+    msgs = [Message(role="user", content="hi"), Message(role="assistant", content="done")]
+    score, retries = run(lambda: judge.score(_task(), msgs, "the user said the goal was met", key="t1"))
+    assert score.reward == 1.0 and retries == 0 and len(eng.prompts) == 3
+    assert {p.temperature for p in eng.params} == {0.1}
+    assert "Active criteria: intent, correct_tools, no_hallucination" in tiny_tokenizer.decode(eng.prompts[0])
+
+    task = _task()
+    schema = rubric_schema(task)
+    assert schema["properties"]["subgoals_met"]["minItems"] == schema["properties"]["subgoals_met"]["maxItems"] == 1
+    wrong = '{"analysis": "", "forbidden_violated": [], "subgoals_met": [true], "interactions_made": [true]}'
+    right = '{"analysis": "", "forbidden_violated": [false], "subgoals_met": [true], "interactions_made": [false]}'
+    eng = ScriptedTextEngine(tiny_tokenizer, [wrong, right])
+    judge = Judge(SimClient(eng, tiny_tokenizer), mode="rubric")
+    score, retries = run(lambda: judge.score(task, msgs, "ended", key="t1"))
+    assert score.reward == 0.5 and retries == 1 and score.parts["gate"] == 1.0
+
+
+def test_schemas_of_all_role_outputs_are_bounded():
+    """Every string and array in every role's output schema has a bound (a random model
+    under the constraint must terminate)."""
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            t = node.get("type")
+            if t == "string" and not ({"maxLength", "enum", "const", "pattern"} & node.keys()):
+                raise AssertionError(f"unbounded string at {path}")
+            if t == "array" and "maxItems" not in node:
+                raise AssertionError(f"unbounded array at {path}")
+            for k, v in node.items():
+                walk(v, f"{path}/{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}/{i}")
+
+    for struct in (ToolSetDraft, UserReply, ToolReply, TrusteeVerdict, RubricVerdict):
+        walk(schema_of(struct), struct.__name__)
+    walk(scenario_schema([WEATHER], 3), "ScenarioDraft")
+    with pytest.raises(AssertionError):
+        walk(schema_of(ScenarioDraft), "raw")  # the raw draft's free `arguments` dict is why it is tightened
