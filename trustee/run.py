@@ -112,8 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(cfg)))
     (run_dir / "resolved.json").write_bytes(msgspec.json.format(msgspec.json.encode(res)))
-    print(json.dumps({"run_dir": str(run_dir), "status": "planned"}))
-    print("the training loop is not wired into trustee.run yet; the plan and resolved config are written")
+    import anyio
+
+    from trustee.train import train
+
+    last = anyio.run(train, cfg, res, backend="asyncio")
+    summary = {k: last[k] for k in ("reward_mean", "curriculum/difficulty", "policy_version") if k in last}
+    print(json.dumps({"run_dir": str(run_dir), "status": "finished", **summary}))
     return 0
 
 

@@ -32,12 +32,15 @@ class ToolCallError(msgspec.Struct, frozen=True, kw_only=True):
     `kind` names the failure (`too_many_calls`: a valid call over the per-turn limit, set by
     the episode runner, never executed); `message` is what the policy is shown (it is an observation,
     and each one is counted as a format or schema error); `raw` is the block's text.
+    `index` is the block's position among the turn's `<tool_call>` blocks (-1: not from a
+    block), so an environment can restore the order of calls and errors.
     """
 
     kind: Literal["invalid_json", "not_an_object", "missing_name", "unknown_tool", "schema", "unclosed", "too_many_calls"]
     message: str
     raw: str
     name: str | None = None
+    index: int = -1
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jsonschema
+import msgspec
 
 from trustee.types import Message, ToolCall, ToolCallError, ToolSpec
 
@@ -121,9 +122,12 @@ class ToolCallParser:
         first = text.find("<tool_call>")
         content = (text if first < 0 else text[:first]).strip()
         for block in _BLOCK.finditer(text):
-            blocks += 1
             out = self.parse_block(block.group(1).strip())
-            (calls if isinstance(out, ToolCall) else errors).append(out)
+            if isinstance(out, ToolCall):
+                calls.append(out)
+            else:
+                errors.append(msgspec.structs.replace(out, index=blocks))
+            blocks += 1
         tail = text[_last_end(text) :]
         if "<tool_call>" in tail:
             blocks += 1
@@ -132,6 +136,7 @@ class ToolCallParser:
                     kind="unclosed",
                     message="<tool_call> block is not closed with </tool_call>",
                     raw=tail[tail.find("<tool_call>") :],
+                    index=blocks - 1,
                 )
             )
         msg = Message(role="assistant", content=content, reasoning=reasoning, tool_calls=calls)

@@ -256,13 +256,13 @@ class BfclEnv:
         run.n_steps += 1
         if any(e.kind in FORMAT_ERROR_KINDS for e in action.errors):
             run.n_format_error_steps += 1
-        calls, errors = self._split(action, run)
-        if not calls and not errors:
+        items = self._items(action, run)
+        if not items:
             return self._end_turn(state, run, [])
         run.record.called = True
         if not run.instance.ground_truth[run.turn] and self.miss_turn_warning:
-            return self._refuse_miss_turn(state, run, calls, errors)
-        out = self._execute(run, calls, errors)
+            return self._refuse_miss_turn(state, run, items)
+        out = self._execute(run, items)
         run.steps_in_turn += 1
         if run.steps_in_turn >= self.max_steps_per_turn:
             run.record.forced_end = True
@@ -274,33 +274,48 @@ class BfclEnv:
             return self._end_turn(state, run, out)
         return out
 
-    def _split(self, action: AgentAction, run: BfclRun) -> tuple[list[ToolCall], list[ToolCallError]]:
-        """Calls to execute and errors to report. Calls the parser rejected for an unknown
-        name or a schema violation still run when the name is a method of the entry's
-        classes (BFCL's rule: e.g. a held-out function named before it was shown)."""
-        calls = list(action.calls)
-        errors = []
-        for e in action.errors:
-            c = recover_call(e)
-            if c is not None and run.world.has(c.name):
-                calls.append(c)
-            else:
-                errors.append(e)
-        return calls, errors
+    @staticmethod
+    def _ordered(action: AgentAction) -> list[ToolCall | ToolCallError]:
+        """Calls and errors in block order: errors carry their block index; the calls fill
+        the other positions in order (calls the runner cut over its limit come last)."""
+        placed = {e.index: e for e in action.errors if e.index >= 0}
+        calls = iter(action.calls)
+        out: list[ToolCall | ToolCallError] = []
+        for i in range(len(action.calls) + len(placed)):
+            item = placed.get(i) or next(calls, None)
+            if item is not None:
+                out.append(item)
+        out += list(calls)
+        out += [e for e in action.errors if e.index < 0]
+        return out
 
-    def _execute(self, run: BfclRun, calls: list[ToolCall], errors: list[ToolCallError]) -> list[Message]:
+    def _items(self, action: AgentAction, run: BfclRun) -> list[ToolCall | ToolCallError]:
+        """What to execute or report, in block order. Calls the parser rejected for an
+        unknown name or a schema violation still run when the name is a method of the
+        entry's classes (BFCL's rule: e.g. a held-out function, once announced in the user
+        message, is unknown to the parser built from the opening tool block)."""
+        out: list[ToolCall | ToolCallError] = []
+        for item in self._ordered(action):
+            if isinstance(item, ToolCallError):
+                c = recover_call(item)
+                if c is not None and run.world.has(c.name):
+                    item = c
+            out.append(item)
+        return out
+
+    def _execute(self, run: BfclRun, items: list[ToolCall | ToolCallError]) -> list[Message]:
         out: list[Message] = []
         executed: list[str] = []
-        for call in calls:
-            res = run.world.execute(call)
+        for item in items:
+            run.n_calls += 1
+            if isinstance(item, ToolCallError):
+                out.append(Message(role="tool", content=json.dumps({"error": item.message}), name=item.name))
+                continue
+            res = run.world.execute(item)
             run.results.append(res.text)
-            executed.append(to_call_string(call))
-            run.n_calls += 1
+            executed.append(to_call_string(item))
             run.n_ok_calls += not res.error
-            out.append(Message(role="tool", content=self._observe(run, res), name=call.name))
-        for e in errors:
-            run.n_calls += 1
-            out.append(Message(role="tool", content=json.dumps({"error": e.message}), name=e.name))
+            out.append(Message(role="tool", content=self._observe(run, res), name=item.name))
         if executed:
             run.record.steps.append(executed)
         return out
@@ -313,16 +328,13 @@ class BfclEnv:
             run.hints_fired[rule] = run.hints_fired.get(rule, 0) + 1
         return text
 
-    def _refuse_miss_turn(
-        self, state: EpisodeState, run: BfclRun, calls: list[ToolCall], errors: list[ToolCallError]
-    ) -> list[Message]:
+    def _refuse_miss_turn(self, state: EpisodeState, run: BfclRun, items: list[ToolCall | ToolCallError]) -> list[Message]:
         """Environment Tuning's rule for a tool call on a turn that cannot be solved: the
         turn fails, nothing runs, and the next question starts with a warning."""
-        run.n_calls += len(calls) + len(errors)
+        run.n_calls += len(items)
         run.record.verdict = False
         run.warn_next = True
-        out = [Message(role="tool", content=NOT_EXECUTED, name=c.name) for c in calls]
-        out += [Message(role="tool", content=NOT_EXECUTED, name=e.name) for e in errors]
+        out = [Message(role="tool", content=NOT_EXECUTED, name=x.name) for x in items]
         return self._end_turn(state, run, out)
 
     def _close_turn(self, run: BfclRun) -> None:
