@@ -29,7 +29,7 @@ RESULTS = ROOT / "bench" / "results"
 
 PRESETS = {
     # device: (model size, dtype, groups, group size, max seq len, token budget)
-    "cpu": dict(size="demo", dtype="float32", groups=4, group_size=8, max_len=640, budget=2048),
+    "cpu": dict(size="demo", dtype="float32", groups=3, group_size=8, max_len=512, budget=1024),
     "cuda": dict(size="demo", dtype="bfloat16", groups=8, group_size=8, max_len=4096, budget=16384),
 }
 
@@ -159,7 +159,7 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--steps", type=int, default=3, help="measured steps per case (after one warm-up)")
+    ap.add_argument("--steps", type=int, default=2, help="measured steps per case (after one warm-up)")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: 'mode,layout' runs one case and prints JSON
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args(argv)

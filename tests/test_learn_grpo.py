@@ -113,7 +113,7 @@ RHO = [4.0, 0.5, 1.0, 2.0, 0.1]
         ("token", "mask", [0.0, 0.5, 1.0, 2.0, 0.0], 2, 0, 0.1, 4.0, 5),
         ("sequence", "truncate", [2.0, 2.0, 0.25, 0.25, 0.25], 0, 1, 0.2, 2.0, 2),
         ("sequence", "mask", [2.0, 2.0, 0.0, 0.0, 0.0], 1, 0, 0.2, 2.0, 2),
-        ("token", "off", [1.0] * 5, 0, 0, float("inf"), float("-inf"), 0),
+        ("token", "off", [1.0] * 5, 0, 0, 0.1, 4.0, 5),  # no correction, ratios still reported
     ],
 )
 def test_is_weights_edge_cases(level, mode, want_w, masked, truncated, stat_min, stat_max, count):

@@ -127,3 +127,17 @@ def test_padded_layout_gives_the_same_gradient(base_model):
     _, g_packed, _, _ = _step_grad(copy.deepcopy(base_model), "grpo", 60, samples)
     _, g_padded, _, _ = _step_grad(copy.deepcopy(base_model), "grpo", 60, samples, layout="padded")
     assert float((g_packed - g_padded).norm() / g_packed.norm()) <= 1e-5
+
+
+def test_dapo_uses_the_global_token_count_across_ranks(base_model):
+    # A scripted all-reduce: the other rank holds twice this rank's loss tokens (3n in all).
+    # dapo's weight is world_size / global = 2 / 3n, bnpo's is 1 / n: gradients differ by 2/3.
+    samples = make_samples(4, seed=7)
+    grads = {}
+    for name, kw in {"bnpo": {}, "dapo": {"world_size": 2, "sum_over_ranks": lambda n: 3 * n}}.items():
+        model = copy.deepcopy(base_model)
+        cfg = LearnerConfig(mode="full", gradient_checkpointing=False)
+        learner = Learner(wrap_policy(model, cfg), GrpoConfig(loss_type=name, beta=0.0), cfg, **kw)
+        learner.accumulate(samples)
+        grads[name] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert float((grads["dapo"] - grads["bnpo"] * 2 / 3).norm() / grads["dapo"].norm()) <= 1e-5

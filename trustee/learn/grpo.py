@@ -157,11 +157,9 @@ def is_weights(
     index. rho = exp(learner - sampler) per token ('token'), or exp(sum over the sequence of
     the log-ratio) for every token of the sequence ('sequence': the sequence likelihood
     ratio, as TRL). 'truncate' clamps rho to [lo, hi]; 'mask' sets rho to 0 outside
-    [lo, hi] (whole sequences for 'sequence'); 'off' gives weights of 1 and empty stats.
+    [lo, hi] (whole sequences for 'sequence'); 'off' gives weights of 1 but still reports
+    the ratios, so the mismatch stays visible.
     """
-    n = learner_logp.shape[0]
-    if mode == "off":
-        return torch.ones(n, dtype=torch.float32, device=learner_logp.device), IsStats()
     diff = (learner_logp - sampler_logp).detach().to(torch.float64)  # [N]
     if level == "sequence":
         per_seq = torch.zeros(n_seqs, dtype=torch.float64, device=diff.device).index_add_(0, seq, diff)  # [S]
@@ -175,7 +173,9 @@ def is_weights(
         sum=float(rho_unit.sum()),
         count=int(rho_unit.numel()),
     )
-    if mode == "truncate":
+    if mode == "off":
+        w_unit = torch.ones_like(rho_unit)
+    elif mode == "truncate":
         w_unit = rho_unit.clamp(lo, hi)
         stats.truncated = int(outside.sum())
     else:

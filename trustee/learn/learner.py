@@ -27,6 +27,7 @@ import re
 import resource
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio.to_thread
@@ -48,7 +49,8 @@ class StepMetrics(msgspec.Struct, kw_only=True):
     units of grpo.is_level (tokens or sequences); `is_masked_frac` / `is_truncated_frac` are
     shares of those units. `tokens` counts real input tokens (no padding), `input_tokens`
     what the model saw; `peak_mem_bytes` is CUDA max_memory_allocated during the step, or
-    the peak RSS during the step on CPU (Linux VmHWM, reset at the step's start). `oversize` counts sequences longer than the token budget.
+    the peak RSS during the step on CPU (Linux VmHWM, reset at the step's start);
+    `oversize` counts sequences longer than the token budget (each ran alone).
     """
 
     step: int
@@ -143,6 +145,8 @@ class Learner:
     temperature: the sampler's temperature (rollout.temperature), applied to the logits.
     total_steps: the schedule's horizon (grpo.steps). layout: 'packed' (default) or 'padded'
     (one row per sequence with an attention mask; for benchmarks and tests).
+    Data parallelism (FSDP2 ranks): `world_size` and `sum_over_ranks` (an all-reduce of an
+    int) give dapo its global token count; every other normaliser is per rank.
     """
 
     def __init__(
@@ -155,6 +159,8 @@ class Learner:
         total_steps: int | None = None,
         layout: str = "packed",
         pad_id: int = 0,
+        world_size: int = 1,
+        sum_over_ranks: Callable[[int], int] | None = None,
     ):
         if layout not in ("packed", "padded"):
             raise ValueError(f"layout = {layout!r}: choose 'packed' or 'padded'")
@@ -162,6 +168,7 @@ class Learner:
             raise ValueError("grpo.beta > 0 with learner.mode = 'full' needs a reference copy: build the policy with need_reference=True")
         self.policy, self.grpo, self.cfg = policy, grpo, cfg
         self.temperature, self.layout, self.pad_id = temperature, layout, pad_id
+        self.world_size, self.sum_over_ranks = world_size, sum_over_ranks
         params = policy.trainable_parameters()
         if not params:
             raise ValueError("the policy has no trainable parameters")
@@ -178,7 +185,11 @@ class Learner:
     # ------------------------------------------------------------------ batching
 
     def norm_for(self, samples: list[Sample]) -> LossNorm:
-        return loss_norm(self.grpo.loss_type, [s.n_loss for s in samples], max_len=self.grpo.dr_grpo_length)
+        counts = [s.n_loss for s in samples]
+        total = sum(counts) if self.sum_over_ranks is None else self.sum_over_ranks(sum(counts))
+        return loss_norm(
+            self.grpo.loss_type, counts, max_len=self.grpo.dr_grpo_length, global_tokens=total, world_size=self.world_size
+        )
 
     def micro_batches(self, samples: list[Sample]) -> list[MicroBatch]:
         lengths = [len(s.tokens) for s in samples]

@@ -108,7 +108,9 @@ class EpisodeRunner:
         parser = ToolCallParser(ep.task.tools)
         c = ep.counters
         while True:
-            room = self.max_model_len - len(conv.ids)
+            # One position stays free for the end-of-turn id `append_sampled` adds after a
+            # sample cut by max_tokens.
+            room = self.max_model_len - len(conv.ids) - 1
             if c.turns >= self.cfg.max_turns or room < 1:
                 return "truncated"
             comp = await self._sample(conv, fmt, room, ep.episode_id)

@@ -1,0 +1,85 @@
+"""The toy environment: real tools, exact rewards, knob-driven tasks, SFT conversations."""
+
+from __future__ import annotations
+
+import random
+
+import anyio
+import pytest
+
+from trustee.chat.parse import ToolCallParser
+from trustee.envs.base import AgentAction, Environment, Knobs
+from trustee.envs.toy import TOOLS, ToyEnv, answer_correct, check_tools, execute
+from trustee.types import Message, ToolCall
+
+
+def test_tools_compute_real_results():
+    check_tools()
+    assert execute(ToolCall(name="add", arguments={"a": 2, "b": 3.5}), {}) == {"result": 5.5}
+    assert execute(ToolCall(name="multiply", arguments={"a": 6, "b": 7}), {}) == {"result": 42}
+    r = execute(ToolCall(name="convert_units", arguments={"value": 10, "from_unit": "km", "to_unit": "mi"}), {})
+    assert r["result"] == pytest.approx(6.2137, abs=1e-4)
+    assert "error" in execute(ToolCall(name="convert_units", arguments={"value": 1, "from_unit": "kg", "to_unit": "m"}), {})
+    store = {"a": "1"}
+    assert execute(ToolCall(name="kv_get", arguments={"key": "a"}), store) == {"key": "a", "value": "1"}
+    assert "not found" in execute(ToolCall(name="kv_get", arguments={"key": "b"}), store)["error"]
+    execute(ToolCall(name="kv_set", arguments={"key": "b", "value": "x"}), store)
+    assert store == {"a": "1", "b": "x"}
+
+
+def test_answer_matching_is_exact():
+    assert answer_correct("The answer is 154.", 154)
+    assert not answer_correct("The answer is 155.", 154)
+    assert answer_correct("about 6.21 miles", 6.2137)
+    assert answer_correct("It is Paris.", "paris") and not answer_correct("It is Parisian.", "paris")
+
+
+def test_knobs_shape_tasks():
+    env = ToyEnv()
+    assert isinstance(env, Environment)
+    rng = random.Random(0)
+    easy = [env.task(Knobs(n_tools=1, n_expected_calls=1), rng) for _ in range(50)]
+    assert all(len(t.expected_calls) == 1 for t in easy)
+    assert all({c.name for c in t.expected_calls} <= {x.name for x in t.tools} for t in easy)
+    hard = [env.task(Knobs(n_tools=5, n_expected_calls=2), rng) for _ in range(80)]
+    assert any(t.payload["kind"] == "chain" and len(t.expected_calls) == 2 for t in hard)
+    assert all(len(t.tools) == 5 for t in hard)
+    for t in easy + hard:
+        parser = ToolCallParser(t.tools)
+        assert all(parser.validate(c) is None for c in t.expected_calls)
+
+
+@pytest.mark.parametrize("kind", ["add", "chain", "convert", "kv_get", "kv_set"])
+def test_reference_conversation_scores_one(kind):
+    env = ToyEnv(kinds=(kind,))
+    task = env.task(Knobs(n_tools=5, n_expected_calls=2), random.Random(3))
+    ref = env.sft_messages(task)
+
+    async def replay():
+        state = await env.start(task, "e")
+        outs = []
+        for m in ref[2:]:
+            if m.role == "assistant":
+                outs += await env.step(state, AgentAction(message=m, calls=list(m.tool_calls)))
+        assert [x.content for x in outs] == [x.content for x in ref if x.role == "tool"]
+        return await env.score(state)
+
+    score = anyio.run(replay)
+    assert score.reward == 1.0 and score.parts["expected_calls"] == 1.0
+
+
+def test_wrong_answer_scores_zero():
+    env = ToyEnv(kinds=("add",))
+    task = env.task(Knobs(), random.Random(1))
+
+    async def play():
+        state = await env.start(task, "e")
+        await env.step(state, AgentAction(message=Message(role="assistant", content="It is 0.")))
+        return await env.score(state)
+
+    s = anyio.run(play)
+    assert s.reward == 0.0 and s.parts["expected_calls"] == 0.0
+
+
+def test_tool_set_is_the_documented_one():
+    assert sorted(TOOLS) == ["add", "convert_units", "kv_get", "kv_set", "multiply"]
