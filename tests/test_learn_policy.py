@@ -170,3 +170,37 @@ def test_step_async_runs_in_a_worker_thread_while_the_loop_runs(base_model):
 
     m = anyio.run(main)
     assert m.step == 1 and ticks > 1  # the loop kept running during the step
+
+
+def test_build_learner_wires_the_config(tiny_model_dir):
+    from trustee.learn.learner import build_learner
+
+    learner = build_learner(str(tiny_model_dir), GrpoConfig(beta=0.01, steps=7), LearnerConfig(mode="full"), temperature=0.7)
+    assert learner.policy.mode == "full" and learner.policy.ref_model is not None
+    assert learner.temperature == 0.7
+    assert all(not p.requires_grad for p in learner.policy.ref_model.parameters())
+
+
+@pytest.mark.gpu
+def test_qlora_step_and_merged_export_on_cuda(tiny_model_dir):
+    """QLoRA: NF4 base + LoRA trains on CUDA; the merged export (dequantised W + delta)
+    reproduces the adapter model's logits up to bf16 rounding, without modifying it."""
+    from trustee.learn.export import export_merged
+
+    cfg = LearnerConfig(mode="qlora", lr=1e-2, lora_rank=8, lora_alpha=16)
+    policy = load_policy(tiny_model_dir, cfg, device="cuda:0", dtype=torch.bfloat16)
+    learner = Learner(policy, GrpoConfig(beta=0.01, is_mode="truncate"), cfg)
+    m = learner.step(fixed_groups())
+    assert m.grad_norm > 0 and m.peak_mem_bytes > 0
+    assert all("lora_" in n for n, p in policy.model.named_parameters() if p.requires_grad)
+    state = dict(kv for c in export_merged(policy.model, dtype=torch.bfloat16).chunks for kv in c)
+    from transformers import AutoModelForCausalLM
+
+    twin = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).to("cuda:0").eval()
+    res = twin.load_state_dict(state, strict=False)
+    assert res.unexpected_keys == [] and set(res.missing_keys) <= {"lm_head.weight"}
+    ids = torch.tensor([[5, 17, 300, 42, 9]], device="cuda:0")
+    with torch.no_grad():
+        a = twin(ids).logits.float()
+        b = policy.model(ids).logits.float()
+    assert (a - b).abs().max() <= 0.05 * b.abs().max()

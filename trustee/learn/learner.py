@@ -301,3 +301,20 @@ class Learner:
             tokens_per_s=real / wall if wall > 0 else 0.0,
             peak_mem_bytes=peak_memory(device),
         )
+
+
+def build_learner(
+    path: str,
+    grpo: GrpoConfig,
+    cfg: LearnerConfig,
+    *,
+    temperature: float,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Learner:
+    """Load the policy at `path` for cfg.mode (with a KL reference when grpo.beta > 0) and
+    wrap it in a Learner. temperature: rollout.temperature; device/dtype: from `Resolved`."""
+    from trustee.learn.policy import load_policy
+
+    policy = load_policy(path, cfg, device=device, dtype=dtype, need_reference=grpo.beta > 0)
+    return Learner(policy, grpo, cfg, temperature=temperature, total_steps=grpo.steps)
