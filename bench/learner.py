@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -57,8 +58,15 @@ def synthetic_groups(p: dict, vocab: int, seed: int = 0):
             toks = [rng.randrange(vocab) for _ in mask]
             lps = [rng.uniform(-8.0, -6.0) if m else 0.0 for m in mask]
             trajs.append(
-                Trajectory(episode_id=f"{g}-{i}", task_id=str(g), tokens=toks, loss_mask=mask, logprobs=lps,
-                           versions=[0] * len(toks), prompt_len=mask.index(1))
+                Trajectory(
+                    episode_id=f"{g}-{i}",
+                    task_id=str(g),
+                    tokens=toks,
+                    loss_mask=mask,
+                    logprobs=lps,
+                    versions=[0] * len(toks),
+                    prompt_len=mask.index(1),
+                )
             )
         adv = [rng.gauss(0.0, 1.0) for _ in trajs]
         groups.append(Group(task_id=str(g), trajectories=trajs, advantages=adv))
@@ -77,7 +85,9 @@ def run_case(device: str, mode: str, layout: str, steps: int) -> dict:
     p = PRESETS[device]
     path = build_tiny_model(ROOT / ".cache" / f"tiny-{p['size']}", size=p["size"], seed=0)
     dtype = getattr(torch, p["dtype"])
-    cfg = LearnerConfig(mode=mode, lr=1e-5, micro_batch_tokens=p["budget"], gradient_checkpointing=True, logprob_chunk=1024)
+    cfg = LearnerConfig(
+        mode=mode, lr=1e-5, micro_batch_tokens=p["budget"], gradient_checkpointing=True, logprob_chunk=1024
+    )
     policy = load_policy(path, cfg, device=torch.device(device if device == "cpu" else "cuda:0"), dtype=dtype)
     learner = Learner(policy, GrpoConfig(beta=0.0), cfg, layout=layout)
     groups = synthetic_groups(p, policy.model.config.vocab_size)
@@ -109,13 +119,14 @@ def machine(device: str) -> dict:
         python=platform.python_version(),
         platform=platform.platform(),
         cpu=platform.processor() or platform.machine(),
-        cpu_count=__import__("os").cpu_count(),
+        cpu_count=os.cpu_count(),
         torch=torch.__version__,
         transformers=transformers.__version__,
         peft=peft.__version__,
     )
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
+    info["load_avg_1_5_15"] = list(os.getloadavg())  # other work on a shared machine skews tokens/s
     return info
 
 
@@ -140,7 +151,8 @@ def markdown(report: dict) -> str:
         "",
         f"`python -m bench.learner --device {report['device']}` on {report['machine']['cpu']} "
         f"({report['machine']['cpu_count']} cores){', ' + report['machine']['gpu'] if 'gpu' in report['machine'] else ''}; "
-        f"torch {report['machine']['torch']}, transformers {report['machine']['transformers']}.",
+        f"torch {report['machine']['torch']}, transformers {report['machine']['transformers']}; "
+        f"load average at the end {report['machine']['load_avg_1_5_15']} (a shared machine: tokens/s is noisy).",
         f"Config: {json.dumps(report['config'])}",
         "",
         "| mode | layout | tokens/s | step s | peak MiB | padding | micro-batches | trainable params |",
@@ -170,12 +182,25 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     t0 = time.time()
     for mode, layout in cases(a.device):
-        cmd = [sys.executable, "-m", "bench.learner", "--device", a.device, "--steps", str(a.steps), "--case", f"{mode},{layout}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.learner",
+            "--device",
+            a.device,
+            "--steps",
+            str(a.steps),
+            "--case",
+            f"{mode},{layout}",
+        ]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"case {mode},{layout} failed:\n{done.stderr[-3000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"{mode:6s} {layout:7s} {results[-1]['tokens_per_s']:8.0f} tok/s  {results[-1]['peak_mem_bytes'] / 2**20:7.0f} MiB", flush=True)
+        print(
+            f"{mode:6s} {layout:7s} {results[-1]['tokens_per_s']:8.0f} tok/s  {results[-1]['peak_mem_bytes'] / 2**20:7.0f} MiB",
+            flush=True,
+        )
     report = dict(
         bench="learner",
         device=a.device,

@@ -17,5 +17,7 @@ def make_samples(n: int, seed: int = 0, vocab: int = 1000) -> list[Sample]:
             mask += [1] * rng.randint(2, 9) + [0] * rng.randint(0, 5)
         toks = [rng.randrange(vocab) for _ in mask]
         lps = [rng.uniform(-8.0, -5.5) if m else 0.0 for m in mask]
-        out.append(Sample(tokens=toks, loss_mask=mask, sampler_logprobs=lps, advantage=rng.choice([-1.2, 0.4, 1.0])))
+        out.append(
+            Sample(tokens=toks, loss_mask=mask, sampler_logprobs=lps, advantage=rng.choice([-1.2, 0.4, 1.0]))
+        )
     return out

@@ -63,9 +63,23 @@ def test_tool_spec_conversion_is_json_schema():
     assert spec.parameters["type"] == "object"
     assert set(spec.parameters["required"]) == {"source", "destination"}
     assert spec.parameters["properties"]["source"]["type"] == "string"
-    float_doc = {"name": "f", "parameters": {"type": "dict", "properties": {"x": {"type": "float"}, "y": {"type": "any"}, "t": {"type": "tuple", "items": {"type": "integer"}}}}}
+    float_doc = {
+        "name": "f",
+        "parameters": {
+            "type": "dict",
+            "properties": {
+                "x": {"type": "float"},
+                "y": {"type": "any"},
+                "t": {"type": "tuple", "items": {"type": "integer"}},
+            },
+        },
+    }
     p = to_tool_spec(float_doc).parameters["properties"]
-    assert p["x"] == {"type": "number"} and p["y"] == {} and p["t"] == {"type": "array", "items": {"type": "integer"}}
+    assert (
+        p["x"] == {"type": "number"}
+        and p["y"] == {}
+        and p["t"] == {"type": "array", "items": {"type": "integer"}}
+    )
 
 
 def test_split_is_fixed_half_and_disjoint():
@@ -85,7 +99,9 @@ def test_ground_truth_strings_bind_to_keywords():
     name, args, kwargs = parse_call_string("sort('final_report.pdf')")
     assert (name, args, kwargs) == ("sort", ["final_report.pdf"], {})
     world = BfclWorld(load_multi_turn("miss_func")[0])
-    assert world.bind(name, args, kwargs) == ToolCall(name="sort", arguments={"file_name": "final_report.pdf"})
+    assert world.bind(name, args, kwargs) == ToolCall(
+        name="sort", arguments={"file_name": "final_report.pdf"}
+    )
 
 
 def test_execution_matches_bfcl_rendering_and_never_evals():
@@ -230,7 +246,11 @@ def test_syntax_reward_formula():
     state = run(env.start(env.task_for(inst), "s"))
     bad = ToolCallError(kind="invalid_json", message="bad json", raw="{")
     run(env.step(state, AgentAction(message=Message(role="assistant"), errors=[bad])))
-    run(env.step(state, AgentAction(message=Message(role="assistant"), calls=[ToolCall(name="ls", arguments={})])))
+    run(
+        env.step(
+            state, AgentAction(message=Message(role="assistant"), calls=[ToolCall(name="ls", arguments={})])
+        )
+    )
     s = run(env.score(state))
     assert s.parts["format_error_steps"] == 1 and s.parts["calls"] == 2 and s.parts["ok_calls"] == 1
     assert s.reward == pytest.approx(((1 / 2) + (1 / 2)) / 2)
@@ -244,14 +264,27 @@ def test_unknown_and_schema_rejected_calls_still_run_like_bfcl():
     err = ToolCallError(kind="schema", message="a must be boolean", raw=raw, name="ls")
     out = run(env.step(state, AgentAction(message=Message(role="assistant"), errors=[err])))
     assert out[0].role == "tool" and "current_directory_content" in out[0].content
-    nope = ToolCallError(kind="unknown_tool", message="tool 'nope' not found", raw=json.dumps({"name": "nope", "arguments": {}}), name="nope")
+    nope = ToolCallError(
+        kind="unknown_tool",
+        message="tool 'nope' not found",
+        raw=json.dumps({"name": "nope", "arguments": {}}),
+        name="nope",
+    )
     out = run(env.step(state, AgentAction(message=Message(role="assistant"), errors=[nope])))
     assert "not found" in out[0].content
 
 
 def test_hints_switch_changes_only_the_observation():
     inst = next(r for r in load_multi_turn("base") if "TravelAPI" in r.involved_classes)
-    call = ToolCall(name="get_flight_cost", arguments={"travel_from": "LA", "travel_to": "SFO", "travel_date": "2024-11-15", "travel_class": "economy"})
+    call = ToolCall(
+        name="get_flight_cost",
+        arguments={
+            "travel_from": "LA",
+            "travel_to": "SFO",
+            "travel_date": "2024-11-15",
+            "travel_class": "economy",
+        },
+    )
     seen = {}
     for hints in (False, True):
         env = BfclEnv(split="all", hints=hints)
@@ -267,10 +300,25 @@ def test_hints_switch_changes_only_the_observation():
     [
         ("GorillaFileSystem", ToolCall(name="cd", arguments={"folder": "a/b"}), "one directory at a time"),
         ("GorillaFileSystem", ToolCall(name="cat", arguments={"file_name": "nope.txt"}), "'ls'"),
-        ("VehicleControlAPI", ToolCall(name="estimate_distance", arguments={"cityA": "Rivermist", "cityB": "Stonebrook"}), "get_zipcode_based_on_city"),
-        ("TravelAPI", ToolCall(name="compute_exchange_rate", arguments={"base_currency": "XXX", "target_currency": "USD", "value": 1.0}), "USD, RMB"),
+        (
+            "VehicleControlAPI",
+            ToolCall(name="estimate_distance", arguments={"cityA": "Rivermist", "cityB": "Stonebrook"}),
+            "get_zipcode_based_on_city",
+        ),
+        (
+            "TravelAPI",
+            ToolCall(
+                name="compute_exchange_rate",
+                arguments={"base_currency": "XXX", "target_currency": "USD", "value": 1.0},
+            ),
+            "USD, RMB",
+        ),
         ("TradingBot", ToolCall(name="get_stock_info", arguments={"symbol": "ZZZZ"}), "get_symbol_by_name"),
-        ("GorillaFileSystem", ToolCall(name="ls", arguments={"colour": True}), "takes exactly these parameters"),
+        (
+            "GorillaFileSystem",
+            ToolCall(name="ls", arguments={"colour": True}),
+            "takes exactly these parameters",
+        ),
     ],
 )
 def test_hint_table(classes, call, expect):
@@ -314,4 +362,29 @@ def test_oracle_full_data_every_category():
             assert all(env.verdicts(state)), inst.id
             assert bfcl_multi_turn_check(inst, env.checker_steps(state))["valid"], inst.id
             silent = run(_play_instance(env, inst, silent_policy()))
-            assert not any(v for v, gt in zip(env.verdicts(silent), inst.ground_truth) if gt)
+            assert not any(v for v, gt in zip(env.verdicts(silent), inst.ground_truth, strict=True) if gt)
+
+
+def test_calls_and_rejected_calls_run_in_block_order():
+    """A held-out function (unknown to the parser built from the opening tool block) named
+    between known calls runs in its place, as BFCL would run it."""
+    from trustee.chat.parse import ToolCallParser
+
+    env = BfclEnv(split="all")
+    inst = load_multi_turn("miss_func")[2]
+    task = env.task_for(inst)
+    assert "cp" not in {t.name for t in task.tools}
+    text = "".join(
+        "<tool_call>\n" + json.dumps({"name": n, "arguments": a}) + "\n</tool_call>"
+        for n, a in [
+            ("cd", {"folder": "documents"}),
+            ("cp", {"source": "ideas.txt", "destination": "copy.txt"}),
+            ("ls", {}),
+        ]
+    )
+    parsed = ToolCallParser(task.tools).parse(text)
+    assert [c.name for c in parsed.calls] == ["cd", "ls"] and parsed.errors[0].index == 1
+    state = run(env.start(task, "o"))
+    out = run(env.step(state, AgentAction(message=parsed.message, calls=parsed.calls, errors=parsed.errors)))
+    assert [m.name for m in out] == ["cd", "cp", "ls"]
+    assert "copied" in out[1].content and "copy.txt" in out[2].content  # cp ran inside documents/, before ls

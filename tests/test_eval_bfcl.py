@@ -19,7 +19,13 @@ pytest.importorskip("bfcl_eval", reason="needs bfcl-eval (pip install --no-deps 
 
 from trustee.config import EvalConfig, RolloutConfig
 from trustee.engines.base import Completion, EngineStats
-from trustee.envs.bfcl_data import AST_CATEGORIES, MULTI_TURN_CATEGORIES, RELEVANCE_CATEGORIES, load_ast, load_multi_turn
+from trustee.envs.bfcl_data import (
+    AST_CATEGORIES,
+    MULTI_TURN_CATEGORIES,
+    RELEVANCE_CATEGORIES,
+    load_ast,
+    load_multi_turn,
+)
 from trustee.envs.bfcl_exec import oracle_calls
 from trustee.eval.ast_checker import check_ast, check_call, oracle_calls_ast, standardize
 from trustee.eval.bfcl import evaluate, format_table
@@ -56,11 +62,17 @@ def test_oracle_passes_ast_sample():
 
 def _perturbations(e):
     calls = oracle_calls_ast(e.functions, e.ground_truth)
-    out = {"missing_call": calls[:-1], "extra_call": calls + [calls[0]], "renamed": [ToolCall(name=calls[0].name + "_x", arguments=calls[0].arguments)] + calls[1:]}
+    out = {
+        "missing_call": calls[:-1],
+        "extra_call": calls + [calls[0]],
+        "renamed": [ToolCall(name=calls[0].name + "_x", arguments=calls[0].arguments)] + calls[1:],
+    }
     c0 = calls[0]
     for k, v in c0.arguments.items():
         if isinstance(v, str):
-            out["wrong_string"] = [ToolCall(name=c0.name, arguments={**c0.arguments, k: v + " zzz"})] + calls[1:]
+            out["wrong_string"] = [ToolCall(name=c0.name, arguments={**c0.arguments, k: v + " zzz"})] + calls[
+                1:
+            ]
         elif isinstance(v, bool):
             out["wrong_type"] = [ToolCall(name=c0.name, arguments={**c0.arguments, k: str(v)})] + calls[1:]
         elif isinstance(v, int | float):
@@ -83,11 +95,26 @@ def test_perturbed_ast_outputs_fail():
 
 
 def test_type_rules():
-    doc = {"name": "f", "parameters": {"type": "dict", "properties": {"x": {"type": "float"}, "n": {"type": "integer"}, "l": {"type": "array", "items": {"type": "integer"}}}, "required": ["x"]}}
+    doc = {
+        "name": "f",
+        "parameters": {
+            "type": "dict",
+            "properties": {
+                "x": {"type": "float"},
+                "n": {"type": "integer"},
+                "l": {"type": "array", "items": {"type": "integer"}},
+            },
+            "required": ["x"],
+        },
+    }
     ans = {"f": {"x": [2.0], "n": [3, ""], "l": [[1, 2], ""]}}
     assert check_call(doc, ToolCall(name="f", arguments={"x": 2}), ans).valid  # int accepted for float
-    assert not check_call(doc, ToolCall(name="f", arguments={"x": 2.0, "n": 3.0}), ans).valid  # float is not int
-    assert not check_call(doc, ToolCall(name="f", arguments={"x": 2.0, "n": True}), ans).valid  # bool is not int
+    assert not check_call(
+        doc, ToolCall(name="f", arguments={"x": 2.0, "n": 3.0}), ans
+    ).valid  # float is not int
+    assert not check_call(
+        doc, ToolCall(name="f", arguments={"x": 2.0, "n": True}), ans
+    ).valid  # bool is not int
     assert check_call(doc, ToolCall(name="f", arguments={"x": 2.0, "l": [1, 2]}), ans).valid
     assert not check_call(doc, ToolCall(name="f", arguments={"x": 2.0, "l": [2, 1]}), ans).valid
     assert not check_call(doc, ToolCall(name="f", arguments={"x": 2.0, "l": ["1", "2"]}), ans).valid
@@ -117,7 +144,14 @@ def bfcl_reference():
         ref = importlib.import_module("bfcl_eval.eval_checker.ast_eval.ast_checker")
         from bfcl_eval.constants.enums import Language
 
-        yield lambda e, calls: ref.ast_checker(e.functions, [{c.name: c.arguments} for c in calls], e.ground_truth, Language.PYTHON, e.category, "trustee")["valid"]
+        yield lambda e, calls: ref.ast_checker(
+            e.functions,
+            [{c.name: c.arguments} for c in calls],
+            e.ground_truth,
+            Language.PYTHON,
+            e.category,
+            "trustee",
+        )["valid"]
     finally:
         sys.modules.pop("bfcl_eval.eval_checker.ast_eval.ast_checker", None)
         if saved is None:
@@ -128,7 +162,9 @@ def bfcl_reference():
 
 def test_bfcl_reference_agrees_on_sample(bfcl_reference):
     n = 0
-    for e in single_sample() + [x for c in ("live_simple", "live_multiple") for x in load_ast(c) if x.id in UNSATISFIABLE]:
+    for e in single_sample() + [
+        x for c in ("live_simple", "live_multiple") for x in load_ast(c) if x.id in UNSATISFIABLE
+    ]:
         cands = {"oracle": oracle_calls_ast(e.functions, e.ground_truth), **_perturbations(e)}
         for kind, calls in cands.items():
             mine = check_ast(e.functions, calls, e.ground_truth, e.category).valid
@@ -166,12 +202,15 @@ class ScriptedOracleEngine:
         text = self.tok.decode(prompt, skip_special_tokens=False)
         users = [m.start() for m in re.finditer(r"<\|im_start\|>user\n(?!<tool_response>)", text)]
         turn = len(users) - 1
-        answered = "</tool_call>" in text[users[-1]:]
+        answered = "</tool_call>" in text[users[-1] :]
         return [] if answered else self._oracle[entry_id][turn]
 
     async def generate(self, prompt, params, *, key=None):
         calls = [] if self.silent else self._calls(key, prompt)
-        body = "\n".join("<tool_call>\n" + json.dumps({"name": c.name, "arguments": c.arguments}) + "\n</tool_call>" for c in calls)
+        body = "\n".join(
+            "<tool_call>\n" + json.dumps({"name": c.name, "arguments": c.arguments}) + "\n</tool_call>"
+            for c in calls
+        )
         ids = self.tok.encode(body or "Done.", add_special_tokens=False) + [self.eos]
         return Completion(token_ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop", policy_version=0)
 
@@ -180,6 +219,7 @@ class ScriptedOracleEngine:
     async def update_weights(self, update) -> None: ...
     def stats(self) -> EngineStats:
         return EngineStats()
+
     async def close(self) -> None: ...
 
 
@@ -189,11 +229,19 @@ def _eval(tokenizer, engine, categories, limit, **kw):
     from trustee.rollout.episode import EpisodeRunner
 
     cfg = EvalConfig(categories=categories, limit=limit, multi_turn_split="all", concurrency=8, **kw)
-    runner = EpisodeRunner(policy=engine, tokenizer=tokenizer, cfg=rollout_config(cfg, RolloutConfig()), max_model_len=1_000_000, template=project_template())
+    runner = EpisodeRunner(
+        policy=engine,
+        tokenizer=tokenizer,
+        cfg=rollout_config(cfg, RolloutConfig()),
+        max_model_len=1_000_000,
+        template=project_template(),
+    )
     return asyncio.run(evaluate(runner.run, cfg, progress=False))
 
 
-SAMPLE_CATS = list(AST_CATEGORIES) + list(RELEVANCE_CATEGORIES) + [f"multi_turn_{c}" for c in MULTI_TURN_CATEGORIES]
+SAMPLE_CATS = (
+    list(AST_CATEGORIES) + list(RELEVANCE_CATEGORIES) + [f"multi_turn_{c}" for c in MULTI_TURN_CATEGORIES]
+)
 
 
 def test_oracle_engine_scores_100_through_eval_path(tiny_tokenizer):
@@ -204,7 +252,10 @@ def test_oracle_engine_scores_100_through_eval_path(tiny_tokenizer):
         elif c.category == "live_relevance":
             assert c.accuracy == 0.0, c  # no ground truth to replay: the oracle makes no call
         else:
-            assert c.accuracy == 1.0, (c, [e for e in report.entries if e.category == c.category and not e.valid])
+            assert c.accuracy == 1.0, (
+                c,
+                [e for e in report.entries if e.category == c.category and not e.valid],
+            )
         if c.env_agrees is not None:
             assert c.env_agrees == c.n
     table = format_table(report)
@@ -218,3 +269,61 @@ def test_silent_engine_scores_zero_where_calls_are_needed(tiny_tokenizer):
         assert c.accuracy == expect, c
         if c.mean_progress is not None:
             assert c.env_agrees == c.n
+
+
+def test_cli_runs_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, capsys):
+    """`python -m trustee.eval` with the real HF engine on CPU (single-turn categories, two
+    entries each, to stay fast; the 20-per-category run over all categories is the slow test)."""
+    from pathlib import Path
+
+    from trustee.eval.__main__ import main
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "report.json"
+    rc = main(
+        [
+            str(root / "configs" / "bfcl-cpu-tiny.toml"),
+            "--model",
+            str(tiny_model_dir),
+            "--limit",
+            "2",
+            "--categories",
+            "simple,parallel,irrelevance",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert [c["category"] for c in report["categories"]] == ["simple", "parallel", "irrelevance"]
+    assert all(c["n"] == 2 for c in report["categories"]) and len(report["entries"]) == 6
+    assert "| simple | 2 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cli_20_per_category_all_categories(tiny_model_dir, tmp_path):
+    from pathlib import Path
+
+    from trustee.eval.__main__ import main
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "report.json"
+    assert (
+        main(
+            [
+                str(root / "configs" / "bfcl-cpu-tiny.toml"),
+                "--model",
+                str(tiny_model_dir),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert len(report["categories"]) == 15
+    assert all(
+        c["n"] == 20 or c["category"] in ("live_parallel", "live_relevance") for c in report["categories"]
+    )

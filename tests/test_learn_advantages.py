@@ -12,8 +12,16 @@ from trustee.types import Group, Trajectory
 
 def group(task: str, rewards: list[float]) -> Group:
     trajs = [
-        Trajectory(episode_id=f"{task}-{i}", task_id=task, tokens=[1, 2], loss_mask=[0, 1], logprobs=[0.0, -1.0],
-                   versions=[-1, 0], prompt_len=1, reward=r)
+        Trajectory(
+            episode_id=f"{task}-{i}",
+            task_id=task,
+            tokens=[1, 2],
+            loss_mask=[0, 1],
+            logprobs=[0.0, -1.0],
+            versions=[-1, 0],
+            prompt_len=1,
+            reward=r,
+        )
         for i, r in enumerate(rewards)
     ]
     return Group(task_id=task, trajectories=trajs)

@@ -12,6 +12,8 @@ import copy
 
 import pytest
 import torch
+from engine_harness import reference_greedy
+from learn_samples import make_samples
 
 from trustee.config import GrpoConfig, LearnerConfig
 from trustee.engines.base import LoraUpdate, Sampling
@@ -20,9 +22,6 @@ from trustee.learn.learner import Learner
 from trustee.learn.policy import wrap_policy
 from trustee.types import Group, Trajectory
 
-from engine_harness import reference_greedy
-from learn_samples import make_samples
-
 PROMPTS = [[5, 17, 300, 42, 9], [100, 101, 102], [7, 8, 9, 10, 11, 12, 13]]
 MAX_NEW = 10
 
@@ -30,8 +29,15 @@ MAX_NEW = 10
 def groups_from(seed: int) -> list[Group]:
     s = make_samples(4, seed=seed)
     trajs = [
-        Trajectory(episode_id=str(i), task_id="t", tokens=x.tokens, loss_mask=x.loss_mask, logprobs=x.sampler_logprobs,
-                   versions=[0] * len(x.tokens), prompt_len=x.loss_mask.index(1))
+        Trajectory(
+            episode_id=str(i),
+            task_id="t",
+            tokens=x.tokens,
+            loss_mask=x.loss_mask,
+            logprobs=x.sampler_logprobs,
+            versions=[0] * len(x.tokens),
+            prompt_len=x.loss_mask.index(1),
+        )
         for i, x in enumerate(s)
     ]
     return [Group(task_id="t", trajectories=trajs, advantages=[1.0, -1.0, 0.5, -0.5])]
@@ -168,7 +174,9 @@ def base_greedy(base_model) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("route", ["lora_tensors", "lora_dir", "full", "merged"])
-def test_export_to_hf_engine_matches_learner_greedy(tiny_model_dir, base_greedy, lora_model, full_model, route, tmp_path):
+def test_export_to_hf_engine_matches_learner_greedy(
+    tiny_model_dir, base_greedy, lora_model, full_model, route, tmp_path
+):
     if route == "lora_tensors":
         model, update = lora_model, export_lora(lora_model)
     elif route == "lora_dir":

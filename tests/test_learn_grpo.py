@@ -72,8 +72,15 @@ def test_aggregations_match_hand_values(loss_type, extra, want):
     norm = loss_norm(loss_type, [2, 3], **extra)
     logp = torch.log(t(RATIO))
     tok, parts = grpo_token_loss(
-        logp, torch.zeros(5), torch.zeros(5), t(ADV), t(SEQ, torch.long), 2,
-        clip_low=0.2, clip_high=0.28, is_mode="off",
+        logp,
+        torch.zeros(5),
+        torch.zeros(5),
+        t(ADV),
+        t(SEQ, torch.long),
+        2,
+        clip_low=0.2,
+        clip_high=0.28,
+        is_mode="off",
     )
     got = aggregate(tok, token_weights(norm, t(SEQ_TOKENS, torch.long)))
     assert float(got) == pytest.approx(want, abs=1e-5)
@@ -132,8 +139,19 @@ def test_is_weight_multiplies_surrogate_not_kl():
     sampler = logp - torch.log(t([2.0, 0.5]))
     ref = logp - math.log(2)
     tok, parts = grpo_token_loss(
-        logp, logp.clone(), sampler, t([1.0, -1.0]), t([0, 1], torch.long), 2,
-        clip_low=0.2, clip_high=0.2, beta=0.1, ref_logp=ref, is_mode="truncate", is_min=0.0, is_max=3.0,
+        logp,
+        logp.clone(),
+        sampler,
+        t([1.0, -1.0]),
+        t([0, 1], torch.long),
+        2,
+        clip_low=0.2,
+        clip_high=0.2,
+        beta=0.1,
+        ref_logp=ref,
+        is_mode="truncate",
+        is_min=0.0,
+        is_max=3.0,
     )
     k3 = math.log(2) - 0.5
     assert torch.allclose(tok, t([-2.0 + 0.1 * k3, 0.5 + 0.1 * k3]), atol=1e-6)
@@ -144,6 +162,13 @@ def test_is_weight_multiplies_surrogate_not_kl():
 def test_beta_without_reference_is_an_error():
     with pytest.raises(ValueError, match="ref_logp"):
         grpo_token_loss(
-            torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.long), 1,
-            clip_low=0.2, clip_high=0.2, beta=0.1,
+            torch.zeros(1),
+            torch.zeros(1),
+            torch.zeros(1),
+            torch.ones(1),
+            torch.zeros(1, dtype=torch.long),
+            1,
+            clip_low=0.2,
+            clip_high=0.2,
+            beta=0.1,
         )

@@ -11,14 +11,13 @@ import copy
 
 import pytest
 import torch
+from learn_samples import make_samples
 
 from trustee.config import GrpoConfig, LearnerConfig
 from trustee.learn.learner import Learner
 from trustee.learn.logprobs import split_causal_lm, token_logprobs
 from trustee.learn.packing import Sample, build_packed, build_padded, check_sample, flash_kwargs, plan_bins
 from trustee.learn.policy import wrap_policy
-
-from learn_samples import make_samples
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +58,9 @@ def test_packed_equals_unpacked_logprobs(base_model):
     with torch.no_grad():
         packed, ent_p = token_logprobs(base_model, build_packed(samples, ids), temperature=0.8)
         padded, ent_u = token_logprobs(base_model, build_padded(samples, ids), temperature=0.8)
-        alone = torch.cat([token_logprobs(base_model, build_packed([s], [0]), temperature=0.8)[0] for s in samples])
+        alone = torch.cat(
+            [token_logprobs(base_model, build_packed([s], [0]), temperature=0.8)[0] for s in samples]
+        )
     assert packed.shape[0] == sum(s.n_loss for s in samples)
     assert (packed - padded).abs().max() <= 1e-5
     assert (packed - alone).abs().max() <= 1e-5
@@ -103,8 +104,12 @@ def test_chunked_checkpointed_gradient_equals_single_chunk(base_model):
 
 
 def _step_grad(model, loss_type: str, budget: int, samples, layout="packed"):
-    grpo = GrpoConfig(loss_type=loss_type, beta=0.05, is_level="sequence", is_mode="truncate", dr_grpo_length=64)
-    cfg = LearnerConfig(mode="full", micro_batch_tokens=budget, gradient_checkpointing=False, logprob_chunk=16)
+    grpo = GrpoConfig(
+        loss_type=loss_type, beta=0.05, is_level="sequence", is_mode="truncate", dr_grpo_length=64
+    )
+    cfg = LearnerConfig(
+        mode="full", micro_batch_tokens=budget, gradient_checkpointing=False, logprob_chunk=16
+    )
     learner = Learner(wrap_policy(model, cfg, need_reference=True), grpo, cfg, temperature=0.9, layout=layout)
     loss, parts, mbs = learner.accumulate(samples)
     grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -119,7 +124,9 @@ def test_accumulated_gradient_equals_one_big_batch(base_model, loss_type):
     assert n_1 == 1 and n_k >= 3
     assert loss_k == pytest.approx(loss_1, rel=1e-5)
     assert float((g_k - g_1).norm() / g_1.norm()) <= 1e-5
-    assert parts_k.tokens == parts_1.tokens and parts_k.kl_sum == pytest.approx(parts_1.kl_sum, rel=1e-4, abs=1e-7)
+    assert parts_k.tokens == parts_1.tokens and parts_k.kl_sum == pytest.approx(
+        parts_1.kl_sum, rel=1e-4, abs=1e-7
+    )
 
 
 def test_padded_layout_gives_the_same_gradient(base_model):

@@ -8,6 +8,7 @@ import math
 import anyio
 import pytest
 import torch
+from learn_samples import make_samples
 
 from trustee.config import GrpoConfig, LearnerConfig
 from trustee.learn.learner import Learner, lr_lambda, samples_from_groups
@@ -15,8 +16,6 @@ from trustee.learn.logprobs import token_logprobs
 from trustee.learn.packing import build_packed
 from trustee.learn.policy import check_reference_fits, load_policy, module_bytes, wrap_policy
 from trustee.types import Group, Trajectory
-
-from learn_samples import make_samples
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +33,15 @@ def fixed_groups(seed: int = 0) -> list[Group]:
         trajs = []
         for s in samples[2 * g : 2 * g + 2]:
             trajs.append(
-                Trajectory(episode_id="e", task_id=f"t{g}", tokens=s.tokens, loss_mask=s.loss_mask,
-                           logprobs=s.sampler_logprobs, versions=[0 if m else -1 for m in s.loss_mask],
-                           prompt_len=s.loss_mask.index(1))
+                Trajectory(
+                    episode_id="e",
+                    task_id=f"t{g}",
+                    tokens=s.tokens,
+                    loss_mask=s.loss_mask,
+                    logprobs=s.sampler_logprobs,
+                    versions=[0 if m else -1 for m in s.loss_mask],
+                    prompt_len=s.loss_mask.index(1),
+                )
             )
         groups.append(Group(task_id=f"t{g}", trajectories=trajs, advantages=[1.0, -1.0]))
     return groups
@@ -71,7 +76,11 @@ def test_lora_step_moves_only_adapters_in_the_advantage_direction(base_model):
     after_lp = seq_mean_logps(policy.model, groups)
     for k, adv in enumerate([1.0, -1.0, 1.0, -1.0]):
         assert (after_lp[k] - before_lp[k]) * adv > 0, (k, before_lp[k], after_lp[k])
-    assert m.step == 3 and m.grad_norm > 0 and m.loss_tokens == sum(sum(t.loss_mask) for g in groups for t in g.trajectories)
+    assert (
+        m.step == 3
+        and m.grad_norm > 0
+        and m.loss_tokens == sum(sum(t.loss_mask) for g in groups for t in g.trajectories)
+    )
     assert 0 < m.entropy <= math.log(base_model.config.vocab_size) + 1e-3
 
 
@@ -82,11 +91,15 @@ def test_full_step_changes_base_parameters(base_model):
     before = snapshot(policy.model)
     m = learner.step(fixed_groups(1))
     after = snapshot(policy.model)
-    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"]
+    )
     assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
     # the frozen reference did not move, so the KL of the next step is positive
     ref = dict(policy.ref_model.named_parameters())
-    assert torch.equal(ref["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(
+        ref["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"]
+    )
     assert m.kl == pytest.approx(0.0, abs=1e-6)  # first step: policy == reference
     m2 = learner.step(fixed_groups(1))
     assert m2.kl > 0
@@ -112,7 +125,9 @@ def test_full_reference_refused_when_it_cannot_fit(base_model):
         check_reference_fits(base_model, available=need)
     check_reference_fits(base_model, available=4 * need)
     with pytest.raises(MemoryError, match="GiB"):
-        wrap_policy(copy.deepcopy(base_model), LearnerConfig(mode="full"), need_reference=True, available_bytes=need)
+        wrap_policy(
+            copy.deepcopy(base_model), LearnerConfig(mode="full"), need_reference=True, available_bytes=need
+        )
 
 
 def test_full_with_beta_needs_reference(base_model):
@@ -127,7 +142,9 @@ def test_qlora_on_cpu_is_a_clear_error(tiny_model_dir):
 
 
 def test_load_policy_lora_from_directory(tiny_model_dir):
-    policy = load_policy(tiny_model_dir, LearnerConfig(mode="lora", lora_rank=4, lora_targets=["q_proj", "v_proj"]))
+    policy = load_policy(
+        tiny_model_dir, LearnerConfig(mode="lora", lora_rank=4, lora_targets=["q_proj", "v_proj"])
+    )
     names = [n for n, p in policy.model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n and ("q_proj" in n or "v_proj" in n) for n in names)
 
@@ -175,7 +192,9 @@ def test_step_async_runs_in_a_worker_thread_while_the_loop_runs(base_model):
 def test_build_learner_wires_the_config(tiny_model_dir):
     from trustee.learn.learner import build_learner
 
-    learner = build_learner(str(tiny_model_dir), GrpoConfig(beta=0.01, steps=7), LearnerConfig(mode="full"), temperature=0.7)
+    learner = build_learner(
+        str(tiny_model_dir), GrpoConfig(beta=0.01, steps=7), LearnerConfig(mode="full"), temperature=0.7
+    )
     assert learner.policy.mode == "full" and learner.policy.ref_model is not None
     assert learner.temperature == 0.7
     assert all(not p.requires_grad for p in learner.policy.ref_model.parameters())

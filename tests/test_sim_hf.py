@@ -2,7 +2,7 @@
 the transformers engine (HFEngine, JSON constrained by xgrammar), on CPU. Every simulator
 output must decode (no retries, no sim_error) and no episode may crash.
 
-Default suite: 2 tasks x 4 episodes. `-m slow`: 8 tasks x 8 episodes = 64 episodes."""
+Default suite: 1 task x 4 episodes. `-m slow`: 8 tasks x 8 episodes = 64 episodes."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import random
 import anyio
 import pytest
 
-from trustee.config import RolloutConfig
+from trustee.config import CurriculumConfig, RolloutConfig
 from trustee.curriculum import Curriculum
-from trustee.config import CurriculumConfig
 from trustee.envs.simulated import SimulatedEnv
 from trustee.rollout.episode import EpisodeRunner, run_group
 from trustee.sim.client import SimClient
@@ -67,9 +66,9 @@ def _check(client, env, trajs, expected):
 
 
 def test_simulated_episodes_on_tiny_random_models(engines, tiny_tokenizer):
-    client, env, trajs = _run(engines, tiny_tokenizer, n_tasks=2, group=4, difficulty=1.0)
-    _check(client, env, trajs, 8)
-    assert client.stats.by_role["task"] == 4 and client.stats.by_role["judge"] == 8
+    client, env, trajs = _run(engines, tiny_tokenizer, n_tasks=1, group=4, difficulty=1.0)
+    _check(client, env, trajs, 4)
+    assert client.stats.by_role["task"] == 2 and client.stats.by_role["judge"] == 4
 
 
 @pytest.mark.slow

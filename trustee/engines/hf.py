@@ -41,6 +41,7 @@ from trustee.engines.base import (
     Sampling,
     WeightUpdate,
 )
+from trustee.engines.grammar import json_grammar
 
 ADAPTER = "policy"
 
@@ -95,24 +96,6 @@ class _Grammars:
             except (RuntimeError, ValueError) as e:  # xgrammar's InvalidJSONError etc. derive from these
                 raise RecoverableEngineError(f"json_schema cannot be compiled by xgrammar: {e}; schema: {key[:300]}") from e
         return self._compiled[key]
-
-
-# xgrammar 0.2.8 lets length-bounded JSON strings hold raw control characters (its unbounded
-# strings exclude them), and any string hold UTF-16 surrogates (invalid UTF-8); strict JSON
-# parsers such as msgspec reject both. Tighten the two character classes.
-_LOOSE_CHARS = (r'[^\"\\\r\n]', r'[^\0-\x1f\"\\\r\n]')
-_STRICT_CHARS = r'[^\0-\x1f\"\\\ud800-\udfff]'
-
-
-def json_grammar(schema_json: str) -> Any:
-    """An xgrammar Grammar for compact JSON (no free whitespace: a model could otherwise emit
-    whitespace until max_tokens) of `schema_json`, with control characters kept out of strings."""
-    import xgrammar as xgr
-
-    text = str(xgr.Grammar.from_json_schema(schema_json, any_whitespace=False))
-    for loose in _LOOSE_CHARS:
-        text = text.replace(loose, _STRICT_CHARS)
-    return xgr.Grammar.from_ebnf(text)
 
 
 def _as_list(x: int | list[int] | None) -> list[int]:

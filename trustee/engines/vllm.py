@@ -42,6 +42,8 @@ from trustee.engines.base import (
     Sampling,
     WeightUpdate,
 )
+from trustee.engines.grammar import json_ebnf
+from trustee.engines.vllm_ext import pack
 
 EXTENSION = "trustee.engines.vllm_ext.TrusteeWorkerExtension"
 LORA_NAME, LORA_ID = "trustee-policy", 1  # a stable id: prefix hashes include it
@@ -169,6 +171,7 @@ class VLLMEngine:
     ) -> VLLMEngine:
         """Start an AsyncLLM (blocking, 30-60 s on CPU). On CPU: float32 for 'auto', eager mode,
         KV space from `kv_cache_gib`. Call from outside the event loop or in a worker thread."""
+        from vllm.config.structured_outputs import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -200,6 +203,7 @@ class VLLMEngine:
             enforce_eager=cpu if enforce_eager is None else enforce_eager,
             logprobs_mode="processed_logprobs",  # log-probs after temperature (what the learner recomputes)
             worker_extension_cls=EXTENSION,
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar"),
             disable_log_stats=False,  # the stat logger below needs the scheduler stats
             **memory,
         )
@@ -242,8 +246,13 @@ class VLLMEngine:
 
         structured = None
         if params.json_schema is not None:
-            # No free whitespace: a model could otherwise emit it until max_tokens.
-            structured = StructuredOutputsParams(json=params.json_schema, disable_any_whitespace=True)
+            # The same grammar as the HF engine (compact JSON, strict strings), as EBNF for
+            # vLLM's xgrammar backend; `json=` would allow free whitespace and control chars.
+            try:
+                ebnf = json_ebnf(params.json_schema)
+            except (RuntimeError, ValueError) as e:
+                raise RecoverableEngineError(f"json_schema cannot be compiled by xgrammar: {e}") from e
+            structured = StructuredOutputsParams(grammar=ebnf)
         return SamplingParams(
             n=1,
             temperature=params.temperature,
@@ -277,7 +286,7 @@ class VLLMEngine:
             )
         try:
             sp = self.sampling_params(params)
-        except ValueError as e:
+        except ValueError as e:  # SamplingParams validates its fields
             raise RecoverableEngineError(f"invalid sampling settings {params}: {e}") from e
         version = self.version
         self._enter(idle, len(prompt))
@@ -355,11 +364,13 @@ class VLLMEngine:
                 gate.set()
 
     async def _load_full(self, update: FullUpdate) -> None:
-        for chunk in update.chunks:
-            items = [(name, t.detach().cpu().contiguous()) for name, t in chunk]
-            await self._llm.collective_rpc("trustee_load_weights", kwargs={"weights": items})
+        for group in whole_layers(update.chunks):
+            packed = [pack(name, t) for name, t in group]
+            await self._llm.collective_rpc("trustee_load_weights", kwargs={"packed": packed})
         self._full_updates += 1
         self._needs_weights = False
+        if self._lora_req is not None:
+            await self._llm.add_lora(self._lora_req)  # the in-place reload reset the LoRA state
 
     async def _load_lora(self, update: LoraUpdate) -> None:
         from vllm.lora.request import LoRARequest
@@ -431,6 +442,34 @@ class VLLMEngine:
         self._llm.shutdown()
         if self._lora_dir is not None:
             self._lora_dir.cleanup()
+
+
+def _layer_of(name: str) -> str | None:
+    """'model.layers.3.mlp.up_proj.weight' -> 'model.layers.3'; None outside decoder layers."""
+    parts = name.split(".")
+    if "layers" in parts[:-1]:
+        i = parts.index("layers")
+        return ".".join(parts[: i + 2])
+    return None
+
+
+def whole_layers(chunks: Any) -> Iterator[list[tuple[str, Any]]]:
+    """Regroup streamed chunks so that no decoder layer is split across two groups: vLLM's
+    layerwise reload processes a layer when its group is loaded, so it must see all of that
+    layer's tensors at once. Assumes state-dict order (a layer's tensors are contiguous); holds
+    back at most the last layer of a chunk."""
+    held: list[tuple[str, Any]] = []
+    for chunk in chunks:
+        items = held + list(chunk)
+        if not items:
+            continue
+        last = _layer_of(items[-1][0])
+        held = [it for it in items if last is not None and _layer_of(it[0]) == last]
+        ready = [it for it in items if last is None or _layer_of(it[0]) != last]
+        if ready:
+            yield ready
+    if held:
+        yield held
 
 
 def _translate(e: Exception) -> Exception:

@@ -101,7 +101,9 @@ class BfclRun:
 def _category(name: str) -> str:
     c = name.removeprefix("multi_turn_")
     if c not in MULTI_TURN_CATEGORIES:
-        raise ValueError(f"BFCL category {name!r} unknown; choose from {['multi_turn_' + x for x in MULTI_TURN_CATEGORIES]}")
+        raise ValueError(
+            f"BFCL category {name!r} unknown; choose from {['multi_turn_' + x for x in MULTI_TURN_CATEGORIES]}"
+        )
     return c
 
 
@@ -188,7 +190,9 @@ class BfclEnv:
             elif subset in ("base", *MULTI_TURN_CATEGORIES):
                 cats = [subset]
             else:
-                raise ValueError(f"stage split {subset!r} unknown; use 'base', 'all' or one multi-turn category")
+                raise ValueError(
+                    f"stage split {subset!r} unknown; use 'base', 'all' or one multi-turn category"
+                )
             rows = select(cats, self.split, self.split_seed, self.train_fraction)
             if reward == "syntax" and self.syntax_instances:
                 rows = list(rows)
@@ -206,7 +210,9 @@ class BfclEnv:
                 self._by_id[row.id] = row
         return self._by_id[instance_id]
 
-    def task_for(self, inst: MultiTurnInstance, *, reward: BfclReward | None = None, hints: bool | None = None) -> Task:
+    def task_for(
+        self, inst: MultiTurnInstance, *, reward: BfclReward | None = None, hints: bool | None = None
+    ) -> Task:
         """The task of one instance with the given stage settings (defaults: the env's)."""
         self._by_id[inst.id] = inst
         return Task(
@@ -247,7 +253,9 @@ class BfclEnv:
         )
         messages = [Message(role="system", content=task.system_prompt)] if task.system_prompt else []
         messages.append(Message(role="user", content=task.first_query))
-        return EpisodeState(episode_id=episode_id, task=task, messages=messages, group=group, data={"bfcl": run})
+        return EpisodeState(
+            episode_id=episode_id, task=task, messages=messages, group=group, data={"bfcl": run}
+        )
 
     async def step(self, state: EpisodeState, action: AgentAction) -> list[Message]:
         run: BfclRun = state.data["bfcl"]
@@ -328,7 +336,9 @@ class BfclEnv:
             run.hints_fired[rule] = run.hints_fired.get(rule, 0) + 1
         return text
 
-    def _refuse_miss_turn(self, state: EpisodeState, run: BfclRun, items: list[ToolCall | ToolCallError]) -> list[Message]:
+    def _refuse_miss_turn(
+        self, state: EpisodeState, run: BfclRun, items: list[ToolCall | ToolCallError]
+    ) -> list[Message]:
         """Environment Tuning's rule for a tool call on a turn that cannot be solved: the
         turn fails, nothing runs, and the next question starts with a warning."""
         run.n_calls += len(items)
@@ -445,8 +455,9 @@ def syntax_reward(steps: int, format_error_steps: int, calls: int, ok_calls: int
     return (r_format + r_tool) / 2.0
 
 
-def stage_knobs(stage: Any) -> Knobs:
-    """The knobs a staged-curriculum stage hands to `make_task` (reads `reward`, `hints`
-    and `split` from a `StageConfig`, or from a plain dict)."""
-    get = stage.get if isinstance(stage, dict) else (lambda k, d=None: getattr(stage, k, d))
-    return Knobs(extra={"reward": get("reward", "progress"), "hints": bool(get("hints", True)), "split": get("split", "all")})
+def build_bfcl_env(env_cfg: Any, seed: int = 0) -> BfclEnv:
+    """The training environment from `[environment]` (its `bfcl` section and reward). The
+    split has its own seed (`bfcl.split_seed`), so `seed` changes nothing here: the held-out
+    half must not move when a run's seed does."""
+    del seed
+    return BfclEnv.from_config(env_cfg.bfcl, env_cfg.reward)

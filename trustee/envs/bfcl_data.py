@@ -105,7 +105,9 @@ def class_docs(class_name: str) -> tuple[dict[str, Any], ...]:
     from bfcl_eval.constants.executable_backend_config import MULTI_TURN_FUNC_DOC_FILE_MAPPING
 
     if class_name not in MULTI_TURN_FUNC_DOC_FILE_MAPPING:
-        raise ValueError(f"unknown BFCL class {class_name!r}; known: {sorted(MULTI_TURN_FUNC_DOC_FILE_MAPPING)}")
+        raise ValueError(
+            f"unknown BFCL class {class_name!r}; known: {sorted(MULTI_TURN_FUNC_DOC_FILE_MAPPING)}"
+        )
     path = data_dir() / "multi_turn_func_doc" / MULTI_TURN_FUNC_DOC_FILE_MAPPING[class_name]
     return tuple(_read_jsonl(path))
 
@@ -159,7 +161,9 @@ def load_ast(category: str) -> tuple[AstEntry, ...]:
     rows = _read_jsonl(d / f"BFCL_v4_{name}.json")
     answers: dict[str, Any] = {}
     if category in AST_CATEGORIES:
-        answers = {a["id"]: a["ground_truth"] for a in _read_jsonl(d / "possible_answer" / f"BFCL_v4_{name}.json")}
+        answers = {
+            a["id"]: a["ground_truth"] for a in _read_jsonl(d / "possible_answer" / f"BFCL_v4_{name}.json")
+        }
     out = []
     for r in rows:
         # Single-turn entries have one turn; a few live ones carry a system message in it.
@@ -247,7 +251,9 @@ def split_indices(n: int, seed: int, train_fraction: float = 0.5) -> tuple[froze
     of one scenario always land on the same side (no scenario leaks into the held-out set).
     """
     if not 0.0 < train_fraction < 1.0:
-        raise ValueError(f"train_fraction = {train_fraction}: must be in (0, 1), e.g. 0.5 for a 100/100 split")
+        raise ValueError(
+            f"train_fraction = {train_fraction}: must be in (0, 1), e.g. 0.5 for a 100/100 split"
+        )
     order = list(range(n))
     random.Random(seed).shuffle(order)
     k = round(n * train_fraction)

@@ -93,18 +93,26 @@ class BfclWorld:
         """Run one call with keyword arguments; failures become BFCL's error text."""
         if call.name in BLOCKED:
             return ExecResult(
-                call=call, text=f"Error during execution: Function call {call.name} is not allowed.", error=True
+                call=call,
+                text=f"Error during execution: Function call {call.name} is not allowed.",
+                error=True,
             )
         if call.name not in self.owner:
             # BFCL evaluates an unknown bare name and records the NameError.
-            return ExecResult(call=call, text=f"Error during execution: name '{call.name}' is not defined", error=True)
+            return ExecResult(
+                call=call, text=f"Error during execution: name '{call.name}' is not defined", error=True
+            )
         cls_name = self.owner[call.name]
         try:
             value = self.method(call.name)(**call.arguments)
         except Exception as e:  # noqa: BLE001 - any failure of the tool is an observation, as in BFCL
             return ExecResult(call=call, text=f"Error during execution: {e}", error=True, class_name=cls_name)
         return ExecResult(
-            call=call, text=render_result(value), error=_is_error_value(value), class_name=cls_name, value=value
+            call=call,
+            text=render_result(value),
+            error=_is_error_value(value),
+            class_name=cls_name,
+            value=value,
         )
 
     def bind(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> ToolCall:
@@ -196,11 +204,19 @@ def bfcl_multi_turn_check(
     if turns is not None:
         truth, steps_per_turn = truth[:turns], steps_per_turn[:turns]
     if len(steps_per_turn) != len(truth):
-        return {"valid": False, "error_type": "multi_turn:force_terminated", "error_message": "turn count differs"}
+        return {
+            "valid": False,
+            "error_type": "multi_turn:force_terminated",
+            "error_message": "turn count differs",
+        }
     # BFCL caches instances in its module globals under names built from the model name and
     # entry id; a fresh name per run keeps runs independent, and we drop them afterwards.
     model_name = f"trustee_check_{next(_RUN_IDS)}"
-    entry = {"id": instance.id, "initial_config": instance.initial_config, "involved_classes": instance.involved_classes}
+    entry = {
+        "id": instance.id,
+        "initial_config": instance.initial_config,
+        "involved_classes": instance.involved_classes,
+    }
     try:
         return multi_turn_checker(steps_per_turn, truth, entry, instance.id.rsplit("_", 1)[0], model_name)
     finally:

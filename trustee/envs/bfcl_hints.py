@@ -54,7 +54,11 @@ def _airports(world: BfclWorld) -> list[str]:
 
 def _bad_airports(r: ExecResult, world: BfclWorld) -> list[str]:
     known = set(_airports(world))
-    return [str(_arg(r, k)) for k in ("travel_from", "travel_to") if _arg(r, k) is not None and _arg(r, k) not in known]
+    return [
+        str(_arg(r, k))
+        for k in ("travel_from", "travel_to")
+        if _arg(r, k) is not None and _arg(r, k) not in known
+    ]
 
 
 def _airport_hint(r: ExecResult, world: BfclWorld) -> str:
@@ -93,7 +97,9 @@ def _cwd(world: BfclWorld) -> str:
 
 
 def _login_hint(tool: str) -> Callable[[ExecResult, BfclWorld], str]:
-    return lambda r, w: f"Log in first: call '{tool}' (the credentials are usually in the conversation), then retry."
+    return lambda r, w: (
+        f"Log in first: call '{tool}' (the credentials are usually in the conversation), then retry."
+    )
 
 
 def _signature_hint(r: ExecResult, world: BfclWorld) -> str:
@@ -114,7 +120,12 @@ def _rule(name: str, methods: tuple[str, ...], when, hint) -> HintRule:
 
 HINTS: tuple[HintRule, ...] = (
     # Inter-tool dependencies: the value the call needs comes from another tool.
-    _rule("airport_code", ("get_flight_cost", "book_flight"), lambda r, w: r.error and bool(_bad_airports(r, w)), _airport_hint),
+    _rule(
+        "airport_code",
+        ("get_flight_cost", "book_flight"),
+        lambda r, w: r.error and bool(_bad_airports(r, w)),
+        _airport_hint,
+    ),
     _rule("no_route", ("get_flight_cost", "book_flight"), _matches("no available route"), _route_hint),
     _rule(
         "currency",
@@ -147,12 +158,17 @@ HINTS: tuple[HintRule, ...] = (
         "card",
         ("get_credit_card_balance", "book_flight", "purchase_insurance"),
         _matches("card not registered|credit card not registered"),
-        lambda r, w: "That card id is not registered: call 'get_all_credit_cards' to list the valid card ids.",
+        lambda r, w: (
+            "That card id is not registered: call 'get_all_credit_cards' to list the valid card ids."
+        ),
     ),
     _rule(
         "travel_token",
         (),
-        lambda r, w: r.class_name == "TravelAPI" and bool(re.search("access token|token not initialized", _err(r), re.I)),
+        lambda r, w: (
+            r.class_name == "TravelAPI"
+            and bool(re.search("access token|token not initialized", _err(r), re.I))
+        ),
         lambda r, w: "Call 'authenticate_travel' first and pass the 'access_token' it returns to this tool.",
     ),
     _rule(
@@ -166,7 +182,9 @@ HINTS: tuple[HintRule, ...] = (
         "cd_path",
         ("cd",),
         _matches("only one folder level|unsupported path"),
-        lambda r, w: "Paths are not allowed in 'cd': move one directory at a time, e.g. cd(folder='a') then cd(folder='b').",
+        lambda r, w: (
+            "Paths are not allowed in 'cd': move one directory at a time, e.g. cd(folder='a') then cd(folder='b')."
+        ),
     ),
     _rule(
         "cd_missing",
@@ -181,7 +199,9 @@ HINTS: tuple[HintRule, ...] = (
         "dest_path",
         ("mv", "cp"),
         _matches("path not allowed"),
-        lambda r, w: "The destination must be a name in the current directory, not a path: 'cd' there first if needed.",
+        lambda r, w: (
+            "The destination must be a name in the current directory, not a path: 'cd' there first if needed."
+        ),
     ),
     _rule(
         "file_missing",
@@ -229,7 +249,9 @@ HINTS: tuple[HintRule, ...] = (
         "brake",
         ("startEngine",),
         _matches("brake"),
-        lambda r, w: "Press the brake fully first: pressBrakePedal(pedalPosition=1.0), then start the engine.",
+        lambda r, w: (
+            "Press the brake fully first: pressBrakePedal(pedalPosition=1.0), then start the engine."
+        ),
     ),
     _rule(
         "doors",
@@ -241,19 +263,26 @@ HINTS: tuple[HintRule, ...] = (
         "cruise",
         ("setCruiseControl",),
         _matches("start the engine"),
-        lambda r, w: "Start the engine (startEngine with ignitionMode='START') before setting cruise control.",
+        lambda r, w: (
+            "Start the engine (startEngine with ignitionMode='START') before setting cruise control."
+        ),
     ),
     # Any tool: wrong parameter names or missing required ones.
     _rule(
         "signature",
         (),
-        lambda r, w: w.has(r.call.name) and bool(re.search("unexpected keyword argument|missing \\d+ required", r.text)),
+        lambda r, w: (
+            w.has(r.call.name)
+            and bool(re.search("unexpected keyword argument|missing \\d+ required", r.text))
+        ),
         _signature_hint,
     ),
 )
 
 
-def find_hint(result: ExecResult, world: BfclWorld, rules: tuple[HintRule, ...] = HINTS) -> tuple[str, str] | None:
+def find_hint(
+    result: ExecResult, world: BfclWorld, rules: tuple[HintRule, ...] = HINTS
+) -> tuple[str, str] | None:
     """(rule name, hint text) for a failed call, or None when no rule applies."""
     if not result.error:
         return None
@@ -265,7 +294,9 @@ def find_hint(result: ExecResult, world: BfclWorld, rules: tuple[HintRule, ...] 
     return None
 
 
-def augment(result: ExecResult, world: BfclWorld, rules: tuple[HintRule, ...] = HINTS) -> tuple[str, str | None]:
+def augment(
+    result: ExecResult, world: BfclWorld, rules: tuple[HintRule, ...] = HINTS
+) -> tuple[str, str | None]:
     """The observation shown to the policy and the rule that fired (None: unchanged).
 
     A JSON object result gains a "hint" key; any other result gets a "hint: ..." line.

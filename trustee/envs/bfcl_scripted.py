@@ -74,7 +74,9 @@ def missing_call(calls: list[list[ToolCall]], turn: int) -> list[list[ToolCall]]
     return out
 
 
-def extra_call(inst: MultiTurnInstance, calls: list[list[ToolCall]], turn: int) -> list[list[ToolCall]] | None:
+def extra_call(
+    inst: MultiTurnInstance, calls: list[list[ToolCall]], turn: int
+) -> list[list[ToolCall]] | None:
     """One state-changing call appended to `turn` (when a class of the entry has one)."""
     extra = next((EXTRA_CALLS[c] for c in inst.involved_classes if c in EXTRA_CALLS), None)
     if extra is None or not calls[turn]:

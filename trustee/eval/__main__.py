@@ -22,10 +22,16 @@ from trustee.eval.bfcl import evaluate, format_table, rollout_config, write_repo
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trustee.eval", description="Evaluate a policy on BFCL.")
-    p.add_argument("config", nargs="?", help="TOML config (its [model], [engines.policy], [environment.bfcl], [eval])")
+    p.add_argument(
+        "config", nargs="?", help="TOML config (its [model], [engines.policy], [environment.bfcl], [eval])"
+    )
     p.add_argument("--model", help="policy model directory (overrides model.path)")
-    p.add_argument("--run-dir", help="a run directory: use its config.json (and its model path unless --model)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V", help="override a config field")
+    p.add_argument(
+        "--run-dir", help="a run directory: use its config.json (and its model path unless --model)"
+    )
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="K=V", help="override a config field"
+    )
     p.add_argument("--limit", type=int, help="entries per category (overrides eval.limit)")
     p.add_argument("--categories", help="comma-separated categories (overrides eval.categories)")
     p.add_argument("--out", help="JSON report path (overrides eval.out)")
@@ -52,7 +58,9 @@ def _load_run_dir(run_dir: Path, overrides: list[str]) -> Config:
     """The config a run wrote (`config.json`), plus overrides."""
     path = run_dir / "config.json"
     if not path.exists():
-        raise ConfigError(str(path), [Problem("(file)", str(path), "no config.json: is this a trustee run directory?")])
+        raise ConfigError(
+            str(path), [Problem("(file)", str(path), "no config.json: is this a trustee run directory?")]
+        )
     raw = apply_overrides(msgspec.json.decode(path.read_bytes()), overrides)
     try:
         return msgspec.convert(raw, Config)
@@ -61,27 +69,13 @@ def _load_run_dir(run_dir: Path, overrides: list[str]) -> Config:
 
 
 def build_policy_engine(cfg: Config):
-    """The policy engine for evaluation: `trustee.engines.build_engine` when it exists,
-    else the HF engine (CPU, or the first GPU when there is one)."""
-    import trustee.engines as engines
+    """The policy engine, built the way training builds it (`trustee.train.build_engine`:
+    HF on CPU or one GPU, vLLM where configured)."""
+    from trustee.config import resolve
+    from trustee.train import build_engine
 
-    if hasattr(engines, "build_engine"):
-        return engines.build_engine(cfg.engines.policy, cfg.model)
-    if cfg.engines.policy.backend != "hf":
-        raise ValueError(
-            f"engines.policy.backend = {cfg.engines.policy.backend!r}: no engine builder for it yet; use 'hf'"
-        )
-    import torch
-
-    from trustee.engines.hf import HFEngine
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32}.get(cfg.model.dtype) or getattr(
-        torch, cfg.model.dtype
-    )
-    return HFEngine.from_pretrained(
-        cfg.model.path, device=device, dtype=dtype, max_batch=cfg.engines.policy.max_num_seqs, max_model_len=cfg.model.max_model_len
-    )
+    res = resolve(cfg, Path("runs") / cfg.name)
+    return build_engine(cfg.engines.policy, cfg.model.path, cfg, res, role="policy")
 
 
 async def run(cfg: Config, *, progress: bool = True):
@@ -92,21 +86,21 @@ async def run(cfg: Config, *, progress: bool = True):
         from trustee.tiny import build_tiny_model
 
         build_tiny_model(cfg.model.path, size=cfg.model.tiny)
+    from transformers import AutoTokenizer
+
     engine = build_policy_engine(cfg)
     runner = EpisodeRunner(
         policy=engine,
-        tokenizer=engine._tokenizer if hasattr(engine, "_tokenizer") else None,
+        tokenizer=AutoTokenizer.from_pretrained(cfg.model.path),
         cfg=rollout_config(cfg.eval, cfg.rollout),
         max_model_len=cfg.model.max_model_len,
         template=project_template() if cfg.model.chat_template == "trustee" else None,
         enable_thinking=cfg.model.enable_thinking,
     )
-    if runner.tokenizer is None:
-        from transformers import AutoTokenizer
-
-        runner.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     try:
-        return await evaluate(runner.run, cfg.eval, bfcl_cfg=cfg.environment.bfcl, progress=progress, model=cfg.model.path)
+        return await evaluate(
+            runner.run, cfg.eval, bfcl_cfg=cfg.environment.bfcl, progress=progress, model=cfg.model.path
+        )
     finally:
         await engine.close()
 

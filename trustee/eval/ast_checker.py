@@ -136,7 +136,9 @@ def check_call(doc: dict[str, Any], call: ToolCall, answer: Answer) -> AstVerdic
             return verdict
     for p, options in options_by_param.items():
         if p not in call.arguments and "" not in options:
-            return _fail("simple_function_checker:missing_optional", f"parameter {p!r} not given and not optional")
+            return _fail(
+                "simple_function_checker:missing_optional", f"parameter {p!r} not given and not optional"
+            )
     return OK
 
 
@@ -153,14 +155,26 @@ def _check_value(p: str, value: Any, prop: dict[str, Any], options: list[Any]) -
         return _fail("type_error:simple", f"wrong type for {p!r}: {type(value).__name__} (expected {desc})")
     if not is_variable:
         if expected is dict:
-            return OK if _dict_ok(value, options) else _fail("value_error:dict", f"invalid value for {p!r}: {value!r}")
+            return (
+                OK
+                if _dict_ok(value, options)
+                else _fail("value_error:dict", f"invalid value for {p!r}: {value!r}")
+            )
         if expected is list and nested is dict:
-            return OK if _list_dict_ok(value, options) else _fail("value_error:list_dict", f"invalid value for {p!r}")
+            return (
+                OK
+                if _list_dict_ok(value, options)
+                else _fail("value_error:list_dict", f"invalid value for {p!r}")
+            )
         if expected is str:
             good = standardize(value) in [standardize(o) for o in options if type(o) is str]
             return OK if good else _fail("value_error:string", f"invalid value for {p!r}: {value!r}")
         if expected is list:
-            return OK if _list_ok(value, options) else _fail("value_error:list/tuple", f"invalid value for {p!r}: {value!r}")
+            return (
+                OK
+                if _list_ok(value, options)
+                else _fail("value_error:list/tuple", f"invalid value for {p!r}: {value!r}")
+            )
     if value not in options:
         return _fail("value_error:others", f"invalid value for {p!r}: {value!r}; expected one of {options!r}")
     return OK
@@ -170,13 +184,17 @@ def _doc(functions: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
     return next((f for f in functions if f["name"] == name), None)
 
 
-def check_ast(functions: list[dict[str, Any]], calls: list[ToolCall], answers: list[Answer], category: str) -> AstVerdict:
+def check_ast(
+    functions: list[dict[str, Any]], calls: list[ToolCall], answers: list[Answer], category: str
+) -> AstVerdict:
     """Do `calls` match the entry's possible `answers`? (BFCL's rules per category.)"""
     if "parallel" in category:
         return _check_parallel(functions, calls, answers)
     if "multiple" in category:
         if len(calls) != len(answers):
-            return _fail("multiple_function_checker:wrong_count", f"{len(calls)} calls, expected {len(answers)}")
+            return _fail(
+                "multiple_function_checker:wrong_count", f"{len(calls)} calls, expected {len(answers)}"
+            )
         doc = _doc(functions, next(iter(answers[0])))
         if doc is None:
             return _fail("multiple_function_checker:no_doc", "answer names an undocumented function")
@@ -186,17 +204,25 @@ def check_ast(functions: list[dict[str, Any]], calls: list[ToolCall], answers: l
     return check_call(functions[0], calls[0], answers[0])
 
 
-def _check_parallel(functions: list[dict[str, Any]], calls: list[ToolCall], answers: list[Answer]) -> AstVerdict:
+def _check_parallel(
+    functions: list[dict[str, Any]], calls: list[ToolCall], answers: list[Answer]
+) -> AstVerdict:
     if len(calls) != len(answers):
-        return _fail("parallel_function_checker_no_order:wrong_count", f"{len(calls)} calls, expected {len(answers)}")
+        return _fail(
+            "parallel_function_checker_no_order:wrong_count", f"{len(calls)} calls, expected {len(answers)}"
+        )
     matched: set[int] = set()
     for i, answer in enumerate(answers):
         doc = _doc(functions, next(iter(answer)))
         if doc is None:
             return _fail("parallel_function_checker_no_order:no_doc", "answer names an undocumented function")
-        hit = next((j for j, c in enumerate(calls) if j not in matched and check_call(doc, c, answer).valid), None)
+        hit = next(
+            (j for j, c in enumerate(calls) if j not in matched and check_call(doc, c, answer).valid), None
+        )
         if hit is None:
-            return _fail("parallel_function_checker_no_order:cannot_find_match", f"no call matches answer {i}")
+            return _fail(
+                "parallel_function_checker_no_order:cannot_find_match", f"no call matches answer {i}"
+            )
         matched.add(hit)
     return OK
 
@@ -222,7 +248,11 @@ def _oracle_value(prop: dict[str, Any], value: Any) -> Any:
     """Dict options hold option lists per key; pick the first real option recursively."""
     if prop.get("type") == "dict" and isinstance(value, dict):
         return {k: _first(v)[1] for k, v in value.items() if _first(v)[0]}
-    if prop.get("type") in _NESTED and prop.get("items", {}).get("type") == "dict" and isinstance(value, list):
+    if (
+        prop.get("type") in _NESTED
+        and prop.get("items", {}).get("type") == "dict"
+        and isinstance(value, list)
+    ):
         return [{k: _first(v)[1] for k, v in d.items() if _first(v)[0]} for d in value]
     return value
 

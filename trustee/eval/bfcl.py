@@ -120,7 +120,9 @@ class SingleTurnEnv:
         entry = self.entries[task.payload["entry"]]
         msgs = [Message(role="system", content=task.system_prompt)] if task.system_prompt else []
         # A few live entries carry earlier turns (user/assistant); keep them in order.
-        msgs += [Message(role=m["role"], content=m["content"]) for m in entry.messages if m["role"] != "system"]
+        msgs += [
+            Message(role=m["role"], content=m["content"]) for m in entry.messages if m["role"] != "system"
+        ]
         return EpisodeState(episode_id=episode_id, task=task, messages=msgs, data={"calls": []})
 
     async def step(self, state: EpisodeState, action: AgentAction) -> list[Message]:
@@ -241,7 +243,9 @@ async def _run_single(run_episode: Runner, env: RecordingEnv, category: str, ent
     traj = await run_episode(env, env.env.task_for(entry), eid)
     state = env.states.pop(eid)
     verdict = judge_single(entry, state.data.get("calls", []))
-    return EntryResult(id=entry.id, category=category, valid=verdict.valid, error_type=verdict.error_type, status=traj.status)
+    return EntryResult(
+        id=entry.id, category=category, valid=verdict.valid, error_type=verdict.error_type, status=traj.status
+    )
 
 
 async def _run_multi(run_episode: Runner, env: RecordingEnv, category: str, inst: Any) -> EntryResult:
@@ -305,7 +309,11 @@ def _summary(cats: list[CategoryResult]) -> dict[str, float]:
         "relevance": list(RELEVANCE_CATEGORIES),
     }
     acc = {c.category: c.accuracy for c in cats}
-    return {g: sum(acc[n] for n in names if n in acc) / sum(n in acc for n in names) for g, names in groups.items() if any(n in acc for n in names)}
+    return {
+        g: sum(acc[n] for n in names if n in acc) / sum(n in acc for n in names)
+        for g, names in groups.items()
+        if any(n in acc for n in names)
+    }
 
 
 def _versions() -> dict[str, str]:
@@ -322,7 +330,10 @@ def _versions() -> dict[str, str]:
 
 def format_table(report: EvalReport) -> str:
     """A Markdown table: one row per category, then the summaries."""
-    lines = ["| category | n | correct | accuracy | env agrees | mean progress |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| category | n | correct | accuracy | env agrees | mean progress |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for c in report.categories:
         agree = "" if c.env_agrees is None else f"{c.env_agrees}/{c.n}"
         prog = "" if c.mean_progress is None else f"{c.mean_progress:.3f}"

@@ -44,7 +44,9 @@ def lora_config_dict(model: nn.Module, adapter: str = "default") -> dict[str, An
     return json.loads(json.dumps(cfg, default=_plain))
 
 
-def lora_tensors(model: nn.Module, adapter: str = "default", device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def lora_tensors(
+    model: nn.Module, adapter: str = "default", device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """PEFT-named adapter tensors, copied (training may go on while the engine holds them)."""
     from peft import get_peft_model_state_dict
 
@@ -57,7 +59,9 @@ def export_lora(
 ) -> LoraUpdate:
     """A LoraUpdate with the adapter written to `path` (if given) and/or as tensors."""
     if not hasattr(model, "peft_config"):
-        raise TypeError(f"{type(model).__name__} has no LoRA adapter; use export_full for learner.mode = 'full'")
+        raise TypeError(
+            f"{type(model).__name__} has no LoRA adapter; use export_full for learner.mode = 'full'"
+        )
     if path is None and not tensors:
         raise ValueError("export_lora needs a path, tensors=True, or both")
     if path is not None:
@@ -71,7 +75,9 @@ def export_lora(
     )
 
 
-def chunked(items: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def chunked(
+    items: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Group (name, tensor) pairs into lists of about chunk_bytes (a tensor is never split)."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes = {chunk_bytes}: must be >= 1")
@@ -122,7 +128,9 @@ def export_full(
 
 
 @torch.no_grad()
-def _merged_items(model: nn.Module, adapter: str, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+def _merged_items(
+    model: nn.Module, adapter: str, dtype: torch.dtype | None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, W + delta) for LoRA-wrapped weights, (HF name, W) for the rest."""
     from peft.tuners.lora import LoraLayer
 

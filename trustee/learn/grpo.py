@@ -228,7 +228,9 @@ def grpo_token_loss(
     """
     ratio = torch.exp(logp - old_logp)  # [N]
     loss, clipped = clipped_surrogate(ratio, adv, clip_low, clip_high)
-    w, stats = is_weights(old_logp, sampler_logp, seq, n_seqs, level=is_level, mode=is_mode, lo=is_min, hi=is_max)
+    w, stats = is_weights(
+        old_logp, sampler_logp, seq, n_seqs, level=is_level, mode=is_mode, lo=is_min, hi=is_max
+    )
     loss = loss * w
     parts = TokenLossParts(tokens=int(logp.numel()), clipped=int(clipped.sum()), is_stats=stats)
     if beta > 0.0:

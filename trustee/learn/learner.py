@@ -86,7 +86,9 @@ def samples_from_groups(groups: list[Group]) -> list[Sample]:
                 "compute them with trustee.learn.advantages.compute_advantages before Learner.step"
             )
         for t, a in zip(g.trajectories, g.advantages, strict=True):
-            out.append(Sample(tokens=t.tokens, loss_mask=t.loss_mask, sampler_logprobs=t.logprobs, advantage=a))
+            out.append(
+                Sample(tokens=t.tokens, loss_mask=t.loss_mask, sampler_logprobs=t.logprobs, advantage=a)
+            )
     return out
 
 
@@ -165,7 +167,9 @@ class Learner:
         if layout not in ("packed", "padded"):
             raise ValueError(f"layout = {layout!r}: choose 'packed' or 'padded'")
         if grpo.beta > 0 and policy.mode == "full" and policy.ref_model is None:
-            raise ValueError("grpo.beta > 0 with learner.mode = 'full' needs a reference copy: build the policy with need_reference=True")
+            raise ValueError(
+                "grpo.beta > 0 with learner.mode = 'full' needs a reference copy: build the policy with need_reference=True"
+            )
         self.policy, self.grpo, self.cfg = policy, grpo, cfg
         self.temperature, self.layout, self.pad_id = temperature, layout, pad_id
         self.world_size, self.sum_over_ranks = world_size, sum_over_ranks
@@ -188,14 +192,21 @@ class Learner:
         counts = [s.n_loss for s in samples]
         total = sum(counts) if self.sum_over_ranks is None else self.sum_over_ranks(sum(counts))
         return loss_norm(
-            self.grpo.loss_type, counts, max_len=self.grpo.dr_grpo_length, global_tokens=total, world_size=self.world_size
+            self.grpo.loss_type,
+            counts,
+            max_len=self.grpo.dr_grpo_length,
+            global_tokens=total,
+            world_size=self.world_size,
         )
 
     def micro_batches(self, samples: list[Sample]) -> list[MicroBatch]:
         lengths = [len(s.tokens) for s in samples]
         budget = self.cfg.micro_batch_tokens
         if self.layout == "padded":
-            return [build_padded([samples[i] for i in b], b, pad_id=self.pad_id) for b in _padded_bins(lengths, budget)]
+            return [
+                build_padded([samples[i] for i in b], b, pad_id=self.pad_id)
+                for b in _padded_bins(lengths, budget)
+            ]
         flash = getattr(self.model.config, "_attn_implementation", "").startswith("flash")
         return [build_packed([samples[i] for i in b], b, flash=flash) for b in plan_bins(lengths, budget)]
 
@@ -207,8 +218,12 @@ class Learner:
         ref_logp = None
         if g.beta > 0:
             with torch.no_grad(), self.policy.reference() as ref:
-                ref_logp, _ = token_logprobs(ref, mb, temperature=self.temperature, chunk=self.cfg.logprob_chunk)
-        logp, entropy = token_logprobs(self.model, mb, temperature=self.temperature, chunk=self.cfg.logprob_chunk)
+                ref_logp, _ = token_logprobs(
+                    ref, mb, temperature=self.temperature, chunk=self.cfg.logprob_chunk
+                )
+        logp, entropy = token_logprobs(
+            self.model, mb, temperature=self.temperature, chunk=self.cfg.logprob_chunk
+        )
         dev = logp.device
         tok_loss, parts = grpo_token_loss(
             logp,

@@ -40,7 +40,9 @@ def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     if head is None or body is None or body is lm:
         raise TypeError(f"{type(lm).__name__} is not a causal LM with a separate body and lm_head")
     if getattr(lm.config, "final_logit_softcapping", None):
-        raise NotImplementedError(f"{type(lm).__name__} soft-caps its logits; token_logprobs does not model that")
+        raise NotImplementedError(
+            f"{type(lm).__name__} soft-caps its logits; token_logprobs does not model that"
+        )
     return body, head
 
 

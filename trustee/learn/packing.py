@@ -44,11 +44,17 @@ class Sample(msgspec.Struct, frozen=True, kw_only=True):
 def check_sample(s: Sample, i: int) -> None:
     n = len(s.tokens)
     if len(s.loss_mask) != n or len(s.sampler_logprobs) != n:
-        raise ValueError(f"sample {i}: tokens/loss_mask/logprobs lengths differ ({n}, {len(s.loss_mask)}, {len(s.sampler_logprobs)})")
+        raise ValueError(
+            f"sample {i}: tokens/loss_mask/logprobs lengths differ ({n}, {len(s.loss_mask)}, {len(s.sampler_logprobs)})"
+        )
     if n and s.loss_mask[0]:
-        raise ValueError(f"sample {i}: loss_mask[0] = 1, but the first token has no predictor; a trajectory starts with a prompt")
+        raise ValueError(
+            f"sample {i}: loss_mask[0] = 1, but the first token has no predictor; a trajectory starts with a prompt"
+        )
     if not any(s.loss_mask):
-        raise ValueError(f"sample {i}: no loss tokens; drop untrainable trajectories before the learner (Trajectory.trainable)")
+        raise ValueError(
+            f"sample {i}: no loss tokens; drop untrainable trajectories before the learner (Trajectory.trainable)"
+        )
 
 
 def plan_bins(lengths: list[int], budget: int) -> list[list[int]]:

@@ -162,7 +162,9 @@ def _load_qlora(path: str | Path, cfg: LearnerConfig, device: torch.device, dtyp
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
-        raise ImportError("learner.mode = 'qlora' needs bitsandbytes: pip install 'trustee[gpu]' (or bitsandbytes)") from e
+        raise ImportError(
+            "learner.mode = 'qlora' needs bitsandbytes: pip install 'trustee[gpu]' (or bitsandbytes)"
+        ) from e
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -205,6 +207,8 @@ def load_policy(
         return _load_qlora(path, cfg, device, dtype)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=_attn_implementation(device, dtype))
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=_attn_implementation(device, dtype)
+    )
     model.to(device)
     return wrap_policy(model, cfg, need_reference=need_reference)
