@@ -55,3 +55,18 @@ def test_loop_trains_syncs_weights_and_resumes(tmp_path, tiny_model_dir):
     assert recs[-1]["policy_version"] == 2.0
     # The learner's step counter was restored too: this is its third optimiser step.
     assert recs[-1]["learn/step"] == 3
+
+
+def test_overlap_mode_trains_while_episodes_run(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    r = _run(tiny_model_dir, out, 3, "--set", "placement.mode=overlap", "--set", "rollout.max_staleness=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = _steps(out)
+    assert [x["step"] for x in recs] == [0, 1, 2]
+    assert [x["policy_version"] for x in recs] == [1.0, 2.0, 3.0]
+    # Every trained token lags the version it was consumed at by at most max_staleness.
+    for line in (out / "trajectories.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        sampled = [v for v, m in zip(rec["trajectory"]["versions"], rec["trajectory"]["loss_mask"]) if m]
+        assert sampled and rec["step"] - min(sampled) <= 1
+    assert all("sched/dropped_stale" in x for x in recs)

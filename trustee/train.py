@@ -103,13 +103,23 @@ async def collect(
     task_rngs = [random.Random(rng.getrandbits(64)) for _ in knobs]
     tasks = [None] * len(knobs)
 
+    failures: list[str] = []
+
     async def make(i: int) -> None:
-        tasks[i] = await env.make_task(knobs[i], task_rngs[i])
+        try:
+            tasks[i] = await env.make_task(knobs[i], task_rngs[i])
+        except Exception as e:  # noqa: BLE001 - one task that cannot be made is dropped, not fatal
+            log.warning("step %d: task %d could not be made: %s: %s", step, i, type(e).__name__, e)
+            failures.append(f"{type(e).__name__}: {e}")
 
     async with anyio.create_task_group() as tg:
         for i in range(len(knobs)):
             tg.start_soon(make, i)
 
+    if len(failures) == len(knobs):
+        raise RuntimeError(f"no task of step {step} could be made; first error: {failures[0]}")
+    made = [i for i, t in enumerate(tasks) if t is not None]
+    tasks, knobs = [tasks[i] for i in made], [knobs[i] for i in made]
     groups: list[Group | None] = [None] * len(tasks)
     limiter = anyio.CapacityLimiter(max(1, cfg.rollout.max_inflight_episodes // g.group_size))
 
@@ -212,97 +222,169 @@ def _resume(run_dir: Path, learner: Learner, curriculum: Curriculum, rng: random
 # ----------------------------------------------------------------------------- the loop
 
 
+class _Run:
+    """Everything one training run holds; built by `setup`, torn down by `close`."""
+
+    def __init__(self, cfg: Config, res: Resolved):
+        self.cfg, self.res = cfg, res
+        self.run_dir = Path(res.run_dir)
+
+    async def setup(self) -> None:
+        from transformers import AutoTokenizer
+
+        from trustee.chat.render import project_template
+
+        cfg, res = self.cfg, self.res
+        template = project_template() if cfg.model.chat_template == "trustee" else None
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+        self.policy_engine = build_engine(cfg.engines.policy, cfg.model.path, cfg, res, role="policy")
+        self.sim_engine = None
+        sim_tokenizer = tokenizer
+        if cfg.environment.kind == "simulated":
+            self.sim_engine = build_engine(cfg.engines.simulator, res.simulator_model, cfg, res, role="simulator")
+            if Path(res.simulator_model).exists():
+                sim_tokenizer = AutoTokenizer.from_pretrained(res.simulator_model)
+        self.env = build_environment(cfg, self.sim_engine, sim_tokenizer, template)
+        self.runner = EpisodeRunner(
+            policy=self.policy_engine,
+            tokenizer=tokenizer,
+            cfg=cfg.rollout,
+            max_model_len=cfg.model.max_model_len,
+            template=template,
+            enable_thinking=cfg.model.enable_thinking,
+        )
+        self.curriculum = Curriculum(cfg.curriculum)
+        policy = load_policy(
+            cfg.model.path,
+            cfg.learner,
+            device=torch.device(res.device),
+            dtype=_DTYPES[res.dtype],
+            need_reference=cfg.grpo.beta > 0 and cfg.learner.mode == "full",
+        )
+        self.learner = Learner(
+            policy,
+            cfg.grpo,
+            cfg.learner,
+            temperature=cfg.rollout.temperature,
+            total_steps=cfg.grpo.steps,
+            pad_id=tokenizer.pad_token_id or 0,
+        )
+        self.rng = random.Random(cfg.seed)
+        pl = cfg.placement
+        self.shares_device = pl.mode == "sync" and bool(set(pl.policy_gpus) & set(pl.learner_gpus))
+        self.needs_path = cfg.engines.policy.backend == "vllm"
+        self.start = 0
+        if cfg.checkpoint.resume == "auto":
+            self.start = _resume(self.run_dir, self.learner, self.curriculum, self.rng)
+            if self.start:
+                await self.policy_engine.update_weights(weight_update(self.learner, self.run_dir, self.needs_path))
+        self.log = RunLog(self.run_dir, cfg.logging, total_steps=cfg.grpo.steps - self.start, run_name=cfg.name, config=cfg)
+
+    async def step(
+        self, step: int, groups: list[Group], knobs: list[Knobs], t_roll: float, extra: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        """Score, update the curriculum, train, push weights, log, checkpoint."""
+        cfg = self.cfg
+        record = rollout_metrics(groups)
+        record.update(extra or {})
+        self.log.trajectories(step, [t for g in groups for t in g.trajectories])
+        scored = [(k, [t.reward for t in g.trajectories if t.trainable]) for k, g in zip(knobs, groups, strict=True)]
+        scored = [(k, rs) for k, rs in scored if rs]
+        if scored:  # a step where every episode hit a simulator error leaves the curriculum alone
+            record.update(
+                self.curriculum.update(
+                    [sum(rs) / len(rs) for _, rs in scored], [k for k, _ in scored], {"reward_mean": record["reward_mean"]}
+                )
+            )
+        adv = compute_advantages(
+            trainable_groups(groups), scale=cfg.grpo.scale_rewards, filter_zero_variance=cfg.grpo.filter_zero_variance
+        )
+        record["groups_filtered"] = float(adv.filtered)
+        record["groups_trained"] = float(len(adv.groups))
+        t1 = time.perf_counter()
+        if adv.groups:
+            if self.shares_device:
+                await self.policy_engine.sleep(1)
+            metrics = await self.learner.step_async(adv.groups)
+            update = weight_update(self.learner, self.run_dir, self.needs_path)
+            if self.shares_device:
+                await self.policy_engine.wake()
+            await self.policy_engine.update_weights(update)
+            record.update({f"learn/{k}": v for k, v in msgspec.to_builtins(metrics).items() if isinstance(v, int | float)})
+        record["time/rollout_s"] = t_roll
+        record["time/learn_s"] = time.perf_counter() - t1
+        record["policy_version"] = float(self.policy_engine.version)
+        st = self.policy_engine.stats()
+        record["engine/generated_tokens"] = float(st.generated_tokens)
+        record["engine/mean_batch"] = st.mean_batch
+        self.log.step(step, record)
+        every = cfg.checkpoint.every_steps
+        if (every and (step + 1) % every == 0) or step + 1 == cfg.grpo.steps:
+            _save(self.run_dir, step, self.learner, self.curriculum, self.rng, cfg.checkpoint.keep)
+        return record
+
+    async def close(self) -> None:
+        if hasattr(self, "log"):
+            self.log.close()
+        if hasattr(self, "policy_engine"):
+            await self.policy_engine.close()
+        if getattr(self, "sim_engine", None) is not None:
+            await self.sim_engine.close()
+
+
 async def train(cfg: Config, res: Resolved) -> dict[str, Any]:
     """Run `cfg.grpo.steps` GRPO steps (or the rest of them, when resuming). Returns the last
-    step's metrics."""
-    from transformers import AutoTokenizer
+    step's metrics.
 
-    from trustee.chat.render import project_template
-
-    run_dir = Path(res.run_dir)
-    template = project_template() if cfg.model.chat_template == "trustee" else None
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    device = torch.device(res.device)
-    dtype = _DTYPES[res.dtype]
-
-    policy_engine = build_engine(cfg.engines.policy, cfg.model.path, cfg, res, role="policy")
-    sim_engine = None
-    sim_tokenizer = tokenizer
-    if cfg.environment.kind == "simulated":
-        sim_engine = build_engine(cfg.engines.simulator, res.simulator_model, cfg, res, role="simulator")
-        if Path(res.simulator_model).exists():
-            sim_tokenizer = AutoTokenizer.from_pretrained(res.simulator_model)
-    env = build_environment(cfg, sim_engine, sim_tokenizer, template)
-    runner = EpisodeRunner(
-        policy=policy_engine,
-        tokenizer=tokenizer,
-        cfg=cfg.rollout,
-        max_model_len=cfg.model.max_model_len,
-        template=template,
-        enable_thinking=cfg.model.enable_thinking,
-    )
-    curriculum = Curriculum(cfg.curriculum)
-    policy = load_policy(
-        cfg.model.path, cfg.learner, device=device, dtype=dtype, need_reference=cfg.grpo.beta > 0 and cfg.learner.mode == "full"
-    )
-    learner = Learner(
-        policy, cfg.grpo, cfg.learner, temperature=cfg.rollout.temperature, total_steps=cfg.grpo.steps, pad_id=tokenizer.pad_token_id or 0
-    )
-    rng = random.Random(cfg.seed)
-    shares_device = cfg.placement.mode == "sync" and bool(set(cfg.placement.policy_gpus) & set(cfg.placement.learner_gpus))
-    needs_path = cfg.engines.policy.backend == "vllm"
-
-    start = 0
-    if cfg.checkpoint.resume == "auto":
-        start = _resume(run_dir, learner, curriculum, rng)
-        if start:
-            await policy_engine.update_weights(weight_update(learner, run_dir, needs_path))
-    logbook = RunLog(run_dir, cfg.logging, total_steps=cfg.grpo.steps, run_name=cfg.name, config=cfg)
-    if start and logbook._bar is not None:
-        logbook._bar.update(start)
+    Placement 'sync' collects each step's groups, then trains while no episode runs.
+    'overlap' and 'split' keep episodes running while the learner trains (GroupScheduler),
+    with staleness bounded by rollout.max_staleness.
+    """
+    run = _Run(cfg, res)
     last: dict[str, Any] = {}
     try:
-        for step in range(start, cfg.grpo.steps):
-            t0 = time.perf_counter()
-            groups, knobs = await collect(env, runner, curriculum, cfg, rng, step)
-            t_roll = time.perf_counter() - t0
-            record = rollout_metrics(groups)
-            logbook.trajectories(step, [t for g in groups for t in g.trajectories])
-            scored = [(k, [t.reward for t in g.trajectories if t.trainable]) for k, g in zip(knobs, groups, strict=True)]
-            scored = [(k, rs) for k, rs in scored if rs]
-            if scored:  # a step where every episode hit a simulator error leaves the curriculum alone
-                record.update(
-                    curriculum.update([sum(rs) / len(rs) for _, rs in scored], [k for k, _ in scored], {"reward_mean": record["reward_mean"]})
-                )
-            adv = compute_advantages(
-                trainable_groups(groups), scale=cfg.grpo.scale_rewards, filter_zero_variance=cfg.grpo.filter_zero_variance
-            )
-            record["groups_filtered"] = float(adv.filtered)
-            record["groups_trained"] = float(len(adv.groups))
-            t1 = time.perf_counter()
-            if adv.groups:
-                if shares_device:
-                    await policy_engine.sleep(1)
-                metrics = await learner.step_async(adv.groups)
-                update = weight_update(learner, run_dir, needs_path)
-                if shares_device:
-                    await policy_engine.wake()
-                await policy_engine.update_weights(update)
-                record.update({f"learn/{k}": v for k, v in msgspec.to_builtins(metrics).items() if isinstance(v, int | float)})
-            record["time/rollout_s"] = t_roll
-            record["time/learn_s"] = time.perf_counter() - t1
-            record["policy_version"] = float(policy_engine.version)
-            st = policy_engine.stats()
-            record["engine/generated_tokens"] = float(st.generated_tokens)
-            record["engine/mean_batch"] = st.mean_batch
-            logbook.step(step, record)
-            last = record
-            every = cfg.checkpoint.every_steps
-            if (every and (step + 1) % every == 0) or step + 1 == cfg.grpo.steps:
-                _save(run_dir, step, learner, curriculum, rng, cfg.checkpoint.keep)
+        await run.setup()
+        if cfg.placement.mode == "sync":
+            for step in range(run.start, cfg.grpo.steps):
+                t0 = time.perf_counter()
+                groups, knobs = await collect(run.env, run.runner, run.curriculum, cfg, run.rng, step)
+                last = await run.step(step, groups, knobs, time.perf_counter() - t0)
+        else:
+            last = await _train_continuous(run)
     finally:
-        logbook.close()
-        await policy_engine.close()
-        if sim_engine is not None:
-            await sim_engine.close()
+        await run.close()
+    return last
+
+
+async def _train_continuous(run: _Run) -> dict[str, Any]:
+    from trustee.rollout.scheduler import GroupScheduler
+
+    cfg = run.cfg
+    g = cfg.grpo
+    sched = GroupScheduler(
+        env=run.env,
+        runner=run.runner,
+        curriculum=run.curriculum,
+        group_size=g.group_size,
+        max_inflight_groups=max(1, cfg.rollout.max_inflight_episodes // g.group_size),
+        max_staleness=cfg.rollout.max_staleness,
+        version=lambda: run.policy_engine.version,
+        rng=run.rng,
+        buffer=g.tasks_per_step,
+    )
+    last: dict[str, Any] = {}
+    async with anyio.create_task_group() as tg:
+        sched.start(tg)
+        for step in range(run.start, g.steps):
+            t0 = time.perf_counter()
+            items = await sched.take(g.tasks_per_step)
+            stats = {
+                "sched/dropped_stale": float(sched.dropped_stale),
+                "sched/peak_inflight_groups": float(sched.peak_inflight),
+                "sched/task_errors": float(sched.task_errors),
+                "sched/lag_mean": sum(run.policy_engine.version - i.started_version for i in items) / len(items),
+            }
+            groups, knobs = [i.group for i in items], [i.knobs for i in items]
+            last = await run.step(step, groups, knobs, time.perf_counter() - t0, stats)
+        tg.cancel_scope.cancel()
     return last

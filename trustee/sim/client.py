@@ -130,6 +130,12 @@ class SimStats:
     failures: int = 0
     decoded: int = 0
     by_role: dict[str, int] = field(default_factory=dict)
+    recent_problems: list[str] = field(default_factory=list)
+    """The last few decode problems (role, finish reason, error), newest last."""
+
+    def note(self, problem: str, keep: int = 20) -> None:
+        self.recent_problems.append(problem)
+        del self.recent_problems[:-keep]
 
 
 @dataclass
@@ -194,7 +200,9 @@ class SimClient:
                 if check is not None:
                     check(value)
             except (ValueError, msgspec.ValidationError) as e:
-                last = f"{type(e).__name__}: {e} in {text[:160]!r}"
+                cut = " (output hit max_tokens)" if out.finish_reason == "length" else ""
+                last = f"{type(e).__name__}: {e}{cut} in {text[:160]!r}"
+                self.stats.note(f"{role}: {last}")
                 if attempt < self.max_decode_retries:
                     self.stats.retries += 1
                 continue
