@@ -49,24 +49,39 @@ class PrefixRecorder:
         self.total: dict[str, int] = defaultdict(int)
         self.repeated: dict[str, int] = defaultdict(int)
         self.prompts: dict[str, int] = defaultdict(int)
+        self.repeated_any: dict[str, int] = defaultdict(int)
 
     def __call__(self, role: str, key: str, ids: list[int]) -> None:
         earlier = self.seen[(role, key)]
         best = max((_lcp(ids, e) for e in earlier), default=0)
+        anywhere = max((_lcp(ids, e) for (r, _), ps in self.seen.items() if r == role for e in ps), default=0)
         earlier.append(list(ids))
         self.total[role] += len(ids)
         self.repeated[role] += best
+        self.repeated_any[role] += anywhere
         self.prompts[role] += 1
 
     def table(self) -> dict[str, dict[str, float]]:
-        rows = {
-            r: {"prompts": self.prompts[r], "tokens": self.total[r], "repeated": self.repeated[r],
-                "share": self.repeated[r] / self.total[r] if self.total[r] else 0.0}
-            for r in sorted(self.total)
-        }
-        t, rep = sum(self.total.values()), sum(self.repeated.values())
-        rows["overall"] = {"prompts": sum(self.prompts.values()), "tokens": t, "repeated": rep, "share": rep / t if t else 0.0}
+        rows = {r: self._row(self.prompts[r], self.total[r], self.repeated[r], self.repeated_any[r]) for r in sorted(self.total)}
+        rows["overall"] = self._row(
+            sum(self.prompts.values()),
+            sum(self.total.values()),
+            sum(self.repeated.values()),
+            sum(self.repeated_any.values()),
+        )
         return rows
+
+    @staticmethod
+    def _row(prompts: int, tokens: int, repeated: int, repeated_any: int) -> dict[str, float]:
+        """`share`: within the same group (the target); `share_any_group`: any earlier
+        prompt of the role (what a shared prefix cache also reuses across groups)."""
+        return {
+            "prompts": prompts,
+            "tokens": tokens,
+            "repeated": repeated,
+            "share": repeated / tokens if tokens else 0.0,
+            "share_any_group": repeated_any / tokens if tokens else 0.0,
+        }
 
 
 def _lcp(a: list[int], b: list[int]) -> int:
@@ -171,11 +186,13 @@ def main() -> None:
     lines = [
         f"Shared-prefix share of simulator prompts ({args.tasks} tasks x {args.group} episodes, engine {args.engine})",
         "",
-        "| role | prompts | prompt tokens | repeated-prefix tokens | share |",
-        "|---|---:|---:|---:|---:|",
+        "| role | prompts | prompt tokens | repeated-prefix tokens (same group) | share (same group) | share (any group) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for role, r in result["roles"].items():
-        lines.append(f"| {role} | {r['prompts']} | {r['tokens']} | {r['repeated']} | {r['share']:.3f} |")
+        lines.append(
+            f"| {role} | {r['prompts']} | {r['tokens']} | {r['repeated']} | {r['share']:.3f} | {r['share_any_group']:.3f} |"
+        )
     (out / "prefix.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"episodes: {result['episodes']}  wall {result['wall_s']:.1f}s")

@@ -75,6 +75,28 @@ def _model_checks(cfg: Config, build: bool) -> list[str]:
     return notes
 
 
+def _hardware_problem(cfg: Config, res: Resolved) -> str:
+    """What this machine lacks for the placement ('' when it has everything)."""
+    if not res.gpus_required:
+        return ""
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if len(cfg.placement.learner_gpus) > 1:
+        return (
+            f"placement.learner_gpus = {cfg.placement.learner_gpus}: a learner spread over several GPUs (FSDP2 ranks) "
+            "is not implemented yet; list one GPU for the learner (LoRA/QLoRA, or full fine-tuning that fits one GPU)"
+        )
+    if have < res.gpus_required:
+        pl = cfg.placement
+        return (
+            f"the placement uses GPU ids up to {res.gpus_required - 1} (placement.policy_gpus = {pl.policy_gpus}, "
+            f"simulator_gpus = {pl.simulator_gpus}, learner_gpus = {pl.learner_gpus}) but this machine has {have} "
+            "CUDA device(s); edit [placement] or run configs/cpu-tiny.toml on a CPU machine"
+        )
+    return ""
+
+
 def format_plan(cfg: Config, res: Resolved, notes: list[str]) -> str:
     g, r = cfg.grpo, cfg.rollout
     lines = [
@@ -108,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not (Path(cfg.model.path) / "config.json").exists():
         print(f"error: model directory {cfg.model.path} not found", file=sys.stderr)
+        return EXIT_CONFIG
+    problem = _hardware_problem(cfg, res)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(cfg)))

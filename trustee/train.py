@@ -257,7 +257,7 @@ class _Run:
         policy = load_policy(
             cfg.model.path,
             cfg.learner,
-            device=torch.device(res.device),
+            device=torch.device(f"cuda:{cfg.placement.learner_gpus[0]}" if res.device == "cuda" else "cpu"),
             dtype=_DTYPES[res.dtype],
             need_reference=cfg.grpo.beta > 0 and cfg.learner.mode == "full",
         )
