@@ -6,9 +6,11 @@ Run:  python -m bench.learner                 (CPU, tiny 'demo' model, fp32)
 Every (mode, layout) case runs `Learner.step` on the same synthetic GRPO batch (multi-turn-
 like sequences of very different lengths, a fixed seed) in its own subprocess, so each has a
 fresh allocator and its own peak-memory figure. Tokens/s counts real tokens (padding
-excluded) per optimiser step, median over the measured steps after one warm-up step. Peak
-memory is CUDA max_memory_allocated, or on CPU the process's peak RSS during a step (Linux
-VmHWM, reset at each step's start; it includes weights and memory the allocator keeps).
+excluded) per optimiser step: median over the measured steps after one warm-up step, then
+median over rounds (cases run in ABBA order across rounds, so drift in machine load hits
+all cases alike). Peak memory is CUDA max_memory_allocated, or on CPU the process's peak
+RSS during a step (Linux VmHWM, reset at each step's start; it includes the weights, torch
+itself and memory the allocator keeps, so CPU memory ratios are close to 1).
 Comparisons are ratios within one run. Writes bench/results/learner-<device>.json and .md.
 """
 
@@ -30,7 +32,7 @@ RESULTS = ROOT / "bench" / "results"
 
 PRESETS = {
     # device: (model size, dtype, groups, group size, max seq len, token budget)
-    "cpu": dict(size="demo", dtype="float32", groups=3, group_size=8, max_len=512, budget=1024),
+    "cpu": dict(size="demo", dtype="float32", groups=2, group_size=8, max_len=512, budget=1024),
     "cuda": dict(size="demo", dtype="bfloat16", groups=8, group_size=8, max_len=4096, budget=16384),
 }
 
@@ -168,10 +170,40 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _subprocess_case(device: str, mode: str, layout: str, steps: int) -> dict:
+    """One case in a fresh interpreter (its own allocator and peak memory)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.learner",
+        "--device",
+        device,
+        "--steps",
+        str(steps),
+        "--case",
+        f"{mode},{layout}",
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"case {mode},{layout} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _combine(rs: list[dict]) -> dict:
+    """Rounds of one case: median tokens/s and step time, the largest peak memory."""
+    out = dict(rs[0])
+    out["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in rs)
+    out["step_s"] = statistics.median(r["step_s"] for r in rs)
+    out["peak_mem_bytes"] = max(r["peak_mem_bytes"] for r in rs)
+    out["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in rs]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--steps", type=int, default=2, help="measured steps per case (after one warm-up)")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of every case, in alternating order")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: 'mode,layout' runs one case and prints JSON
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args(argv)
@@ -179,33 +211,23 @@ def main(argv: list[str] | None = None) -> None:
         mode, layout = a.case.split(",")
         print(json.dumps(run_case(a.device, mode, layout, a.steps)))
         return
-    results = []
     t0 = time.time()
-    for mode, layout in cases(a.device):
-        cmd = [
-            sys.executable,
-            "-m",
-            "bench.learner",
-            "--device",
-            a.device,
-            "--steps",
-            str(a.steps),
-            "--case",
-            f"{mode},{layout}",
-        ]
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"case {mode},{layout} failed:\n{done.stderr[-3000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(
-            f"{mode:6s} {layout:7s} {results[-1]['tokens_per_s']:8.0f} tok/s  {results[-1]['peak_mem_bytes'] / 2**20:7.0f} MiB",
-            flush=True,
-        )
+    runs: dict[tuple[str, str], list[dict]] = {c: [] for c in cases(a.device)}
+    for r in range(a.rounds):
+        order = cases(a.device) if r % 2 == 0 else cases(a.device)[::-1]  # ABBA: drift hits all cases alike
+        for mode, layout in order:
+            runs[(mode, layout)].append(_subprocess_case(a.device, mode, layout, a.steps))
+            last = runs[(mode, layout)][-1]
+            print(
+                f"round {r} {mode:6s} {layout:7s} {last['tokens_per_s']:8.0f} tok/s  {last['peak_mem_bytes'] / 2**20:7.0f} MiB",
+                flush=True,
+            )
+    results = [_combine(rs) for rs in runs.values()]
     report = dict(
         bench="learner",
         device=a.device,
         machine=machine(a.device),
-        config=dict(PRESETS[a.device], steps=a.steps),
+        config=dict(PRESETS[a.device], steps=a.steps, rounds=a.rounds),
         results=results,
         ratios=ratios(results),
         wall_s=time.time() - t0,
