@@ -62,7 +62,10 @@ class PrefixRecorder:
         self.prompts[role] += 1
 
     def table(self) -> dict[str, dict[str, float]]:
-        rows = {r: self._row(self.prompts[r], self.total[r], self.repeated[r], self.repeated_any[r]) for r in sorted(self.total)}
+        rows = {
+            r: self._row(self.prompts[r], self.total[r], self.repeated[r], self.repeated_any[r])
+            for r in sorted(self.total)
+        }
         rows["overall"] = self._row(
             sum(self.prompts.values()),
             sum(self.total.values()),
@@ -107,7 +110,8 @@ class ScriptedToolPolicy:
         calls = self.tasks[task_id].expected_calls
         keep = [c for j, c in enumerate(calls) if (int(idx) >> j) & 1 == 0] or calls[:1]
         text = "\n".join(
-            "<tool_call>\n" + json.dumps({"name": c.name, "arguments": c.arguments}) + "\n</tool_call>" for c in keep
+            "<tool_call>\n" + json.dumps({"name": c.name, "arguments": c.arguments}) + "\n</tool_call>"
+            for c in keep
         )
         return [text, "Could you confirm the details, please?", "All done: here is the result."]
 
@@ -175,7 +179,11 @@ def main() -> None:
 
     record = {
         "bench": "prefix",
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu": platform.processor()},
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpu": platform.processor(),
+        },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "config": vars(args),
         **result,

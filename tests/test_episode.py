@@ -34,7 +34,9 @@ class ScriptedPolicy:
         self.params = []
 
     def ids_for(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False) + [self.tok.convert_tokens_to_ids("<|im_end|>")]
+        return self.tok.encode(text, add_special_tokens=False) + [
+            self.tok.convert_tokens_to_ids("<|im_end|>")
+        ]
 
     async def generate(self, prompt, params, *, key=None):
         self.prompts.append(list(prompt))
@@ -44,13 +46,17 @@ class ScriptedPolicy:
         ids = self.ids_for(self.texts[min(i, len(self.texts) - 1)])[: params.max_tokens]
         finish = "stop" if ids[-1] == self.tok.convert_tokens_to_ids("<|im_end|>") else "length"
         return Completion(
-            token_ids=ids, logprobs=[-0.25 - 0.01 * j for j in range(len(ids))], finish_reason=finish, policy_version=7
+            token_ids=ids,
+            logprobs=[-0.25 - 0.01 * j for j in range(len(ids))],
+            finish_reason=finish,
+            policy_version=7,
         )
 
 
 def call_text(*calls: ToolCall) -> str:
     return "\n".join(
-        "<tool_call>\n" + json.dumps({"name": c.name, "arguments": c.arguments}) + "\n</tool_call>" for c in calls
+        "<tool_call>\n" + json.dumps({"name": c.name, "arguments": c.arguments}) + "\n</tool_call>"
+        for c in calls
     )
 
 
@@ -92,12 +98,14 @@ def test_exact_tokens_masks_logprobs_versions(tiny_tokenizer):
     expected_mask = [0] * a + [1] * len(s1) + [0] * (n - b - len(s2)) + [1] * len(s2)
     assert traj.loss_mask == expected_mask
     lp = [-0.25 - 0.01 * j for j in range(len(s1))] + [-0.25 - 0.01 * j for j in range(len(s2))]
-    assert [x for x, m in zip(traj.logprobs, traj.loss_mask) if m] == pytest.approx(lp)
-    assert all(x == 0.0 for x, m in zip(traj.logprobs, traj.loss_mask) if not m)
-    assert [v for v, m in zip(traj.versions, traj.loss_mask) if m] == [7] * (len(s1) + len(s2))
-    assert all(v == -1 for v, m in zip(traj.versions, traj.loss_mask) if not m)
+    assert [x for x, m in zip(traj.logprobs, traj.loss_mask, strict=True) if m] == pytest.approx(lp)
+    assert all(x == 0.0 for x, m in zip(traj.logprobs, traj.loss_mask, strict=True) if not m)
+    assert [v for v, m in zip(traj.versions, traj.loss_mask, strict=True) if m] == [7] * (len(s1) + len(s2))
+    assert all(v == -1 for v, m in zip(traj.versions, traj.loss_mask, strict=True) if not m)
     # the second prompt is exactly the first turn's ids (nothing re-rendered)
-    assert policy.prompts[1] == traj.tokens[: len(policy.prompts[1])] and len(policy.prompts[1]) == n - len(s2)
+    assert policy.prompts[1] == traj.tokens[: len(policy.prompts[1])] and len(policy.prompts[1]) == n - len(
+        s2
+    )
     c = traj.counters
     assert (c.turns, c.tool_calls, c.format_errors, c.schema_errors) == (2, 1, 0, 0)
     assert traj.messages[-1].content == answer and traj.knobs["n_tools"] == 2.0
@@ -107,7 +115,9 @@ def test_exact_tokens_masks_logprobs_versions(tiny_tokenizer):
 def test_format_and_schema_errors_are_observations(tiny_tokenizer):
     env = ToyEnv(kinds=("add",))
     task = toy_task()
-    bad = "<tool_call>\n{not json}\n</tool_call>\n" + call_text(ToolCall(name="add", arguments={"a": "x", "b": 1}))
+    bad = "<tool_call>\n{not json}\n</tool_call>\n" + call_text(
+        ToolCall(name="add", arguments={"a": "x", "b": 1})
+    )
     policy = ScriptedPolicy(tiny_tokenizer, [bad, call_text(ToolCall(name="nope")), "I give up."])
     traj = go(EpisodeRunner(policy, tiny_tokenizer).run, env, task, "ep0")
     c = traj.counters
@@ -122,7 +132,10 @@ def test_calls_over_the_turn_limit_are_not_executed(tiny_tokenizer):
     env = ToyEnv(kinds=("kv_set",))
     task = toy_task("kv_set")
     k, v = task.payload["set"]
-    calls = [ToolCall(name="kv_set", arguments={"key": "other", "value": "1"}), ToolCall(name="kv_set", arguments={"key": k, "value": v})]
+    calls = [
+        ToolCall(name="kv_set", arguments={"key": "other", "value": "1"}),
+        ToolCall(name="kv_set", arguments={"key": k, "value": v}),
+    ]
     policy = ScriptedPolicy(tiny_tokenizer, [call_text(*calls), "Saved."])
     cfg = RolloutConfig(max_tool_calls_per_turn=1)
     traj = go(EpisodeRunner(policy, tiny_tokenizer, cfg=cfg).run, env, task, "ep0")
@@ -142,7 +155,14 @@ def test_turn_limit_truncates_and_still_scores(tiny_tokenizer):
 def test_max_model_len_is_never_exceeded(tiny_tokenizer):
     task = toy_task()
     policy = ScriptedPolicy(tiny_tokenizer, [call_text(task.expected_calls[0])])
-    prompt_len = len(ChatFormat(tiny_tokenizer, task.tools).prompt_ids([Message(role="system", content=task.system_prompt), Message(role="user", content=task.first_query)]))
+    prompt_len = len(
+        ChatFormat(tiny_tokenizer, task.tools).prompt_ids(
+            [
+                Message(role="system", content=task.system_prompt),
+                Message(role="user", content=task.first_query),
+            ]
+        )
+    )
     for limit in (prompt_len + 5, prompt_len + 60, prompt_len + 120):
         traj = go(EpisodeRunner(policy, tiny_tokenizer, max_model_len=limit).run, ToyEnv(), task, "e")
         assert traj.status == "truncated" and len(traj.tokens) <= limit
@@ -179,7 +199,9 @@ class FlakyEnv(ToyEnv):
 
 def test_one_failing_episode_never_reaches_the_others(tiny_tokenizer, caplog):
     task = toy_task()
-    policy = ScriptedPolicy(tiny_tokenizer, [call_text(task.expected_calls[0]), f"It is {task.payload['answer']}."])
+    policy = ScriptedPolicy(
+        tiny_tokenizer, [call_text(task.expected_calls[0]), f"It is {task.payload['answer']}."]
+    )
     trajs = go(run_group, FlakyEnv(), task, 4, EpisodeRunner(policy, tiny_tokenizer))
     assert [t.status for t in trajs] == ["ok", "ok", "error", "ok"]
     assert [t.reward for t in trajs] == [1.0, 1.0, 0.0, 1.0]
@@ -210,7 +232,9 @@ def test_group_shares_the_tool_memo(tiny_tokenizer):
     assert all(t.status == "ok" for t in trajs) and all(t.counters.tool_calls == 1 for t in trajs)
     results = {next(m.content for m in t.messages if m.role == "tool") for t in trajs}
     assert len(results) == 1  # identical call, identical result across the group
-    tool_prompts = [p for p in sim.prompts[before:] if b"backend of software tools" in tiny_tokenizer.decode(p).encode()]
+    tool_prompts = [
+        p for p in sim.prompts[before:] if b"backend of software tools" in tiny_tokenizer.decode(p).encode()
+    ]
     assert len(tool_prompts) == 1  # one simulator call for the whole group
     assert all(t.reward in (-1.0, 0.0, 1.0) for t in trajs)
 
@@ -221,13 +245,21 @@ def test_environment_stuck_is_an_error(tiny_tokenizer):
             return []
 
     task = toy_task()
-    traj = go(EpisodeRunner(ScriptedPolicy(tiny_tokenizer, ["hi"]), tiny_tokenizer).run, StuckEnv(), task, "e")
+    traj = go(
+        EpisodeRunner(ScriptedPolicy(tiny_tokenizer, ["hi"]), tiny_tokenizer).run, StuckEnv(), task, "e"
+    )
     assert traj.status == "error" and "EnvironmentStuck" in traj.error
 
 
 def test_group_size_must_be_positive(tiny_tokenizer):
     with pytest.raises(ValueError, match="group_size"):
-        go(run_group, ToyEnv(), toy_task(), 0, EpisodeRunner(ScriptedPolicy(tiny_tokenizer, ["x"]), tiny_tokenizer))
+        go(
+            run_group,
+            ToyEnv(),
+            toy_task(),
+            0,
+            EpisodeRunner(ScriptedPolicy(tiny_tokenizer, ["x"]), tiny_tokenizer),
+        )
 
 
 def test_score_is_awaited_only_for_scoreable_endings(tiny_tokenizer):
@@ -241,3 +273,23 @@ def test_score_is_awaited_only_for_scoreable_endings(tiny_tokenizer):
     task = toy_task()
     go(EpisodeRunner(ScriptedPolicy(tiny_tokenizer, ["x"]), tiny_tokenizer).run, CountingEnv(), task, "e")
     assert CountingEnv.scored == 1
+
+
+def test_runner_from_config_uses_the_model_section(tiny_tokenizer):
+    from trustee.chat.render import project_template
+    from trustee.config import ModelConfig
+
+    r = EpisodeRunner.from_config(
+        RolloutConfig(max_turns=5),
+        ModelConfig(max_model_len=1024, enable_thinking=True),
+        None,
+        tiny_tokenizer,
+    )
+    assert r.max_model_len == 1024 and r.enable_thinking and r.cfg.max_turns == 5
+    assert r.template == project_template()
+    assert (
+        EpisodeRunner.from_config(
+            RolloutConfig(), ModelConfig(chat_template="model"), None, tiny_tokenizer
+        ).template
+        is None
+    )

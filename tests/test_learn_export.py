@@ -12,7 +12,6 @@ import copy
 
 import pytest
 import torch
-from engine_harness import reference_greedy
 from learn_samples import make_samples
 
 from trustee.config import GrpoConfig, LearnerConfig
@@ -163,9 +162,17 @@ def _engine_greedy(tiny_model_dir, update) -> list[list[int]]:
     return asyncio.run(run())
 
 
+@torch.no_grad()
 def _learner_greedy(model) -> list[list[int]]:
-    stops = set([model.generation_config.eos_token_id]) if hasattr(model, "generation_config") else set()
-    return [reference_greedy(model, p, MAX_NEW, stops) for p in PROMPTS]
+    """Greedy decoding with the learner's own model by repeated full forward passes (no cache)."""
+    stop = model.generation_config.eos_token_id
+    outs = []
+    for prompt in PROMPTS:
+        out: list[int] = []
+        while len(out) < MAX_NEW and (not out or out[-1] != stop):
+            out.append(int(model(torch.tensor([prompt + out])).logits[0, -1].argmax()))
+        outs.append(out)
+    return outs
 
 
 @pytest.fixture(scope="module")

@@ -33,9 +33,11 @@ def engines(tiny_model_dir):
 
 def _run(engines, tiny_tokenizer, n_tasks: int, group: int, difficulty: float):
     sim, policy = engines
-    client = SimClient(sim, tiny_tokenizer, max_tokens=384, max_decode_retries=2)
+    client = SimClient(sim, tiny_tokenizer, max_tokens=512, max_decode_retries=2)
     env = SimulatedEnv(client, max_user_turns=2, task_max_tokens=1536, judge_votes=1)
-    runner = EpisodeRunner(policy, tiny_tokenizer, cfg=RolloutConfig(max_turns=3, max_tokens_per_turn=32), max_model_len=4096)
+    runner = EpisodeRunner(
+        policy, tiny_tokenizer, cfg=RolloutConfig(max_turns=3, max_tokens_per_turn=32), max_model_len=4096
+    )
     cur = Curriculum(CurriculumConfig(start_difficulty=difficulty))
     rng = random.Random(0)
     out = []

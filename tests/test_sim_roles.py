@@ -24,6 +24,7 @@ from trustee.sim.judge import (
     RubricVerdict,
     TrusteeVerdict,
     combine,
+    judge_system_message,
     majority_rubric,
     rubric_reward,
     rubric_schema,
@@ -158,7 +159,11 @@ def test_ask_retries_then_raises_sim_error(tiny_tokenizer):
 def test_task_generator_builds_a_valid_task(tiny_tokenizer):
     gen = TaskGenerator(SimClient(FakeJsonEngine(tiny_tokenizer, seed=3), tiny_tokenizer))
     for n in (1, 4, 10):
-        task = run(gen.generate, Knobs(n_tools=n, n_expected_calls=3, n_turns=2, prompt_specificity=0.0), random.Random(n))
+        task = run(
+            gen.generate,
+            Knobs(n_tools=n, n_expected_calls=3, n_turns=2, prompt_specificity=0.0),
+            random.Random(n),
+        )
         assert len(task.tools) == n and len({t.name for t in task.tools}) == n
         assert 1 <= len(task.expected_calls) <= 3
         assert task_problems(task.tools, task.expected_calls) == []
@@ -224,7 +229,10 @@ def test_catalog_prefers_one_category(tmp_path, tiny_tokenizer):
 
 
 def test_user_prompt_layout_and_redaction(tiny_tokenizer):
-    texts = ['{"message": "use get_weather please", "status": "continue"}', '{"message": "Oslo", "status": "goal_met"}']
+    texts = [
+        '{"message": "use get_weather please", "status": "continue"}',
+        '{"message": "Oslo", "status": "goal_met"}',
+    ]
     eng = ScriptedTextEngine(tiny_tokenizer, texts)
     client = SimClient(eng, tiny_tokenizer)
     task = _task()
@@ -253,7 +261,8 @@ def test_schema_errors_are_deterministic_and_cost_no_call(tiny_tokenizer):
 
 def test_memo_shares_results_across_the_group(tiny_tokenizer):
     eng = ScriptedTextEngine(
-        tiny_tokenizer, ['{"fields": [{"key": "temp", "value": 3}]}', '{"fields": [{"key": "temp", "value": 9}]}']
+        tiny_tokenizer,
+        ['{"fields": [{"key": "temp", "value": 3}]}', '{"fields": [{"key": "temp", "value": 9}]}'],
     )
     client = SimClient(eng, tiny_tokenizer)
     memo = ConsistencyMemo()
@@ -294,7 +303,9 @@ async def _collect(sim, call, out):
 
 def test_one_turn_runs_calls_concurrently_in_order(tiny_tokenizer):
     eng = ScriptedTextEngine(
-        tiny_tokenizer, ['{"fields": [{"key": "n", "value": 1}]}', '{"fields": [{"key": "n", "value": 2}]}'], delay=0.05
+        tiny_tokenizer,
+        ['{"fields": [{"key": "n", "value": 1}]}', '{"fields": [{"key": "n", "value": 2}]}'],
+        delay=0.05,
     )
     sim = ToolSimulator(SimClient(eng, tiny_tokenizer), _task(), ConsistencyMemo(), key="t1")
     calls = [ToolCall(name="get_weather", arguments={"city": c}) for c in ("A", "B")]
@@ -302,7 +313,7 @@ def test_one_turn_runs_calls_concurrently_in_order(tiny_tokenizer):
     assert [m.name for m in out] == ["get_weather", "get_weather"] and len(eng.prompts) == 2
     # both saw the same history (the turn's start); they differ only in the new call
     a, b = eng.prompts
-    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
     head = sim.client.fmt.encode(sim.client.fmt.render_text(sim.history[:1], generation_prompt=False))
     assert shared >= len(head) and a != b
     assert len(sim.history) == 1 + 2 * 2
@@ -338,11 +349,17 @@ def test_trustee_reward_tiers():
 
 
 def test_rubric_reward_arithmetic():
-    v = RubricVerdict(analysis="", forbidden_violated=[False], subgoals_met=[True, False], interactions_made=[True])
+    v = RubricVerdict(
+        analysis="", forbidden_violated=[False], subgoals_met=[True, False], interactions_made=[True]
+    )
     assert rubric_reward(v)[0] == pytest.approx((0.5 + 1.0) / 2)
-    v2 = RubricVerdict(analysis="", forbidden_violated=[False, True], subgoals_met=[True], interactions_made=[True])
+    v2 = RubricVerdict(
+        analysis="", forbidden_violated=[False, True], subgoals_met=[True], interactions_made=[True]
+    )
     assert rubric_reward(v2)[0] == 0.0
-    v3 = RubricVerdict(analysis="", forbidden_violated=[], subgoals_met=[True, True, False, False], interactions_made=[])
+    v3 = RubricVerdict(
+        analysis="", forbidden_violated=[], subgoals_met=[True, True, False, False], interactions_made=[]
+    )
     assert rubric_reward(v3) == (0.5, {"gate": 1.0, "subgoals": 0.5})
 
 
@@ -352,18 +369,26 @@ def test_vote_combination():
     assert combine([1.0, 0.0, 0.0, 1.0, -1.0], "majority") == 0.0
     assert combine([1.0, 0.0, -1.0, 1.0], "mean") == pytest.approx(0.25)
     votes = [
-        RubricVerdict(analysis="", forbidden_violated=[True], subgoals_met=[True, False], interactions_made=[True]),
-        RubricVerdict(analysis="", forbidden_violated=[False], subgoals_met=[True, True], interactions_made=[False]),
+        RubricVerdict(
+            analysis="", forbidden_violated=[True], subgoals_met=[True, False], interactions_made=[True]
+        ),
+        RubricVerdict(
+            analysis="", forbidden_violated=[False], subgoals_met=[True, True], interactions_made=[False]
+        ),
     ]
     m = majority_rubric(votes)
-    assert m.forbidden_violated == [True] and m.subgoals_met == [True, False] and m.interactions_made == [False]
+    assert (
+        m.forbidden_violated == [True] and m.subgoals_met == [True, False] and m.interactions_made == [False]
+    )
 
 
 def test_judge_scores_with_votes_and_fixed_rubric_lengths(tiny_tokenizer):
     yes = msgspec.json.encode(_tv("yes")).decode()
     no = msgspec.json.encode(_tv("no")).decode()
     eng = ScriptedTextEngine(tiny_tokenizer, [yes, no, yes])
-    judge = Judge(SimClient(eng, tiny_tokenizer), mode="trustee", votes=3, vote_rule="majority", temperature=0.1)
+    judge = Judge(
+        SimClient(eng, tiny_tokenizer), mode="trustee", votes=3, vote_rule="majority", temperature=0.1
+    )
     msgs = [Message(role="user", content="hi"), Message(role="assistant", content="done")]
     score, retries = run(lambda: judge.score(_task(), msgs, "the user said the goal was met", key="t1"))
     assert score.reward == 1.0 and retries == 0 and len(eng.prompts) == 3
@@ -372,7 +397,11 @@ def test_judge_scores_with_votes_and_fixed_rubric_lengths(tiny_tokenizer):
 
     task = _task()
     schema = rubric_schema(task)
-    assert schema["properties"]["subgoals_met"]["minItems"] == schema["properties"]["subgoals_met"]["maxItems"] == 1
+    assert (
+        schema["properties"]["subgoals_met"]["minItems"]
+        == schema["properties"]["subgoals_met"]["maxItems"]
+        == 1
+    )
     wrong = '{"analysis": "", "forbidden_violated": [], "subgoals_met": [true], "interactions_made": [true]}'
     right = '{"analysis": "", "forbidden_violated": [false], "subgoals_met": [true], "interactions_made": [false]}'
     eng = ScriptedTextEngine(tiny_tokenizer, [wrong, right])
@@ -403,3 +432,37 @@ def test_schemas_of_all_role_outputs_are_bounded():
     walk(scenario_schema([WEATHER], 3), "ScenarioDraft")
     with pytest.raises(AssertionError):
         walk(schema_of(ScenarioDraft), "raw")  # the raw draft's free `arguments` dict is why it is tightened
+
+
+def test_build_from_config_sections(tiny_tokenizer):
+    from trustee.config import EnvironmentConfig, SimulatorConfig
+    from trustee.envs.simulated import build_simulated_env, judge_mode_for
+
+    sim = SimulatorConfig(judge_votes=3, judge_vote_rule="majority", max_user_turns=2, max_decode_retries=5)
+    env = build_simulated_env(
+        sim, EnvironmentConfig(reward="judge"), FakeJsonEngine(tiny_tokenizer), tiny_tokenizer
+    )
+    assert env.judge.mode == "trustee" and env.judge.votes == 3 and env.judge.vote_rule == "majority"
+    assert (
+        env.max_user_turns == 2
+        and env.client.max_decode_retries == 5
+        and env.taskgen.max_tokens == sim.task_max_tokens
+    )
+    assert judge_mode_for(sim, EnvironmentConfig(reward="rubric")) == "rubric"
+    with pytest.raises(ValueError, match="environment.reward = 'progress'"):
+        judge_mode_for(sim, EnvironmentConfig(reward="progress"))
+
+
+def test_group_episodes_share_the_judge_task_block(tiny_tokenizer):
+    eng = ScriptedTextEngine(tiny_tokenizer, [msgspec.json.encode(_tv("yes")).decode()])
+    judge = Judge(SimClient(eng, tiny_tokenizer))
+    task = _task()
+    for text in ("first episode", "second episode, longer"):
+        msgs = [Message(role="user", content="hi"), Message(role="assistant", content=text)]
+        run(lambda msgs=msgs: judge.score(task, msgs, "ended", key="t1"))
+    a, b = eng.prompts
+    shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    head = judge.client.fmt.encode(
+        judge.client.fmt.render_text([judge_system_message(task, "trustee")], generation_prompt=False)
+    )
+    assert shared >= len(head)  # static rules + task block are one shared prefix

@@ -17,9 +17,13 @@ def test_tools_compute_real_results():
     check_tools()
     assert execute(ToolCall(name="add", arguments={"a": 2, "b": 3.5}), {}) == {"result": 5.5}
     assert execute(ToolCall(name="multiply", arguments={"a": 6, "b": 7}), {}) == {"result": 42}
-    r = execute(ToolCall(name="convert_units", arguments={"value": 10, "from_unit": "km", "to_unit": "mi"}), {})
+    r = execute(
+        ToolCall(name="convert_units", arguments={"value": 10, "from_unit": "km", "to_unit": "mi"}), {}
+    )
     assert r["result"] == pytest.approx(6.2137, abs=1e-4)
-    assert "error" in execute(ToolCall(name="convert_units", arguments={"value": 1, "from_unit": "kg", "to_unit": "m"}), {})
+    assert "error" in execute(
+        ToolCall(name="convert_units", arguments={"value": 1, "from_unit": "kg", "to_unit": "m"}), {}
+    )
     store = {"a": "1"}
     assert execute(ToolCall(name="kv_get", arguments={"key": "a"}), store) == {"key": "a", "value": "1"}
     assert "not found" in execute(ToolCall(name="kv_get", arguments={"key": "b"}), store)["error"]

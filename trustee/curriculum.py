@@ -106,13 +106,18 @@ class Curriculum:
             a = aspect_value(self.cfg.aspects, name, D_MIN)
             b = aspect_value(self.cfg.aspects, name, self.st.difficulty)
             lo, hi = min(a, b), max(a, b)
-            values[name] = float(rng.randint(int(lo), int(hi))) if name in INT_ASPECTS else rng.uniform(lo, hi)
+            values[name] = (
+                float(rng.randint(int(lo), int(hi))) if name in INT_ASPECTS else rng.uniform(lo, hi)
+            )
         return _knobs(self.st.difficulty, values, self.stage_extra())
 
     # ------------------------------------------------------------------ updating
 
     def update(
-        self, rewards: list[float], knobs: list[Knobs] | None = None, metrics: Mapping[str, float] | None = None
+        self,
+        rewards: list[float],
+        knobs: list[Knobs] | None = None,
+        metrics: Mapping[str, float] | None = None,
     ) -> dict[str, float]:
         """One training step: record per-aspect success, move D (adaptive), advance the
         stage (staged). `rewards[i]` belongs to a task made with `knobs[i]`. Returns this
@@ -130,7 +135,11 @@ class Curriculum:
         elif self.cfg.kind == "staged":
             self._advance({"reward_mean": mean, **(metrics or {})})
         self.st.history.append(self.st.difficulty)
-        return {"curriculum/difficulty": self.st.difficulty, "curriculum/reward_mean": mean, **self._stage_metrics()}
+        return {
+            "curriculum/difficulty": self.st.difficulty,
+            "curriculum/reward_mean": mean,
+            **self._stage_metrics(),
+        }
 
     def _move(self, mean: float) -> None:
         d = self.st.difficulty
@@ -145,7 +154,9 @@ class Curriculum:
         self.st.stage_steps += 1
         if stage.advance_metric:
             value = metrics.get(stage.advance_metric)
-            self.st.streak = self.st.streak + 1 if value is not None and value >= stage.advance_threshold else 0
+            self.st.streak = (
+                self.st.streak + 1 if value is not None and value >= stage.advance_threshold else 0
+            )
         by_steps = stage.advance_after_steps > 0 and self.st.stage_steps >= stage.advance_after_steps
         by_metric = bool(stage.advance_metric) and self.st.streak >= stage.advance_patience
         if (by_steps or by_metric) and self.st.stage + 1 < len(self.cfg.stages):
@@ -164,7 +175,10 @@ class Curriculum:
     def _stage_metrics(self) -> dict[str, float]:
         if self.cfg.kind != "staged":
             return {}
-        return {"curriculum/stage": float(self.st.stage), "curriculum/stage_steps": float(self.st.stage_steps)}
+        return {
+            "curriculum/stage": float(self.st.stage),
+            "curriculum/stage_steps": float(self.st.stage_steps),
+        }
 
     def metrics(self) -> dict[str, float]:
         """Success rate per aspect value: 'curriculum/success/<aspect>=<value>'."""

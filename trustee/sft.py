@@ -97,32 +97,42 @@ def _loss(model: Any, ids: Any, mask: Any, attn: Any) -> Any:
     return (nll * weight.reshape(-1)).sum() / weight.sum().clamp(min=1.0)
 
 
-def well_formed_rate(model: Any, tokenizer: Any, *, samples: int = 32, seed: int = 12345, max_new_tokens: int = 64) -> float:
+def well_formed_rate(
+    model: Any, tokenizer: Any, *, samples: int = 32, seed: int = 12345, max_new_tokens: int = 64
+) -> float:
     """Share of sampled first turns (temperature 1) on fresh toy tasks with >= 1 tool call
-    and no parse error."""
+    and no parse error. All samples are generated as one left-padded batch."""
     import torch
 
     env, rng = ToyEnv(), random.Random(seed)
+    tasks = [
+        env.task(Knobs(n_tools=rng.randint(1, 5), n_expected_calls=rng.randint(1, 2)), rng)
+        for _ in range(samples)
+    ]
+    prompts = [ChatFormat(tokenizer, t.tools).prompt_ids(env.sft_messages(t)[:2]) for t in tasks]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((samples, width), tokenizer.pad_token_id, dtype=torch.long)  # [B, T] left-padded
+    attn = torch.zeros((samples, width), dtype=torch.long)  # [B, T]
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, width - len(p) :] = 1
     torch.manual_seed(seed)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    good = 0
     model.eval()
-    for _ in range(samples):
-        task = env.task(Knobs(n_tools=rng.randint(1, 5), n_expected_calls=rng.randint(1, 2)), rng)
-        fmt = ChatFormat(tokenizer, task.tools)
-        prompt = fmt.prompt_ids(env.sft_messages(task)[:2])
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([prompt]),
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        parsed = ToolCallParser(task.tools).parse(tokenizer.decode(out[0, len(prompt) :].tolist(), skip_special_tokens=False))
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=attn,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tokenizer.pad_token_id,
+        )  # [B, T + new]
+    good = 0
+    for task, row in zip(tasks, out[:, width:].tolist(), strict=True):
+        parsed = ToolCallParser(task.tools).parse(tokenizer.decode(row, skip_special_tokens=False))
         good += bool(parsed.calls) and not parsed.errors
     return good / samples
 
@@ -161,7 +171,7 @@ def sft_warm(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     rate = well_formed_rate(model, tok, samples=eval_samples)
     out = Path(out_dir) if out_dir is not None else model_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,8 @@ from typing import Any
 # xgrammar 0.2.8 lets length-bounded JSON strings hold raw control characters (its unbounded
 # strings exclude them), and any string hold UTF-16 surrogates (invalid UTF-8); strict JSON
 # parsers such as msgspec reject both. Tighten the two character classes.
-_LOOSE_CHARS = (r'[^\"\\\r\n]', r'[^\0-\x1f\"\\\r\n]')
-_STRICT_CHARS = r'[^\0-\x1f\"\\\ud800-\udfff]'
+_LOOSE_CHARS = (r"[^\"\\\r\n]", r"[^\0-\x1f\"\\\r\n]")
+_STRICT_CHARS = r"[^\0-\x1f\"\\\ud800-\udfff]"
 
 
 def json_grammar(schema_json: str) -> Any:

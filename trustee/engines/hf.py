@@ -94,7 +94,9 @@ class _Grammars:
             try:
                 self._compiled[key] = self._compiler.compile_grammar(json_grammar(key))
             except (RuntimeError, ValueError) as e:  # xgrammar's InvalidJSONError etc. derive from these
-                raise RecoverableEngineError(f"json_schema cannot be compiled by xgrammar: {e}; schema: {key[:300]}") from e
+                raise RecoverableEngineError(
+                    f"json_schema cannot be compiled by xgrammar: {e}; schema: {key[:300]}"
+                ) from e
         return self._compiled[key]
 
 
@@ -161,6 +163,30 @@ class HFEngine:
         model = _load_model(Path(path), device, dtype)
         tok = AutoTokenizer.from_pretrained(path)
         return cls(model, tok, max_batch=max_batch, max_model_len=max_model_len, source_dir=path, seed=seed)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Any,
+        *,
+        model_path: str | Path,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        device: str = "cpu",
+        seed: int = 0,
+    ) -> HFEngine:
+        """Build from an `EngineConfig` (trustee.config): `max_num_seqs` caps the batch.
+        dtype 'auto' = bfloat16 on CUDA, float32 on CPU."""
+        if dtype == "auto":
+            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        return cls.from_pretrained(
+            model_path,
+            device=device,
+            dtype=getattr(torch, dtype),
+            max_batch=cfg.max_num_seqs,
+            max_model_len=max_model_len,
+            seed=seed,
+        )
 
     # ------------------------------------------------------------------ event-loop plumbing
 
@@ -291,7 +317,9 @@ class HFEngine:
                 continue
             assert r.finish is not None and len(r.ids) == len(r.logprobs)
             r.future.set_result(
-                Completion(token_ids=r.ids, logprobs=r.logprobs, finish_reason=r.finish, policy_version=version)
+                Completion(
+                    token_ids=r.ids, logprobs=r.logprobs, finish_reason=r.finish, policy_version=version
+                )
             )
 
     def _fail(self, reqs: list[_Request], err: BaseException) -> None:
@@ -317,7 +345,12 @@ class HFEngine:
         ids, mask, pos = ids.to(self._device), mask.to(self._device), pos.to(self._device)
         cache = DynamicCache(config=self._model.config)
         out = self._model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         logits = out.logits[:, -1].float()  # [B, V]
         return _Batch(reqs, out.past_key_values, mask, pos[:, -1] + 1, logits)
@@ -415,7 +448,9 @@ class HFEngine:
         self._bind_loop()
         async with self._gate:
             if self._sleep_level == 2:
-                raise RecoverableEngineError("engine sleeps at level 2 (weights dropped); call wake() before update_weights")
+                raise RecoverableEngineError(
+                    "engine sleeps at level 2 (weights dropped); call wake() before update_weights"
+                )
             if isinstance(update, FullUpdate):
                 await asyncio.to_thread(self._load_full, update.chunks)
                 self._full_updates += 1
@@ -448,7 +483,9 @@ class HFEngine:
             for name, t in chunk:
                 p = params[name]
                 if tuple(p.shape) != tuple(t.shape):
-                    raise ValueError(f"full update {name}: shape {tuple(t.shape)} != model's {tuple(p.shape)}")
+                    raise ValueError(
+                        f"full update {name}: shape {tuple(t.shape)} != model's {tuple(p.shape)}"
+                    )
                 p.data.copy_(t.to(device=p.device, dtype=p.dtype))
 
     def _load_lora(self, update: LoraUpdate) -> None:
@@ -480,7 +517,9 @@ class HFEngine:
         if level not in (1, 2):
             raise ValueError(f"sleep level {level}: use 1 (offload weights) or 2 (drop weights)")
         if level == 2 and self._source_dir is None:
-            raise ValueError("sleep(2) reloads weights from the checkpoint dir; build with source_dir= or use sleep(1)")
+            raise ValueError(
+                "sleep(2) reloads weights from the checkpoint dir; build with source_dir= or use sleep(1)"
+            )
         self._bind_loop()
         async with self._gate:
             if self._sleep_level:
@@ -563,7 +602,16 @@ def _truncate(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 def _same_lora_shape(old: Any, new: Any) -> bool:
-    keys = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "bias")
+    keys = (
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "use_rslora",
+        "use_dora",
+        "rank_pattern",
+        "alpha_pattern",
+        "bias",
+    )
     norm = lambda v: sorted(v) if isinstance(v, (set, list, tuple)) else v  # noqa: E731
     return all(norm(getattr(old, k, None)) == norm(getattr(new, k, None)) for k in keys)
 

@@ -129,7 +129,9 @@ def on_cpu() -> bool:
 class VLLMEngine:
     """`Engine` over one AsyncLLM (with `data_parallel_size` engine cores behind it)."""
 
-    def __init__(self, llm: Any, sink: _Sink, *, model_dir: str, data_parallel_size: int = 1, lora: bool = False):
+    def __init__(
+        self, llm: Any, sink: _Sink, *, model_dir: str, data_parallel_size: int = 1, lora: bool = False
+    ):
         self._llm = llm
         self._sink = sink
         self._model_dir = model_dir
@@ -176,7 +178,9 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         if max_lora_rank and max_lora_rank not in VLLM_LORA_RANKS:
-            raise ValueError(f"max_lora_rank = {max_lora_rank}; vLLM accepts one of {VLLM_LORA_RANKS} (or 0 = no LoRA)")
+            raise ValueError(
+                f"max_lora_rank = {max_lora_rank}; vLLM accepts one of {VLLM_LORA_RANKS} (or 0 = no LoRA)"
+            )
         cpu = on_cpu()
         if dtype == "auto":
             dtype = "float32" if cpu else "bfloat16"
@@ -210,10 +214,14 @@ class VLLMEngine:
         sink = _Sink()
         with _engine_env(kv_cache_gib, cpu):
             llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(sink)])
-        return cls(llm, sink, model_dir=str(path), data_parallel_size=data_parallel_size, lora=max_lora_rank > 0)
+        return cls(
+            llm, sink, model_dir=str(path), data_parallel_size=data_parallel_size, lora=max_lora_rank > 0
+        )
 
     @classmethod
-    def from_config(cls, cfg: Any, *, model_path: str, dtype: str = "auto", max_model_len: int = 8192, seed: int = 0) -> VLLMEngine:
+    def from_config(
+        cls, cfg: Any, *, model_path: str, dtype: str = "auto", max_model_len: int = 8192, seed: int = 0
+    ) -> VLLMEngine:
         """Build from an `EngineConfig` (trustee.config)."""
         return cls.from_pretrained(
             model_path,

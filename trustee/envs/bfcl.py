@@ -30,6 +30,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import msgspec
+
 from trustee.envs.base import AgentAction, EpisodeState, Knobs, Score
 from trustee.envs.bfcl_data import (
     ADDED_FUNCTIONS_PROMPT,
@@ -237,7 +239,8 @@ class BfclEnv:
         if reward not in ("progress", "syntax"):
             raise ValueError(f"stage reward {reward!r}: the BFCL environment scores 'progress' or 'syntax'")
         inst = rng.choice(self.pool(stage.get("split", "all"), reward))
-        return self.task_for(inst, reward=reward, hints=bool(stage.get("hints", self.hints)))
+        task = self.task_for(inst, reward=reward, hints=bool(stage.get("hints", self.hints)))
+        return msgspec.structs.replace(task, knobs=knobs.as_dict())
 
     # ------------------------------------------------------------------ episode
 

@@ -112,7 +112,9 @@ class SimulatedEnv:
         )
         messages = [Message(role="system", content=task.system_prompt)] if task.system_prompt else []
         messages.append(Message(role="user", content=task.first_query))
-        return EpisodeState(episode_id=episode_id, task=task, messages=messages, group=group, data={"sim": episode})
+        return EpisodeState(
+            episode_id=episode_id, task=task, messages=messages, group=group, data={"sim": episode}
+        )
 
     async def step(self, state: EpisodeState, action: AgentAction) -> list[Message]:
         ep: SimEpisode = state.data["sim"]
@@ -184,7 +186,12 @@ def judge_mode_for(sim: SimulatorConfig, env: EnvironmentConfig) -> JudgeMode:
 
 
 def build_simulated_env(
-    sim: SimulatorConfig, env: EnvironmentConfig, engine: Engine, tokenizer: Any, *, template: str | None = None
+    sim: SimulatorConfig,
+    env: EnvironmentConfig,
+    engine: Engine,
+    tokenizer: Any,
+    *,
+    template: str | None = None,
 ) -> SimulatedEnv:
     """The simulated environment from its config sections, on one simulator engine."""
     client = SimClient(

@@ -20,7 +20,9 @@ from trustee.chat.parse import ToolCallParser, canonical_json, error_observation
 from trustee.envs.base import AgentAction, EpisodeState, Knobs, Score
 from trustee.types import Message, Task, ToolCall, ToolSpec
 
-SYSTEM_PROMPT = "You are a helpful assistant. Use the tools to get exact results, then answer in one short sentence."
+SYSTEM_PROMPT = (
+    "You are a helpful assistant. Use the tools to get exact results, then answer in one short sentence."
+)
 
 _NUM = {"type": "number"}
 UNITS: dict[str, tuple[str, float]] = {  # unit -> (dimension, factor to the base unit)
@@ -111,7 +113,10 @@ def _make(kind: str, rng: random.Random) -> tuple[str, list[ToolCall], dict[str,
         return f"What is {a} plus {b}?", [ToolCall(name="add", arguments={"a": a, "b": b})], {"answer": a + b}
     if kind == "chain":
         a, b, c = rng.randint(2, 30), rng.randint(2, 30), rng.randint(2, 9)
-        calls = [ToolCall(name="add", arguments={"a": a, "b": b}), ToolCall(name="multiply", arguments={"a": a + b, "b": c})]
+        calls = [
+            ToolCall(name="add", arguments={"a": a, "b": b}),
+            ToolCall(name="multiply", arguments={"a": a + b, "b": c}),
+        ]
         return f"What is ({a} plus {b}) times {c}?", calls, {"answer": (a + b) * c}
     if kind == "convert":
         dim = rng.choice(["length", "mass"])
@@ -171,10 +176,17 @@ class ToyEnv:
         )
 
     async def start(self, task: Task, episode_id: str, group: Any = None) -> EpisodeState:
-        messages = [Message(role="system", content=task.system_prompt), Message(role="user", content=task.first_query)]
+        messages = [
+            Message(role="system", content=task.system_prompt),
+            Message(role="user", content=task.first_query),
+        ]
         store = dict(task.payload.get("store", {}))
         return EpisodeState(
-            episode_id=episode_id, task=task, messages=messages, group=group, data={"store": store, "calls": []}
+            episode_id=episode_id,
+            task=task,
+            messages=messages,
+            group=group,
+            data={"store": store, "calls": []},
         )
 
     async def step(self, state: EpisodeState, action: AgentAction) -> list[Message]:
@@ -204,18 +216,27 @@ class ToyEnv:
         else:
             correct = state.done and answer_correct(state.data.get("final", ""), p["answer"])
         reward = 1.0 if correct else 0.0
-        return Score(reward=reward, parts={"exact": reward, "expected_calls": hit, "finished": float(state.done)})
+        return Score(
+            reward=reward, parts={"exact": reward, "expected_calls": hit, "finished": float(state.done)}
+        )
 
     def sft_messages(self, task: Task) -> list[Message]:
         """The reference conversation: the expected calls one per turn, their real results,
         then a one-sentence answer."""
         store = dict(task.payload.get("store", {}))
-        msgs = [Message(role="system", content=task.system_prompt), Message(role="user", content=task.first_query)]
+        msgs = [
+            Message(role="system", content=task.system_prompt),
+            Message(role="user", content=task.first_query),
+        ]
         for call in task.expected_calls:
             msgs.append(Message(role="assistant", tool_calls=[call]))
             msgs.append(Message(role="tool", content=canonical_json(execute(call, store)), name=call.name))
         p = task.payload
-        final = f"Done: '{p['set'][1]}' is saved under '{p['set'][0]}'." if "set" in p else f"The answer is {p['answer']}."
+        final = (
+            f"Done: '{p['set'][1]}' is saved under '{p['set'][0]}'."
+            if "set" in p
+            else f"The answer is {p['answer']}."
+        )
         msgs.append(Message(role="assistant", content=final))
         return msgs
 
@@ -225,7 +246,10 @@ def _same(a: ToolCall, b: ToolCall) -> bool:
 
     def norm(args: dict[str, Any]) -> str:
         return json.dumps(
-            {k: float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for k, v in args.items()},
+            {
+                k: float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+                for k, v in args.items()
+            },
             sort_keys=True,
         )
 

@@ -255,7 +255,7 @@ async def _run_multi(run_episode: Runner, env: RecordingEnv, category: str, inst
     res = await anyio.to_thread.run_sync(bfcl_multi_turn_check, inst, env.env.checker_steps(state))
     verdicts = env.env.verdicts(state)
     scored = [v for v in verdicts if v is not None]
-    env_valid = bool(scored) and all(scored) and not state.data["bfcl"].force_quit
+    env_valid = bool(scored) and all(scored)
     return EntryResult(
         id=inst.id,
         category=category,

@@ -107,13 +107,24 @@ def _is_quant_state(name: str) -> bool:
     return _QUANT_KEY.search(name) is not None
 
 
+def _tied(t: torch.Tensor, seen: set[int]) -> bool:
+    """True if a tensor with the same storage start was already yielded (tied weights);
+    records `t` otherwise. Empty tensors are never treated as tied."""
+    if t.numel() == 0:
+        return False
+    ptr = t.data_ptr()
+    if ptr in seen:
+        return True
+    seen.add(ptr)
+    return False
+
+
 def _state_items(model: nn.Module, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) of a plain transformers model's state dict, tied tensors once."""
     seen: set[int] = set()
     for name, t in model.state_dict(keep_vars=True).items():
-        if t.data_ptr() in seen or _is_quant_state(name):  # tied weights: engines re-tie on load
+        if _tied(t, seen) or _is_quant_state(name):  # tied weights: engines re-tie on load
             continue
-        seen.add(t.data_ptr())
         t = _dequantized(t).detach()
         yield name, t.to(dtype) if dtype is not None else t
 
@@ -143,9 +154,8 @@ def _merged_items(
             wrapped[mname] = mod
     seen: set[int] = set()
     for name, t in lm.state_dict(keep_vars=True).items():
-        if ".lora_" in name or t.data_ptr() in seen or _is_quant_state(name):
+        if ".lora_" in name or _is_quant_state(name) or _tied(t, seen):
             continue
-        seen.add(t.data_ptr())
         dense = _dequantized(t).detach()  # a 4-bit weight comes back in its compute dtype
         owner, sep, leaf = name.rpartition(".base_layer.")
         if sep and owner in wrapped and leaf == "weight":
@@ -166,7 +176,8 @@ def export_merged(
     """Full weights W + scale * B @ A of a LoRA/QLoRA policy, without modifying the model.
 
     dtype: the output dtype (default: each weight's own dtype; 4-bit weights come back in
-    their compute dtype).
+    their compute dtype). Pass the engine's dtype for QLoRA: peft's kbit preparation upcasts
+    the norms and embeddings to float32.
     """
     if not hasattr(model, "peft_config"):
         raise TypeError(f"{type(model).__name__} has no LoRA adapter; use export_full")

@@ -30,8 +30,8 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 
 from trustee.chat.parse import ToolCallParser, canonical_json
-from trustee.chat.render import ChatFormat, Conversation
-from trustee.config import RolloutConfig
+from trustee.chat.render import ChatFormat, Conversation, project_template
+from trustee.config import ModelConfig, RolloutConfig
 from trustee.engines.base import Completion, Engine, Sampling
 from trustee.envs.base import AgentAction, Environment, EpisodeState
 from trustee.sim.client import SimError
@@ -80,6 +80,20 @@ class EpisodeRunner:
     template: str | None = None
     enable_thinking: bool = False
 
+    @classmethod
+    def from_config(
+        cls, rollout: RolloutConfig, model: ModelConfig, policy: Engine, tokenizer: Any
+    ) -> EpisodeRunner:
+        """The runner for a run: limits from [rollout], template/thinking/length from [model]."""
+        return cls(
+            policy,
+            tokenizer,
+            cfg=rollout,
+            max_model_len=model.max_model_len,
+            template=project_template() if model.chat_template == "trustee" else None,
+            enable_thinking=model.enable_thinking,
+        )
+
     async def run(self, env: Environment, task: Task, episode_id: str, *, group: Any = None) -> Trajectory:
         """One episode. Never raises for a failure inside it (see module docstring)."""
         ep = _Episode(episode_id=episode_id, task=task)
@@ -103,7 +117,9 @@ class EpisodeRunner:
 
     async def _play(self, env: Environment, ep: _Episode, group: Any) -> EpisodeStatus:
         ep.state = state = await env.start(ep.task, ep.episode_id, group)
-        fmt = ChatFormat(self.tokenizer, ep.task.tools, enable_thinking=self.enable_thinking, template=self.template)
+        fmt = ChatFormat(
+            self.tokenizer, ep.task.tools, enable_thinking=self.enable_thinking, template=self.template
+        )
         ep.conv = conv = Conversation.start(fmt, state.messages)
         parser = ToolCallParser(ep.task.tools)
         c = ep.counters
@@ -125,7 +141,9 @@ class EpisodeRunner:
             if state.done:
                 return "ok"
             if not replies:
-                raise EnvironmentStuck(f"environment {env.name!r} returned no reply and did not end the episode")
+                raise EnvironmentStuck(
+                    f"environment {env.name!r} returned no reply and did not end the episode"
+                )
             replies = self._cut_results(replies, c)
             c.user_turns += sum(m.role == "user" for m in replies)
             if len(conv.ids) + len(fmt.continuation_ids(replies)) >= self.max_model_len:
@@ -158,7 +176,9 @@ class EpisodeRunner:
         c.format_errors += sum(e.kind in FORMAT_ERROR_KINDS for e in errors)
         c.schema_errors += sum(e.kind == "schema" for e in errors)
         c.unknown_tools += sum(e.kind == "unknown_tool" for e in errors)
-        return AgentAction(message=parsed.message, calls=calls, errors=errors, truncated=comp.finish_reason == "length")
+        return AgentAction(
+            message=parsed.message, calls=calls, errors=errors, truncated=comp.finish_reason == "length"
+        )
 
     def _cut_results(self, replies: list[Message], c: Counters) -> list[Message]:
         """Tool results longer than `max_tool_result_tokens` are cut, with a marker."""
@@ -175,7 +195,9 @@ class EpisodeRunner:
             out.append(m)
         return out
 
-    def _trajectory(self, ep: _Episode, status: EpisodeStatus, error: str, reward: float, parts: dict) -> Trajectory:
+    def _trajectory(
+        self, ep: _Episode, status: EpisodeStatus, error: str, reward: float, parts: dict
+    ) -> Trajectory:
         conv = ep.conv
         ep.counters.wall_s = time.perf_counter() - ep.started
         if ep.state is not None:

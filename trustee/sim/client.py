@@ -194,7 +194,9 @@ class SimClient:
                 last = f"engine error: {e}"
                 self.stats.retries += 1
                 continue
-            text = self.tokenizer.decode(_strip_eos(out.token_ids, self.fmt.eos_id), skip_special_tokens=False)
+            text = self.tokenizer.decode(
+                _strip_eos(out.token_ids, self.fmt.eos_id), skip_special_tokens=False
+            )
             try:
                 value = decode_json(text, out_type)
                 if check is not None:

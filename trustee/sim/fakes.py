@@ -35,7 +35,9 @@ def random_json(schema: dict[str, Any], rng: random.Random, depth: int = 0) -> A
     if t == "object":
         props = schema.get("properties", {})
         required = set(schema.get("required", []))
-        return {k: random_json(v, rng, depth + 1) for k, v in props.items() if k in required or rng.random() < 0.5}
+        return {
+            k: random_json(v, rng, depth + 1) for k, v in props.items() if k in required or rng.random() < 0.5
+        }
     if t == "array":
         lo, hi = schema.get("minItems", 0), schema.get("maxItems", 3)
         return [random_json(schema.get("items", {}), rng, depth + 1) for _ in range(rng.randint(lo, hi))]

@@ -33,7 +33,7 @@ from trustee.types import Message, Task
 JudgeMode = Literal["trustee", "rubric"]
 VoteRule = Literal["mean", "majority"]
 CRITERIA = ("intent", "correct_tools", "no_hallucination", "no_redundancy", "efficient")
-Analysis = Annotated[str, Meta(max_length=400)]
+Analysis = Annotated[str, Meta(max_length=300)]
 TRANSCRIPT_ITEM_CHARS = 600
 
 
@@ -134,7 +134,9 @@ def judge_system_message(task: Task, mode: JudgeMode) -> Message:
         domain=task.domain or "general",
         goal=task.goal or task.first_query,
         hidden=task.hidden_info or "(none)",
-        expected="\n".join(canonical_json({"name": c.name, "arguments": c.arguments}) for c in task.expected_calls)
+        expected="\n".join(
+            canonical_json({"name": c.name, "arguments": c.arguments}) for c in task.expected_calls
+        )
         or "(none)",
         criteria=criteria_block(task, mode),
     )
@@ -154,7 +156,9 @@ def transcript(messages: list[Message]) -> str:
         if m.content.strip() or not m.tool_calls:
             lines.append(f"{who}: {_cut(m.content.strip() or '(empty)')}")
         for c in m.tool_calls:
-            lines.append(f"Assistant calls: {_cut(canonical_json({'name': c.name, 'arguments': c.arguments}))}")
+            lines.append(
+                f"Assistant calls: {_cut(canonical_json({'name': c.name, 'arguments': c.arguments}))}"
+            )
     return "\n".join(lines)
 
 
@@ -198,7 +202,13 @@ class Judge:
     ):
         if votes < 1:
             raise ValueError(f"judge votes = {votes}: need at least 1; set simulator.judge_votes >= 1")
-        self.client, self.mode, self.votes, self.vote_rule, self.temperature = client, mode, votes, vote_rule, temperature
+        self.client, self.mode, self.votes, self.vote_rule, self.temperature = (
+            client,
+            mode,
+            votes,
+            vote_rule,
+            temperature,
+        )
 
     async def score(self, task: Task, messages: list[Message], ending: str, *, key: str) -> tuple[Score, int]:
         prompt = [

@@ -27,7 +27,15 @@ from msgspec import Meta
 
 from trustee.chat.parse import ToolCallParser, canonical_json
 from trustee.envs.base import Knobs
-from trustee.sim.client import OutputRejected, SimClient, SimError, as_json, bounded_schema, load_prompt, schema_of
+from trustee.sim.client import (
+    OutputRejected,
+    SimClient,
+    SimError,
+    as_json,
+    bounded_schema,
+    load_prompt,
+    schema_of,
+)
 from trustee.types import Message, Rubric, Task, ToolCall, ToolSpec
 
 Ident = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{2,31}$")]
@@ -142,7 +150,9 @@ class ToolCatalog:
                 try:
                     entries.append(dec.decode(line))
                 except msgspec.DecodeError as e:
-                    raise ValueError(f"{path}:{i}: not a tool spec ({e}); expected {{name, description, parameters}}") from e
+                    raise ValueError(
+                        f"{path}:{i}: not a tool spec ({e}); expected {{name, description, parameters}}"
+                    ) from e
         return cls(entries)
 
     def sample(self, n: int, rng: random.Random) -> tuple[str, list[ToolSpec]]:
@@ -268,7 +278,9 @@ class TaskGenerator:
             self.rejected += 1
         raise SimError("task", self.max_regenerations + 1, "; ".join(last))
 
-    async def _tools(self, knobs: Knobs, rng: random.Random, *, key: str) -> tuple[str, list[Message], list[ToolSpec]]:
+    async def _tools(
+        self, knobs: Knobs, rng: random.Random, *, key: str
+    ) -> tuple[str, list[Message], list[ToolSpec]]:
         n_tools, n_calls = max(1, knobs.n_tools), max(1, knobs.n_expected_calls)
         if self.catalog is not None:
             domain, tools = self.catalog.sample(n_tools, rng)
@@ -291,7 +303,9 @@ class TaskGenerator:
         history.append(Message(role="assistant", content=as_json(draft)))
         return domain, history, [draft_to_spec(t) for t in draft.tools]
 
-    async def _scenario(self, knobs: Knobs, history: list[Message], tools: list[ToolSpec], *, key: str) -> ScenarioDraft:
+    async def _scenario(
+        self, knobs: Knobs, history: list[Message], tools: list[ToolSpec], *, key: str
+    ) -> ScenarioDraft:
         n_calls = max(1, knobs.n_expected_calls)
         ask = Template(load_prompt("task_scenario")).substitute(
             expertise=expertise_words(knobs.persona_expertise),
@@ -311,7 +325,13 @@ class TaskGenerator:
         return value
 
     def _task(
-        self, task_id: str, domain: str, tools: list[ToolSpec], s: ScenarioDraft, calls: list[ToolCall], knobs: Knobs
+        self,
+        task_id: str,
+        domain: str,
+        tools: list[ToolSpec],
+        s: ScenarioDraft,
+        calls: list[ToolCall],
+        knobs: Knobs,
     ) -> Task:
         generic = knobs.prompt_specificity < 1 / 3 or not s.system_prompt.strip()
         return Task(
@@ -325,6 +345,8 @@ class TaskGenerator:
             goal=s.goal,
             hidden_info="\n".join(f"- {h}" for h in s.hidden_info),
             expected_calls=calls,
-            rubric=Rubric(subgoals=s.subgoals, required_interactions=s.required_interactions, forbidden=s.forbidden),
+            rubric=Rubric(
+                subgoals=s.subgoals, required_interactions=s.required_interactions, forbidden=s.forbidden
+            ),
             knobs=knobs.as_dict(),
         )

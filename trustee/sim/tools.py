@@ -110,7 +110,9 @@ def tool_system_message(task: Task) -> Message:
 class ToolSimulator:
     """Answers the tool calls of one episode."""
 
-    def __init__(self, client: SimClient, task: Task, memo: ConsistencyMemo, *, key: str, error_rate: float = 0.0):
+    def __init__(
+        self, client: SimClient, task: Task, memo: ConsistencyMemo, *, key: str, error_rate: float = 0.0
+    ):
         self.client = client
         self.task = task
         self.memo = memo
@@ -128,7 +130,10 @@ class ToolSimulator:
         base = list(self.history)
         out = await gather_first_error([lambda c=c: self._result(base, c) for c in calls])
         for call, msg in zip(calls, out, strict=True):
-            self.history += [_call_message(call, self._fails(call)), Message(role="assistant", content=msg.content)]
+            self.history += [
+                _call_message(call, self._fails(call)),
+                Message(role="assistant", content=msg.content),
+            ]
         return out
 
     def _fails(self, call: ToolCall) -> bool:
@@ -157,4 +162,3 @@ class ToolSimulator:
 def _call_message(call: ToolCall, fails: bool) -> Message:
     outcome = "this call FAILS (return an error)" if fails else "this call succeeds"
     return Message(role="user", content=f"Call: {call_key(call)}\nOutcome: {outcome}")
-

@@ -1,0 +1,212 @@
+"""HFEngine behaviour beyond the shared contract (test_engine_contract.py): input validation,
+LoRA from a PEFT directory, sleep(2) after a full update, failure modes, loop changes, the
+registry, and top-k/top-p log-probs. Uses the tiny random model on CPU."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from engine_harness import load_reference, perturbed_state, reference_greedy, teacher_logprobs
+
+from trustee.engines import ENGINES, build_engine
+from trustee.engines.base import (
+    FatalEngineError,
+    FullUpdate,
+    LoraUpdate,
+    RecoverableEngineError,
+    Sampling,
+)
+from trustee.engines.hf import HFEngine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return HFEngine.from_pretrained(tiny_model_dir, max_batch=16, max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    return load_reference(tiny_model_dir)
+
+
+GREEDY = Sampling(max_tokens=6, temperature=0.0)
+
+
+@pytest.mark.parametrize(
+    "prompt, params, match",
+    [
+        ([], Sampling(), "prompt is empty"),
+        ([5] * 256, Sampling(), "max_model_len is 256"),
+        ([5, 99999], Sampling(), "outside"),
+        ([5], Sampling(max_tokens=0), "max_tokens"),
+        ([5], Sampling(temperature=-1.0), "temperature"),
+    ],
+)
+def test_bad_requests_are_recoverable(engine, prompt, params, match):
+    with pytest.raises(RecoverableEngineError, match=match):
+        asyncio.run(engine.generate(prompt, params))
+
+
+def test_generation_stops_at_max_model_len(engine):
+    out = asyncio.run(engine.generate([7] * 250, Sampling(max_tokens=50, stop_token_ids=())))
+    assert len(out.token_ids) <= 6
+    if out.finish_reason == "length":
+        assert len(out.token_ids) == 6
+
+
+def test_engine_follows_a_new_event_loop(engine):
+    a = asyncio.run(engine.generate([5, 6, 7], GREEDY))
+    b = asyncio.run(engine.generate([5, 6, 7], GREEDY))  # a second loop: batcher rebuilt
+    assert a.token_ids == b.token_ids
+
+
+def test_top_k_top_p_logprobs_are_of_the_truncated_distribution(engine, reference):
+    prompt = [11, 12, 13, 14]
+    params = Sampling(max_tokens=5, temperature=0.8, top_k=20, top_p=0.9, seed=3)
+    out = asyncio.run(engine.generate(prompt, params))
+    full = teacher_logprobs(reference, prompt, out.token_ids, 0.8)
+    got = torch.tensor(out.logprobs)
+    assert (got >= full - 1e-5).all()  # renormalised over fewer tokens: never lower
+    assert (got > full + 1e-4).any()  # and truly truncated
+
+
+def test_lora_update_from_a_peft_dir(tiny_model_dir, reference, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        load_reference(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "up_proj"], init_lora_weights=False),
+    ).eval()
+    peft_model.save_pretrained(tmp_path)
+    eng = HFEngine.from_pretrained(tiny_model_dir)
+    asyncio.run(eng.update_weights(LoraUpdate(config={}, path=str(tmp_path))))
+    prompt = [20, 21, 22]
+    out = asyncio.run(eng.generate(prompt, GREEDY))
+    assert out.token_ids == reference_greedy(peft_model, prompt, 6, {2})
+    assert out.policy_version == 1
+
+
+def test_lora_with_mismatched_names_is_refused(tiny_model_dir):
+    eng = HFEngine.from_pretrained(tiny_model_dir)
+    bad = {"base_model.model.model.layers.0.self_attn.nope.lora_A.weight": torch.zeros(4, 128)}
+    cfg = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    with pytest.raises(ValueError, match="unexpected"):
+        asyncio.run(eng.update_weights(LoraUpdate(config=cfg, tensors=bad)))
+    assert eng.version == 0
+
+
+def test_full_update_with_unknown_names_is_refused(tiny_model_dir):
+    eng = HFEngine.from_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match="not parameters of this model"):
+        asyncio.run(eng.update_weights(FullUpdate(chunks=[[("model.nope.weight", torch.zeros(3))]])))
+    assert eng.version == 0
+
+
+def test_sleep2_after_full_update_demands_new_weights(tiny_model_dir):
+    eng = HFEngine.from_pretrained(tiny_model_dir)
+    new = perturbed_state(eng._model, seed=1)
+
+    async def scenario():
+        await eng.update_weights(FullUpdate(chunks=[new]))
+        before = await eng.generate([5, 6], GREEDY)
+        await eng.sleep(2)
+        await eng.wake()  # reloads the checkpoint, which is older than version 1
+        with pytest.raises(FatalEngineError, match="push the current"):
+            await eng.generate([5, 6], GREEDY)
+        await eng.update_weights(FullUpdate(chunks=[new]))
+        after = await eng.generate([5, 6], GREEDY)
+        return before, after
+
+    before, after = asyncio.run(scenario())
+    assert after.token_ids == before.token_ids and after.policy_version == 2
+
+
+def test_sleep2_keeps_the_adapter(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    torch.manual_seed(1)
+    peft_model = get_peft_model(
+        load_reference(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    )
+    update = LoraUpdate(
+        config=peft_model.peft_config["default"].to_dict(), tensors=get_peft_model_state_dict(peft_model)
+    )
+    eng = HFEngine.from_pretrained(tiny_model_dir)
+
+    async def scenario():
+        await eng.update_weights(update)
+        a = await eng.generate([9, 8, 7], GREEDY)
+        await eng.sleep(2)
+        assert eng._model.device.type == "meta"  # weights really dropped
+        await eng.wake()
+        return a, await eng.generate([9, 8, 7], GREEDY)
+
+    a, b = asyncio.run(scenario())
+    assert a.token_ids == b.token_ids
+
+
+def test_requests_wait_while_asleep(tiny_model_dir):
+    eng = HFEngine.from_pretrained(tiny_model_dir)
+
+    async def scenario():
+        await eng.sleep(1)
+        task = asyncio.create_task(eng.generate([5, 6], GREEDY))
+        await asyncio.sleep(0.2)
+        assert not task.done()  # queued, not failed
+        await eng.wake()
+        return await task
+
+    assert len(asyncio.run(scenario()).token_ids) >= 1
+
+
+def test_closed_engine_is_fatal(tiny_model_dir):
+    eng = HFEngine.from_pretrained(tiny_model_dir)
+
+    async def scenario():
+        await eng.generate([5], GREEDY)
+        await eng.close()
+        await eng.generate([5], GREEDY)
+
+    with pytest.raises(FatalEngineError, match="closed"):
+        asyncio.run(scenario())
+
+
+class FakeBrokenModelError(RuntimeError):
+    pass
+
+
+def test_a_failing_batch_is_fatal_for_its_requests(tiny_model_dir):
+    eng = HFEngine.from_pretrained(tiny_model_dir)
+
+    def broken(*a, **k):
+        raise FakeBrokenModelError("simulated device failure")
+
+    eng._prefill = broken  # a test double for a torch failure inside the batch
+
+    async def scenario():
+        return await asyncio.gather(*[eng.generate([5, 6], GREEDY) for _ in range(3)], return_exceptions=True)
+
+    errs = asyncio.run(scenario())
+    assert all(isinstance(e, FatalEngineError) and "simulated" in str(e) for e in errs)
+    assert eng.stats().failed == 3
+    with pytest.raises(FatalEngineError, match="failed earlier"):
+        asyncio.run(eng.generate([5], GREEDY))
+
+
+def test_registry_and_build_engine(tiny_model_dir):
+    from trustee.config import EngineConfig
+
+    assert set(ENGINES) == {"hf", "vllm", "openai"}
+    eng = build_engine(
+        EngineConfig(backend="hf", max_num_seqs=4), model_path=str(tiny_model_dir), max_model_len=128
+    )
+    assert isinstance(eng, HFEngine) and eng.max_batch == 4 and eng.max_model_len == 128
+    with pytest.raises(ValueError, match="unknown"):
+        build_engine(_FakeCfg(), model_path=str(tiny_model_dir))
+
+
+class _FakeCfg:
+    backend = "tgi"

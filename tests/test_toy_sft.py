@@ -1,0 +1,40 @@
+"""SFT warm-up data and plumbing: reference conversations become the exact ids a rollout
+would produce, with the mask on assistant tokens only; a short warm-up runs and reports."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+from trustee.chat.render import ChatFormat
+from trustee.envs.base import Knobs
+from trustee.envs.toy import ToyEnv
+from trustee.sft import encode_conversation, sft_warm
+
+
+def test_reference_conversation_ids_and_mask(tiny_tokenizer):
+    env = ToyEnv(kinds=("chain",))
+    task = env.task(Knobs(n_tools=3, n_expected_calls=2), random.Random(0))
+    msgs = env.sft_messages(task)
+    ids, mask = encode_conversation(tiny_tokenizer, task, msgs)
+    fmt = ChatFormat(tiny_tokenizer, task.tools)
+    whole = fmt.encode(fmt.render_text(msgs, generation_prompt=False))
+    assert whole[: len(ids)] == ids  # same ids as rendering in one go (TITO)
+    eos = fmt.eos_id
+    trained = [t for t, m in zip(ids, mask, strict=True) if m]
+    assert trained.count(eos) == 3  # two call turns and the answer, each ends with <|im_end|>
+    text = tiny_tokenizer.decode(trained)
+    assert text.count("<tool_call>") == 2 and "The answer is" in text
+    assert "<tool_response>" not in text and task.first_query not in text
+
+
+def test_short_warm_up_writes_weights_and_report(tiny_model_dir, tmp_path):
+    work = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, work)
+    report = sft_warm(work, 3, batch_size=2, eval_samples=2)
+    assert report.steps == 3 and 0.0 <= report.well_formed_rate <= 1.0
+    assert report.loss_first > 0 and json.loads((work / "trustee_sft.json").read_text())["steps"] == 3
+    assert (work / "model.safetensors").stat().st_mtime > (
+        tiny_model_dir / "model.safetensors"
+    ).stat().st_mtime
