@@ -210,3 +210,30 @@ def test_registry_and_build_engine(tiny_model_dir):
 
 class _FakeCfg:
     backend = "tgi"
+
+
+def test_late_requests_join_a_running_batch(engine, reference):
+    prompts = [[30 + i, 31, 32 + i] for i in range(6)]
+
+    async def scenario():
+        long = asyncio.create_task(engine.generate([5, 6, 7], Sampling(max_tokens=400, temperature=0.0)))
+        late = []
+        for p in prompts:  # staggered arrivals while the long request decodes
+            await asyncio.sleep(0.02)
+            late.append(
+                asyncio.create_task(engine.generate(p, Sampling(max_tokens=8, temperature=0.7, seed=1)))
+            )
+        outs = await asyncio.gather(*late)
+        long_still_running = not long.done()  # static batching would finish it first
+        return long_still_running, await long, outs
+
+    before = engine.stats()
+    long_still_running, long, outs = asyncio.run(scenario())
+    after = engine.stats()
+    assert long_still_running and long.finish_reason == "length"  # greedy: deterministic, no eos
+    assert after.max_batch >= 2 and after.batches - before.batches < len(long.token_ids) + 6 * 8
+    for p, o in zip(prompts, outs, strict=True):
+        ref = teacher_logprobs(reference, p, o.token_ids, 0.7)
+        assert (ref - torch.tensor(o.logprobs)).abs().max().item() <= 1e-4
+    greedy = asyncio.run(engine.generate(prompts[0], GREEDY))
+    assert greedy.token_ids == reference_greedy(reference, prompts[0], 6, {2})

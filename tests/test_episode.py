@@ -236,6 +236,8 @@ def test_group_shares_the_tool_memo(tiny_tokenizer):
         p for p in sim.prompts[before:] if b"backend of software tools" in tiny_tokenizer.decode(p).encode()
     ]
     assert len(tool_prompts) == 1  # one simulator call for the whole group
+    texts = [tiny_tokenizer.decode(p) for p in sim.prompts]
+    assert not any(task.id in t or f"{task.id}/" in t for t in texts)  # no ids in simulator prompts
     assert all(t.reward in (-1.0, 0.0, 1.0) for t in trajs)
 
 

@@ -64,11 +64,16 @@ def encode_conversation(tokenizer: Any, task: Task, messages: list[Message]) -> 
     return conv.ids, conv.mask
 
 
+def _knobs(rng: random.Random) -> Knobs:
+    """Toy tasks with 1-3 tools (short prompts keep CPU steps cheap) and 1-2 calls."""
+    return Knobs(n_tools=rng.randint(1, 3), n_expected_calls=rng.randint(1, 2))
+
+
 def _examples(tokenizer: Any, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
     env, rng = ToyEnv(), random.Random(seed)
     out = []
     for _ in range(n):
-        task = env.task(Knobs(n_tools=rng.randint(1, 5), n_expected_calls=rng.randint(1, 2)), rng)
+        task = env.task(_knobs(rng), rng)
         out.append(encode_conversation(tokenizer, task, env.sft_messages(task)))
     return out
 
@@ -141,7 +146,7 @@ def sft_warm(
     model_dir: str | Path,
     steps: int,
     *,
-    batch_size: int = 8,
+    batch_size: int = 4,
     lr: float = 3e-3,
     seed: int = 0,
     eval_samples: int = 32,

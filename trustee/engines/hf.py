@@ -5,13 +5,14 @@ causal LM with a KV cache, exact log-probs of the sampled tokens after temperatu
 JSON constraints through xgrammar, in-place full-weight and LoRA updates, and sleep/wake.
 It does not own tokenization or chat rendering (callers pass token ids) and has no prefix cache.
 
-How batching works: callers enqueue requests; one background task takes up to `max_batch`
-pending requests, prefills them as one left-padded batch, then decodes one token per step for
-every live row until all rows finish (rows that finish or whose caller was cancelled are
-dropped from the cache at once). Requests that arrive meanwhile wait for the next batch. A
-batch runs under one set of weights, so each `Completion.policy_version` is exact: weight
-updates and sleep wait for the running batch to finish. Torch work runs in a worker thread,
-so the event loop stays free.
+How batching works (continuous batching at the step level): callers enqueue requests; one
+background task prefills up to `max_batch` of them as a left-padded batch with a KV cache,
+then decodes one token per step for every live row. Between steps, finished rows and rows
+whose caller was cancelled are dropped from the cache, and queued requests join: they are
+prefilled and their cache is left-padded and stacked onto the running one. Weights never change
+inside a batch (updates and sleep wait for it to drain, and while one waits no newcomer joins),
+so each `Completion.policy_version` is exact. Torch work runs in a worker thread, so the event
+loop stays free. `EngineStats.batches` counts decode steps, `max_batch` the most rows in one.
 
 Callers: `build_engine` (backend 'hf'), the episode runner and learner tests, `bench/engine.py`.
 """
@@ -19,10 +20,11 @@ Callers: `build_engine` (backend 'hf'), the episode runner and learner tests, `b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,6 +147,7 @@ class HFEngine:
         self._fatal: BaseException | None = None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._exclusive_waiters = 0  # sleep/wake/update calls waiting for the gate
 
     @classmethod
     def from_pretrained(
@@ -281,18 +284,14 @@ class HFEngine:
             async with self._gate:
                 if self._sleep_level:
                     continue  # fell asleep between the two waits
-                reqs = [r for r in self._pending[: self.max_batch] if not r.dropped]
-                del self._pending[: self.max_batch]
-                if not self._pending:
-                    self._has_work.clear()
+                reqs = self._take(self.max_batch)
                 if reqs:
                     await self._run_batch(reqs)
 
     async def _run_batch(self, reqs: list[_Request]) -> None:
         t0 = time.perf_counter()
-        self._stats.batches += 1
-        self._stats.max_batch = max(self._stats.max_batch, len(reqs))
         version = self.version
+        members = list(reqs)  # everyone who rode in this batch, for failure reporting
         try:
             if self._needs_weights:
                 raise FatalEngineError(
@@ -301,15 +300,46 @@ class HFEngine:
                 )
             batch = await asyncio.to_thread(self._prefill, reqs)
             while batch.reqs:
+                self._stats.batches += 1
+                self._stats.max_batch = max(self._stats.max_batch, len(batch.reqs))
                 done = await asyncio.to_thread(self._step, batch)
                 self._finish(done, version)
+                joiners = self._take(self.max_batch - len(batch.reqs)) if self._exclusive_waiters == 0 else []
+                if joiners:
+                    members += joiners
+                    await asyncio.to_thread(self._join, batch, joiners)
         except FatalEngineError as e:
-            self._fail(reqs, e)
+            self._fail(members, e)
         except Exception as e:  # a torch/xgrammar failure mid-batch: the engine state is unknown
             self._fatal = e
-            self._fail(reqs, FatalEngineError(f"HFEngine batch failed: {e!r}"))
+            self._fail(members, FatalEngineError(f"HFEngine batch failed: {e!r}"))
         finally:
             self._stats.busy_s += time.perf_counter() - t0
+
+    def _take(self, room: int) -> list[_Request]:
+        """Up to `room` queued requests (skipping those whose callers already left)."""
+        taken: list[_Request] = []
+        while self._pending and len(taken) < room:
+            r = self._pending.pop(0)
+            if not r.dropped:
+                taken.append(r)
+        if not self._pending:
+            self._has_work.clear()
+        return taken
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """Hold the gate between batches; while waiting, the running batch admits no newcomers
+        (so weight updates and sleep are not starved by a batch that keeps growing)."""
+        self._exclusive_waiters += 1
+        try:
+            await self._gate.acquire()
+        finally:
+            self._exclusive_waiters -= 1
+        try:
+            yield
+        finally:
+            self._gate.release()
 
     def _finish(self, done: list[_Request], version: int) -> None:
         for r in done:
@@ -386,12 +416,37 @@ class HFEngine:
         return done
 
     def _select(self, b: _Batch, keep: list[int]) -> None:
+        """Keep rows `keep`, then cut leading columns that are padding in every kept row."""
         b.reqs = [b.reqs[i] for i in keep]
         if not keep:
             return
         idx = torch.tensor(keep, device=self._device)
         b.cache.batch_select_indices(idx)
-        b.mask, b.next_pos = b.mask[idx], b.next_pos[idx]
+        b.mask, b.next_pos, b.logits = b.mask[idx], b.next_pos[idx], b.logits[idx]
+        first = int(b.mask.any(dim=0).long().argmax())  # first column some row uses
+        if first > 0:
+            for layer in b.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            b.mask = b.mask[:, first:]
+
+    @torch.inference_mode()
+    def _join(self, b: _Batch, reqs: list[_Request]) -> None:
+        """Prefill `reqs` and merge them into the running batch `b` (continuous batching):
+        both caches are left-padded to a common length and stacked on the batch dimension."""
+        nb = self._prefill(reqs)
+        if not b.reqs:
+            b.reqs, b.cache, b.mask, b.next_pos, b.logits = nb.reqs, nb.cache, nb.mask, nb.next_pos, nb.logits
+            return
+        width = max(b.mask.shape[1], nb.mask.shape[1])
+        for old, new in zip(b.cache.layers, nb.cache.layers, strict=True):
+            old.keys = torch.cat(
+                [_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)]
+            )  # [B+N, H, W, D]
+            old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)])
+        b.mask = torch.cat([_pad_left(b.mask, width, 1), _pad_left(nb.mask, width, 1)])  # [B+N, W]
+        b.next_pos = torch.cat([b.next_pos, nb.next_pos])
+        b.logits = torch.cat([b.logits, nb.logits])
+        b.reqs = b.reqs + nb.reqs
 
     def _forward_one(self, b: _Batch, toks: torch.Tensor) -> None:
         n = len(b.reqs)
@@ -446,7 +501,7 @@ class HFEngine:
         """Load a full-weight update or a LoRA adapter between batches; bump `version`."""
         self._check_alive()
         self._bind_loop()
-        async with self._gate:
+        async with self._exclusive():
             if self._sleep_level == 2:
                 raise RecoverableEngineError(
                     "engine sleeps at level 2 (weights dropped); call wake() before update_weights"
@@ -521,7 +576,7 @@ class HFEngine:
                 "sleep(2) reloads weights from the checkpoint dir; build with source_dir= or use sleep(1)"
             )
         self._bind_loop()
-        async with self._gate:
+        async with self._exclusive():
             if self._sleep_level:
                 return
             self._awake.clear()
@@ -540,7 +595,7 @@ class HFEngine:
 
     async def wake(self) -> None:
         self._bind_loop()
-        async with self._gate:
+        async with self._exclusive():
             if not self._sleep_level:
                 return
             await asyncio.to_thread(self._restore, self._sleep_level)
@@ -585,6 +640,16 @@ def _load_model(path: Path, device: str, dtype: torch.dtype) -> Any:
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval()
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zero-pad `t` on the left of `dim` up to `width` (masked positions in the KV cache)."""
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def _truncate(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

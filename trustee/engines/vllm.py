@@ -448,6 +448,9 @@ class VLLMEngine:
             return
         self._closed = True
         self._llm.shutdown()
+        # Drop our reference now: AsyncLLM.__del__ calls shutdown() again, which fails noisily
+        # if it only runs at interpreter exit.
+        self._llm = None
         if self._lora_dir is not None:
             self._lora_dir.cleanup()
 
