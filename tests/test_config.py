@@ -154,11 +154,17 @@ def test_cli_dry_run_prints_plan(tmp_path):
 
 def test_cli_run_writes_resolved_config(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
-    r = _run("configs/cpu-tiny.toml", "--set", f"model.path={tiny_model_dir}", "--out", str(out))
+    r = _run(
+        "configs/cpu-tiny.toml",
+        *("--set", f"model.path={tiny_model_dir}", "--set", "grpo.steps=1", "--set", "grpo.tasks_per_step=2"),
+        *("--set", "grpo.group_size=2", "--set", "rollout.max_tokens_per_turn=16", "--set", "logging.progress_bar=false"),
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     resolved = json.loads((out / "resolved.json").read_text())
     assert resolved["policy_model"] == str(tiny_model_dir) and resolved["device"] == "cpu"
-    assert json.loads((out / "config.json").read_text())["grpo"]["group_size"] == 4
+    assert json.loads((out / "config.json").read_text())["grpo"]["group_size"] == 2
     assert "prefix-preserving" in r.stdout
 
 

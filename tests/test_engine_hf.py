@@ -205,7 +205,7 @@ def test_registry_and_build_engine(tiny_model_dir):
     )
     assert isinstance(eng, HFEngine) and eng.max_batch == 4 and eng.max_model_len == 128
     with pytest.raises(ValueError, match="unknown"):
-        build_engine(_FakeCfg(), model_path=str(tiny_model_dir))
+        build_engine(_FakeCfg(), str(tiny_model_dir))
 
 
 class _FakeCfg:

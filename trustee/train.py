@@ -46,15 +46,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def build_engine(ecfg: EngineConfig, model_path: str, cfg: Config, res: Resolved, *, role: str) -> Engine:
-    """One inference engine for `role` ('policy' or 'simulator') from its config section."""
+    """One inference engine for `role` ('policy' or 'simulator') on its placement GPUs."""
     from trustee import engines
 
-    if not hasattr(engines, "build_engine"):  # the HF backend alone, before the registry lands
-        from trustee.engines.hf import HFEngine
-
-        return HFEngine.from_pretrained(
-            model_path, dtype=_DTYPES[res.dtype], max_batch=ecfg.max_num_seqs, max_model_len=cfg.model.max_model_len, seed=cfg.seed
-        )
     return engines.build_engine(
         ecfg,
         model_path,

@@ -8,6 +8,7 @@ engine. Backends: 'hf' (transformers, CPU or one GPU; the embedded default and t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from trustee.engines.base import Engine
@@ -20,30 +21,41 @@ ENGINES: dict[str, type] = {"hf": HFEngine, "vllm": VLLMEngine, "openai": OpenAI
 
 def build_engine(
     cfg: Any,
-    *,
     model_path: str,
+    *,
     dtype: str = "auto",
     max_model_len: int = 8192,
-    device: str = "cpu",
     seed: int = 0,
+    gpus: Sequence[int] = (),
+    lora: bool = False,
+    lora_rank: int = 0,
 ) -> Engine:
     """Build the engine `cfg.backend` names from an `EngineConfig`.
 
-    `model_path`, `dtype` and `max_model_len` come from the model section; `device` is where the
-    'hf' backend runs ('cpu', 'cuda', 'cuda:1'; vLLM and remote servers place themselves).
-    Blocking (vLLM start-up takes tens of seconds): call before the event loop's hot path.
+    `model_path`, `dtype` ('auto', 'float32', 'bfloat16', 'float16') and `max_model_len` come
+    from the model section; `gpus` from placement (empty = CPU; 'hf' uses the first one, vLLM
+    sees exactly these). `lora`: the policy is trained with LoRA, so a vLLM engine enables
+    adapters with `max(cfg.max_lora_rank, lora_rank)` (vLLM rejects larger adapters); without
+    it vLLM runs with LoRA off. Blocking (vLLM start-up takes tens of seconds).
     """
     if cfg.backend not in ENGINES:
         raise ValueError(f"engine backend {cfg.backend!r} unknown; choose one of {sorted(ENGINES)}")
     if cfg.backend == "hf":
+        device = f"cuda:{gpus[0]}" if gpus else "cpu"
         return HFEngine.from_config(
             cfg, model_path=model_path, dtype=dtype, max_model_len=max_model_len, device=device, seed=seed
         )
     if cfg.backend == "vllm":
         return VLLMEngine.from_config(
-            cfg, model_path=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed
+            cfg,
+            model_path=model_path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            gpus=tuple(gpus),
+            lora_rank=max(cfg.max_lora_rank, lora_rank) if lora else 0,
         )
-    return OpenAIEngine.from_config(cfg, model_path=model_path)
+    return OpenAIEngine.from_config(cfg)
 
 
 __all__ = ["ENGINES", "HFEngine", "OpenAIEngine", "VLLMEngine", "build_engine"]

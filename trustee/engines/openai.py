@@ -99,7 +99,7 @@ class OpenAIEngine:
         self._busy_since = 0.0
 
     @classmethod
-    def from_config(cls, cfg: Any, *, model_path: str | None = None, **_: Any) -> OpenAIEngine:
+    def from_config(cls, cfg: Any) -> OpenAIEngine:
         """Build from an `EngineConfig`; the served model name is asked from `/models`."""
         return cls(cfg.base_url, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries)
 

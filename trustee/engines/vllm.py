@@ -120,6 +120,23 @@ def _engine_env(kv_cache_gib: float, on_cpu: bool) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _visible_gpus(gpus: tuple[int, ...]) -> Iterator[None]:
+    """CUDA_VISIBLE_DEVICES = `gpus` while the engine spawns its processes (they keep it)."""
+    if not gpus:
+        yield
+        return
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
 def on_cpu() -> bool:
     from vllm.platforms import current_platform
 
@@ -179,7 +196,8 @@ class VLLMEngine:
 
         if max_lora_rank and max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(
-                f"max_lora_rank = {max_lora_rank}; vLLM accepts one of {VLLM_LORA_RANKS} (or 0 = no LoRA)"
+                f"max_lora_rank = {max_lora_rank}; vLLM accepts one of {VLLM_LORA_RANKS} (or 0 = no LoRA); "
+                "set engines.policy.max_lora_rank to one of them"
             )
         cpu = on_cpu()
         if dtype == "auto":
@@ -220,24 +238,36 @@ class VLLMEngine:
 
     @classmethod
     def from_config(
-        cls, cfg: Any, *, model_path: str, dtype: str = "auto", max_model_len: int = 8192, seed: int = 0
+        cls,
+        cfg: Any,
+        *,
+        model_path: str,
+        dtype: str = "auto",
+        max_model_len: int = 8192,
+        seed: int = 0,
+        gpus: tuple[int, ...] = (),
+        lora_rank: int | None = None,
     ) -> VLLMEngine:
-        """Build from an `EngineConfig` (trustee.config)."""
-        return cls.from_pretrained(
-            model_path,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            max_num_seqs=cfg.max_num_seqs,
-            kv_cache_gib=cfg.kv_cache_gib,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            enable_sleep_mode=cfg.enable_sleep_mode,
-            max_lora_rank=cfg.max_lora_rank,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            data_parallel_size=cfg.data_parallel_size,
-            enforce_eager=cfg.enforce_eager or None,
-            seed=seed,
-        )
+        """Build from an `EngineConfig` (trustee.config). `gpus`: the devices this engine may
+        use (CUDA_VISIBLE_DEVICES while it spawns). `lora_rank`: LoRA capacity (None = the
+        config's `max_lora_rank`, 0 = LoRA off)."""
+        rank = cfg.max_lora_rank if lora_rank is None else lora_rank
+        with _visible_gpus(gpus):
+            return cls.from_pretrained(
+                model_path,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                max_num_seqs=cfg.max_num_seqs,
+                kv_cache_gib=cfg.kv_cache_gib,
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                enable_prefix_caching=cfg.enable_prefix_caching,
+                enable_sleep_mode=cfg.enable_sleep_mode,
+                max_lora_rank=rank,
+                tensor_parallel_size=cfg.tensor_parallel_size,
+                data_parallel_size=cfg.data_parallel_size,
+                enforce_eager=cfg.enforce_eager or None,
+                seed=seed,
+            )
 
     def _events(self) -> tuple[asyncio.Event, asyncio.Event, asyncio.Lock]:
         if self._gate_open is None or self._idle is None or self._update_lock is None:
