@@ -69,7 +69,9 @@ WeightUpdate = LoraUpdate | FullUpdate
 
 
 class EngineStats(msgspec.Struct, kw_only=True):
-    """Cumulative counters since the engine started. Prefix-cache figures are in tokens."""
+    """Cumulative counters since the engine started. Prefix-cache figures are in tokens.
+    `batches` counts decode steps (forward passes with running requests) and `max_batch` the
+    most requests in one step; 0 where a backend cannot see them (openai)."""
 
     requests: int = 0
     prompt_tokens: int = 0
@@ -84,7 +86,8 @@ class EngineStats(msgspec.Struct, kw_only=True):
 
     @property
     def mean_batch(self) -> float:
-        return self.requests / self.batches if self.batches else 0.0
+        """Mean requests per decode step (each running request gains one token per step)."""
+        return self.generated_tokens / self.batches if self.batches else 0.0
 
 
 class EngineError(Exception):
