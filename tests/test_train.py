@@ -56,6 +56,23 @@ def test_loop_trains_syncs_weights_and_resumes(tmp_path, tiny_model_dir):
     # The learner's step counter was restored too: this is its third optimiser step.
     assert recs[-1]["learn/step"] == 3
 
+    # The final adapter is exported where `trustee.eval --run-dir` picks it up, and loads.
+    import anyio
+
+    from trustee.engines.hf import HFEngine
+    from trustee.eval.__main__ import trained_adapter
+
+    update = trained_adapter(out)
+    assert update is not None and update.config["r"] == 8
+
+    async def load():
+        engine = HFEngine.from_pretrained(tiny_model_dir)
+        await engine.update_weights(update)
+        assert engine.version == 1
+        await engine.close()
+
+    anyio.run(load, backend="asyncio")
+
 
 def test_overlap_mode_trains_while_episodes_run(tmp_path, tiny_model_dir):
     out = tmp_path / "run"

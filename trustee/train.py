@@ -317,6 +317,21 @@ class _Run:
             _save(self.run_dir, step, self.learner, self.curriculum, self.rng, cfg.checkpoint.keep)
         return record
 
+    def export_final(self) -> Path:
+        """Write the trained policy where `trustee.eval --run-dir` and vLLM can load it: the
+        LoRA adapter as a PEFT directory (RUN/adapter) or the full model (RUN/model)."""
+        model = self.learner.model
+        if self.learner.policy.mode in ("lora", "qlora"):
+            out = self.run_dir / "adapter"
+            export_lora(model, path=out, tensors=False)
+        else:
+            out = self.run_dir / "model"
+            model.save_pretrained(out)
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(self.cfg.model.path).save_pretrained(out)
+        return out
+
     async def close(self) -> None:
         if hasattr(self, "log"):
             self.log.close()
@@ -345,6 +360,7 @@ async def train(cfg: Config, res: Resolved) -> dict[str, Any]:
                 last = await run.step(step, groups, knobs, time.perf_counter() - t0)
         else:
             last = await _train_continuous(run)
+        run.export_final()
     finally:
         await run.close()
     return last

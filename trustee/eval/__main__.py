@@ -61,7 +61,10 @@ def _load_run_dir(run_dir: Path, overrides: list[str]) -> Config:
         raise ConfigError(
             str(path), [Problem("(file)", str(path), "no config.json: is this a trustee run directory?")]
         )
-    raw = apply_overrides(msgspec.json.decode(path.read_bytes()), overrides)
+    raw = msgspec.json.decode(path.read_bytes())
+    if (run_dir / "model" / "config.json").exists():  # a full fine-tuning run's final weights
+        raw["model"]["path"] = str(run_dir / "model")
+    raw = apply_overrides(raw, overrides)
     try:
         return msgspec.convert(raw, Config)
     except msgspec.ValidationError as e:
@@ -78,7 +81,19 @@ def build_policy_engine(cfg: Config):
     return build_engine(cfg.engines.policy, cfg.model.path, cfg, res, role="policy")
 
 
-async def run(cfg: Config, *, progress: bool = True):
+def trained_adapter(run_dir: Path | None):
+    """The LoRA adapter a training run exported (RUN/adapter), as a weight update, or None."""
+    if run_dir is None or not (run_dir / "adapter" / "adapter_config.json").exists():
+        return None
+    import json
+
+    from trustee.engines.base import LoraUpdate
+
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    return LoraUpdate(config=config, path=str(run_dir / "adapter"))
+
+
+async def run(cfg: Config, *, progress: bool = True, run_dir: Path | None = None):
     from trustee.chat.render import project_template
     from trustee.rollout.episode import EpisodeRunner
 
@@ -89,6 +104,9 @@ async def run(cfg: Config, *, progress: bool = True):
     from transformers import AutoTokenizer
 
     engine = build_policy_engine(cfg)
+    adapter = trained_adapter(run_dir)
+    if adapter is not None:
+        await engine.update_weights(adapter)
     runner = EpisodeRunner(
         policy=engine,
         tokenizer=AutoTokenizer.from_pretrained(cfg.model.path),
@@ -115,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    report = anyio.run(lambda: run(cfg, progress=not args.no_progress))
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    report = anyio.run(lambda: run(cfg, progress=not args.no_progress, run_dir=run_dir))
     out = cfg.eval.out or str(Path(args.run_dir or cfg.model.path) / "bfcl_eval.json")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_report(report, out)
