@@ -138,8 +138,9 @@ needs_vllm = [pytest.mark.vllm, pytest.mark.skipif(not HAVE_VLLM, reason=NO_VLLM
 BACKENDS = [
     pytest.param("hf", id="hf"),
     pytest.param("vllm", id="vllm", marks=needs_vllm),
-    # A second vLLM start-up (~60-100 s on 2 shared cores): outside the default run.
-    pytest.param("openai", id="openai-vllm-server", marks=[*needs_vllm, pytest.mark.slow]),
+    # The OpenAI backend against a real vLLM OpenAI-compatible server (the CPU build), started
+    # on a loopback port by the fixture: a second vLLM start-up, ~60 s on 2 cores.
+    pytest.param("openai", id="openai-vllm-server", marks=needs_vllm),
 ]
 
 

@@ -34,7 +34,7 @@ def engines(tiny_model_dir):
 def _run(engines, tiny_tokenizer, n_tasks: int, group: int, difficulty: float):
     sim, policy = engines
     client = SimClient(sim, tiny_tokenizer, max_tokens=512, max_decode_retries=2)
-    env = SimulatedEnv(client, max_user_turns=2, task_max_tokens=1536, judge_votes=1)
+    env = SimulatedEnv(client, max_user_turns=2, task_max_tokens=2048, judge_votes=1)
     runner = EpisodeRunner(
         policy, tiny_tokenizer, cfg=RolloutConfig(max_turns=3, max_tokens_per_turn=32), max_model_len=4096
     )
@@ -60,7 +60,8 @@ def _check(client, env, trajs, expected):
     statuses = [t.status for t in trajs]
     assert all(s in ("ok", "truncated") for s in statuses), [(t.status, t.error) for t in trajs]
     assert client.stats.failures == 0 and env.sim_errors == 0
-    assert client.stats.decoded == client.stats.calls  # 100% of simulator outputs decoded, first try
+    # 100% of simulator outputs decoded, first try
+    assert client.stats.decoded == client.stats.calls, client.stats.recent_problems
     assert all(t.reward in (-1.0, 0.0, 1.0) for t in trajs)
     for t in trajs:
         t.check()
@@ -75,5 +76,7 @@ def test_simulated_episodes_on_tiny_random_models(engines, tiny_tokenizer):
 
 @pytest.mark.slow
 def test_64_simulated_episodes_on_tiny_random_models(engines, tiny_tokenizer):
-    client, env, trajs = _run(engines, tiny_tokenizer, n_tasks=8, group=8, difficulty=30.0)
+    # D = 12: up to 2 tools. A random model fills every string to its bound, so larger tool
+    # sets outgrow task_max_tokens (a real model writes far shorter strings).
+    client, env, trajs = _run(engines, tiny_tokenizer, n_tasks=8, group=8, difficulty=12.0)
     _check(client, env, trajs, 64)

@@ -36,7 +36,8 @@ def main() -> None:
         r = sft_warm(path, a.sft, seed=a.seed)
         print(
             f"SFT {r.steps} steps in {r.wall_s:.0f}s: loss {r.loss_first:.2f} -> {r.loss_last:.2f}, "
-            f"well-formed tool-call rate {r.well_formed_rate:.0%} ({r.eval_samples} samples)"
+            f"well-formed tool-call rate {r.well_formed_rate:.0%}, any tool-call block {r.attempt_rate:.0%} "
+            f"({r.eval_samples} samples at temperature 1)"
         )
     import torch
     from transformers import AutoModelForCausalLM

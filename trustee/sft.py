@@ -36,6 +36,9 @@ class SftReport(msgspec.Struct, kw_only=True):
     loss_first: float
     loss_last: float
     well_formed_rate: float
+    """Sampled first turns with >= 1 call and no parse error (JSON, tool name, argument schema)."""
+    attempt_rate: float
+    """Sampled first turns with any <tool_call> block."""
     eval_samples: int
     wall_s: float
 
@@ -106,14 +109,20 @@ def well_formed_rate(
     model: Any, tokenizer: Any, *, samples: int = 32, seed: int = 12345, max_new_tokens: int = 64
 ) -> float:
     """Share of sampled first turns (temperature 1) on fresh toy tasks with >= 1 tool call
-    and no parse error. All samples are generated as one left-padded batch."""
+    and no parse error (valid JSON, known tool, schema-valid arguments)."""
+    return call_rates(model, tokenizer, samples=samples, seed=seed, max_new_tokens=max_new_tokens)[0]
+
+
+def call_rates(
+    model: Any, tokenizer: Any, *, samples: int = 32, seed: int = 12345, max_new_tokens: int = 64
+) -> tuple[float, float]:
+    """(well-formed rate, attempt rate) over fresh toy tasks from the training distribution;
+    the attempt rate counts turns with any `<tool_call>` block, valid or not. All samples
+    are generated as one left-padded batch."""
     import torch
 
     env, rng = ToyEnv(), random.Random(seed)
-    tasks = [
-        env.task(Knobs(n_tools=rng.randint(1, 5), n_expected_calls=rng.randint(1, 2)), rng)
-        for _ in range(samples)
-    ]
+    tasks = [env.task(_knobs(rng), rng) for _ in range(samples)]
     prompts = [ChatFormat(tokenizer, t.tools).prompt_ids(env.sft_messages(t)[:2]) for t in tasks]
     width = max(len(p) for p in prompts)
     ids = torch.full((samples, width), tokenizer.pad_token_id, dtype=torch.long)  # [B, T] left-padded
@@ -135,11 +144,12 @@ def well_formed_rate(
             eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
             pad_token_id=tokenizer.pad_token_id,
         )  # [B, T + new]
-    good = 0
+    good = tried = 0
     for task, row in zip(tasks, out[:, width:].tolist(), strict=True):
         parsed = ToolCallParser(task.tools).parse(tokenizer.decode(row, skip_special_tokens=False))
         good += bool(parsed.calls) and not parsed.errors
-    return good / samples
+        tried += parsed.blocks > 0
+    return good / samples, tried / samples
 
 
 def sft_warm(
@@ -177,7 +187,7 @@ def sft_warm(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
-    rate = well_formed_rate(model, tok, samples=eval_samples)
+    rate, attempts = call_rates(model, tok, samples=eval_samples)
     out = Path(out_dir) if out_dir is not None else model_dir
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -189,6 +199,7 @@ def sft_warm(
         loss_first=losses[0],
         loss_last=sum(losses[-10:]) / len(losses[-10:]),
         well_formed_rate=rate,
+        attempt_rate=attempts,
         eval_samples=eval_samples,
         wall_s=time.perf_counter() - t0,
     )

@@ -39,9 +39,9 @@ from trustee.sim.client import (
 from trustee.types import Message, Rubric, Task, ToolCall, ToolSpec
 
 Ident = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{2,31}$")]
-Word = Annotated[str, Meta(min_length=1, max_length=24)]
-Short = Annotated[str, Meta(min_length=1, max_length=120)]
-Text = Annotated[str, Meta(min_length=1, max_length=240)]
+Word = Annotated[str, Meta(min_length=1, max_length=16)]
+Short = Annotated[str, Meta(min_length=1, max_length=80)]
+Text = Annotated[str, Meta(min_length=1, max_length=200)]
 
 GENERIC_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -51,7 +51,7 @@ class ParamDraft(msgspec.Struct, kw_only=True):
     type: Literal["string", "integer", "number", "boolean"]
     description: Short
     required: bool
-    enum: Annotated[list[Word], Meta(max_length=5)]
+    enum: Annotated[list[Word], Meta(max_length=4)]
 
 
 class ToolDraft(msgspec.Struct, kw_only=True):
