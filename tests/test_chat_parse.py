@@ -16,7 +16,10 @@ TOOLS = [
         name="get_weather",
         parameters={
             "type": "object",
-            "properties": {"city": {"type": "string", "minLength": 1}, "days": {"type": "integer", "minimum": 1}},
+            "properties": {
+                "city": {"type": "string", "minLength": 1},
+                "days": {"type": "integer", "minimum": 1},
+            },
             "required": ["city"],
             "additionalProperties": False,
         },
@@ -41,7 +44,10 @@ def test_valid_calls_with_content_and_reasoning():
     )
     t = P.parse(text)
     assert t.errors == [] and t.blocks == 2
-    assert t.calls == [ToolCall(name="get_weather", arguments={"city": "Paris", "days": 2}), ToolCall(name="ping")]
+    assert t.calls == [
+        ToolCall(name="get_weather", arguments={"city": "Paris", "days": 2}),
+        ToolCall(name="ping"),
+    ]
     assert t.message.content == "Checking." and t.message.reasoning == "need weather"
     assert t.message.tool_calls == t.calls
 
@@ -59,7 +65,11 @@ def test_plain_answer_has_no_calls():
         ('{"arguments": {}}', "missing_name", "name"),
         ('{"name": "ping", "arguments": [1]}', "not_an_object", "arguments"),
         ('{"name": "ping", "arguments": "{bad"}', "invalid_json", "arguments"),
-        ('{"name": "teleport", "arguments": {}}', "unknown_tool", "tool 'teleport' not found; known: ['get_weather', 'ping']"),
+        (
+            '{"name": "teleport", "arguments": {}}',
+            "unknown_tool",
+            "tool 'teleport' not found; known: ['get_weather', 'ping']",
+        ),
         ('{"name": "get_weather", "arguments": {}}', "schema", "'city' is a required property"),
         ('{"name": "get_weather", "arguments": {"city": "x", "days": 0}}', "schema", "days"),
         ('{"name": "get_weather", "arguments": {"city": 5}}', "schema", "city"),
@@ -89,7 +99,9 @@ def test_arguments_as_json_string_are_accepted():
 def test_errors_and_calls_keep_their_order_and_count():
     text = block("nope") + block({"name": "ping", "arguments": {}}) + block({"name": "x", "arguments": {}})
     t = P.parse(text)
-    assert [e.kind for e in t.errors] == ["invalid_json", "unknown_tool"] and len(t.calls) == 1 and t.blocks == 3
+    assert (
+        [e.kind for e in t.errors] == ["invalid_json", "unknown_tool"] and len(t.calls) == 1 and t.blocks == 3
+    )
 
 
 def test_duplicate_tool_names_rejected():
@@ -99,13 +111,18 @@ def test_duplicate_tool_names_rejected():
 
 json_value = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=10)),
-    lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(st.text(max_size=5), kids, max_size=3)),
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=3), st.dictionaries(st.text(max_size=5), kids, max_size=3)
+    ),
     max_leaves=8,
 )
 
 
 @settings(max_examples=200, deadline=None)
-@given(args=st.dictionaries(st.text(min_size=1, max_size=8), json_value, max_size=4), content=st.text(max_size=20))
+@given(
+    args=st.dictionaries(st.text(min_size=1, max_size=8), json_value, max_size=4),
+    content=st.text(max_size=20),
+)
 def test_round_trip_of_valid_calls(args, content):
     free = ToolCallParser([ToolSpec(name="free", parameters={"type": "object"})])
     call = ToolCall(name="free", arguments=args)

@@ -34,7 +34,9 @@ _ALPHABET = string.ascii_letters + string.digits + " .,:;!?'\"{}[]()-_/\n" + "é
 text = st.text(alphabet=_ALPHABET, min_size=1, max_size=40).map(str.strip).filter(bool)
 json_scalar = st.one_of(st.integers(-1000, 1000), st.booleans(), text, st.none())
 arguments = st.dictionaries(st.sampled_from(["city", "value", "unit", "q", "n"]), json_scalar, max_size=3)
-tool_call = st.builds(ToolCall, name=st.sampled_from(["get_weather", "convert", "unknown_tool"]), arguments=arguments)
+tool_call = st.builds(
+    ToolCall, name=st.sampled_from(["get_weather", "convert", "unknown_tool"]), arguments=arguments
+)
 
 
 @st.composite
@@ -110,7 +112,9 @@ def test_incremental_ids_equal_apply_chat_template(tiny_tokenizer, case):
             expected_mask[i] = 1
             assert conv.versions[i] == version and conv.logprobs[i] == -0.5
     assert conv.mask == expected_mask
-    assert all(conv.versions[i] == -1 and conv.logprobs[i] == 0.0 for i in range(len(conv)) if not conv.mask[i])
+    assert all(
+        conv.versions[i] == -1 and conv.logprobs[i] == 0.0 for i in range(len(conv)) if not conv.mask[i]
+    )
     # Every sampled span ends with the end-of-turn token; the "\n" after it is scaffolding.
     for _, b, _ in sampled_spans:
         assert conv.ids[b - 1] == fmt.eos_id and conv.mask[b] == 0
@@ -153,7 +157,10 @@ def test_generation_prompt_with_thinking_off_contains_empty_think(tiny_tokenizer
 def test_parallel_tool_results_share_one_user_turn(tiny_tokenizer, thinking):
     fmt = ChatFormat(tiny_tokenizer, TOOLS, enable_thinking=thinking)
     text = fmt.continuation_text(
-        [Message(role="tool", content="a", name="get_weather"), Message(role="tool", content="b", name="get_weather")]
+        [
+            Message(role="tool", content="a", name="get_weather"),
+            Message(role="tool", content="b", name="get_weather"),
+        ]
     )
     assert text.startswith("\n<|im_start|>user\n<tool_response>\na\n</tool_response>\n<tool_response>\nb\n")
     assert text.count("<|im_start|>user") == 1

@@ -10,7 +10,9 @@ from trustee.checkpoint import latest_checkpoint, list_checkpoints, load_checkpo
 
 def test_round_trip_and_pruning(tmp_path):
     for step in (5, 10, 15):
-        save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, {"difficulty": step * 2.0}, keep=2)
+        save_checkpoint(
+            tmp_path, step, {"w": torch.full((2,), float(step))}, {"difficulty": step * 2.0}, keep=2
+        )
     names = [p.name for p in list_checkpoints(tmp_path)]
     assert names == ["step-000010", "step-000015"]
     state, meta = load_checkpoint(latest_checkpoint(tmp_path))

@@ -132,7 +132,9 @@ def test_syntax_error_and_missing_file_are_config_errors(tmp_path):
 
 
 def _run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "trustee.run", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "trustee.run", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def test_cli_bad_config_exits_2_without_traceback(tmp_path):
@@ -157,7 +159,14 @@ def test_cli_run_writes_resolved_config(tmp_path, tiny_model_dir):
     r = _run(
         "configs/cpu-tiny.toml",
         *("--set", f"model.path={tiny_model_dir}", "--set", "grpo.steps=1", "--set", "grpo.tasks_per_step=2"),
-        *("--set", "grpo.group_size=2", "--set", "rollout.max_tokens_per_turn=16", "--set", "logging.progress_bar=false"),
+        *(
+            "--set",
+            "grpo.group_size=2",
+            "--set",
+            "rollout.max_tokens_per_turn=16",
+            "--set",
+            "logging.progress_bar=false",
+        ),
         "--out",
         str(out),
     )

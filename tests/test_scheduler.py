@@ -26,7 +26,12 @@ class FakeAnsweringPolicy:
     async def generate(self, prompt: list[int], params: Sampling, *, key: str | None = None) -> Completion:
         self.calls += 1
         await anyio.sleep(0.01)
-        return Completion(token_ids=list(self.ids), logprobs=[-1.0] * len(self.ids), finish_reason="stop", policy_version=self.version)
+        return Completion(
+            token_ids=list(self.ids),
+            logprobs=[-1.0] * len(self.ids),
+            finish_reason="stop",
+            policy_version=self.version,
+        )
 
     async def sleep(self, level: int = 1) -> None: ...
     async def wake(self) -> None: ...
@@ -52,7 +57,9 @@ class FailingToyEnv(ToyEnv):
 
 def _scheduler(tokenizer, env=None, **kw):
     policy = FakeAnsweringPolicy(tokenizer)
-    runner = EpisodeRunner(policy=policy, tokenizer=tokenizer, cfg=RolloutConfig(max_turns=2), max_model_len=4096)
+    runner = EpisodeRunner(
+        policy=policy, tokenizer=tokenizer, cfg=RolloutConfig(max_turns=2), max_model_len=4096
+    )
     sched = GroupScheduler(
         env=env or ToyEnv(),
         runner=runner,
@@ -97,7 +104,9 @@ def test_stale_groups_are_dropped_and_counted(tiny_tokenizer):
 
 def test_tasks_that_cannot_be_made_are_counted_not_fatal(tiny_tokenizer):
     async def main():
-        sched, _ = _scheduler(tiny_tokenizer, env=FailingToyEnv(), max_inflight_groups=2, max_staleness=1, buffer=2)
+        sched, _ = _scheduler(
+            tiny_tokenizer, env=FailingToyEnv(), max_inflight_groups=2, max_staleness=1, buffer=2
+        )
         async with anyio.create_task_group() as tg:
             sched.start(tg)
             got = await sched.take(3)

@@ -14,20 +14,33 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(tiny_model_dir, out, steps, *extra):
     args = [
         "configs/cpu-tiny.toml",
-        "--out", str(out),
-        "--set", f"model.path={tiny_model_dir}",
-        "--set", "model.tiny=''",
-        "--set", f"grpo.steps={steps}",
-        "--set", "grpo.tasks_per_step=2",
-        "--set", "grpo.group_size=2",
-        "--set", "grpo.filter_zero_variance=false",
-        "--set", "rollout.max_turns=2",
-        "--set", "rollout.max_tokens_per_turn=24",
-        "--set", "checkpoint.every_steps=1",
-        "--set", "logging.progress_bar=false",
+        "--out",
+        str(out),
+        "--set",
+        f"model.path={tiny_model_dir}",
+        "--set",
+        "model.tiny=''",
+        "--set",
+        f"grpo.steps={steps}",
+        "--set",
+        "grpo.tasks_per_step=2",
+        "--set",
+        "grpo.group_size=2",
+        "--set",
+        "grpo.filter_zero_variance=false",
+        "--set",
+        "rollout.max_turns=2",
+        "--set",
+        "rollout.max_tokens_per_turn=24",
+        "--set",
+        "checkpoint.every_steps=1",
+        "--set",
+        "logging.progress_bar=false",
         *extra,
     ]
-    return subprocess.run([sys.executable, "-m", "trustee.run", *args], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "trustee.run", *args], capture_output=True, text=True, cwd=ROOT
+    )
 
 
 def _steps(out):
@@ -84,6 +97,8 @@ def test_overlap_mode_trains_while_episodes_run(tmp_path, tiny_model_dir):
     # Every trained token lags the version it was consumed at by at most max_staleness.
     for line in (out / "trajectories.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        sampled = [v for v, m in zip(rec["trajectory"]["versions"], rec["trajectory"]["loss_mask"]) if m]
+        sampled = [
+            v for v, m in zip(rec["trajectory"]["versions"], rec["trajectory"]["loss_mask"], strict=True) if m
+        ]
         assert sampled and rec["step"] - min(sampled) <= 1
     assert all("sched/dropped_stale" in x for x in recs)

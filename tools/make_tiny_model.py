@@ -27,7 +27,9 @@ def main() -> None:
     p.add_argument("--size", default="test", choices=sorted(SIZES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rebuild even if the directory is up to date")
-    p.add_argument("--sft", type=int, default=0, metavar="N", help="then SFT-warm it for N steps on toy tool calls")
+    p.add_argument(
+        "--sft", type=int, default=0, metavar="N", help="then SFT-warm it for N steps on toy tool calls"
+    )
     a = p.parse_args()
     path = build_tiny_model(a.out, size=a.size, seed=a.seed, force=a.force)
     if a.sft:

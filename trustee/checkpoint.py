@@ -34,7 +34,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: str | os.PathLike, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int = 2
+) -> Path:
     """Write checkpoint `step` atomically and prune to the newest `keep`. Returns its path."""
     root = _dir(Path(run_dir))
     root.mkdir(parents=True, exist_ok=True)

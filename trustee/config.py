@@ -89,7 +89,9 @@ class EngineConfig(Section, kw_only=True):
 class EnginesConfig(Section, kw_only=True):
     policy: EngineConfig = msgspec.field(default_factory=EngineConfig)
     """The engine that samples the policy being trained."""
-    simulator: EngineConfig = msgspec.field(default_factory=lambda: EngineConfig(enable_sleep_mode=False, max_lora_rank=0))
+    simulator: EngineConfig = msgspec.field(
+        default_factory=lambda: EngineConfig(enable_sleep_mode=False, max_lora_rank=0)
+    )
     """The engine that plays tasks, users, tools and the judge (never gets new weights)."""
 
 
@@ -127,15 +129,15 @@ class SimulatorConfig(Section, kw_only=True):
 
 
 class BfclConfig(Section, kw_only=True):
-    categories: list[Literal["multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param", "multi_turn_long_context"]] = (
-        msgspec.field(
-            default_factory=lambda: [
-                "multi_turn_base",
-                "multi_turn_miss_func",
-                "multi_turn_miss_param",
-                "multi_turn_long_context",
-            ]
-        )
+    categories: list[
+        Literal["multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param", "multi_turn_long_context"]
+    ] = msgspec.field(
+        default_factory=lambda: [
+            "multi_turn_base",
+            "multi_turn_miss_func",
+            "multi_turn_miss_param",
+            "multi_turn_long_context",
+        ]
     )
     """BFCL multi-turn categories to train on (a stage with split = 'base' narrows this to multi_turn_base)."""
     split: Literal["train", "heldout", "all"] = "train"
@@ -336,26 +338,29 @@ class CurriculumConfig(Section, kw_only=True):
 # ----------------------------------------------------------------------------- eval
 
 
+# The BFCL V4 categories trustee evaluates; `envs/bfcl_data.py` groups them by checker.
+BFCL_AST_CATEGORIES = (
+    "simple",
+    "multiple",
+    "parallel",
+    "parallel_multiple",
+    "live_simple",
+    "live_multiple",
+    "live_parallel",
+    "live_parallel_multiple",
+)
+BFCL_RELEVANCE_CATEGORIES = ("irrelevance", "live_irrelevance", "live_relevance")
+BFCL_MULTI_TURN_CATEGORIES = (
+    "multi_turn_base",
+    "multi_turn_miss_func",
+    "multi_turn_miss_param",
+    "multi_turn_long_context",
+)
+BFCL_EVAL_CATEGORIES = BFCL_AST_CATEGORIES + BFCL_RELEVANCE_CATEGORIES + BFCL_MULTI_TURN_CATEGORIES
+
+
 class EvalConfig(Section, kw_only=True):
-    categories: list[str] = msgspec.field(
-        default_factory=lambda: [
-            "simple",
-            "multiple",
-            "parallel",
-            "parallel_multiple",
-            "live_simple",
-            "live_multiple",
-            "live_parallel",
-            "live_parallel_multiple",
-            "irrelevance",
-            "live_irrelevance",
-            "live_relevance",
-            "multi_turn_base",
-            "multi_turn_miss_func",
-            "multi_turn_miss_param",
-            "multi_turn_long_context",
-        ]
-    )
+    categories: list[str] = msgspec.field(default_factory=lambda: list(BFCL_EVAL_CATEGORIES))
     """BFCL categories evaluated by `python -m trustee.eval` (single-turn AST/relevance and multi-turn)."""
     multi_turn_split: Literal["train", "heldout", "all"] = "heldout"
     """Half of each multi-turn category to evaluate (environment.bfcl.split_seed's split; 'all' = BFCL's full 200)."""
@@ -469,7 +474,11 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     for a, b in zip(body, body[1:], strict=False):
         if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name):
-            if isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
+            if (
+                isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant)
+                and isinstance(b.value.value, str)
+            ):
                 docs[a.target.id] = b.value.value.strip()
     return docs
 
@@ -513,7 +522,9 @@ def _example(tp: Any, path: str) -> str:
 def _check(raw: Any, cls: type, prefix: str, problems: list[Problem]) -> None:
     """Collect every problem in `raw` against Struct `cls` (does not stop at the first)."""
     if not isinstance(raw, dict):
-        problems.append(Problem(prefix.rstrip(".") or "(root)", raw, f"expected a table [{prefix.rstrip('.')}]"))
+        problems.append(
+            Problem(prefix.rstrip(".") or "(root)", raw, f"expected a table [{prefix.rstrip('.')}]")
+        )
         return
     fields = {f.encode_name: f for f in msgspec.structs.fields(cls)}
     docs = field_docs(cls)
@@ -528,7 +539,9 @@ def _check(raw: Any, cls: type, prefix: str, problems: list[Problem]) -> None:
         path = f"{prefix}{name}"
         if name not in raw:
             if f.required:
-                problems.append(Problem(path, _MISSING, f"required: {docs.get(name, '')} ({_example(f.type, path)})"))
+                problems.append(
+                    Problem(path, _MISSING, f"required: {docs.get(name, '')} ({_example(f.type, path)})")
+                )
             continue
         value = raw[name]
         sub = _struct_type(f.type)
@@ -547,7 +560,9 @@ def _check(raw: Any, cls: type, prefix: str, problems: list[Problem]) -> None:
         except msgspec.ValidationError as e:
             what = str(e).split(" - at ")[0]
             doc = docs.get(name, "")
-            problems.append(Problem(path, value, f"{what}. {doc} Fix: {_example(f.type, path)}".replace("  ", " ")))
+            problems.append(
+                Problem(path, value, f"{what}. {doc} Fix: {_example(f.type, path)}".replace("  ", " "))
+            )
 
 
 def _cross_checks(cfg: Config) -> list[Problem]:
@@ -566,10 +581,16 @@ def _cross_checks(cfg: Config) -> list[Problem]:
         p.append(Problem("grpo.is_max", g.is_max, f"must be > grpo.is_min ({g.is_min})"))
     if cfg.curriculum.high < cfg.curriculum.low:
         p.append(
-            Problem("curriculum.high", cfg.curriculum.high, f"must be >= curriculum.low ({cfg.curriculum.low})")
+            Problem(
+                "curriculum.high", cfg.curriculum.high, f"must be >= curriculum.low ({cfg.curriculum.low})"
+            )
         )
     if cfg.curriculum.kind == "staged" and not cfg.curriculum.stages:
-        p.append(Problem("curriculum.stages", [], "curriculum.kind = 'staged' needs at least one [[curriculum.stages]]"))
+        p.append(
+            Problem(
+                "curriculum.stages", [], "curriculum.kind = 'staged' needs at least one [[curriculum.stages]]"
+            )
+        )
     for role in ("policy", "simulator"):
         e: EngineConfig = getattr(eng, role)
         gpus = pl.policy_gpus if role == "policy" else pl.simulator_gpus
@@ -586,14 +607,34 @@ def _cross_checks(cfg: Config) -> list[Problem]:
         if len(set(gpus)) != len(gpus):
             p.append(Problem(f"placement.{role}_gpus", gpus, "lists a GPU twice"))
         if e.backend == "openai" and not e.base_url:
-            p.append(Problem(f"engines.{role}.base_url", "", "backend 'openai' needs a server URL, e.g. http://127.0.0.1:8000/v1"))
+            p.append(
+                Problem(
+                    f"engines.{role}.base_url",
+                    "",
+                    "backend 'openai' needs a server URL, e.g. http://127.0.0.1:8000/v1",
+                )
+            )
         if e.backend != "openai" and e.base_url:
             p.append(
-                Problem(f"engines.{role}.base_url", e.base_url, f"only used with backend 'openai' (backend is {e.backend!r})")
+                Problem(
+                    f"engines.{role}.base_url",
+                    e.base_url,
+                    f"only used with backend 'openai' (backend is {e.backend!r})",
+                )
             )
     if eng.policy.backend == "openai":
-        p.append(Problem("engines.policy.backend", "openai", "the policy engine must load new weights; use 'vllm' or 'hf'"))
-    if cfg.learner.mode != "full" and eng.policy.backend == "vllm" and eng.policy.max_lora_rank < cfg.learner.lora_rank:
+        p.append(
+            Problem(
+                "engines.policy.backend",
+                "openai",
+                "the policy engine must load new weights; use 'vllm' or 'hf'",
+            )
+        )
+    if (
+        cfg.learner.mode != "full"
+        and eng.policy.backend == "vllm"
+        and eng.policy.max_lora_rank < cfg.learner.lora_rank
+    ):
         p.append(
             Problem(
                 "engines.policy.max_lora_rank",
@@ -602,12 +643,22 @@ def _cross_checks(cfg: Config) -> list[Problem]:
             )
         )
     if cfg.learner.mode == "qlora" and not pl.learner_gpus:
-        p.append(Problem("learner.mode", "qlora", "QLoRA (bitsandbytes 4-bit) needs CUDA; set placement.learner_gpus or use mode 'lora'"))
+        p.append(
+            Problem(
+                "learner.mode",
+                "qlora",
+                "QLoRA (bitsandbytes 4-bit) needs CUDA; set placement.learner_gpus or use mode 'lora'",
+            )
+        )
     if pl.mode == "split":
         used = [set(pl.policy_gpus), set(pl.simulator_gpus), set(pl.learner_gpus)]
         if (used[0] & used[2]) or (used[1] & used[2]):
             p.append(
-                Problem("placement.learner_gpus", pl.learner_gpus, "placement.mode = 'split' needs GPU sets disjoint from the engines'")
+                Problem(
+                    "placement.learner_gpus",
+                    pl.learner_gpus,
+                    "placement.mode = 'split' needs GPU sets disjoint from the engines'",
+                )
             )
     if pl.mode in ("sync", "overlap") and pl.learner_gpus and pl.policy_gpus:
         missing = sorted(set(pl.learner_gpus) - set(pl.policy_gpus) - set(pl.simulator_gpus))
@@ -628,15 +679,21 @@ def _cross_checks(cfg: Config) -> list[Problem]:
             )
         )
     if cfg.environment.kind == "bfcl" and cfg.environment.reward not in ("progress", "syntax"):
-        p.append(Problem("environment.reward", cfg.environment.reward, "BFCL rewards are 'progress' or 'syntax'"))
+        p.append(
+            Problem("environment.reward", cfg.environment.reward, "BFCL rewards are 'progress' or 'syntax'")
+        )
     if cfg.environment.kind == "toy" and cfg.environment.reward != "exact":
-        p.append(Problem("environment.reward", cfg.environment.reward, "the toy environment's reward is 'exact'"))
+        p.append(
+            Problem("environment.reward", cfg.environment.reward, "the toy environment's reward is 'exact'")
+        )
     return p
 
 
 def _parse_override(item: str) -> tuple[list[str], str]:
     if "=" not in item:
-        raise ConfigError("--set", [Problem(item, _MISSING, "expected section.key=value, e.g. --set grpo.group_size=8")])
+        raise ConfigError(
+            "--set", [Problem(item, _MISSING, "expected section.key=value, e.g. --set grpo.group_size=8")]
+        )
     key, value = item.split("=", 1)
     return key.strip().split("."), value.strip()
 

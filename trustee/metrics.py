@@ -28,7 +28,9 @@ def _clean(v: Any) -> Any:
 
 
 class RunLog:
-    def __init__(self, run_dir: str | Path, cfg: LoggingConfig, *, total_steps: int, run_name: str, config: Any = None):
+    def __init__(
+        self, run_dir: str | Path, cfg: LoggingConfig, *, total_steps: int, run_name: str, config: Any = None
+    ):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
@@ -45,8 +47,12 @@ class RunLog:
             try:
                 import wandb
             except ImportError as e:
-                raise RuntimeError("logging.wandb_project is set but wandb is not installed: pip install -e '.[wandb]'") from e
-            self._wandb = wandb.init(project=cfg.wandb_project, name=run_name, config=msgspec.to_builtins(config))
+                raise RuntimeError(
+                    "logging.wandb_project is set but wandb is not installed: pip install -e '.[wandb]'"
+                ) from e
+            self._wandb = wandb.init(
+                project=cfg.wandb_project, name=run_name, config=msgspec.to_builtins(config)
+            )
 
     def step(self, step: int, record: dict[str, Any], *, advance: int = 1) -> None:
         rec = {"step": step, "elapsed_s": round(time.monotonic() - self._t0, 3)}
@@ -56,7 +62,11 @@ class RunLog:
         if self._wandb is not None:
             self._wandb.log(rec, step=step)
         if self._bar is not None:
-            shown = {k: rec[k] for k in ("reward_mean", "loss", "difficulty") if isinstance(rec.get(k), int | float)}
+            shown = {
+                k: rec[k]
+                for k in ("reward_mean", "loss", "difficulty")
+                if isinstance(rec.get(k), int | float)
+            }
             self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
             self._bar.update(advance)
 

@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
         help="override one config field; repeatable (e.g. --set learner.lr=1e-5)",
     )
     p.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
-    p.add_argument("--dry-run", action="store_true", help="validate, resolve and print the plan; write nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate, resolve and print the plan; write nothing"
+    )
     return p
 
 

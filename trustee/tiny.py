@@ -83,7 +83,9 @@ def _corpus(seed: int, lines: int = 6000) -> list[str]:
             s = " ".join(words).capitalize() + rng.choice([".", "?", "!"])
         elif kind < 0.8:
             name = "_".join(rng.sample(_WORDS, 2))
-            args = {rng.choice(_WORDS): rng.choice([rng.randint(0, 9999), rng.choice(_WORDS), rng.random() < 0.5])}
+            args = {
+                rng.choice(_WORDS): rng.choice([rng.randint(0, 9999), rng.choice(_WORDS), rng.random() < 0.5])
+            }
             s = json.dumps({"name": name, "arguments": args})
         else:
             s = json.dumps({"type": "object", "properties": {rng.choice(_WORDS): {"type": "string"}}})

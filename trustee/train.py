@@ -61,7 +61,9 @@ def build_engine(ecfg: EngineConfig, model_path: str, cfg: Config, res: Resolved
     )
 
 
-def build_environment(cfg: Config, sim_engine: Engine | None, sim_tokenizer: Any, template: str | None) -> Environment:
+def build_environment(
+    cfg: Config, sim_engine: Engine | None, sim_tokenizer: Any, template: str | None
+) -> Environment:
     kind = cfg.environment.kind
     if kind == "toy":
         from trustee.envs.toy import ToyEnv
@@ -71,7 +73,9 @@ def build_environment(cfg: Config, sim_engine: Engine | None, sim_tokenizer: Any
         from trustee.envs.simulated import build_simulated_env
 
         assert sim_engine is not None
-        return build_simulated_env(cfg.simulator, cfg.environment, sim_engine, sim_tokenizer, template=template)
+        return build_simulated_env(
+            cfg.simulator, cfg.environment, sim_engine, sim_tokenizer, template=template
+        )
     if kind == "bfcl":
         from trustee.envs.bfcl import build_bfcl_env
 
@@ -176,7 +180,9 @@ def _trainable_state(learner: Learner) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in learner.model.named_parameters() if p.requires_grad}
 
 
-def _save(run_dir: Path, step: int, learner: Learner, curriculum: Curriculum, rng: random.Random, keep: int) -> None:
+def _save(
+    run_dir: Path, step: int, learner: Learner, curriculum: Curriculum, rng: random.Random, keep: int
+) -> None:
     state = {
         "trainable": _trainable_state(learner),
         "optimizer": learner.optimizer.state_dict(),
@@ -198,7 +204,9 @@ def _resume(run_dir: Path, learner: Learner, curriculum: Curriculum, rng: random
     params = dict(learner.model.named_parameters())
     missing = sorted(set(state["trainable"]) - set(params))
     if missing:
-        raise RuntimeError(f"checkpoint {ckpt} does not match this model (unknown parameters, e.g. {missing[:3]})")
+        raise RuntimeError(
+            f"checkpoint {ckpt} does not match this model (unknown parameters, e.g. {missing[:3]})"
+        )
     with torch.no_grad():
         for name, t in state["trainable"].items():
             params[name].copy_(t.to(params[name].device, params[name].dtype))
@@ -235,7 +243,9 @@ class _Run:
         self.sim_engine = None
         sim_tokenizer = tokenizer
         if cfg.environment.kind == "simulated":
-            self.sim_engine = build_engine(cfg.engines.simulator, res.simulator_model, cfg, res, role="simulator")
+            self.sim_engine = build_engine(
+                cfg.engines.simulator, res.simulator_model, cfg, res, role="simulator"
+            )
             if Path(res.simulator_model).exists():
                 sim_tokenizer = AutoTokenizer.from_pretrained(res.simulator_model)
         self.env = build_environment(cfg, self.sim_engine, sim_tokenizer, template)
@@ -271,27 +281,42 @@ class _Run:
         if cfg.checkpoint.resume == "auto":
             self.start = _resume(self.run_dir, self.learner, self.curriculum, self.rng)
             if self.start:
-                await self.policy_engine.update_weights(weight_update(self.learner, self.run_dir, self.needs_path))
-        self.log = RunLog(self.run_dir, cfg.logging, total_steps=cfg.grpo.steps - self.start, run_name=cfg.name, config=cfg)
+                await self.policy_engine.update_weights(
+                    weight_update(self.learner, self.run_dir, self.needs_path)
+                )
+        self.log = RunLog(
+            self.run_dir, cfg.logging, total_steps=cfg.grpo.steps - self.start, run_name=cfg.name, config=cfg
+        )
 
     async def step(
-        self, step: int, groups: list[Group], knobs: list[Knobs], t_roll: float, extra: dict[str, float] | None = None
+        self,
+        step: int,
+        groups: list[Group],
+        knobs: list[Knobs],
+        t_roll: float,
+        extra: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         """Score, update the curriculum, train, push weights, log, checkpoint."""
         cfg = self.cfg
         record = rollout_metrics(groups)
         record.update(extra or {})
         self.log.trajectories(step, [t for g in groups for t in g.trajectories])
-        scored = [(k, [t.reward for t in g.trajectories if t.trainable]) for k, g in zip(knobs, groups, strict=True)]
+        scored = [
+            (k, [t.reward for t in g.trajectories if t.trainable]) for k, g in zip(knobs, groups, strict=True)
+        ]
         scored = [(k, rs) for k, rs in scored if rs]
         if scored:  # a step where every episode hit a simulator error leaves the curriculum alone
             record.update(
                 self.curriculum.update(
-                    [sum(rs) / len(rs) for _, rs in scored], [k for k, _ in scored], {"reward_mean": record["reward_mean"]}
+                    [sum(rs) / len(rs) for _, rs in scored],
+                    [k for k, _ in scored],
+                    {"reward_mean": record["reward_mean"]},
                 )
             )
         adv = compute_advantages(
-            trainable_groups(groups), scale=cfg.grpo.scale_rewards, filter_zero_variance=cfg.grpo.filter_zero_variance
+            trainable_groups(groups),
+            scale=cfg.grpo.scale_rewards,
+            filter_zero_variance=cfg.grpo.filter_zero_variance,
         )
         record["groups_filtered"] = float(adv.filtered)
         record["groups_trained"] = float(len(adv.groups))
@@ -304,7 +329,13 @@ class _Run:
             if self.shares_device:
                 await self.policy_engine.wake()
             await self.policy_engine.update_weights(update)
-            record.update({f"learn/{k}": v for k, v in msgspec.to_builtins(metrics).items() if isinstance(v, int | float)})
+            record.update(
+                {
+                    f"learn/{k}": v
+                    for k, v in msgspec.to_builtins(metrics).items()
+                    if isinstance(v, int | float)
+                }
+            )
         record["time/rollout_s"] = t_roll
         record["time/learn_s"] = time.perf_counter() - t1
         record["policy_version"] = float(self.policy_engine.version)
@@ -392,7 +423,8 @@ async def _train_continuous(run: _Run) -> dict[str, Any]:
                 "sched/dropped_stale": float(sched.dropped_stale),
                 "sched/peak_inflight_groups": float(sched.peak_inflight),
                 "sched/task_errors": float(sched.task_errors),
-                "sched/lag_mean": sum(run.policy_engine.version - i.started_version for i in items) / len(items),
+                "sched/lag_mean": sum(run.policy_engine.version - i.started_version for i in items)
+                / len(items),
             }
             groups, knobs = [i.group for i in items], [i.knobs for i in items]
             last = await run.step(step, groups, knobs, time.perf_counter() - t0, stats)

@@ -36,7 +36,15 @@ class ToolCallError(msgspec.Struct, frozen=True, kw_only=True):
     block), so an environment can restore the order of calls and errors.
     """
 
-    kind: Literal["invalid_json", "not_an_object", "missing_name", "unknown_tool", "schema", "unclosed", "too_many_calls"]
+    kind: Literal[
+        "invalid_json",
+        "not_an_object",
+        "missing_name",
+        "unknown_tool",
+        "schema",
+        "unclosed",
+        "too_many_calls",
+    ]
     message: str
     raw: str
     name: str | None = None

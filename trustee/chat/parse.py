@@ -96,11 +96,17 @@ class ToolCallParser:
                 args = json.loads(args) if args.strip() else {}
             except json.JSONDecodeError as e:
                 return ToolCallError(
-                    kind="invalid_json", message=f"arguments of {name!r} are not valid JSON: {e}", raw=raw, name=name
+                    kind="invalid_json",
+                    message=f"arguments of {name!r} are not valid JSON: {e}",
+                    raw=raw,
+                    name=name,
                 )
         if not isinstance(args, dict):
             return ToolCallError(
-                kind="not_an_object", message=f'"arguments" of {name!r} must be a JSON object', raw=raw, name=name
+                kind="not_an_object",
+                message=f'"arguments" of {name!r} must be a JSON object',
+                raw=raw,
+                name=name,
             )
         call = ToolCall(name=name, arguments=args)
         return self.validate(call) or call

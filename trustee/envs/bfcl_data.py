@@ -21,24 +21,16 @@ from typing import Any
 
 import msgspec
 
+from trustee.config import BFCL_AST_CATEGORIES, BFCL_RELEVANCE_CATEGORIES
 from trustee.types import ToolSpec
 
 INSTALL_HINT = "pip install --no-deps bfcl-eval==2026.3.23 && pip install mpmath"
 
 MULTI_TURN_CATEGORIES = ("base", "miss_func", "miss_param", "long_context")
 # Non-live and live single-turn categories checked by the AST checker (Python only).
-AST_CATEGORIES = (
-    "simple",
-    "multiple",
-    "parallel",
-    "parallel_multiple",
-    "live_simple",
-    "live_multiple",
-    "live_parallel",
-    "live_parallel_multiple",
-)
+AST_CATEGORIES = BFCL_AST_CATEGORIES
 # Single-turn categories scored only by whether a call was made.
-RELEVANCE_CATEGORIES = ("irrelevance", "live_irrelevance", "live_relevance")
+RELEVANCE_CATEGORIES = BFCL_RELEVANCE_CATEGORIES
 
 _AST_FILES = {"simple": "simple_python"}
 

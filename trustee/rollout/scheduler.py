@@ -76,7 +76,9 @@ class GroupScheduler:
     def start(self, tg: TaskGroup) -> None:
         if self.max_inflight_groups < 1:
             raise ValueError(f"max_inflight_groups = {self.max_inflight_groups}: need at least 1")
-        self._send, self._recv = anyio.create_memory_object_stream[ScheduledGroup](max_buffer_size=self.buffer or math.inf)
+        self._send, self._recv = anyio.create_memory_object_stream[ScheduledGroup](
+            max_buffer_size=self.buffer or math.inf
+        )
         self._slots = anyio.Semaphore(self.max_inflight_groups)
         tg.start_soon(self._produce, tg)
 
@@ -103,7 +105,9 @@ class GroupScheduler:
                 self._failing += 1
                 log.warning("task %s could not be made: %s: %s", gid, type(e).__name__, e)
                 if self._failing >= self.max_task_errors:
-                    raise RuntimeError(f"{self._failing} tasks in a row could not be made; last error: {e}") from e
+                    raise RuntimeError(
+                        f"{self._failing} tasks in a row could not be made; last error: {e}"
+                    ) from e
                 return
             self._failing = 0
             trajs = await run_group(self.env, task, self.group_size, self.runner, group_id=gid)
