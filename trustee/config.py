@@ -44,6 +44,8 @@ class ModelConfig(Section, kw_only=True):
     """Policy model: a local directory with config.json and tokenizer files (no hub access)."""
     tiny: Literal["", "test", "demo"] = ""
     """If set, build a tiny offline model of this size at `path` when it is missing."""
+    tiny_sft_steps: NonNeg = 0
+    """With `tiny`: SFT-warm the built model this many steps on toy tool calls, so RL starts from a model that calls tools."""
     chat_template: Literal["trustee", "model"] = "trustee"
     """'trustee': the project's prefix-preserving Qwen3/Hermes template; 'model': the model's own."""
     enable_thinking: bool = False
@@ -163,8 +165,8 @@ class BfclConfig(Section, kw_only=True):
 class EnvironmentConfig(Section, kw_only=True):
     kind: Literal["simulated", "toy", "bfcl"] = "simulated"
     """'simulated': all roles played by the simulator model; 'toy': programmatic tools, exact rewards; 'bfcl': BFCL executable classes."""
-    reward: Literal["judge", "rubric", "progress", "syntax", "exact"] = "judge"
-    """Reward: simulator judge, rubric judge, BFCL progress, Environment Tuning syntax reward, or toy exact match."""
+    reward: Literal["judge", "rubric", "progress", "syntax", "exact", "graded"] = "judge"
+    """Reward: simulator judge, rubric judge, BFCL progress, Environment Tuning syntax reward, toy exact match, or toy exact with partial credit."""
     bfcl: BfclConfig = msgspec.field(default_factory=BfclConfig)
     """BFCL options (kind = 'bfcl')."""
 
@@ -682,9 +684,13 @@ def _cross_checks(cfg: Config) -> list[Problem]:
         p.append(
             Problem("environment.reward", cfg.environment.reward, "BFCL rewards are 'progress' or 'syntax'")
         )
-    if cfg.environment.kind == "toy" and cfg.environment.reward != "exact":
+    if cfg.environment.kind == "toy" and cfg.environment.reward not in ("exact", "graded"):
         p.append(
-            Problem("environment.reward", cfg.environment.reward, "the toy environment's reward is 'exact'")
+            Problem("environment.reward", cfg.environment.reward, "the toy environment's reward is 'exact' or 'graded'")
+        )
+    if cfg.environment.kind != "toy" and cfg.environment.reward in ("exact", "graded"):
+        p.append(
+            Problem("environment.reward", cfg.environment.reward, "'exact' and 'graded' are the toy environment's rewards")
         )
     return p
 

@@ -44,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_checks(cfg: Config, build: bool) -> list[str]:
-    """Start-up checks on the model directories. Returns notes for the plan; raises
-    ConfigError-like SystemExit only for a real run that cannot start."""
+    """Start-up checks on the model directory; builds (and warms) a tiny model when the
+    config asks for one. Returns notes for the plan."""
     notes: list[str] = []
     path = Path(cfg.model.path)
     if not (path / "config.json").exists():
@@ -56,9 +56,19 @@ def _model_checks(cfg: Config, build: bool) -> list[str]:
             notes.append(f"built tiny model ({cfg.model.tiny}) at {path}")
         elif cfg.model.tiny:
             notes.append(f"tiny model ({cfg.model.tiny}) will be built at {path}")
+            return notes
         else:
             notes.append(f"model directory {path} not found: a real run needs it locally (no hub downloads)")
             return notes
+    if cfg.model.tiny and cfg.model.tiny_sft_steps and build and not (path / "trustee_sft.json").exists():
+        from trustee.sft import sft_warm
+
+        print(f"SFT warm-up of the tiny model: {cfg.model.tiny_sft_steps} steps on toy tool calls ...", flush=True)
+        rep = sft_warm(path, cfg.model.tiny_sft_steps, seed=cfg.seed)
+        notes.append(
+            f"SFT-warmed it {rep.steps} steps ({rep.wall_s:.0f}s): loss {rep.loss_first:.2f} -> {rep.loss_last:.2f}, "
+            f"well-formed tool calls {rep.well_formed_rate:.0%}"
+        )
     if (path / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 

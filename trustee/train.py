@@ -68,7 +68,7 @@ def build_environment(
     if kind == "toy":
         from trustee.envs.toy import ToyEnv
 
-        return ToyEnv()
+        return ToyEnv(reward=cfg.environment.reward)
     if kind == "simulated":
         from trustee.envs.simulated import build_simulated_env
 

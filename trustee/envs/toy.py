@@ -147,8 +147,13 @@ def answer_correct(text: str, answer: Any) -> bool:
 class ToyEnv:
     name = "toy"
 
-    def __init__(self, *, kinds: tuple[str, ...] = ("add", "convert", "kv_get", "kv_set", "chain")):
+    def __init__(
+        self, *, kinds: tuple[str, ...] = ("add", "convert", "kv_get", "kv_set", "chain"), reward: str = "exact"
+    ):
+        if reward not in ("exact", "graded"):
+            raise ValueError(f"toy reward {reward!r}: choose 'exact' or 'graded' (environment.reward)")
         self.kinds = kinds
+        self.reward = reward
 
     async def make_task(self, knobs: Knobs, rng: random.Random) -> Task:
         return self.task(knobs, rng)
@@ -215,9 +220,17 @@ class ToyEnv:
             correct = state.data["store"].get(key) == value
         else:
             correct = state.done and answer_correct(state.data.get("final", ""), p["answer"])
-        reward = 1.0 if correct else 0.0
+        exact = 1.0 if correct else 0.0
+        names = {m.name for m in made}
+        name_hit = sum(c.name in names for c in expected) / len(expected)
+        reward = exact
+        if self.reward == "graded" and not correct:
+            # Partial credit for a tiny model that cannot copy arguments yet: the right tools
+            # called with schema-valid arguments, and exactly matching calls.
+            reward = 0.5 * name_hit + 0.4 * hit
         return Score(
-            reward=reward, parts={"exact": reward, "expected_calls": hit, "finished": float(state.done)}
+            reward=reward,
+            parts={"exact": exact, "expected_calls": hit, "tool_names": name_hit, "finished": float(state.done)},
         )
 
     def sft_messages(self, task: Task) -> list[Message]:
