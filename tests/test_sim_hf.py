@@ -74,7 +74,7 @@ def test_simulated_episodes_on_tiny_random_models(engines, tiny_tokenizer):
     assert client.stats.by_role["task"] == 2 and client.stats.by_role["judge"] == 4
 
 
-@pytest.mark.slow
+# The acceptance run, in the default suite (about a minute on 2 cores).
 def test_64_simulated_episodes_on_tiny_random_models(engines, tiny_tokenizer):
     # D = 12: up to 2 tools. A random model fills every string to its bound, so larger tool
     # sets outgrow task_max_tokens (a real model writes far shorter strings).
