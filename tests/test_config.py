@@ -150,11 +150,17 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path):
 def test_cli_dry_run_prints_plan(tmp_path):
     r = _run("configs/cpu-tiny.toml", "--dry-run", "--set", "grpo.steps=3", "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
-    assert "3 x 4 tasks x 4 episodes = 48 episodes" in r.stdout
+    assert "3 x 8 tasks x 4 episodes = 96 episodes" in r.stdout
     assert not (tmp_path / "run").exists()
 
 
 def test_cli_run_writes_resolved_config(tmp_path, tiny_model_dir):
+    import hashlib
+
+    def digest():
+        return hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()
+
+    before = digest()
     out = tmp_path / "run"
     r = _run(
         "configs/cpu-tiny.toml",
@@ -175,6 +181,8 @@ def test_cli_run_writes_resolved_config(tmp_path, tiny_model_dir):
     assert resolved["policy_model"] == str(tiny_model_dir) and resolved["device"] == "cpu"
     assert json.loads((out / "config.json").read_text())["grpo"]["group_size"] == 2
     assert "prefix-preserving" in r.stdout
+    # cpu-tiny asks for an SFT-warmed tiny model, but an existing model directory is never modified.
+    assert digest() == before
 
 
 def test_cli_help():

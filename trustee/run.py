@@ -43,32 +43,46 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _build_tiny(cfg: Config, path: Path) -> list[str]:
+    """Build (and SFT-warm) the config's tiny model in a temporary directory, then move it to
+    `path`: an interrupted build or warm-up never leaves a half-made model behind."""
+    import shutil
+
+    from trustee.tiny import build_tiny_model
+
+    tmp = path.with_name(path.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    build_tiny_model(tmp, size=cfg.model.tiny, seed=cfg.seed)
+    notes = [f"built tiny model ({cfg.model.tiny}) at {path}"]
+    if cfg.model.tiny_sft_steps:
+        from trustee.sft import sft_warm
+
+        print(f"SFT warm-up of the tiny model: {cfg.model.tiny_sft_steps} steps on toy tool calls ...", flush=True)
+        rep = sft_warm(tmp, cfg.model.tiny_sft_steps, seed=cfg.seed)
+        notes.append(
+            f"SFT-warmed it {rep.steps} steps ({rep.wall_s:.0f}s): loss {rep.loss_first:.2f} -> {rep.loss_last:.2f}, "
+            f"well-formed tool calls {rep.well_formed_rate:.0%}"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(path)
+    return notes
+
+
 def _model_checks(cfg: Config, build: bool) -> list[str]:
-    """Start-up checks on the model directory; builds (and warms) a tiny model when the
-    config asks for one. Returns notes for the plan."""
+    """Start-up checks on the model directory; builds a tiny model when the config names one
+    that does not exist yet (an existing directory is never modified). Returns notes."""
     notes: list[str] = []
     path = Path(cfg.model.path)
     if not (path / "config.json").exists():
         if cfg.model.tiny and build:
-            from trustee.tiny import build_tiny_model
-
-            build_tiny_model(path, size=cfg.model.tiny, seed=cfg.seed)
-            notes.append(f"built tiny model ({cfg.model.tiny}) at {path}")
+            notes += _build_tiny(cfg, path)
         elif cfg.model.tiny:
             notes.append(f"tiny model ({cfg.model.tiny}) will be built at {path}")
             return notes
         else:
             notes.append(f"model directory {path} not found: a real run needs it locally (no hub downloads)")
             return notes
-    if cfg.model.tiny and cfg.model.tiny_sft_steps and build and not (path / "trustee_sft.json").exists():
-        from trustee.sft import sft_warm
-
-        print(f"SFT warm-up of the tiny model: {cfg.model.tiny_sft_steps} steps on toy tool calls ...", flush=True)
-        rep = sft_warm(path, cfg.model.tiny_sft_steps, seed=cfg.seed)
-        notes.append(
-            f"SFT-warmed it {rep.steps} steps ({rep.wall_s:.0f}s): loss {rep.loss_first:.2f} -> {rep.loss_last:.2f}, "
-            f"well-formed tool calls {rep.well_formed_rate:.0%}"
-        )
     if (path / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
