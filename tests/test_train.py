@@ -102,3 +102,26 @@ def test_overlap_mode_trains_while_episodes_run(tmp_path, tiny_model_dir):
         ]
         assert sampled and rec["step"] - min(sampled) <= 1
     assert all("sched/dropped_stale" in x for x in recs)
+
+
+def test_simulated_environment_runs_through_the_loop(tmp_path, tiny_model_dir):
+    # The TRUSTEE path: the tiny random model plays task generator, user, tools and judge.
+    out = tmp_path / "run"
+    r = _run(
+        tiny_model_dir,
+        out,
+        1,
+        *("--set", "environment.kind=simulated", "--set", "environment.reward=judge"),
+        *("--set", "simulator.max_user_turns=1", "--set", "curriculum.kind=fixed"),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    [rec] = _steps(out)
+    # A task the random simulator could not make is dropped and counted, never crashes the step.
+    assert rec["episodes"] + 2 * rec["tasks_failed"] == 4.0 and rec["episodes"] >= 2
+    assert rec["status/error"] == 0.0
+    # Every episode either ended normally or was set aside as a simulator failure (never scored).
+    assert rec["status/ok"] + rec["status/truncated"] + rec["status/sim_error"] == rec["episodes"]
+    for line in (out / "trajectories.jsonl").read_text().splitlines():
+        t = json.loads(line)["trajectory"]
+        if t["status"] in ("ok", "truncated"):
+            assert t["reward"] in (-1.0, 0.0, 1.0)

@@ -119,8 +119,8 @@ class SimulatorConfig(Section, kw_only=True):
     """Regenerations of a task that fails validation (schemas, expected calls)."""
     max_user_turns: Positive = 4
     """Most user-simulator replies per episode."""
-    max_tokens: Positive = 512
-    """Token budget of one user, tool or judge output."""
+    max_tokens: Annotated[int, Meta(ge=384)] = 512
+    """Token budget of one simulator output; >= 384 so a role's longest bounded string (300 characters, one token each in the worst case) plus its JSON fits."""
     task_max_tokens: Positive = 2048
     """Token budget of one task-generator output (a tool set or a scenario is longer)."""
     tool_catalog: str = ""

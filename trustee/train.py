@@ -39,6 +39,7 @@ from trustee.types import Group
 
 log = logging.getLogger("trustee.train")
 
+TASK_ATTEMPTS = 3
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -93,29 +94,38 @@ async def collect(
     cfg: Config,
     rng: random.Random,
     step: int,
+    metrics: dict[str, float],
 ) -> tuple[list[Group], list[Knobs]]:
     """Make the step's tasks and run their groups concurrently (bounded by
-    rollout.max_inflight_episodes)."""
+    rollout.max_inflight_episodes). A task that cannot be made is tried again with a fresh
+    seed (up to TASK_ATTEMPTS times), then dropped and counted in `metrics['tasks_failed']`;
+    the step fails only if no task at all could be made."""
     g = cfg.grpo
     knobs = [curriculum.sample(rng) for _ in range(g.tasks_per_step)]
-    task_rngs = [random.Random(rng.getrandbits(64)) for _ in knobs]
-    tasks = [None] * len(knobs)
-
+    tasks: list[Any] = [None] * len(knobs)
     failures: list[str] = []
 
-    async def make(i: int) -> None:
+    async def make(i: int, seed: int) -> None:
         try:
-            tasks[i] = await env.make_task(knobs[i], task_rngs[i])
+            tasks[i] = await env.make_task(knobs[i], random.Random(seed))
         except Exception as e:  # noqa: BLE001 - one task that cannot be made is dropped, not fatal
             log.warning("step %d: task %d could not be made: %s: %s", step, i, type(e).__name__, e)
             failures.append(f"{type(e).__name__}: {e}")
 
-    async with anyio.create_task_group() as tg:
-        for i in range(len(knobs)):
-            tg.start_soon(make, i)
-
-    if len(failures) == len(knobs):
-        raise RuntimeError(f"no task of step {step} could be made; first error: {failures[0]}")
+    for _ in range(TASK_ATTEMPTS):
+        missing = [i for i, t in enumerate(tasks) if t is None]
+        if not missing:
+            break
+        async with anyio.create_task_group() as tg:
+            for i in missing:
+                tg.start_soon(make, i, rng.getrandbits(64))
+    dropped = sum(t is None for t in tasks)
+    if dropped == len(knobs):
+        raise RuntimeError(
+            f"no task of step {step} could be made in {TASK_ATTEMPTS} attempts each; first error: {failures[0]}"
+        )
+    metrics["tasks_failed"] = float(dropped)
+    metrics["task_attempts_failed"] = float(len(failures))
     made = [i for i, t in enumerate(tasks) if t is not None]
     tasks, knobs = [tasks[i] for i in made], [knobs[i] for i in made]
     groups: list[Group | None] = [None] * len(tasks)
@@ -387,8 +397,9 @@ async def train(cfg: Config, res: Resolved) -> dict[str, Any]:
         if cfg.placement.mode == "sync":
             for step in range(run.start, cfg.grpo.steps):
                 t0 = time.perf_counter()
-                groups, knobs = await collect(run.env, run.runner, run.curriculum, cfg, run.rng, step)
-                last = await run.step(step, groups, knobs, time.perf_counter() - t0)
+                extra: dict[str, float] = {}
+                groups, knobs = await collect(run.env, run.runner, run.curriculum, cfg, run.rng, step, extra)
+                last = await run.step(step, groups, knobs, time.perf_counter() - t0, extra)
         else:
             last = await _train_continuous(run)
         run.export_final()
