@@ -197,10 +197,10 @@ def _save(
         "trainable": _trainable_state(learner),
         "optimizer": learner.optimizer.state_dict(),
         "scheduler": learner.scheduler.state_dict(),
+        "rng": rng.getstate(),
     }
     meta = {
         "curriculum": msgspec.to_builtins(curriculum.state()),
-        "rng": repr(rng.getstate()),
         "learner_steps": learner.step_count,
     }
     save_checkpoint(run_dir, step, state, meta, keep=keep)
@@ -224,9 +224,7 @@ def _resume(run_dir: Path, learner: Learner, curriculum: Curriculum, rng: random
     learner.scheduler.load_state_dict(state["scheduler"])
     learner.step_count = int(meta["learner_steps"])
     curriculum.load_state(msgspec.convert(meta["curriculum"], CurriculumState))
-    import ast
-
-    rng.setstate(ast.literal_eval(meta["rng"]))
+    rng.setstate(state["rng"])
     log.info("resumed from %s", ckpt)
     return int(meta["step"]) + 1
 
@@ -248,7 +246,7 @@ class _Run:
 
         cfg, res = self.cfg, self.res
         template = project_template() if cfg.model.chat_template == "trustee" else None
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         self.policy_engine = build_engine(cfg.engines.policy, cfg.model.path, cfg, res, role="policy")
         self.sim_engine = None
         sim_tokenizer = tokenizer
@@ -368,9 +366,7 @@ class _Run:
         else:
             out = self.run_dir / "model"
             model.save_pretrained(out)
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(self.cfg.model.path).save_pretrained(out)
+            self.tokenizer.save_pretrained(out)
         return out
 
     async def close(self) -> None:
