@@ -223,6 +223,22 @@ class GrpoConfig(Section, kw_only=True):
     """Lower IS bound."""
     is_max: PosFloat = 3.0
     """Upper IS bound (TRL: 3.0)."""
+    updates_per_batch: Positive = 1
+    """Passes over each step's batch (TRL: num_iterations); old log-probs are the learner's own at the batch start, so the clip binds only when updates_per_batch x mini_batches > 1."""
+    mini_batches: Positive = 1
+    """Optimiser updates per pass: the batch's sequences are shuffled and split into this many parts (verl's PPO mini-batches)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: replace groups with zero reward variance by new groups until tasks_per_step useful groups (or max_resample_rounds) are reached."""
+    max_resample_rounds: NonNeg = 3
+    """Most extra rounds of groups a step may play to replace zero-variance groups (dynamic_sampling)."""
+    overlong: Literal["train", "mask", "penalty"] = "train"
+    """Truncated episodes (a turn or length limit ended them): train on them as scored, leave them out of the loss, or subtract DAPO's soft overlong penalty."""
+    overlong_buffer: Positive = 256
+    """Soft penalty ramp: an episode whose sampled tokens exceed (budget - this) loses up to overlong_penalty, linearly; a truncated one loses all of it."""
+    overlong_penalty: Annotated[float, Meta(ge=0.0)] = 1.0
+    """Largest penalty (overlong = 'penalty'); the budget is rollout.max_turns x rollout.max_tokens_per_turn."""
+    kl_metric: bool = False
+    """Log the k3 KL from the starting policy (LoRA: adapter off; full: the reference copy) even when beta = 0: one extra forward pass per micro-batch."""
 
 
 # ----------------------------------------------------------------------------- learner
@@ -325,10 +341,10 @@ class CurriculumConfig(Section, kw_only=True):
     """Initial difficulty D in [1, 100]."""
     delta: Annotated[float, Meta(ge=0.0)] = 3.0
     """Step of D per update (TRUSTEE: 3)."""
-    low: float = 0.0
-    """Mean batch reward below this lowers D (TRUSTEE: 0.0, rewards in {-1, 0, 1})."""
-    high: float = 0.5
-    """Mean batch reward above this raises D (TRUSTEE: 0.5)."""
+    low: float | None = None
+    """Mean batch reward below this lowers D; unset = halfway up the environment's reward range (TRUSTEE: 0.0 on its [-1, 1] judge)."""
+    high: float | None = None
+    """Mean batch reward above this raises D; unset = three quarters up the reward range (TRUSTEE: 0.5 on [-1, 1])."""
     eps: Fraction = 0.5
     """Probability a task draws its aspects at random within the current bounds (soft curriculum)."""
     aspects: AspectRanges = msgspec.field(default_factory=AspectRanges)
@@ -362,6 +378,14 @@ BFCL_EVAL_CATEGORIES = BFCL_AST_CATEGORIES + BFCL_RELEVANCE_CATEGORIES + BFCL_MU
 
 
 class EvalConfig(Section, kw_only=True):
+    every_steps: NonNeg = 0
+    """Evaluate on the environment's held-out tasks every this many training steps (and before the first and after the last); 0 = off."""
+    heldout_tasks: Positive = 32
+    """Held-out tasks per evaluation (toy: a fixed set never trained on; BFCL: the held-out half; simulated: a fixed generated set)."""
+    heldout_samples: NonNeg = 4
+    """Sampled episodes per held-out task (at rollout.temperature) beside the greedy one; 0 = greedy only."""
+    heldout_difficulty: Annotated[float, Meta(ge=1.0, le=100.0)] = 1.0
+    """Fixed difficulty D of the held-out tasks (the reward at a fixed difficulty, beside the curriculum's)."""
     categories: list[str] = msgspec.field(default_factory=lambda: list(BFCL_EVAL_CATEGORIES))
     """BFCL categories evaluated by `python -m trustee.eval` (single-turn AST/relevance and multi-turn)."""
     multi_turn_split: Literal["train", "heldout", "all"] = "heldout"
@@ -567,6 +591,81 @@ def _check(raw: Any, cls: type, prefix: str, problems: list[Problem]) -> None:
             )
 
 
+# Reward range of each built-in (environment.kind, environment.reward); the curriculum's
+# thresholds are derived from it when curriculum.low / high are not set.
+REWARD_RANGES: dict[str, tuple[float, float]] = {
+    "judge": (-1.0, 1.0),
+    "rubric": (0.0, 1.0),
+    "progress": (0.0, 1.0),
+    "syntax": (0.0, 1.0),
+    "exact": (0.0, 1.0),
+    "graded": (0.0, 1.0),
+}
+
+
+def curriculum_thresholds(cfg: CurriculumConfig, reward_range: tuple[float, float]) -> tuple[float, float]:
+    """(low, high) of the adaptive curriculum: the configured values, or, when unset, the
+    points at 1/2 and 3/4 of the reward range (TRUSTEE's 0.0 and 0.5 on its [-1, 1] judge)."""
+    lo, hi = reward_range
+    low = cfg.low if cfg.low is not None else lo + 0.5 * (hi - lo)
+    high = cfg.high if cfg.high is not None else lo + 0.75 * (hi - lo)
+    return low, high
+
+
+def _grpo_checks(cfg: Config) -> list[Problem]:
+    """Training-control rules: clip ranges, the curriculum's thresholds against the reward."""
+    p: list[Problem] = []
+    g = cfg.grpo
+    if not 0.0 < g.clip_low < 1.0:
+        p.append(
+            Problem("grpo.clip_low", g.clip_low, "must be in (0, 1): the ratio's lower bound is 1 - clip_low")
+        )
+    if not 0.0 < g.clip_high <= 10.0:
+        p.append(
+            Problem(
+                "grpo.clip_high",
+                g.clip_high,
+                "must be in (0, 10]: the ratio's upper bound is 1 + clip_high (DAPO: 0.28)",
+            )
+        )
+    if cfg.learner.mode == "full" and g.kl_metric and g.beta == 0:
+        p.append(
+            Problem(
+                "grpo.kl_metric",
+                True,
+                "with learner.mode = 'full' the KL metric needs a reference copy of the model; set grpo.beta > 0 "
+                "(which loads it) or kl_metric = false",
+            )
+        )
+    c = cfg.curriculum
+    rng = REWARD_RANGES.get(cfg.environment.reward)
+    if c.kind == "adaptive" and rng is not None:
+        low, high = curriculum_thresholds(c, rng)
+        lo, hi = rng
+        why = f"environment.reward = {cfg.environment.reward!r} lies in [{lo:g}, {hi:g}]"
+        if high < low:
+            p.append(Problem("curriculum.high", high, f"must be >= curriculum.low ({low:g})"))
+        if high >= hi:
+            p.append(
+                Problem(
+                    "curriculum.high",
+                    high,
+                    f"the difficulty could never rise: {why} and D rises only when the batch mean is above high; "
+                    "set it below the top of the range, or leave low/high unset to derive them",
+                )
+            )
+        if low <= lo:
+            p.append(
+                Problem(
+                    "curriculum.low",
+                    low,
+                    f"the difficulty could never fall: {why} and D falls only when the batch mean is below low; "
+                    "set it above the bottom of the range, or leave low/high unset to derive them",
+                )
+            )
+    return p
+
+
 def _cross_checks(cfg: Config) -> list[Problem]:
     """Rules that involve more than one field. One place, all reported together."""
     p: list[Problem] = []
@@ -581,12 +680,10 @@ def _cross_checks(cfg: Config) -> list[Problem]:
         )
     if g.is_mode != "off" and g.is_max <= g.is_min:
         p.append(Problem("grpo.is_max", g.is_max, f"must be > grpo.is_min ({g.is_min})"))
-    if cfg.curriculum.high < cfg.curriculum.low:
-        p.append(
-            Problem(
-                "curriculum.high", cfg.curriculum.high, f"must be >= curriculum.low ({cfg.curriculum.low})"
-            )
-        )
+    p += _grpo_checks(cfg)
+    cl, ch = cfg.curriculum.low, cfg.curriculum.high
+    if cl is not None and ch is not None and ch < cl:
+        p.append(Problem("curriculum.high", ch, f"must be >= curriculum.low ({cl})"))
     if cfg.curriculum.kind == "staged" and not cfg.curriculum.stages:
         p.append(
             Problem(
@@ -686,11 +783,19 @@ def _cross_checks(cfg: Config) -> list[Problem]:
         )
     if cfg.environment.kind == "toy" and cfg.environment.reward not in ("exact", "graded"):
         p.append(
-            Problem("environment.reward", cfg.environment.reward, "the toy environment's reward is 'exact' or 'graded'")
+            Problem(
+                "environment.reward",
+                cfg.environment.reward,
+                "the toy environment's reward is 'exact' or 'graded'",
+            )
         )
     if cfg.environment.kind != "toy" and cfg.environment.reward in ("exact", "graded"):
         p.append(
-            Problem("environment.reward", cfg.environment.reward, "'exact' and 'graded' are the toy environment's rewards")
+            Problem(
+                "environment.reward",
+                cfg.environment.reward,
+                "'exact' and 'graded' are the toy environment's rewards",
+            )
         )
     return p
 

@@ -3,7 +3,8 @@
 Owns `Curriculum` (built from `CurriculumConfig`) and its serialisable `CurriculumState`.
 
 - `adaptive` (TRUSTEE): difficulty D in [1, 100] moves by `delta` after each step: up when
-  the batch mean reward is above `high`, down when below `low`, clamped. D maps linearly to
+  the batch mean reward is above `high`, down when below `low` (both derived from the
+  environment's reward range when unset), clamped. D maps linearly to
   the seven aspects (tools, expected calls, turns, system-prompt specificity, persona
   expertise, query ambiguity, judge strictness) plus the tool error rate, each from its value
   at D = 1 to its value at D = 100 (integers rounded). With probability `eps` a task draws
@@ -27,7 +28,7 @@ from collections.abc import Mapping
 
 import msgspec
 
-from trustee.config import AspectRanges, CurriculumConfig, StageConfig
+from trustee.config import AspectRanges, CurriculumConfig, StageConfig, curriculum_thresholds
 from trustee.envs.base import Knobs
 
 D_MIN, D_MAX = 1.0, 100.0
@@ -70,9 +71,13 @@ def _knobs(d: float, values: Mapping[str, float], extra: dict | None) -> Knobs:
 
 
 class Curriculum:
-    def __init__(self, cfg: CurriculumConfig):
-        if cfg.high < cfg.low:
-            raise ValueError(f"curriculum.high ({cfg.high}) < curriculum.low ({cfg.low}); set high >= low")
+    """`reward_range`: the environment's reward bounds; `low` / `high` left unset in the
+    config are derived from it (`config.curriculum_thresholds`)."""
+
+    def __init__(self, cfg: CurriculumConfig, reward_range: tuple[float, float] = (-1.0, 1.0)):
+        self.low, self.high = curriculum_thresholds(cfg, reward_range)
+        if self.high < self.low:
+            raise ValueError(f"curriculum.high ({self.high}) < curriculum.low ({self.low}); set high >= low")
         if cfg.kind == "staged" and not cfg.stages:
             raise ValueError("curriculum.kind = 'staged' needs at least one [[curriculum.stages]]")
         self.cfg = cfg
@@ -128,7 +133,7 @@ class Curriculum:
             raise ValueError(f"{len(rewards)} rewards but {len(knobs)} knobs; pass one Knobs per reward")
         mean = sum(rewards) / len(rewards)
         for r, k in zip(rewards, knobs or [], strict=False):
-            self._record(k, r > self.cfg.high)
+            self._record(k, r > self.high)
         self.st.steps += 1
         if self.cfg.kind == "adaptive":
             self._move(mean)
@@ -143,9 +148,9 @@ class Curriculum:
 
     def _move(self, mean: float) -> None:
         d = self.st.difficulty
-        if mean > self.cfg.high:
+        if mean > self.high:
             d += self.cfg.delta
-        elif mean < self.cfg.low:
+        elif mean < self.low:
             d -= self.cfg.delta
         self.st.difficulty = min(max(d, D_MIN), D_MAX)
 

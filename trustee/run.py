@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     from trustee.train import train
 
     last = anyio.run(train, cfg, res, backend="asyncio")
+    if last.get("summary"):
+        print(last["summary"], flush=True)
     summary = {k: last[k] for k in ("reward_mean", "curriculum/difficulty", "policy_version") if k in last}
     print(json.dumps({"run_dir": str(run_dir), "status": "finished", **summary}))
     return 0

@@ -174,18 +174,25 @@ def sft_warm(
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(seed)
-    data = _examples(tok, max(256, batch_size * 32), seed)
+    # Fresh examples for every step (no repeats): a tiny model that sees the same few hundred
+    # conversations again memorises their numbers instead of learning to copy them.
+    data = _examples(tok, max(256, batch_size * steps), seed)
     rng = random.Random(seed)
+    rng.shuffle(data)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # Linear decay to 10% of lr over the run: the last steps settle instead of bouncing.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - 0.9 * i / max(1, steps - 1))
     model.train()
     losses = []
-    for _ in range(steps):
-        ids, mask, attn = _batch(rng.sample(data, batch_size), tok.pad_token_id)
+    for i in range(steps):
+        batch = [data[(i * batch_size + j) % len(data)] for j in range(batch_size)]
+        ids, mask, attn = _batch(batch, tok.pad_token_id)
         loss = _loss(model, ids, mask, attn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sched.step()
         losses.append(loss.item())
     rate, attempts = call_rates(model, tok, samples=eval_samples)
     out = Path(out_dir) if out_dir is not None else model_dir

@@ -13,7 +13,9 @@ the restored weights to the policy engine. Called by `trustee.run`.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -25,16 +27,17 @@ import msgspec
 import torch
 
 from trustee.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from trustee.config import Config, EngineConfig, Resolved
+from trustee.config import REWARD_RANGES, Config, EngineConfig, Resolved
 from trustee.curriculum import Curriculum, CurriculumState
 from trustee.engines.base import Engine, FullUpdate, LoraUpdate
 from trustee.envs.base import Environment, Knobs
-from trustee.learn.advantages import compute_advantages
+from trustee.learn.advantages import ZERO_VAR_TOL, compute_advantages, drop_truncated, shape_overlong
 from trustee.learn.export import export_full, export_lora
 from trustee.learn.learner import Learner
 from trustee.learn.policy import load_policy
 from trustee.metrics import RunLog
 from trustee.rollout.episode import EpisodeRunner, run_group
+from trustee.rollout.heldout import HeldOut
 from trustee.types import Group
 
 log = logging.getLogger("trustee.train")
@@ -101,7 +104,46 @@ async def collect(
     seed (up to TASK_ATTEMPTS times), then dropped and counted in `metrics['tasks_failed']`;
     the step fails only if no task at all could be made."""
     g = cfg.grpo
-    knobs = [curriculum.sample(rng) for _ in range(g.tasks_per_step)]
+    groups, knobs = await _collect_round(
+        env, runner, curriculum, cfg, rng, step, metrics, g.tasks_per_step, 0
+    )
+    rounds = 0
+    while g.dynamic_sampling and rounds < g.max_resample_rounds:
+        useful = sum(has_variance(x) for x in groups)
+        if useful >= g.tasks_per_step:
+            break
+        rounds += 1
+        # Play enough new groups to fill the deficit at the useful rate seen so far.
+        rate = max(useful / len(groups), 1.0 / g.tasks_per_step)
+        n = min(g.tasks_per_step, math.ceil((g.tasks_per_step - useful) / rate))
+        more, more_knobs = await _collect_round(env, runner, curriculum, cfg, rng, step, metrics, n, rounds)
+        groups += more
+        knobs += more_knobs
+    metrics["dynamic/rounds"] = float(rounds)
+    metrics["dynamic/groups_played"] = float(len(groups))
+    return groups, knobs
+
+
+def has_variance(group: Group) -> bool:
+    """The group's trainable episodes do not all have the same reward (it can teach)."""
+    rs = [t.reward for t in group.trajectories if t.trainable]
+    return len(rs) >= 2 and max(rs) - min(rs) > ZERO_VAR_TOL
+
+
+async def _collect_round(
+    env: Environment,
+    runner: EpisodeRunner,
+    curriculum: Curriculum,
+    cfg: Config,
+    rng: random.Random,
+    step: int,
+    metrics: dict[str, float],
+    n_tasks: int,
+    round_: int,
+) -> tuple[list[Group], list[Knobs]]:
+    """One round of `collect`: make `n_tasks` tasks and play their groups."""
+    g = cfg.grpo
+    knobs = [curriculum.sample(rng) for _ in range(n_tasks)]
     tasks: list[Any] = [None] * len(knobs)
     failures: list[str] = []
 
@@ -124,8 +166,8 @@ async def collect(
         raise RuntimeError(
             f"no task of step {step} could be made in {TASK_ATTEMPTS} attempts each; first error: {failures[0]}"
         )
-    metrics["tasks_failed"] = float(dropped)
-    metrics["task_attempts_failed"] = float(len(failures))
+    metrics["tasks_failed"] = metrics.get("tasks_failed", 0.0) + dropped
+    metrics["task_attempts_failed"] = metrics.get("task_attempts_failed", 0.0) + len(failures)
     made = [i for i, t in enumerate(tasks) if t is not None]
     tasks, knobs = [tasks[i] for i in made], [knobs[i] for i in made]
     groups: list[Group | None] = [None] * len(tasks)
@@ -133,7 +175,8 @@ async def collect(
 
     async def play(i: int) -> None:
         async with limiter:
-            trajs = await run_group(env, tasks[i], g.group_size, runner, group_id=f"s{step}t{i}")
+            gid = f"s{step}t{i}" if not round_ else f"s{step}r{round_}t{i}"
+            trajs = await run_group(env, tasks[i], g.group_size, runner, group_id=gid)
         groups[i] = Group(task_id=tasks[i].id, trajectories=trajs)
 
     async with anyio.create_task_group() as tg:
@@ -157,6 +200,9 @@ def rollout_metrics(groups: list[Group]) -> dict[str, float]:
         "schema_errors": float(sum(x.schema_errors for x in c)),
         "sim_retries": float(sum(x.sim_retries for x in c)),
         "tokens_mean": sum(len(t.tokens) for t in trajs) / n,
+        "episodes_malformed_frac": sum(x.format_errors + x.schema_errors + x.unknown_tools > 0 for x in c)
+        / n,
+        "episodes_truncated_frac": statuses.get("truncated", 0) / n,
         "sampled_tokens": float(sum(sum(t.loss_mask) for t in trajs)),
     }
     for s in ("ok", "truncated", "sim_error", "error"):
@@ -181,6 +227,36 @@ def weight_update(learner: Learner, run_dir: Path, needs_path: bool) -> LoraUpda
         path = run_dir / "adapter" if needs_path else None
         return export_lora(model, path=path, tensors=not needs_path)
     return export_full(model)
+
+
+def reward_range(env: Environment, cfg: Config) -> tuple[float, float]:
+    """The environment's reward bounds (its `reward_range`, else the built-in table by
+    environment.reward, else the Score contract's [-1, 1])."""
+    r = getattr(env, "reward_range", None) or REWARD_RANGES.get(cfg.environment.reward, (-1.0, 1.0))
+    return float(r[0]), float(r[1])
+
+
+def learning_summary(metrics_path: Path, window: int = 5) -> str:
+    """One line that says whether training helped, from the run's metrics.jsonl: the mean
+    training reward of the first and last `window` steps, the held-out greedy reward at the
+    first and last evaluation, and how many steps trained nothing."""
+    if not metrics_path.exists():
+        return "no metrics recorded"
+    recs = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    steps = [r for r in recs if not r.get("final_eval") and "reward_mean" in r]
+    if not steps:
+        return "no training steps recorded"
+    rewards = [r["reward_mean"] for r in steps if r["reward_mean"] == r["reward_mean"]]
+    w = max(1, min(window, len(rewards) // 2 or 1))
+    first, last = sum(rewards[:w]) / w, sum(rewards[-w:]) / w
+    text = f"reward {first:.2f} -> {last:.2f} over {len(steps)} steps (mean of the first and last {w})"
+    evals = [r["eval/reward_greedy"] for r in recs if "eval/reward_greedy" in r]
+    if len(evals) >= 2:
+        text += f"; held-out greedy {evals[0]:.2f} -> {evals[-1]:.2f}"
+    untrained = steps[-1].get("untrained_steps", 0)
+    if untrained:
+        text += f"; {int(untrained)} step(s) trained nothing (no reward variance)"
+    return text
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -265,7 +341,19 @@ class _Run:
             template=template,
             enable_thinking=cfg.model.enable_thinking,
         )
-        self.curriculum = Curriculum(cfg.curriculum)
+        self.curriculum = Curriculum(cfg.curriculum, reward_range=reward_range(self.env, cfg))
+        self.heldout = (
+            HeldOut(
+                self.env,
+                self.runner,
+                cfg.eval,
+                cfg.curriculum.aspects,
+                max_inflight=cfg.rollout.max_inflight_episodes,
+            )
+            if cfg.eval.every_steps
+            else None
+        )
+        self.untrained_steps = 0
         policy = load_policy(
             cfg.model.path,
             cfg.learner,
@@ -308,6 +396,8 @@ class _Run:
         cfg = self.cfg
         record = rollout_metrics(groups)
         record.update(extra or {})
+        if self.heldout is not None and step % cfg.eval.every_steps == 0:
+            record.update(await self.evaluate(step))  # the policy before this step's update
         self.log.trajectories(step, [t for g in groups for t in g.trajectories])
         scored = [
             (k, [t.reward for t in g.trajectories if t.trainable]) for k, g in zip(knobs, groups, strict=True)
@@ -318,21 +408,43 @@ class _Run:
                 self.curriculum.update(
                     [sum(rs) / len(rs) for _, rs in scored],
                     [k for k, _ in scored],
-                    {"reward_mean": record["reward_mean"]},
+                    {k: v for k, v in record.items() if k == "reward_mean" or k.startswith("eval/")},
                 )
             )
-        adv = compute_advantages(
+        g = cfg.grpo
+        shaped, _ = shape_overlong(
             trainable_groups(groups),
-            scale=cfg.grpo.scale_rewards,
-            filter_zero_variance=cfg.grpo.filter_zero_variance,
+            g.overlong,
+            budget=cfg.rollout.max_turns * cfg.rollout.max_tokens_per_turn,
+            buffer=g.overlong_buffer,
+            penalty=g.overlong_penalty,
         )
+        adv = compute_advantages(shaped, scale=g.scale_rewards, filter_zero_variance=g.filter_zero_variance)
+        train_groups = adv.groups[: g.tasks_per_step] if g.dynamic_sampling else adv.groups
+        if g.overlong == "mask":
+            train_groups, masked = drop_truncated(train_groups)
+            record["overlong_masked"] = float(masked)
         record["groups_filtered"] = float(adv.filtered)
-        record["groups_trained"] = float(len(adv.groups))
+        record["groups_trained"] = float(len(train_groups))
+        advs = [a for grp in train_groups for a in grp.advantages]
+        record["adv/abs_mean"] = sum(abs(a) for a in advs) / len(advs) if advs else 0.0
+        record["adv/max"] = max(advs, default=0.0)
+        record["adv/min"] = min(advs, default=0.0)
+        if not train_groups:
+            self.untrained_steps += 1
+            log.warning(
+                "step %d trained nothing: %d of %d groups had no reward variance (every episode scored the same)%s",
+                step,
+                adv.filtered,
+                len(groups),
+                "" if g.dynamic_sampling else "; grpo.dynamic_sampling = true replaces such groups",
+            )
+        record["untrained_steps"] = float(self.untrained_steps)
         t1 = time.perf_counter()
-        if adv.groups:
+        if train_groups:
             if self.shares_device:
                 await self.policy_engine.sleep(1)
-            metrics = await self.learner.step_async(adv.groups)
+            metrics = await self.learner.step_async(train_groups)
             update = weight_update(self.learner, self.run_dir, self.needs_path)
             if self.shares_device:
                 await self.policy_engine.wake()
@@ -355,6 +467,23 @@ class _Run:
         if (every and (step + 1) % every == 0) or step + 1 == cfg.grpo.steps:
             _save(self.run_dir, step, self.learner, self.curriculum, self.rng, cfg.checkpoint.keep)
         return record
+
+    async def evaluate(self, step: int) -> dict[str, float]:
+        """The held-out evaluation (`rollout/heldout.py`), timed."""
+        t0 = time.perf_counter()
+        out = await self.heldout.run(step)
+        out["time/eval_s"] = time.perf_counter() - t0
+        return out
+
+    async def final_eval(self) -> None:
+        """After the last update: one more held-out evaluation, logged as its own record
+        (step = grpo.steps, `final_eval` = 1) so the curve ends at the trained policy."""
+        if self.heldout is None:
+            return
+        record = await self.evaluate(self.cfg.grpo.steps)
+        record["final_eval"] = 1.0
+        record["policy_version"] = float(self.policy_engine.version)
+        self.log.step(self.cfg.grpo.steps, record)
 
     def export_final(self) -> Path:
         """Write the trained policy where `trustee.eval --run-dir` and vLLM can load it: the
@@ -398,7 +527,11 @@ async def train(cfg: Config, res: Resolved) -> dict[str, Any]:
                 last = await run.step(step, groups, knobs, time.perf_counter() - t0, extra)
         else:
             last = await _train_continuous(run)
+        if run.start < cfg.grpo.steps:
+            await run.final_eval()
         run.export_final()
+        last = dict(last)
+        last["summary"] = learning_summary(Path(res.run_dir) / "metrics.jsonl")
     finally:
         await run.close()
     return last

@@ -3,7 +3,9 @@
 Owns `ToyEnv`: five programmatic tools (add, multiply, unit conversion, a small key-value
 store with get and set), a task generator driven by the curriculum knobs (more expected
 calls -> chained arithmetic; more tools -> distractor tools), exact scoring (reward 1.0 when
-the final answer or the final store state is right, else 0.0) and `sft_messages`, the
+the final answer or the final store state is right, else 0.0; 'graded' adds partial credit),
+a fixed held-out split (`heldout_tasks`: about 1 in 8 queries, chosen by a stable hash of
+the text and never drawn for training) and `sft_messages`, the
 reference conversation of a task (for warming a tiny model until it emits well-formed tool
 calls; see `trustee/sft.py`). It is the CPU learning demo's environment and the ground truth
 for runner tests. It is not a simulation of anything: every result is computed.
@@ -11,6 +13,7 @@ for runner tests. It is not a simulation of anything: every result is computed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -76,6 +79,7 @@ TOOLS: dict[str, ToolSpec] = {
         ),
     ]
 }
+HELDOUT_SEED = 0x5EED
 _KEYS = ["color", "city", "pet", "fruit", "team", "code", "song", "planet"]
 _VALUES = ["blue", "paris", "cat", "mango", "red", "x42", "jazz", "mars", "green", "oslo"]
 
@@ -144,11 +148,23 @@ def answer_correct(text: str, answer: Any) -> bool:
     return any(abs(x - float(answer)) <= 0.01 + 1e-9 for x in nums)
 
 
+HELDOUT_MOD = 8  # a task whose query hashes to 0 mod this is held out: never trained on
+
+
+def is_heldout(query: str) -> bool:
+    """The fixed held-out split: about 1 in HELDOUT_MOD queries, by a stable hash of the text."""
+    return int.from_bytes(hashlib.blake2b(query.encode(), digest_size=4).digest(), "big") % HELDOUT_MOD == 0
+
+
 class ToyEnv:
     name = "toy"
+    reward_range = (0.0, 1.0)
 
     def __init__(
-        self, *, kinds: tuple[str, ...] = ("add", "convert", "kv_get", "kv_set", "chain"), reward: str = "exact"
+        self,
+        *,
+        kinds: tuple[str, ...] = ("add", "convert", "kv_get", "kv_set", "chain"),
+        reward: str = "exact",
     ):
         if reward not in ("exact", "graded"):
             raise ValueError(f"toy reward {reward!r}: choose 'exact' or 'graded' (environment.reward)")
@@ -158,11 +174,21 @@ class ToyEnv:
     async def make_task(self, knobs: Knobs, rng: random.Random) -> Task:
         return self.task(knobs, rng)
 
-    def task(self, knobs: Knobs, rng: random.Random) -> Task:
-        """Synchronous `make_task` (SFT data, tests)."""
+    async def heldout_tasks(self, n: int, knobs: Knobs) -> list[Task]:
+        """`n` fixed tasks from the held-out split (the same for every call and run):
+        `make_task` never draws one of them."""
+        rng = random.Random(HELDOUT_SEED)
+        return [self.task(knobs, rng, heldout=True) for _ in range(n)]
+
+    def task(self, knobs: Knobs, rng: random.Random, *, heldout: bool = False) -> Task:
+        """Synchronous `make_task` (SFT data, tests): a task of the training split, or of the
+        held-out split with `heldout`."""
         allowed = [k for k in self.kinds if k != "chain" or knobs.n_expected_calls >= 2] or list(self.kinds)
-        kind = rng.choice(allowed)
-        query, calls, payload = _make(kind, rng)
+        while True:
+            kind = rng.choice(allowed)
+            query, calls, payload = _make(kind, rng)
+            if is_heldout(query) == heldout:
+                break
         needed = list(dict.fromkeys(c.name for c in calls))
         extra = [n for n in TOOLS if n not in needed]
         rng.shuffle(extra)
@@ -230,7 +256,12 @@ class ToyEnv:
             reward = 0.5 * name_hit + 0.4 * hit
         return Score(
             reward=reward,
-            parts={"exact": exact, "expected_calls": hit, "tool_names": name_hit, "finished": float(state.done)},
+            parts={
+                "exact": exact,
+                "expected_calls": hit,
+                "tool_names": name_hit,
+                "finished": float(state.done),
+            },
         )
 
     def sft_messages(self, task: Task) -> list[Message]:

@@ -88,3 +88,63 @@ def compute_advantages(
         adv = [(r - mean) / denom for r in g.rewards]
         out.append(Group(task_id=g.task_id, trajectories=g.trajectories, advantages=adv))
     return AdvantageBatch(groups=out, filtered=filtered, reward_mean=mean_all, reward_std=std_all)
+
+
+# ----------------------------------------------------------------------------- truncation
+
+OverlongMode = Literal["train", "mask", "penalty"]
+
+
+def overlong_penalty(
+    sampled_tokens: int, truncated: bool, *, budget: int, buffer: int, penalty: float
+) -> float:
+    """DAPO's soft overlong punishment, for a multi-turn episode: 0 up to `budget - buffer`
+    sampled tokens, then growing linearly to `penalty` at `budget`; a truncated episode (a
+    turn or length limit ended it) gets all of `penalty`."""
+    if truncated:
+        return penalty
+    start = budget - buffer
+    if sampled_tokens <= start:
+        return 0.0
+    return penalty * min(1.0, (sampled_tokens - start) / buffer)
+
+
+def shape_overlong(
+    groups: list[Group], mode: OverlongMode, *, budget: int, buffer: int, penalty: float
+) -> tuple[list[Group], int]:
+    """Rewards of truncated / long episodes before advantages, per `grpo.overlong`:
+    'train' leaves them; 'penalty' subtracts `overlong_penalty`; 'mask' leaves rewards alone
+    (`drop_truncated` removes the episodes after advantages). Returns the groups and how many
+    episodes were truncated."""
+    n_trunc = sum(t.status == "truncated" for g in groups for t in g.trajectories)
+    if mode != "penalty":
+        return groups, n_trunc
+    out = []
+    for g in groups:
+        trajs = []
+        for t in g.trajectories:
+            cut = overlong_penalty(
+                sum(t.loss_mask), t.status == "truncated", budget=budget, buffer=buffer, penalty=penalty
+            )
+            trajs.append(msgspec.structs.replace(t, reward=t.reward - cut) if cut else t)
+        out.append(Group(task_id=g.task_id, trajectories=trajs))
+    return out, n_trunc
+
+
+def drop_truncated(groups: list[Group]) -> tuple[list[Group], int]:
+    """'mask': truncated episodes keep their place in the group's baseline (their rewards
+    were in the mean) but leave the loss. Groups with advantages in, groups without the
+    truncated members out (a group left empty is dropped); returns how many were dropped."""
+    out, dropped = [], 0
+    for g in groups:
+        keep = [i for i, t in enumerate(g.trajectories) if t.status != "truncated"]
+        dropped += len(g.trajectories) - len(keep)
+        if keep:
+            out.append(
+                Group(
+                    task_id=g.task_id,
+                    trajectories=[g.trajectories[i] for i in keep],
+                    advantages=[g.advantages[i] for i in keep],
+                )
+            )
+    return out, dropped

@@ -192,11 +192,15 @@ class TokenLossParts(msgspec.Struct, kw_only=True):
     clipped: int = 0
     kl_sum: float = 0.0
     entropy_sum: float = 0.0
+    ratio_min: float = float("inf")
+    ratio_max: float = float("-inf")
     is_stats: IsStats = msgspec.field(default_factory=IsStats)
 
     def merge(self, other: TokenLossParts) -> None:
         self.tokens += other.tokens
         self.clipped += other.clipped
+        self.ratio_min = min(self.ratio_min, other.ratio_min)
+        self.ratio_max = max(self.ratio_max, other.ratio_max)
         self.kl_sum += other.kl_sum
         self.entropy_sum += other.entropy_sum
         self.is_stats.merge(other.is_stats)

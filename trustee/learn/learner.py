@@ -7,12 +7,19 @@ reference log-probs (if beta > 0), the policy's log-probs (chunked, `learn/logpr
 the per-token GRPO loss (`learn/grpo.py`) and backward; then clip gradients, step the
 optimiser and the schedule, and report metrics.
 
-With one optimiser step per batch, the learner's "old" log-probs are its own log-probs
-before the update, i.e. `logp.detach()` from the same forward pass (no extra pass). The PPO
-ratio is then 1 in value (its gradient is the policy gradient) and the clip never binds;
-it would bind with several updates per batch, which `grpo_token_loss` supports (old_logp
-is an argument) but this learner does not do. The sampler/learner mismatch (staleness,
-kernels, quantisation) is corrected by the importance weight exp(old - sampler) (TIS/MIS).
+Several updates per batch (`grpo.updates_per_batch` passes x `grpo.mini_batches` parts):
+the learner first computes its own log-probs of every loss token once, without gradient
+("old", the proximal policy at the time the batch is trained); each optimiser update then
+trains on a shuffled part of the batch against those, so the PPO ratio exp(logp - old) moves
+away from 1 and the clip (`clip_low` / `clip_high`) is a real trust region. With a single
+update the old log-probs are `logp.detach()` of the same forward pass (no extra pass): the
+ratio is 1 in value, its gradient is the policy gradient, and the clip cannot bind.
+
+This is the decoupled objective (AReaL): the trust region is taken against the proximal
+policy (the learner at training time), and the importance weight exp(old - sampler)
+(TIS/MIS, `grpo.is_*`) corrects the rest of the gap between the sampler and the learner
+(staleness in 'overlap' placement, kernels, quantisation). Both ratios are reported:
+`ratio_*` (learner / proximal, what the clip acts on) and `is_ratio_*` (proximal / sampler).
 
 Does not compute advantages (`learn/advantages.py`, called by the controller) or export
 weights (`learn/export.py`). Step code takes the device from the model and calls no
@@ -23,6 +30,7 @@ asyncio loop (rollouts) keeps going.
 from __future__ import annotations
 
 import math
+import random
 import re
 import resource
 import threading
@@ -35,7 +43,15 @@ import msgspec
 import torch
 
 from trustee.config import GrpoConfig, LearnerConfig
-from trustee.learn.grpo import LossNorm, TokenLossParts, aggregate, grpo_token_loss, loss_norm, token_weights
+from trustee.learn.grpo import (
+    LossNorm,
+    TokenLossParts,
+    aggregate,
+    grpo_token_loss,
+    k3_kl,
+    loss_norm,
+    token_weights,
+)
 from trustee.learn.logprobs import model_device, token_logprobs
 from trustee.learn.packing import MicroBatch, Sample, build_packed, build_padded, check_sample, plan_bins
 from trustee.learn.policy import Policy
@@ -51,11 +67,20 @@ class StepMetrics(msgspec.Struct, kw_only=True):
     what the model saw; `peak_mem_bytes` is CUDA max_memory_allocated during the step, or
     the peak RSS during the step on CPU (Linux VmHWM, reset at the step's start);
     `oversize` counts sequences longer than the token budget (each ran alone).
+    `ratio_min` / `ratio_max`: the PPO ratio learner / proximal over the loss tokens (1 with a
+    single update); `optimizer_steps` = updates_per_batch x mini_batches; `grad_norm` is
+    the mean pre-clip norm over them; `update_norm` the L2 norm of the change of the
+    trainable weights over the whole step and `param_norm` their norm after it (so their
+    ratio says how far a step moved); `kl` the mean k3 KL to the reference when beta > 0 or
+    grpo.kl_metric is on, else 0.
     """
 
     step: int
     loss: float
     clip_frac: float
+    ratio_min: float
+    ratio_max: float
+    optimizer_steps: int
     kl: float
     entropy: float
     is_ratio_min: float
@@ -64,6 +89,8 @@ class StepMetrics(msgspec.Struct, kw_only=True):
     is_masked_frac: float
     is_truncated_frac: float
     grad_norm: float
+    update_norm: float
+    param_norm: float
     lr: float
     seqs: int
     loss_tokens: int
@@ -212,11 +239,15 @@ class Learner:
 
     # ------------------------------------------------------------------ one micro-batch
 
-    def _micro_step(self, mb: MicroBatch, norm: LossNorm) -> tuple[float, TokenLossParts]:
-        """Forward + backward of one micro-batch; returns its share of the step loss."""
+    def _micro_step(
+        self, mb: MicroBatch, norm: LossNorm, old_logp: torch.Tensor | None = None
+    ) -> tuple[float, TokenLossParts]:
+        """Forward + backward of one micro-batch; returns its share of the step loss.
+        old_logp: [N] the proximal log-probs of mb's loss tokens (None: this forward's own,
+        detached, i.e. a single update per batch)."""
         g = self.grpo
         ref_logp = None
-        if g.beta > 0:
+        if g.beta > 0 or g.kl_metric:
             with torch.no_grad(), self.policy.reference() as ref:
                 ref_logp, _ = token_logprobs(
                     ref, mb, temperature=self.temperature, chunk=self.cfg.logprob_chunk
@@ -225,9 +256,10 @@ class Learner:
             self.model, mb, temperature=self.temperature, chunk=self.cfg.logprob_chunk
         )
         dev = logp.device
+        old = logp.detach() if old_logp is None else old_logp.to(dev)
         tok_loss, parts = grpo_token_loss(
             logp,
-            logp.detach(),
+            old,
             mb.sampler_logp.to(dev),
             mb.adv.to(dev),
             mb.seq.to(dev),
@@ -244,12 +276,36 @@ class Learner:
         loss = aggregate(tok_loss, token_weights(norm, mb.seq_tokens.to(dev)))
         loss.backward()
         parts.entropy_sum = float(entropy.sum())
+        if g.beta == 0 and ref_logp is not None:  # kl_metric: measured, not trained on
+            parts.kl_sum = float(k3_kl(logp.detach(), ref_logp).sum())
+        with torch.no_grad():
+            ratio = torch.exp(logp.detach() - old)  # [N]
+            parts.ratio_min = float(ratio.min())
+            parts.ratio_max = float(ratio.max())
         return float(loss.detach()), parts
+
+    @torch.no_grad()
+    def old_logprobs(self, samples: list[Sample]) -> list[torch.Tensor]:
+        """The learner's log-probs of each sample's loss tokens before any update of this
+        step (the proximal policy), one [n_loss] tensor per sample, on the model's device."""
+        out: list[torch.Tensor | None] = [None] * len(samples)
+        for mb in self.micro_batches(samples):
+            logp, _ = token_logprobs(
+                self.model, mb, temperature=self.temperature, chunk=self.cfg.logprob_chunk
+            )
+            counts = [samples[i].n_loss for i in mb.sample_ids]
+            for i, part in zip(mb.sample_ids, torch.split(logp, counts), strict=True):
+                out[i] = part
+        return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ one step
 
-    def accumulate(self, samples: list[Sample]) -> tuple[float, TokenLossParts, list[MicroBatch]]:
-        """Zero the grads and accumulate the whole step's gradient; no optimiser step."""
+    def accumulate(
+        self, samples: list[Sample], old: list[torch.Tensor] | None = None
+    ) -> tuple[float, TokenLossParts, list[MicroBatch]]:
+        """Zero the grads and accumulate the gradient of `samples` (one optimiser update's
+        worth); no optimiser step. old: per-sample proximal log-probs (`old_logprobs`), or
+        None for a single update per batch."""
         for i, s in enumerate(samples):
             check_sample(s, i)
         norm = self.norm_for(samples)
@@ -257,10 +313,26 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         total, parts = 0.0, TokenLossParts()
         for mb in mbs:
-            loss, p = self._micro_step(mb, norm)
+            mb_old = None if old is None else torch.cat([old[i] for i in mb.sample_ids])
+            loss, p = self._micro_step(mb, norm, mb_old)
             total += loss
             parts.merge(p)
         return total, parts, mbs
+
+    def update_plan(self, n: int) -> list[list[int]]:
+        """Sample indices of each optimiser update of a step over `n` samples: for each of
+        `updates_per_batch` passes, a shuffle (seeded by the step count, so resume replays
+        it) split into `mini_batches` near-equal parts; empty parts are skipped."""
+        g = self.grpo
+        rng = random.Random(self.step_count)
+        plan = []
+        for _ in range(g.updates_per_batch):
+            order = list(range(n))
+            if g.updates_per_batch * g.mini_batches > 1:
+                rng.shuffle(order)
+            k = min(g.mini_batches, n)
+            plan += [order[j * n // k : (j + 1) * n // k] for j in range(k)]
+        return [p for p in plan if p]
 
     def step(self, groups: list[Group]) -> StepMetrics:
         """One optimiser step on `groups` (with advantages). Thread-safe: steps never overlap."""
@@ -277,18 +349,58 @@ class Learner:
         device = model_device(self.model)
         reset_peak_memory(device)
         t0 = time.perf_counter()
-        loss, parts, mbs = self.accumulate(samples)
         params = self.policy.trainable_parameters()
+        before = [p.detach().clone() for p in params]
+        plan = self.update_plan(len(samples))
+        old = self.old_logprobs(samples) if len(plan) > 1 else None
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        losses, norms, parts, mbs = [], [], TokenLossParts(), []
+        for idx in plan:
+            part_old = None if old is None else [old[i] for i in idx]
+            loss, p, m = self.accumulate([samples[i] for i in idx], part_old)
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+            self.optimizer.step()
+            losses.append(loss)
+            parts.merge(p)
+            mbs += m
         self.scheduler.step()
         self.step_count += 1
+        with torch.no_grad():
+            update = math.sqrt(
+                sum(float((p.detach() - b).float().pow(2).sum()) for p, b in zip(params, before, strict=True))
+            )
+            pnorm = math.sqrt(sum(float(p.detach().float().pow(2).sum()) for p in params))
         wall = time.perf_counter() - t0
-        return self._metrics(samples, mbs, loss, parts, grad_norm, lr, wall, device)
+        return self._metrics(
+            samples,
+            mbs,
+            sum(losses) / len(losses),
+            parts,
+            sum(norms) / len(norms),
+            lr,
+            wall,
+            device,
+            update_norm=update,
+            param_norm=pnorm,
+            optimizer_steps=len(plan),
+        )
 
-    def _metrics(self, samples, mbs, loss, parts: TokenLossParts, grad_norm, lr, wall, device) -> StepMetrics:
+    def _metrics(
+        self,
+        samples,
+        mbs,
+        loss,
+        parts: TokenLossParts,
+        grad_norm,
+        lr,
+        wall,
+        device,
+        *,
+        update_norm: float = 0.0,
+        param_norm: float = 0.0,
+        optimizer_steps: int = 1,
+    ) -> StepMetrics:
         n_tok = max(1, parts.tokens)
         isx = parts.is_stats
         units = max(1, isx.count)
@@ -297,6 +409,11 @@ class Learner:
             step=self.step_count,
             loss=loss,
             clip_frac=parts.clipped / n_tok,
+            ratio_min=parts.ratio_min if parts.tokens else 1.0,
+            ratio_max=parts.ratio_max if parts.tokens else 1.0,
+            optimizer_steps=optimizer_steps,
+            update_norm=update_norm,
+            param_norm=param_norm,
             kl=parts.kl_sum / n_tok,
             entropy=parts.entropy_sum / n_tok,
             is_ratio_min=isx.min if isx.count else 1.0,
