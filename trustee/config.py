@@ -247,8 +247,8 @@ class GrpoConfig(Section, kw_only=True):
 class LearnerConfig(Section, kw_only=True):
     mode: Literal["lora", "qlora", "full"] = "lora"
     """What trains: LoRA adapters, LoRA on a 4-bit base (CUDA), or every weight."""
-    lr: PosFloat = 1e-6
-    """Peak learning rate (TRUSTEE / Environment Tuning: 1e-6 for full fine-tuning)."""
+    lr: Annotated[float, Meta(ge=0.0)] = 1e-6
+    """Peak learning rate (TRUSTEE / Environment Tuning: 1e-6 for full fine-tuning); 0 = an untouched control run (bench/learning.py)."""
     schedule: Literal["constant", "cosine"] = "constant"
     """Learning-rate schedule after warm-up."""
     min_lr_ratio: Fraction = 0.0

@@ -123,6 +123,15 @@ def _hardware_problem(cfg: Config, res: Resolved) -> str:
     return ""
 
 
+def _clip_text(g) -> str:
+    """The clip range, or why it cannot act: with one optimiser update per batch the PPO ratio
+    is exactly 1 (the old log-probs are the same forward pass's), so no clip ever binds."""
+    span = f"[{1 - g.clip_low:.2f}, {1 + g.clip_high:.2f}]"
+    if g.updates_per_batch * g.mini_batches == 1:
+        return f"clip {span} inactive (one update per batch; raise grpo.updates_per_batch or mini_batches)"
+    return f"clip {span}"
+
+
 def format_plan(cfg: Config, res: Resolved, notes: list[str]) -> str:
     g, r = cfg.grpo, cfg.rollout
     lines = [
@@ -132,7 +141,9 @@ def format_plan(cfg: Config, res: Resolved, notes: list[str]) -> str:
         f"  env        {cfg.environment.kind}, reward {cfg.environment.reward}, curriculum {cfg.curriculum.kind}",
         f"  steps      {g.steps} x {g.tasks_per_step} tasks x {g.group_size} episodes = {res.total_episodes} episodes",
         f"  rollout    <= {r.max_turns} turns, {r.max_tokens_per_turn} tokens/turn, {r.max_inflight_episodes} in flight",
-        f"  loss       {g.loss_type}, clip [{1 - g.clip_low:.2f}, {1 + g.clip_high:.2f}], beta {g.beta}, IS {g.is_level}/{g.is_mode}",
+        f"  loss       {g.loss_type}, {_clip_text(g)}, beta {g.beta}, IS {g.is_level}/{g.is_mode}",
+        f"  updates    {g.updates_per_batch} pass(es) x {g.mini_batches} mini-batch(es) per step; "
+        f"dynamic sampling {'on' if g.dynamic_sampling else 'off'}; truncated episodes: {g.overlong}",
         f"  learner    {res.learner}, lr {cfg.learner.lr}, {cfg.learner.schedule}",
         f"  placement  {cfg.placement.mode}, {res.gpus_required} GPU(s)",
     ]

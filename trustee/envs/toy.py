@@ -249,17 +249,20 @@ class ToyEnv:
         exact = 1.0 if correct else 0.0
         names = {m.name for m in made}
         name_hit = sum(c.name in names for c in expected) / len(expected)
+        args = sum(_arg_credit(c, made) for c in expected) / len(expected)
         reward = exact
         if self.reward == "graded" and not correct:
-            # Partial credit for a tiny model that cannot copy arguments yet: the right tools
-            # called with schema-valid arguments, and exactly matching calls.
-            reward = 0.5 * name_hit + 0.4 * hit
+            # Partial credit for a tiny model that cannot copy arguments yet, dense enough to
+            # learn from: the right tool (0.3) and each argument value it got right (up to 0.5),
+            # so a call with every argument right but a wrong final answer earns 0.8.
+            reward = 0.3 * name_hit + 0.5 * args
         return Score(
             reward=reward,
             parts={
                 "exact": exact,
                 "expected_calls": hit,
                 "tool_names": name_hit,
+                "arguments": args,
                 "finished": float(state.done),
             },
         )
@@ -283,6 +286,21 @@ class ToyEnv:
         )
         msgs.append(Message(role="assistant", content=final))
         return msgs
+
+
+def _norm_value(v: Any) -> Any:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+
+def _arg_credit(expected: ToolCall, made: list[ToolCall]) -> float:
+    """Share of `expected`'s argument values matched by the best call of the same name."""
+    want = {k: _norm_value(v) for k, v in expected.arguments.items()}
+    best = 0.0
+    for m in made:
+        if m.name == expected.name and want:
+            got = sum(_norm_value(m.arguments.get(k)) == v for k, v in want.items())
+            best = max(best, got / len(want))
+    return best
 
 
 def _same(a: ToolCall, b: ToolCall) -> bool:
