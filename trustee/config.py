@@ -39,6 +39,13 @@ class Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 # ----------------------------------------------------------------------------- model
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The one place 'auto' becomes a dtype: bfloat16 on CUDA, float32 on CPU."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device == "cuda" else "float32"
+
+
 class ModelConfig(Section, kw_only=True):
     path: str = ".cache/models/tiny-demo"
     """Policy model: a local directory with config.json and tokenizer files (no hub access)."""
@@ -46,12 +53,14 @@ class ModelConfig(Section, kw_only=True):
     """If set, build a tiny offline model of this size at `path` when it is missing."""
     tiny_sft_steps: NonNeg = 0
     """With `tiny`: SFT-warm the built model this many steps on toy tool calls, so RL starts from a model that calls tools."""
+    chat_format: Literal["auto", "qwen", "llama3", "mistral"] = "auto"
+    """Tool-call syntax and turn format: 'qwen' (Qwen3/Hermes <tool_call>), 'llama3' (Llama 3.x JSON calls), 'mistral' ([TOOL_CALLS]); 'auto' = detected from the tokenizer's special tokens."""
     chat_template: Literal["trustee", "model"] = "trustee"
-    """'trustee': the project's prefix-preserving Qwen3/Hermes template; 'model': the model's own."""
+    """'trustee': the project's prefix-preserving template for the chat format; 'model': the model's own."""
     enable_thinking: bool = False
-    """Let the policy write a <think> block before acting (Qwen3 thinking mode)."""
+    """Let the policy write a <think> block before acting (Qwen3 thinking mode; chat_format 'qwen' only)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights dtype for engines and learner; 'auto' = bfloat16 on CUDA, float32 on CPU."""
+    """Weights dtype for engines and learner; 'auto' = bfloat16 on CUDA, float32 on CPU (see resolve_dtype)."""
     max_model_len: Annotated[int, Meta(ge=128)] = 8192
     """Longest sequence (prompt + all turns) an episode may reach, in tokens."""
 
@@ -672,6 +681,14 @@ def _cross_checks(cfg: Config) -> list[Problem]:
                     f"mode 'sync' time-shares GPUs with the engines, but {missing} run no engine; use mode 'split' or share them",
                 )
             )
+    if cfg.model.enable_thinking and cfg.model.chat_format in ("llama3", "mistral"):
+        p.append(
+            Problem(
+                "model.enable_thinking",
+                True,
+                f"the {cfg.model.chat_format} chat format has no reasoning block; set it to false or use chat_format 'qwen'",
+            )
+        )
     if cfg.rollout.max_tokens_per_turn >= cfg.model.max_model_len:
         p.append(
             Problem(
@@ -794,7 +811,7 @@ def resolve(cfg: Config, run_dir: str | os.PathLike) -> Resolved:
     pl = cfg.placement
     gpus = sorted(set(pl.policy_gpus) | set(pl.simulator_gpus) | set(pl.learner_gpus))
     device: Literal["cpu", "cuda"] = "cuda" if pl.learner_gpus else "cpu"
-    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    dtype = resolve_dtype(cfg.model.dtype, device)
     per_step = cfg.grpo.tasks_per_step * cfg.grpo.group_size
 
     def where(ids: list[int]) -> str:
