@@ -905,11 +905,11 @@ def resolve(cfg: Config, run_dir: str | os.PathLike) -> Resolved:
         return f"GPUs {ids}" if ids else "CPU"
 
     return Resolved(
-        run_dir=str(Path(run_dir).resolve()),
+        run_dir=os.path.abspath(run_dir),
         device=device,
         dtype=dtype,
-        policy_model=str(Path(cfg.model.path).resolve()),
-        simulator_model=str(Path(cfg.simulator.model_path or cfg.model.path).resolve()),
+        policy_model=os.path.abspath(cfg.model.path),
+        simulator_model=os.path.abspath(cfg.simulator.model_path or cfg.model.path),
         episodes_per_step=per_step,
         total_episodes=per_step * cfg.grpo.steps,
         gpus_required=(max(gpus) + 1) if gpus else 0,
