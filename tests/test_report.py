@@ -65,7 +65,7 @@ def make_run(path: Path, rewards_by_step: list[list[float]], *, model: str = "",
                     "prompt_len": 8,
                     "reward": r,
                     "parts": {"exact": r},
-                    "counters": {"turns": 2, "tool_calls": 1, "format_errors": 0},
+                    "counters": {"turns": 2, "user_turns": 0, "tool_calls": 1, "format_errors": 0, "schema_errors": 0, "unknown_tools": 0, "tool_errors": 0, "sim_retries": 0, "truncated_results": 0, "wall_s": 0.1},
                     "status": "ok",
                     "error": "",
                     "messages": [
