@@ -67,6 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     recs = _records(trajs)
     if not recs:
         return _fail(f"{trajs} holds no episodes yet")
+    step = max(r["step"] for r in recs) if a.step == "last" else None if a.step == "all" else int(a.step)
+    chosen = [
+        r
+        for r in recs
+        if (step is None or r["step"] == step) and (a.episode is None or r["trajectory"]["episode_id"] == a.episode)
+    ][: a.limit]
+    if not chosen:
+        steps = sorted({r["step"] for r in recs})
+        return _fail(f"no matching episodes (steps logged: {steps[0]}..{steps[-1]})")
     model = a.model
     if model is None:
         resolved = run / "resolved.json"
@@ -78,21 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
-    step = max(r["step"] for r in recs) if a.step == "last" else None if a.step == "all" else int(a.step)
-    shown = 0
-    for rec in recs:
-        t = rec["trajectory"]
-        if step is not None and rec["step"] != step:
-            continue
-        if a.episode is not None and t["episode_id"] != a.episode:
-            continue
-        print(f"[step {rec['step']}] " + render(t, tok, sys.stdout.isatty()) + "\n")
-        shown += 1
-        if shown >= a.limit:
-            break
-    if not shown:
-        steps = sorted({r["step"] for r in recs})
-        return _fail(f"no matching episodes (steps logged: {steps[0]}..{steps[-1]})")
+    for rec in chosen:
+        print(f"[step {rec['step']}] " + render(rec["trajectory"], tok, sys.stdout.isatty()) + "\n")
     return 0
 
 
