@@ -274,3 +274,55 @@ def test_docs_contract_example_runs_and_meets_the_contract():
 
     done, score = _run(play)
     assert done and score.reward == 1.0
+
+
+def test_simulated_tools_and_function_plus_judge_on_a_tiny_model(tmp_path, tiny_model_dir):
+    # The real path: the tiny random model (HF engine, constrained JSON decoding) plays the
+    # tool and the judge; the reward mixes the user's function and the judge 50/50.
+    from transformers import AutoTokenizer
+
+    from trustee.engines.hf import HFEngine
+    from trustee.sim.client import SimClient
+    from trustee.sim.judge import Judge
+
+    tasks = load_tasks(
+        _write(
+            tmp_path / "t.jsonl",
+            [{"id": "w", "prompt": "Weather in Oslo?", "tools": [{"name": "weather", "parameters": {
+                "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}],
+              "hidden_info": "Oslo is 3 C and raining.", "answer": "3 C"}],
+        )
+    )
+
+    async def play():
+        engine = HFEngine.from_pretrained(tiny_model_dir, max_model_len=4096)
+        client = SimClient(engine, AutoTokenizer.from_pretrained(tiny_model_dir), max_tokens=384, max_decode_retries=2)
+        env = TasksFileEnv(
+            tasks, simulator=client, judge=Judge(client), reward=lambda ep: 1.0 if ep.calls else -1.0, judge_weight=0.5
+        )
+        try:
+            task = await env.make_task(Knobs(), random.Random(0))
+            group = env.new_group(task)
+            st = await env.start(task, "e0", group)
+            call = ToolCall(name="weather", arguments={"city": "Oslo"})
+            out = await env.step(st, AgentAction(message=Message(role="assistant"), calls=[call]))
+            if st.sim_error:  # the random model failed its decode budget: counted, not an exception
+                return st, None, group, out
+            await env.step(st, AgentAction(message=Message(role="assistant", content="It is 3 C.")))
+            return st, await env.score(st), group, out
+        finally:
+            await engine.close()
+
+    st, score, group, out = _run(play)
+    print(f"simulated tools: sim_error={st.sim_error!r} score={score}")
+    if score is None:
+        assert st.done and "tool" in st.sim_error
+        return
+    [res] = out
+    assert res.role == "tool" and res.name == "weather" and isinstance(json.loads(res.content), dict)
+    assert len(group.memo) == 1  # the group's consistency memo holds the call's answer
+    if st.sim_error:  # the judge failed its budget: the episode is set aside, never scored
+        assert score.reward == 0.0
+        return
+    assert score.parts["function"] == 1.0 and score.parts["judge"] in (-1.0, 0.0, 1.0)
+    assert score.reward == pytest.approx(0.5 * 1.0 + 0.5 * score.parts["judge"])
