@@ -47,7 +47,9 @@ def _corpus(family: str, seed: int = 0, lines: int = 2000) -> list[str]:
         if rng.random() < 0.5:
             out.append(" ".join(words).capitalize() + rng.choice([".", "?", "!"]))
         else:
-            out.append(json.dumps({"name": "_".join(words[:2]), "arguments": {words[2]: rng.randint(0, 999)}}))
+            out.append(
+                json.dumps({"name": "_".join(words[:2]), "arguments": {words[2]: rng.randint(0, 999)}})
+            )
     return out
 
 

@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from trustee.config import ConfigError, load_config
-from trustee.envs import BUILDERS, EnvContext, build_environment, check_environment, needs_simulator
+from trustee.envs import BUILDERS, build_environment, check_environment, needs_simulator
 from trustee.envs.base import AgentAction, Knobs, Score
 from trustee.envs.python import FactoryError, load_object
 from trustee.envs.tasks_file import EpisodeView, TasksFileEnv, TasksFileError, load_tasks
@@ -53,7 +53,10 @@ def test_load_tasks_errors_name_line_and_fix(tmp_path):
     f = _write(tmp_path / "t.jsonl", [{"prompt": "hi", "tools": [ADD]}, {"prompt": "x"}])
     with pytest.raises(TasksFileError, match=r"t.jsonl:2: .*tools"):
         load_tasks(f)
-    f = _write(tmp_path / "d.jsonl", [{"id": "a", "prompt": "p", "tools": []}, {"id": "a", "prompt": "q", "tools": []}])
+    f = _write(
+        tmp_path / "d.jsonl",
+        [{"id": "a", "prompt": "p", "tools": []}, {"id": "a", "prompt": "q", "tools": []}],
+    )
     with pytest.raises(TasksFileError, match="appears twice"):
         load_tasks(f)
     f = _write(tmp_path / "s.jsonl", [{"prompt": "p", "tools": [{"name": "x", "parameters": {"type": 5}}]}])
@@ -62,13 +65,18 @@ def test_load_tasks_errors_name_line_and_fix(tmp_path):
     with pytest.raises(TasksFileError, match="not found"):
         load_tasks(tmp_path / "missing.jsonl")
     # OpenAI-wrapped schemas are accepted; the answer reaches the judge's goal text.
-    f = _write(tmp_path / "ok.jsonl", [{"prompt": "1+1?", "tools": [{"type": "function", "function": ADD}], "answer": 2}])
+    f = _write(
+        tmp_path / "ok.jsonl",
+        [{"prompt": "1+1?", "tools": [{"type": "function", "function": ADD}], "answer": 2}],
+    )
     [t] = load_tasks(f)
     assert t.tools[0].name == "add" and t.payload["answer"] == 2 and "Expected answer: 2" in t.goal
 
 
 def test_python_tools_reward_function_and_errors_as_observations(tmp_path):
-    tasks = load_tasks(_write(tmp_path / "t.jsonl", [{"id": "t1", "prompt": "1+2?", "tools": [ADD], "answer": 3}]))
+    tasks = load_tasks(
+        _write(tmp_path / "t.jsonl", [{"id": "t1", "prompt": "1+2?", "tools": [ADD], "answer": 3}])
+    )
 
     def add(a, b):
         if a < 0:
@@ -92,7 +100,10 @@ def test_python_tools_reward_function_and_errors_as_observations(tmp_path):
             st,
             AgentAction(
                 message=Message(role="assistant"),
-                calls=[ToolCall(name="add", arguments={"a": 1, "b": 2}), ToolCall(name="add", arguments={"a": -1, "b": 0})],
+                calls=[
+                    ToolCall(name="add", arguments={"a": 1, "b": 2}),
+                    ToolCall(name="add", arguments={"a": -1, "b": 0}),
+                ],
                 errors=[bad],
             ),
         )
@@ -138,7 +149,9 @@ def test_missing_tool_function_and_missing_reward_are_refused(tmp_path):
 
 def test_difficulty_gates_which_tasks_are_drawn():
     tasks = load_tasks(EXAMPLE / "tasks.jsonl")
-    env = TasksFileEnv(tasks, tools={"add": lambda a, b: 0, "multiply": lambda a, b: 0}, reward=lambda ep: 0.0)
+    env = TasksFileEnv(
+        tasks, tools={"add": lambda a, b: 0, "multiply": lambda a, b: 0}, reward=lambda ep: 0.0
+    )
 
     async def draw(d: float) -> set[str]:
         rng = random.Random(0)
@@ -169,7 +182,9 @@ def _cfg(tmp_path, body: str):
 
 def test_python_factory_must_return_an_environment(tmp_path):
     mod = tmp_path / "bad_env.py"
-    mod.write_text("class E:\n    name = 'e'\n    def make_task(self, k, r): ...\n\ndef make_env(ctx):\n    return E()\n")
+    mod.write_text(
+        "class E:\n    name = 'e'\n    def make_task(self, k, r): ...\n\ndef make_env(ctx):\n    return E()\n"
+    )
     cfg = _cfg(tmp_path, f'[environment]\nkind = "python"\nreward = "custom"\nfactory = "{mod}:make_env"\n')
     assert check_environment(cfg.environment) == []
     with pytest.raises(FactoryError, match=r"lacks start, step, score, make_task \(must be 'async def'\) of"):
@@ -269,7 +284,9 @@ def test_docs_contract_example_runs_and_meets_the_contract():
         call = ToolCall(name="echo", arguments={"text": task.payload["word"]})
         [res] = await env.step(st, AgentAction(message=Message(role="assistant"), calls=[call]))
         assert json.loads(res.content) == {"echo": task.payload["word"]}
-        await env.step(st, AgentAction(message=Message(role="assistant", content=f"It said {task.payload['word']}.")))
+        await env.step(
+            st, AgentAction(message=Message(role="assistant", content=f"It said {task.payload['word']}."))
+        )
         return st.done, await env.score(st)
 
     done, score = _run(play)
@@ -288,17 +305,38 @@ def test_simulated_tools_and_function_plus_judge_on_a_tiny_model(tmp_path, tiny_
     tasks = load_tasks(
         _write(
             tmp_path / "t.jsonl",
-            [{"id": "w", "prompt": "Weather in Oslo?", "tools": [{"name": "weather", "parameters": {
-                "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}],
-              "hidden_info": "Oslo is 3 C and raining.", "answer": "3 C"}],
+            [
+                {
+                    "id": "w",
+                    "prompt": "Weather in Oslo?",
+                    "tools": [
+                        {
+                            "name": "weather",
+                            "parameters": {
+                                "type": "object",
+                                "properties": {"city": {"type": "string"}},
+                                "required": ["city"],
+                            },
+                        }
+                    ],
+                    "hidden_info": "Oslo is 3 C and raining.",
+                    "answer": "3 C",
+                }
+            ],
         )
     )
 
     async def play():
         engine = HFEngine.from_pretrained(tiny_model_dir, max_model_len=4096)
-        client = SimClient(engine, AutoTokenizer.from_pretrained(tiny_model_dir), max_tokens=384, max_decode_retries=2)
+        client = SimClient(
+            engine, AutoTokenizer.from_pretrained(tiny_model_dir), max_tokens=384, max_decode_retries=2
+        )
         env = TasksFileEnv(
-            tasks, simulator=client, judge=Judge(client), reward=lambda ep: 1.0 if ep.calls else -1.0, judge_weight=0.5
+            tasks,
+            simulator=client,
+            judge=Judge(client),
+            reward=lambda ep: 1.0 if ep.calls else -1.0,
+            judge_weight=0.5,
         )
         try:
             task = await env.make_task(Knobs(), random.Random(0))

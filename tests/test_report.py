@@ -65,7 +65,18 @@ def make_run(path: Path, rewards_by_step: list[list[float]], *, model: str = "",
                     "prompt_len": 8,
                     "reward": r,
                     "parts": {"exact": r},
-                    "counters": {"turns": 2, "user_turns": 0, "tool_calls": 1, "format_errors": 0, "schema_errors": 0, "unknown_tools": 0, "tool_errors": 0, "sim_retries": 0, "truncated_results": 0, "wall_s": 0.1},
+                    "counters": {
+                        "turns": 2,
+                        "user_turns": 0,
+                        "tool_calls": 1,
+                        "format_errors": 0,
+                        "schema_errors": 0,
+                        "unknown_tools": 0,
+                        "tool_errors": 0,
+                        "sim_retries": 0,
+                        "truncated_results": 0,
+                        "wall_s": 0.1,
+                    },
                     "status": "ok",
                     "error": "",
                     "messages": [
@@ -75,7 +86,9 @@ def make_run(path: Path, rewards_by_step: list[list[float]], *, model: str = "",
                     "knobs": {"n_tools": float(1 + i % 3), "difficulty": 1.0},
                 }
                 t.write(json.dumps({"step": step, "trajectory": traj}) + "\n")
-    (path / "resolved.json").write_text(json.dumps({"run_dir": str(path), "policy_model": model, "device": "cpu"}))
+    (path / "resolved.json").write_text(
+        json.dumps({"run_dir": str(path), "policy_model": model, "device": "cpu"})
+    )
     (path / "config.json").write_text(json.dumps({"name": "synthetic", "curriculum": {"high": 0.5}}))
     return path
 
@@ -87,7 +100,9 @@ def test_summary_verdicts(tmp_path):
     assert lines[0].startswith("reward   0.050 (steps 0-1, n=8) -> 0.925 (steps 6-7, n=8): +0.875 ±")
     assert lines[1].startswith("eval     eval/reward_mean 0.000 (step 0) -> 0.600 (step 6)")
     assert lines[2].startswith("verdict  yes")
-    falling = make_run(tmp_path / "down", [[1.0, 0.9, 1.0, 0.8]] * 4 + [[0.0, 0.1, 0.0, 0.2]] * 4, extra=False)
+    falling = make_run(
+        tmp_path / "down", [[1.0, 0.9, 1.0, 0.8]] * 4 + [[0.0, 0.1, 0.0, 0.2]] * 4, extra=False
+    )
     lines = summarize(read_run(falling))
     assert lines[2].startswith("verdict  no") and "trustee.eval --run-dir" in lines[1]
     flat = make_run(tmp_path / "flat", [[0.0, 1.0, 0.0, 1.0]] * 8)
@@ -98,7 +113,10 @@ def test_summary_verdicts(tmp_path):
 
 def test_summary_cli_missing_dir_is_a_clean_error(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "trustee.summary", str(tmp_path / "nope")], capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "trustee.summary", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
@@ -111,7 +129,16 @@ def test_page_is_self_contained_with_every_plot_and_highlighted_tokens(tmp_path,
     run = make_run(tmp_path / "run", [[0.0, 0.5, 1.0, 0.0]] * 6, model=str(tiny_model_dir))
     page = build_page(read_run(run), episodes=3)
     ids = set(re.findall(r"id=plot-([a-z_]+)", page))
-    assert {"reward", "eval", "difficulty", "phases", "staleness", "logprob_gap", "aspects", "throughput"} <= ids
+    assert {
+        "reward",
+        "eval",
+        "difficulty",
+        "phases",
+        "staleness",
+        "logprob_gap",
+        "aspects",
+        "throughput",
+    } <= ids
     assert not re.search(r"(src|href)=['\"]?https?:", page)  # nothing fetched from the network
     assert page.count("<div class=episode>") == 3 and page.count("<span class=s>") >= 6
 
@@ -132,7 +159,15 @@ def test_headless_chromium_renders_every_plot(tmp_path, tiny_model_dir):
     page = run / "report.html"
     n_plots = page.read_text().count("<img class=plot")
     dom = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
         capture_output=True,
         text=True,
         timeout=180,

@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trustee.run", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "trustee.run", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def test_dry_run_refuses_what_the_real_start_refuses(tmp_path):
@@ -56,7 +58,14 @@ def test_dry_run_checks_the_environment_files(tmp_path):
 def test_plan_lists_the_simulator_only_when_the_environment_uses_it():
     r = _run("configs/cpu-tiny.toml", "--dry-run")
     assert "simulator  none (this environment does not use one)" in r.stdout
-    r = _run("configs/cpu-tiny.toml", "--dry-run", "--set", "environment.kind=simulated", "--set", "environment.reward=judge")
+    r = _run(
+        "configs/cpu-tiny.toml",
+        "--dry-run",
+        "--set",
+        "environment.kind=simulated",
+        "--set",
+        "environment.reward=judge",
+    )
     assert "simulator  /" in r.stdout and "(hf on CPU)" in r.stdout
 
 

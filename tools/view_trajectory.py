@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"run directory {run} does not exist")
     trajs = run / "trajectories.jsonl"
     if not trajs.exists():
-        return _fail(f"{run} has no trajectories.jsonl (not a run directory, or logging.save_trajectories = false)")
+        return _fail(
+            f"{run} has no trajectories.jsonl (not a run directory, or logging.save_trajectories = false)"
+        )
     if a.step not in ("last", "all") and not a.step.isdigit():
         return _fail(f"--step {a.step!r}: give a step number, 'last' or 'all'")
     recs = _records(trajs)
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [
         r
         for r in recs
-        if (step is None or r["step"] == step) and (a.episode is None or r["trajectory"]["episode_id"] == a.episode)
+        if (step is None or r["step"] == step)
+        and (a.episode is None or r["trajectory"]["episode_id"] == a.episode)
     ][: a.limit]
     if not chosen:
         steps = sorted({r["step"] for r in recs})

@@ -30,19 +30,33 @@ CURVES: list[tuple[str, str, list[tuple[str, str]]]] = [
     (
         "outcomes",
         "Episode outcomes per step",
-        [("status/ok", "ok"), ("status/truncated", "truncated"), ("status/sim_error", "sim_error"), ("status/error", "error"), ("tasks_failed", "tasks not made")],
+        [
+            ("status/ok", "ok"),
+            ("status/truncated", "truncated"),
+            ("status/sim_error", "sim_error"),
+            ("status/error", "error"),
+            ("tasks_failed", "tasks not made"),
+        ],
     ),
     ("difficulty", "Curriculum", [("curriculum/difficulty", "difficulty D"), ("curriculum/stage", "stage")]),
     (
         "phases",
         "Phase times per step (s)",
-        [("time/rollout_s", "rollout"), ("time/learn_s", "learn"), ("time/sleep_s", "engine sleep"), ("time/sync_s", "weight sync")],
+        [
+            ("time/rollout_s", "rollout"),
+            ("time/learn_s", "learn"),
+            ("time/sleep_s", "engine sleep"),
+            ("time/sync_s", "weight sync"),
+        ],
     ),
     ("throughput", "Learner throughput (tokens/s)", [("learn/tokens_per_s", "learner tokens/s")]),
     (
         "staleness",
         "Staleness (policy versions)",
-        [("sched/lag_mean", "mean lag of consumed groups"), ("sched/dropped_stale", "groups dropped as stale (cumulative)")],
+        [
+            ("sched/lag_mean", "mean lag of consumed groups"),
+            ("sched/dropped_stale", "groups dropped as stale (cumulative)"),
+        ],
     ),
     (
         "logprob_gap",
@@ -52,7 +66,11 @@ CURVES: list[tuple[str, str, list[tuple[str, str]]]] = [
     (
         "is_fracs",
         "Importance-sampling correction",
-        [("learn/is_truncated_frac", "share truncated"), ("learn/is_masked_frac", "share masked"), ("learn/clip_frac", "share clipped (PPO)")],
+        [
+            ("learn/is_truncated_frac", "share truncated"),
+            ("learn/is_masked_frac", "share masked"),
+            ("learn/clip_frac", "share clipped (PPO)"),
+        ],
     ),
     ("loss", "Loss", [("learn/loss", "loss")]),
     ("kl_entropy", "KL and entropy", [("learn/kl", "KL to reference"), ("learn/entropy", "entropy")]),
@@ -60,7 +78,11 @@ CURVES: list[tuple[str, str, list[tuple[str, str]]]] = [
     (
         "format",
         "Tool-call errors per step",
-        [("format_errors", "format errors"), ("schema_errors", "schema errors"), ("tool_calls_mean", "tool calls / episode")],
+        [
+            ("format_errors", "format errors"),
+            ("schema_errors", "schema errors"),
+            ("tool_calls_mean", "tool calls / episode"),
+        ],
     ),
 ]
 
@@ -106,7 +128,9 @@ def curve_plots(run: RunData) -> tuple[dict[str, str], list[str]]:
     out, missing = {}, []
     eval_keys = sorted({k for m in run.metrics for k in m if k.startswith("eval/")})
     curves = list(CURVES)
-    curves.insert(1, ("eval", "Evaluation during training", [(k, k.removeprefix("eval/")) for k in eval_keys]))
+    curves.insert(
+        1, ("eval", "Evaluation during training", [(k, k.removeprefix("eval/")) for k in eval_keys])
+    )
     for pid, title, lines in curves:
         data = [(label, *_series(run, key)) for key, label in lines]
         data = [d for d in data if d[1]]
@@ -119,7 +143,10 @@ def curve_plots(run: RunData) -> tuple[dict[str, str], list[str]]:
         if pid == "reward" and len(data[0][1]) >= 5:
             xs, ys = data[0][1], data[0][2]
             w = max(2, len(ys) // 10)
-            smooth = [sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1]) for i in range(len(ys))]
+            smooth = [
+                sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1])
+                for i in range(len(ys))
+            ]
             ax.plot(xs, smooth, linewidth=2.5, label=f"rolling mean ({w} steps)")
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -187,7 +214,9 @@ def pick_episodes(run: RunData, n: int) -> list[tuple[int, dict[str, Any]]]:
     picks: list[tuple[int, dict[str, Any]]] = []
     for cand in (pool_last[:1], pool_last[-1:], pool_first[:1], pool_last[1:], run.trajectories):
         for x in cand:
-            if len(picks) < n and all(x[1]["episode_id"] != p[1]["episode_id"] or x[0] != p[0] for p in picks):
+            if len(picks) < n and all(
+                x[1]["episode_id"] != p[1]["episode_id"] or x[0] != p[0] for p in picks
+            ):
                 picks.append(x)
     return picks
 
@@ -223,9 +252,14 @@ def episode_html(step: int, t: dict[str, Any], tok: Any) -> str:
         )
     else:
         body = "".join(
-            (f"<span class=s>[{m['role']}] {html.escape(m.get('content', ''))}"
-             + "".join(html.escape(f"\n  call {c['name']} {c.get('arguments', {})}") for c in m.get("tool_calls", []))
-             + "</span>\n")
+            (
+                f"<span class=s>[{m['role']}] {html.escape(m.get('content', ''))}"
+                + "".join(
+                    html.escape(f"\n  call {c['name']} {c.get('arguments', {})}")
+                    for c in m.get("tool_calls", [])
+                )
+                + "</span>\n"
+            )
             if m["role"] == "assistant"
             else f"[{m['role']}] {html.escape(m.get('content', ''))}\n"
             for m in t.get("messages", [])
@@ -282,12 +316,18 @@ def build_page(run: RunData, *, episodes: int = 4) -> str:
     )
     parts.append("<h2>Curves</h2><div class=grid>")
     for pid, png in plots.items():
-        parts.append(f"<figure><img class=plot id=plot-{pid} alt='{pid}' src='data:image/png;base64,{png}'></figure>")
+        parts.append(
+            f"<figure><img class=plot id=plot-{pid} alt='{pid}' src='data:image/png;base64,{png}'></figure>"
+        )
     if aspects:
-        parts.append(f"<figure><img class=plot id=plot-aspects alt=aspects src='data:image/png;base64,{aspects}'></figure>")
+        parts.append(
+            f"<figure><img class=plot id=plot-aspects alt=aspects src='data:image/png;base64,{aspects}'></figure>"
+        )
     parts.append("</div>")
     if missing or not aspects:
-        notes = missing + ([] if aspects else ["Per-aspect success (no saved episodes with varied curriculum aspects)"])
+        notes = missing + (
+            [] if aspects else ["Per-aspect success (no saved episodes with varied curriculum aspects)"]
+        )
         parts.append("<p class=meta>Not logged by this run: " + html.escape("; ".join(notes)) + ".</p>")
     parts.append("<h2>Episodes</h2>")
     parts.append(

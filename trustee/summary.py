@@ -92,8 +92,17 @@ def reward_windows(run: RunData) -> tuple[list[int], list[int], list[float], lis
         if t.get("status") in SCORED:
             by_step.setdefault(s, []).append(float(t["reward"]))
     if by_step:
-        return early, late, [r for s in early for r in by_step.get(s, [])], [r for s in late for r in by_step.get(s, [])]
-    means = {int(m["step"]): float(m["reward_mean"]) for m in run.metrics if isinstance(m.get("reward_mean"), int | float)}
+        return (
+            early,
+            late,
+            [r for s in early for r in by_step.get(s, [])],
+            [r for s in late for r in by_step.get(s, [])],
+        )
+    means = {
+        int(m["step"]): float(m["reward_mean"])
+        for m in run.metrics
+        if isinstance(m.get("reward_mean"), int | float)
+    }
     return early, late, [means[s] for s in early], [means[s] for s in late]
 
 
@@ -102,7 +111,9 @@ def _steps_text(steps: list[int]) -> str:
 
 
 def eval_line(run: RunData) -> str:
-    keys = sorted({k for m in run.metrics for k, v in m.items() if k.startswith("eval/") and isinstance(v, int | float)})
+    keys = sorted(
+        {k for m in run.metrics for k, v in m.items() if k.startswith("eval/") and isinstance(v, int | float)}
+    )
     if keys:
         key = next((k for k in keys if "reward" in k or "accuracy" in k), keys[0])
         pts = [(int(m["step"]), float(m[key])) for m in run.metrics if isinstance(m.get(key), int | float)]
@@ -139,15 +150,21 @@ def summarize(run: RunData) -> list[str]:
         f"{diff:+.3f} {noise}"
     )
     if not math.isfinite(se) or se == 0.0:
-        verdict = "verdict  unclear: no spread to judge the change against" if diff == 0 or not math.isfinite(se) else (
-            f"verdict  {'yes' if diff > 0 else 'no'}: reward {'rose' if diff > 0 else 'fell'} with no spread in either window"
+        verdict = (
+            "verdict  unclear: no spread to judge the change against"
+            if diff == 0 or not math.isfinite(se)
+            else (
+                f"verdict  {'yes' if diff > 0 else 'no'}: reward {'rose' if diff > 0 else 'fell'} with no spread in either window"
+            )
         )
     elif diff > 2 * se:
         verdict = f"verdict  yes: the training reward rose by {diff / se:.1f} standard errors"
     elif diff < -2 * se:
         verdict = f"verdict  no: the training reward fell by {-diff / se:.1f} standard errors"
     else:
-        verdict = f"verdict  unclear: the change ({diff / se:+.1f} s.e.) is within noise; train longer or evaluate"
+        verdict = (
+            f"verdict  unclear: the change ({diff / se:+.1f} s.e.) is within noise; train longer or evaluate"
+        )
     return [line1, eval_line(run), verdict]
 
 

@@ -1,8 +1,8 @@
 """The training loop, top to bottom: set up, then per step collect, score, update, sync, log.
 
 Owns `train(cfg, run_dir)` and the small builders it composes (engines, learner; the
-environment comes from `trustee.envs.build_environment`). One asyncio loop: episodes of all the step's groups run concurrently against the
-policy engine (which batches them); the learner's step runs in a worker thread; the new
+environment comes from `trustee.envs.build_environment`). One asyncio loop: episodes of all
+the step's groups run concurrently against the policy engine (which batches them); the learner's step runs in a worker thread; the new
 adapter or weights go to the policy engine, bumping its version. Placement 'sync' is what
 runs here: the policy engine sleeps while the learner trains when the two share a device.
 

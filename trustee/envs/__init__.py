@@ -49,22 +49,11 @@ def _toy(ctx: EnvContext) -> Environment:
 
 
 def _simulated(ctx: EnvContext) -> Environment:
-    from trustee.envs.simulated import SimulatedEnv, judge_mode_for
-    from trustee.sim.taskgen import ToolCatalog
+    from trustee.envs.simulated import build_simulated_env
 
-    sim = ctx.sim_config
-    assert ctx.simulator is not None, "needs_simulator() is true for kind 'simulated'"
-    return SimulatedEnv(
-        ctx.simulator,
-        judge_mode=judge_mode_for(sim, ctx.config),
-        judge_votes=sim.judge_votes,
-        judge_vote_rule=sim.judge_vote_rule,
-        judge_temperature=sim.judge_temperature,
-        max_user_turns=sim.max_user_turns,
-        max_task_regenerations=sim.max_task_regenerations,
-        task_max_tokens=sim.task_max_tokens,
-        catalog=ToolCatalog.from_jsonl(sim.tool_catalog) if sim.tool_catalog else None,
-    )
+    c = ctx.simulator
+    assert c is not None, "needs_simulator() is true for kind 'simulated'"
+    return build_simulated_env(ctx.sim_config, ctx.config, c.engine, c.tokenizer, template=c.template)
 
 
 def _bfcl(ctx: EnvContext) -> Environment:

@@ -31,7 +31,9 @@ class FactoryError(ValueError):
 
 def _load_file(path: Path) -> Any:
     if not path.exists():
-        raise FactoryError(f"file {path} not found (relative paths start at the working directory {Path.cwd()})")
+        raise FactoryError(
+            f"file {path} not found (relative paths start at the working directory {Path.cwd()})"
+        )
     name = "trustee_user_" + "_".join(path.resolve().with_suffix("").parts[-2:]).replace("-", "_")
     if name in sys.modules:
         return sys.modules[name]
@@ -52,7 +54,9 @@ def load_object(spec: str, field: str) -> Any:
     name of an entry point in the `trustee.environments` group. `field` names the config key
     in errors."""
     if not spec:
-        raise FactoryError(f"{field} is empty; set it to 'my_pkg.my_env:make_env' or 'path/to/env.py:make_env'")
+        raise FactoryError(
+            f"{field} is empty; set it to 'my_pkg.my_env:make_env' or 'path/to/env.py:make_env'"
+        )
     if ":" not in spec:
         found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
         if spec not in found:
@@ -60,7 +64,7 @@ def load_object(spec: str, field: str) -> Any:
             raise FactoryError(
                 f"{field} = {spec!r}: no ':' so it names an entry point of group {ENTRY_POINT_GROUP!r}, "
                 f"but there is none by that name (known: {known}); write 'module:function' or register "
-                f"[project.entry-points.\"{ENTRY_POINT_GROUP}\"] in your package"
+                f'[project.entry-points."{ENTRY_POINT_GROUP}"] in your package'
             )
         return found[spec].load()
     where, attr = spec.rsplit(":", 1)

@@ -110,7 +110,9 @@ def load_tasks(path: str | Path) -> list[Task]:
                 tools=tools,
                 first_query=rec.prompt,
                 system_prompt=rec.system,
-                goal=rec.prompt if rec.answer is None else f"{rec.prompt}\nExpected answer: {canonical_json(rec.answer)}",
+                goal=rec.prompt
+                if rec.answer is None
+                else f"{rec.prompt}\nExpected answer: {canonical_json(rec.answer)}",
                 hidden_info=rec.hidden_info,
                 expected_calls=rec.expected_calls,
                 rubric=rec.rubric,
@@ -178,7 +180,9 @@ class TasksFileEnv:
         name: str = "tasks_file",
     ):
         if (tools is None) == (simulator is None):
-            raise ValueError("give either Python `tools` or a `simulator` client to play them, not both or neither")
+            raise ValueError(
+                "give either Python `tools` or a `simulator` client to play them, not both or neither"
+            )
         if reward is None and judge is None:
             raise ValueError("give a `reward` function, a `judge`, or both")
         if not 0.0 <= judge_weight <= 1.0:
@@ -281,7 +285,9 @@ class TasksFileEnv:
         if self.judge is not None:
             from trustee.sim.client import SimError
 
-            ending = "the assistant gave its final answer" if state.done else "cut off by the turn or length limit"
+            ending = (
+                "the assistant gave its final answer" if state.done else "cut off by the turn or length limit"
+            )
             try:
                 score, retries = await self.judge.score(state.task, state.messages, ending, key=state.task.id)
             except SimError as e:

@@ -29,8 +29,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
-from trustee.chat.parse import ToolCallParser, canonical_json
 from trustee.chat.formats import chat_spec
+from trustee.chat.parse import ToolCallParser, canonical_json
 from trustee.chat.render import ChatFormat, Conversation
 from trustee.config import ModelConfig, RolloutConfig
 from trustee.engines.base import Completion, Engine, Sampling
