@@ -233,3 +233,9 @@ def test_parallel_tool_results_share_one_user_turn(tiny_tokenizer, thinking):
     )
     assert text.startswith("\n<|im_start|>user\n<tool_response>\na\n</tool_response>\n<tool_response>\nb\n")
     assert text.count("<|im_start|>user") == 1
+
+
+def test_chat_spec_refuses_thinking_where_the_format_has_none(tiny_tokenizer):
+    with pytest.raises(TemplateError, match="model.enable_thinking = true"):
+        chat_spec(tiny_chat_tokenizer("mistral"), enable_thinking=True)
+    assert chat_spec(tiny_tokenizer, enable_thinking=True).family == "qwen"

@@ -94,7 +94,12 @@ def _model_checks(cfg: Config, build: bool) -> list[str]:
 
         tok = AutoTokenizer.from_pretrained(path)
         try:
-            spec = chat_spec(tok, chat_format=cfg.model.chat_format, chat_template=cfg.model.chat_template)
+            spec = chat_spec(
+                tok,
+                chat_format=cfg.model.chat_format,
+                chat_template=cfg.model.chat_template,
+                enable_thinking=cfg.model.enable_thinking,
+            )
         except TemplateError as e:
             return notes + [f"WARNING: {e}"]
         problems = check_prefix_preserving(tok, spec.template, spec.family)

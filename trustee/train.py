@@ -225,7 +225,12 @@ class _Run:
 
         cfg, res = self.cfg, self.res
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-        spec = chat_spec(tokenizer, chat_format=cfg.model.chat_format, chat_template=cfg.model.chat_template)
+        spec = chat_spec(
+            tokenizer,
+            chat_format=cfg.model.chat_format,
+            chat_template=cfg.model.chat_template,
+            enable_thinking=cfg.model.enable_thinking,
+        )
         self.policy_engine = build_engine(cfg.engines.policy, cfg.model.path, cfg, res, role="policy")
         self.sim_engine = None
         sim_tokenizer, sim_template = tokenizer, spec.template

@@ -112,11 +112,18 @@ class ChatSpec:
     template: str | None
 
 
-def chat_spec(tokenizer: Any, *, chat_format: str = "auto", chat_template: str = "trustee") -> ChatSpec:
+def chat_spec(
+    tokenizer: Any, *, chat_format: str = "auto", chat_template: str = "trustee", enable_thinking: bool = False
+) -> ChatSpec:
     """The one place that chooses a run's chat template: `chat_format` 'auto' detects the
     family from the tokenizer; `chat_template` 'trustee' takes the project's template for
-    that family, 'model' the tokenizer's own."""
+    that family, 'model' the tokenizer's own. Raises TemplateError for thinking in a family
+    without a reasoning block (at start-up, not in every episode)."""
     name = detect_family(tokenizer) if chat_format == "auto" else family(chat_format).name
+    if enable_thinking and not FAMILIES[name].thinking:
+        raise TemplateError(
+            f"model.enable_thinking = true, but the {name} chat format has no reasoning block; set it to false"
+        )
     if chat_template not in ("trustee", "model"):
         raise TemplateError(f"model.chat_template = {chat_template!r}: choose 'trustee' or 'model'")
     return ChatSpec(family=name, template=project_template(name) if chat_template == "trustee" else None)

@@ -88,7 +88,12 @@ class EpisodeRunner:
         cls, rollout: RolloutConfig, model: ModelConfig, policy: Engine, tokenizer: Any
     ) -> EpisodeRunner:
         """The runner for a run: limits from [rollout], template/thinking/length from [model]."""
-        spec = chat_spec(tokenizer, chat_format=model.chat_format, chat_template=model.chat_template)
+        spec = chat_spec(
+            tokenizer,
+            chat_format=model.chat_format,
+            chat_template=model.chat_template,
+            enable_thinking=model.enable_thinking,
+        )
         return cls(
             policy,
             tokenizer,
