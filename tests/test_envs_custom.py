@@ -119,7 +119,7 @@ def test_python_tools_reward_function_and_errors_as_observations(tmp_path):
 
     score = _run(play)
     assert score.reward == 1.0 and score.parts == {"calls": 2.0, "function": 1.0}
-    assert seen[0].answer == 3 and seen[0].format_errors == 1 and len(seen[0].results) == 2
+    assert seen[0].answer == 3 and seen[0].call_errors == 1 and len(seen[0].results) == 2
 
 
 def test_reward_out_of_range_is_an_error_naming_the_function(tmp_path):

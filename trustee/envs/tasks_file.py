@@ -129,8 +129,9 @@ class EpisodeView(msgspec.Struct, frozen=True, kw_only=True):
 
     `calls` are the well-formed calls in order, `results` the tool results the policy saw
     (same order, JSON text); `final` is the last assistant message's text; `finished` is
-    False when a limit cut the episode before a final answer; `answer` is the task's
-    reference answer (None when the file gives none).
+    False when a limit cut the episode before a final answer; `call_errors` counts calls
+    that did not parse or validate (bad JSON, unknown tool, schema violation, over the
+    per-turn limit); `answer` is the task's reference answer (None when the file gives none).
     """
 
     task: Task
@@ -139,7 +140,7 @@ class EpisodeView(msgspec.Struct, frozen=True, kw_only=True):
     results: list[str]
     final: str
     finished: bool
-    format_errors: int
+    call_errors: int
 
     @property
     def answer(self) -> Any:
@@ -219,7 +220,7 @@ class TasksFileEnv:
         group = group if isinstance(group, _Group) else self.new_group(task)
         messages = [Message(role="system", content=task.system_prompt)] if task.system_prompt else []
         messages.append(Message(role="user", content=task.first_query))
-        data: dict[str, Any] = {"calls": [], "results": [], "format_errors": 0}
+        data: dict[str, Any] = {"calls": [], "results": [], "call_errors": 0}
         if self.simulator is not None:
             from trustee.sim.tools import ToolSimulator
 
@@ -248,7 +249,7 @@ class TasksFileEnv:
             out = [await self._run_python(call) for call in action.calls]
         state.data["calls"] += action.calls
         state.data["results"] += [m.content for m in out]
-        state.data["format_errors"] += len(action.errors)
+        state.data["call_errors"] += len(action.errors)
         out += [error_observation(e) for e in action.errors]
         state.messages.extend(out)
         return out
@@ -271,7 +272,7 @@ class TasksFileEnv:
             results=list(state.data["results"]),
             final=state.data.get("final", ""),
             finished=state.done,
-            format_errors=state.data["format_errors"],
+            call_errors=state.data["call_errors"],
         )
         fn_reward = judge_reward = None
         if self.reward is not None:
