@@ -355,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        print("error: the report draws its plots with matplotlib: pip install -e '.[report]'", file=sys.stderr)
+        return 2
     out = Path(a.out) if a.out else run.path / "report.html"
     out.write_text(build_page(run, episodes=a.episodes))
     print(f"report: {out}")
