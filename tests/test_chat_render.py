@@ -1,16 +1,29 @@
 """TITO invariants: incremental ids == apply_chat_template ids; masks cover exactly the
-policy-sampled spans (DESIGN §5.1, §5.2)."""
+policy-sampled spans (DESIGN §5.1, §5.2). The property tests run for every chat family
+(Qwen3/Hermes on the tiny model's tokenizer; Llama 3 and Mistral on tiny offline tokenizers
+from `tests/chat_tokenizers.py`)."""
 
 from __future__ import annotations
 
 import string
 
 import pytest
+from chat_tokenizers import tiny_chat_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from trustee.chat.formats import FAMILIES, TemplateError, chat_spec, detect_family
 from trustee.chat.render import ChatFormat, Conversation, check_prefix_preserving, project_template
 from trustee.types import Message, ToolCall, ToolSpec
+
+FAMILY_NAMES = list(FAMILIES)
+
+
+@pytest.fixture(params=FAMILY_NAMES)
+def family_tokenizer(request, tiny_tokenizer):
+    """(family name, a tokenizer of that family whose chat template is trustee's)."""
+    name = request.param
+    return name, tiny_tokenizer if name == "qwen" else tiny_chat_tokenizer(name)
 
 TOOLS = [
     ToolSpec(
@@ -69,21 +82,28 @@ def conversation(draw):
 
 def sampled_body(fmt: ChatFormat, history: list[Message], turn: Message) -> list[int]:
     """The ids a policy would sample for `turn`: the template's text for that assistant turn
-    after the generation prompt, up to and including <|im_end|>, tokenized on its own."""
+    after the generation prompt, up to and including the end-of-turn token (<|im_end|>,
+    <|eot_id|>, </s>), tokenized on its own; what follows it is template scaffolding."""
     full = fmt.render_text(history + [turn], generation_prompt=False)
     prompt = fmt.render_text(history, generation_prompt=True)
     assert full.startswith(prompt)
     body = full[len(prompt) :]
-    assert body.endswith("<|im_end|>\n")
-    return fmt.encode(body[: -len("\n")])
+    eos = FAMILIES[fmt.family].end_of_turn
+    assert eos in body
+    return fmt.encode(body[: body.rindex(eos) + len(eos)])
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=conversation())
-def test_incremental_ids_equal_apply_chat_template(tiny_tokenizer, case):
+def test_incremental_ids_equal_apply_chat_template(family_tokenizer, case):
+    name, tiny_tokenizer = family_tokenizer
     thinking, opening, rounds, use_tools = case
+    thinking = thinking and FAMILIES[name].thinking
+    if not FAMILIES[name].thinking:  # the format has no reasoning block to carry it
+        rounds = [(Message(role="assistant", content=a.content, tool_calls=a.tool_calls), e) for a, e in rounds]
     tools = TOOLS if use_tools else []
     fmt = ChatFormat(tiny_tokenizer, tools, enable_thinking=thinking)
+    assert fmt.family == name
     conv = Conversation.start(fmt, opening)
     history = list(opening)
     sampled_spans = []
@@ -115,12 +135,13 @@ def test_incremental_ids_equal_apply_chat_template(tiny_tokenizer, case):
     assert all(
         conv.versions[i] == -1 and conv.logprobs[i] == 0.0 for i in range(len(conv)) if not conv.mask[i]
     )
-    # Every sampled span ends with the end-of-turn token; the "\n" after it is scaffolding.
+    # Every sampled span ends with the end-of-turn token; what follows it is scaffolding.
     for _, b, _ in sampled_spans:
         assert conv.ids[b - 1] == fmt.eos_id and conv.mask[b] == 0
 
 
-def test_truncated_sample_gets_unmasked_end_token(tiny_tokenizer):
+def test_truncated_sample_gets_unmasked_end_token(family_tokenizer):
+    _, tiny_tokenizer = family_tokenizer
     fmt = ChatFormat(tiny_tokenizer, TOOLS)
     conv = Conversation.start(fmt, [Message(role="user", content="hi")])
     partial = fmt.encode("I was cut off")
@@ -129,8 +150,56 @@ def test_truncated_sample_gets_unmasked_end_token(tiny_tokenizer):
     assert conv.mask[-1 - len(partial) : -1] == [1] * len(partial)
 
 
-def test_project_template_is_prefix_preserving(tiny_tokenizer):
-    assert check_prefix_preserving(tiny_tokenizer, project_template()) == []
+def test_project_template_is_prefix_preserving(family_tokenizer):
+    name, tok = family_tokenizer
+    assert check_prefix_preserving(tok, project_template(name)) == []
+
+
+def test_family_is_detected_from_the_tokenizer_and_the_spec_picks_its_template(family_tokenizer):
+    name, tok = family_tokenizer
+    assert detect_family(tok) == name
+    spec = chat_spec(tok, chat_format="auto", chat_template="trustee")
+    assert spec.family == name and spec.template == project_template(name)
+    assert chat_spec(tok, chat_template="model").template is None
+    assert ChatFormat(tok, []).eos_id == tok.convert_tokens_to_ids(FAMILIES[name].end_of_turn)
+
+
+def test_unknown_tokenizer_family_names_the_setting(tiny_tokenizer):
+    with pytest.raises(TemplateError, match="model.chat_format"):
+        detect_family(_WithoutMarkers())
+    with pytest.raises(TemplateError, match="unknown"):
+        chat_spec(tiny_tokenizer, chat_format="gemma")
+
+
+class _WithoutMarkers:
+    """A tokenizer stand-in (test double) that knows no family's marker tokens."""
+
+    name_or_path = "no-markers"
+    unk_token_id = None
+
+    def convert_tokens_to_ids(self, token):
+        return None
+
+
+def test_thinking_is_refused_for_a_format_without_reasoning():
+    with pytest.raises(TemplateError, match="enable_thinking"):
+        ChatFormat(tiny_chat_tokenizer("llama3"), [], enable_thinking=True)
+
+
+def test_mistral_shipped_layout_is_reported_not_prefix_preserving():
+    # Mistral's own templates put [AVAILABLE_TOOLS] before the *last* user turn, so a second
+    # user turn moves the tool list: the check must catch it.
+    moved = (
+        "{{- '<s>' -}}{%- for message in messages -%}"
+        "{%- if message.role == 'user' -%}"
+        "{%- if tools and loop.last -%}{{- '[AVAILABLE_TOOLS]' + (tools | tojson) + '[/AVAILABLE_TOOLS]' -}}{%- endif -%}"
+        "{{- '[INST]' + message.content + '[/INST]' -}}"
+        "{%- elif message.role == 'assistant' -%}{{- message.content + '</s>' -}}"
+        "{%- elif message.role == 'tool' -%}{{- '[TOOL_RESULTS]' + message.content + '[/TOOL_RESULTS]' -}}"
+        "{%- endif -%}{%- endfor -%}"
+    )
+    problems = check_prefix_preserving(tiny_chat_tokenizer("mistral"), moved)
+    assert problems and "changes the text" in problems[0]
 
 
 def test_qwen3_style_template_that_drops_reasoning_is_reported(tiny_tokenizer):
@@ -164,3 +233,9 @@ def test_parallel_tool_results_share_one_user_turn(tiny_tokenizer, thinking):
     )
     assert text.startswith("\n<|im_start|>user\n<tool_response>\na\n</tool_response>\n<tool_response>\nb\n")
     assert text.count("<|im_start|>user") == 1
+
+
+def test_chat_spec_refuses_thinking_where_the_format_has_none(tiny_tokenizer):
+    with pytest.raises(TemplateError, match="model.enable_thinking = true"):
+        chat_spec(tiny_chat_tokenizer("mistral"), enable_thinking=True)
+    assert chat_spec(tiny_tokenizer, enable_thinking=True).family == "qwen"

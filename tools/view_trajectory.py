@@ -1,10 +1,12 @@
 """Show episodes from a run's trajectories.jsonl, with what the policy sampled marked.
 
-    python tools/view_trajectory.py RUN_DIR [--step N] [--episode ID] [--limit 3] [--model DIR]
+    python tools/view_trajectory.py RUN_DIR [--step N|last|all] [--episode ID] [--limit 3] [--model DIR]
 
-Sampled (trained) tokens are shown between «» (or in green on a terminal); everything else
-is environment text rendered by the chat template. Without --model the tokenizer of the
-run's policy model (resolved.json) decodes the ids.
+By default the episodes of the run's last logged step are shown (the trained policy's
+behaviour); `--step 0` shows the untrained policy's. Sampled (trained) tokens are shown
+between «» (or in green on a terminal); everything else is environment text rendered by the
+chat template. Without --model the tokenizer of the run's policy model (resolved.json)
+decodes the ids. For plots and a browsable page: python -m trustee.report RUN_DIR.
 """
 
 from __future__ import annotations
@@ -14,18 +16,9 @@ import json
 import sys
 from pathlib import Path
 
+from trustee.report import spans
+
 GREEN, RESET = "\033[32m", "\033[0m"
-
-
-def spans(tokens: list[int], mask: list[int]):
-    """Consecutive runs of (mask value, ids)."""
-    out: list[tuple[int, list[int]]] = []
-    for t, m in zip(tokens, mask, strict=True):
-        if out and out[-1][0] == m:
-            out[-1][1].append(t)
-        else:
-            out.append((m, [t]))
-    return out
 
 
 def render(traj: dict, tok, color: bool) -> str:
@@ -45,35 +38,67 @@ def render(traj: dict, tok, color: bool) -> str:
     return head + "\n" + "".join(parts)
 
 
-def main() -> None:
+def _records(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a killed run may leave a cut last line
+            continue
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
-    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--step", default="last", help="a step number, 'last' (default) or 'all'")
     p.add_argument("--episode", default=None, help="episode id (e.g. s0t1/3)")
     p.add_argument("--limit", type=int, default=3)
-    p.add_argument("--model", default=None)
-    a = p.parse_args()
+    p.add_argument("--model", default=None, help="tokenizer directory (default: the run's policy model)")
+    a = p.parse_args(argv)
     run = Path(a.run_dir)
-    model = a.model or json.loads((run / "resolved.json").read_text())["policy_model"]
+    if not run.is_dir():
+        return _fail(f"run directory {run} does not exist")
+    trajs = run / "trajectories.jsonl"
+    if not trajs.exists():
+        return _fail(
+            f"{run} has no trajectories.jsonl (not a run directory, or logging.save_trajectories = false)"
+        )
+    if a.step not in ("last", "all") and not a.step.isdigit():
+        return _fail(f"--step {a.step!r}: give a step number, 'last' or 'all'")
+    recs = _records(trajs)
+    if not recs:
+        return _fail(f"{trajs} holds no episodes yet")
+    step = max(r["step"] for r in recs) if a.step == "last" else None if a.step == "all" else int(a.step)
+    chosen = [
+        r
+        for r in recs
+        if (step is None or r["step"] == step)
+        and (a.episode is None or r["trajectory"]["episode_id"] == a.episode)
+    ][: a.limit]
+    if not chosen:
+        steps = sorted({r["step"] for r in recs})
+        return _fail(f"no matching episodes (steps logged: {steps[0]}..{steps[-1]})")
+    model = a.model
+    if model is None:
+        resolved = run / "resolved.json"
+        if not resolved.exists():
+            return _fail(f"{run} has no resolved.json; pass --model DIR (the policy's tokenizer)")
+        model = json.loads(resolved.read_text())["policy_model"]
+    if not Path(model).exists():
+        return _fail(f"tokenizer directory {model} not found; pass --model DIR")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
-    shown = 0
-    with open(run / "trajectories.jsonl") as f:
-        for line in f:
-            rec = json.loads(line)
-            t = rec["trajectory"]
-            if a.step is not None and rec["step"] != a.step:
-                continue
-            if a.episode is not None and t["episode_id"] != a.episode:
-                continue
-            print(f"[step {rec['step']}] " + render(t, tok, sys.stdout.isatty()) + "\n")
-            shown += 1
-            if shown >= a.limit:
-                break
-    if not shown:
-        sys.exit("no matching trajectories")
+    for rec in chosen:
+        print(f"[step {rec['step']}] " + render(rec["trajectory"], tok, sys.stdout.isatty()) + "\n")
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -39,6 +39,13 @@ class Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 # ----------------------------------------------------------------------------- model
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The one place 'auto' becomes a dtype: bfloat16 on CUDA, float32 on CPU."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device == "cuda" else "float32"
+
+
 class ModelConfig(Section, kw_only=True):
     path: str = ".cache/models/tiny-demo"
     """Policy model: a local directory with config.json and tokenizer files (no hub access)."""
@@ -46,12 +53,14 @@ class ModelConfig(Section, kw_only=True):
     """If set, build a tiny offline model of this size at `path` when it is missing."""
     tiny_sft_steps: NonNeg = 0
     """With `tiny`: SFT-warm the built model this many steps on toy tool calls, so RL starts from a model that calls tools."""
+    chat_format: Literal["auto", "qwen", "llama3", "mistral"] = "auto"
+    """Tool-call syntax and turn format: 'qwen' (Qwen3/Hermes <tool_call>), 'llama3' (Llama 3.x JSON calls), 'mistral' ([TOOL_CALLS]); 'auto' = detected from the tokenizer's special tokens."""
     chat_template: Literal["trustee", "model"] = "trustee"
-    """'trustee': the project's prefix-preserving Qwen3/Hermes template; 'model': the model's own."""
+    """'trustee': the project's prefix-preserving template for the chat format; 'model': the model's own."""
     enable_thinking: bool = False
-    """Let the policy write a <think> block before acting (Qwen3 thinking mode)."""
+    """Let the policy write a <think> block before acting (Qwen3 thinking mode; chat_format 'qwen' only)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights dtype for engines and learner; 'auto' = bfloat16 on CUDA, float32 on CPU."""
+    """Weights dtype for engines and learner; 'auto' = bfloat16 on CUDA, float32 on CPU (see resolve_dtype)."""
     max_model_len: Annotated[int, Meta(ge=128)] = 8192
     """Longest sequence (prompt + all turns) an episode may reach, in tokens."""
 
@@ -162,13 +171,107 @@ class BfclConfig(Section, kw_only=True):
     """System prompt before the tool block; '' = none, as in BFCL's function-calling mode."""
 
 
+class TasksFileConfig(Section, kw_only=True):
+    path: str = ""
+    """JSONL of tasks, one object per line: prompt, tools (JSON schemas), optional id, system, answer, expected_calls, rubric, difficulty (docs/environments.md)."""
+    tools: Literal["python", "simulated"] = "python"
+    """'python': each tool is a function of tools_module; 'simulated': the simulator model plays the tools."""
+    tools_module: str = ""
+    """With tools = 'python': 'my_pkg.tools' or 'path/to/tools.py', holding one function per tool, named like the tool."""
+    reward_fn: str = ""
+    """With reward 'function' or 'function+judge': 'module:function' or 'path/to/file.py:function'; gets an EpisodeView, returns a float in [-1, 1] or a Score."""
+    judge_weight: Fraction = 0.5
+    """With reward 'function+judge': the judge's share of the reward (the function gets the rest)."""
+
+
 class EnvironmentConfig(Section, kw_only=True):
-    kind: Literal["simulated", "toy", "bfcl"] = "simulated"
-    """'simulated': all roles played by the simulator model; 'toy': programmatic tools, exact rewards; 'bfcl': BFCL executable classes."""
-    reward: Literal["judge", "rubric", "progress", "syntax", "exact", "graded"] = "judge"
-    """Reward: simulator judge, rubric judge, BFCL progress, Environment Tuning syntax reward, toy exact match, or toy exact with partial credit."""
+    kind: Literal["simulated", "toy", "bfcl", "tasks_file", "python"] = "simulated"
+    """'simulated': all roles played by the simulator model; 'toy': programmatic tools, exact rewards; 'bfcl': BFCL executable classes; 'tasks_file': tasks from a JSONL file; 'python': your own Environment from environment.factory."""
+    reward: Literal[
+        "judge", "rubric", "progress", "syntax", "exact", "graded", "function", "function+judge", "custom"
+    ] = "judge"
+    """Reward: simulator judge, rubric judge, BFCL progress, Environment Tuning syntax reward, toy exact match, toy exact with partial credit, a tasks file's reward function (alone or mixed with the judge), or 'custom' (kind 'python': the environment's own score)."""
     bfcl: BfclConfig = msgspec.field(default_factory=BfclConfig)
     """BFCL options (kind = 'bfcl')."""
+    tasks_file: TasksFileConfig = msgspec.field(default_factory=TasksFileConfig)
+    """Tasks-file options (kind = 'tasks_file')."""
+    factory: str = ""
+    """kind 'python': 'my_pkg.my_env:make_env', 'path/to/env.py:make_env' or a `trustee.environments` entry-point name; called with an EnvContext, returns an Environment."""
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+    """kind 'python': a free-form table handed to the factory as ctx.options."""
+    uses_simulator: bool = False
+    """kind 'python': start the simulator engine and hand the factory a client of it (ctx.simulator), for simulated tools or the judge."""
+
+
+def environment_problems(env: EnvironmentConfig) -> list[Problem]:
+    """The [environment] rules that involve more than one field (called by _cross_checks)."""
+    p: list[Problem] = []
+    kind, reward = env.kind, env.reward
+    rewards = {
+        "bfcl": ("progress", "syntax"),
+        "toy": ("exact", "graded"),
+        "simulated": ("judge", "rubric"),
+        "tasks_file": ("function", "judge", "rubric", "function+judge"),
+        "python": ("custom",),
+    }[kind]
+    if reward not in rewards:
+        p.append(
+            Problem(
+                "environment.reward",
+                reward,
+                f"environment.kind = {kind!r} scores with one of {', '.join(repr(r) for r in rewards)}",
+            )
+        )
+    if kind == "python" and not env.factory:
+        p.append(
+            Problem(
+                "environment.factory",
+                "",
+                "kind 'python' needs a factory: 'my_pkg.my_env:make_env' or 'path/to/env.py:make_env'",
+            )
+        )
+    if kind != "python":
+        for name, value, default in (
+            ("factory", env.factory, ""),
+            ("options", env.options, {}),
+            ("uses_simulator", env.uses_simulator, False),
+        ):
+            if value != default:
+                p.append(Problem(f"environment.{name}", value, f"only used with kind 'python' (kind is {kind!r})"))
+    tf = env.tasks_file
+    if kind == "tasks_file":
+        if not tf.path:
+            p.append(Problem("environment.tasks_file.path", "", "kind 'tasks_file' needs a JSONL file of tasks"))
+        if tf.tools == "python" and not tf.tools_module:
+            p.append(
+                Problem(
+                    "environment.tasks_file.tools_module",
+                    "",
+                    "tools = 'python' needs the module of tool functions, or set tools = 'simulated'",
+                )
+            )
+        if tf.tools == "simulated" and tf.tools_module:
+            p.append(
+                Problem(
+                    "environment.tasks_file.tools_module", tf.tools_module, "only used with tools = 'python'"
+                )
+            )
+        uses_fn = reward in ("function", "function+judge")
+        if uses_fn and not tf.reward_fn:
+            p.append(
+                Problem("environment.tasks_file.reward_fn", "", f"reward {reward!r} needs 'module:function'")
+            )
+        if not uses_fn and tf.reward_fn:
+            p.append(
+                Problem(
+                    "environment.tasks_file.reward_fn",
+                    tf.reward_fn,
+                    f"only used with reward 'function' or 'function+judge' (reward is {reward!r})",
+                )
+            )
+    elif tf != TasksFileConfig():
+        p.append(Problem("environment.tasks_file", msgspec.to_builtins(tf), f"only used with kind 'tasks_file' (kind is {kind!r})"))
+    return p
 
 
 # ----------------------------------------------------------------------------- rollout
@@ -769,6 +872,14 @@ def _cross_checks(cfg: Config) -> list[Problem]:
                     f"mode 'sync' time-shares GPUs with the engines, but {missing} run no engine; use mode 'split' or share them",
                 )
             )
+    if cfg.model.enable_thinking and cfg.model.chat_format in ("llama3", "mistral"):
+        p.append(
+            Problem(
+                "model.enable_thinking",
+                True,
+                f"the {cfg.model.chat_format} chat format has no reasoning block; set it to false or use chat_format 'qwen'",
+            )
+        )
     if cfg.rollout.max_tokens_per_turn >= cfg.model.max_model_len:
         p.append(
             Problem(
@@ -777,26 +888,7 @@ def _cross_checks(cfg: Config) -> list[Problem]:
                 f"must be < model.max_model_len ({cfg.model.max_model_len}) to leave room for the prompt",
             )
         )
-    if cfg.environment.kind == "bfcl" and cfg.environment.reward not in ("progress", "syntax"):
-        p.append(
-            Problem("environment.reward", cfg.environment.reward, "BFCL rewards are 'progress' or 'syntax'")
-        )
-    if cfg.environment.kind == "toy" and cfg.environment.reward not in ("exact", "graded"):
-        p.append(
-            Problem(
-                "environment.reward",
-                cfg.environment.reward,
-                "the toy environment's reward is 'exact' or 'graded'",
-            )
-        )
-    if cfg.environment.kind != "toy" and cfg.environment.reward in ("exact", "graded"):
-        p.append(
-            Problem(
-                "environment.reward",
-                cfg.environment.reward,
-                "'exact' and 'graded' are the toy environment's rewards",
-            )
-        )
+    p += environment_problems(cfg.environment)
     return p
 
 
@@ -881,7 +973,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
 
 
 class Resolved(msgspec.Struct, frozen=True, kw_only=True):
-    """Values derived from a Config for one run; written beside the run as resolved.json."""
+    """Values derived from a Config for one run; written beside the run as resolved.json.
+
+    Paths (`run_dir`, `policy_model`, `simulator_model`) are absolute, so the file (and the
+    adapter's base_model, which comes from `policy_model`) still work from another directory.
+    """
 
     run_dir: str
     device: Literal["cpu", "cuda"]
@@ -899,18 +995,18 @@ def resolve(cfg: Config, run_dir: str | os.PathLike) -> Resolved:
     pl = cfg.placement
     gpus = sorted(set(pl.policy_gpus) | set(pl.simulator_gpus) | set(pl.learner_gpus))
     device: Literal["cpu", "cuda"] = "cuda" if pl.learner_gpus else "cpu"
-    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    dtype = resolve_dtype(cfg.model.dtype, device)
     per_step = cfg.grpo.tasks_per_step * cfg.grpo.group_size
 
     def where(ids: list[int]) -> str:
         return f"GPUs {ids}" if ids else "CPU"
 
     return Resolved(
-        run_dir=str(run_dir),
+        run_dir=os.path.abspath(run_dir),
         device=device,
         dtype=dtype,
-        policy_model=cfg.model.path,
-        simulator_model=cfg.simulator.model_path or cfg.model.path,
+        policy_model=os.path.abspath(cfg.model.path),
+        simulator_model=os.path.abspath(cfg.simulator.model_path or cfg.model.path),
         episodes_per_step=per_step,
         total_episodes=per_step * cfg.grpo.steps,
         gpus_required=(max(gpus) + 1) if gpus else 0,

@@ -1,10 +1,13 @@
 """Entry point: `python -m trustee.run CONFIG [--set section.key=value]... [--out DIR] [--dry-run]`.
 
 Owns argument parsing, turning config errors into a clean exit (status 2, message on
-stderr, no traceback), the run directory (resolved config written beside the run), the
-start-up checks (model directories, tiny-model build, chat template prefix-preservation)
-and printing the run plan. The training loop itself is composed from rollout/, learn/ and
-placement; until it lands, a run stops after the plan and says so.
+stderr, no traceback), the run directory (config.json and resolved.json written beside the
+run; docs/run-dir.md), the start-up checks (model directory, tiny-model build, chat template
+prefix-preservation, environment files and factories, optional packages, what is not
+implemented, then this machine's GPUs), printing the run plan, and handing over to
+`trustee.train.train`. `--dry-run` runs every start-up check except the ones that need this
+machine's hardware or a model that the start would build, says which it skipped, and
+writes nothing.
 """
 
 from __future__ import annotations
@@ -86,19 +89,38 @@ def _model_checks(cfg: Config, build: bool) -> list[str]:
     if (path / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
-        from trustee.chat.render import check_prefix_preserving, project_template
+        from trustee.chat.formats import TemplateError, chat_spec
+        from trustee.chat.render import check_prefix_preserving
 
         tok = AutoTokenizer.from_pretrained(path)
-        template = project_template() if cfg.model.chat_template == "trustee" else None
-        problems = check_prefix_preserving(tok, template)
+        try:
+            spec = chat_spec(
+                tok,
+                chat_format=cfg.model.chat_format,
+                chat_template=cfg.model.chat_template,
+                enable_thinking=cfg.model.enable_thinking,
+            )
+        except TemplateError as e:
+            return notes + [f"WARNING: {e}"]
+        problems = check_prefix_preserving(tok, spec.template, spec.family)
         if problems:
             notes.append(
                 "WARNING: the chat template is not prefix-preserving, so multi-turn token ids cannot be "
                 "extended in place: " + "; ".join(problems) + ". Set model.chat_template = 'trustee'."
             )
         else:
-            notes.append(f"chat template ({cfg.model.chat_template}) is prefix-preserving")
+            notes.append(f"chat template ({cfg.model.chat_template}, {spec.family} format) is prefix-preserving")
     return notes
+
+
+def _unsupported_problem(cfg: Config) -> str:
+    """A setting this version cannot run on any machine ('' when none)."""
+    if len(cfg.placement.learner_gpus) > 1:
+        return (
+            f"placement.learner_gpus = {cfg.placement.learner_gpus}: a learner spread over several GPUs (FSDP2 ranks) "
+            "is not implemented yet; list one GPU for the learner (LoRA/QLoRA, or full fine-tuning that fits one GPU)"
+        )
+    return ""
 
 
 def _hardware_problem(cfg: Config, res: Resolved) -> str:
@@ -108,11 +130,6 @@ def _hardware_problem(cfg: Config, res: Resolved) -> str:
     import torch
 
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if len(cfg.placement.learner_gpus) > 1:
-        return (
-            f"placement.learner_gpus = {cfg.placement.learner_gpus}: a learner spread over several GPUs (FSDP2 ranks) "
-            "is not implemented yet; list one GPU for the learner (LoRA/QLoRA, or full fine-tuning that fits one GPU)"
-        )
     if have < res.gpus_required:
         pl = cfg.placement
         return (
@@ -132,12 +149,56 @@ def _clip_text(g) -> str:
     return f"clip {span}"
 
 
+def start_problems(cfg: Config, res: Resolved, *, dry_run: bool) -> tuple[list[str], list[str]]:
+    """Every check the start runs before writing anything: (problems, checks skipped). A dry
+    run runs them all except the hardware check and, for a tiny model the start would
+    build, the model directory."""
+    import importlib.util
+
+    from trustee.envs import check_environment, needs_simulator
+
+    problems: list[str] = []
+    skipped: list[str] = []
+    if not (Path(cfg.model.path) / "config.json").exists():
+        if dry_run and cfg.model.tiny:
+            skipped.append(f"model directory (the tiny model is built at {cfg.model.path} on start)")
+        else:
+            problems.append(
+                f"model directory {cfg.model.path} not found: download the model first (README: models), "
+                "or set model.path to a local directory with config.json"
+            )
+    problems += [f"environment: {p}" for p in check_environment(cfg.environment)]
+    roles = ["policy"] + (["simulator"] if needs_simulator(cfg.environment) else [])
+    wanted = {f"engines.{r}.backend = 'vllm'": "vllm" for r in roles if getattr(cfg.engines, r).backend == "vllm"}
+    if cfg.learner.mode == "qlora":
+        wanted["learner.mode = 'qlora'"] = "bitsandbytes"
+    if cfg.logging.wandb_project:
+        wanted["logging.wandb_project"] = "wandb"
+    for why, module in wanted.items():
+        if importlib.util.find_spec(module) is None:
+            problems.append(f"{why} needs the {module!r} package, which is not installed (see the README's install section)")
+    if unsupported := _unsupported_problem(cfg):
+        problems.append(unsupported)
+    if dry_run:
+        if res.gpus_required:
+            skipped.append(f"GPU count ({res.gpus_required} needed; checked on the real start)")
+    elif hardware := _hardware_problem(cfg, res):
+        problems.append(hardware)
+    return problems, skipped
+
+
 def format_plan(cfg: Config, res: Resolved, notes: list[str]) -> str:
+    from trustee.envs import needs_simulator
+
     g, r = cfg.grpo, cfg.rollout
     lines = [
         f"trustee run '{cfg.name}' -> {res.run_dir}",
         f"  policy     {res.policy_model}  ({res.engines['policy']}, thinking {'on' if cfg.model.enable_thinking else 'off'})",
-        f"  simulator  {res.simulator_model}  ({res.engines['simulator']})",
+        (
+            f"  simulator  {res.simulator_model}  ({res.engines['simulator']})"
+            if needs_simulator(cfg.environment)
+            else "  simulator  none (this environment does not use one)"
+        ),
         f"  env        {cfg.environment.kind}, reward {cfg.environment.reward}, curriculum {cfg.curriculum.kind}",
         f"  steps      {g.steps} x {g.tasks_per_step} tasks x {g.group_size} episodes = {res.total_episodes} episodes",
         f"  rollout    <= {r.max_turns} turns, {r.max_tokens_per_turn} tokens/turn, {r.max_inflight_episodes} in flight",
@@ -162,16 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     res = resolve(cfg, run_dir)
     notes = _model_checks(cfg, build=not args.dry_run)
     print(format_plan(cfg, res, notes))
+    problems, skipped = start_problems(cfg, res, dry_run=args.dry_run)
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    if problems:
+        return EXIT_CONFIG
     if args.dry_run:
-        print("dry run: config valid, nothing written")
+        print("dry run: config valid and every start-up check passed; nothing written")
+        for s in skipped:
+            print(f"dry run: skipped {s}")
         return 0
-    if not (Path(cfg.model.path) / "config.json").exists():
-        print(f"error: model directory {cfg.model.path} not found", file=sys.stderr)
-        return EXIT_CONFIG
-    problem = _hardware_problem(cfg, res)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(cfg)))
     (run_dir / "resolved.json").write_bytes(msgspec.json.format(msgspec.json.encode(res)))

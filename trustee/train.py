@@ -1,8 +1,8 @@
 """The training loop, top to bottom: set up, then per step collect, score, update, sync, log.
 
-Owns `train(cfg, run_dir)` and the small builders it composes (engines, environment,
-learner). One asyncio loop: episodes of all the step's groups run concurrently against the
-policy engine (which batches them); the learner's step runs in a worker thread; the new
+Owns `train(cfg, run_dir)` and the small builders it composes (engines, learner; the
+environment comes from `trustee.envs.build_environment`). One asyncio loop: episodes of all
+the step's groups run concurrently against the policy engine (which batches them); the learner's step runs in a worker thread; the new
 adapter or weights go to the policy engine, bumping its version. Placement 'sync' is what
 runs here: the policy engine sleeps while the learner trains when the two share a device.
 
@@ -63,28 +63,6 @@ def build_engine(ecfg: EngineConfig, model_path: str, cfg: Config, res: Resolved
         lora=role == "policy" and cfg.learner.mode != "full",
         lora_rank=cfg.learner.lora_rank,
     )
-
-
-def build_environment(
-    cfg: Config, sim_engine: Engine | None, sim_tokenizer: Any, template: str | None
-) -> Environment:
-    kind = cfg.environment.kind
-    if kind == "toy":
-        from trustee.envs.toy import ToyEnv
-
-        return ToyEnv(reward=cfg.environment.reward)
-    if kind == "simulated":
-        from trustee.envs.simulated import build_simulated_env
-
-        assert sim_engine is not None
-        return build_simulated_env(
-            cfg.simulator, cfg.environment, sim_engine, sim_tokenizer, template=template
-        )
-    if kind == "bfcl":
-        from trustee.envs.bfcl import build_bfcl_env
-
-        return build_bfcl_env(cfg.environment, seed=cfg.seed)
-    raise ValueError(f"environment.kind = {kind!r} has no builder")
 
 
 # ----------------------------------------------------------------------------- one step
@@ -318,28 +296,36 @@ class _Run:
     async def setup(self) -> None:
         from transformers import AutoTokenizer
 
-        from trustee.chat.render import project_template
+        from trustee.chat.formats import chat_spec
+        from trustee.envs import build_environment, needs_simulator
 
         cfg, res = self.cfg, self.res
-        template = project_template() if cfg.model.chat_template == "trustee" else None
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+        spec = chat_spec(
+            tokenizer,
+            chat_format=cfg.model.chat_format,
+            chat_template=cfg.model.chat_template,
+            enable_thinking=cfg.model.enable_thinking,
+        )
         self.policy_engine = build_engine(cfg.engines.policy, cfg.model.path, cfg, res, role="policy")
         self.sim_engine = None
-        sim_tokenizer = tokenizer
-        if cfg.environment.kind == "simulated":
+        sim_tokenizer, sim_template = tokenizer, spec.template
+        if needs_simulator(cfg.environment):
             self.sim_engine = build_engine(
                 cfg.engines.simulator, res.simulator_model, cfg, res, role="simulator"
             )
             if Path(res.simulator_model).exists():
                 sim_tokenizer = AutoTokenizer.from_pretrained(res.simulator_model)
-        self.env = build_environment(cfg, self.sim_engine, sim_tokenizer, template)
+                sim_template = chat_spec(sim_tokenizer, chat_template=cfg.model.chat_template).template
+        self.env = build_environment(cfg, self.sim_engine, sim_tokenizer, sim_template)
         self.runner = EpisodeRunner(
             policy=self.policy_engine,
             tokenizer=tokenizer,
             cfg=cfg.rollout,
             max_model_len=cfg.model.max_model_len,
-            template=template,
+            template=spec.template,
             enable_thinking=cfg.model.enable_thinking,
+            chat_format=spec.family,
         )
         self.curriculum = Curriculum(cfg.curriculum, reward_range=reward_range(self.env, cfg))
         self.heldout = (
@@ -355,7 +341,7 @@ class _Run:
         )
         self.untrained_steps = 0
         policy = load_policy(
-            cfg.model.path,
+            res.policy_model,  # absolute, so the exported adapter's base_model works from anywhere
             cfg.learner,
             device=torch.device(f"cuda:{cfg.placement.learner_gpus[0]}" if res.device == "cuda" else "cpu"),
             dtype=_DTYPES[res.dtype],

@@ -1,10 +1,17 @@
-"""Parse an assistant completion in the Qwen3/Hermes format into typed values.
+"""Parse an assistant completion into typed values, in one of three call syntaxes.
 
-Every `<tool_call>` block becomes a `ToolCall` or a `ToolCallError` (invalid JSON, not an
-object, missing name, unknown tool, arguments violating the tool's JSON schema, unclosed
-block). Errors are values: the environment shows them to the policy and counts them;
-nothing is dropped silently. Called by the episode runner after each policy turn and by the
-tool simulator (argument validation happens here, in code, before any model call).
+- 'qwen' (Qwen3 / Hermes): each `<tool_call>{json}</tool_call>` block is one call;
+- 'llama3' (Llama 3.x JSON calls): from the first line that starts with `{` (optionally after
+  `<|python_tag|>`) to the end, one or more `{"name": ..., "parameters": {...}}` objects
+  separated by whitespace or `;`; prose before that line is the message content;
+- 'mistral' (`[TOOL_CALLS]`): after the marker, a JSON list of `{"name", "arguments"}`
+  objects (or one object); each element is one call.
+
+Every call becomes a `ToolCall` or a `ToolCallError` (invalid JSON, not an object, missing
+name, unknown tool, arguments violating the tool's JSON schema, unclosed block). Errors are
+values: the environment shows them to the policy and counts them; nothing is dropped
+silently. Called by the episode runner after each policy turn and by the tool simulator
+(argument validation happens here, in code, before any model call).
 """
 
 from __future__ import annotations
@@ -17,11 +24,17 @@ from typing import Any
 import jsonschema
 import msgspec
 
+from trustee.chat.formats import FAMILIES, family
 from trustee.types import Message, ToolCall, ToolCallError, ToolSpec
 
 _BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _THINK = re.compile(r"^\s*<think>(.*?)</think>\s*", re.DOTALL)
-_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+_END_TOKENS = tuple(dict.fromkeys(t for f in FAMILIES.values() for t in f.end_tokens))
+# Llama 3: a call turn's JSON starts a line, optionally after <|python_tag|>.
+_LLAMA_CALL_START = re.compile(r"^[ \t]*(?:<\|python_tag\|>)?[ \t]*(?=\{)", re.MULTILINE)
+_DECODER = json.JSONDecoder()
+# A raw call text, or an error found while splitting the turn (e.g. an unclosed block).
+_Item = str | ToolCallError
 
 
 def canonical_json(obj: Any) -> str:
@@ -38,7 +51,7 @@ def _schema_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
 @dataclass
 class ParsedTurn:
     """One assistant turn: the message to record, calls that parsed, and errors in order of
-    appearance. `blocks` is the number of `<tool_call>` blocks seen."""
+    appearance. `blocks` is the number of calls written (well-formed or not)."""
 
     message: Message
     calls: list[ToolCall] = field(default_factory=list)
@@ -47,9 +60,14 @@ class ParsedTurn:
 
 
 class ToolCallParser:
-    """Parses completions against one task's tool set (schemas compiled once)."""
+    """Parses completions against one task's tool set (schemas compiled once), in the call
+    syntax of `format` (a `chat.formats` family name)."""
 
-    def __init__(self, tools: list[ToolSpec]):
+    def __init__(self, tools: list[ToolSpec], format: str = "qwen"):
+        self.format = family(format).name
+        self._split = _SPLITTERS[self.format]
+        # Llama 3 writes a call's arguments under "parameters"; "arguments" is accepted too.
+        self._arg_keys = ("parameters", "arguments") if self.format == "llama3" else ("arguments",)
         self.tools = {t.name: t for t in tools}
         if len(self.tools) != len(tools):
             raise ValueError(f"tool names are not unique: {[t.name for t in tools]}")
@@ -84,13 +102,13 @@ class ToolCallParser:
         if not isinstance(obj, dict):
             return ToolCallError(
                 kind="not_an_object",
-                message='tool call must be a JSON object {"name": ..., "arguments": {...}}',
+                message=f'tool call must be a JSON object {{"name": ..., "{self._arg_keys[0]}": {{...}}}}',
                 raw=raw,
             )
         name = obj.get("name")
         if not isinstance(name, str) or not name:
             return ToolCallError(kind="missing_name", message='tool call has no string "name"', raw=raw)
-        args = obj.get("arguments", {})
+        args = next((obj[k] for k in self._arg_keys if k in obj), {})
         if isinstance(args, str):  # some models emit arguments as a JSON string
             try:
                 args = json.loads(args) if args.strip() else {}
@@ -104,7 +122,7 @@ class ToolCallParser:
         if not isinstance(args, dict):
             return ToolCallError(
                 kind="not_an_object",
-                message=f'"arguments" of {name!r} must be a JSON object',
+                message=f'"{self._arg_keys[0]}" of {name!r} must be a JSON object',
                 raw=raw,
                 name=name,
             )
@@ -122,31 +140,75 @@ class ToolCallParser:
         if m:
             reasoning = m.group(1).strip("\n")
             text = text[m.end() :]
+        content, items = self._split(text)
         calls: list[ToolCall] = []
         errors: list[ToolCallError] = []
-        blocks = 0
-        first = text.find("<tool_call>")
-        content = (text if first < 0 else text[:first]).strip()
-        for block in _BLOCK.finditer(text):
-            out = self.parse_block(block.group(1).strip())
+        for i, item in enumerate(items):
+            out = self.parse_block(item.strip()) if isinstance(item, str) else item
             if isinstance(out, ToolCall):
                 calls.append(out)
             else:
-                errors.append(msgspec.structs.replace(out, index=blocks))
-            blocks += 1
-        tail = text[_last_end(text) :]
-        if "<tool_call>" in tail:
-            blocks += 1
-            errors.append(
-                ToolCallError(
-                    kind="unclosed",
-                    message="<tool_call> block is not closed with </tool_call>",
-                    raw=tail[tail.find("<tool_call>") :],
-                    index=blocks - 1,
-                )
-            )
+                errors.append(msgspec.structs.replace(out, index=i))
         msg = Message(role="assistant", content=content, reasoning=reasoning, tool_calls=calls)
-        return ParsedTurn(message=msg, calls=calls, errors=errors, blocks=blocks)
+        return ParsedTurn(message=msg, calls=calls, errors=errors, blocks=len(items))
+
+
+def _split_qwen(text: str) -> tuple[str, list[_Item]]:
+    first = text.find("<tool_call>")
+    content = (text if first < 0 else text[:first]).strip()
+    items: list[_Item] = [b.group(1) for b in _BLOCK.finditer(text)]
+    tail = text[_last_end(text) :]
+    if "<tool_call>" in tail:
+        items.append(
+            ToolCallError(
+                kind="unclosed",
+                message="<tool_call> block is not closed with </tool_call>",
+                raw=tail[tail.find("<tool_call>") :],
+            )
+        )
+    return content, items
+
+
+def _split_llama3(text: str) -> tuple[str, list[_Item]]:
+    m = _LLAMA_CALL_START.search(text)
+    if m is None:
+        return text.strip(), []
+    content = text[: m.start()].strip()
+    rest = text[m.end() :]
+    items: list[_Item] = []
+    i = 0
+    while True:
+        while i < len(rest) and (rest[i].isspace() or rest[i] == ";"):
+            i += 1
+        if i >= len(rest):
+            return content, items
+        try:
+            _, j = _DECODER.raw_decode(rest, i)
+        except json.JSONDecodeError as e:
+            msg = f"tool call is not valid JSON: {e}"
+            items.append(ToolCallError(kind="invalid_json", message=msg, raw=rest[i:]))
+            return content, items
+        items.append(rest[i:j])
+        i = j
+
+
+def _split_mistral(text: str) -> tuple[str, list[_Item]]:
+    cut = text.find("[TOOL_CALLS]")
+    if cut < 0:
+        return text.strip(), []
+    content, raw = text[:cut].strip(), text[cut + len("[TOOL_CALLS]") :].strip()
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        err = ToolCallError(
+            kind="invalid_json", message=f"[TOOL_CALLS] is not followed by valid JSON: {e}", raw=raw
+        )
+        return content, [err]
+    objs = obj if isinstance(obj, list) else [obj]
+    return content, [json.dumps(o, ensure_ascii=False) for o in objs]
+
+
+_SPLITTERS = {"qwen": _split_qwen, "llama3": _split_llama3, "mistral": _split_mistral}
 
 
 def _last_end(text: str) -> int:

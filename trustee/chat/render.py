@@ -10,17 +10,22 @@ text the chat template adds when those turns are appended to a conversation. Tha
 incremental ids equal to `apply_chat_template` over the whole conversation for any template
 that is prefix-preserving, which `check_prefix_preserving` verifies at start-up.
 
-Callers: the episode runner (`rollout/episode.py`) and the tests. It does not parse tool
-calls (`chat/parse.py`) nor decide what the environment says.
+The model family (Qwen3/Hermes, Llama 3.x, Mistral; `chat/formats.py`) decides the
+end-of-turn token; `family = 'auto'` detects it from the tokenizer. Callers: the episode
+runner (`rollout/episode.py`), the simulator client, SFT and the tests. It does not parse
+tool calls (`chat/parse.py`), choose the template (`formats.chat_spec`) nor decide what the
+environment says.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
+from trustee.chat.formats import TemplateError, detect_family, family, project_template
 from trustee.types import Message, ToolCall, ToolSpec
+
+__all__ = ["ChatFormat", "Conversation", "TemplateError", "check_prefix_preserving", "project_template"]
 
 # A fixed conversation used to find the text that follows a finished assistant turn. Its
 # contents never reach the model: only the template's suffix after it is used.
@@ -28,35 +33,35 @@ _PROBE_USER = Message(role="user", content="probe")
 _PROBE_ASSISTANT = Message(role="assistant", content="probe")
 
 
-def project_template() -> str:
-    """trustee's prefix-preserving Qwen3/Hermes tool template (shipped with the package)."""
-    return resources.files("trustee.chat").joinpath("templates/qwen3_tools.jinja").read_text()
-
-
-class TemplateError(ValueError):
-    """The model's chat template cannot be used for token-level multi-turn rollouts."""
-
-
 @dataclass
 class ChatFormat:
     """Renders messages to ids for one tokenizer + template + thinking setting.
 
-    `eos_id` is the end-of-turn token the policy must emit (`<|im_end|>` for Qwen3); it is
-    part of the sampled ids and therefore trained on.
+    `eos_id` is the end-of-turn token the policy must emit (`<|im_end|>` for Qwen3,
+    `<|eot_id|>` for Llama 3, `</s>` for Mistral); it is part of the sampled ids and therefore
+    trained on. `family` names the format ('auto': detected from the tokenizer).
     """
 
     tokenizer: Any
     tools: list[ToolSpec]
     enable_thinking: bool = False
     template: str | None = None
+    family: str = "auto"
     eos_id: int = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.family == "auto":
+            self.family = detect_family(self.tokenizer)
+        fam = family(self.family)
+        if self.enable_thinking and not fam.thinking:
+            raise TemplateError(
+                f"the {fam.name} chat format has no reasoning block; set model.enable_thinking = false"
+            )
         if self.template is None:
             self.template = self.tokenizer.chat_template
         if not self.template:
             raise TemplateError("the tokenizer has no chat template; set model.chat_template = 'trustee'")
-        eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        eos = self.tokenizer.convert_tokens_to_ids(fam.end_of_turn)
         if eos is None or eos == self.tokenizer.unk_token_id:
             eos = self.tokenizer.eos_token_id
         self.eos_id = int(eos)
@@ -103,11 +108,11 @@ class ChatFormat:
         return self.encode(self.continuation_text(new, generation_prompt=generation_prompt))
 
 
-def check_prefix_preserving(tokenizer: Any, template: str | None = None) -> list[str]:
+def check_prefix_preserving(tokenizer: Any, template: str | None = None, family_name: str = "auto") -> list[str]:
     """Problems that make a template unusable for TITO rollouts (empty list: fine).
 
-    Renders a conversation with reasoning, a tool call, a tool result and a second user turn
-    both in one go and turn by turn, and compares the texts and ids.
+    Renders a conversation with reasoning (families that have it), a tool call, a tool
+    result and a second user turn both in one go and turn by turn, and compares the texts.
     """
     tool = ToolSpec(name="probe_tool", description="d", parameters={"type": "object", "properties": {}})
     msgs = [
@@ -125,7 +130,8 @@ def check_prefix_preserving(tokenizer: Any, template: str | None = None) -> list
     ]
     problems: list[str] = []
     try:
-        fmt = ChatFormat(tokenizer, [tool], enable_thinking=True, template=template)
+        name = detect_family(tokenizer) if family_name == "auto" else family_name
+        fmt = ChatFormat(tokenizer, [tool], enable_thinking=family(name).thinking, template=template, family=name)
         for k in range(1, len(msgs)):
             short = fmt.render_text(msgs[:k], generation_prompt=False)
             long = fmt.render_text(msgs[: k + 1], generation_prompt=False)

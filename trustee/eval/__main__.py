@@ -94,7 +94,6 @@ def trained_adapter(run_dir: Path | None):
 
 
 async def run(cfg: Config, *, progress: bool = True, run_dir: Path | None = None):
-    from trustee.chat.render import project_template
     from trustee.rollout.episode import EpisodeRunner
 
     if cfg.model.tiny and not (Path(cfg.model.path) / "config.json").exists():
@@ -107,13 +106,8 @@ async def run(cfg: Config, *, progress: bool = True, run_dir: Path | None = None
     adapter = trained_adapter(run_dir)
     if adapter is not None:
         await engine.update_weights(adapter)
-    runner = EpisodeRunner(
-        policy=engine,
-        tokenizer=AutoTokenizer.from_pretrained(cfg.model.path),
-        cfg=rollout_config(cfg.eval, cfg.rollout),
-        max_model_len=cfg.model.max_model_len,
-        template=project_template() if cfg.model.chat_template == "trustee" else None,
-        enable_thinking=cfg.model.enable_thinking,
+    runner = EpisodeRunner.from_config(
+        rollout_config(cfg.eval, cfg.rollout), cfg.model, engine, AutoTokenizer.from_pretrained(cfg.model.path)
     )
     try:
         return await evaluate(

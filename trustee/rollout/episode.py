@@ -29,8 +29,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
+from trustee.chat.formats import chat_spec
 from trustee.chat.parse import ToolCallParser, canonical_json
-from trustee.chat.render import ChatFormat, Conversation, project_template
+from trustee.chat.render import ChatFormat, Conversation
 from trustee.config import ModelConfig, RolloutConfig
 from trustee.engines.base import Completion, Engine, Sampling
 from trustee.envs.base import AgentAction, Environment, EpisodeState
@@ -69,8 +70,9 @@ class _Episode:
 class EpisodeRunner:
     """Runs episodes of any `Environment` with one policy engine.
 
-    `template`: the chat template text (None: the tokenizer's own); `max_model_len`: the
-    longest token sequence an episode may reach.
+    `template`: the chat template text (None: the tokenizer's own); `chat_format`: the
+    family whose call syntax the parser reads ('auto': from the tokenizer); `max_model_len`:
+    the longest token sequence an episode may reach.
     """
 
     policy: Engine
@@ -79,19 +81,27 @@ class EpisodeRunner:
     max_model_len: int = 8192
     template: str | None = None
     enable_thinking: bool = False
+    chat_format: str = "auto"
 
     @classmethod
     def from_config(
         cls, rollout: RolloutConfig, model: ModelConfig, policy: Engine, tokenizer: Any
     ) -> EpisodeRunner:
         """The runner for a run: limits from [rollout], template/thinking/length from [model]."""
+        spec = chat_spec(
+            tokenizer,
+            chat_format=model.chat_format,
+            chat_template=model.chat_template,
+            enable_thinking=model.enable_thinking,
+        )
         return cls(
             policy,
             tokenizer,
             cfg=rollout,
             max_model_len=model.max_model_len,
-            template=project_template() if model.chat_template == "trustee" else None,
+            template=spec.template,
             enable_thinking=model.enable_thinking,
+            chat_format=spec.family,
         )
 
     async def run(self, env: Environment, task: Task, episode_id: str, *, group: Any = None) -> Trajectory:
@@ -118,10 +128,14 @@ class EpisodeRunner:
     async def _play(self, env: Environment, ep: _Episode, group: Any) -> EpisodeStatus:
         ep.state = state = await env.start(ep.task, ep.episode_id, group)
         fmt = ChatFormat(
-            self.tokenizer, ep.task.tools, enable_thinking=self.enable_thinking, template=self.template
+            self.tokenizer,
+            ep.task.tools,
+            enable_thinking=self.enable_thinking,
+            template=self.template,
+            family=self.chat_format,
         )
         ep.conv = conv = Conversation.start(fmt, state.messages)
-        parser = ToolCallParser(ep.task.tools)
+        parser = ToolCallParser(ep.task.tools, format=fmt.family)
         c = ep.counters
         while True:
             # One position stays free for the end-of-turn id `append_sampled` adds after a

@@ -1,0 +1,180 @@
+"""The run report and summary: the three-line verdict on known data, every plot drawn, the
+page self-contained, and rendered by a real headless browser that decodes every plot."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trustee.report import build_page, spans
+from trustee.summary import read_run, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_run(path: Path, rewards_by_step: list[list[float]], *, model: str = "", extra: bool = True) -> Path:
+    """A run directory in the shape trustee.train writes (synthetic values, real formats)."""
+    path.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    with open(path / "metrics.jsonl", "w") as m, open(path / "trajectories.jsonl", "w") as t:
+        for step, rewards in enumerate(rewards_by_step):
+            rec = {
+                "step": step,
+                "elapsed_s": 3.0 * step,
+                "episodes": float(len(rewards)),
+                "reward_mean": sum(rewards) / len(rewards),
+                "status/ok": float(len(rewards)),
+                "status/truncated": 0.0,
+                "curriculum/difficulty": 1.0 + 3 * step,
+                "time/rollout_s": 2.0,
+                "time/learn_s": 1.0,
+                "learn/loss": rng.uniform(-0.1, 0.1),
+                "learn/kl": 0.01,
+                "learn/entropy": 2.0,
+                "learn/grad_norm": 0.5,
+                "learn/is_ratio_min": 0.9,
+                "learn/is_ratio_mean": 1.0,
+                "learn/is_ratio_max": 1.1,
+                "learn/clip_frac": 0.0,
+                "learn/tokens_per_s": 500.0,
+                "format_errors": 1.0,
+                "policy_version": float(step + 1),
+            }
+            if extra:
+                rec["sched/lag_mean"] = 0.5
+                if step % 2 == 0:
+                    rec["eval/reward_mean"] = 0.1 * step
+            m.write(json.dumps(rec) + "\n")
+            for i, r in enumerate(rewards):
+                toks = list(range(10, 30))
+                mask = [0] * 8 + [1] * 6 + [0] * 2 + [1] * 4
+                traj = {
+                    "episode_id": f"s{step}t0/{i}",
+                    "task_id": "t",
+                    "tokens": toks,
+                    "loss_mask": mask,
+                    "logprobs": [-0.5 * x for x in mask],
+                    "versions": [step if x else -1 for x in mask],
+                    "prompt_len": 8,
+                    "reward": r,
+                    "parts": {"exact": r},
+                    "counters": {
+                        "turns": 2,
+                        "user_turns": 0,
+                        "tool_calls": 1,
+                        "format_errors": 0,
+                        "schema_errors": 0,
+                        "unknown_tools": 0,
+                        "tool_errors": 0,
+                        "sim_retries": 0,
+                        "truncated_results": 0,
+                        "wall_s": 0.1,
+                    },
+                    "status": "ok",
+                    "error": "",
+                    "messages": [
+                        {"role": "user", "content": "What is 2 plus 2?"},
+                        {"role": "assistant", "content": "4", "tool_calls": []},
+                    ],
+                    "knobs": {"n_tools": float(1 + i % 3), "difficulty": 1.0},
+                }
+                t.write(json.dumps({"step": step, "trajectory": traj}) + "\n")
+    (path / "resolved.json").write_text(
+        json.dumps({"run_dir": str(path), "policy_model": model, "device": "cpu"})
+    )
+    (path / "config.json").write_text(json.dumps({"name": "synthetic", "curriculum": {"high": 0.5}}))
+    return path
+
+
+def test_summary_verdicts(tmp_path):
+    rising = make_run(tmp_path / "up", [[0.0, 0.1, 0.0, 0.1]] * 4 + [[0.9, 1.0, 0.8, 1.0]] * 4)
+    lines = summarize(read_run(rising))
+    assert len(lines) == 3
+    assert lines[0].startswith("reward   0.050 (steps 0-1, n=8) -> 0.925 (steps 6-7, n=8): +0.875 ±")
+    assert lines[1].startswith("eval     eval/reward_mean 0.000 (step 0) -> 0.600 (step 6)")
+    assert lines[2].startswith("verdict  yes")
+    falling = make_run(
+        tmp_path / "down", [[1.0, 0.9, 1.0, 0.8]] * 4 + [[0.0, 0.1, 0.0, 0.2]] * 4, extra=False
+    )
+    lines = summarize(read_run(falling))
+    assert lines[2].startswith("verdict  no") and "trustee.eval --run-dir" in lines[1]
+    flat = make_run(tmp_path / "flat", [[0.0, 1.0, 0.0, 1.0]] * 8)
+    assert summarize(read_run(flat))[2].startswith("verdict  unclear")
+    one = make_run(tmp_path / "one", [[0.5, 0.5]])
+    assert summarize(read_run(one))[2].startswith("verdict  unknown")
+
+
+def test_summary_cli_missing_dir_is_a_clean_error(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "trustee.summary", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_spans_group_consecutive_mask_values():
+    assert spans([1, 2, 3, 4, 5], [0, 0, 1, 1, 0]) == [(0, [1, 2]), (1, [3, 4]), (0, [5])]
+
+
+def test_page_is_self_contained_with_every_plot_and_highlighted_tokens(tmp_path, tiny_model_dir):
+    run = make_run(tmp_path / "run", [[0.0, 0.5, 1.0, 0.0]] * 6, model=str(tiny_model_dir))
+    page = build_page(read_run(run), episodes=3)
+    ids = set(re.findall(r"id=plot-([a-z_]+)", page))
+    assert {
+        "reward",
+        "eval",
+        "difficulty",
+        "phases",
+        "staleness",
+        "logprob_gap",
+        "aspects",
+        "throughput",
+    } <= ids
+    assert not re.search(r"(src|href)=['\"]?https?:", page)  # nothing fetched from the network
+    assert page.count("<div class=episode>") == 3 and page.count("<span class=s>") >= 6
+
+
+def _browser() -> str | None:
+    return next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+def test_headless_chromium_renders_every_plot(tmp_path, tiny_model_dir):
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no headless browser: install Debian's chromium package (apt-get install -y chromium)")
+    run = make_run(tmp_path / "run", [[0.0, 0.5, 1.0, 0.0]] * 6, model=str(tiny_model_dir))
+    r = subprocess.run(
+        [sys.executable, "-m", "trustee.report", str(run)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    page = run / "report.html"
+    n_plots = page.read_text().count("<img class=plot")
+    dom = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    ).stdout
+    body = re.search(r"<body[^>]*>", dom)
+    assert body, dom[:500]
+    # The page's script counted, after load, the plots the browser decoded (naturalWidth > 0).
+    assert f'data-plots="{n_plots}"' in body.group(0) and f'data-plots-loaded="{n_plots}"' in body.group(0)
+    widths = [int(w) for w in re.findall(r'data-width="(\d+)"', dom)]
+    assert len(widths) == n_plots >= 9 and min(widths) > 200

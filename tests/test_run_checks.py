@@ -1,0 +1,76 @@
+"""What a new user sees at start: --dry-run runs every start-up check a real start runs
+(hardware aside) and says which it skipped; the plan does not list engines a run never
+builds; resolved.json holds absolute paths."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from trustee.config import load_config, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "trustee.run", *args], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def test_dry_run_refuses_what_the_real_start_refuses(tmp_path):
+    # bfcl-envtuning asks for a 4-GPU learner: not implemented, on any machine.
+    r = _run("configs/bfcl-envtuning.toml", "--dry-run", "--set", f"model.path={tmp_path}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "placement.learner_gpus = [0, 1, 2, 3]" in r.stderr and "not implemented" in r.stderr
+    assert "model directory" in r.stderr  # the model is not here either, and the start would refuse that too
+
+
+def test_dry_run_says_what_it_skipped(tmp_path, tiny_model_dir):
+    r = _run("configs/cpu-tiny.toml", "--dry-run", "--set", "model.path=" + str(tmp_path / "not-built-yet"))
+    assert r.returncode == 0, r.stderr
+    assert "every start-up check passed" in r.stdout
+    assert "dry run: skipped model directory (the tiny model is built at" in r.stdout
+    # A GPU config on this machine: the GPU count is the one check left to the real start.
+    r = _run(
+        "configs/cpu-tiny.toml",
+        "--dry-run",
+        *("--set", f"model.path={tiny_model_dir}", "--set", "model.tiny=''"),
+        *("--set", "placement.policy_gpus=[0]", "--set", "placement.learner_gpus=[0]"),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "dry run: skipped GPU count (1 needed; checked on the real start)" in r.stdout
+
+
+def test_dry_run_checks_the_environment_files(tmp_path):
+    r = _run(
+        "configs/cpu-tiny.toml",
+        "--dry-run",
+        *("--set", "environment.kind=python", "--set", "environment.reward=custom"),
+        *("--set", f"environment.factory={tmp_path}/missing.py:make_env"),
+    )
+    assert r.returncode == 2
+    assert "error: environment: environment.factory" in r.stderr and "not found" in r.stderr
+
+
+def test_plan_lists_the_simulator_only_when_the_environment_uses_it():
+    r = _run("configs/cpu-tiny.toml", "--dry-run")
+    assert "simulator  none (this environment does not use one)" in r.stdout
+    r = _run(
+        "configs/cpu-tiny.toml",
+        "--dry-run",
+        "--set",
+        "environment.kind=simulated",
+        "--set",
+        "environment.reward=judge",
+    )
+    assert "simulator  /" in r.stdout and "(hf on CPU)" in r.stdout
+
+
+def test_resolved_paths_are_absolute(tmp_path):
+    res = resolve(load_config(ROOT / "configs" / "cpu-tiny.toml"), "runs/x")
+    for p in (res.run_dir, res.policy_model, res.simulator_model):
+        assert Path(p).is_absolute(), p
+    assert json.loads(json.dumps(res.policy_model)).endswith(".cache/models/tiny-sft")
