@@ -30,6 +30,12 @@ if [ "${1:-}" = "--dev" ]; then
     fi
     # BFCL's data, executable classes and multi-turn checker, without its model-handler tree.
     "${PIP[@]}" --no-deps "bfcl-eval==2026.3.23"
+    # Headless Chromium for the run report's browser test (Debian's package; the test skips
+    # with the reason when no browser can be installed).
+    if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        (apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }) \
+            || echo "chromium not installed: tests/test_report.py's browser test will skip"
+    fi
 else
     "${PIP[@]}" -e .
 fi
