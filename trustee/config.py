@@ -385,22 +385,28 @@ class EvalConfig(Section, kw_only=True):
 
 class LoggingConfig(Section, kw_only=True):
     progress_bar: bool = True
-    """Show a tqdm progress bar."""
+    """Show a tqdm progress bar (reward, loss and difficulty of the last step)."""
     wandb_project: str = ""
-    """Weights & Biases project; '' = off (needs the wandb extra)."""
-    save_trajectories: bool = True
-    """Write every trajectory to trajectories.jsonl in the run directory."""
+    """Weights & Biases project; '' = off (needs the wandb extra). A resumed run continues the same W&B run."""
+    trajectories: Literal["all", "sampled", "none"] = "all"
+    """Episodes written to trajectories.jsonl: every one, a fixed share (trajectories_fraction), or none."""
+    trajectories_fraction: Fraction = 0.1
+    """With trajectories = 'sampled': share of episodes written (chosen by a hash of the episode id, not the run's RNG)."""
+    trajectories_max_mb: Annotated[float, Meta(ge=0.0)] = 1024.0
+    """Cap on trajectories.jsonl in MB; later episodes are counted (log/trajectories_dropped), not written. 0 = no cap."""
     log_every: Positive = 1
-    """Steps between metric records."""
+    """Steps between records in metrics.jsonl and W&B (the last step is always recorded)."""
 
 
 class CheckpointConfig(Section, kw_only=True):
     every_steps: NonNeg = 20
-    """Steps between checkpoints; 0 = only at the end."""
+    """Steps between checkpoints; 0 = only at the end (and when the run is stopped)."""
     keep: Positive = 2
     """Most recent checkpoints kept."""
     resume: Literal["auto", "never"] = "auto"
-    """'auto': resume from the run directory's last checkpoint if there is one."""
+    """'auto': continue from the run directory's last checkpoint; 'never': refuse a directory that holds one."""
+    on_interrupt: Literal["finish", "abandon"] = "finish"
+    """On SIGINT/SIGTERM: 'finish' the step in progress or 'abandon' its rollouts; then checkpoint and exit."""
 
 
 class Config(Section, kw_only=True):

@@ -140,6 +140,41 @@ def format_plan(cfg: Config, res: Resolved, notes: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _resume_plan(cfg: Config, run_dir: Path):
+    """The run's first line (new run / resuming from step N, K left / already finished), or
+    None after printing why the run directory cannot be continued with this config."""
+    from trustee.resume import ResumeRefused, plan_resume
+
+    try:
+        plan = plan_resume(cfg, run_dir)
+    except ResumeRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    print(plan.headline(), flush=True)
+    return plan
+
+
+def _train(cfg: Config, res: Resolved, run_dir: Path) -> int:
+    """Run the loop with the orphan watchdog on; a stop (signal, dead engine, non-finite
+    streak) exits with its status and a line saying why and how to resume."""
+    import anyio
+
+    from trustee.interrupt import RunStopped, start_reaper
+    from trustee.train import train
+
+    reaper = start_reaper()
+    try:
+        last = anyio.run(train, cfg, res, backend="asyncio")
+    except RunStopped as e:
+        print(e.message, file=sys.stderr, flush=True)
+        return e.status
+    finally:
+        reaper.release()
+    summary = {k: last[k] for k in ("reward_mean", "curriculum/difficulty", "policy_version") if k in last}
+    print(json.dumps({"run_dir": str(run_dir), "status": "finished", **summary}), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -149,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     run_dir = Path(args.out or Path("runs") / cfg.name)
     res = resolve(cfg, run_dir)
+    plan = _resume_plan(cfg, run_dir)
+    if plan is None:
+        return EXIT_CONFIG
+    if plan.finished:
+        return 0
     notes = _model_checks(cfg, build=not args.dry_run)
     print(format_plan(cfg, res, notes))
     if args.dry_run:
@@ -164,14 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(cfg)))
     (run_dir / "resolved.json").write_bytes(msgspec.json.format(msgspec.json.encode(res)))
-    import anyio
-
-    from trustee.train import train
-
-    last = anyio.run(train, cfg, res, backend="asyncio")
-    summary = {k: last[k] for k in ("reward_mean", "curriculum/difficulty", "policy_version") if k in last}
-    print(json.dumps({"run_dir": str(run_dir), "status": "finished", **summary}))
-    return 0
+    return _train(cfg, res, run_dir)
 
 
 if __name__ == "__main__":

@@ -24,16 +24,17 @@ import anyio
 import msgspec
 import torch
 
-from trustee.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trustee.config import Config, EngineConfig, Resolved
 from trustee.curriculum import Curriculum, CurriculumState
-from trustee.engines.base import Engine, FullUpdate, LoraUpdate
+from trustee.engines.base import Engine, FatalEngineError, FullUpdate, LoraUpdate
 from trustee.envs.base import Environment, Knobs
 from trustee.learn.advantages import compute_advantages
 from trustee.learn.export import export_full, export_lora
 from trustee.learn.learner import Learner
 from trustee.learn.policy import load_policy
+from trustee.interrupt import StopGuard
 from trustee.metrics import RunLog
+from trustee import resume
 from trustee.rollout.episode import EpisodeRunner, run_group
 from trustee.types import Group
 
@@ -108,6 +109,8 @@ async def collect(
     async def make(i: int, seed: int) -> None:
         try:
             tasks[i] = await env.make_task(knobs[i], random.Random(seed))
+        except FatalEngineError:
+            raise
         except Exception as e:  # noqa: BLE001 - one task that cannot be made is dropped, not fatal
             log.warning("step %d: task %d could not be made: %s: %s", step, i, type(e).__name__, e)
             failures.append(f"{type(e).__name__}: {e}")
@@ -175,58 +178,13 @@ def trainable_groups(groups: list[Group]) -> list[Group]:
     return out
 
 
-def weight_update(learner: Learner, run_dir: Path, needs_path: bool) -> LoraUpdate | FullUpdate:
+def weight_update(learner: Learner) -> LoraUpdate | FullUpdate:
+    """The learner's weights for the policy engine. In memory: an engine that needs a PEFT
+    directory (vLLM) writes its own; RUN/adapter is written only at checkpoints (resume.py)."""
     model = learner.model
     if learner.policy.mode in ("lora", "qlora"):
-        path = run_dir / "adapter" if needs_path else None
-        return export_lora(model, path=path, tensors=not needs_path)
+        return export_lora(model, path=None, tensors=True)
     return export_full(model)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _trainable_state(learner: Learner) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in learner.model.named_parameters() if p.requires_grad}
-
-
-def _save(
-    run_dir: Path, step: int, learner: Learner, curriculum: Curriculum, rng: random.Random, keep: int
-) -> None:
-    state = {
-        "trainable": _trainable_state(learner),
-        "optimizer": learner.optimizer.state_dict(),
-        "scheduler": learner.scheduler.state_dict(),
-        "rng": rng.getstate(),
-    }
-    meta = {
-        "curriculum": msgspec.to_builtins(curriculum.state()),
-        "learner_steps": learner.step_count,
-    }
-    save_checkpoint(run_dir, step, state, meta, keep=keep)
-
-
-def _resume(run_dir: Path, learner: Learner, curriculum: Curriculum, rng: random.Random) -> int:
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return 0
-    state, meta = load_checkpoint(ckpt)
-    params = dict(learner.model.named_parameters())
-    missing = sorted(set(state["trainable"]) - set(params))
-    if missing:
-        raise RuntimeError(
-            f"checkpoint {ckpt} does not match this model (unknown parameters, e.g. {missing[:3]})"
-        )
-    with torch.no_grad():
-        for name, t in state["trainable"].items():
-            params[name].copy_(t.to(params[name].device, params[name].dtype))
-    learner.optimizer.load_state_dict(state["optimizer"])
-    learner.scheduler.load_state_dict(state["scheduler"])
-    learner.step_count = int(meta["learner_steps"])
-    curriculum.load_state(msgspec.convert(meta["curriculum"], CurriculumState))
-    rng.setstate(state["rng"])
-    log.info("resumed from %s", ckpt)
-    return int(meta["step"]) + 1
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -245,6 +203,7 @@ class _Run:
         from trustee.chat.render import project_template
 
         cfg, res = self.cfg, self.res
+        resume.seed_everything(cfg.seed)
         template = project_template() if cfg.model.chat_template == "trustee" else None
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         self.policy_engine = build_engine(cfg.engines.policy, cfg.model.path, cfg, res, role="policy")
@@ -284,16 +243,15 @@ class _Run:
         self.rng = random.Random(cfg.seed)
         pl = cfg.placement
         self.shares_device = pl.mode == "sync" and bool(set(pl.policy_gpus) & set(pl.learner_gpus))
-        self.needs_path = cfg.engines.policy.backend == "vllm"
-        self.start = 0
-        if cfg.checkpoint.resume == "auto":
-            self.start = _resume(self.run_dir, self.learner, self.curriculum, self.rng)
-            if self.start:
-                await self.policy_engine.update_weights(
-                    weight_update(self.learner, self.run_dir, self.needs_path)
-                )
+        self.start, meta = await resume.continue_run(self, lambda: weight_update(self.learner))
         self.log = RunLog(
-            self.run_dir, cfg.logging, total_steps=cfg.grpo.steps - self.start, run_name=cfg.name, config=cfg
+            self.run_dir,
+            cfg.logging,
+            total_steps=cfg.grpo.steps,
+            run_name=cfg.name,
+            config=cfg,
+            elapsed_s=meta.get("elapsed_s", 0.0),
+            done_steps=self.start,
         )
 
     async def step(
@@ -333,7 +291,7 @@ class _Run:
             if self.shares_device:
                 await self.policy_engine.sleep(1)
             metrics = await self.learner.step_async(adv.groups)
-            update = weight_update(self.learner, self.run_dir, self.needs_path)
+            update = weight_update(self.learner)
             if self.shares_device:
                 await self.policy_engine.wake()
             await self.policy_engine.update_weights(update)
@@ -353,21 +311,14 @@ class _Run:
         self.log.step(step, record)
         every = cfg.checkpoint.every_steps
         if (every and (step + 1) % every == 0) or step + 1 == cfg.grpo.steps:
-            _save(self.run_dir, step, self.learner, self.curriculum, self.rng, cfg.checkpoint.keep)
+            self.saved_step = resume.checkpoint_or_warn(self, step)
         return record
 
     def export_final(self) -> Path:
         """Write the trained policy where `trustee.eval --run-dir` and vLLM can load it: the
-        LoRA adapter as a PEFT directory (RUN/adapter) or the full model (RUN/model)."""
-        model = self.learner.model
-        if self.learner.policy.mode in ("lora", "qlora"):
-            out = self.run_dir / "adapter"
-            export_lora(model, path=out, tensors=False)
-        else:
-            out = self.run_dir / "model"
-            model.save_pretrained(out)
-            self.tokenizer.save_pretrained(out)
-        return out
+        LoRA adapter as a PEFT directory (RUN/adapter) or the full model (RUN/model), atomically,
+        tagged with the step (RUN/<kind>/trustee_step.json)."""
+        return resume.export_policy(self, self.cfg.grpo.steps - 1)
 
     async def close(self) -> None:
         if hasattr(self, "log"):
@@ -388,23 +339,36 @@ async def train(cfg: Config, res: Resolved) -> dict[str, Any]:
     """
     run = _Run(cfg, res)
     last: dict[str, Any] = {}
+    guard = StopGuard(run)
     try:
         await run.setup()
-        if cfg.placement.mode == "sync":
-            for step in range(run.start, cfg.grpo.steps):
-                t0 = time.perf_counter()
-                extra: dict[str, float] = {}
-                groups, knobs = await collect(run.env, run.runner, run.curriculum, cfg, run.rng, step, extra)
-                last = await run.step(step, groups, knobs, time.perf_counter() - t0, extra)
-        else:
-            last = await _train_continuous(run)
+        guard.install()
+        guard.mark(run.start - 1)
+        try:
+            if cfg.placement.mode == "sync":
+                for step in range(run.start, cfg.grpo.steps):
+                    if guard.stopping:
+                        break
+                    t0 = time.perf_counter()
+                    extra: dict[str, float] = {}
+                    with guard.collecting() as scope:
+                        groups, knobs = await collect(run.env, run.runner, run.curriculum, cfg, run.rng, step, extra)
+                    if scope.cancelled_caught:
+                        break
+                    last = await guard.run_step(run.step, step, groups, knobs, time.perf_counter() - t0, extra)
+            else:
+                last = await _train_continuous(run, guard)
+        except* FatalEngineError as eg:
+            guard.on_fault(eg.exceptions[0])
+        guard.finish()
         run.export_final()
     finally:
+        guard.uninstall()
         await run.close()
     return last
 
 
-async def _train_continuous(run: _Run) -> dict[str, Any]:
+async def _train_continuous(run: _Run, guard: StopGuard) -> dict[str, Any]:
     from trustee.rollout.scheduler import GroupScheduler
 
     cfg = run.cfg
@@ -424,8 +388,13 @@ async def _train_continuous(run: _Run) -> dict[str, Any]:
     async with anyio.create_task_group() as tg:
         sched.start(tg)
         for step in range(run.start, g.steps):
+            if guard.stopping:
+                break
             t0 = time.perf_counter()
-            items = await sched.take(g.tasks_per_step)
+            with guard.collecting() as scope:
+                items = await sched.take(g.tasks_per_step)
+            if scope.cancelled_caught:
+                break
             stats = {
                 "sched/dropped_stale": float(sched.dropped_stale),
                 "sched/peak_inflight_groups": float(sched.peak_inflight),
@@ -434,6 +403,6 @@ async def _train_continuous(run: _Run) -> dict[str, Any]:
                 / len(items),
             }
             groups, knobs = [i.group for i in items], [i.knobs for i in items]
-            last = await run.step(step, groups, knobs, time.perf_counter() - t0, stats)
+            last = await guard.run_step(run.step, step, groups, knobs, time.perf_counter() - t0, stats)
         tg.cancel_scope.cancel()
     return last

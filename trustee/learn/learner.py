@@ -22,6 +22,7 @@ asyncio loop (rollouts) keeps going.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import resource
@@ -40,6 +41,8 @@ from trustee.learn.logprobs import model_device, token_logprobs
 from trustee.learn.packing import MicroBatch, Sample, build_packed, build_padded, check_sample, plan_bins
 from trustee.learn.policy import Policy
 from trustee.types import Group
+
+log = logging.getLogger("trustee.learn")
 
 
 class StepMetrics(msgspec.Struct, kw_only=True):
@@ -74,6 +77,8 @@ class StepMetrics(msgspec.Struct, kw_only=True):
     wall_s: float
     tokens_per_s: float
     peak_mem_bytes: int
+    skipped_nonfinite: int = 0
+    """1 when the loss or gradient norm was not finite and the optimiser step was skipped."""
 
 
 def samples_from_groups(groups: list[Group]) -> list[Sample]:
@@ -282,11 +287,18 @@ class Learner:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step_count += 1
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step_count += 1
+        else:  # a non-finite loss or gradient would poison the weights and Adam's moments: skip
+            log.warning("learner: non-finite loss %s / grad norm %s; optimiser step skipped", loss, grad_norm)
+            self.optimizer.zero_grad(set_to_none=True)
         wall = time.perf_counter() - t0
-        return self._metrics(samples, mbs, loss, parts, grad_norm, lr, wall, device)
+        m = self._metrics(samples, mbs, loss, parts, grad_norm, lr, wall, device)
+        m.skipped_nonfinite = int(not finite)
+        return m
 
     def _metrics(self, samples, mbs, loss, parts: TokenLossParts, grad_norm, lr, wall, device) -> StepMetrics:
         n_tok = max(1, parts.tokens)
