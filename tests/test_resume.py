@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 4
+STEPS = 3
 
 
 def _args(tiny_model_dir, out, steps=STEPS, *extra):
@@ -69,7 +69,7 @@ def reference(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("ref") / "run"
     r = _run(tiny_model_dir, out)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.splitlines()[0].startswith("new run 'cpu-tiny': 4 steps")
+    assert r.stdout.splitlines()[0].startswith("new run 'cpu-tiny': 3 steps")
     return out
 
 
@@ -131,7 +131,7 @@ def _trials(n, seed, tmp_path, tiny_model_dir, reference):
 
 
 def test_sigkill_at_random_points_resumes_bit_exact(tmp_path, tiny_model_dir, reference):
-    _trials(2, 1, tmp_path, tiny_model_dir, reference)
+    _trials(3, 1, tmp_path, tiny_model_dir, reference)
 
 
 @pytest.mark.slow
@@ -186,11 +186,11 @@ def test_finished_run_says_so_and_changed_config_is_refused(tmp_path, tiny_model
     r = _run(tiny_model_dir, out, STEPS)
     assert r.returncode == 0, r.stderr
     first = r.stdout.splitlines()[0]
-    assert first.startswith("run 'cpu-tiny' is already finished: 4 of 4 steps done") and "grpo.steps=" in first
+    assert first.startswith("run 'cpu-tiny' is already finished: 3 of 3 steps done") and "grpo.steps=" in first
     # An unsafe change is shown as a diff and refused; nothing is written.
     r = _run(tiny_model_dir, out, 6, "learner.lora_rank=16")
     assert r.returncode == 2
-    assert "learner.lora_rank: 8 -> 16" in r.stderr and "grpo.steps: 4 -> 6" in r.stderr
+    assert "learner.lora_rank: 8 -> 16" in r.stderr and "grpo.steps: 3 -> 6" in r.stderr
     assert "learner.lora_rank cannot change mid-run" in r.stderr
     assert (out / "config.json").read_bytes() == config_before
     # checkpoint.resume = 'never' refuses a directory that holds a checkpoint.

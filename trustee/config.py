@@ -701,6 +701,73 @@ def _cross_checks(cfg: Config) -> list[Problem]:
     return p
 
 
+# Which engine backends honour each EngineConfig field (fields not listed: every backend).
+# A value other than the role's default on a backend that cannot honour it is refused.
+ENGINE_FIELD_BACKENDS: dict[str, tuple[str, ...]] = {
+    "max_num_seqs": ("hf", "vllm"),
+    "gpu_memory_utilization": ("vllm",),
+    "kv_cache_gib": ("vllm",),
+    "enable_prefix_caching": ("vllm",),
+    "enable_sleep_mode": ("vllm",),
+    "max_lora_rank": ("vllm",),
+    "tensor_parallel_size": ("vllm",),
+    "data_parallel_size": ("vllm",),
+    "enforce_eager": ("vllm",),
+    "base_url": ("openai",),
+    "timeout_s": ("openai",),
+    "max_retries": ("openai",),
+}
+
+
+def _unhonoured(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """Settings the chosen components cannot honour (each would otherwise be silently ignored)."""
+    p: list[Problem] = []
+    defaults, plain = EnginesConfig(), EngineConfig()
+    for role in ("policy", "simulator"):
+        e, d = getattr(cfg.engines, role), getattr(defaults, role)
+        for name, backends in ENGINE_FIELD_BACKENDS.items():
+            if name == "base_url":
+                continue  # checked with a more specific message in _cross_checks
+            v = getattr(e, name)
+            if e.backend not in backends and v != getattr(d, name) and v != getattr(plain, name):
+                p.append(
+                    Problem(
+                        f"engines.{role}.{name}",
+                        v,
+                        f"the {e.backend!r} backend cannot honour it (only {', '.join(repr(b) for b in backends)} "
+                        f"does); remove it or set engines.{role}.backend accordingly",
+                    )
+                )
+    explicit_judge = "judge_mode" in (raw.get("simulator") or {})
+    if cfg.environment.reward == "rubric" and explicit_judge and cfg.simulator.judge_mode != "rubric":
+        p.append(
+            Problem(
+                "simulator.judge_mode",
+                cfg.simulator.judge_mode,
+                "environment.reward = 'rubric' always judges with the rubric; judge_mode applies with "
+                "reward = 'judge'. Remove simulator.judge_mode or set environment.reward = 'judge'",
+            )
+        )
+    if cfg.curriculum.kind == "staged" and cfg.environment.kind != "bfcl":
+        p.append(
+            Problem(
+                "curriculum.kind",
+                "staged",
+                f"stages switch BFCL's reward, hints and data split; environment.kind = {cfg.environment.kind!r} "
+                "has none of them to switch. Use curriculum.kind = 'adaptive' or 'fixed'",
+            )
+        )
+    if cfg.curriculum.stages and cfg.curriculum.kind != "staged":
+        p.append(
+            Problem(
+                "curriculum.stages",
+                f"{len(cfg.curriculum.stages)} stage(s)",
+                f"only used with curriculum.kind = 'staged' (kind is {cfg.curriculum.kind!r}); remove them or set the kind",
+            )
+        )
+    return p
+
+
 def _parse_override(item: str) -> tuple[list[str], str]:
     if "=" not in item:
         raise ConfigError(
@@ -772,7 +839,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
     if problems:
         raise ConfigError(source, problems)
     cfg = msgspec.convert(raw, Config)
-    problems = _cross_checks(cfg)
+    problems = _cross_checks(cfg) + _unhonoured(cfg, raw)
     if problems:
         raise ConfigError(source, problems)
     return cfg
