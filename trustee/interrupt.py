@@ -170,6 +170,8 @@ class StopGuard:
         return out
 
     def on_fault(self, err: BaseException) -> None:
+        while isinstance(err, BaseExceptionGroup):  # task groups nest: report the first real error
+            err = err.exceptions[0]
         self.fault = f"{type(err).__name__}: {err}"
 
     def finish(self) -> None:
