@@ -142,3 +142,119 @@ def test_full_disk_at_checkpoint_keeps_the_previous_one(tmp_path, tiny_model_dir
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000000"]  # no partial left
     state, meta = load_checkpoint(latest_checkpoint(out))
     assert meta["step"] == 0 and all(torch.isfinite(t).all() for t in state["trainable"].values())
+
+
+class FakeGarbageSimulator:
+    """Test double: the simulator engine of `trustee.sim.fakes.FakeJsonEngine` (schema-valid
+    random JSON), except that a random 30% of its answers are undecodable garbage."""
+
+    def __init__(self, tokenizer, rate=0.3, seed=0):
+        import random
+
+        from trustee.sim.fakes import FakeJsonEngine
+
+        self.inner = FakeJsonEngine(tokenizer, seed=seed)
+        self.rng = random.Random(seed + 1)
+        self.rate = rate
+        self.requests = 0
+        self.garbage = 0
+        self.version = 0
+
+    async def generate(self, prompt, params, *, key=None):
+        from trustee.engines.base import Completion
+
+        self.requests += 1
+        if self.rng.random() < self.rate:
+            self.garbage += 1
+            tok = self.inner.tokenizer
+            ids = tok.encode('{"oops": [garbage', add_special_tokens=False) + [self.inner.eos_id]
+            return Completion(token_ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop", policy_version=0)
+        return await self.inner.generate(prompt, params, key=key)
+
+    async def sleep(self, level=1): ...
+    async def wake(self): ...
+    async def update_weights(self, update): raise NotImplementedError
+    def stats(self): return self.inner.stats()
+    async def close(self): ...
+
+
+class FakeMalformedPolicy:
+    """Test double for the policy engine: half its turns are a malformed tool call (invalid
+    JSON inside <tool_call>), the rest a plain reply; counts the malformed ones."""
+
+    def __init__(self, tokenizer, seed=0):
+        import random
+
+        self.bad = tokenizer.encode('<tool_call>\n{"name": "x", "arguments": {bad}\n</tool_call><|im_end|>', add_special_tokens=False)
+        self.ok = tokenizer.encode("Here is what I found.<|im_end|>", add_special_tokens=False)
+        self.rng = random.Random(seed)
+        self.malformed = 0
+        self.version = 0
+
+    async def generate(self, prompt, params, *, key=None):
+        from trustee.engines.base import Completion
+
+        bad = self.rng.random() < 0.5
+        self.malformed += bad
+        ids = list(self.bad if bad else self.ok)[: params.max_tokens]
+        return Completion(token_ids=ids, logprobs=[-1.0] * len(ids), finish_reason="stop", policy_version=self.version)
+
+    async def sleep(self, level=1): ...
+    async def wake(self): ...
+
+    async def update_weights(self, update):
+        self.version += 1
+
+    def stats(self):
+        from trustee.engines.base import EngineStats
+
+        return EngineStats()
+
+    async def close(self): ...
+
+
+def test_garbage_simulator_and_malformed_tool_calls_every_step_completes_every_fault_counted(
+    tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch
+):
+    from trustee import train as train_mod
+
+    fakes = {}
+
+    def fake_engine(ecfg, model_path, cfg, res, *, role):
+        fakes[role] = FakeMalformedPolicy(tiny_tokenizer) if role == "policy" else FakeGarbageSimulator(tiny_tokenizer)
+        return fakes[role]
+
+    envs = []
+    real_env = train_mod.build_environment
+
+    def keep_env(*a, **kw):
+        envs.append(real_env(*a, **kw))
+        return envs[-1]
+
+    monkeypatch.setattr(train_mod, "build_engine", fake_engine)
+    monkeypatch.setattr(train_mod, "build_environment", keep_env)
+    steps = 3
+    cfg = _cfg(
+        tiny_model_dir,
+        steps,
+        "environment.kind=simulated",
+        "environment.reward=judge",
+        "curriculum.kind=fixed",
+        "simulator.max_user_turns=1",
+        "rollout.max_turns=3",
+    )
+    out = tmp_path / "run"
+    _train(cfg, out)
+    recs = _metrics(out)
+    assert [r["step"] for r in recs] == list(range(steps))  # every step completed
+    assert all(r["status/error"] == 0.0 for r in recs)  # no episode crashed
+    sim, policy, stats = fakes["simulator"], fakes["policy"], envs[0].client.stats
+    assert sim.garbage >= 5 and policy.malformed >= 3  # the faults really happened
+    # Every simulator answer reached the client, and every garbage answer was counted: as a
+    # decode retry, or (the last of a failed ask) as a failure. Retries of valid but rejected
+    # answers count too, hence >=.
+    assert stats.calls == sim.requests
+    assert stats.retries + stats.failures >= sim.garbage
+    assert recs[-1]["sim/retries"] == stats.retries and recs[-1]["sim/failures"] == stats.failures
+    # Every malformed tool call the policy emitted is a counted format error of its episode.
+    assert sum(r["format_errors"] for r in recs) == policy.malformed

@@ -44,6 +44,20 @@ def _sampled(episode_id: str, fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2.0**64 < fraction
 
 
+def env_counters(env: Any) -> dict[str, float]:
+    """Cumulative fault counters of an environment's simulator client (calls, decode retries,
+    failed asks, episodes ended by a simulator failure); {} for environments without one."""
+    stats = getattr(getattr(env, "client", None), "stats", None)
+    if stats is None:
+        return {}
+    return {
+        "sim/calls": float(stats.calls),
+        "sim/retries": float(stats.retries),
+        "sim/failures": float(stats.failures),
+        "sim/episode_errors": float(getattr(env, "sim_errors", 0)),
+    }
+
+
 class RunLog:
     def __init__(
         self,

@@ -123,6 +123,21 @@ def _hardware_problem(cfg: Config, res: Resolved) -> str:
     return ""
 
 
+def _simulator_tokenizer_problem(cfg: Config, res: Resolved) -> str:
+    """The simulator's prompts are tokenized with its own tokenizer: its model directory must
+    hold one (a remote simulator still needs a local copy of the tokenizer files)."""
+    if cfg.environment.kind != "simulated":
+        return ""
+    path = Path(res.simulator_model)
+    if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
+        return ""
+    return (
+        f"simulator.model_path = {cfg.simulator.model_path!r} ({path}) holds no tokenizer; the simulator's prompts "
+        "are tokenized with its own tokenizer, never silently with the policy's. Point simulator.model_path at a "
+        "local directory with the simulator model's tokenizer files"
+    )
+
+
 def format_plan(cfg: Config, res: Resolved, notes: list[str]) -> str:
     g, r = cfg.grpo, cfg.rollout
     lines = [
@@ -197,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(cfg.model.path) / "config.json").exists():
         print(f"error: model directory {cfg.model.path} not found", file=sys.stderr)
         return EXIT_CONFIG
-    problem = _hardware_problem(cfg, res)
+    problem = _hardware_problem(cfg, res) or _simulator_tokenizer_problem(cfg, res)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_CONFIG

@@ -33,7 +33,7 @@ from trustee.learn.export import export_full, export_lora
 from trustee.learn.learner import Learner
 from trustee.learn.policy import load_policy
 from trustee.interrupt import StopGuard
-from trustee.metrics import RunLog
+from trustee.metrics import RunLog, env_counters
 from trustee import resume
 from trustee.rollout.episode import EpisodeRunner, run_group
 from trustee.types import Group
@@ -213,8 +213,8 @@ class _Run:
             self.sim_engine = build_engine(
                 cfg.engines.simulator, res.simulator_model, cfg, res, role="simulator"
             )
-            if Path(res.simulator_model).exists():
-                sim_tokenizer = AutoTokenizer.from_pretrained(res.simulator_model)
+            # trustee.run has checked the directory holds a tokenizer (no silent fallback to the policy's).
+            sim_tokenizer = AutoTokenizer.from_pretrained(res.simulator_model)
         self.env = build_environment(cfg, self.sim_engine, sim_tokenizer, template)
         self.runner = EpisodeRunner(
             policy=self.policy_engine,
@@ -266,6 +266,7 @@ class _Run:
         cfg = self.cfg
         record = rollout_metrics(groups)
         record.update(extra or {})
+        record.update(env_counters(self.env))
         self.log.trajectories(step, [t for g in groups for t in g.trajectories])
         scored = [
             (k, [t.reward for t in g.trajectories if t.trainable]) for k, g in zip(knobs, groups, strict=True)
