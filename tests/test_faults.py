@@ -258,3 +258,34 @@ def test_garbage_simulator_and_malformed_tool_calls_every_step_completes_every_f
     assert recs[-1]["sim/retries"] == stats.retries and recs[-1]["sim/failures"] == stats.failures
     # Every malformed tool call the policy emitted is a counted format error of its episode.
     assert sum(r["format_errors"] for r in recs) == policy.malformed
+
+
+@pytest.mark.parametrize("mode", ["abandon", "finish"])
+def test_on_interrupt_abandon_drops_the_step_finish_completes_it(mode, tmp_path, tiny_model_dir, monkeypatch):
+    """SIGINT arrives while step 1's episodes run: 'abandon' cancels them and checkpoints
+    step 0; 'finish' completes step 1 and checkpoints it. Either way RunStopped(130)."""
+    import os
+    import signal
+
+    from trustee.engines.hf import HFEngine
+    from trustee.interrupt import RunStopped
+
+    real = HFEngine.generate
+    calls = {"n": 0}
+
+    async def generate(self, prompt, params, *, key=None):  # the real generate; SIGINT once in step 1
+        calls["n"] += 1
+        if key and key.startswith("s1") and not calls.get("sent"):
+            calls["sent"] = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return await real(self, prompt, params, key=key)
+
+    monkeypatch.setattr(HFEngine, "generate", generate)
+    out = tmp_path / "run"
+    with pytest.raises(RunStopped) as ei:
+        _train(_cfg(tiny_model_dir, 4, "checkpoint.every_steps=0", f"checkpoint.on_interrupt={mode}"), out)
+    assert ei.value.status == 128 + signal.SIGINT
+    done = 1 if mode == "abandon" else 2
+    assert [r["step"] for r in _metrics(out)] == list(range(done))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{done - 1:06d}"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
