@@ -166,7 +166,7 @@ EVIDENCE: dict[str, list[str]] = {
             "judge_strictness",
         )
     },
-    "curriculum.aspects.tool_error_rate": ["test:tests/test_sim_roles.py::test_error_injection_is_deterministic_per_call:injected_failure", "reads:trustee/envs/simulated.py"],
+    "curriculum.aspects.tool_error_rate": ["test:tests/test_sim_roles.py::test_error_injection_is_deterministic_per_call:injected_failure"],
     "curriculum.stages[].name": ["test:tests/test_bfcl_stages.py::test_envtuning_config_loads_and_names_four_stages"],
     "curriculum.stages[].reward": ["test:tests/test_bfcl_env.py::test_make_task_follows_stage_knobs"],
     "curriculum.stages[].hints": ["test:tests/test_bfcl_env.py::test_make_task_follows_stage_knobs"],
