@@ -49,7 +49,9 @@ def _args(out: Path, steps: int, batch: int, model: str) -> list[str]:
 
 
 def _run(out: Path, steps: int, batch: int, model: str, kill_after: int | None = None) -> None:
-    p = subprocess.Popen(_args(out, steps, batch, model), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        _args(out, steps, batch, model), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     if kill_after is not None:
         m = out / "metrics.jsonl"
         while p.poll() is None and not (m.exists() and len(m.read_text().splitlines()) >= kill_after):
@@ -114,13 +116,25 @@ def main() -> None:
             )
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg": os.getloadavg()},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
-        "config": {"steps": a.steps, "tasks_per_step": 2, "group_size": 4, "max_tokens_per_turn": 24, "model": a.model},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "config": {
+            "steps": a.steps,
+            "tasks_per_step": 2,
+            "group_size": 4,
+            "max_tokens_per_turn": 24,
+            "model": a.model,
+        },
         "rows": rows,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
-    print("| batch | rerun bit-identical | rerun max abs diff | resumed bit-identical | resumed max abs diff | max abs weight |")
+    print(
+        "| batch | rerun bit-identical | rerun max abs diff | resumed bit-identical | resumed max abs diff | max abs weight |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
         x, y = r["rerun_vs_ref"], r["resumed_vs_ref"]

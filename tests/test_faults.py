@@ -81,7 +81,9 @@ def test_nonfinite_gradients_skip_the_step_and_a_streak_stops_the_run(tmp_path, 
     assert all(math.isfinite(r["learn/grad_norm"] or 0.0) for r in recs[:1])
 
 
-def test_dead_engine_checkpoints_last_good_step_and_the_same_command_resumes(tmp_path, tiny_model_dir, monkeypatch):
+def test_dead_engine_checkpoints_last_good_step_and_the_same_command_resumes(
+    tmp_path, tiny_model_dir, monkeypatch
+):
     from trustee.engines.hf import HFEngine
     from trustee.interrupt import EXIT_FAULT, RunStopped
 
@@ -168,13 +170,19 @@ class FakeGarbageSimulator:
             self.garbage += 1
             tok = self.inner.tokenizer
             ids = tok.encode('{"oops": [garbage', add_special_tokens=False) + [self.inner.eos_id]
-            return Completion(token_ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop", policy_version=0)
+            return Completion(
+                token_ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop", policy_version=0
+            )
         return await self.inner.generate(prompt, params, key=key)
 
     async def sleep(self, level=1): ...
     async def wake(self): ...
-    async def update_weights(self, update): raise NotImplementedError
-    def stats(self): return self.inner.stats()
+    async def update_weights(self, update):
+        raise NotImplementedError
+
+    def stats(self):
+        return self.inner.stats()
+
     async def close(self): ...
 
 
@@ -185,7 +193,9 @@ class FakeMalformedPolicy:
     def __init__(self, tokenizer, seed=0):
         import random
 
-        self.bad = tokenizer.encode('<tool_call>\n{"name": "x", "arguments": {bad}\n</tool_call><|im_end|>', add_special_tokens=False)
+        self.bad = tokenizer.encode(
+            '<tool_call>\n{"name": "x", "arguments": {bad}\n</tool_call><|im_end|>', add_special_tokens=False
+        )
         self.ok = tokenizer.encode("Here is what I found.<|im_end|>", add_special_tokens=False)
         self.rng = random.Random(seed)
         self.malformed = 0
@@ -197,7 +207,9 @@ class FakeMalformedPolicy:
         bad = self.rng.random() < 0.5
         self.malformed += bad
         ids = list(self.bad if bad else self.ok)[: params.max_tokens]
-        return Completion(token_ids=ids, logprobs=[-1.0] * len(ids), finish_reason="stop", policy_version=self.version)
+        return Completion(
+            token_ids=ids, logprobs=[-1.0] * len(ids), finish_reason="stop", policy_version=self.version
+        )
 
     async def sleep(self, level=1): ...
     async def wake(self): ...
@@ -221,7 +233,9 @@ def test_garbage_simulator_and_malformed_tool_calls_every_step_completes_every_f
     fakes = {}
 
     def fake_engine(ecfg, model_path, cfg, res, *, role):
-        fakes[role] = FakeMalformedPolicy(tiny_tokenizer) if role == "policy" else FakeGarbageSimulator(tiny_tokenizer)
+        fakes[role] = (
+            FakeMalformedPolicy(tiny_tokenizer) if role == "policy" else FakeGarbageSimulator(tiny_tokenizer)
+        )
         return fakes[role]
 
     envs = []

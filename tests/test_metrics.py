@@ -91,11 +91,10 @@ def test_log_every_and_elapsed_continue_after_resume(tmp_path):
 
 
 def test_progress_bar_shows_keys_a_training_step_writes(tmp_path, capsys):
-    from trustee.metrics import BAR_KEYS
-
     # The keys a trained step's record carries (train._Run.step: rollout_metrics, curriculum,
     # learn/<StepMetrics field>); the bar must look up those, not names no step writes.
     from trustee.learn.learner import StepMetrics
+    from trustee.metrics import BAR_KEYS
 
     learn_keys = {f"learn/{f}" for f in StepMetrics.__struct_fields__}
     written = learn_keys | {"reward_mean", "curriculum/difficulty"}

@@ -113,7 +113,9 @@ def _check_like_reference(out, reference):
     ref = _metrics(reference)
     for a, b in zip(recs, ref, strict=True):
         assert {k: a.get(k) for k in SAME} == {k: b.get(k) for k in SAME}, a["step"]
-    assert _adapter_bytes(out) == _adapter_bytes(reference), "final adapter differs from the uninterrupted run"
+    assert _adapter_bytes(out) == _adapter_bytes(reference), (
+        "final adapter differs from the uninterrupted run"
+    )
     assert json.loads((out / "adapter" / "trustee_step.json").read_text())["step"] == STEPS - 1
     # trajectories: the same episodes, each once
     n = sum(1 for _ in (out / "trajectories.jsonl").open())
@@ -172,7 +174,10 @@ def test_sigint_mid_step_checkpoints_closes_and_resumes(tmp_path, tiny_model_dir
     assert pids_in_group(pgid) == [], "a child of the run outlived it"
     # The same command resumes and ends like the uninterrupted run.
     r = subprocess.run(
-        _args(tiny_model_dir, out, STEPS, "checkpoint.every_steps=0"), capture_output=True, text=True, cwd=ROOT
+        _args(tiny_model_dir, out, STEPS, "checkpoint.every_steps=0"),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.splitlines()[0].startswith(f"resuming run 'cpu-tiny' from step-{done - 1:06d}")
@@ -186,7 +191,9 @@ def test_finished_run_says_so_and_changed_config_is_refused(tmp_path, tiny_model
     r = _run(tiny_model_dir, out, STEPS)
     assert r.returncode == 0, r.stderr
     first = r.stdout.splitlines()[0]
-    assert first.startswith("run 'cpu-tiny' is already finished: 3 of 3 steps done") and "grpo.steps=" in first
+    assert (
+        first.startswith("run 'cpu-tiny' is already finished: 3 of 3 steps done") and "grpo.steps=" in first
+    )
     # An unsafe change is shown as a diff and refused; nothing is written.
     r = _run(tiny_model_dir, out, 6, "learner.lora_rank=16")
     assert r.returncode == 2
@@ -232,7 +239,11 @@ def test_reaper_kills_children_when_the_main_process_is_killed(tmp_path):
         except ProcessLookupError:
             break
         # the orphan may linger as a zombie of init until reaped; count that as gone
-        state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{child}").exists() else "Z"
+        state = (
+            Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if Path(f"/proc/{child}").exists()
+            else "Z"
+        )
         if state == "Z":
             break
         time.sleep(0.1)

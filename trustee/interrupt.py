@@ -56,13 +56,13 @@ class RunStopped(Exception):
 class StopGuard:
     """See the module docstring. Usage in the loop:
 
-        guard = StopGuard(run); guard.install()
-        for step in ...:
-            if guard.stopping: break
-            with guard.collecting() as scope: groups = await collect(...)
-            if scope.cancelled_caught: break
-            last = await guard.run_step(run.step, step, ...)
-        guard.finish()   # raises RunStopped after a stop, else returns
+    guard = StopGuard(run); guard.install()
+    for step in ...:
+        if guard.stopping: break
+        with guard.collecting() as scope: groups = await collect(...)
+        if scope.cancelled_caught: break
+        last = await guard.run_step(run.step, step, ...)
+    guard.finish()   # raises RunStopped after a stop, else returns
     """
 
     def __init__(self, run: Any, *, exit_now: Callable[[int], None] = os._exit):

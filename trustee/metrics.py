@@ -135,7 +135,9 @@ class RunLog:
             return
         cap = self.cfg.trajectories_max_mb * 1e6
         for t in trajs:
-            if self.cfg.trajectories == "sampled" and not _sampled(t.episode_id, self.cfg.trajectories_fraction):
+            if self.cfg.trajectories == "sampled" and not _sampled(
+                t.episode_id, self.cfg.trajectories_fraction
+            ):
                 continue
             line = _enc.encode({"step": step, "trajectory": t}) + b"\n"
             if cap and self._traj_bytes + len(line) > cap:

@@ -139,7 +139,10 @@ def plan_resume(cfg: Config, run_dir: str | os.PathLike) -> ResumePlan:
             "Drop those --set flags to resume, or pass another --out for a new run."
         )
     return msgspec.structs.replace(
-        base, checkpoint=str(ckpt), done_steps=int(meta["step"]) + 1, changed=[f"{k} {a} -> {b}" for k, a, b in diff]
+        base,
+        checkpoint=str(ckpt),
+        done_steps=int(meta["step"]) + 1,
+        changed=[f"{k} {a} -> {b}" for k, a, b in diff],
     )
 
 
@@ -161,7 +164,10 @@ class Boundary(msgspec.Struct, kw_only=True):
 def _engines(run: Any) -> dict[str, Any]:
     return {
         role: e
-        for role, e in (("policy", getattr(run, "policy_engine", None)), ("simulator", getattr(run, "sim_engine", None)))
+        for role, e in (
+            ("policy", getattr(run, "policy_engine", None)),
+            ("simulator", getattr(run, "sim_engine", None)),
+        )
         if e is not None
     }
 
@@ -183,7 +189,9 @@ def save_state(run: Any, step: int, at: Boundary | None = None) -> Path:
     at = at or boundary(run, step)
     learner = run.learner
     state = {
-        "trainable": {n: p.detach().cpu().clone() for n, p in learner.model.named_parameters() if p.requires_grad},
+        "trainable": {
+            n: p.detach().cpu().clone() for n, p in learner.model.named_parameters() if p.requires_grad
+        },
         "optimizer": learner.optimizer.state_dict(),
         "scheduler": learner.scheduler.state_dict(),
         "rng": at.python,
@@ -319,6 +327,16 @@ def export_policy(run: Any, step: int) -> Path:
         if old != final and old.name.startswith(f"{kind}-step-"):
             shutil.rmtree(old, ignore_errors=True)
     return run_dir / kind
+
+
+def export_final(run: Any) -> Path:
+    """The end of a run: publish the policy after the last step, unless the final checkpoint
+    already exported exactly that (LoRA adapters are exported with every checkpoint)."""
+    last = run.cfg.grpo.steps - 1
+    kind = "adapter" if run.learner.policy.mode in ("lora", "qlora") else "model"
+    if exported_step(run.run_dir, kind) == last:
+        return Path(run.run_dir) / kind
+    return export_policy(run, last)
 
 
 def exported_step(run_dir: str | os.PathLike, kind: str = "adapter") -> int | None:

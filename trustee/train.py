@@ -24,17 +24,17 @@ import anyio
 import msgspec
 import torch
 
+from trustee import resume
 from trustee.config import Config, EngineConfig, Resolved
-from trustee.curriculum import Curriculum, CurriculumState
+from trustee.curriculum import Curriculum
 from trustee.engines.base import Engine, FatalEngineError, FullUpdate, LoraUpdate
 from trustee.envs.base import Environment, Knobs
+from trustee.interrupt import StopGuard
 from trustee.learn.advantages import compute_advantages
 from trustee.learn.export import export_full, export_lora
 from trustee.learn.learner import Learner
 from trustee.learn.policy import load_policy
-from trustee.interrupt import StopGuard
 from trustee.metrics import RunLog, env_counters
-from trustee import resume
 from trustee.rollout.episode import EpisodeRunner, run_group
 from trustee.types import Group
 
@@ -319,7 +319,7 @@ class _Run:
         """Write the trained policy where `trustee.eval --run-dir` and vLLM can load it: the
         LoRA adapter as a PEFT directory (RUN/adapter) or the full model (RUN/model), atomically,
         tagged with the step (RUN/<kind>/trustee_step.json)."""
-        return resume.export_policy(self, self.cfg.grpo.steps - 1)
+        return resume.export_final(self)
 
     async def close(self) -> None:
         if hasattr(self, "log"):
