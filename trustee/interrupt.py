@@ -9,9 +9,9 @@ Owns:
   so the last complete checkpoint survives. A fatal fault (`FatalEngineError`, a streak of
   non-finite steps) is handled the same way: checkpoint the last good boundary, then stop with
   the reason. The exception `RunStopped` carries the exit status and the line to print.
-- `start_reaper()`: makes the run its own process group and starts a small watchdog process
-  that kills whatever is left of that group (vLLM engine cores, learner ranks, their workers)
-  when the run's process ends by any path, `kill -9` included.
+- `start_reaper()`: starts a small watchdog process that keeps track of the run's descendants
+  (vLLM engine cores, learner ranks, their workers) and kills those left when the run's
+  process ends by any path, `kill -9` included.
 
 It does not decide what a checkpoint holds (`trustee/resume.py`). Callers: `trustee.run`
 (reaper, exit status) and `trustee.train` (guard).
@@ -207,35 +207,57 @@ class StopGuard:
 # ----------------------------------------------------------------------------- orphans
 
 _WATCHDOG = r"""
-import os, signal, sys, time
-pgid, main, parent = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-clean = sys.stdin.buffer.read(1) == b"x"   # blocks until the run writes 'x' or dies (EOF)
-def members():
+import os, select, signal, sys, time
+main = int(sys.argv[1])
+me = os.getpid()
+
+def stat(pid):
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(f[1]), f[19], f[0]   # ppid, start time (ticks since boot), state
+
+def descendants():
+    kids = {}
     for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            fields = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid, ppid, pg = int(d), int(fields[1]), int(fields[2])
-        if pg == pgid and pid != main and ppid != parent:
-            yield pid
-for _ in range(50):   # a few passes: a dying engine may still be forking workers
-    left = list(members())
-    if not left:
+        if d.isdigit():
+            st = stat(int(d))
+            if st:
+                kids.setdefault(st[0], []).append((int(d), st[1]))
+    out, todo = {}, [main]
+    while todo:
+        for pid, start in kids.get(todo.pop(), []):
+            if pid != me and pid not in out:
+                out[pid] = start
+                todo.append(pid)
+    return out
+
+known = {}
+while True:   # until the run writes 'x' (normal exit) or dies (EOF)
+    ready, _, _ = select.select([sys.stdin], [], [], 0.5)
+    if ready:
         break
-    for pid in left:
+    known.update(descendants())
+known.update(descendants())   # children re-parented by now are still in `known`
+for _ in range(3):
+    for pid, start in list(known.items()):
+        st = stat(pid)
+        if st is None or st[1] != start or st[2] == "Z":
+            known.pop(pid)
+            continue
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
-            pass
-    time.sleep(0.1)
+            known.pop(pid)
+    if not known:
+        break
+    time.sleep(0.2)
 """
 
 
 class Reaper:
-    """Handle on the watchdog; `release()` at a normal exit (it then sweeps leftovers and ends)."""
+    """Handle on the watchdog; `release()` at a normal exit (it then kills leftovers and ends)."""
 
     def __init__(self, proc: subprocess.Popen):
         self.proc = proc
@@ -251,13 +273,12 @@ class Reaper:
 
 
 def start_reaper() -> Reaper:
-    """Make this process a process-group leader (children inherit the group) and start the
-    watchdog, in its own session, that kills the group's other members when this process ends.
-    Members whose parent is this process's parent (e.g. `tee` in a shell pipeline) are spared."""
-    if os.getpgrp() != os.getpid():
-        os.setpgid(0, 0)
+    """Start the watchdog (in its own session, so terminal signals and group kills aimed at the
+    run do not reach it): every 0.5 s it records the run's descendants (pid and start time);
+    when the run exits, normally or killed, it SIGKILLs those still alive. It leaves the run's
+    process group alone, so Ctrl-C in a terminal still reaches the run (and its children)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", _WATCHDOG, str(os.getpgrp()), str(os.getpid()), str(os.getppid())],
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid())],
         stdin=subprocess.PIPE,
         start_new_session=True,
         close_fds=True,
@@ -265,8 +286,8 @@ def start_reaper() -> Reaper:
     return Reaper(proc)
 
 
-def pids_in_group(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of process group `pgid` (tests use it to check for orphans)."""
+def children_of(pid: int) -> list[int]:
+    """Live (non-zombie) direct children of `pid` (tests use it to check for orphans)."""
     out = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -275,6 +296,15 @@ def pids_in_group(pgid: int) -> list[int]:
             fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
+        if int(fields[1]) == pid and fields[0] != "Z":
             out.append(int(d))
     return out
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
