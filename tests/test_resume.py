@@ -242,3 +242,32 @@ def test_reaper_kills_children_when_the_main_process_is_killed(tmp_path):
     while alive(child) and time.monotonic() < t_end:
         time.sleep(0.1)
     assert not alive(child), f"child {child} survived kill -9 of its parent"
+
+
+def test_plan_resume_allows_only_safe_changes(tmp_path):
+    import msgspec
+
+    from trustee.checkpoint import save_checkpoint
+    from trustee.config import load_config
+    from trustee.resume import ResumeRefused, plan_resume
+
+    cfg = load_config(None, ["grpo.steps=10"])
+    assert plan_resume(cfg, tmp_path).headline().startswith("new run 'trustee': 10 steps")
+    save_checkpoint(tmp_path, 3, {}, {"config": json.loads(msgspec.json.encode(cfg))})
+    plan = plan_resume(load_config(None, ["grpo.steps=12", "logging.log_every=5"]), tmp_path)
+    assert plan.done_steps == 4 and not plan.finished
+    assert plan.headline().startswith(
+        "resuming run 'trustee' from step-000003 (steps 0-3 done): 8 of 12 steps left"
+    )
+    assert "grpo.steps 10 -> 12" in plan.headline() and "logging.log_every 1 -> 5" in plan.headline()
+    assert plan_resume(load_config(None, ["grpo.steps=4"]), tmp_path).finished
+    with pytest.raises(ResumeRefused) as e:
+        plan_resume(
+            load_config(
+                None, ["grpo.steps=10", "learner.lr=0.1", "environment.kind=toy", "environment.reward=exact"]
+            ),
+            tmp_path,
+        )
+    msg = str(e.value)
+    assert "learner.lr: 1e-06 -> 0.1" in msg and 'environment.kind: "simulated" -> "toy"' in msg
+    assert "cannot change mid-run" in msg and "another --out" in msg
