@@ -48,7 +48,9 @@ def _args(out: Path, steps: int, batch: int, model: str) -> list[str]:
     return args
 
 
-def _run(out: Path, steps: int, batch: int, model: str, kill_after: int | None = None) -> None:
+def _run(out: Path, steps: int, batch: int, model: str, kill_after: int | None = None) -> bool:
+    """Run to the end; with `kill_after`, SIGKILL once after that many logged steps (+0.3 s),
+    then restart. Returns whether a kill happened."""
     p = subprocess.Popen(
         _args(out, steps, batch, model), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -57,13 +59,16 @@ def _run(out: Path, steps: int, batch: int, model: str, kill_after: int | None =
         while p.poll() is None and not (m.exists() and len(m.read_text().splitlines()) >= kill_after):
             time.sleep(0.05)
         time.sleep(0.3)
-        if p.poll() is None:
+        killed = p.poll() is None
+        if killed:
             p.send_signal(signal.SIGKILL)
         p.wait()
-        return _run(out, steps, batch, model)
+        _run(out, steps, batch, model)
+        return killed
     _, err = p.communicate()
     if p.returncode != 0:
         raise SystemExit(f"run failed ({p.returncode}): {err.decode()[-2000:]}")
+    return False
 
 
 def _compare(a: Path, b: Path) -> dict:
@@ -85,6 +90,7 @@ def _compare(a: Path, b: Path) -> dict:
         "max_abs_weight": scale,
         "steps_with_identical_records": same_steps,
         "steps": len(ma),
+        "engine_mean_batch": [x.get("engine/mean_batch") for x in ma],
     }
 
 
@@ -105,12 +111,13 @@ def main() -> None:
             t0 = time.perf_counter()
             _run(base / "ref1", a.steps, b, a.model)
             _run(base / "ref2", a.steps, b, a.model)
-            _run(base / "killed", a.steps, b, a.model, kill_after=2)
+            killed = _run(base / "killed", a.steps, b, a.model, kill_after=2)
             rows.append(
                 {
                     "batch": b,
                     "rerun_vs_ref": _compare(base / "ref1", base / "ref2"),
                     "resumed_vs_ref": _compare(base / "ref1", base / "killed"),
+                    "killed": killed,
                     "wall_s": time.perf_counter() - t0,
                 }
             )
