@@ -7,8 +7,9 @@ adapter or weights go to the policy engine, bumping its version. Placement 'sync
 runs here: the policy engine sleeps while the learner trains when the two share a device.
 
 Resume: with `checkpoint.resume = 'auto'`, a run directory that holds a complete checkpoint
-continues from it (trainable weights, optimiser, schedule, curriculum, RNG), after pushing
-the restored weights to the policy engine. Called by `trustee.run`.
+continues from it exactly (what a checkpoint holds and how it is restored: trustee/resume.py),
+after pushing the restored weights to the policy engine. Signals and fatal faults stop the
+loop at a step boundary with a checkpoint (trustee/interrupt.py). Called by `trustee.run`.
 """
 
 from __future__ import annotations
