@@ -114,3 +114,104 @@ def test_tasks_that_cannot_be_made_are_counted_not_fatal(tiny_tokenizer):
             tg.cancel_scope.cancel()
 
     anyio.run(main, backend="asyncio")
+
+
+class FakeSlowEngine(FakeAnsweringPolicy):
+    """Test double: FakeAnsweringPolicy whose requests wait until `gate` opens (a stalled
+    engine), counting requests in flight."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.gate = anyio.Event()
+        self.active = 0
+        self.peak = 0
+
+    async def generate(self, prompt, params, *, key=None):
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            await self.gate.wait()
+            return await super().generate(prompt, params, key=key)
+        finally:
+            self.active -= 1
+
+
+class FakeEpisodeRunner:
+    """Test double for EpisodeRunner: one engine call per episode and a 2,000-token trajectory
+    (the memory an episode holds), without chat rendering, so 512 episodes fit a CPU test."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    async def run(self, env, task, episode_id, *, group=None):
+        from trustee.types import Trajectory
+
+        comp = await self.engine.generate([1, 2, 3], Sampling(max_tokens=8), key=episode_id)
+        n = 2000
+        return Trajectory(
+            episode_id=episode_id,
+            task_id=task.id,
+            tokens=[7] * n,
+            loss_mask=[0] * (n - 1) + [1],
+            logprobs=[0.0] * (n - 1) + [-1.0],
+            versions=[-1] * (n - 1) + [comp.policy_version],
+            prompt_len=n - 1,
+            reward=1.0,
+        )
+
+
+def test_512_episodes_in_flight_memory_bounded_backpressure_and_clean_shutdown(tiny_tokenizer):
+    """64 groups x 8 episodes in flight against a deliberately slow consumer (the learner):
+    traced memory stops growing, no more groups start than slots + buffer allow, and
+    cancelling the scheduler leaves no task and no request running."""
+    import asyncio
+    import tracemalloc
+
+    group_size, groups_inflight, buffer = 8, 64, 4
+
+    async def main():
+        policy = FakeSlowEngine(tiny_tokenizer)
+        sched = GroupScheduler(
+            env=ToyEnv(),
+            runner=FakeEpisodeRunner(policy),
+            curriculum=Curriculum(CurriculumConfig()),
+            group_size=group_size,
+            max_inflight_groups=groups_inflight,
+            max_staleness=10**6,
+            version=lambda: policy.version,
+            rng=random.Random(0),
+            buffer=buffer,
+        )
+        before = set(asyncio.all_tasks())
+        peaks = []
+        consumed = 0
+        tracemalloc.start()
+        async with anyio.create_task_group() as tg:
+            sched.start(tg)
+            with anyio.fail_after(120):
+                while policy.active < group_size * groups_inflight:
+                    await anyio.sleep(0.05)
+            # The engine is stalled with 512 episodes in flight: no group beyond the slots started.
+            await anyio.sleep(0.2)
+            assert sched.started == groups_inflight and policy.active == 512
+            policy.gate.set()
+            for _ in range(8):
+                await anyio.sleep(0.3)  # the slow learner
+                got = await sched.take(8)
+                consumed += len(got)
+                policy.version += 1
+                # Backpressure: started groups never exceed consumed + slots + buffer.
+                assert sched.started <= consumed + groups_inflight + buffer
+                peaks.append(tracemalloc.get_traced_memory()[0])
+            assert policy.peak == group_size * groups_inflight
+            tg.cancel_scope.cancel()
+        tracemalloc.stop()
+        # Memory: later rounds hold no more than the first ones (+25% slack): nothing accumulates.
+        assert max(peaks[4:]) <= 1.25 * max(peaks[:4]), peaks
+        # Shutdown: nothing in flight, no task of the scheduler or its episodes left.
+        assert sched.inflight == 0 and policy.active == 0
+        await asyncio.sleep(0)
+        left = [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()]
+        assert left == []
+
+    anyio.run(main, backend="asyncio")

@@ -36,6 +36,8 @@ def _run(tiny_model_dir, out, steps, *extra):
         "checkpoint.every_steps=1",
         "--set",
         "logging.progress_bar=false",
+        "--set",
+        "eval.every_steps=0",
         *extra,
     ]
     return subprocess.run(
@@ -64,8 +66,8 @@ def test_loop_trains_syncs_weights_and_resumes(tmp_path, tiny_model_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     recs = _steps(out)
     assert [x["step"] for x in recs] == [0, 1, 2]
-    # The restored adapter was pushed (version 1) before step 2 trained (version 2).
-    assert recs[-1]["policy_version"] == 2.0
+    # The restored adapter was pushed with its version restored (2) before step 2 trained (3).
+    assert recs[-1]["policy_version"] == 3.0
     # The learner's step counter was restored too: this is its third optimiser step.
     assert recs[-1]["learn/step"] == 3
 

@@ -5,7 +5,9 @@ trainable weights, optimiser, scheduler), `meta.json` (step, curriculum state, R
 metrics needed to resume) and a `COMPLETE` marker written last. A checkpoint is first written
 to a temporary sibling directory and renamed into place, so a run killed mid-save never leaves
 a checkpoint that looks complete. Callers: the training loop (save every N steps, resume at
-start). It does not decide what goes into the state: the caller passes it in.
+start). It does not decide what goes into the state: the caller passes it in (trustee/resume.py).
+A save that fails (disk full, unwritable) removes its temporary directory and raises OSError;
+the checkpoints already there stay complete.
 """
 
 from __future__ import annotations
@@ -42,15 +44,20 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:06d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1, sort_keys=True))
-    (tmp / _MARKER).write_text("ok\n")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for stale in root.glob(".tmp-*"):  # left by a run killed mid-save (one run writes a directory)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        torch.save(state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1, sort_keys=True))
+        (tmp / _MARKER).write_text("ok\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:
+        # A full or unwritable disk: drop the partial copy; the previous checkpoints are untouched.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

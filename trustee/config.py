@@ -512,22 +512,28 @@ class EvalConfig(Section, kw_only=True):
 
 class LoggingConfig(Section, kw_only=True):
     progress_bar: bool = True
-    """Show a tqdm progress bar."""
+    """Show a tqdm progress bar (reward, loss and difficulty of the last step)."""
     wandb_project: str = ""
-    """Weights & Biases project; '' = off (needs the wandb extra)."""
-    save_trajectories: bool = True
-    """Write every trajectory to trajectories.jsonl in the run directory."""
+    """Weights & Biases project; '' = off (needs the wandb extra). A resumed run continues the same W&B run."""
+    trajectories: Literal["all", "sampled", "none"] = "all"
+    """Episodes written to trajectories.jsonl: every one, a fixed share (trajectories_fraction), or none."""
+    trajectories_fraction: Fraction = 0.1
+    """With trajectories = 'sampled': share of episodes written (chosen by a hash of the episode id, not the run's RNG)."""
+    trajectories_max_mb: Annotated[float, Meta(ge=0.0)] = 1024.0
+    """Cap on trajectories.jsonl in MB; later episodes are counted (log/trajectories_dropped), not written. 0 = no cap."""
     log_every: Positive = 1
-    """Steps between metric records."""
+    """Steps between records in metrics.jsonl and W&B (the last step is always recorded)."""
 
 
 class CheckpointConfig(Section, kw_only=True):
     every_steps: NonNeg = 20
-    """Steps between checkpoints; 0 = only at the end."""
+    """Steps between checkpoints; 0 = only at the end (and when the run is stopped)."""
     keep: Positive = 2
     """Most recent checkpoints kept."""
     resume: Literal["auto", "never"] = "auto"
-    """'auto': resume from the run directory's last checkpoint if there is one."""
+    """'auto': continue from the run directory's last checkpoint; 'never': refuse a directory that holds one."""
+    on_interrupt: Literal["finish", "abandon"] = "finish"
+    """On SIGINT/SIGTERM: 'finish' the step in progress or 'abandon' its rollouts; then checkpoint and exit."""
 
 
 class Config(Section, kw_only=True):
@@ -892,6 +898,73 @@ def _cross_checks(cfg: Config) -> list[Problem]:
     return p
 
 
+# Which engine backends honour each EngineConfig field (fields not listed: every backend).
+# A value other than the role's default on a backend that cannot honour it is refused.
+ENGINE_FIELD_BACKENDS: dict[str, tuple[str, ...]] = {
+    "max_num_seqs": ("hf", "vllm"),
+    "gpu_memory_utilization": ("vllm",),
+    "kv_cache_gib": ("vllm",),
+    "enable_prefix_caching": ("vllm",),
+    "enable_sleep_mode": ("vllm",),
+    "max_lora_rank": ("vllm",),
+    "tensor_parallel_size": ("vllm",),
+    "data_parallel_size": ("vllm",),
+    "enforce_eager": ("vllm",),
+    "base_url": ("openai",),
+    "timeout_s": ("openai",),
+    "max_retries": ("openai",),
+}
+
+
+def _unhonoured(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """Settings the chosen components cannot honour (each would otherwise be silently ignored)."""
+    p: list[Problem] = []
+    defaults, plain = EnginesConfig(), EngineConfig()
+    for role in ("policy", "simulator"):
+        e, d = getattr(cfg.engines, role), getattr(defaults, role)
+        for name, backends in ENGINE_FIELD_BACKENDS.items():
+            if name == "base_url":
+                continue  # checked with a more specific message in _cross_checks
+            v = getattr(e, name)
+            if e.backend not in backends and v != getattr(d, name) and v != getattr(plain, name):
+                p.append(
+                    Problem(
+                        f"engines.{role}.{name}",
+                        v,
+                        f"the {e.backend!r} backend cannot honour it (only {', '.join(repr(b) for b in backends)} "
+                        f"does); remove it or set engines.{role}.backend accordingly",
+                    )
+                )
+    explicit_judge = "judge_mode" in (raw.get("simulator") or {})
+    if cfg.environment.reward == "rubric" and explicit_judge and cfg.simulator.judge_mode != "rubric":
+        p.append(
+            Problem(
+                "simulator.judge_mode",
+                cfg.simulator.judge_mode,
+                "environment.reward = 'rubric' always judges with the rubric; judge_mode applies with "
+                "reward = 'judge'. Remove simulator.judge_mode or set environment.reward = 'judge'",
+            )
+        )
+    if cfg.curriculum.kind == "staged" and cfg.environment.kind != "bfcl":
+        p.append(
+            Problem(
+                "curriculum.kind",
+                "staged",
+                f"stages switch BFCL's reward, hints and data split; environment.kind = {cfg.environment.kind!r} "
+                "has none of them to switch. Use curriculum.kind = 'adaptive' or 'fixed'",
+            )
+        )
+    if cfg.curriculum.stages and cfg.curriculum.kind != "staged":
+        p.append(
+            Problem(
+                "curriculum.stages",
+                f"{len(cfg.curriculum.stages)} stage(s)",
+                f"only used with curriculum.kind = 'staged' (kind is {cfg.curriculum.kind!r}); remove them or set the kind",
+            )
+        )
+    return p
+
+
 def _parse_override(item: str) -> tuple[list[str], str]:
     if "=" not in item:
         raise ConfigError(
@@ -963,7 +1036,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
     if problems:
         raise ConfigError(source, problems)
     cfg = msgspec.convert(raw, Config)
-    problems = _cross_checks(cfg)
+    problems = _cross_checks(cfg) + _unhonoured(cfg, raw)
     if problems:
         raise ConfigError(source, problems)
     return cfg

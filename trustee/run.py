@@ -187,6 +187,21 @@ def start_problems(cfg: Config, res: Resolved, *, dry_run: bool) -> tuple[list[s
     return problems, skipped
 
 
+def _simulator_tokenizer_problem(cfg: Config, res: Resolved) -> str:
+    """The simulator's prompts are tokenized with its own tokenizer: its model directory must
+    hold one (a remote simulator still needs a local copy of the tokenizer files)."""
+    if cfg.environment.kind != "simulated":
+        return ""
+    path = Path(res.simulator_model)
+    if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
+        return ""
+    return (
+        f"simulator.model_path = {cfg.simulator.model_path!r} ({path}) holds no tokenizer; the simulator's prompts "
+        "are tokenized with its own tokenizer, never silently with the policy's. Point simulator.model_path at a "
+        "local directory with the simulator model's tokenizer files"
+    )
+
+
 def format_plan(cfg: Config, res: Resolved, notes: list[str]) -> str:
     from trustee.envs import needs_simulator
 
@@ -212,6 +227,41 @@ def format_plan(cfg: Config, res: Resolved, notes: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _resume_plan(cfg: Config, run_dir: Path):
+    """The run's first line (new run / resuming from step N, K left / already finished), or
+    None after printing why the run directory cannot be continued with this config."""
+    from trustee.resume import ResumeRefused, plan_resume
+
+    try:
+        plan = plan_resume(cfg, run_dir)
+    except ResumeRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    print(plan.headline(), flush=True)
+    return plan
+
+
+def _train(cfg: Config, res: Resolved, run_dir: Path) -> int:
+    """Run the loop with the orphan watchdog on; a stop (signal, dead engine, non-finite
+    streak) exits with its status and a line saying why and how to resume."""
+    import anyio
+
+    from trustee.interrupt import RunStopped, start_reaper
+    from trustee.train import train
+
+    reaper = start_reaper()
+    try:
+        last = anyio.run(train, cfg, res, backend="asyncio")
+    except RunStopped as e:
+        print(e.message, file=sys.stderr, flush=True)
+        return e.status
+    finally:
+        reaper.release()
+    summary = {k: last[k] for k in ("reward_mean", "curriculum/difficulty", "policy_version") if k in last}
+    print(json.dumps({"run_dir": str(run_dir), "status": "finished", **summary}), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -221,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     run_dir = Path(args.out or Path("runs") / cfg.name)
     res = resolve(cfg, run_dir)
+    plan = _resume_plan(cfg, run_dir)
+    if plan is None:
+        return EXIT_CONFIG
+    if plan.finished:
+        return 0
     notes = _model_checks(cfg, build=not args.dry_run)
     print(format_plan(cfg, res, notes))
     problems, skipped = start_problems(cfg, res, dry_run=args.dry_run)
@@ -246,6 +301,19 @@ def main(argv: list[str] | None = None) -> int:
     summary = {k: last[k] for k in ("reward_mean", "curriculum/difficulty", "policy_version") if k in last}
     print(json.dumps({"run_dir": str(run_dir), "status": "finished", **summary}))
     return 0
+
+
+    if not (Path(cfg.model.path) / "config.json").exists():
+        print(f"error: model directory {cfg.model.path} not found", file=sys.stderr)
+        return EXIT_CONFIG
+    problem = _hardware_problem(cfg, res) or _simulator_tokenizer_problem(cfg, res)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(cfg)))
+    (run_dir / "resolved.json").write_bytes(msgspec.json.format(msgspec.json.encode(res)))
+    return _train(cfg, res, run_dir)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ adapter or weights go to the policy engine, bumping its version. Placement 'sync
 runs here: the policy engine sleeps while the learner trains when the two share a device.
 
 Resume: with `checkpoint.resume = 'auto'`, a run directory that holds a complete checkpoint
-continues from it (trainable weights, optimiser, schedule, curriculum, RNG), after pushing
-the restored weights to the policy engine. Called by `trustee.run`.
+continues from it exactly (what a checkpoint holds and how it is restored: trustee/resume.py),
+after pushing the restored weights to the policy engine. Signals and fatal faults stop the
+loop at a step boundary with a checkpoint (trustee/interrupt.py). Called by `trustee.run`.
 """
 
 from __future__ import annotations
@@ -26,16 +27,17 @@ import anyio
 import msgspec
 import torch
 
-from trustee.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trustee import resume
 from trustee.config import REWARD_RANGES, Config, EngineConfig, Resolved
-from trustee.curriculum import Curriculum, CurriculumState
-from trustee.engines.base import Engine, FullUpdate, LoraUpdate
+from trustee.curriculum import Curriculum
+from trustee.engines.base import Engine, FatalEngineError, FullUpdate, LoraUpdate
 from trustee.envs.base import Environment, Knobs
+from trustee.interrupt import StopGuard
 from trustee.learn.advantages import ZERO_VAR_TOL, compute_advantages, drop_truncated, shape_overlong
 from trustee.learn.export import export_full, export_lora
 from trustee.learn.learner import Learner
 from trustee.learn.policy import load_policy
-from trustee.metrics import RunLog
+from trustee.metrics import RunLog, env_counters
 from trustee.rollout.episode import EpisodeRunner, run_group
 from trustee.rollout.heldout import HeldOut
 from trustee.types import Group
@@ -128,6 +130,8 @@ async def _collect_round(
     async def make(i: int, seed: int) -> None:
         try:
             tasks[i] = await env.make_task(knobs[i], random.Random(seed))
+        except FatalEngineError:
+            raise
         except Exception as e:  # noqa: BLE001 - one task that cannot be made is dropped, not fatal
             log.warning("step %d: task %d could not be made: %s: %s", step, i, type(e).__name__, e)
             failures.append(f"{type(e).__name__}: {e}")
@@ -199,11 +203,12 @@ def trainable_groups(groups: list[Group]) -> list[Group]:
     return out
 
 
-def weight_update(learner: Learner, run_dir: Path, needs_path: bool) -> LoraUpdate | FullUpdate:
+def weight_update(learner: Learner) -> LoraUpdate | FullUpdate:
+    """The learner's weights for the policy engine. In memory: an engine that needs a PEFT
+    directory (vLLM) writes its own; RUN/adapter is written only at checkpoints (resume.py)."""
     model = learner.model
     if learner.policy.mode in ("lora", "qlora"):
-        path = run_dir / "adapter" if needs_path else None
-        return export_lora(model, path=path, tensors=not needs_path)
+        return export_lora(model, path=None, tensors=True)
     return export_full(model)
 
 
@@ -237,52 +242,6 @@ def learning_summary(metrics_path: Path, window: int = 5) -> str:
     return text
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _trainable_state(learner: Learner) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in learner.model.named_parameters() if p.requires_grad}
-
-
-def _save(
-    run_dir: Path, step: int, learner: Learner, curriculum: Curriculum, rng: random.Random, keep: int
-) -> None:
-    state = {
-        "trainable": _trainable_state(learner),
-        "optimizer": learner.optimizer.state_dict(),
-        "scheduler": learner.scheduler.state_dict(),
-        "rng": rng.getstate(),
-    }
-    meta = {
-        "curriculum": msgspec.to_builtins(curriculum.state()),
-        "learner_steps": learner.step_count,
-    }
-    save_checkpoint(run_dir, step, state, meta, keep=keep)
-
-
-def _resume(run_dir: Path, learner: Learner, curriculum: Curriculum, rng: random.Random) -> int:
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return 0
-    state, meta = load_checkpoint(ckpt)
-    params = dict(learner.model.named_parameters())
-    missing = sorted(set(state["trainable"]) - set(params))
-    if missing:
-        raise RuntimeError(
-            f"checkpoint {ckpt} does not match this model (unknown parameters, e.g. {missing[:3]})"
-        )
-    with torch.no_grad():
-        for name, t in state["trainable"].items():
-            params[name].copy_(t.to(params[name].device, params[name].dtype))
-    learner.optimizer.load_state_dict(state["optimizer"])
-    learner.scheduler.load_state_dict(state["scheduler"])
-    learner.step_count = int(meta["learner_steps"])
-    curriculum.load_state(msgspec.convert(meta["curriculum"], CurriculumState))
-    rng.setstate(state["rng"])
-    log.info("resumed from %s", ckpt)
-    return int(meta["step"]) + 1
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -300,6 +259,7 @@ class _Run:
         from trustee.envs import build_environment, needs_simulator
 
         cfg, res = self.cfg, self.res
+        resume.seed_everything(cfg.seed)
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         spec = chat_spec(
             tokenizer,
@@ -314,9 +274,9 @@ class _Run:
             self.sim_engine = build_engine(
                 cfg.engines.simulator, res.simulator_model, cfg, res, role="simulator"
             )
-            if Path(res.simulator_model).exists():
-                sim_tokenizer = AutoTokenizer.from_pretrained(res.simulator_model)
-                sim_template = chat_spec(sim_tokenizer, chat_template=cfg.model.chat_template).template
+            # trustee.run has checked the directory holds a tokenizer (no silent fallback to the policy's).
+            sim_tokenizer = AutoTokenizer.from_pretrained(res.simulator_model)
+            sim_template = chat_spec(sim_tokenizer, chat_template=cfg.model.chat_template).template
         self.env = build_environment(cfg, self.sim_engine, sim_tokenizer, sim_template)
         self.runner = EpisodeRunner(
             policy=self.policy_engine,
@@ -358,16 +318,15 @@ class _Run:
         self.rng = random.Random(cfg.seed)
         pl = cfg.placement
         self.shares_device = pl.mode == "sync" and bool(set(pl.policy_gpus) & set(pl.learner_gpus))
-        self.needs_path = cfg.engines.policy.backend == "vllm"
-        self.start = 0
-        if cfg.checkpoint.resume == "auto":
-            self.start = _resume(self.run_dir, self.learner, self.curriculum, self.rng)
-            if self.start:
-                await self.policy_engine.update_weights(
-                    weight_update(self.learner, self.run_dir, self.needs_path)
-                )
+        self.start, meta = await resume.continue_run(self, lambda: weight_update(self.learner))
         self.log = RunLog(
-            self.run_dir, cfg.logging, total_steps=cfg.grpo.steps - self.start, run_name=cfg.name, config=cfg
+            self.run_dir,
+            cfg.logging,
+            total_steps=cfg.grpo.steps,
+            run_name=cfg.name,
+            config=cfg,
+            elapsed_s=meta.get("elapsed_s", 0.0),
+            done_steps=self.start,
         )
 
     async def step(
@@ -382,6 +341,7 @@ class _Run:
         cfg = self.cfg
         record = rollout_metrics(groups)
         record.update(extra or {})
+        record.update(env_counters(self.env))
         if self.heldout is not None and step % cfg.eval.every_steps == 0:
             record.update(await self.evaluate(step))  # the policy before this step's update
         self.log.trajectories(step, [t for g in groups for t in g.trajectories])
@@ -431,7 +391,7 @@ class _Run:
             if self.shares_device:
                 await self.policy_engine.sleep(1)
             metrics = await self.learner.step_async(train_groups)
-            update = weight_update(self.learner, self.run_dir, self.needs_path)
+            update = weight_update(self.learner)
             if self.shares_device:
                 await self.policy_engine.wake()
             await self.policy_engine.update_weights(update)
@@ -451,7 +411,7 @@ class _Run:
         self.log.step(step, record)
         every = cfg.checkpoint.every_steps
         if (every and (step + 1) % every == 0) or step + 1 == cfg.grpo.steps:
-            _save(self.run_dir, step, self.learner, self.curriculum, self.rng, cfg.checkpoint.keep)
+            self.saved_step = resume.checkpoint_or_warn(self, step)
         return record
 
     async def evaluate(self, step: int) -> dict[str, float]:
@@ -473,16 +433,9 @@ class _Run:
 
     def export_final(self) -> Path:
         """Write the trained policy where `trustee.eval --run-dir` and vLLM can load it: the
-        LoRA adapter as a PEFT directory (RUN/adapter) or the full model (RUN/model)."""
-        model = self.learner.model
-        if self.learner.policy.mode in ("lora", "qlora"):
-            out = self.run_dir / "adapter"
-            export_lora(model, path=out, tensors=False)
-        else:
-            out = self.run_dir / "model"
-            model.save_pretrained(out)
-            self.tokenizer.save_pretrained(out)
-        return out
+        LoRA adapter as a PEFT directory (RUN/adapter) or the full model (RUN/model), atomically,
+        tagged with the step (RUN/<kind>/trustee_step.json)."""
+        return resume.export_final(self)
 
     async def close(self) -> None:
         if hasattr(self, "log"):
@@ -503,27 +456,40 @@ async def train(cfg: Config, res: Resolved) -> dict[str, Any]:
     """
     run = _Run(cfg, res)
     last: dict[str, Any] = {}
+    guard = StopGuard(run)
     try:
         await run.setup()
-        if cfg.placement.mode == "sync":
-            for step in range(run.start, cfg.grpo.steps):
-                t0 = time.perf_counter()
-                extra: dict[str, float] = {}
-                groups, knobs = await collect(run.env, run.runner, run.curriculum, cfg, run.rng, step, extra)
-                last = await run.step(step, groups, knobs, time.perf_counter() - t0, extra)
-        else:
-            last = await _train_continuous(run)
-        if run.start < cfg.grpo.steps:
-            await run.final_eval()
+        guard.install()
+        guard.mark(run.start - 1)
+        try:
+            if cfg.placement.mode == "sync":
+                for step in range(run.start, cfg.grpo.steps):
+                    if guard.stopping:
+                        break
+                    t0 = time.perf_counter()
+                    extra: dict[str, float] = {}
+                    with guard.collecting() as scope:
+                        groups, knobs = await collect(run.env, run.runner, run.curriculum, cfg, run.rng, step, extra)
+                    if scope.cancelled_caught:
+                        break
+                    last = await guard.run_step(run.step, step, groups, knobs, time.perf_counter() - t0, extra)
+            else:
+                last = await _train_continuous(run, guard)
+            if run.start < cfg.grpo.steps and not guard.stopping:
+                await run.final_eval()
+        except* FatalEngineError as eg:
+            guard.on_fault(eg.exceptions[0])
+        guard.finish()
         run.export_final()
         last = dict(last)
         last["summary"] = learning_summary(Path(res.run_dir) / "metrics.jsonl")
     finally:
+        guard.uninstall()
         await run.close()
     return last
 
 
-async def _train_continuous(run: _Run) -> dict[str, Any]:
+async def _train_continuous(run: _Run, guard: StopGuard) -> dict[str, Any]:
     from trustee.rollout.scheduler import GroupScheduler
 
     cfg = run.cfg
@@ -543,9 +509,24 @@ async def _train_continuous(run: _Run) -> dict[str, Any]:
     async with anyio.create_task_group() as tg:
         sched.start(tg)
         for step in range(run.start, g.steps):
+            if guard.stopping:
+                break
             t0 = time.perf_counter()
-            items = await sched.take(g.tasks_per_step)
+            rounds = 0
+            with guard.collecting() as scope:
+                items = await sched.take(g.tasks_per_step)
+                # Dynamic sampling: take more finished groups until enough can teach.
+                while g.dynamic_sampling and rounds < g.max_resample_rounds:
+                    useful = sum(has_variance(i.group) for i in items)
+                    if useful >= g.tasks_per_step:
+                        break
+                    rounds += 1
+                    items += await sched.take(g.tasks_per_step - useful)
+            if scope.cancelled_caught:
+                break
             stats = {
+                "dynamic/rounds": float(rounds),
+                "dynamic/groups_played": float(len(items)),
                 "sched/dropped_stale": float(sched.dropped_stale),
                 "sched/peak_inflight_groups": float(sched.peak_inflight),
                 "sched/task_errors": float(sched.task_errors),
@@ -553,6 +534,6 @@ async def _train_continuous(run: _Run) -> dict[str, Any]:
                 / len(items),
             }
             groups, knobs = [i.group for i in items], [i.knobs for i in items]
-            last = await run.step(step, groups, knobs, time.perf_counter() - t0, stats)
+            last = await guard.run_step(run.step, step, groups, knobs, time.perf_counter() - t0, stats)
         tg.cancel_scope.cancel()
     return last

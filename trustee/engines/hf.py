@@ -59,6 +59,7 @@ class _Request:
     future: asyncio.Future[Completion]
     matcher: Any = None  # xgrammar.GrammarMatcher for JSON-constrained requests
     generator: torch.Generator | None = None  # per-request RNG when params.seed is set
+    stream: bytes | None = None  # keyed sampling: hashed (seed, key, prompt length), see `keyed_sampling`
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish: FinishReason | None = None
@@ -137,7 +138,15 @@ class HFEngine:
         self.eos_ids = frozenset(_as_list(getattr(model.generation_config, "eos_token_id", None)))
         self.version = 0
         self._stats = EngineStats()
+        self._seed = seed
         self._gen = torch.Generator(device=self._device).manual_seed(seed)
+        self.keyed_sampling = False
+        """Sample each keyed request (`generate(..., key=...)`, no `params.seed`) from uniforms
+        hashed from (engine seed, key, prompt length, token index) instead of the shared generator,
+        so a sample does not depend on which requests share its batch or in what order requests
+        arrived (what makes an interrupted run resume bit for bit; see trustee/resume.py). Logits
+        can still differ in the last bits between batch compositions; with max_batch = 1 they do
+        not. A key must not repeat with the same prompt (an episode's turns grow the prompt)."""
         self._grammars: _Grammars | None = None
         self._peft: Any = None  # peft.PeftModel wrapping self._model once a LoRA update arrived
         self._lora: LoraUpdate | None = None  # the active adapter, re-applied after sleep(2)
@@ -223,6 +232,8 @@ class HFEngine:
         self._check_alive()
         self._bind_loop()
         req = await self._make_request(prompt, params)
+        if self.keyed_sampling and key is not None and params.seed is None:
+            req.stream = f"{self._seed}\x00{key}\x00{len(prompt)}".encode()
         self._pending.append(req)
         self._stats.requests += 1
         self._stats.prompt_tokens += len(prompt)
@@ -475,7 +486,12 @@ class HFEngine:
             self._apply_grammar(scores, reqs, constrained)
         logp = torch.log_softmax(scores, dim=-1)  # [B, V]
         toks = logp.argmax(dim=-1)  # [B] greedy default
-        free = [i for i, r in enumerate(reqs) if r.params.temperature > 0 and r.generator is None]
+        free = [
+            i for i, r in enumerate(reqs) if r.params.temperature > 0 and r.generator is None and r.stream is None
+        ]
+        keyed = [i for i, r in enumerate(reqs) if r.params.temperature > 0 and r.stream is not None]
+        if keyed:
+            toks[keyed] = _keyed_draw(logp[keyed].exp(), [_uniform(reqs[i].stream, len(reqs[i].ids)) for i in keyed])
         if free:
             toks[free] = torch.multinomial(logp[free].exp(), 1, generator=self._gen)[:, 0]
         for i, r in enumerate(reqs):
@@ -494,6 +510,16 @@ class HFEngine:
         xgr.apply_token_bitmask_inplace(target, bitmask, vocab_size=self.vocab_size, indices=rows)
         if not on_cpu:
             scores.copy_(target)
+
+    # ------------------------------------------------------------------ sampler state
+
+    def rng_state(self) -> torch.Tensor:
+        """The shared sampler generator's state (what unkeyed, unseeded requests draw from);
+        a checkpoint stores it so a resumed run continues the same stream."""
+        return self._gen.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self._gen.set_state(state)
 
     # ------------------------------------------------------------------ weights
 
@@ -650,6 +676,23 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _uniform(stream: bytes, index: int) -> float:
+    """A uniform in [0, 1) that depends only on (stream, index): 53 bits of a blake2b digest."""
+    import hashlib
+
+    h = hashlib.blake2b(stream + index.to_bytes(8, "little"), digest_size=8).digest()
+    return (int.from_bytes(h, "little") >> 11) / float(1 << 53)
+
+
+def _keyed_draw(probs: torch.Tensor, us: list[float]) -> torch.Tensor:
+    """Inverse-CDF sampling: probs [N, V], one uniform per row -> token ids [N]. Tokens of
+    probability 0 (masked by grammar or top-k/top-p) have empty intervals and are never drawn."""
+    cdf = probs.double().cumsum(-1)  # [N, V]
+    x = torch.tensor(us, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1]  # [N]
+    idx = torch.searchsorted(cdf, x[:, None], right=True)[:, 0]  # [N]
+    return idx.clamp(max=probs.shape[-1] - 1)
 
 
 def _truncate(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

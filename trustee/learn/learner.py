@@ -29,6 +29,7 @@ asyncio loop (rollouts) keeps going.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
@@ -56,6 +57,8 @@ from trustee.learn.logprobs import model_device, token_logprobs
 from trustee.learn.packing import MicroBatch, Sample, build_packed, build_padded, check_sample, plan_bins
 from trustee.learn.policy import Policy
 from trustee.types import Group
+
+log = logging.getLogger("trustee.learn")
 
 
 class StepMetrics(msgspec.Struct, kw_only=True):
@@ -101,6 +104,8 @@ class StepMetrics(msgspec.Struct, kw_only=True):
     wall_s: float
     tokens_per_s: float
     peak_mem_bytes: int
+    skipped_nonfinite: int = 0
+    """1 when the loss or gradient norm was not finite and the optimiser step was skipped."""
 
 
 def samples_from_groups(groups: list[Group]) -> list[Sample]:
@@ -356,23 +361,31 @@ class Learner:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         lr = self.scheduler.get_last_lr()[0]
         losses, norms, parts, mbs = [], [], TokenLossParts(), []
+        skipped = 0
         for idx in plan:
             part_old = None if old is None else [old[i] for i in idx]
             loss, p, m = self.accumulate([samples[i] for i in idx], part_old)
-            norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
-            self.optimizer.step()
+            norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if math.isfinite(loss) and math.isfinite(norm):
+                self.optimizer.step()
+            else:  # a non-finite loss or gradient would poison the weights and Adam's moments: skip
+                log.warning("learner: non-finite loss %s / grad norm %s; optimiser update skipped", loss, norm)
+                self.optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+            norms.append(norm)
             losses.append(loss)
             parts.merge(p)
             mbs += m
-        self.scheduler.step()
-        self.step_count += 1
+        if skipped < len(plan):
+            self.scheduler.step()
+            self.step_count += 1
         with torch.no_grad():
             update = math.sqrt(
                 sum(float((p.detach() - b).float().pow(2).sum()) for p, b in zip(params, before, strict=True))
             )
             pnorm = math.sqrt(sum(float(p.detach().float().pow(2).sum()) for p in params))
         wall = time.perf_counter() - t0
-        return self._metrics(
+        m = self._metrics(
             samples,
             mbs,
             sum(losses) / len(losses),
@@ -383,8 +396,10 @@ class Learner:
             device,
             update_norm=update,
             param_norm=pnorm,
-            optimizer_steps=len(plan),
+            optimizer_steps=len(plan) - skipped,
         )
+        m.skipped_nonfinite = int(skipped > 0)
+        return m
 
     def _metrics(
         self,

@@ -33,7 +33,7 @@ from trustee.chat.formats import chat_spec
 from trustee.chat.parse import ToolCallParser, canonical_json
 from trustee.chat.render import ChatFormat, Conversation
 from trustee.config import ModelConfig, RolloutConfig
-from trustee.engines.base import Completion, Engine, Sampling
+from trustee.engines.base import Completion, Engine, FatalEngineError, Sampling
 from trustee.envs.base import AgentAction, Environment, EpisodeState
 from trustee.sim.client import SimError
 from trustee.types import Counters, EpisodeStatus, Message, Task, ToolCallError, Trajectory
@@ -118,6 +118,8 @@ class EpisodeRunner:
                 status, error = "sim_error", ep.state.sim_error
         except SimError as e:
             status, error = "sim_error", str(e)
+        except FatalEngineError:
+            raise  # a dead engine stops the run (checkpoint, exit with the reason), not one episode
         except Exception as e:  # noqa: BLE001 - invariant 8: one bad episode never stops a run
             log.exception("episode %s (task %s) failed", episode_id, task.id)
             status, error = "error", f"{type(e).__name__}: {e}"

@@ -25,6 +25,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from trustee.curriculum import Curriculum
+from trustee.engines.base import FatalEngineError
 from trustee.envs.base import Environment, Knobs
 from trustee.rollout.episode import EpisodeRunner, run_group
 from trustee.types import Group
@@ -100,6 +101,8 @@ class GroupScheduler:
             v0 = self.version()
             try:
                 task = await self.env.make_task(knobs, random.Random(seed))
+            except FatalEngineError:
+                raise
             except Exception as e:  # noqa: BLE001 - a failed task is dropped; only a streak stops the run
                 self.task_errors += 1
                 self._failing += 1

@@ -1,0 +1,370 @@
+"""Every config field is honoured or refused: a walk over the whole Config tree.
+
+Each leaf field must have an entry in EVIDENCE, and each entry is checked here:
+- `test:FILE::NAME[:TOKEN]`: a behaviour test that varies the field exists and its source
+  names it (TOKEN, default the field's own name; for tests that pass it under another name);
+- `refused:K=V[,K=V...]`: loading the defaults with these overrides raises a ConfigError that
+  names the field (a combination the components cannot honour);
+- `reads:MODULE`: the component the field's section goes to reads the field (`.name` in the
+  module's source). This is the weakest kind (it shows the value is used, not what it
+  changes); its count is asserted so it can only shrink.
+
+A new field without an entry, or an entry for a field that no longer exists, fails the walk.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import typing
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from trustee.config import Config, ConfigError, _struct_type, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _leaves(cls=Config, prefix="") -> list[str]:
+    out = []
+    for f in msgspec.structs.fields(cls):
+        sub, args = _struct_type(f.type), typing.get_args(f.type)
+        if sub is not None:
+            out += _leaves(sub, f"{prefix}{f.encode_name}.")
+        elif typing.get_origin(f.type) is list and args and _struct_type(args[0]) is not None:
+            out += _leaves(_struct_type(args[0]), f"{prefix}{f.encode_name}[].")
+        else:
+            out.append(prefix + f.encode_name)
+    return out
+
+
+def _vllm_only(role: str, name: str, value: str) -> list[str]:
+    return ["reads:trustee/engines/vllm.py", f"refused:engines.{role}.{name}={value}"]
+
+
+def _openai_only(role: str, name: str, value: str) -> list[str]:
+    return ["reads:trustee/engines/openai.py", f"refused:engines.{role}.{name}={value}"]
+
+
+EVIDENCE: dict[str, list[str]] = {
+    "name": ["test:tests/test_resume.py::test_finished_run_says_so_and_changed_config_is_refused:cpu-tiny"],
+    "seed": [
+        "test:tests/test_engine_contract.py::test_64_concurrent_requests_batch",
+        "reads:trustee/train.py",
+    ],
+    "model.path": ["test:tests/test_config.py::test_cli_run_writes_resolved_config"],
+    "model.tiny": ["test:tests/test_config.py::test_cli_dry_run_prints_plan"],
+    "model.tiny_sft_steps": [
+        "test:tests/test_toy_sft.py::test_short_warm_up_writes_weights_and_report:sft_warm",
+        "reads:trustee/run.py",
+    ],
+    "model.chat_template": ["test:tests/test_episode.py::test_runner_from_config_uses_the_model_section"],
+    "model.enable_thinking": [
+        "test:tests/test_chat_render.py::test_generation_prompt_with_thinking_off_contains_empty_think"
+    ],
+    "model.dtype": ["reads:trustee/config.py", "test:tests/test_engine_vllm.py::test_pack_unpack_round_trip"],
+    "model.max_model_len": ["test:tests/test_episode.py::test_max_model_len_is_never_exceeded"],
+    "engines.policy.backend": ["refused:engines.policy.backend=openai,engines.policy.base_url=http://x"],
+    "engines.policy.max_num_seqs": [
+        "test:tests/test_engine_hf.py::test_registry_and_build_engine",
+        "refused:engines.policy.backend=vllm,engines.simulator.backend=openai,engines.simulator.base_url=http://x,engines.simulator.max_num_seqs=4",
+    ],
+    "engines.policy.gpu_memory_utilization": _vllm_only("policy", "gpu_memory_utilization", "0.5"),
+    "engines.policy.kv_cache_gib": _vllm_only("policy", "kv_cache_gib", "2.0")
+    + ["test:tests/test_engine_vllm.py::test_engine_env_strips_expandable_segments_and_sets_kv_space"],
+    "engines.policy.enable_prefix_caching": _vllm_only("policy", "enable_prefix_caching", "false"),
+    "engines.policy.enable_sleep_mode": _vllm_only("policy", "enable_sleep_mode", "false"),
+    "engines.policy.max_lora_rank": _vllm_only("policy", "max_lora_rank", "8")
+    + ["refused:engines.policy.backend=vllm,engines.policy.max_lora_rank=8,learner.lora_rank=16"],
+    "engines.policy.tensor_parallel_size": _vllm_only("policy", "tensor_parallel_size", "2"),
+    "engines.policy.data_parallel_size": _vllm_only("policy", "data_parallel_size", "2"),
+    "engines.policy.enforce_eager": _vllm_only("policy", "enforce_eager", "true"),
+    "engines.policy.base_url": ["refused:engines.policy.base_url=http://x"],
+    "engines.policy.timeout_s": _openai_only("policy", "timeout_s", "5.0")
+    + ["test:tests/test_engine_openai.py::test_timeout_is_retried_then_recoverable"],
+    "engines.policy.max_retries": _openai_only("policy", "max_retries", "1")
+    + ["test:tests/test_engine_openai.py::test_5xx_is_retried_then_succeeds"],
+    "engines.simulator.backend": [
+        "test:tests/test_config.py::test_cross_field_checks_are_collected:engines.simulator.backend"
+    ],
+    "engines.simulator.max_num_seqs": [
+        "test:tests/test_engine_hf.py::test_registry_and_build_engine",
+        "refused:engines.simulator.backend=openai,engines.simulator.base_url=http://x,engines.simulator.max_num_seqs=4",
+    ],
+    "engines.simulator.gpu_memory_utilization": _vllm_only("simulator", "gpu_memory_utilization", "0.5"),
+    "engines.simulator.kv_cache_gib": _vllm_only("simulator", "kv_cache_gib", "2.0"),
+    "engines.simulator.enable_prefix_caching": _vllm_only("simulator", "enable_prefix_caching", "false"),
+    # Both values of these are defaults (the simulator role's and the field's), so no value is refused.
+    "engines.simulator.enable_sleep_mode": ["reads:trustee/engines/vllm.py"],
+    "engines.simulator.max_lora_rank": ["reads:trustee/engines/__init__.py"],
+    "engines.simulator.tensor_parallel_size": _vllm_only("simulator", "tensor_parallel_size", "2"),
+    "engines.simulator.data_parallel_size": _vllm_only("simulator", "data_parallel_size", "2"),
+    "engines.simulator.enforce_eager": _vllm_only("simulator", "enforce_eager", "true"),
+    "engines.simulator.base_url": ["refused:engines.simulator.base_url=http://x"],
+    "engines.simulator.timeout_s": _openai_only("simulator", "timeout_s", "5.0"),
+    "engines.simulator.max_retries": _openai_only("simulator", "max_retries", "1"),
+    "simulator.model_path": ["reads:trustee/config.py", "reads:trustee/run.py"],
+    "simulator.temperature": [
+        "test:tests/test_sim_roles.py::test_build_from_config_sections:SimulatorConfig"
+    ],
+    "simulator.judge_mode": [
+        "reads:trustee/envs/simulated.py",
+        "refused:environment.reward=rubric,simulator.judge_mode=trustee",
+    ],
+    "simulator.judge_temperature": ["reads:trustee/envs/simulated.py"],
+    "simulator.judge_votes": ["test:tests/test_sim_roles.py::test_build_from_config_sections"],
+    "simulator.judge_vote_rule": ["test:tests/test_sim_roles.py::test_build_from_config_sections"],
+    "simulator.max_decode_retries": ["test:tests/test_sim_roles.py::test_ask_retries_then_raises_sim_error"],
+    "simulator.max_task_regenerations": [
+        "test:tests/test_sim_roles.py::test_task_generator_rejects_and_regenerates:max_regenerations",
+        "reads:trustee/envs/simulated.py",
+    ],
+    "simulator.max_user_turns": [
+        "test:tests/test_train.py::test_simulated_environment_runs_through_the_loop"
+    ],
+    "simulator.max_tokens": ["reads:trustee/envs/simulated.py"],
+    "simulator.task_max_tokens": ["test:tests/test_sim_roles.py::test_build_from_config_sections"],
+    "simulator.tool_catalog": [
+        "test:tests/test_sim_roles.py::test_catalog_prefers_one_category:catalog",
+        "reads:trustee/envs/simulated.py",
+    ],
+    "environment.kind": ["test:tests/test_train.py::test_simulated_environment_runs_through_the_loop"],
+    "environment.reward": [
+        "refused:environment.kind=toy,environment.reward=judge",
+        "test:tests/test_sim_roles.py::test_build_from_config_sections",
+    ],
+    "environment.bfcl.categories": ["reads:trustee/envs/bfcl.py"],
+    "environment.bfcl.split": ["test:tests/test_bfcl_env.py::test_split_is_fixed_half_and_disjoint:split"],
+    "environment.bfcl.split_seed": [
+        "test:tests/test_bfcl_env.py::test_split_is_fixed_half_and_disjoint:seed",
+        "reads:trustee/envs/bfcl.py",
+    ],
+    "environment.bfcl.train_fraction": [
+        "test:tests/test_bfcl_stages.py::test_envtuning_config_loads_and_names_four_stages"
+    ],
+    "environment.bfcl.hints": ["test:tests/test_bfcl_env.py::test_hints_switch_changes_only_the_observation"],
+    "environment.bfcl.max_steps_per_turn": [
+        "test:tests/test_bfcl_env.py::test_step_cap_ends_turn_and_force_quit_ends_episode"
+    ],
+    "environment.bfcl.force_quit_ends_episode": [
+        "test:tests/test_bfcl_env.py::test_step_cap_ends_turn_and_force_quit_ends_episode"
+    ],
+    "environment.bfcl.miss_turn_warning": ["test:tests/test_bfcl_env.py::test_miss_turn_warning_and_refusal"],
+    "environment.bfcl.syntax_instances": ["test:tests/test_bfcl_env.py::test_make_task_follows_stage_knobs"],
+    "environment.bfcl.system_prompt": ["reads:trustee/envs/bfcl.py"],
+    "rollout.temperature": ["reads:trustee/rollout/episode.py", "reads:trustee/train.py"],
+    "rollout.max_turns": ["test:tests/test_episode.py::test_turn_limit_truncates_and_still_scores:max_turns"],
+    "rollout.max_tool_calls_per_turn": [
+        "test:tests/test_episode.py::test_calls_over_the_turn_limit_are_not_executed"
+    ],
+    "rollout.max_tokens_per_turn": [
+        "reads:trustee/rollout/episode.py",
+        "refused:rollout.max_tokens_per_turn=9000",
+    ],
+    "rollout.max_tool_result_tokens": [
+        "test:tests/test_episode.py::test_long_tool_results_are_cut_with_a_marker"
+    ],
+    "rollout.max_inflight_episodes": ["reads:trustee/train.py"],
+    "rollout.max_staleness": ["test:tests/test_train.py::test_overlap_mode_trains_while_episodes_run"],
+    "grpo.steps": ["test:tests/test_resume.py::test_finished_run_says_so_and_changed_config_is_refused"],
+    "grpo.tasks_per_step": [
+        'test:tests/test_train.py::test_loop_trains_syncs_weights_and_resumes:groups_trained"] == 2.0'
+    ],
+    "grpo.group_size": ["test:tests/test_train.py::test_loop_trains_syncs_weights_and_resumes:== 8"],
+    "grpo.loss_type": ["test:tests/test_learn_grpo.py::test_aggregations_match_hand_values"],
+    "grpo.dr_grpo_length": ["reads:trustee/learn/learner.py"],
+    "grpo.clip_low": [
+        "test:tests/test_learn_grpo.py::test_clipped_surrogate_matches_hand_table",
+        "refused:grpo.clip_low=0.3,grpo.clip_high=0.1",
+    ],
+    "grpo.clip_high": ["test:tests/test_learn_grpo.py::test_clipped_surrogate_matches_hand_table"],
+    "grpo.beta": ["test:tests/test_learn_grpo.py::test_beta_without_reference_is_an_error"],
+    "grpo.scale_rewards": [
+        "test:tests/test_learn_advantages.py::test_batch_scale_uses_std_of_kept_groups:scale",
+        "reads:trustee/train.py",
+    ],
+    "grpo.filter_zero_variance": [
+        "test:tests/test_learn_advantages.py::test_zero_variance_kept_when_filter_off"
+    ],
+    "grpo.is_level": ["reads:trustee/learn/learner.py"],
+    "grpo.is_mode": ["test:tests/test_learn_grpo.py::test_is_weight_multiplies_surrogate_not_kl"],
+    "grpo.is_min": ["test:tests/test_learn_grpo.py::test_is_weight_multiplies_surrogate_not_kl"],
+    "grpo.is_max": [
+        "test:tests/test_learn_grpo.py::test_is_weight_multiplies_surrogate_not_kl",
+        "refused:grpo.is_max=0.5,grpo.is_min=1.0",
+    ],
+    "learner.mode": [
+        "test:tests/test_learn_policy.py::test_full_step_changes_base_parameters:full",
+        "refused:learner.mode=qlora",
+    ],
+    "learner.lr": [
+        "test:tests/test_learn_policy.py::test_lora_step_moves_only_adapters_in_the_advantage_direction"
+    ],
+    "learner.schedule": ["test:tests/test_learn_policy.py::test_lr_schedule_warmup_then_cosine"],
+    "learner.min_lr_ratio": ["test:tests/test_learn_policy.py::test_lr_schedule_warmup_then_cosine"],
+    "learner.warmup_steps": ["test:tests/test_learn_policy.py::test_lr_schedule_warmup_then_cosine"],
+    "learner.weight_decay": ["reads:trustee/learn/learner.py"],
+    "learner.max_grad_norm": ["reads:trustee/learn/learner.py"],
+    "learner.lora_rank": [
+        'test:tests/test_train.py::test_loop_trains_syncs_weights_and_resumes:"r"',
+        "test:tests/test_learn_policy.py::test_load_policy_lora_from_directory",
+    ],
+    "learner.lora_alpha": ["reads:trustee/learn/policy.py"],
+    "learner.lora_dropout": ["reads:trustee/learn/policy.py"],
+    "learner.lora_targets": ["test:tests/test_learn_policy.py::test_load_policy_lora_from_directory"],
+    "learner.micro_batch_tokens": ["reads:trustee/learn/learner.py"],
+    "learner.gradient_checkpointing": [
+        "test:tests/test_learn_policy.py::test_full_step_changes_base_parameters"
+    ],
+    "learner.logprob_chunk": ["reads:trustee/learn/learner.py"],
+    "placement.mode": ["test:tests/test_train.py::test_overlap_mode_trains_while_episodes_run"],
+    "placement.policy_gpus": ["refused:placement.policy_gpus=[0,1]"],
+    "placement.simulator_gpus": ["refused:placement.simulator_gpus=[0,0]"],
+    "placement.learner_gpus": [
+        "refused:placement.mode=split,placement.policy_gpus=[0],placement.learner_gpus=[0]"
+    ],
+    "curriculum.kind": [
+        "test:tests/test_curriculum.py::test_fixed_kind_never_moves",
+        "refused:curriculum.kind=staged,environment.kind=toy,environment.reward=exact,curriculum.stages=[{name='a'}]",
+    ],
+    "curriculum.start_difficulty": [
+        "test:tests/test_curriculum.py::test_d_moves_by_delta_against_thresholds"
+    ],
+    "curriculum.delta": ["test:tests/test_curriculum.py::test_d_moves_by_delta_against_thresholds"],
+    "curriculum.low": [
+        "test:tests/test_curriculum.py::test_d_moves_by_delta_against_thresholds:low",
+        "refused:curriculum.low=0.6",
+    ],
+    "curriculum.high": ["test:tests/test_curriculum.py::test_d_moves_by_delta_against_thresholds"],
+    "curriculum.eps": ["test:tests/test_curriculum.py::test_eps_zero_gives_values_at_d"],
+    **{
+        f"curriculum.aspects.{a}": ["test:tests/test_curriculum.py::test_aspect_endpoints_match_trustee"]
+        for a in (
+            "n_tools",
+            "n_expected_calls",
+            "n_turns",
+            "prompt_specificity",
+            "persona_expertise",
+            "query_ambiguity",
+            "judge_strictness",
+        )
+    },
+    "curriculum.aspects.tool_error_rate": [
+        "test:tests/test_sim_roles.py::test_error_injection_is_deterministic_per_call:injected_failure"
+    ],
+    "curriculum.stages[].name": [
+        "test:tests/test_bfcl_stages.py::test_envtuning_config_loads_and_names_four_stages"
+    ],
+    "curriculum.stages[].reward": ["test:tests/test_bfcl_env.py::test_make_task_follows_stage_knobs"],
+    "curriculum.stages[].hints": ["test:tests/test_bfcl_env.py::test_make_task_follows_stage_knobs"],
+    "curriculum.stages[].split": ["test:tests/test_bfcl_env.py::test_make_task_follows_stage_knobs"],
+    "curriculum.stages[].advance_after_steps": [
+        "test:tests/test_curriculum.py::test_staged_schedule_advances_by_steps_and_metric:hints-base"
+    ],
+    "curriculum.stages[].advance_metric": [
+        "test:tests/test_curriculum.py::test_staged_schedule_advances_by_steps_and_metric:accuracy"
+    ],
+    "curriculum.stages[].advance_threshold": [
+        'test:tests/test_curriculum.py::test_staged_schedule_advances_by_steps_and_metric:accuracy": 0.4'
+    ],
+    "curriculum.stages[].advance_patience": [
+        "test:tests/test_curriculum.py::test_staged_schedule_advances_by_steps_and_metric:streak broken"
+    ],
+    "eval.categories": ["test:tests/test_eval_bfcl.py::test_oracle_engine_scores_100_through_eval_path"],
+    "eval.multi_turn_split": ["reads:trustee/eval/bfcl.py"],
+    "eval.limit": ["test:tests/test_eval_bfcl.py::test_oracle_engine_scores_100_through_eval_path"],
+    "eval.concurrency": ["reads:trustee/eval/bfcl.py"],
+    "eval.temperature": ["reads:trustee/eval/bfcl.py"],
+    "eval.max_tokens_per_turn": ["reads:trustee/eval/bfcl.py"],
+    "eval.max_steps_per_turn": ["reads:trustee/eval/bfcl.py"],
+    "eval.out": ["reads:trustee/eval/__main__.py"],
+    "logging.progress_bar": [
+        "test:tests/test_metrics.py::test_progress_bar_shows_keys_a_training_step_writes"
+    ],
+    "logging.wandb_project": ["test:tests/test_metrics.py::test_wandb_resumes_the_same_run_id"],
+    "logging.trajectories": [
+        "test:tests/test_metrics.py::test_trajectories_all_sampled_none_and_the_size_cap"
+    ],
+    "logging.trajectories_fraction": [
+        "test:tests/test_metrics.py::test_trajectories_all_sampled_none_and_the_size_cap"
+    ],
+    "logging.trajectories_max_mb": [
+        "test:tests/test_metrics.py::test_trajectories_all_sampled_none_and_the_size_cap"
+    ],
+    "logging.log_every": ["test:tests/test_metrics.py::test_log_every_and_elapsed_continue_after_resume"],
+    "checkpoint.every_steps": [
+        "test:tests/test_faults.py::test_dead_engine_checkpoints_last_good_step_and_the_same_command_resumes"
+    ],
+    "checkpoint.keep": ["test:tests/test_checkpoint.py::test_round_trip_and_pruning"],
+    "checkpoint.resume": [
+        "test:tests/test_resume.py::test_finished_run_says_so_and_changed_config_is_refused"
+    ],
+    "checkpoint.on_interrupt": [
+        "test:tests/test_faults.py::test_on_interrupt_abandon_drops_the_step_finish_completes_it"
+    ],
+}
+
+# Fields whose only evidence is `reads:` (the value is used; no test yet shows what it changes).
+MAX_READS_ONLY = 23
+
+
+@pytest.fixture(scope="module")
+def test_sources() -> dict[str, str]:
+    out = {}
+    for p in sorted((ROOT / "tests").glob("test_*.py")):
+        src = p.read_text()
+        for n in ast.parse(src).body:
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name.startswith("test_"):
+                out[f"tests/{p.name}::{n.name}"] = ast.get_source_segment(src, n)
+    return out
+
+
+def test_every_field_has_evidence_and_nothing_else():
+    leaves = set(_leaves())
+    assert len(leaves) > 100
+    assert sorted(leaves - set(EVIDENCE)) == [], (
+        "fields without evidence: honour them (and add a test) or refuse them"
+    )
+    assert sorted(set(EVIDENCE) - leaves) == [], "evidence for fields that no longer exist"
+    reads_only = [f for f, ev in EVIDENCE.items() if all(e.startswith("reads:") for e in ev)]
+    assert len(reads_only) <= MAX_READS_ONLY, reads_only
+
+
+@pytest.mark.parametrize("field", sorted(EVIDENCE))
+def test_field_is_honoured_or_refused(field, test_sources):
+    leaf = field.split(".")[-1]
+    for ev in EVIDENCE[field]:
+        kind, _, rest = ev.partition(":")
+        if kind == "test":
+            path, _, tail = rest.partition("::")
+            name, _, token = tail.partition(":")
+            ref = f"{path}::{name}"
+            assert ref in test_sources, f"{field}: test {ref} not found"
+            assert (token or leaf) in test_sources[ref], f"{field}: {ref} does not mention {token or leaf!r}"
+        elif kind == "refused":
+            with pytest.raises(ConfigError) as e:
+                load_config(None, _split_keep_tables(rest))
+            assert leaf in str(e.value) or field.split("[]")[0] in str(e.value), (
+                f"{field}: refusal does not name it: {e.value}"
+            )
+        elif kind == "reads":
+            src = (ROOT / rest).read_text()
+            assert re.search(rf"\.{re.escape(leaf)}\b", src), f"{field}: {rest} never reads .{leaf}"
+        else:
+            pytest.fail(f"{field}: unknown evidence kind {kind!r}")
+
+
+def _split_keep_tables(s: str) -> list[str]:
+    """Split overrides on commas outside [...] / {...}."""
+    out, depth, cur = [], 0, ""
+    for ch in s:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return out + [cur]
