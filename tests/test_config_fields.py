@@ -304,10 +304,60 @@ EVIDENCE: dict[str, list[str]] = {
     "checkpoint.on_interrupt": [
         "test:tests/test_faults.py::test_on_interrupt_abandon_drops_the_step_finish_completes_it"
     ],
+    # training controls (issue 9)
+    "grpo.updates_per_batch": [
+        "test:tests/test_training_controls.py::test_several_updates_per_batch_make_the_clip_bind"
+    ],
+    "grpo.mini_batches": [
+        "test:tests/test_training_controls.py::test_several_updates_per_batch_make_the_clip_bind"
+    ],
+    "grpo.dynamic_sampling": [
+        "test:tests/test_training_controls.py::test_dynamic_sampling_replaces_zero_variance_groups"
+    ],
+    "grpo.max_resample_rounds": [
+        "test:tests/test_training_controls.py::test_dynamic_sampling_replaces_zero_variance_groups"
+    ],
+    "grpo.overlong": ["test:tests/test_training_controls.py::test_overlong_modes"],
+    "grpo.overlong_buffer": ["test:tests/test_training_controls.py::test_overlong_penalty_ramp:buffer"],
+    "grpo.overlong_penalty": ["test:tests/test_training_controls.py::test_overlong_penalty_ramp:penalty"],
+    "grpo.kl_metric": [
+        "test:tests/test_training_controls.py::test_kl_metric_measures_the_drift_from_the_start",
+        "refused:learner.mode=full,grpo.kl_metric=true,grpo.beta=0",
+    ],
+    "eval.every_steps": [
+        "test:tests/test_training_controls.py::test_eval_during_training_logs_heldout_metrics"
+    ],
+    "eval.heldout_tasks": ["test:tests/test_training_controls.py::test_heldout_eval_greedy_and_sampled"],
+    "eval.heldout_samples": ["test:tests/test_training_controls.py::test_heldout_eval_greedy_and_sampled"],
+    "eval.heldout_difficulty": ["test:tests/test_training_controls.py::test_heldout_eval_greedy_and_sampled"],
+    # bring your own environment, model families (issue 15)
+    "environment.factory": ["test:tests/test_envs_custom.py::test_python_factory_must_return_an_environment"],
+    "environment.options": [
+        "refused:environment.kind=toy,environment.reward=exact,environment.options={x=1}"
+    ],
+    "environment.uses_simulator": ["reads:trustee/envs/__init__.py"],
+    "environment.tasks_file.path": [
+        "test:tests/test_envs_custom.py::test_tasks_file_kind_builds_from_the_config_alone"
+    ],
+    "environment.tasks_file.tools": [
+        "test:tests/test_envs_custom.py::test_config_rules_name_field_value_and_fix"
+    ],
+    "environment.tasks_file.tools_module": [
+        "test:tests/test_envs_custom.py::test_config_rules_name_field_value_and_fix"
+    ],
+    "environment.tasks_file.reward_fn": [
+        "test:tests/test_envs_custom.py::test_config_rules_name_field_value_and_fix"
+    ],
+    "environment.tasks_file.judge_weight": [
+        "test:tests/test_envs_custom.py::test_simulated_tools_and_function_plus_judge_on_a_tiny_model"
+    ],
+    "model.chat_format": [
+        "test:tests/test_chat_render.py::test_family_is_detected_from_the_tokenizer_and_the_spec_picks_its_template"
+    ],
 }
 
 # Fields whose only evidence is `reads:` (the value is used; no test yet shows what it changes).
-MAX_READS_ONLY = 23
+MAX_READS_ONLY = 24
 
 
 @pytest.fixture(scope="module")

@@ -253,9 +253,9 @@ def test_heldout_eval_greedy_and_sampled(tiny_model_dir, tiny_tokenizer):
     async def go():
         engine = HFEngine.from_pretrained(tiny_model_dir, max_model_len=2048)
         runner = EpisodeRunner(engine, tiny_tokenizer, cfg=RolloutConfig(max_turns=1, max_tokens_per_turn=4))
-        h = HeldOut(
-            ToyEnv(reward="graded"), runner, EvalConfig(heldout_tasks=3, heldout_samples=2), AspectRanges()
-        )
+        cfg = EvalConfig(heldout_tasks=3, heldout_samples=2, heldout_difficulty=40.0)
+        h = HeldOut(ToyEnv(reward="graded"), runner, cfg, AspectRanges())
+        assert {t.knobs["difficulty"] for t in await h.tasks()} == {40.0}
         try:
             return await h.run(0)
         finally:
@@ -283,3 +283,49 @@ def test_learning_summary_line(tmp_path):
     assert text.startswith("reward 0.20 -> 0.70 over 10 steps")
     assert "held-out greedy 0.20 -> 0.60" in text
     assert "2 step(s) trained nothing" in text
+
+
+def test_kl_metric_measures_the_drift_from_the_start(tiny_model_dir):
+    from trustee.learn.policy import load_policy
+
+    lcfg = LearnerConfig(mode="lora", lr=5e-2, lora_rank=4, gradient_checkpointing=False)
+    policy = load_policy(str(tiny_model_dir), lcfg, device=torch.device("cpu"), dtype=torch.float32)
+    learner = Learner(policy, GrpoConfig(beta=0.0, kl_metric=True), lcfg, total_steps=3)
+    first = learner.step(fixed_groups())  # LoRA B starts at 0: the policy is the base
+    second = learner.step(fixed_groups())
+    assert first.kl == pytest.approx(0.0, abs=1e-7)
+    assert second.kl > 0.0
+
+
+def test_eval_during_training_logs_heldout_metrics(tmp_path, tiny_model_dir):
+    from trustee.config import resolve
+    from trustee.train import train
+
+    cfg = load_config(
+        None,
+        [
+            f"model.path={tiny_model_dir}",
+            "environment.kind=toy",
+            "environment.reward=graded",
+            "grpo.steps=2",
+            "grpo.tasks_per_step=2",
+            "grpo.group_size=2",
+            "grpo.beta=0",
+            "rollout.max_turns=1",
+            "rollout.max_tokens_per_turn=8",
+            "eval.every_steps=1",
+            "eval.heldout_tasks=2",
+            "eval.heldout_samples=1",
+            "learner.lr=1e-3",
+            "learner.gradient_checkpointing=false",
+            "logging.progress_bar=false",
+        ],
+    )
+    last = anyio.run(train, cfg, resolve(cfg, tmp_path / "run"))
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in recs if "eval/reward_greedy" in r]
+    # Before step 0, before step 1, and after the last update (its own record).
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    assert evals[-1]["final_eval"] == 1.0
+    assert all(r["eval/greedy_episodes"] == 2 and r["eval/sampled_episodes"] == 2 for r in evals)
+    assert last["summary"].startswith("reward ")

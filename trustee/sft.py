@@ -68,8 +68,10 @@ def encode_conversation(tokenizer: Any, task: Task, messages: list[Message]) -> 
 
 
 def _knobs(rng: random.Random) -> Knobs:
-    """Toy tasks with 1-3 tools (short prompts keep CPU steps cheap) and 1-2 calls."""
-    return Knobs(n_tools=rng.randint(1, 3), n_expected_calls=rng.randint(1, 2))
+    """Toy tasks with 1-3 tools (short prompts keep CPU steps cheap) and 1-2 calls; mostly
+    the easiest difficulty (one-digit numbers, where RL starts), some with larger numbers."""
+    d = rng.choice([1.0, 1.0, 1.0, 50.0, 90.0])
+    return Knobs(difficulty=d, n_tools=rng.randint(1, 3), n_expected_calls=rng.randint(1, 2))
 
 
 def _examples(tokenizer: Any, n: int, seed: int) -> list[tuple[list[int], list[int]]]:

@@ -110,13 +110,20 @@ def execute(call: ToolCall, store: dict[str, str]) -> dict[str, Any]:
     raise AssertionError(f"unknown toy tool {call.name}")  # the parser rejects unknown names first
 
 
-def _make(kind: str, rng: random.Random) -> tuple[str, list[ToolCall], dict[str, Any]]:
-    """(query, expected calls, payload) of one task of `kind`."""
+def number_digits(difficulty: float) -> int:
+    """Digits of the numbers in a task: 1 up to D = 33, 2 up to D = 66, then 3 (copying a
+    number exactly is the hard part for a tiny model, so it grows with the difficulty)."""
+    return 1 + int(difficulty > 33) + int(difficulty > 66)
+
+
+def _make(kind: str, rng: random.Random, digits: int = 2) -> tuple[str, list[ToolCall], dict[str, Any]]:
+    """(query, expected calls, payload) of one task of `kind`, numbers of `digits` digits."""
+    lo, hi = (2, 9) if digits <= 1 else (10, 99) if digits == 2 else (100, 999)
     if kind == "add":
-        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
         return f"What is {a} plus {b}?", [ToolCall(name="add", arguments={"a": a, "b": b})], {"answer": a + b}
     if kind == "chain":
-        a, b, c = rng.randint(2, 30), rng.randint(2, 30), rng.randint(2, 9)
+        a, b, c = rng.randint(lo, min(hi, 30)), rng.randint(lo, min(hi, 30)), rng.randint(2, 9)
         calls = [
             ToolCall(name="add", arguments={"a": a, "b": b}),
             ToolCall(name="multiply", arguments={"a": a + b, "b": c}),
@@ -126,7 +133,7 @@ def _make(kind: str, rng: random.Random) -> tuple[str, list[ToolCall], dict[str,
         dim = rng.choice(["length", "mass"])
         units = [u for u, (d, _) in UNITS.items() if d == dim]
         src, dst = rng.sample(units, 2)
-        v = rng.randint(1, 500)
+        v = rng.randint(max(1, lo - 1), min(hi, 500))
         call = ToolCall(name="convert_units", arguments={"value": v, "from_unit": src, "to_unit": dst})
         return f"Convert {v} {src} to {dst}.", [call], {"answer": execute(call, {})["result"]}
     store = dict(zip(rng.sample(_KEYS, 3), rng.sample(_VALUES, 3), strict=True))
@@ -186,7 +193,7 @@ class ToyEnv:
         allowed = [k for k in self.kinds if k != "chain" or knobs.n_expected_calls >= 2] or list(self.kinds)
         while True:
             kind = rng.choice(allowed)
-            query, calls, payload = _make(kind, rng)
+            query, calls, payload = _make(kind, rng, number_digits(knobs.difficulty))
             if is_heldout(query) == heldout:
                 break
         needed = list(dict.fromkeys(c.name for c in calls))
