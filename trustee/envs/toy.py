@@ -123,7 +123,8 @@ def _make(kind: str, rng: random.Random, digits: int = 2) -> tuple[str, list[Too
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
         return f"What is {a} plus {b}?", [ToolCall(name="add", arguments={"a": a, "b": b})], {"answer": a + b}
     if kind == "chain":
-        a, b, c = rng.randint(lo, min(hi, 30)), rng.randint(lo, min(hi, 30)), rng.randint(2, 9)
+        span = (2, 9) if digits <= 1 else (10, 30)  # the product stays small enough to copy
+        a, b, c = rng.randint(*span), rng.randint(*span), rng.randint(2, 9)
         calls = [
             ToolCall(name="add", arguments={"a": a, "b": b}),
             ToolCall(name="multiply", arguments={"a": a + b, "b": c}),
