@@ -1,10 +1,12 @@
 """The training loop, top to bottom: set up, then per step collect, score, update, sync, log.
 
-Owns `train(cfg, run_dir)` and the small builders it composes (engines, environment,
-learner). One asyncio loop: episodes of all the step's groups run concurrently against the
+Owns `train(cfg, run_dir)`, the environment builder, and one step's scoring and logging
+(`_Run.step`). One asyncio loop: episodes of all the step's groups run concurrently against the
 policy engine (which batches them); the learner's step runs in a worker thread; the new
-adapter or weights go to the policy engine, bumping its version. Placement 'sync' is what
-runs here: the policy engine sleeps while the learner trains when the two share a device.
+adapter or weights go to the policy engine, bumping its version. Where each role lives, the
+engines and learner it builds, what sleeps and wakes around learning, and whether rollouts go
+on while the learner trains are `trustee.placement`'s: this loop calls it the same way in
+every placement mode and for LoRA or full updates.
 
 Resume: with `checkpoint.resume = 'auto'`, a run directory that holds a complete checkpoint
 continues from it (trainable weights, optimiser, schedule, curriculum, RNG), after pushing
@@ -25,41 +27,24 @@ import msgspec
 import torch
 
 from trustee.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from trustee.config import Config, EngineConfig, Resolved
+from trustee.config import Config, Resolved
 from trustee.curriculum import Curriculum, CurriculumState
-from trustee.engines.base import Engine, FullUpdate, LoraUpdate
+from trustee.engines.base import Engine
 from trustee.envs.base import Environment, Knobs
 from trustee.learn.advantages import compute_advantages
-from trustee.learn.export import export_full, export_lora
 from trustee.learn.learner import Learner
-from trustee.learn.policy import load_policy
 from trustee.metrics import RunLog
+from trustee.placement import Placement, build_engine
 from trustee.rollout.episode import EpisodeRunner, run_group
 from trustee.types import Group
 
 log = logging.getLogger("trustee.train")
 
 TASK_ATTEMPTS = 3
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+# build_engine is re-exported: trustee.eval builds the policy engine the way training does.
+__all__ = ["build_engine", "build_environment", "collect", "train"]
 
 # ----------------------------------------------------------------------------- builders
-
-
-def build_engine(ecfg: EngineConfig, model_path: str, cfg: Config, res: Resolved, *, role: str) -> Engine:
-    """One inference engine for `role` ('policy' or 'simulator') on its placement GPUs."""
-    from trustee import engines
-
-    return engines.build_engine(
-        ecfg,
-        model_path,
-        dtype=res.dtype,
-        max_model_len=cfg.model.max_model_len,
-        seed=cfg.seed,
-        gpus=list(cfg.placement.policy_gpus if role == "policy" else cfg.placement.simulator_gpus),
-        lora=role == "policy" and cfg.learner.mode != "full",
-        lora_rank=cfg.learner.lora_rank,
-    )
 
 
 def build_environment(
@@ -175,14 +160,6 @@ def trainable_groups(groups: list[Group]) -> list[Group]:
     return out
 
 
-def weight_update(learner: Learner, run_dir: Path, needs_path: bool) -> LoraUpdate | FullUpdate:
-    model = learner.model
-    if learner.policy.mode in ("lora", "qlora"):
-        path = run_dir / "adapter" if needs_path else None
-        return export_lora(model, path=path, tensors=not needs_path)
-    return export_full(model)
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -247,15 +224,12 @@ class _Run:
         cfg, res = self.cfg, self.res
         template = project_template() if cfg.model.chat_template == "trustee" else None
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-        self.policy_engine = build_engine(cfg.engines.policy, cfg.model.path, cfg, res, role="policy")
-        self.sim_engine = None
+        self.placement = placement = await Placement.start(cfg, res)
+        self.policy_engine: Engine = placement.policy
+        self.sim_engine: Engine | None = placement.simulator
         sim_tokenizer = tokenizer
-        if cfg.environment.kind == "simulated":
-            self.sim_engine = build_engine(
-                cfg.engines.simulator, res.simulator_model, cfg, res, role="simulator"
-            )
-            if Path(res.simulator_model).exists():
-                sim_tokenizer = AutoTokenizer.from_pretrained(res.simulator_model)
+        if self.sim_engine is not None and Path(res.simulator_model).exists():
+            sim_tokenizer = AutoTokenizer.from_pretrained(res.simulator_model)
         self.env = build_environment(cfg, self.sim_engine, sim_tokenizer, template)
         self.runner = EpisodeRunner(
             policy=self.policy_engine,
@@ -266,32 +240,13 @@ class _Run:
             enable_thinking=cfg.model.enable_thinking,
         )
         self.curriculum = Curriculum(cfg.curriculum)
-        policy = load_policy(
-            cfg.model.path,
-            cfg.learner,
-            device=torch.device(f"cuda:{cfg.placement.learner_gpus[0]}" if res.device == "cuda" else "cpu"),
-            dtype=_DTYPES[res.dtype],
-            need_reference=cfg.grpo.beta > 0 and cfg.learner.mode == "full",
-        )
-        self.learner = Learner(
-            policy,
-            cfg.grpo,
-            cfg.learner,
-            temperature=cfg.rollout.temperature,
-            total_steps=cfg.grpo.steps,
-            pad_id=tokenizer.pad_token_id or 0,
-        )
+        self.learner: Learner = placement.build_learner(tokenizer)
         self.rng = random.Random(cfg.seed)
-        pl = cfg.placement
-        self.shares_device = pl.mode == "sync" and bool(set(pl.policy_gpus) & set(pl.learner_gpus))
-        self.needs_path = cfg.engines.policy.backend == "vllm"
         self.start = 0
         if cfg.checkpoint.resume == "auto":
             self.start = _resume(self.run_dir, self.learner, self.curriculum, self.rng)
             if self.start:
-                await self.policy_engine.update_weights(
-                    weight_update(self.learner, self.run_dir, self.needs_path)
-                )
+                await placement.push_learner(self.learner)
         self.log = RunLog(
             self.run_dir, cfg.logging, total_steps=cfg.grpo.steps - self.start, run_name=cfg.name, config=cfg
         )
@@ -330,13 +285,9 @@ class _Run:
         record["groups_trained"] = float(len(adv.groups))
         t1 = time.perf_counter()
         if adv.groups:
-            if self.shares_device:
-                await self.policy_engine.sleep(1)
+            await self.placement.before_learn()  # what shares the learner's memory sleeps
             metrics = await self.learner.step_async(adv.groups)
-            update = weight_update(self.learner, self.run_dir, self.needs_path)
-            if self.shares_device:
-                await self.policy_engine.wake()
-            await self.policy_engine.update_weights(update)
+            await self.placement.after_learn(self.learner)  # export, wake, push the update
             record.update(
                 {
                     f"learn/{k}": v
@@ -347,9 +298,7 @@ class _Run:
         record["time/rollout_s"] = t_roll
         record["time/learn_s"] = time.perf_counter() - t1
         record["policy_version"] = float(self.policy_engine.version)
-        st = self.policy_engine.stats()
-        record["engine/generated_tokens"] = float(st.generated_tokens)
-        record["engine/mean_batch"] = st.mean_batch
+        record.update(self.placement.step_metrics())  # phase times, per-engine counters
         self.log.step(step, record)
         every = cfg.checkpoint.every_steps
         if (every and (step + 1) % every == 0) or step + 1 == cfg.grpo.steps:
@@ -357,83 +306,26 @@ class _Run:
         return record
 
     def export_final(self) -> Path:
-        """Write the trained policy where `trustee.eval --run-dir` and vLLM can load it: the
-        LoRA adapter as a PEFT directory (RUN/adapter) or the full model (RUN/model)."""
-        model = self.learner.model
-        if self.learner.policy.mode in ("lora", "qlora"):
-            out = self.run_dir / "adapter"
-            export_lora(model, path=out, tensors=False)
-        else:
-            out = self.run_dir / "model"
-            model.save_pretrained(out)
-            self.tokenizer.save_pretrained(out)
-        return out
+        """Write the trained policy where `trustee.eval --run-dir` and vLLM can load it."""
+        return self.placement.export_final(self.learner, self.tokenizer)
 
     async def close(self) -> None:
         if hasattr(self, "log"):
             self.log.close()
-        if hasattr(self, "policy_engine"):
-            await self.policy_engine.close()
-        if getattr(self, "sim_engine", None) is not None:
-            await self.sim_engine.close()
+        if hasattr(self, "placement"):
+            await self.placement.close()
 
 
 async def train(cfg: Config, res: Resolved) -> dict[str, Any]:
     """Run `cfg.grpo.steps` GRPO steps (or the rest of them, when resuming). Returns the last
-    step's metrics.
-
-    Placement 'sync' collects each step's groups, then trains while no episode runs.
-    'overlap' and 'split' keep episodes running while the learner trains (GroupScheduler),
-    with staleness bounded by rollout.max_staleness.
-    """
+    step's metrics. The placement drives the steps: collect-then-train, or rollouts that go on
+    while the learner trains (trustee.placement)."""
     run = _Run(cfg, res)
     last: dict[str, Any] = {}
     try:
         await run.setup()
-        if cfg.placement.mode == "sync":
-            for step in range(run.start, cfg.grpo.steps):
-                t0 = time.perf_counter()
-                extra: dict[str, float] = {}
-                groups, knobs = await collect(run.env, run.runner, run.curriculum, cfg, run.rng, step, extra)
-                last = await run.step(step, groups, knobs, time.perf_counter() - t0, extra)
-        else:
-            last = await _train_continuous(run)
+        last = await run.placement.drive(run, collect)
         run.export_final()
     finally:
         await run.close()
-    return last
-
-
-async def _train_continuous(run: _Run) -> dict[str, Any]:
-    from trustee.rollout.scheduler import GroupScheduler
-
-    cfg = run.cfg
-    g = cfg.grpo
-    sched = GroupScheduler(
-        env=run.env,
-        runner=run.runner,
-        curriculum=run.curriculum,
-        group_size=g.group_size,
-        max_inflight_groups=max(1, cfg.rollout.max_inflight_episodes // g.group_size),
-        max_staleness=cfg.rollout.max_staleness,
-        version=lambda: run.policy_engine.version,
-        rng=run.rng,
-        buffer=g.tasks_per_step,
-    )
-    last: dict[str, Any] = {}
-    async with anyio.create_task_group() as tg:
-        sched.start(tg)
-        for step in range(run.start, g.steps):
-            t0 = time.perf_counter()
-            items = await sched.take(g.tasks_per_step)
-            stats = {
-                "sched/dropped_stale": float(sched.dropped_stale),
-                "sched/peak_inflight_groups": float(sched.peak_inflight),
-                "sched/task_errors": float(sched.task_errors),
-                "sched/lag_mean": sum(run.policy_engine.version - i.started_version for i in items)
-                / len(items),
-            }
-            groups, knobs = [i.group for i in items], [i.knobs for i in items]
-            last = await run.step(step, groups, knobs, time.perf_counter() - t0, stats)
-        tg.cancel_scope.cancel()
     return last
