@@ -325,13 +325,15 @@ def memory_plan(cfg: Config, res: Resolved, *, gpu_gib: float | None = None) -> 
             d = dev(place, cap if on_gpu else None)
             items, residual, _ = _engine_items(role, e, dims[role], db, cap, on_gpu, cfg)
             d.rollout += items
-            asleep = colocate and (on_gpu and int(place.split()[1]) in learner or not on_gpu and not learner)
-            if not asleep:
+            if not colocate:  # in 'colocate' every engine sleeps while the learner trains
                 d.learning += items
+                continue
+            if not on_gpu:  # asleep on the host it keeps its memory (the CPU build's sleep frees nothing)
+                d.learning += [Item(f"{i.what} (asleep, kept)", i.gib) for i in items]
                 continue
             d.learning.append(Item(f"{role} asleep (level {level})", residual))
             if level == 1 and on_gpu:
-                host.learning.append(Item(f"{role} weights offloaded from {place} (level 1)", items[0].gib))
+                host.learning.append(Item(f"{role} weights offloaded by sleep level 1", items[0].gib))
     if dims["policy"] is not None:
         resident, work = _learner_items(cfg, dims["policy"], db)
         for place in [f"GPU {g}" for g in learner] or ["host"]:
@@ -370,16 +372,32 @@ def check_memory(plan: MemoryPlan) -> list[Problem]:
 
 
 def format_memory_plan(plan: MemoryPlan) -> list[str]:
+    """The plan as text: devices with the same contents share a line; repeated items are counted."""
     lines = [
         "  memory     per device and phase, GiB (estimated from the config and the model's config.json):"
     ]
+    groups: dict[Any, list[str]] = {}
     for d in plan.devices:
+        key = msgspec.json.encode([d.capacity_gib, d.rollout, d.learning])
+        groups.setdefault(key, []).append(d.device)
+    for d in plan.devices:
+        names = groups.get(msgspec.json.encode([d.capacity_gib, d.rollout, d.learning]))
+        if not names or names[0] != d.device:
+            continue
+        label = names[0] if len(names) == 1 else f"GPUs {','.join(n.split()[1] for n in names)}"
         cap = f"of {d.capacity_gib:g}" if d.capacity_gib is not None else "(host RAM)"
         for phase, items in (("rollout", d.rollout), ("learning", d.learning)):
             if not items:
                 continue
-            parts = " + ".join(f"{i.what} {i.gib:.2f}" for i in items if i.gib > 0.005) or "nothing"
-            lines.append(f"    {d.device:<7} {phase:<8} {sum(i.gib for i in items):7.2f} {cap}: {parts}")
+            counted: dict[tuple[str, float], int] = {}
+            for i in items:
+                if i.gib > 0.005:
+                    counted[(i.what, i.gib)] = counted.get((i.what, i.gib), 0) + 1
+            parts = " + ".join(
+                f"{what} {gib:.2f}" + (f" x {n}" if n > 1 else "") for (what, gib), n in counted.items()
+            )
+            total = sum(i.gib for i in items)
+            lines.append(f"    {label:<16} {phase:<8} {total:7.2f} {cap}: {parts or 'nothing'}")
     lines += [f"    note: {n}" for n in plan.notes]
     return lines
 
@@ -675,6 +693,8 @@ class Placement:
             out[f"engine/{role}/failed"] = float(st.failed - (prev.failed if prev else 0))
             out[f"engine/{role}/mean_batch"] = st.mean_batch
             out[f"engine/{role}/version"] = float(getattr(engine, "version", 0))
+            out[f"engine/{role}/sleeps"] = float(st.sleeps)  # cumulative, counted by the engine itself
+            out[f"engine/{role}/wakes"] = float(st.wakes)
         st = self.policy.stats()
         out["engine/generated_tokens"] = float(st.generated_tokens)
         out["engine/mean_batch"] = st.mean_batch

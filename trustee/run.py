@@ -2,9 +2,8 @@
 
 Owns argument parsing, turning config errors into a clean exit (status 2, message on
 stderr, no traceback), the run directory (resolved config written beside the run), the
-start-up checks (model directories, tiny-model build, chat template prefix-preservation)
-and printing the run plan. The training loop itself is composed from rollout/, learn/ and
-placement; until it lands, a run stops after the plan and says so.
+start-up checks (model directories, tiny-model build, chat template prefix-preservation,
+the placement's memory plan) and printing the run plan. The training loop is `trustee.train`.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from trustee.config import Config, ConfigError, Resolved, load_config, resolve
+from trustee.config import Config, ConfigError, Problem, Resolved, load_config, resolve
 
 EXIT_CONFIG = 2
 
@@ -140,6 +139,21 @@ def format_plan(cfg: Config, res: Resolved, notes: list[str]) -> str:
     return "\n".join(lines)
 
 
+def placement_plan(cfg: Config, res: Resolved, *, measure: bool) -> tuple[list[str], list[Problem]]:
+    """The per-device, per-phase memory plan as text, and the phases that do not fit. `measure`:
+    check against each CUDA device's own memory when this machine has the placement's GPUs."""
+    from trustee.placement import check_memory, format_memory_plan, memory_plan
+
+    gpu_gib = None
+    if measure and res.gpus_required:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() >= res.gpus_required:
+            gpu_gib = min(torch.cuda.get_device_properties(i).total_memory for i in range(res.gpus_required)) / 2**30
+    plan = memory_plan(cfg, res, gpu_gib=gpu_gib)
+    return format_memory_plan(plan), check_memory(plan)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -151,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     res = resolve(cfg, run_dir)
     notes = _model_checks(cfg, build=not args.dry_run)
     print(format_plan(cfg, res, notes))
+    lines, problems = placement_plan(cfg, res, measure=not args.dry_run)
+    print("\n".join(lines))
+    if problems:
+        print(ConfigError(args.config, problems), file=sys.stderr)
+        return EXIT_CONFIG
     if args.dry_run:
         print("dry run: config valid, nothing written")
         return 0
