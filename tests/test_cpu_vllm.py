@@ -64,9 +64,13 @@ def test_cpu_vllm_colocated_two_steps(tmp_path, tiny_model_dir):
         assert 0.0 <= rec["engine/simulator/prefix_hit_rate"] <= 1.0
     # Sampling after the wake used the adapter of the step before: every sampled token of step 1
     # carries version 1 (the adapter pushed after step 0's update).
+    seen = set()
     for line in (out / "trajectories.jsonl").read_text().splitlines():
         rec = json.loads(line)
         t = rec["trajectory"]
         sampled = {v for v, m in zip(t["versions"], t["loss_mask"], strict=True) if m}
-        assert sampled == {rec["step"]}, (rec["step"], sampled)
+        if sampled:  # an episode the simulator failed before the policy spoke has no sampled token
+            assert sampled == {rec["step"]}, (rec["step"], sampled)
+            seen.add(rec["step"])
+    assert seen == {0, 1}
     assert (out / "adapter" / "adapter_config.json").exists()
