@@ -69,7 +69,9 @@ class FakeMemory:
 
 
 def _placement(overrides, calls, monkeypatch, roles=("policy", "simulator")):
-    cfg = load_config(None, ["environment.kind=simulated", "engines.simulator.enable_sleep_mode=true", *overrides])
+    cfg = load_config(
+        None, ["environment.kind=simulated", "engines.simulator.enable_sleep_mode=true", *overrides]
+    )
     res = resolve(cfg, "runs/x")
     monkeypatch.setattr(pl, "weight_update", lambda learner, run_dir, needs_path: f"v{learner}")
     engines = {r: FakeEngine(r, calls) for r in roles}
@@ -185,11 +187,19 @@ def test_cuda_memory_release_empties_the_cache(monkeypatch):
 @pytest.mark.parametrize(
     ("overrides", "path", "words"),
     [
-        (["engines.policy.tensor_parallel_size=2"], "engines.policy.tensor_parallel_size", "backend 'hf' cannot"),
+        (
+            ["engines.policy.tensor_parallel_size=2"],
+            "engines.policy.tensor_parallel_size",
+            "backend 'hf' cannot",
+        ),
         (["engines.policy.kv_cache_gib=2"], "engines.policy.kv_cache_gib", "cannot honour"),
         (
-            ["environment.kind=simulated", "engines.simulator.backend=openai",
-             "engines.simulator.base_url='http://x/v1'", "engines.simulator.tensor_parallel_size=2"],
+            [
+                "environment.kind=simulated",
+                "engines.simulator.backend=openai",
+                "engines.simulator.base_url='http://x/v1'",
+                "engines.simulator.tensor_parallel_size=2",
+            ],
             "engines.simulator.tensor_parallel_size",
             "backend 'openai'",
         ),
@@ -200,22 +210,37 @@ def test_cuda_memory_release_empties_the_cache(monkeypatch):
         ),
         (["placement.mode=split"], "placement.learner_gpus", "no engine uses"),
         (
-            ["engines.policy.backend=vllm", "placement.mode=sync", "placement.policy_gpus=[0]",
-             "placement.learner_gpus=[0]"],
+            [
+                "engines.policy.backend=vllm",
+                "placement.mode=sync",
+                "placement.policy_gpus=[0]",
+                "placement.learner_gpus=[0]",
+            ],
             "placement.learner_gpus",
             "out of memory",
         ),
         (
-            ["engines.policy.backend=vllm", "placement.mode=colocate", "placement.policy_gpus=[0]",
-             "placement.learner_gpus=[1]"],
+            [
+                "engines.policy.backend=vllm",
+                "placement.mode=colocate",
+                "placement.policy_gpus=[0]",
+                "placement.learner_gpus=[1]",
+            ],
             "placement.learner_gpus",
             "run no engine",
         ),
         (
-            ["environment.kind=simulated", "engines.policy.backend=vllm", "engines.simulator.backend=vllm",
-             "placement.policy_gpus=[0]", "placement.simulator_gpus=[0]", "placement.learner_gpus=[1]",
-             "placement.mode=split", "engines.policy.gpu_memory_utilization=0.6",
-             "engines.simulator.gpu_memory_utilization=0.5"],
+            [
+                "environment.kind=simulated",
+                "engines.policy.backend=vllm",
+                "engines.simulator.backend=vllm",
+                "placement.policy_gpus=[0]",
+                "placement.simulator_gpus=[0]",
+                "placement.learner_gpus=[1]",
+                "placement.mode=split",
+                "engines.policy.gpu_memory_utilization=0.6",
+                "engines.simulator.gpu_memory_utilization=0.5",
+            ],
             "engines.simulator.gpu_memory_utilization",
             "1.10 > 1",
         ),
@@ -243,12 +268,21 @@ def _dry(*args):
 
 
 def test_dry_run_prints_the_plan_per_phase_with_the_budget_in_the_config_comment():
-    for name, cap, figures in (("8gpu.toml", 79, ("70.67", "21.99")), ("1gpu-qlora.toml", 23.5, ("18.81", "9.00"))):
+    for name, cap, figures in (
+        ("8gpu.toml", 79, ("70.67", "21.99")),
+        ("1gpu-qlora.toml", 23.5, ("18.81", "9.00")),
+    ):
         r = _dry(f"configs/{name}")
         assert r.returncode == 0, r.stderr
         rows = [x for x in r.stdout.splitlines() if x.strip().startswith(("GPU", "host"))]
         assert any(" rollout " in x for x in rows) and any(" learning " in x for x in rows)
-        totals = [float(x.split()[x.split().index(ph) + 1]) for x in rows if "GPU" in x for ph in ("rollout", "learning") if f" {ph} " in x]
+        totals = [
+            float(x.split()[x.split().index(ph) + 1])
+            for x in rows
+            if "GPU" in x
+            for ph in ("rollout", "learning")
+            if f" {ph} " in x
+        ]
         assert totals and max(totals) < cap
         comment = (ROOT / "configs" / name).read_text().split("\nname =")[0]
         for f in figures:  # the opening comment carries the same budget the plan computes
@@ -258,7 +292,9 @@ def test_dry_run_prints_the_plan_per_phase_with_the_budget_in_the_config_comment
 def test_dry_run_refuses_a_full_8b_learner_on_one_shared_gpu():
     r = _dry("configs/8gpu.toml", "--set", "placement.learner_gpus=[4]")
     assert r.returncode == 2
-    assert "GPU 4" in r.stderr and "placement.gpu_memory_gib = 79.0" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        "GPU 4" in r.stderr and "placement.gpu_memory_gib = 79.0" in r.stderr and "Traceback" not in r.stderr
+    )
 
 
 def test_learner_ranks_come_from_the_config():

@@ -91,8 +91,9 @@ class EngineConfig(Section, kw_only=True):
 _DEFAULT = object()
 # What each backend cannot honour: field -> the one value it accepts (_DEFAULT = the field's
 # default). Any other value is refused at load time, never ignored. The HF engine is one process
-# on one device with no memory cap or compilation; a remote (openai) server's parallelism, memory
-# and sleep are configured on the server, not here.
+# on one device with no memory cap or compilation; a remote (openai) server's parallelism and
+# memory are configured on the server, not here (placement never asks it to sleep, and it never
+# receives an adapter, so enable_sleep_mode / max_lora_rank do not apply to it).
 BACKEND_ONLY: dict[str, dict[str, Any]] = {
     "hf": {
         "tensor_parallel_size": _DEFAULT,
@@ -111,8 +112,6 @@ BACKEND_ONLY: dict[str, dict[str, Any]] = {
         "kv_cache_gib": _DEFAULT,
         "gpu_memory_utilization": _DEFAULT,
         "enforce_eager": _DEFAULT,
-        "enable_sleep_mode": False,
-        "max_lora_rank": 0,
     },
 }
 

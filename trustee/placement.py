@@ -724,7 +724,12 @@ class Colocate(Placement):
 
     @staticmethod
     def sleep_levels(cfg: Config, roles: list[str]) -> dict[str, int]:
-        return {r: (policy_sleep_level(cfg) if r == "policy" else 1) for r in roles}
+        """Every local engine sleeps (a remote openai server holds none of our memory)."""
+        return {
+            r: (policy_sleep_level(cfg) if r == "policy" else 1)
+            for r in roles
+            if getattr(cfg.engines, r).backend != "openai"
+        }
 
 
 class Sync(Placement):
