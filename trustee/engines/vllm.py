@@ -4,7 +4,7 @@ outputs, full-weight streaming and data-parallel replicas.
 Owns `VLLMEngine` (the `Engine` contract over `vllm.v1.engine.async_llm.AsyncLLM`), the
 per-engine stat logger that counts prefix-cache queries/hits and batch sizes, and the
 environment fix-ups vLLM needs at start-up. It does not own the worker-side weight loading
-(`vllm_ext.py`) or the choreography of when to sleep or sync (`placement.py`, the controller).
+(`vllm_ext.py`) or the choreography of when to sleep or sync (`trustee/placement.py`).
 
 vLLM is imported lazily, so `import trustee.engines` works without it. AsyncLLM runs its
 engine core in a spawned process: scripts that build one need the `if __name__ == "__main__":`
