@@ -228,14 +228,12 @@ def _engine_items(
             kv = e.gpu_memory_utilization * psutil.virtual_memory().total / GIB - weights
             what = f"{role} KV cache (fraction {e.gpu_memory_utilization} of host RAM)"
         return [Item(f"{role} weights", weights), Item(what, max(0.0, kv))], 0.0, "vllm"
-    # HF: the weights; its KV grows with the batch (no cap), bounded by max_num_seqs x max_model_len.
+    # HF: the weights; its KV cache has no cap and grows with the batch, up to this bound.
     kv = (
-        dims.kv_bytes_per_token(dtype_bytes) * e.max_num_seqs * cfg.model.max_model_len / GIB / 4
-        if dims
-        else 0.0
+        dims.kv_bytes_per_token(dtype_bytes) * e.max_num_seqs * cfg.model.max_model_len / GIB if dims else 0.0
     )
     return (
-        [Item(f"{role} weights", weights), Item(f"{role} KV (about 1/4 of the longest batch)", kv)],
+        [Item(f"{role} weights", weights), Item(f"{role} KV bound (max_num_seqs x max_model_len)", kv)],
         0.0,
         "hf",
     )
@@ -549,15 +547,6 @@ class RunLike(Protocol):
 Collect = Callable[..., Awaitable[tuple[list[Any], list[Any]]]]
 
 
-class _Engines(msgspec.Struct, kw_only=True):
-    """The run's engines by role, with the level each sleeps at while the learner trains
-    (0 = stays awake)."""
-
-    engines: dict[str, Any]
-    sleep_levels: dict[str, int]
-    budgets_gib: dict[str, float]
-
-
 class Placement:
     """The placement of one run: its engines, its learner's device, and the mode's choreography.
 
@@ -578,6 +567,7 @@ class Placement:
         self._times: dict[str, float] = {}
         self._last_stats: dict[str, Any] = {}
         self._asleep: set[str] = set()
+        self._tg: Any = None  # the continuous loop's task group while it runs (split's pushes)
 
     # ------------------------------------------------------------------ construction
 
@@ -774,6 +764,7 @@ class Overlap(Placement):
                 last = await run.step(step, groups, knobs, time.perf_counter() - t0, stats)
             await self.flush()
             tg.cancel_scope.cancel()
+        self._tg = None
         return last
 
 
@@ -784,7 +775,6 @@ class Split(Overlap):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._pushed: anyio.Event | None = None
-        self._tg: Any = None
 
     async def before_learn(self) -> None:
         t0 = time.perf_counter()
