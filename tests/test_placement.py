@@ -307,3 +307,20 @@ def test_learner_ranks_come_from_the_config():
     assert w2 == pytest.approx(4 * w8)
     assert pl.KNOWN_MODELS["Qwen3-8B"].params == pytest.approx(8.19e9, rel=0.01)
     assert pl.KNOWN_MODELS["Qwen3-4B"].params == pytest.approx(4.02e9, rel=0.01)
+
+
+def test_train_loop_has_no_placement_or_update_kind_branches():
+    import re
+
+    src = (ROOT / "trustee" / "train.py").read_text()
+    for needle in (
+        r"placement\.mode\b",
+        r"learner\.mode\b",
+        r"policy\.mode\b",
+        '"lora"',
+        '"full"',
+        r"sleep\(",
+        r"wake\(",
+    ):
+        assert not re.search(needle, src), needle
+    assert "placement.before_learn()" in src and "placement.after_learn(" in src and "placement.drive(" in src
