@@ -82,11 +82,125 @@ def test_sampling_params_mapping():
     assert eng._rank("episode-1") is None  # one replica: no pinning
 
 
-def test_engine_env_strips_expandable_segments_and_sets_kv_space(monkeypatch):
+def test_engine_env_strips_expandable_segments_and_the_legacy_kv_variable(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True,max_split_size_mb:128")
-    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    with _engine_env(kv_cache_gib=2, on_cpu=True):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    with _engine_env(kv_cache_gib=0.25, on_cpu=True):
         assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
-        assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2"
+        # Whole GiB only, and it would override kv_cache_memory_bytes (vllm/platforms/cpu.py).
+        assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"].startswith("expandable_segments")
-    assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "4"
+
+
+# ----------------------------------------------------------------------------- sleep, wake, errors
+
+
+class FakeAsyncLLM:
+    """Stands in for vllm's AsyncLLM where a GPU would be needed: records calls, tracks sleep."""
+
+    def __init__(self, fail_with: Exception | None = None):
+        self.calls: list[str] = []
+        self.sleeping = False
+        self.fail_with = fail_with
+
+    async def sleep(self, level=1):
+        self.calls.append(f"sleep {level}")
+        self.sleeping = True
+
+    async def wake_up(self, tags=None):
+        self.calls.append(f"wake_up {tags}")
+        self.sleeping = False
+        return True
+
+    async def is_sleeping(self):
+        return self.sleeping
+
+    async def reset_prefix_cache(self):
+        self.calls.append("reset_prefix_cache")
+        return True
+
+    async def add_lora(self, req):
+        self.calls.append(f"add_lora {req.lora_path}")
+        return True
+
+    async def generate(self, *args, **kwargs):
+        raise self.fail_with
+        yield  # an async generator, like AsyncLLM.generate
+
+    def shutdown(self):
+        pass
+
+
+def _fake_engine(llm, **kw):
+    from trustee.engines.vllm import VLLMEngine
+
+    return VLLMEngine(llm, _Sink(), model_dir="unused", lora=True, **kw)
+
+
+@needs_vllm
+def test_update_weights_is_refused_while_the_engine_sleeps_and_allowed_after_wake(tmp_path):
+    import anyio
+
+    from trustee.engines.base import LoraUpdate
+
+    llm = FakeAsyncLLM()
+    eng = _fake_engine(llm)
+    update = LoraUpdate(config={"r": 8}, path=str(tmp_path))
+
+    async def go():
+        await eng.sleep(1)
+        with pytest.raises(RuntimeError, match="call wake"):
+            await eng.update_weights(update)
+        await eng.wake()
+        await eng.update_weights(update)
+
+    anyio.run(go)
+    assert llm.calls == ["sleep 1", "wake_up None", "reset_prefix_cache", f"add_lora {tmp_path}", "reset_prefix_cache"]
+    assert eng.version == 1 and (eng.stats().sleeps, eng.stats().wakes) == (1, 1)
+
+
+@needs_vllm
+def test_sleep_is_refused_when_the_engine_was_built_without_sleep_mode():
+    import anyio
+
+    llm = FakeAsyncLLM()
+    eng = _fake_engine(llm, sleep_mode=False)
+    with pytest.raises(ValueError, match="enable_sleep_mode = false"):
+        anyio.run(eng.sleep, 1)
+    assert llm.calls == []
+
+
+@needs_vllm
+def test_validation_errors_are_recoverable():
+    import anyio
+    from vllm.exceptions import VLLMValidationError
+
+    from trustee.engines.base import RecoverableEngineError
+    from trustee.engines.vllm import _translate
+
+    too_long = VLLMValidationError("prompt is longer than max_model_len", parameter="prompt", value=5000)
+    assert isinstance(_translate(too_long), RecoverableEngineError)
+    eng = _fake_engine(FakeAsyncLLM(fail_with=too_long))
+    with pytest.raises(RecoverableEngineError, match="max_model_len"):
+        anyio.run(eng.generate, [1, 2, 3], Sampling(max_tokens=4))
+    assert eng.stats().failed == 1
+    with pytest.raises(RecoverableEngineError, match="invalid sampling"):
+        anyio.run(eng.generate, [1], Sampling(max_tokens=4, temperature=-1.0))
+
+
+@pytest.mark.parametrize(
+    ("gpus", "mask", "want"),
+    [((0, 1), None, "0,1"), ((0, 2), "4,5,6,7", "4,6"), ((1,), "GPU-aa, GPU-bb", "GPU-bb"), ((3,), "", "3")],
+)
+def test_engine_gpus_are_composed_with_the_launch_mask(gpus, mask, want):
+    from trustee.engines.vllm import visible_devices
+
+    assert visible_devices(gpus, mask) == want
+
+
+def test_engine_gpus_outside_the_launch_mask_are_refused():
+    from trustee.engines.vllm import visible_devices
+
+    with pytest.raises(ValueError, match="shows only 2"):
+        visible_devices((2,), "4,5")

@@ -80,7 +80,7 @@ class EngineConfig(Section, kw_only=True):
     enable_prefix_caching: bool = True
     """Reuse KV blocks of repeated prompt prefixes (multi-turn episodes, GRPO groups)."""
     enable_sleep_mode: bool = True
-    """Allow sleep/wake so the engine can hand GPU memory to the learner (placement 'sync')."""
+    """Allow sleep/wake so the engine can hand its memory to the learner (placement 'colocate' needs it on every engine beside the learner)."""
     max_lora_rank: Annotated[int, Meta(ge=0)] = 64
     """Largest LoRA rank the engine accepts (vLLM: one of 1, 8, 16, 32, 64, 128, 256, 320, 512); 0 = no LoRA."""
     tensor_parallel_size: Positive = 1
@@ -95,6 +95,45 @@ class EngineConfig(Section, kw_only=True):
     """Per-request timeout (backend 'openai')."""
     max_retries: NonNeg = 3
     """Retries with exponential backoff on connection errors and 5xx (backend 'openai')."""
+
+
+_DEFAULT = object()
+# What each backend cannot honour: field -> the one value it accepts (_DEFAULT = the field's
+# default). Any other value is refused at load time, never ignored. The HF engine is one process
+# on one device with no memory cap or compilation; a remote (openai) server's parallelism and
+# memory are configured on the server, not here (placement never asks it to sleep, and it never
+# receives an adapter, so enable_sleep_mode / max_lora_rank do not apply to it).
+BACKEND_ONLY: dict[str, dict[str, Any]] = {
+    "hf": {
+        "tensor_parallel_size": _DEFAULT,
+        "data_parallel_size": _DEFAULT,
+        "kv_cache_gib": _DEFAULT,
+        "gpu_memory_utilization": _DEFAULT,
+        "enforce_eager": _DEFAULT,
+        "base_url": _DEFAULT,
+        "timeout_s": _DEFAULT,
+        "max_retries": _DEFAULT,
+    },
+    "vllm": {"base_url": _DEFAULT, "timeout_s": _DEFAULT, "max_retries": _DEFAULT},
+    "openai": {
+        "tensor_parallel_size": _DEFAULT,
+        "data_parallel_size": _DEFAULT,
+        "kv_cache_gib": _DEFAULT,
+        "gpu_memory_utilization": _DEFAULT,
+        "enforce_eager": _DEFAULT,
+    },
+}
+
+
+def unhonoured_fields(e: EngineConfig) -> list[tuple[str, Any, Any]]:
+    """(field, value, the value the backend accepts) for each field `e.backend` cannot honour."""
+    defaults = {f.name: f.default for f in msgspec.structs.fields(EngineConfig)}
+    out = []
+    for name, only in BACKEND_ONLY[e.backend].items():
+        want = defaults[name] if only is _DEFAULT else only
+        if getattr(e, name) != want:
+            out.append((name, getattr(e, name), want))
+    return out
 
 
 class EnginesConfig(Section, kw_only=True):
@@ -384,14 +423,16 @@ class LearnerConfig(Section, kw_only=True):
 
 
 class PlacementConfig(Section, kw_only=True):
-    mode: Literal["sync", "overlap", "split"] = "sync"
-    """'sync': engines sleep while the learner trains; 'overlap': all resident; 'split': disjoint GPUs."""
+    mode: Literal["colocate", "sync", "overlap", "split"] = "sync"
+    """'colocate': engines and learner share devices, both engines sleep while it trains; 'sync': learner apart, trains between rollouts; 'overlap': all resident, rollouts go on while it trains; 'split': learner on GPUs no engine uses, fully asynchronous."""
     policy_gpus: list[Annotated[int, Meta(ge=0)]] = msgspec.field(default_factory=list)
-    """GPU ids of the policy engine; empty = CPU."""
+    """GPU ids of the policy engine (relative to CUDA_VISIBLE_DEVICES at launch); empty = CPU."""
     simulator_gpus: list[Annotated[int, Meta(ge=0)]] = msgspec.field(default_factory=list)
     """GPU ids of the simulator engine; empty = CPU (or remote, backend 'openai')."""
     learner_gpus: list[Annotated[int, Meta(ge=0)]] = msgspec.field(default_factory=list)
-    """GPU ids of the learner; empty = CPU."""
+    """GPU ids of the learner, one rank per id; empty = one rank on the CPU."""
+    gpu_memory_gib: PosFloat = 80.0
+    """Memory of one GPU in GiB: every phase of the plan (`--dry-run`) must fit under it; a real run checks the device's own figure."""
 
 
 # ----------------------------------------------------------------------------- curriculum
@@ -778,7 +819,7 @@ def _grpo_checks(cfg: Config) -> list[Problem]:
 def _cross_checks(cfg: Config) -> list[Problem]:
     """Rules that involve more than one field. One place, all reported together."""
     p: list[Problem] = []
-    g, pl, eng = cfg.grpo, cfg.placement, cfg.engines
+    g = cfg.grpo
     if g.clip_high < g.clip_low:
         p.append(
             Problem(
@@ -799,6 +840,32 @@ def _cross_checks(cfg: Config) -> list[Problem]:
                 "curriculum.stages", [], "curriculum.kind = 'staged' needs at least one [[curriculum.stages]]"
             )
         )
+    p += _placement_problems(cfg)
+    if cfg.rollout.max_tokens_per_turn >= cfg.model.max_model_len:
+        p.append(
+            Problem(
+                "rollout.max_tokens_per_turn",
+                cfg.rollout.max_tokens_per_turn,
+                f"must be < model.max_model_len ({cfg.model.max_model_len}) to leave room for the prompt",
+            )
+        )
+    if cfg.model.enable_thinking and cfg.model.chat_format in ("llama3", "mistral"):
+        p.append(
+            Problem(
+                "model.enable_thinking",
+                True,
+                f"the {cfg.model.chat_format} chat format has no reasoning block; set it to false or use chat_format 'qwen'",
+            )
+        )
+    p += environment_problems(cfg.environment)
+    return p
+
+
+def _placement_problems(cfg: Config) -> list[Problem]:
+    """Engine and placement rules that need no model sizes (the memory plan, which does, is
+    checked at start-up by `trustee.placement.check_memory`)."""
+    p: list[Problem] = []
+    pl, eng = cfg.placement, cfg.engines
     for role in ("policy", "simulator"):
         e: EngineConfig = getattr(eng, role)
         gpus = pl.policy_gpus if role == "policy" else pl.simulator_gpus
@@ -822,14 +889,21 @@ def _cross_checks(cfg: Config) -> list[Problem]:
                     "backend 'openai' needs a server URL, e.g. http://127.0.0.1:8000/v1",
                 )
             )
-        if e.backend != "openai" and e.base_url:
+        for name, value, want in unhonoured_fields(e):
             p.append(
                 Problem(
-                    f"engines.{role}.base_url",
-                    e.base_url,
-                    f"only used with backend 'openai' (backend is {e.backend!r})",
+                    f"engines.{role}.{name}",
+                    value,
+                    f"backend {e.backend!r} cannot honour it (only {_show(want)}); remove the line, "
+                    f"set it to {_show(want)}, or use a backend that supports it",
                 )
             )
+        if e.backend == "openai" and gpus:
+            p.append(
+                Problem(f"placement.{role}_gpus", gpus, "a remote (openai) engine runs on no local GPU; set []")
+            )
+    if len(set(pl.learner_gpus)) != len(pl.learner_gpus):
+        p.append(Problem("placement.learner_gpus", pl.learner_gpus, "lists a GPU twice"))
     if eng.policy.backend == "openai":
         p.append(
             Problem(
@@ -858,43 +932,83 @@ def _cross_checks(cfg: Config) -> list[Problem]:
                 "QLoRA (bitsandbytes 4-bit) needs CUDA; set placement.learner_gpus or use mode 'lora'",
             )
         )
+    built = ("policy", "simulator") if cfg.environment.kind == "simulated" else ("policy",)
+    local = [r for r in built if getattr(eng, r).backend != "openai"]
+    gpus_of = {"policy": set(pl.policy_gpus), "simulator": set(pl.simulator_gpus)}
+    learner = set(pl.learner_gpus)
+    # Engines on the learner's devices: on CPU every local engine shares the host with it.
+    beside = [r for r in local if (gpus_of[r] & learner) or (not gpus_of[r] and not learner)]
+    if pl.mode == "colocate":
+        for r in beside:
+            if not getattr(eng, r).enable_sleep_mode:
+                p.append(
+                    Problem(
+                        f"engines.{r}.enable_sleep_mode",
+                        False,
+                        f"placement 'colocate' puts the learner beside the {r} engine "
+                        f"({_where(sorted(gpus_of[r]))}), which must sleep while it trains; set "
+                        f"engines.{r}.enable_sleep_mode = true, or use placement.mode = 'overlap'",
+                    )
+                )
+        stray = sorted(learner - gpus_of["policy"] - gpus_of["simulator"])
+        if stray:
+            p.append(
+                Problem(
+                    "placement.learner_gpus",
+                    pl.learner_gpus,
+                    f"'colocate' shares the engines' GPUs, but {stray} run no engine; list only engine GPUs "
+                    "or use placement.mode = 'split'",
+                )
+            )
+    if pl.mode == "sync" and pl.learner_gpus:
+        for r in local:
+            shared = sorted(gpus_of[r] & learner)
+            if shared:
+                p.append(
+                    Problem(
+                        "placement.learner_gpus",
+                        pl.learner_gpus,
+                        f"'sync' keeps the {r} engine resident on GPU(s) {shared} while the learner trains "
+                        "there (out of memory); use placement.mode = 'colocate' (engines sleep) or move the learner",
+                    )
+                )
     if pl.mode == "split":
-        used = [set(pl.policy_gpus), set(pl.simulator_gpus), set(pl.learner_gpus)]
-        if (used[0] & used[2]) or (used[1] & used[2]):
+        if not learner:
             p.append(
                 Problem(
                     "placement.learner_gpus",
-                    pl.learner_gpus,
-                    "placement.mode = 'split' needs GPU sets disjoint from the engines'",
+                    [],
+                    "'split' puts the learner on GPUs no engine uses; list them, or use placement.mode = "
+                    "'overlap' to train beside the engines on the CPU",
                 )
             )
-    if pl.mode in ("sync", "overlap") and pl.learner_gpus and pl.policy_gpus:
-        missing = sorted(set(pl.learner_gpus) - set(pl.policy_gpus) - set(pl.simulator_gpus))
-        if missing and pl.mode == "sync":
+        for r in local:
+            shared = sorted(gpus_of[r] & learner)
+            if shared:
+                p.append(
+                    Problem(
+                        "placement.learner_gpus",
+                        pl.learner_gpus,
+                        f"placement.mode = 'split' needs GPU sets disjoint from the engines' (the {r} engine "
+                        f"is on {shared}); move the learner or use placement.mode = 'colocate'",
+                    )
+                )
+    # Memory fractions of the engines resident together on one GPU (kv_cache_gib engines are
+    # sized in bytes and checked by the memory plan).
+    for gpu in sorted(gpus_of["policy"] | gpus_of["simulator"]):
+        on = [r for r in local if gpu in gpus_of[r] and getattr(eng, r).kv_cache_gib == 0]
+        total = sum(getattr(eng, r).gpu_memory_utilization for r in on)
+        if total > 1.0:
+            shares = " + ".join(f"engines.{r}.gpu_memory_utilization ({getattr(eng, r).gpu_memory_utilization})" for r in on)
             p.append(
                 Problem(
-                    "placement.learner_gpus",
-                    pl.learner_gpus,
-                    f"mode 'sync' time-shares GPUs with the engines, but {missing} run no engine; use mode 'split' or share them",
+                    f"engines.{on[-1]}.gpu_memory_utilization",
+                    getattr(eng, on[-1]).gpu_memory_utilization,
+                    f"on GPU {gpu}, {shares} = {total:.2f} > 1; lower them so they add up to at most 1 "
+                    "(less the learner's share when it trains beside them)",
                 )
             )
-    if cfg.model.enable_thinking and cfg.model.chat_format in ("llama3", "mistral"):
-        p.append(
-            Problem(
-                "model.enable_thinking",
-                True,
-                f"the {cfg.model.chat_format} chat format has no reasoning block; set it to false or use chat_format 'qwen'",
-            )
-        )
-    if cfg.rollout.max_tokens_per_turn >= cfg.model.max_model_len:
-        p.append(
-            Problem(
-                "rollout.max_tokens_per_turn",
-                cfg.rollout.max_tokens_per_turn,
-                f"must be < model.max_model_len ({cfg.model.max_model_len}) to leave room for the prompt",
-            )
-        )
-    p += environment_problems(cfg.environment)
+            break
     return p
 
 
@@ -922,8 +1036,9 @@ def _unhonoured(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
     defaults, plain = EnginesConfig(), EngineConfig()
     for role in ("policy", "simulator"):
         e, d = getattr(cfg.engines, role), getattr(defaults, role)
+        placed = {name for name, _, _ in unhonoured_fields(e)}  # refused by _placement_problems already
         for name, backends in ENGINE_FIELD_BACKENDS.items():
-            if name == "base_url":
+            if name == "base_url" or name in placed:
                 continue  # checked with a more specific message in _cross_checks
             v = getattr(e, name)
             if e.backend not in backends and v != getattr(d, name) and v != getattr(plain, name):
@@ -963,6 +1078,10 @@ def _unhonoured(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
             )
         )
     return p
+
+
+def _where(ids: list[int]) -> str:
+    return f"GPUs {ids}" if ids else "the CPU"
 
 
 def _parse_override(item: str) -> tuple[list[str], str]:

@@ -4,7 +4,7 @@ Owns argument parsing, turning config errors into a clean exit (status 2, messag
 stderr, no traceback), the run directory (config.json and resolved.json written beside the
 run; docs/run-dir.md), the start-up checks (model directory, tiny-model build, chat template
 prefix-preservation, environment files and factories, optional packages, what is not
-implemented, then this machine's GPUs), printing the run plan, and handing over to
+implemented, the placement's memory plan, then this machine's GPUs), printing the run plan, and handing over to
 `trustee.train.train`. `--dry-run` runs every start-up check except the ones that need this
 machine's hardware or a model that the start would build, says which it skipped, and
 writes nothing.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from trustee.config import Config, ConfigError, Resolved, load_config, resolve
+from trustee.config import Config, ConfigError, Problem, Resolved, load_config, resolve
 
 EXIT_CONFIG = 2
 
@@ -61,7 +61,10 @@ def _build_tiny(cfg: Config, path: Path) -> list[str]:
     if cfg.model.tiny_sft_steps:
         from trustee.sft import sft_warm
 
-        print(f"SFT warm-up of the tiny model: {cfg.model.tiny_sft_steps} steps on toy tool calls ...", flush=True)
+        print(
+            f"SFT warm-up of the tiny model: {cfg.model.tiny_sft_steps} steps on toy tool calls ...",
+            flush=True,
+        )
         rep = sft_warm(tmp, cfg.model.tiny_sft_steps, seed=cfg.seed)
         notes.append(
             f"SFT-warmed it {rep.steps} steps ({rep.wall_s:.0f}s): loss {rep.loss_first:.2f} -> {rep.loss_last:.2f}, "
@@ -109,7 +112,9 @@ def _model_checks(cfg: Config, build: bool) -> list[str]:
                 "extended in place: " + "; ".join(problems) + ". Set model.chat_template = 'trustee'."
             )
         else:
-            notes.append(f"chat template ({cfg.model.chat_template}, {spec.family} format) is prefix-preserving")
+            notes.append(
+                f"chat template ({cfg.model.chat_template}, {spec.family} format) is prefix-preserving"
+            )
     return notes
 
 
@@ -169,14 +174,18 @@ def start_problems(cfg: Config, res: Resolved, *, dry_run: bool) -> tuple[list[s
             )
     problems += [f"environment: {p}" for p in check_environment(cfg.environment)]
     roles = ["policy"] + (["simulator"] if needs_simulator(cfg.environment) else [])
-    wanted = {f"engines.{r}.backend = 'vllm'": "vllm" for r in roles if getattr(cfg.engines, r).backend == "vllm"}
+    wanted = {
+        f"engines.{r}.backend = 'vllm'": "vllm" for r in roles if getattr(cfg.engines, r).backend == "vllm"
+    }
     if cfg.learner.mode == "qlora":
         wanted["learner.mode = 'qlora'"] = "bitsandbytes"
     if cfg.logging.wandb_project:
         wanted["logging.wandb_project"] = "wandb"
     for why, module in wanted.items():
         if importlib.util.find_spec(module) is None:
-            problems.append(f"{why} needs the {module!r} package, which is not installed (see the README's install section)")
+            problems.append(
+                f"{why} needs the {module!r} package, which is not installed (see the README's install section)"
+            )
     if unsupported := _unsupported_problem(cfg):
         problems.append(unsupported)
     if dry_run:
@@ -262,6 +271,24 @@ def _train(cfg: Config, res: Resolved, run_dir: Path) -> int:
     return 0
 
 
+def placement_plan(cfg: Config, res: Resolved, *, measure: bool) -> tuple[list[str], list[Problem]]:
+    """The per-device, per-phase memory plan as text, and the phases that do not fit. `measure`:
+    check against each CUDA device's own memory when this machine has the placement's GPUs."""
+    from trustee.placement import check_memory, format_memory_plan, memory_plan
+
+    gpu_gib = None
+    if measure and res.gpus_required:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() >= res.gpus_required:
+            gpu_gib = (
+                min(torch.cuda.get_device_properties(i).total_memory for i in range(res.gpus_required))
+                / 2**30
+            )
+    plan = memory_plan(cfg, res, gpu_gib=gpu_gib)
+    return format_memory_plan(plan), check_memory(plan)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -278,10 +305,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     notes = _model_checks(cfg, build=not args.dry_run)
     print(format_plan(cfg, res, notes))
+    lines, placement_problems = placement_plan(cfg, res, measure=not args.dry_run)
+    print("\n".join(lines))
     problems, skipped = start_problems(cfg, res, dry_run=args.dry_run)
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
-    if problems:
+    if placement_problems:
+        print(ConfigError(args.config, placement_problems), file=sys.stderr)
+    if problems or placement_problems:
         return EXIT_CONFIG
     if args.dry_run:
         print("dry run: config valid and every start-up check passed; nothing written")
@@ -301,7 +332,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = {k: last[k] for k in ("reward_mean", "curriculum/difficulty", "policy_version") if k in last}
     print(json.dumps({"run_dir": str(run_dir), "status": "finished", **summary}))
     return 0
-
 
     if not (Path(cfg.model.path) / "config.json").exists():
         print(f"error: model directory {cfg.model.path} not found", file=sys.stderr)

@@ -28,16 +28,15 @@ import msgspec
 import torch
 
 from trustee import resume
-from trustee.config import REWARD_RANGES, Config, EngineConfig, Resolved
+from trustee.config import REWARD_RANGES, Config, Resolved
 from trustee.curriculum import Curriculum
-from trustee.engines.base import Engine, FatalEngineError, FullUpdate, LoraUpdate
+from trustee.engines.base import Engine, FatalEngineError
 from trustee.envs.base import Environment, Knobs
 from trustee.interrupt import StopGuard
 from trustee.learn.advantages import ZERO_VAR_TOL, compute_advantages, drop_truncated, shape_overlong
-from trustee.learn.export import export_full, export_lora
 from trustee.learn.learner import Learner
-from trustee.learn.policy import load_policy
 from trustee.metrics import RunLog, env_counters
+from trustee.placement import Placement
 from trustee.rollout.episode import EpisodeRunner, run_group
 from trustee.rollout.heldout import HeldOut
 from trustee.types import Group
@@ -49,22 +48,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 # ----------------------------------------------------------------------------- builders
-
-
-def build_engine(ecfg: EngineConfig, model_path: str, cfg: Config, res: Resolved, *, role: str) -> Engine:
-    """One inference engine for `role` ('policy' or 'simulator') on its placement GPUs."""
-    from trustee import engines
-
-    return engines.build_engine(
-        ecfg,
-        model_path,
-        dtype=res.dtype,
-        max_model_len=cfg.model.max_model_len,
-        seed=cfg.seed,
-        gpus=list(cfg.placement.policy_gpus if role == "policy" else cfg.placement.simulator_gpus),
-        lora=role == "policy" and cfg.learner.mode != "full",
-        lora_rank=cfg.learner.lora_rank,
-    )
 
 
 # ----------------------------------------------------------------------------- one step
@@ -203,15 +186,6 @@ def trainable_groups(groups: list[Group]) -> list[Group]:
     return out
 
 
-def weight_update(learner: Learner) -> LoraUpdate | FullUpdate:
-    """The learner's weights for the policy engine. In memory: an engine that needs a PEFT
-    directory (vLLM) writes its own; RUN/adapter is written only at checkpoints (resume.py)."""
-    model = learner.model
-    if learner.policy.mode in ("lora", "qlora"):
-        return export_lora(model, path=None, tensors=True)
-    return export_full(model)
-
-
 def reward_range(env: Environment, cfg: Config) -> tuple[float, float]:
     """The environment's reward bounds (its `reward_range`, else the built-in table by
     environment.reward, else the Score contract's [-1, 1])."""
@@ -267,13 +241,11 @@ class _Run:
             chat_template=cfg.model.chat_template,
             enable_thinking=cfg.model.enable_thinking,
         )
-        self.policy_engine = build_engine(cfg.engines.policy, cfg.model.path, cfg, res, role="policy")
-        self.sim_engine = None
+        self.placement = placement = await Placement.start(cfg, res)
+        self.policy_engine: Engine = placement.policy
+        self.sim_engine: Engine | None = placement.simulator
         sim_tokenizer, sim_template = tokenizer, spec.template
         if needs_simulator(cfg.environment):
-            self.sim_engine = build_engine(
-                cfg.engines.simulator, res.simulator_model, cfg, res, role="simulator"
-            )
             # trustee.run has checked the directory holds a tokenizer (no silent fallback to the policy's).
             sim_tokenizer = AutoTokenizer.from_pretrained(res.simulator_model)
             sim_template = chat_spec(sim_tokenizer, chat_template=cfg.model.chat_template).template
@@ -300,25 +272,9 @@ class _Run:
             else None
         )
         self.untrained_steps = 0
-        policy = load_policy(
-            res.policy_model,  # absolute, so the exported adapter's base_model works from anywhere
-            cfg.learner,
-            device=torch.device(f"cuda:{cfg.placement.learner_gpus[0]}" if res.device == "cuda" else "cpu"),
-            dtype=_DTYPES[res.dtype],
-            need_reference=cfg.grpo.beta > 0 and cfg.learner.mode == "full",
-        )
-        self.learner = Learner(
-            policy,
-            cfg.grpo,
-            cfg.learner,
-            temperature=cfg.rollout.temperature,
-            total_steps=cfg.grpo.steps,
-            pad_id=tokenizer.pad_token_id or 0,
-        )
+        self.learner: Learner = placement.build_learner(tokenizer)
         self.rng = random.Random(cfg.seed)
-        pl = cfg.placement
-        self.shares_device = pl.mode == "sync" and bool(set(pl.policy_gpus) & set(pl.learner_gpus))
-        self.start, meta = await resume.continue_run(self, lambda: weight_update(self.learner))
+        self.start, meta = await resume.continue_run(self, lambda: placement.weight_update(self.learner))
         self.log = RunLog(
             self.run_dir,
             cfg.logging,
@@ -388,13 +344,9 @@ class _Run:
         record["untrained_steps"] = float(self.untrained_steps)
         t1 = time.perf_counter()
         if train_groups:
-            if self.shares_device:
-                await self.policy_engine.sleep(1)
+            await self.placement.before_learn()  # what shares the learner's memory sleeps
             metrics = await self.learner.step_async(train_groups)
-            update = weight_update(self.learner)
-            if self.shares_device:
-                await self.policy_engine.wake()
-            await self.policy_engine.update_weights(update)
+            await self.placement.after_learn(self.learner)  # export, wake, push the update
             record.update(
                 {
                     f"learn/{k}": v
@@ -405,9 +357,7 @@ class _Run:
         record["time/rollout_s"] = t_roll
         record["time/learn_s"] = time.perf_counter() - t1
         record["policy_version"] = float(self.policy_engine.version)
-        st = self.policy_engine.stats()
-        record["engine/generated_tokens"] = float(st.generated_tokens)
-        record["engine/mean_batch"] = st.mean_batch
+        record.update(self.placement.step_metrics())  # phase times, per-engine counters
         self.log.step(step, record)
         every = cfg.checkpoint.every_steps
         if (every and (step + 1) % every == 0) or step + 1 == cfg.grpo.steps:
@@ -440,10 +390,8 @@ class _Run:
     async def close(self) -> None:
         if hasattr(self, "log"):
             self.log.close()
-        if hasattr(self, "policy_engine"):
-            await self.policy_engine.close()
-        if getattr(self, "sim_engine", None) is not None:
-            await self.sim_engine.close()
+        if hasattr(self, "placement"):
+            await self.placement.close()
 
 
 async def train(cfg: Config, res: Resolved) -> dict[str, Any]:
@@ -462,17 +410,21 @@ async def train(cfg: Config, res: Resolved) -> dict[str, Any]:
         guard.install()
         guard.mark(run.start - 1)
         try:
-            if cfg.placement.mode == "sync":
+            if not run.placement.continuous:
                 for step in range(run.start, cfg.grpo.steps):
                     if guard.stopping:
                         break
                     t0 = time.perf_counter()
                     extra: dict[str, float] = {}
                     with guard.collecting() as scope:
-                        groups, knobs = await collect(run.env, run.runner, run.curriculum, cfg, run.rng, step, extra)
+                        groups, knobs = await collect(
+                            run.env, run.runner, run.curriculum, cfg, run.rng, step, extra
+                        )
                     if scope.cancelled_caught:
                         break
-                    last = await guard.run_step(run.step, step, groups, knobs, time.perf_counter() - t0, extra)
+                    last = await guard.run_step(
+                        run.step, step, groups, knobs, time.perf_counter() - t0, extra
+                    )
             else:
                 last = await _train_continuous(run, guard)
             if run.start < cfg.grpo.steps and not guard.stopping:
@@ -506,7 +458,7 @@ async def _train_continuous(run: _Run, guard: StopGuard) -> dict[str, Any]:
         buffer=g.tasks_per_step,
     )
     last: dict[str, Any] = {}
-    async with anyio.create_task_group() as tg:
+    async with anyio.create_task_group() as tg, run.placement.running(tg):
         sched.start(tg)
         for step in range(run.start, g.steps):
             if guard.stopping:

@@ -3,7 +3,7 @@
 Owns the backend registry and `build_engine`, which turns an `EngineConfig` section into an
 engine. Backends: 'hf' (transformers, CPU or one GPU; the embedded default and the test engine),
 'vllm' (AsyncLLM; imported only when used), 'openai' (any OpenAI-compatible server). Callers:
-`trustee.run` (policy and simulator engines), `bench/engine.py`.
+`trustee.placement` (policy and simulator engines), `bench/engine.py`.
 """
 
 from __future__ import annotations

@@ -71,7 +71,8 @@ WeightUpdate = LoraUpdate | FullUpdate
 class EngineStats(msgspec.Struct, kw_only=True):
     """Cumulative counters since the engine started. Prefix-cache figures are in tokens.
     `batches` counts decode steps (forward passes with running requests) and `max_batch` the
-    most requests in one step; 0 where a backend cannot see them (openai)."""
+    most requests in one step; 0 where a backend cannot see them (openai). `sleeps` / `wakes`
+    count completed sleep and wake calls that changed the engine's state."""
 
     requests: int = 0
     prompt_tokens: int = 0
@@ -83,6 +84,8 @@ class EngineStats(msgspec.Struct, kw_only=True):
     max_batch: int = 0
     aborted: int = 0
     failed: int = 0
+    sleeps: int = 0
+    wakes: int = 0
 
     @property
     def mean_batch(self) -> float:

@@ -150,6 +150,7 @@ class HFEngine:
         self._grammars: _Grammars | None = None
         self._peft: Any = None  # peft.PeftModel wrapping self._model once a LoRA update arrived
         self._lora: LoraUpdate | None = None  # the active adapter, re-applied after sleep(2)
+        self.sleep_mode = True  # from_config: the engine's enable_sleep_mode; sleep() refuses when False
         self._sleep_level = 0
         self._needs_weights = False  # sleep(2) after a full update: the checkpoint is stale
         self._full_updates = 0
@@ -191,7 +192,7 @@ class HFEngine:
         dtype 'auto' = bfloat16 on CUDA, float32 on CPU."""
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        return cls.from_pretrained(
+        engine = cls.from_pretrained(
             model_path,
             device=device,
             dtype=getattr(torch, dtype),
@@ -199,6 +200,8 @@ class HFEngine:
             max_model_len=max_model_len,
             seed=seed,
         )
+        engine.sleep_mode = cfg.enable_sleep_mode
+        return engine
 
     # ------------------------------------------------------------------ event-loop plumbing
 
@@ -597,6 +600,11 @@ class HFEngine:
         Level 2: drop the weights; `wake` reloads the checkpoint (and the active adapter)."""
         if level not in (1, 2):
             raise ValueError(f"sleep level {level}: use 1 (offload weights) or 2 (drop weights)")
+        if not self.sleep_mode:
+            raise ValueError(
+                "this engine was built with enable_sleep_mode = false; set enable_sleep_mode = true on "
+                "the engine that must sleep"
+            )
         if level == 2 and self._source_dir is None:
             raise ValueError(
                 "sleep(2) reloads weights from the checkpoint dir; build with source_dir= or use sleep(1)"
@@ -608,6 +616,7 @@ class HFEngine:
             self._awake.clear()
             self._sleep_level = level
             await asyncio.to_thread(self._release, level)
+            self._stats.sleeps += 1
 
     def _release(self, level: int) -> None:
         if level == 1:
@@ -626,6 +635,7 @@ class HFEngine:
                 return
             await asyncio.to_thread(self._restore, self._sleep_level)
             self._sleep_level = 0
+            self._stats.wakes += 1
             self._awake.set()
 
     def _restore(self, level: int) -> None:

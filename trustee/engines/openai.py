@@ -100,8 +100,14 @@ class OpenAIEngine:
 
     @classmethod
     def from_config(cls, cfg: Any) -> OpenAIEngine:
-        """Build from an `EngineConfig`; the served model name is asked from `/models`."""
-        return cls(cfg.base_url, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries)
+        """Build from an `EngineConfig`; the served model name is asked from `/models`.
+        `max_num_seqs` caps the requests in flight (HTTP connections)."""
+        return cls(
+            cfg.base_url,
+            timeout_s=cfg.timeout_s,
+            max_retries=cfg.max_retries,
+            max_connections=cfg.max_num_seqs,
+        )
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None or self._client.is_closed:

@@ -4,7 +4,7 @@ outputs, full-weight streaming and data-parallel replicas.
 Owns `VLLMEngine` (the `Engine` contract over `vllm.v1.engine.async_llm.AsyncLLM`), the
 per-engine stat logger that counts prefix-cache queries/hits and batch sizes, and the
 environment fix-ups vLLM needs at start-up. It does not own the worker-side weight loading
-(`vllm_ext.py`) or the choreography of when to sleep or sync (`placement.py`, the controller).
+(`vllm_ext.py`) or the choreography of when to sleep or sync (`trustee/placement.py`).
 
 vLLM is imported lazily, so `import trustee.engines` works without it. AsyncLLM runs its
 engine core in a spawned process: scripts that build one need the `if __name__ == "__main__":`
@@ -99,7 +99,8 @@ def _stat_logger_factory(sink: _Sink) -> Any:
 def _engine_env(kv_cache_gib: float, on_cpu: bool) -> Iterator[None]:
     """Environment for the engine's spawned processes (they copy it at spawn time):
     - PYTORCH_CUDA_ALLOC_CONF without expandable_segments (vLLM's sleep-mode allocator asserts);
-    - VLLM_CPU_KVCACHE_SPACE (GiB) on CPU, where it replaces the memory fraction."""
+    - on CPU, VLLM_CPU_KVCACHE_SPACE removed when the config sizes the KV cache: that legacy
+      variable (whole GiB) would override `kv_cache_memory_bytes` (vllm/platforms/cpu.py)."""
     saved = {k: os.environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "VLLM_CPU_KVCACHE_SPACE")}
     try:
         conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
@@ -110,7 +111,7 @@ def _engine_env(kv_cache_gib: float, on_cpu: bool) -> Iterator[None]:
             else:
                 del os.environ["PYTORCH_CUDA_ALLOC_CONF"]
         if on_cpu and kv_cache_gib > 0:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gib)))
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         yield
     finally:
         for k, v in saved.items():
@@ -120,14 +121,33 @@ def _engine_env(kv_cache_gib: float, on_cpu: bool) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def visible_devices(gpus: tuple[int, ...], launch_mask: str | None) -> str:
+    """The CUDA_VISIBLE_DEVICES value for an engine on placement ids `gpus`.
+
+    Placement ids are relative to the mask the user launched with (the learner's `cuda:N` is
+    too), so they index into that mask: launched with CUDA_VISIBLE_DEVICES=4,5,6,7, placement
+    GPUs [0, 2] are physical 4 and 6. Without a mask the ids are physical."""
+    if launch_mask is None or not launch_mask.strip():
+        return ",".join(map(str, gpus))
+    visible = [d.strip() for d in launch_mask.split(",") if d.strip()]
+    missing = [g for g in gpus if g >= len(visible)]
+    if missing:
+        raise ValueError(
+            f"placement GPUs {list(gpus)} but CUDA_VISIBLE_DEVICES={launch_mask} shows only {len(visible)} "
+            f"device(s) (ids 0..{len(visible) - 1}); placement ids count within that mask"
+        )
+    return ",".join(visible[g] for g in gpus)
+
+
 @contextlib.contextmanager
 def _visible_gpus(gpus: tuple[int, ...]) -> Iterator[None]:
-    """CUDA_VISIBLE_DEVICES = `gpus` while the engine spawns its processes (they keep it)."""
+    """CUDA_VISIBLE_DEVICES for `gpus` (composed with the launch mask) while the engine spawns
+    its processes (they keep it)."""
     if not gpus:
         yield
         return
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(gpus, saved)
     try:
         yield
     finally:
@@ -147,13 +167,21 @@ class VLLMEngine:
     """`Engine` over one AsyncLLM (with `data_parallel_size` engine cores behind it)."""
 
     def __init__(
-        self, llm: Any, sink: _Sink, *, model_dir: str, data_parallel_size: int = 1, lora: bool = False
+        self,
+        llm: Any,
+        sink: _Sink,
+        *,
+        model_dir: str,
+        data_parallel_size: int = 1,
+        lora: bool = False,
+        sleep_mode: bool = True,
     ):
         self._llm = llm
         self._sink = sink
         self._model_dir = model_dir
         self._dp = data_parallel_size
         self._lora_enabled = lora
+        self._sleep_mode = sleep_mode
         self.version = 0
         self._stats = EngineStats()
         self._lora_req: Any = None  # LoRARequest of the active adapter
@@ -202,13 +230,12 @@ class VLLMEngine:
         cpu = on_cpu()
         if dtype == "auto":
             dtype = "float32" if cpu else "bfloat16"
-        memory: dict[str, Any] = {}
-        if not cpu:
-            memory = (
-                {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
-                if kv_cache_gib > 0
-                else {"gpu_memory_utilization": gpu_memory_utilization}
-            )
+        # On CPU the fraction is of the host's RAM (vllm/v1/worker/cpu_worker.py); bytes win over it.
+        memory: dict[str, Any] = (
+            {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
+            if kv_cache_gib > 0
+            else {"gpu_memory_utilization": gpu_memory_utilization}
+        )
         args = AsyncEngineArgs(
             model=str(path),
             dtype=dtype,
@@ -216,7 +243,8 @@ class VLLMEngine:
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
             enable_prefix_caching=enable_prefix_caching,
-            enable_sleep_mode=enable_sleep_mode and not cpu,  # the CPU worker ignores sleep anyway
+            # The CPU worker has no sleep-mode allocator; its sleep pauses scheduling and frees nothing.
+            enable_sleep_mode=enable_sleep_mode and not cpu,
             enable_lora=max_lora_rank > 0,
             max_lora_rank=max_lora_rank or 16,
             max_loras=1,
@@ -233,7 +261,12 @@ class VLLMEngine:
         with _engine_env(kv_cache_gib, cpu):
             llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(sink)])
         return cls(
-            llm, sink, model_dir=str(path), data_parallel_size=data_parallel_size, lora=max_lora_rank > 0
+            llm,
+            sink,
+            model_dir=str(path),
+            data_parallel_size=data_parallel_size,
+            lora=max_lora_rank > 0,
+            sleep_mode=enable_sleep_mode,
         )
 
     @classmethod
@@ -324,8 +357,10 @@ class VLLMEngine:
             )
         try:
             sp = self.sampling_params(params)
-        except ValueError as e:  # SamplingParams validates its fields
-            raise RecoverableEngineError(f"invalid sampling settings {params}: {e}") from e
+        except Exception as e:  # SamplingParams validates its fields (VLLMValidationError, ValueError)
+            if isinstance(_translate(e), RecoverableEngineError):
+                raise RecoverableEngineError(f"invalid sampling settings {params}: {e}") from e
+            raise
         version = self.version
         self._enter(idle, len(prompt))
         final = None
@@ -386,6 +421,11 @@ class VLLMEngine:
         """Drain in-flight requests, load, reset the prefix cache, bump `version`."""
         gate, idle, lock = self._events()
         async with lock:
+            if self._sleep_level:
+                raise RuntimeError(
+                    f"update_weights while the engine sleeps (level {self._sleep_level}) would write into "
+                    "unmapped memory; call wake() first"
+                )
             gate.clear()
             try:
                 await idle.wait()
@@ -431,9 +471,17 @@ class VLLMEngine:
 
     async def sleep(self, level: int = 1) -> None:
         """Level 1: weights to CPU, KV freed. Level 2: weights and KV dropped; `wake` reloads the
-        checkpoint (vLLM would otherwise serve garbage) and re-adds the active adapter."""
+        checkpoint (vLLM would otherwise serve garbage) and re-adds the active adapter. Waits for
+        requests in flight, then checks vLLM reports itself asleep. On the CPU build, sleep pauses
+        scheduling and clears the prefix cache but frees no memory (its worker's `sleep` only logs,
+        vllm/v1/worker/cpu_worker.py)."""
         if level not in (1, 2):
             raise ValueError(f"sleep level {level}: use 1 (offload weights) or 2 (drop weights)")
+        if not self._sleep_mode:
+            raise ValueError(
+                "this vLLM engine was built with enable_sleep_mode = false, so sleep() would free nothing; "
+                "set enable_sleep_mode = true on the engine that must sleep"
+            )
         gate, idle, lock = self._events()
         async with lock:
             if self._sleep_level:
@@ -441,7 +489,10 @@ class VLLMEngine:
             gate.clear()
             await idle.wait()
             await self._llm.sleep(level=level)
+            if not await self._llm.is_sleeping():
+                raise FatalEngineError(f"vLLM did not report sleeping after sleep(level={level})")
             self._sleep_level = level
+            self._stats.sleeps += 1
 
     async def wake(self) -> None:
         gate, _, lock = self._events()
@@ -457,8 +508,11 @@ class VLLMEngine:
                 await self._llm.wake_up(tags=["kv_cache"])
             else:
                 await self._llm.wake_up()
+            if await self._llm.is_sleeping():
+                raise FatalEngineError("vLLM still reports sleeping after wake_up()")
             await self._llm.reset_prefix_cache()
             self._sleep_level = 0
+            self._stats.wakes += 1
             gate.set()
 
     # ------------------------------------------------------------------ misc
@@ -515,13 +569,16 @@ def whole_layers(chunks: Any) -> Iterator[list[tuple[str, Any]]]:
 
 def _translate(e: Exception) -> Exception:
     """vLLM's errors -> the engine contract's split."""
+    from vllm.exceptions import VLLMClientError
     from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
     if isinstance(e, (RecoverableEngineError, FatalEngineError)):
         return e
     if isinstance(e, EngineDeadError):
         return FatalEngineError(f"vLLM engine core died: {e}")
-    if isinstance(e, (EngineGenerateError, ValueError, TypeError)):
+    # VLLMClientError (VLLMValidationError: a prompt over max_model_len, a bad sampling value) is
+    # not a ValueError in vLLM 0.32 (vllm/exceptions.py): the request is bad, the engine is fine.
+    if isinstance(e, (VLLMClientError, EngineGenerateError, ValueError, TypeError)):
         return RecoverableEngineError(f"vLLM rejected or failed the request: {e}")
     return FatalEngineError(f"unexpected vLLM failure: {e!r}")
 
