@@ -273,6 +273,8 @@ class PlacementConfig(Section, kw_only=True):
     """GPU ids of the simulator engine; empty = CPU (or remote, backend 'openai')."""
     learner_gpus: list[Annotated[int, Meta(ge=0)]] = msgspec.field(default_factory=list)
     """GPU ids of the learner; empty = CPU."""
+    learner_ranks: Positive = 1
+    """Learner processes (FSDP2 ranks, started by the run; no torchrun): 1 = the single-process learner; N > 1 shards full or LoRA training over N processes, one per GPU in learner_gpus (NCCL), or N CPU processes (gloo) when learner_gpus is empty."""
 
 
 # ----------------------------------------------------------------------------- curriculum
@@ -650,6 +652,23 @@ def _cross_checks(cfg: Config) -> list[Problem]:
                 "learner.mode",
                 "qlora",
                 "QLoRA (bitsandbytes 4-bit) needs CUDA; set placement.learner_gpus or use mode 'lora'",
+            )
+        )
+    if pl.learner_ranks > 1 and pl.learner_gpus and len(pl.learner_gpus) != pl.learner_ranks:
+        p.append(
+            Problem(
+                "placement.learner_ranks",
+                pl.learner_ranks,
+                f"each learner rank needs its own GPU, but placement.learner_gpus = {pl.learner_gpus}; "
+                f"list {pl.learner_ranks} GPUs or set learner_ranks = {len(pl.learner_gpus)}",
+            )
+        )
+    if pl.learner_ranks > 1 and cfg.learner.mode == "qlora":
+        p.append(
+            Problem(
+                "placement.learner_ranks",
+                pl.learner_ranks,
+                "QLoRA's 4-bit base is not sharded by the FSDP2 learner; use learner_ranks = 1, or mode 'lora' / 'full'",
             )
         )
     if pl.mode == "split":

@@ -108,10 +108,10 @@ def _hardware_problem(cfg: Config, res: Resolved) -> str:
     import torch
 
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if len(cfg.placement.learner_gpus) > 1:
+    if len(cfg.placement.learner_gpus) > 1 and cfg.placement.learner_ranks == 1:
         return (
-            f"placement.learner_gpus = {cfg.placement.learner_gpus}: a learner spread over several GPUs (FSDP2 ranks) "
-            "is not implemented yet; list one GPU for the learner (LoRA/QLoRA, or full fine-tuning that fits one GPU)"
+            f"placement.learner_gpus = {cfg.placement.learner_gpus} with placement.learner_ranks = 1: a learner over "
+            f"several GPUs runs one FSDP2 rank per GPU; set placement.learner_ranks = {len(cfg.placement.learner_gpus)}"
         )
     if have < res.gpus_required:
         pl = cfg.placement

@@ -31,6 +31,8 @@ from trustee.engines.base import Engine, FullUpdate, LoraUpdate
 from trustee.envs.base import Environment, Knobs
 from trustee.learn.advantages import compute_advantages
 from trustee.learn.export import export_full, export_lora
+from trustee.learn import distributed
+from trustee.learn.distributed import DistributedLearner
 from trustee.learn.learner import Learner
 from trustee.learn.policy import load_policy
 from trustee.metrics import RunLog
@@ -176,6 +178,8 @@ def trainable_groups(groups: list[Group]) -> list[Group]:
 
 
 def weight_update(learner: Learner, run_dir: Path, needs_path: bool) -> LoraUpdate | FullUpdate:
+    if isinstance(learner, DistributedLearner):
+        return distributed.weight_update(learner, run_dir, needs_path)
     model = learner.model
     if learner.policy.mode in ("lora", "qlora"):
         path = run_dir / "adapter" if needs_path else None
@@ -193,17 +197,21 @@ def _trainable_state(learner: Learner) -> dict[str, torch.Tensor]:
 def _save(
     run_dir: Path, step: int, learner: Learner, curriculum: Curriculum, rng: random.Random, keep: int
 ) -> None:
-    state = {
-        "trainable": _trainable_state(learner),
-        "optimizer": learner.optimizer.state_dict(),
-        "scheduler": learner.scheduler.state_dict(),
-        "rng": rng.getstate(),
-    }
+    if isinstance(learner, DistributedLearner):  # DCP shards written by the ranks into the checkpoint
+        state: dict[str, Any] = {"rng": rng.getstate()}
+        extra = lambda d: state.update(learner_schedule=distributed.checkpoint_state(learner, d))  # noqa: E731
+    else:
+        state, extra = {
+            "trainable": _trainable_state(learner),
+            "optimizer": learner.optimizer.state_dict(),
+            "scheduler": learner.scheduler.state_dict(),
+            "rng": rng.getstate(),
+        }, None
     meta = {
         "curriculum": msgspec.to_builtins(curriculum.state()),
         "learner_steps": learner.step_count,
     }
-    save_checkpoint(run_dir, step, state, meta, keep=keep)
+    save_checkpoint(run_dir, step, state, meta, keep=keep, write_extra=extra)
 
 
 def _resume(run_dir: Path, learner: Learner, curriculum: Curriculum, rng: random.Random) -> int:
@@ -211,6 +219,18 @@ def _resume(run_dir: Path, learner: Learner, curriculum: Curriculum, rng: random
     if ckpt is None:
         return 0
     state, meta = load_checkpoint(ckpt)
+    if isinstance(learner, DistributedLearner):
+        distributed.resume_state(learner, ckpt, state["learner_schedule"])
+    else:
+        _load_trainable(learner, state, ckpt)
+    learner.step_count = int(meta["learner_steps"])
+    curriculum.load_state(msgspec.convert(meta["curriculum"], CurriculumState))
+    rng.setstate(state["rng"])
+    log.info("resumed from %s", ckpt)
+    return int(meta["step"]) + 1
+
+
+def _load_trainable(learner: Learner, state: dict[str, Any], ckpt: Path) -> None:
     params = dict(learner.model.named_parameters())
     missing = sorted(set(state["trainable"]) - set(params))
     if missing:
@@ -222,11 +242,6 @@ def _resume(run_dir: Path, learner: Learner, curriculum: Curriculum, rng: random
             params[name].copy_(t.to(params[name].device, params[name].dtype))
     learner.optimizer.load_state_dict(state["optimizer"])
     learner.scheduler.load_state_dict(state["scheduler"])
-    learner.step_count = int(meta["learner_steps"])
-    curriculum.load_state(msgspec.convert(meta["curriculum"], CurriculumState))
-    rng.setstate(state["rng"])
-    log.info("resumed from %s", ckpt)
-    return int(meta["step"]) + 1
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -266,21 +281,24 @@ class _Run:
             enable_thinking=cfg.model.enable_thinking,
         )
         self.curriculum = Curriculum(cfg.curriculum)
-        policy = load_policy(
-            cfg.model.path,
-            cfg.learner,
-            device=torch.device(f"cuda:{cfg.placement.learner_gpus[0]}" if res.device == "cuda" else "cpu"),
-            dtype=_DTYPES[res.dtype],
-            need_reference=cfg.grpo.beta > 0 and cfg.learner.mode == "full",
-        )
-        self.learner = Learner(
-            policy,
-            cfg.grpo,
-            cfg.learner,
-            temperature=cfg.rollout.temperature,
-            total_steps=cfg.grpo.steps,
-            pad_id=tokenizer.pad_token_id or 0,
-        )
+        if cfg.placement.learner_ranks > 1:  # FSDP2 ranks in their own processes
+            self.learner = distributed.build_distributed_learner(cfg, res, pad_id=tokenizer.pad_token_id or 0)
+        else:
+            policy = load_policy(
+                cfg.model.path,
+                cfg.learner,
+                device=torch.device(f"cuda:{cfg.placement.learner_gpus[0]}" if res.device == "cuda" else "cpu"),
+                dtype=_DTYPES[res.dtype],
+                need_reference=cfg.grpo.beta > 0 and cfg.learner.mode == "full",
+            )
+            self.learner = Learner(
+                policy,
+                cfg.grpo,
+                cfg.learner,
+                temperature=cfg.rollout.temperature,
+                total_steps=cfg.grpo.steps,
+                pad_id=tokenizer.pad_token_id or 0,
+            )
         self.rng = random.Random(cfg.seed)
         pl = cfg.placement
         self.shares_device = pl.mode == "sync" and bool(set(pl.policy_gpus) & set(pl.learner_gpus))
@@ -333,7 +351,7 @@ class _Run:
             if self.shares_device:
                 await self.policy_engine.sleep(1)
             metrics = await self.learner.step_async(adv.groups)
-            update = weight_update(self.learner, self.run_dir, self.needs_path)
+            update = await anyio.to_thread.run_sync(weight_update, self.learner, self.run_dir, self.needs_path)
             if self.shares_device:
                 await self.policy_engine.wake()
             await self.policy_engine.update_weights(update)
@@ -359,6 +377,12 @@ class _Run:
     def export_final(self) -> Path:
         """Write the trained policy where `trustee.eval --run-dir` and vLLM can load it: the
         LoRA adapter as a PEFT directory (RUN/adapter) or the full model (RUN/model)."""
+        if isinstance(self.learner, DistributedLearner):
+            out = self.run_dir / ("model" if self.learner.mode == "full" else "adapter")
+            self.learner.save_pretrained(out, self.cfg.model.path)
+            if self.learner.mode == "full":
+                self.tokenizer.save_pretrained(out)
+            return out
         model = self.learner.model
         if self.learner.policy.mode in ("lora", "qlora"):
             out = self.run_dir / "adapter"
@@ -370,6 +394,8 @@ class _Run:
         return out
 
     async def close(self) -> None:
+        if isinstance(getattr(self, "learner", None), DistributedLearner):
+            self.learner.close()
         if hasattr(self, "log"):
             self.log.close()
         if hasattr(self, "policy_engine"):

@@ -248,11 +248,14 @@ class Learner:
 
     # ------------------------------------------------------------------ one step
 
-    def accumulate(self, samples: list[Sample]) -> tuple[float, TokenLossParts, list[MicroBatch]]:
-        """Zero the grads and accumulate the whole step's gradient; no optimiser step."""
+    def accumulate(
+        self, samples: list[Sample], norm: LossNorm | None = None
+    ) -> tuple[float, TokenLossParts, list[MicroBatch]]:
+        """Zero the grads and accumulate the whole step's gradient; no optimiser step.
+        norm: the step normaliser when the caller computed it over all ranks (FSDP learner)."""
         for i, s in enumerate(samples):
             check_sample(s, i)
-        norm = self.norm_for(samples)
+        norm = self.norm_for(samples) if norm is None else norm
         mbs = self.micro_batches(samples)
         self.optimizer.zero_grad(set_to_none=True)
         total, parts = 0.0, TokenLossParts()
