@@ -190,7 +190,10 @@ class DistributedLearner:
         self._end_stream()
         try:
             for r, c in enumerate(self._conns):
-                c.send((cmd, {**kwargs, **(per_rank[r] if per_rank else {})}))
+                try:
+                    c.send((cmd, {**kwargs, **(per_rank[r] if per_rank else {})}))
+                except OSError:  # BrokenPipeError: the rank is gone
+                    raise RankError(self._death(r)) from None
             return self._collect()
         except BaseException:
             self.close()

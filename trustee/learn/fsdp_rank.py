@@ -40,6 +40,7 @@ import datetime
 import io
 import os
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -192,6 +193,9 @@ class RankWorker:
         # the rank's shard to its device and frees the rest, one group at a time.
         policy = load_policy(spec.model_path, spec.learner, device="cpu", dtype=dtype, need_reference=spec.grpo.beta > 0 and mode == "full")
         self.mesh = init_device_mesh(device.type, (spec.world_size,))
+        # HF order, for exports; sharding re-registers parameters in another order.
+        self.names = list(policy.model.state_dict().keys())
+        self.trainable = [n for n, p in policy.model.named_parameters() if p.requires_grad]
         shard_policy(policy.model, self.mesh, mp_policy=mp, master_dtype=master)
         if policy.ref_model is not None:
             shard_policy(policy.ref_model, self.mesh, mp_policy=mp, master_dtype=None)
@@ -281,10 +285,8 @@ class RankWorker:
         """Accumulate without stepping; (this rank's loss share, rank 0: the full gradients of
         the trainable parameters as packed tensors). For tests and the GPU check."""
         loss, *_ = self._accumulate(samples, norm)
-        grads = {}
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                grads[name] = _full(p.grad).to("cpu")
+        params = dict(self.model.named_parameters())
+        grads = {name: _full(params[name].grad).to("cpu") for name in self.trainable}
         return loss, pack_tensors(grads) if self.rank == 0 else None
 
     # ------------------------------------------------------------------ exports
@@ -319,7 +321,9 @@ class RankWorker:
                 streaming = conn.recv() == "next"  # 'stop': the parent gave up on this export
             chunk, size = {}, 0
 
-        for name, t in self.model.state_dict(keep_vars=True).items():
+        state = self.model.state_dict(keep_vars=True)
+        for name in self.names:
+            t = state[name]
             if id(t) in seen:  # tied weights: engines re-tie on load
                 continue
             seen.add(id(t))
@@ -384,6 +388,9 @@ def rank_main(rank: int, spec: RankSpec, conn) -> None:
     _die_with_parent()
     torch.set_num_threads(spec.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per rank is noise; tqdm's lock would also leak at os._exit
     if spec.device == "cuda":
         device = torch.device("cuda", spec.gpus[rank])
         torch.cuda.set_device(device)
@@ -418,3 +425,6 @@ def rank_main(rank: int, spec: RankSpec, conn) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
         conn.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # skip interpreter teardown (seconds of module finalisers on a loaded machine)
