@@ -135,6 +135,20 @@ def test_memory_plan_full_8b_over_8_ranks_fits_80gb():
     assert sum(r.gib for r in rows) < 80
 
 
+def test_learner_ranks_config_checks():
+    from trustee.config import ConfigError, load_config
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    assert load_config(os.path.join(root, "cpu-tiny.toml"), ["placement.learner_ranks=2"]).placement.learner_ranks == 2
+    with pytest.raises(ConfigError, match="placement.learner_ranks"):
+        load_config(None, ["placement.learner_ranks=2", "placement.learner_gpus=[0]", "placement.policy_gpus=[0]"])
+    with pytest.raises(ConfigError, match="QLoRA"):
+        load_config(None, ["placement.learner_ranks=2", "learner.mode=qlora", "placement.learner_gpus=[0, 1]",
+                           "placement.policy_gpus=[0, 1]"])
+    with pytest.raises(ConfigError, match="learner_ranks"):
+        load_config(None, ["placement.learner_ranks=0"])
+
+
 # ----------------------------------------------------------------------------- two gloo ranks
 
 

@@ -526,6 +526,8 @@ def learner_memory_plan(cfg: Config, shape: ModelShape | None = None) -> list[Me
     """Per-GPU memory of the learner phase over placement.learner_ranks ranks (FSDP2, bf16
     compute, fp32 master weights / grads / AdamW for full fine-tuning, sharded evenly).
 
+    Rows marked 'always' stay resident through rollouts too (the ranks keep their shards; only
+    gradients are freed between steps), so colocated engines must leave room for them.
     Counted: sharded states; the unsharded bf16 root group (embeddings + head stay gathered
     through a micro-batch) and two decoder layers (the one computing, the one prefetched);
     checkpointed activations (one bf16 hidden state per token per layer, the layer inputs);
@@ -566,6 +568,10 @@ def learner_memory_plan(cfg: Config, shape: ModelShape | None = None) -> list[Me
     rows += [
         MemoryRow("bf16 gathered root group (embeddings, head)", 2 * emb / g, "per micro-batch"),
         MemoryRow("bf16 gathered decoder layers (current + prefetch)", 2 * 2 * L / g, "per layer"),
+        MemoryRow("unsharded grads before reduce-scatter: root (bf16 + fp32 copy)",
+                  6 * emb / g if full else 0.0, "end of backward"),
+        MemoryRow("unsharded grads before reduce-scatter: one layer (bf16 + fp32)", 6 * L / g if full else 0.0,
+                  "per layer (backward)"),
         MemoryRow(f"checkpointed activations ({T} tokens x {shape.num_hidden_layers} layers)",
                   2 * T * H * shape.num_hidden_layers / g if cfg.learner.gradient_checkpointing
                   else 34 * T * H * shape.num_hidden_layers / g, "per micro-batch"),

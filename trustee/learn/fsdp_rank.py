@@ -38,6 +38,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import io
+import json
 import os
 import signal
 import sys
@@ -101,16 +102,22 @@ class RankStep(msgspec.Struct, kw_only=True):
 
 def pack_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
     """Tensors as safetensors bytes: a plain byte string crosses the pipe (no shared-memory
-    file descriptors, nothing left behind if a process dies)."""
+    file descriptors, nothing left behind if a process dies). The key order, which
+    safetensors does not keep, travels in the header's metadata."""
     from safetensors.torch import save
 
-    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    order = json.dumps(list(tensors))
+    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"order": order})
 
 
 def unpack_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """`pack_tensors` undone, in the packed key order."""
     from safetensors.torch import load
 
-    return load(data)
+    n = int.from_bytes(data[:8], "little")  # safetensors: u64 header length, then a JSON header
+    order = json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["order"])
+    loaded = load(data)
+    return {k: loaded[k] for k in order}
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -344,6 +351,7 @@ class RankWorker:
 
         frozen_out = self.policy.mode != "full"
         opts = StateDictOptions(ignore_frozen_params=frozen_out)
+        self.learner.optimizer.zero_grad(set_to_none=True)  # see load_dcp_into
         model_sd, optim_sd = get_state_dict(self.model, self.learner.optimizer, options=opts)
         return {"model": model_sd, "optim": optim_sd}
 
@@ -372,6 +380,10 @@ def load_dcp_into(model: nn.Module, optimizer: torch.optim.Optimizer, path: str,
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     opts = StateDictOptions(ignore_frozen_params=not full, strict=full)
+    # get_state_dict builds the optimiser template by a zero-lr step on a fresh optimiser, but
+    # skips that when any .grad is set, leaving no state to load into (torch 2.13
+    # `state_dict._init_optim_state`): a resumed AdamW would restart its bias correction.
+    optimizer.zero_grad(set_to_none=True)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
