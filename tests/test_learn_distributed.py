@@ -61,7 +61,12 @@ def groups_of(seed: int, n: int = 8, lengths: list[int] | None = None) -> list[G
 
 def learner_cfg(mode: str) -> LearnerConfig:
     return LearnerConfig(
-        mode=mode, lr=1e-3, micro_batch_tokens=BUDGET, logprob_chunk=8, lora_rank=4, lora_alpha=8.0,
+        mode=mode,
+        lr=1e-3,
+        micro_batch_tokens=BUDGET,
+        logprob_chunk=8,
+        lora_rank=4,
+        lora_alpha=8.0,
         gradient_checkpointing=True,
     )
 
@@ -77,8 +82,15 @@ def reference(path, mode: str) -> Learner:
 
 def start(path, mode: str, world: int) -> DistributedLearner:
     spec = RankSpec(
-        model_path=str(path), learner=learner_cfg(mode), grpo=GRPO, temperature=1.0, total_steps=10,
-        world_size=world, init_method=f"tcp://127.0.0.1:{_free_port()}", threads=1, seed=0,
+        model_path=str(path),
+        learner=learner_cfg(mode),
+        grpo=GRPO,
+        temperature=1.0,
+        total_steps=10,
+        world_size=world,
+        init_method=f"tcp://127.0.0.1:{_free_port()}",
+        threads=1,
+        seed=0,
     )
     return DistributedLearner(spec)
 
@@ -88,7 +100,9 @@ def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], wh
     for k, w in want.items():
         scale = max(float(w.norm()), 1e-12)
         rel = float((got[k].float() - w.float()).norm()) / scale
-        assert rel <= RTOL or float(w.norm()) == 0.0 and float(got[k].norm()) < 1e-9, f"{what} {k}: rel err {rel:.2e}"
+        assert rel <= RTOL or float(w.norm()) == 0.0 and float(got[k].norm()) < 1e-9, (
+            f"{what} {k}: rel err {rel:.2e}"
+        )
 
 
 def full_weights(model) -> dict[str, torch.Tensor]:
@@ -126,7 +140,10 @@ def test_global_norm_counts_every_rank():
 def test_memory_plan_full_8b_over_8_ranks_fits_80gb():
     from trustee.config import Config, PlacementConfig
 
-    cfg = Config(placement=PlacementConfig(learner_ranks=8), learner=LearnerConfig(mode="full", micro_batch_tokens=16384))
+    cfg = Config(
+        placement=PlacementConfig(learner_ranks=8),
+        learner=LearnerConfig(mode="full", micro_batch_tokens=16384),
+    )
     shape = model_shape("Qwen/Qwen3-8B")
     assert shape is not None and 8.1e9 < shape.params < 8.3e9  # Qwen3-8B: 8.19B parameters
     rows = learner_memory_plan(cfg, shape)
@@ -139,12 +156,26 @@ def test_learner_ranks_config_checks():
     from trustee.config import ConfigError, load_config
 
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
-    assert load_config(os.path.join(root, "cpu-tiny.toml"), ["placement.learner_ranks=2"]).placement.learner_ranks == 2
+    assert (
+        load_config(
+            os.path.join(root, "cpu-tiny.toml"), ["placement.learner_ranks=2"]
+        ).placement.learner_ranks
+        == 2
+    )
     with pytest.raises(ConfigError, match="placement.learner_ranks"):
-        load_config(None, ["placement.learner_ranks=2", "placement.learner_gpus=[0]", "placement.policy_gpus=[0]"])
+        load_config(
+            None, ["placement.learner_ranks=2", "placement.learner_gpus=[0]", "placement.policy_gpus=[0]"]
+        )
     with pytest.raises(ConfigError, match="QLoRA"):
-        load_config(None, ["placement.learner_ranks=2", "learner.mode=qlora", "placement.learner_gpus=[0, 1]",
-                           "placement.policy_gpus=[0, 1]"])
+        load_config(
+            None,
+            [
+                "placement.learner_ranks=2",
+                "learner.mode=qlora",
+                "placement.learner_gpus=[0, 1]",
+                "placement.policy_gpus=[0, 1]",
+            ],
+        )
     with pytest.raises(ConfigError, match="learner_ranks"):
         load_config(None, ["placement.learner_ranks=0"])
 
@@ -222,7 +253,9 @@ def test_full_export_and_dcp_checkpoint_resume_on_two_one_and_single(tiny_model_
     m_ref, m2 = ref.step(a), full2.step(a)
     assert abs(m2.loss - m_ref.loss) <= RTOL * abs(m_ref.loss)
     assert abs(m2.grad_norm - m_ref.grad_norm) <= RTOL * m_ref.grad_norm
-    assert_close(exported(full2), full_weights(ref.model), "2-rank export after a step")  # names, order, values
+    assert_close(
+        exported(full2), full_weights(ref.model), "2-rank export after a step"
+    )  # names, order, values
     sched = full2.save(tmp_path / "two")  # written by two ranks
     assert sched["world_size"] == 2 and sched["step_count"] == 1
     ref.step(b)
@@ -265,12 +298,28 @@ def test_lora_export_and_dcp_checkpoint(tiny_model_dir, lora2, tmp_path):
     lora2.step(b)
     lora2.load(tmp_path / "two", sched)  # resume on two ranks: the second step again
     lora2.step(b)
-    assert_close(dict(sorted(lora2.export_lora().tensors.items())), dict(sorted(want2.items())), "LoRA resumed on two")
+    assert_close(
+        dict(sorted(lora2.export_lora().tensors.items())), dict(sorted(want2.items())), "LoRA resumed on two"
+    )
     single = reference(tiny_model_dir, "lora")  # and in one process
     load_dcp_into(single.model, single.optimizer, str(tmp_path / "two"), full=False)
     single.scheduler.load_state_dict(sched["scheduler"])
     single.step(b)
-    assert_close(dict(sorted(export_lora(single.model).tensors.items())), dict(sorted(want2.items())), "LoRA resumed in one process")
+    assert_close(
+        dict(sorted(export_lora(single.model).tensors.items())),
+        dict(sorted(want2.items())),
+        "LoRA resumed in one process",
+    )
+
+
+def test_full_save_pretrained_loads_in_transformers(full2, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    want = exported(full2)
+    out = full2.save_pretrained(tmp_path / "model", tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert_close(full_weights(model), want, "saved model")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # re-tied
 
 
 def test_a_dead_rank_raises_and_leaves_no_process(lora2):

@@ -49,14 +49,25 @@ def groups(n: int, length: int, vocab: int, seed: int = 0) -> list[Group]:
             toks = torch.randint(3, vocab, (length,), generator=g).tolist()
             mask = [0] * (length // 4) + [1] * (length - length // 4)
             lps = [-6.0 if m else 0.0 for m in mask]
-            trajs.append(Trajectory(episode_id="e", task_id=f"t{k}", tokens=toks, loss_mask=mask, logprobs=lps,
-                                    versions=[0 if m else -1 for m in mask], prompt_len=length // 4))
+            trajs.append(
+                Trajectory(
+                    episode_id="e",
+                    task_id=f"t{k}",
+                    tokens=toks,
+                    loss_mask=mask,
+                    logprobs=lps,
+                    versions=[0 if m else -1 for m in mask],
+                    prompt_len=length // 4,
+                )
+            )
         out.append(Group(task_id=f"t{k}", trajectories=trajs, advantages=[1.0, -1.0]))
     return out
 
 
 def lcfg(mode: str) -> LearnerConfig:
-    return LearnerConfig(mode=mode, lr=1e-4, lora_rank=8, lora_alpha=16.0, micro_batch_tokens=4096, gradient_checkpointing=True)
+    return LearnerConfig(
+        mode=mode, lr=1e-4, lora_rank=8, lora_alpha=16.0, micro_batch_tokens=4096, gradient_checkpointing=True
+    )
 
 
 def learner(path: Path, mode: str, device: str, dtype: torch.dtype, attn: str | None = None) -> Learner:
@@ -116,6 +127,7 @@ def main() -> int:
     ref: dict[str, tuple[float, dict[str, torch.Tensor]]] = {}
 
     for mode in ("full", "lora"):
+
         def cpu_ref(mode=mode):
             ref[mode] = grads(learner(path, mode, "cpu", torch.float32), check)
             return ("ok", "0 (reference)", *timed_step(learner(path, mode, "cpu", torch.float32), bench))
@@ -144,7 +156,11 @@ def main() -> int:
         _, ga = grads(a, check)
         _, gb = grads(b, check)
         err = rel_err(ga, gb)
-        return ("ok" if err < 5e-2 else "FAIL (flash vs sdpa > 5e-2)", f"{err:.2e} vs sdpa", *timed_step(a, bench))
+        return (
+            "ok" if err < 5e-2 else "FAIL (flash vs sdpa > 5e-2)",
+            f"{err:.2e} vs sdpa",
+            *timed_step(a, bench),
+        )
 
     if not cuda:
         row("cuda-bf16-flash-lora", skip("no CUDA"))
@@ -159,7 +175,12 @@ def main() -> int:
         from trustee.learn.packing import build_packed
 
         torch.manual_seed(0)
-        q = Learner(load_policy(path, lcfg("qlora"), device="cuda:0", dtype=torch.bfloat16), GRPO, lcfg("qlora"), total_steps=10)
+        q = Learner(
+            load_policy(path, lcfg("qlora"), device="cuda:0", dtype=torch.bfloat16),
+            GRPO,
+            lcfg("qlora"),
+            total_steps=10,
+        )
         tps, mem = timed_step(q, bench)  # one step, so the adapter is not zero
         with tempfile.TemporaryDirectory() as d:
             export_lora(q.model, path=d, tensors=False)
@@ -189,15 +210,30 @@ def main() -> int:
 
     def fsdp_row(mode: str, device: str, world: int):
         def run():
-            spec = RankSpec(model_path=str(path), learner=lcfg(mode), grpo=GRPO, temperature=1.0, total_steps=10,
-                            world_size=world, init_method=f"tcp://127.0.0.1:{_free_port()}", device=device,
-                            gpus=list(range(world)) if device == "cuda" else [], threads=1, seed=0)
+            spec = RankSpec(
+                model_path=str(path),
+                learner=lcfg(mode),
+                grpo=GRPO,
+                temperature=1.0,
+                total_steps=10,
+                world_size=world,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                device=device,
+                gpus=list(range(world)) if device == "cuda" else [],
+                threads=1,
+                seed=0,
+            )
             with DistributedLearner(spec) as dl:
                 _, g = dl.gradients(check)
                 err = rel_err(g, ref[mode][1])
                 m = dl.step(bench)
             tol = 1e-5 if device == "cpu" else 1e-4
-            return ("ok" if err <= tol else f"FAIL (> {tol})", f"{err:.2e}", f"{m.tokens_per_s:,.0f}", f"{m.peak_mem_bytes / 2**20:,.0f}")
+            return (
+                "ok" if err <= tol else f"FAIL (> {tol})",
+                f"{err:.2e}",
+                f"{m.tokens_per_s:,.0f}",
+                f"{m.peak_mem_bytes / 2**20:,.0f}",
+            )
 
         return run
 
@@ -206,16 +242,26 @@ def main() -> int:
     for mode in ("full", "lora"):
         for world in (1, 2):
             name = f"fsdp-nccl-{world}-{mode}"
-            row(name, fsdp_row(mode, "cuda", world) if n_gpu >= world else skip(f"needs {world} GPU(s), have {n_gpu}"))
+            row(
+                name,
+                fsdp_row(mode, "cuda", world)
+                if n_gpu >= world
+                else skip(f"needs {world} GPU(s), have {n_gpu}"),
+            )
 
     have_vllm = importlib.util.find_spec("vllm") is not None
-    row("vllm", (lambda: ("imports; not driven here", "", "", "")) if have_vllm else skip("vllm not installed"))
+    row(
+        "vllm",
+        (lambda: ("imports; not driven here", "", "", "")) if have_vllm else skip("vllm not installed"),
+    )
 
     print()
     print(f"{'point':<24} {'status':<40} {'grad rel err':<44} {'tokens/s':>9} {'peak MiB':>9}")
     for name, status, err, tps, mem in ROWS:
         print(f"{name:<24} {status[:40]:<40} {err[:44]:<44} {tps:>9} {mem:>9}")
-    print("\npeak MiB: CUDA max_memory_allocated, or the process's peak RSS on CPU (FSDP rows: the largest rank).")
+    print(
+        "\npeak MiB: CUDA max_memory_allocated, or the process's peak RSS on CPU (FSDP rows: the largest rank)."
+    )
     return 1 if any(s.startswith("FAIL") for _, s, *_ in ROWS) else 0
 
 

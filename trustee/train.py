@@ -29,10 +29,10 @@ from trustee.config import Config, EngineConfig, Resolved
 from trustee.curriculum import Curriculum, CurriculumState
 from trustee.engines.base import Engine, FullUpdate, LoraUpdate
 from trustee.envs.base import Environment, Knobs
-from trustee.learn.advantages import compute_advantages
-from trustee.learn.export import export_full, export_lora
 from trustee.learn import distributed
+from trustee.learn.advantages import compute_advantages
 from trustee.learn.distributed import DistributedLearner
+from trustee.learn.export import export_full, export_lora
 from trustee.learn.learner import Learner
 from trustee.learn.policy import load_policy
 from trustee.metrics import RunLog

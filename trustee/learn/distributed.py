@@ -102,7 +102,9 @@ class DistributedLearner:
     (the engine's, e.g. 'bfloat16'); None keeps the master dtype.
     """
 
-    def __init__(self, spec: RankSpec, *, export_dtype: str | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(
+        self, spec: RankSpec, *, export_dtype: str | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ):
         if spec.world_size < 1:
             raise ValueError(f"learner ranks = {spec.world_size}: need at least 1")
         if spec.device == "cuda" and len(spec.gpus) != spec.world_size:
@@ -281,7 +283,9 @@ class DistributedLearner:
         if path is not None:
             write_adapter(Path(path), weights, config)
         log.debug("learner: adapter export %.2fs", time.perf_counter() - t0)
-        return LoraUpdate(config=config, path=str(path) if path is not None else None, tensors=weights if tensors else None)
+        return LoraUpdate(
+            config=config, path=str(path) if path is not None else None, tensors=weights if tensors else None
+        )
 
     def export_full(self) -> FullUpdate:
         """Every weight as a lazy FullUpdate streamed from the ranks (HF names, tied weights
@@ -347,13 +351,14 @@ class DistributedLearner:
 
         out.mkdir(parents=True, exist_ok=True)
         AutoConfig.from_pretrained(model_path).save_pretrained(out)
-        chunks = list(enumerate(self.export_full().chunks))
         weight_map = {}
-        for i, chunk in chunks:
-            name = f"model-{i + 1:05d}-of-{len(chunks):05d}.safetensors"
+        for i, chunk in enumerate(self.export_full().chunks):  # one chunk in memory at a time
+            name = f"model-{i + 1:05d}.safetensors"
             save_file(dict(chunk), str(out / name), metadata={"format": "pt"})
             weight_map.update({k: name for k, _ in chunk})
-        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
+        )
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -498,17 +503,42 @@ class ModelShape(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def layer_params(self) -> int:
-        return (self.params - self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)) // self.num_hidden_layers
+        return (
+            self.params - self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        ) // self.num_hidden_layers
 
 
 # Public config.json values, for planning without the weights on disk (--dry-run on a laptop).
 KNOWN_SHAPES = {
-    "Qwen3-8B": ModelShape(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                           num_key_value_heads=8, vocab_size=151936, head_dim=128),
-    "Qwen3-4B": ModelShape(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                           num_key_value_heads=8, vocab_size=151936, head_dim=128, tie_word_embeddings=True),
-    "Qwen3-1.7B": ModelShape(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                             num_key_value_heads=8, vocab_size=151936, head_dim=128, tie_word_embeddings=True),
+    "Qwen3-8B": ModelShape(
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=151936,
+        head_dim=128,
+    ),
+    "Qwen3-4B": ModelShape(
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=151936,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    "Qwen3-1.7B": ModelShape(
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        vocab_size=151936,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -557,9 +587,14 @@ def learner_memory_plan(cfg: Config, shape: ModelShape | None = None) -> list[Me
         ]
     else:
         r = cfg.learner.lora_rank
-        lora = shape.num_hidden_layers * r * (
-            2 * (H + H) + 2 * (H + shape.num_key_value_heads * (shape.head_dim or H // shape.num_attention_heads))
-            + 3 * (H + shape.intermediate_size)
+        lora = (
+            shape.num_hidden_layers
+            * r
+            * (
+                2 * (H + H)
+                + 2 * (H + shape.num_key_value_heads * (shape.head_dim or H // shape.num_attention_heads))
+                + 3 * (H + shape.intermediate_size)
+            )
         )
         rows += [
             MemoryRow(f"bf16 base weights / {n}", 2 * P / n / g, "always (learner)"),
@@ -568,17 +603,33 @@ def learner_memory_plan(cfg: Config, shape: ModelShape | None = None) -> list[Me
     rows += [
         MemoryRow("bf16 gathered root group (embeddings, head)", 2 * emb / g, "per micro-batch"),
         MemoryRow("bf16 gathered decoder layers (current + prefetch)", 2 * 2 * L / g, "per layer"),
-        MemoryRow("unsharded grads before reduce-scatter: root (bf16 + fp32 copy)",
-                  6 * emb / g if full else 0.0, "end of backward"),
-        MemoryRow("unsharded grads before reduce-scatter: one layer (bf16 + fp32)", 6 * L / g if full else 0.0,
-                  "per layer (backward)"),
-        MemoryRow(f"checkpointed activations ({T} tokens x {shape.num_hidden_layers} layers)",
-                  2 * T * H * shape.num_hidden_layers / g if cfg.learner.gradient_checkpointing
-                  else 34 * T * H * shape.num_hidden_layers / g, "per micro-batch"),
-        MemoryRow("one layer's recomputed activations", 34 * T * H / g if cfg.learner.gradient_checkpointing else 0.0,
-                  "per layer (backward)"),
-        MemoryRow(f"log-prob chunk ({cfg.learner.logprob_chunk} rows x {V})", 3 * cfg.learner.logprob_chunk * V * 4 / g,
-                  "per chunk"),
+        MemoryRow(
+            "unsharded grads before reduce-scatter: root (bf16 + fp32 copy)",
+            6 * emb / g if full else 0.0,
+            "end of backward",
+        ),
+        MemoryRow(
+            "unsharded grads before reduce-scatter: one layer (bf16 + fp32)",
+            6 * L / g if full else 0.0,
+            "per layer (backward)",
+        ),
+        MemoryRow(
+            f"checkpointed activations ({T} tokens x {shape.num_hidden_layers} layers)",
+            2 * T * H * shape.num_hidden_layers / g
+            if cfg.learner.gradient_checkpointing
+            else 34 * T * H * shape.num_hidden_layers / g,
+            "per micro-batch",
+        ),
+        MemoryRow(
+            "one layer's recomputed activations",
+            34 * T * H / g if cfg.learner.gradient_checkpointing else 0.0,
+            "per layer (backward)",
+        ),
+        MemoryRow(
+            f"log-prob chunk ({cfg.learner.logprob_chunk} rows x {V})",
+            3 * cfg.learner.logprob_chunk * V * 4 / g,
+            "per chunk",
+        ),
     ]
     return rows
 

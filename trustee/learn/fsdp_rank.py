@@ -191,14 +191,26 @@ class RankWorker:
         dtype = _DTYPES[spec.dtype]
         mode = spec.learner.mode
         if mode == "qlora":
-            raise ValueError("learner.mode = 'qlora' cannot be sharded with FSDP2 here; use placement.learner_ranks = 1")
+            raise ValueError(
+                "learner.mode = 'qlora' cannot be sharded with FSDP2 here; use placement.learner_ranks = 1"
+            )
         on_gpu = device.type == "cuda"
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if on_gpu else MixedPrecisionPolicy()
+        mp = (
+            MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+            if on_gpu
+            else MixedPrecisionPolicy()
+        )
         master = torch.float32 if on_gpu and mode == "full" else None
         torch.manual_seed(spec.seed)
         # Every rank loads the model on the CPU (safetensors are memory-mapped); sharding moves
         # the rank's shard to its device and frees the rest, one group at a time.
-        policy = load_policy(spec.model_path, spec.learner, device="cpu", dtype=dtype, need_reference=spec.grpo.beta > 0 and mode == "full")
+        policy = load_policy(
+            spec.model_path,
+            spec.learner,
+            device="cpu",
+            dtype=dtype,
+            need_reference=spec.grpo.beta > 0 and mode == "full",
+        )
         self.mesh = init_device_mesh(device.type, (spec.world_size,))
         # HF order, for exports; sharding re-registers parameters in another order.
         self.names = list(policy.model.state_dict().keys())
@@ -241,7 +253,9 @@ class RankWorker:
         from trustee.learn.logprobs import token_logprobs
 
         pad = self.spec.pad_id
-        mb = build_packed([Sample(tokens=[pad, pad], loss_mask=[0, 1], sampler_logprobs=[0.0, 0.0], advantage=0.0)], [0])
+        mb = build_packed(
+            [Sample(tokens=[pad, pad], loss_mask=[0, 1], sampler_logprobs=[0.0, 0.0], advantage=0.0)], [0]
+        )
         chunk, temp = self.spec.learner.logprob_chunk, self.spec.temperature
         if self.spec.grpo.beta > 0:
             with torch.no_grad(), self.policy.reference() as ref:
@@ -249,7 +263,9 @@ class RankWorker:
         logp, _ = token_logprobs(self.model, mb, temperature=temp, chunk=chunk)
         (logp.sum() * 0.0).backward()
 
-    def _accumulate(self, samples: list[Sample], norm: LossNorm) -> tuple[float, TokenLossParts, int, int, int]:
+    def _accumulate(
+        self, samples: list[Sample], norm: LossNorm
+    ) -> tuple[float, TokenLossParts, int, int, int]:
         """The step's gradient on this rank, summed over ranks by FSDP; (loss share, parts,
         real micro-batches, idle passes, input tokens)."""
         mine = len(self.learner.micro_batches(samples)) if samples else 0
@@ -387,7 +403,9 @@ def load_dcp_into(model: nn.Module, optimizer: torch.optim.Optimizer, path: str,
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts
+    )
 
 
 # ----------------------------------------------------------------------------- the process
@@ -410,7 +428,9 @@ def rank_main(rank: int, spec: RankSpec, conn) -> None:
     else:
         device, backend = torch.device("cpu"), "gloo"
     try:
-        dist.init_process_group(backend, init_method=spec.init_method, rank=rank, world_size=spec.world_size, timeout=PG_TIMEOUT)
+        dist.init_process_group(
+            backend, init_method=spec.init_method, rank=rank, world_size=spec.world_size, timeout=PG_TIMEOUT
+        )
         t0 = time.perf_counter()
         worker = RankWorker(rank, spec, device)
         conn.send(("ok", {"load_s": time.perf_counter() - t0, "pid": os.getpid()}))
