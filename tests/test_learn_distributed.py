@@ -34,7 +34,12 @@ from trustee.learn.packing import plan_bins
 from trustee.learn.policy import load_policy
 from trustee.types import Group, Trajectory
 
-RTOL = 1e-5
+RTOL = 1e-5  # loss and gradients
+# Weights after an AdamW step: Adam divides each gradient entry by its own magnitude, so the
+# fp32 summation-order noise of the smallest entries (about 1e-7 of the tensor's norm, more
+# of the entry) reaches the weights at about 1e-5 of the norm (LoRA B after a first step:
+# 1.5e-5 measured). The gathers themselves are exact: see the start-state export checks.
+WEIGHT_RTOL = 1e-4
 BUDGET = 32  # micro_batch_tokens: several micro-batches per rank, unequal counts, one oversize
 
 
@@ -95,12 +100,14 @@ def start(path, mode: str, world: int) -> DistributedLearner:
     return DistributedLearner(spec)
 
 
-def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
+def assert_close(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str, rtol: float = RTOL
+) -> None:
     assert list(got) == list(want), f"{what}: names differ"
     for k, w in want.items():
         scale = max(float(w.norm()), 1e-12)
         rel = float((got[k].float() - w.float()).norm()) / scale
-        assert rel <= RTOL or float(w.norm()) == 0.0 and float(got[k].norm()) < 1e-9, (
+        assert rel <= rtol or float(w.norm()) == 0.0 and float(got[k].norm()) < 1e-9, (
             f"{what} {k}: rel err {rel:.2e}"
         )
 
@@ -249,37 +256,42 @@ def exported(dl: DistributedLearner) -> dict[str, torch.Tensor]:
 def test_full_export_and_dcp_checkpoint_resume_on_two_one_and_single(tiny_model_dir, full2, tmp_path):
     ref = reference(tiny_model_dir, "full")
     put_at_start(full2, ref, tmp_path / "start", full=True)
+    assert_close(exported(full2), full_weights(ref.model), "2-rank export of the start state", rtol=0.0)
     a, b = groups_of(1), groups_of(2)
     m_ref, m2 = ref.step(a), full2.step(a)
     assert abs(m2.loss - m_ref.loss) <= RTOL * abs(m_ref.loss)
     assert abs(m2.grad_norm - m_ref.grad_norm) <= RTOL * m_ref.grad_norm
     assert_close(
-        exported(full2), full_weights(ref.model), "2-rank export after a step"
+        exported(full2), full_weights(ref.model), "2-rank export after a step", rtol=WEIGHT_RTOL
     )  # names, order, values
     sched = full2.save(tmp_path / "two")  # written by two ranks
     assert sched["world_size"] == 2 and sched["step_count"] == 1
     ref.step(b)
     want = full_weights(ref.model)
     full2.step(b)
-    assert_close(exported(full2), want, "2-rank export after two steps")
+    assert_close(exported(full2), want, "2-rank export after two steps", rtol=WEIGHT_RTOL)
     full2.load(tmp_path / "two", sched)  # resume on two ranks, redo the second step
     full2.step(b)
-    assert_close(exported(full2), want, "resumed on two ranks")
+    assert_close(exported(full2), want, "resumed on two ranks", rtol=WEIGHT_RTOL)
     with start(tiny_model_dir, "full", 1) as one:  # resume on one rank
         one.load(tmp_path / "two", sched)
         one.step(b)
-        assert_close(exported(one), want, "resumed on one rank")
+        assert_close(exported(one), want, "resumed on one rank", rtol=WEIGHT_RTOL)
     assert not any(alive(p) for p in one.pids)
     single = reference(tiny_model_dir, "full")  # resume in the single-process learner
     load_dcp_into(single.model, single.optimizer, str(tmp_path / "two"), full=True)
     single.scheduler.load_state_dict(sched["scheduler"])
     single.step(b)
-    assert_close(full_weights(single.model), want, "resumed in one process")
+    assert_close(full_weights(single.model), want, "resumed in one process", rtol=WEIGHT_RTOL)
 
 
 def test_lora_export_and_dcp_checkpoint(tiny_model_dir, lora2, tmp_path):
     ref = reference(tiny_model_dir, "lora")
     put_at_start(lora2, ref, tmp_path / "start", full=False)
+    start_state = dict(sorted(export_lora(ref.model).tensors.items()))
+    assert_close(
+        dict(sorted(lora2.export_lora().tensors.items())), start_state, "LoRA at the start", rtol=0.0
+    )
     a, b = groups_of(1), groups_of(2)
     m_ref, m2 = ref.step(a), lora2.step(a)
     assert abs(m2.loss - m_ref.loss) <= RTOL * abs(m_ref.loss)
@@ -287,11 +299,13 @@ def test_lora_export_and_dcp_checkpoint(tiny_model_dir, lora2, tmp_path):
     want = export_lora(ref.model).tensors
     got = lora2.export_lora(path=tmp_path / "adapter")
     assert got.config["r"] == 4 and got.path == str(tmp_path / "adapter")
-    assert_close(dict(sorted(got.tensors.items())), dict(sorted(want.items())), "LoRA export")
+    assert_close(
+        dict(sorted(got.tensors.items())), dict(sorted(want.items())), "LoRA export", rtol=WEIGHT_RTOL
+    )
     from safetensors.torch import load_file
 
     on_disk = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert_close(dict(sorted(on_disk.items())), dict(sorted(want.items())), "adapter file")
+    assert_close(dict(sorted(on_disk.items())), dict(sorted(want.items())), "adapter file", rtol=WEIGHT_RTOL)
     sched = lora2.save(tmp_path / "two")
     ref.step(b)
     want2 = export_lora(ref.model).tensors
@@ -299,7 +313,10 @@ def test_lora_export_and_dcp_checkpoint(tiny_model_dir, lora2, tmp_path):
     lora2.load(tmp_path / "two", sched)  # resume on two ranks: the second step again
     lora2.step(b)
     assert_close(
-        dict(sorted(lora2.export_lora().tensors.items())), dict(sorted(want2.items())), "LoRA resumed on two"
+        dict(sorted(lora2.export_lora().tensors.items())),
+        dict(sorted(want2.items())),
+        "LoRA resumed on two",
+        rtol=WEIGHT_RTOL,
     )
     single = reference(tiny_model_dir, "lora")  # and in one process
     load_dcp_into(single.model, single.optimizer, str(tmp_path / "two"), full=False)
@@ -309,6 +326,7 @@ def test_lora_export_and_dcp_checkpoint(tiny_model_dir, lora2, tmp_path):
         dict(sorted(export_lora(single.model).tensors.items())),
         dict(sorted(want2.items())),
         "LoRA resumed in one process",
+        rtol=WEIGHT_RTOL,
     )
 
 
@@ -318,7 +336,7 @@ def test_full_save_pretrained_loads_in_transformers(full2, tiny_model_dir, tmp_p
     want = exported(full2)
     out = full2.save_pretrained(tmp_path / "model", tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    assert_close(full_weights(model), want, "saved model")
+    assert_close(full_weights(model), want, "saved model", rtol=0.0)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # re-tied
 
 
