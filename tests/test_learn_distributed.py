@@ -128,6 +128,20 @@ def alive(pid: int) -> bool:
         return False
 
 
+def stray_ranks(cwd) -> list[int]:
+    """Multiprocessing children running in `cwd` whose parent is gone (reparented to init):
+    the rank processes of a finished run that outlived it."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["cmdline", "cwd", "ppid"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "spawn_main" in cmd and p.info["cwd"] == str(cwd):
+            if p.info["ppid"] in (0, 1) or not psutil.pid_exists(p.info["ppid"]):
+                out.append(p.pid)
+    return out
+
+
 # ----------------------------------------------------------------------------- pure parts
 
 
@@ -338,6 +352,28 @@ def test_full_save_pretrained_loads_in_transformers(full2, tiny_model_dir, tmp_p
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert_close(full_weights(model), want, "saved model", rtol=0.0)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # re-tied
+
+
+def test_training_loop_with_two_ranks_trains_checkpoints_resumes_and_ends_its_ranks(tmp_path, tiny_model_dir):
+    """`python -m trustee.run configs/cpu-tiny.toml --set placement.learner_ranks=2` (shrunk as in
+    test_train.py): two steps with DCP checkpoints, then a third step resumed from them; no
+    rank process is alive after either run."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_train import ROOT, _run, _steps
+
+    out = tmp_path / "run"
+    for steps in (2, 3):
+        r = _run(tiny_model_dir, out, steps, "--set", "placement.learner_ranks=2")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert not stray_ranks(ROOT), "a learner rank outlived the run"
+    recs = _steps(out)
+    assert [x["step"] for x in recs] == [0, 1, 2]
+    assert [x["policy_version"] for x in recs] == [1.0, 2.0, 2.0]  # resume pushed the restored adapter first
+    assert recs[-1]["learn/step"] == 3  # the ranks' schedule and step counter came back from DCP
+    assert (out / "checkpoints" / "step-000001" / "learner-dcp" / ".metadata").exists()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_a_dead_rank_raises_and_leaves_no_process(lora2):

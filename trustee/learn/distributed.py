@@ -135,7 +135,13 @@ class DistributedLearner:
             raise
         self.load_s = max(x["load_s"] for x in ready)
         self.pids = [x["pid"] for x in ready]
-        log.info("learner: %d FSDP2 ranks (%s) ready in %.1fs", spec.world_size, spec.device, self.load_s)
+        log.info(
+            "learner: %d FSDP2 ranks (%s) ready in %.1fs, pids %s",
+            spec.world_size,
+            spec.device,
+            self.load_s,
+            self.pids,
+        )
 
     # ------------------------------------------------------------------ pipes
 
