@@ -19,4 +19,4 @@ print(f"torch {torch.__version__}; CUDA available: {torch.cuda.is_available()}; 
 for i in range(torch.cuda.device_count()):
     print(f"  cuda:{i} {torch.cuda.get_device_name(i)}")
 PYEOF
-exec timeout 480 "$PY" tools/gpu_check.py "$@"
+exec timeout 600 "$PY" tools/gpu_check.py "$@"
