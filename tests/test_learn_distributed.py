@@ -354,6 +354,7 @@ def test_full_save_pretrained_loads_in_transformers(full2, tiny_model_dir, tmp_p
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # re-tied
 
 
+@pytest.mark.slow  # two runs of two ranks each: 512 s measured on 2 shared cores at load ~15
 def test_training_loop_with_two_ranks_trains_checkpoints_resumes_and_ends_its_ranks(tmp_path, tiny_model_dir):
     """`python -m trustee.run configs/cpu-tiny.toml --set placement.learner_ranks=2` (shrunk as in
     test_train.py): two steps with DCP checkpoints, then a third step resumed from them; no
