@@ -99,7 +99,8 @@ class DistributedLearner:
     (DCP), `save_pretrained`, `close` (ends every rank; also on errors and at exit).
 
     mode: 'lora' or 'full' (spec.learner.mode). export_dtype: dtype of exported full weights
-    (the engine's, e.g. 'bfloat16'); None keeps the master dtype.
+    (the engine's, e.g. 'bfloat16'); None keeps the master dtype. Build it on a long-lived
+    thread (not in `anyio.to_thread`): the ranks' parent-death signal follows that thread.
     """
 
     def __init__(

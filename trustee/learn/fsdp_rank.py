@@ -166,7 +166,9 @@ def _sum_gradients(module) -> None:
 
 
 def _die_with_parent() -> None:
-    """Linux: get SIGTERM when the parent process dies, so no rank outlives a killed run."""
+    """Linux: get SIGTERM when the parent dies, so no rank outlives a killed run. The signal
+    follows the *thread* that started the rank (prctl(2)), so `DistributedLearner` must be
+    built on a thread that lives as long as the run (train.py: the event loop's thread)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
