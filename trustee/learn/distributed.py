@@ -170,7 +170,7 @@ class DistributedLearner:
     def _read(self, r: int) -> tuple[str, Any]:
         try:
             kind, payload = self._conns[r].recv()
-        except EOFError:
+        except (EOFError, OSError):  # a killed rank: EOF, or ECONNRESET when it left data unread
             raise RankError(self._death(r)) from None
         if kind == "error":
             raise RankError(payload)
