@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,16 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(
-    run_dir: str | os.PathLike, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int = 2
+    run_dir: str | os.PathLike,
+    step: int,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    keep: int = 2,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically and prune to the newest `keep`. Returns its path."""
+    """Write checkpoint `step` atomically and prune to the newest `keep`. Returns its path.
+    write_extra(tmp_dir): called first, for files other processes write into the checkpoint
+    (the FSDP learner's DCP shards, which fsync themselves); it may still add to `state`."""
     root = _dir(Path(run_dir))
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:06d}"
@@ -48,10 +56,13 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp.mkdir()
+        if write_extra is not None:
+            write_extra(tmp)
         torch.save(state, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1, sort_keys=True))
-        (tmp / _MARKER).write_text("ok\n")
-        for f in tmp.iterdir():
+        (tmp / _MARKER).write_text("ok
+")
+        for f in (f for f in tmp.iterdir() if f.is_file()):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     except BaseException:

@@ -276,11 +276,15 @@ def environment_problems(env: EnvironmentConfig) -> list[Problem]:
             ("uses_simulator", env.uses_simulator, False),
         ):
             if value != default:
-                p.append(Problem(f"environment.{name}", value, f"only used with kind 'python' (kind is {kind!r})"))
+                p.append(
+                    Problem(f"environment.{name}", value, f"only used with kind 'python' (kind is {kind!r})")
+                )
     tf = env.tasks_file
     if kind == "tasks_file":
         if not tf.path:
-            p.append(Problem("environment.tasks_file.path", "", "kind 'tasks_file' needs a JSONL file of tasks"))
+            p.append(
+                Problem("environment.tasks_file.path", "", "kind 'tasks_file' needs a JSONL file of tasks")
+            )
         if tf.tools == "python" and not tf.tools_module:
             p.append(
                 Problem(
@@ -309,7 +313,13 @@ def environment_problems(env: EnvironmentConfig) -> list[Problem]:
                 )
             )
     elif tf != TasksFileConfig():
-        p.append(Problem("environment.tasks_file", msgspec.to_builtins(tf), f"only used with kind 'tasks_file' (kind is {kind!r})"))
+        p.append(
+            Problem(
+                "environment.tasks_file",
+                msgspec.to_builtins(tf),
+                f"only used with kind 'tasks_file' (kind is {kind!r})",
+            )
+        )
     return p
 
 
@@ -433,6 +443,8 @@ class PlacementConfig(Section, kw_only=True):
     """GPU ids of the learner, one rank per id; empty = one rank on the CPU."""
     gpu_memory_gib: PosFloat = 80.0
     """Memory of one GPU in GiB: every phase of the plan (`--dry-run`) must fit under it; a real run checks the device's own figure."""
+    learner_ranks: Positive = 1
+    """Learner processes (FSDP2 ranks, started by the run; no torchrun): 1 = the single-process learner; N > 1 shards full or LoRA training over N processes, one per GPU in learner_gpus (NCCL), or N CPU processes (gloo) when learner_gpus is empty."""
 
 
 # ----------------------------------------------------------------------------- curriculum
@@ -900,7 +912,9 @@ def _placement_problems(cfg: Config) -> list[Problem]:
             )
         if e.backend == "openai" and gpus:
             p.append(
-                Problem(f"placement.{role}_gpus", gpus, "a remote (openai) engine runs on no local GPU; set []")
+                Problem(
+                    f"placement.{role}_gpus", gpus, "a remote (openai) engine runs on no local GPU; set []"
+                )
             )
     if len(set(pl.learner_gpus)) != len(pl.learner_gpus):
         p.append(Problem("placement.learner_gpus", pl.learner_gpus, "lists a GPU twice"))
@@ -972,6 +986,23 @@ def _placement_problems(cfg: Config) -> list[Problem]:
                         "there (out of memory); use placement.mode = 'colocate' (engines sleep) or move the learner",
                     )
                 )
+    if pl.learner_ranks > 1 and pl.learner_gpus and len(pl.learner_gpus) != pl.learner_ranks:
+        p.append(
+            Problem(
+                "placement.learner_ranks",
+                pl.learner_ranks,
+                f"each learner rank needs its own GPU, but placement.learner_gpus = {pl.learner_gpus}; "
+                f"list {pl.learner_ranks} GPUs or set learner_ranks = {len(pl.learner_gpus)}",
+            )
+        )
+    if pl.learner_ranks > 1 and cfg.learner.mode == "qlora":
+        p.append(
+            Problem(
+                "placement.learner_ranks",
+                pl.learner_ranks,
+                "QLoRA's 4-bit base is not sharded by the FSDP2 learner; use learner_ranks = 1, or mode 'lora' / 'full'",
+            )
+        )
     if pl.mode == "split":
         if not learner:
             p.append(
@@ -999,7 +1030,9 @@ def _placement_problems(cfg: Config) -> list[Problem]:
         on = [r for r in local if gpu in gpus_of[r] and getattr(eng, r).kv_cache_gib == 0]
         total = sum(getattr(eng, r).gpu_memory_utilization for r in on)
         if total > 1.0:
-            shares = " + ".join(f"engines.{r}.gpu_memory_utilization ({getattr(eng, r).gpu_memory_utilization})" for r in on)
+            shares = " + ".join(
+                f"engines.{r}.gpu_memory_utilization ({getattr(eng, r).gpu_memory_utilization})" for r in on
+            )
             p.append(
                 Problem(
                     f"engines.{on[-1]}.gpu_memory_utilization",

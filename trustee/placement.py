@@ -179,8 +179,8 @@ GRAPHS_GIB = 0.75
 
 
 def learner_ranks(cfg: Config) -> int:
-    """Learner ranks: one per listed learner GPU, or one on the CPU."""
-    return max(1, len(cfg.placement.learner_gpus))
+    """Learner ranks (placement.learner_ranks; on GPUs one per listed learner GPU)."""
+    return max(cfg.placement.learner_ranks, len(cfg.placement.learner_gpus), 1)
 
 
 def policy_sleep_level(cfg: Config) -> int:
@@ -430,6 +430,10 @@ def build_learner(cfg: Config, res: Resolved, tokenizer: Any) -> Any:
     the first learner GPU or the CPU. A multi-rank (FSDP2) learner with the same interface
     (`step_async(groups)`, `.model`, `.policy.mode`, `.optimizer`, `.scheduler`, `.step_count`)
     plugs in here."""
+    if cfg.placement.learner_ranks > 1:  # FSDP2 ranks in processes of their own (learn/distributed.py)
+        from trustee.learn.distributed import build_distributed_learner
+
+        return build_distributed_learner(cfg, res, pad_id=tokenizer.pad_token_id or 0)
     import torch
 
     from trustee.learn.learner import Learner
@@ -458,8 +462,11 @@ def weight_update(learner: Any, run_dir: Path | None = None, needs_path: bool = 
     loads adapters from disk, vLLM, writes its own temporary PEFT directory; RUN/adapter is
     written only at checkpoints and the end, by trustee/resume.py) or the full weights,
     streamed in chunks. `run_dir` / `needs_path` are accepted for older callers and unused."""
+    from trustee.learn.distributed import DistributedLearner
     from trustee.learn.export import export_full, export_lora
 
+    if isinstance(learner, DistributedLearner):  # streamed from the ranks' shards
+        return learner.export_full() if learner.mode == "full" else learner.export_lora(tensors=True)
     if learner.policy.mode in ("lora", "qlora"):
         return export_lora(learner.model, path=None, tensors=True)
     return export_full(learner.model)

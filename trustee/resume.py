@@ -186,14 +186,23 @@ def save_state(run: Any, step: int, at: Boundary | None = None) -> Path:
     """Checkpoint the run after `step` (RNGs from `at` when given, else their current state), then
     export the policy tied to that step. Raises OSError when the disk refuses; the previous
     checkpoint is then untouched (checkpoint.save_checkpoint writes beside it and renames)."""
+    from trustee.learn.distributed import DistributedLearner, checkpoint_state
+
     at = at or boundary(run, step)
     learner = run.learner
-    state = {
-        "trainable": {
-            n: p.detach().cpu().clone() for n, p in learner.model.named_parameters() if p.requires_grad
-        },
-        "optimizer": learner.optimizer.state_dict(),
-        "scheduler": learner.scheduler.state_dict(),
+    extra = None
+    if isinstance(learner, DistributedLearner):  # the ranks write DCP shards into the checkpoint
+        state: dict[str, Any] = {}
+        extra = lambda d: state.update(learner_schedule=checkpoint_state(learner, d))  # noqa: E731
+    else:
+        state = {
+            "trainable": {
+                n: p.detach().cpu().clone() for n, p in learner.model.named_parameters() if p.requires_grad
+            },
+            "optimizer": learner.optimizer.state_dict(),
+            "scheduler": learner.scheduler.state_dict(),
+        }
+    state |= {
         "rng": at.python,
         "torch_rng": at.torch_cpu,
         "cuda_rng": at.torch_cuda,
@@ -207,8 +216,8 @@ def save_state(run: Any, step: int, at: Boundary | None = None) -> Path:
         "wandb_id": run.log.wandb_id if hasattr(run, "log") else None,
         "config": json.loads(msgspec.json.encode(run.cfg)),
     }
-    path = save_checkpoint(run.run_dir, step, state, meta, keep=run.cfg.checkpoint.keep)
-    if learner.policy.mode in ("lora", "qlora"):
+    path = save_checkpoint(run.run_dir, step, state, meta, keep=run.cfg.checkpoint.keep, write_extra=extra)
+    if _mode(learner) in ("lora", "qlora"):
         export_policy(run, step)
     return path
 
@@ -218,9 +227,36 @@ def restore_state(run: Any, ckpt: Path) -> dict[str, Any]:
     The caller pushes the weights to the policy engine and then sets the version
     (`finish_restore`)."""
     from trustee.curriculum import CurriculumState
+    from trustee.learn.distributed import DistributedLearner, resume_state
 
     state, meta = load_checkpoint(ckpt)
     learner = run.learner
+    if isinstance(learner, DistributedLearner):
+        resume_state(learner, ckpt, state["learner_schedule"])
+    else:
+        _restore_single(learner, state, ckpt)
+    learner.step_count = int(meta["learner_steps"])
+    run.curriculum.load_state(msgspec.convert(meta["curriculum"], CurriculumState))
+    run.rng.setstate(state["rng"])
+    if state.get("torch_rng") is not None:
+        torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    for role, engine in _engines(run).items():
+        saved_rng = state.get("engine_rng", {}).get(role)
+        if saved_rng is not None and hasattr(engine, "set_rng_state"):
+            engine.set_rng_state(saved_rng)
+    truncate_logs(run.run_dir, int(meta["step"]))
+    return meta
+
+
+def _mode(learner: Any) -> str:
+    """'lora' / 'qlora' / 'full' of either learner."""
+    return getattr(learner, "mode", None) or learner.policy.mode
+
+
+def _restore_single(learner: Any, state: dict[str, Any], ckpt: Path) -> None:
+    """The single-process learner's trainable weights, optimiser and schedule."""
     params = dict(learner.model.named_parameters())
     saved = state["trainable"]
     unknown = sorted(set(saved) - set(params))
@@ -237,19 +273,6 @@ def restore_state(run: Any, ckpt: Path) -> dict[str, Any]:
             params[name].copy_(t.to(params[name].device, params[name].dtype))
     learner.optimizer.load_state_dict(state["optimizer"])
     learner.scheduler.load_state_dict(state["scheduler"])
-    learner.step_count = int(meta["learner_steps"])
-    run.curriculum.load_state(msgspec.convert(meta["curriculum"], CurriculumState))
-    run.rng.setstate(state["rng"])
-    if state.get("torch_rng") is not None:
-        torch.set_rng_state(state["torch_rng"])
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    for role, engine in _engines(run).items():
-        saved_rng = state.get("engine_rng", {}).get(role)
-        if saved_rng is not None and hasattr(engine, "set_rng_state"):
-            engine.set_rng_state(saved_rng)
-    truncate_logs(run.run_dir, int(meta["step"]))
-    return meta
 
 
 def truncate_logs(run_dir: Path, last_step: int) -> dict[str, int]:
@@ -305,7 +328,9 @@ def export_policy(run: Any, step: int) -> Path:
     from trustee.learn.export import export_lora
 
     run_dir = Path(run.run_dir)
-    lora = run.learner.policy.mode in ("lora", "qlora")
+    from trustee.learn.distributed import DistributedLearner
+
+    lora = _mode(run.learner) in ("lora", "qlora")
     kind = "adapter" if lora else "model"
     exports = run_dir / "exports"
     exports.mkdir(parents=True, exist_ok=True)
@@ -313,7 +338,11 @@ def export_policy(run: Any, step: int) -> Path:
     tmp = exports / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    if lora:
+    if isinstance(run.learner, DistributedLearner):
+        run.learner.save_pretrained(tmp, run.res.policy_model)
+        if not lora:
+            run.tokenizer.save_pretrained(tmp)
+    elif lora:
         export_lora(run.learner.model, path=tmp, tensors=False)
     else:
         run.learner.model.save_pretrained(tmp)
@@ -333,7 +362,7 @@ def export_final(run: Any) -> Path:
     """The end of a run: publish the policy after the last step, unless the final checkpoint
     already exported exactly that (LoRA adapters are exported with every checkpoint)."""
     last = run.cfg.grpo.steps - 1
-    kind = "adapter" if run.learner.policy.mode in ("lora", "qlora") else "model"
+    kind = "adapter" if _mode(run.learner) in ("lora", "qlora") else "model"
     if exported_step(run.run_dir, kind) == last:
         return Path(run.run_dir) / kind
     return export_policy(run, last)

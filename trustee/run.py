@@ -120,10 +120,11 @@ def _model_checks(cfg: Config, build: bool) -> list[str]:
 
 def _unsupported_problem(cfg: Config) -> str:
     """A setting this version cannot run on any machine ('' when none)."""
-    if len(cfg.placement.learner_gpus) > 1:
+    pl = cfg.placement
+    if len(pl.learner_gpus) > 1 and pl.learner_ranks != len(pl.learner_gpus):
         return (
-            f"placement.learner_gpus = {cfg.placement.learner_gpus}: a learner spread over several GPUs (FSDP2 ranks) "
-            "is not implemented yet; list one GPU for the learner (LoRA/QLoRA, or full fine-tuning that fits one GPU)"
+            f"placement.learner_gpus = {pl.learner_gpus} with placement.learner_ranks = {pl.learner_ranks}: a learner "
+            f"over several GPUs runs one FSDP2 rank per GPU; set placement.learner_ranks = {len(pl.learner_gpus)}"
         )
     return ""
 
@@ -135,6 +136,11 @@ def _hardware_problem(cfg: Config, res: Resolved) -> str:
     import torch
 
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if len(cfg.placement.learner_gpus) > 1 and cfg.placement.learner_ranks == 1:
+        return (
+            f"placement.learner_gpus = {cfg.placement.learner_gpus} with placement.learner_ranks = 1: a learner over "
+            f"several GPUs runs one FSDP2 rank per GPU; set placement.learner_ranks = {len(cfg.placement.learner_gpus)}"
+        )
     if have < res.gpus_required:
         pl = cfg.placement
         return (

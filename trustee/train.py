@@ -388,6 +388,9 @@ class _Run:
         return resume.export_final(self)
 
     async def close(self) -> None:
+        close_learner = getattr(getattr(self, "learner", None), "close", None)
+        if close_learner is not None:  # the FSDP2 learner ends its rank processes
+            close_learner()
         if hasattr(self, "log"):
             self.log.close()
         if hasattr(self, "placement"):

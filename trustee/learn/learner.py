@@ -306,14 +306,15 @@ class Learner:
     # ------------------------------------------------------------------ one step
 
     def accumulate(
-        self, samples: list[Sample], old: list[torch.Tensor] | None = None
+        self, samples: list[Sample], old: list[torch.Tensor] | None = None, norm: LossNorm | None = None
     ) -> tuple[float, TokenLossParts, list[MicroBatch]]:
         """Zero the grads and accumulate the gradient of `samples` (one optimiser update's
         worth); no optimiser step. old: per-sample proximal log-probs (`old_logprobs`), or
-        None for a single update per batch."""
+        None for a single update per batch; norm: the step normaliser when the caller computed
+        it over all ranks (FSDP learner)."""
         for i, s in enumerate(samples):
             check_sample(s, i)
-        norm = self.norm_for(samples)
+        norm = self.norm_for(samples) if norm is None else norm
         mbs = self.micro_batches(samples)
         self.optimizer.zero_grad(set_to_none=True)
         total, parts = 0.0, TokenLossParts()
@@ -369,7 +370,9 @@ class Learner:
             if math.isfinite(loss) and math.isfinite(norm):
                 self.optimizer.step()
             else:  # a non-finite loss or gradient would poison the weights and Adam's moments: skip
-                log.warning("learner: non-finite loss %s / grad norm %s; optimiser update skipped", loss, norm)
+                log.warning(
+                    "learner: non-finite loss %s / grad norm %s; optimiser update skipped", loss, norm
+                )
                 self.optimizer.zero_grad(set_to_none=True)
                 skipped += 1
             norms.append(norm)

@@ -1,0 +1,464 @@
+"""One learner rank: an FSDP2-sharded policy, its optimiser, and a command loop on a pipe.
+
+Owns what runs *inside* each learner process started by `learn/distributed.py`:
+`RankSpec` (everything a rank needs to build itself), `shard_policy` (FSDP2 per decoder
+layer, mixed precision on GPU), `RankWorker` (the handlers: step, gradients, exports, DCP
+save/load) and `rank_main` (the process entry point). Does not decide which samples a
+rank gets (the parent balances them) or talk to engines (the parent turns exports into
+engine updates).
+
+Sharding (torch 2.13 `torch.distributed.fsdp.fully_shard`):
+- each decoder layer is its own FSDP group (all-gather before its forward, reduce-scatter
+  after its backward);
+- the model body (embeddings, final norm) *and the lm_head* form the root group. The head is
+  attached to the body as a submodule only while `fully_shard(body)` runs, so its weight
+  joins the root group without FSDP hooks of its own. This matters because
+  `learn/logprobs.py` calls the head once per chunk of loss tokens: a head with its own
+  hooks would all-gather and reduce-scatter once per chunk, and ranks holding different
+  token counts would issue different numbers of collectives (a hang). The root group is not
+  resharded after forward (FSDP2's default for the root), so the head's chunks use the
+  gathered weight, and its gradient is reduce-scattered once, in the root's post-backward
+  callback. Tied embeddings (the tiny models, small Qwen3s) are one parameter in that group.
+- gradients are *summed* over ranks (`set_gradient_divide_factor(1.0)` with sum-only comms) and every rank uses
+  the step's global normaliser (`LossNorm` over all ranks' sequences, computed by the
+  parent), so the summed gradient is the single-process gradient for every loss type.
+- every rank runs the same number of micro-batches (the most any rank needs); a rank with
+  fewer runs "idle" passes, a forward and backward of one token with zero loss weight, so
+  the collectives pair up.
+
+On GPU: bf16 compute parameters, fp32 gradient reduction (`MixedPrecisionPolicy`), fp32
+sharded master weights for full fine-tuning (each layer is upcast on the CPU just before it
+is sharded), activation checkpointing from `learn/policy.py` (transformers' non-reentrant
+checkpointing; FSDP2's pre-forward hook skips the recompute, `_fsdp_state.py`), AdamW state
+on the local shards only. On CPU (gloo): the model's dtype, no mixed precision.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import io
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, Literal
+
+import msgspec
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trustee.config import GrpoConfig, LearnerConfig
+from trustee.learn.grpo import LossNorm, TokenLossParts
+from trustee.learn.packing import Sample, build_packed
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PG_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+class RankSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What every rank needs to build its shard of the learner (sent pickled at spawn).
+
+    device 'cuda': rank r uses GPU `gpus[r]` and NCCL; 'cpu': gloo, `threads` torch threads.
+    dtype: the compute dtype (bf16 on GPU; float32 on CPU keeps the tests exact).
+    seed: torch's seed before the policy is built, the same on every rank, so the LoRA
+    initialisation is one model (each rank shards its own copy).
+    """
+
+    model_path: str
+    learner: LearnerConfig
+    grpo: GrpoConfig
+    temperature: float
+    total_steps: int
+    world_size: int
+    init_method: str
+    device: Literal["cpu", "cuda"] = "cpu"
+    gpus: list[int] = msgspec.field(default_factory=list)
+    dtype: str = "float32"
+    pad_id: int = 0
+    threads: int = 1
+    seed: int = 0
+
+
+class RankStep(msgspec.Struct, kw_only=True):
+    """One rank's share of a step (summed / maxed by the parent into StepMetrics)."""
+
+    loss: float
+    parts: TokenLossParts
+    micro_batches: int
+    idle_passes: int
+    input_tokens: int
+    grad_norm: float
+    lr: float
+    peak_mem_bytes: int
+
+
+# ----------------------------------------------------------------------------- tensors over a pipe
+
+
+def pack_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
+    """Tensors as safetensors bytes: a plain byte string crosses the pipe (no shared-memory
+    file descriptors, nothing left behind if a process dies). The key order, which
+    safetensors does not keep, travels in the header's metadata."""
+    from safetensors.torch import save
+
+    order = json.dumps(list(tensors))
+    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"order": order})
+
+
+def unpack_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """`pack_tensors` undone, in the packed key order."""
+    from safetensors.torch import load
+
+    n = int.from_bytes(data[:8], "little")  # safetensors: u64 header length, then a JSON header
+    order = json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["order"])
+    loaded = load(data)
+    return {k: loaded[k] for k in order}
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (an all-gather: every rank must call it in the same
+    order), or `t` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_policy(model: nn.Module, mesh, *, mp_policy, master_dtype: torch.dtype | None) -> None:
+    """fully_shard every decoder layer, then the body with the lm_head in its group (see the
+    module docstring). master_dtype: upcast each group to this dtype on the CPU just before
+    it is sharded (fp32 master weights for full fine-tuning on GPU); None keeps dtypes."""
+    from torch.distributed.fsdp import fully_shard
+
+    from trustee.learn.logprobs import split_causal_lm
+
+    body, head = split_causal_lm(model)
+    layers = getattr(body, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(body).__name__} has no `layers`; the FSDP learner shards decoder layers")
+    for layer in layers:
+        if master_dtype is not None:
+            layer.to(master_dtype)
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+        _sum_gradients(layer)
+    body.add_module("_trustee_lm_head", head)  # only so the head's weight joins the root group
+    try:
+        if master_dtype is not None:
+            body.to(master_dtype)  # the rest: embeddings, norm, head (layers are already sharded)
+        fully_shard(body, mesh=mesh, mp_policy=mp_policy)
+    finally:
+        delattr(body, "_trustee_lm_head")
+    _sum_gradients(body)
+
+
+def _sum_gradients(module) -> None:
+    """Reduce gradients with a plain SUM over ranks: divide factor 1, and no PREMUL_SUM op
+    (which gloo lacks; `_fsdp_collectives._get_gradient_divide_factors`)."""
+    module.set_gradient_divide_factor(1.0)
+    module.set_force_sum_reduction_for_comms(True)
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the parent dies, so no rank outlives a killed run. The signal
+    follows the *thread* that started the rank (prctl(2)), so `DistributedLearner` must be
+    built on a thread that lives as long as the run (train.py: the event loop's thread)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the parent's pipe closing (EOFError) still ends the loop
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+class RankWorker:
+    """The learner shard of one rank. Every handler is collective: all ranks run it with the
+    same arguments except `step`'s samples; only rank 0's return value reaches the user."""
+
+    def __init__(self, rank: int, spec: RankSpec, device: torch.device):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        from trustee.learn.learner import Learner
+        from trustee.learn.policy import load_policy
+
+        self.rank, self.spec, self.device = rank, spec, device
+        dtype = _DTYPES[spec.dtype]
+        mode = spec.learner.mode
+        if mode == "qlora":
+            raise ValueError(
+                "learner.mode = 'qlora' cannot be sharded with FSDP2 here; use placement.learner_ranks = 1"
+            )
+        on_gpu = device.type == "cuda"
+        mp = (
+            MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+            if on_gpu
+            else MixedPrecisionPolicy()
+        )
+        master = torch.float32 if on_gpu and mode == "full" else None
+        torch.manual_seed(spec.seed)
+        # Every rank loads the model on the CPU (safetensors are memory-mapped); sharding moves
+        # the rank's shard to its device and frees the rest, one group at a time.
+        policy = load_policy(
+            spec.model_path,
+            spec.learner,
+            device="cpu",
+            dtype=dtype,
+            need_reference=spec.grpo.beta > 0 and mode == "full",
+        )
+        self.mesh = init_device_mesh(device.type, (spec.world_size,))
+        # HF order, for exports; sharding re-registers parameters in another order.
+        self.names = list(policy.model.state_dict().keys())
+        self.trainable = [n for n, p in policy.model.named_parameters() if p.requires_grad]
+        shard_policy(policy.model, self.mesh, mp_policy=mp, master_dtype=master)
+        if policy.ref_model is not None:
+            shard_policy(policy.ref_model, self.mesh, mp_policy=mp, master_dtype=None)
+        self.policy = policy
+        self.learner = Learner(
+            policy,
+            spec.grpo,
+            spec.learner,
+            temperature=spec.temperature,
+            total_steps=spec.total_steps,
+            pad_id=spec.pad_id,
+        )
+        self.handlers: dict[str, Callable[..., Any]] = {
+            "step": self.step,
+            "gradients": self.gradients,
+            "export_lora": self.export_lora,
+            "export_full": self.export_full,
+            "save": self.save,
+            "load": self.load,
+        }
+
+    @property
+    def model(self) -> nn.Module:
+        return self.policy.model
+
+    # ------------------------------------------------------------------ steps
+
+    def _max_over_ranks(self, n: int) -> int:
+        t = torch.tensor([n], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def _idle_pass(self) -> None:
+        """A forward and backward with zero loss weight: issues the same collectives as a real
+        micro-batch, changes no gradient."""
+        from trustee.learn.logprobs import token_logprobs
+
+        pad = self.spec.pad_id
+        mb = build_packed(
+            [Sample(tokens=[pad, pad], loss_mask=[0, 1], sampler_logprobs=[0.0, 0.0], advantage=0.0)], [0]
+        )
+        chunk, temp = self.spec.learner.logprob_chunk, self.spec.temperature
+        if self.spec.grpo.beta > 0:
+            with torch.no_grad(), self.policy.reference() as ref:
+                token_logprobs(ref, mb, temperature=temp, chunk=chunk)
+        logp, _ = token_logprobs(self.model, mb, temperature=temp, chunk=chunk)
+        (logp.sum() * 0.0).backward()
+
+    def _accumulate(
+        self, samples: list[Sample], norm: LossNorm
+    ) -> tuple[float, TokenLossParts, int, int, int]:
+        """The step's gradient on this rank, summed over ranks by FSDP; (loss share, parts,
+        real micro-batches, idle passes, input tokens)."""
+        mine = len(self.learner.micro_batches(samples)) if samples else 0
+        most = self._max_over_ranks(mine)
+        if samples:
+            loss, parts, mbs = self.learner.accumulate(samples, norm=norm)
+        else:
+            self.learner.optimizer.zero_grad(set_to_none=True)
+            loss, parts, mbs = 0.0, TokenLossParts(), []
+        assert len(mbs) == mine, f"micro-batch plan changed: {len(mbs)} != {mine}"
+        for _ in range(most - mine):
+            self._idle_pass()
+        return loss, parts, mine, most - mine, sum(mb.n_input_tokens for mb in mbs)
+
+    def step(self, samples: list[Sample], norm: LossNorm) -> RankStep:
+        from trustee.learn.learner import peak_memory, reset_peak_memory
+
+        reset_peak_memory(self.device)
+        loss, parts, n_mb, idle, n_in = self._accumulate(samples, norm)
+        params = self.policy.trainable_parameters()
+        cfg = self.spec.learner
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+        lr = self.learner.scheduler.get_last_lr()[0]
+        self.learner.optimizer.step()
+        self.learner.scheduler.step()
+        self.learner.step_count += 1
+        return RankStep(
+            loss=loss,
+            parts=parts,
+            micro_batches=n_mb,
+            idle_passes=idle,
+            input_tokens=n_in,
+            grad_norm=grad_norm,
+            lr=lr,
+            peak_mem_bytes=peak_memory(self.device),
+        )
+
+    def gradients(self, samples: list[Sample], norm: LossNorm) -> tuple[float, bytes | None]:
+        """Accumulate without stepping; (this rank's loss share, rank 0: the full gradients of
+        the trainable parameters as packed tensors). For tests and the GPU check."""
+        loss, *_ = self._accumulate(samples, norm)
+        params = dict(self.model.named_parameters())
+        grads = {name: _full(params[name].grad).to("cpu") for name in self.trainable}
+        return loss, pack_tensors(grads) if self.rank == 0 else None
+
+    # ------------------------------------------------------------------ exports
+
+    @torch.no_grad()
+    def export_lora(self) -> tuple[bytes, dict[str, Any]] | None:
+        """Rank 0: (PEFT-named adapter tensors, packed; the LoraConfig as plain JSON types)."""
+        from peft import get_peft_model_state_dict
+
+        from trustee.learn.export import lora_config_dict
+
+        state = get_peft_model_state_dict(self.model)
+        full = {k: _full(v).to("cpu") for k, v in state.items()}  # same key order on every rank
+        return (pack_tensors(full), lora_config_dict(self.model)) if self.rank == 0 else None
+
+    @torch.no_grad()
+    def export_full(self, chunk_bytes: int, dtype: str | None, conn) -> None:
+        """Stream every weight (HF names, tied weights once) to the parent from rank 0, one chunk
+        of about chunk_bytes at a time; a chunk is sent only after the parent took the last one,
+        so at most one chunk beyond the shards exists on any device."""
+        if hasattr(self.model, "peft_config"):
+            raise TypeError("export_full is for learner.mode = 'full'; a LoRA learner exports its adapter")
+        out_dtype = _DTYPES[dtype] if dtype else None
+        seen: set[int] = set()
+        chunk: dict[str, torch.Tensor] = {}
+        size, streaming = 0, True
+
+        def flush() -> None:
+            nonlocal chunk, size, streaming
+            if self.rank == 0 and streaming and chunk:
+                conn.send(("chunk", pack_tensors(chunk)))
+                streaming = conn.recv() == "next"  # 'stop': the parent gave up on this export
+            chunk, size = {}, 0
+
+        state = self.model.state_dict(keep_vars=True)
+        for name in self.names:
+            t = state[name]
+            if id(t) in seen:  # tied weights: engines re-tie on load
+                continue
+            seen.add(id(t))
+            w = _full(t).detach()
+            if self.rank == 0:
+                w = w.to("cpu", out_dtype) if out_dtype is not None else w.to("cpu")
+                chunk[name] = w
+                size += w.numel() * w.element_size()
+            del w
+            if size >= chunk_bytes:
+                flush()
+        flush()
+
+    # ------------------------------------------------------------------ DCP checkpoints
+
+    def _dcp_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        frozen_out = self.policy.mode != "full"
+        opts = StateDictOptions(ignore_frozen_params=frozen_out)
+        self.learner.optimizer.zero_grad(set_to_none=True)  # see load_dcp_into
+        model_sd, optim_sd = get_state_dict(self.model, self.learner.optimizer, options=opts)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save(self, path: str) -> dict[str, Any] | None:
+        """Sharded checkpoint of the trainable weights and AdamW state into directory `path`
+        (DCP: each rank writes its shards, rank 0 the metadata). Rank 0 returns the schedule."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._dcp_state(), checkpoint_id=path)
+        if self.rank == 0:
+            return {"scheduler": self.learner.scheduler.state_dict(), "step_count": self.learner.step_count}
+        return None
+
+    def load(self, path: str, schedule: dict[str, Any]) -> None:
+        """Load a DCP checkpoint written by any number of ranks (DCP reshards on read)."""
+        load_dcp_into(self.model, self.learner.optimizer, path, full=self.policy.mode == "full")
+        self.learner.scheduler.load_state_dict(schedule["scheduler"])
+        self.learner.step_count = int(schedule["step_count"])
+
+
+def load_dcp_into(model: nn.Module, optimizer: torch.optim.Optimizer, path: str, *, full: bool) -> None:
+    """Read a learner DCP checkpoint into `model` / `optimizer`, sharded or not: works in an FSDP
+    rank and in a single process without a process group (`dcp.load` then reads locally).
+    full: the checkpoint holds every weight (full fine-tuning), else only trainable ones."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    opts = StateDictOptions(ignore_frozen_params=not full, strict=full)
+    # get_state_dict builds the optimiser template by a zero-lr step on a fresh optimiser, but
+    # skips that when any .grad is set, leaving no state to load into (torch 2.13
+    # `state_dict._init_optim_state`): a resumed AdamW would restart its bias correction.
+    optimizer.zero_grad(set_to_none=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts
+    )
+
+
+# ----------------------------------------------------------------------------- the process
+
+
+def rank_main(rank: int, spec: RankSpec, conn) -> None:
+    """Entry point of a learner process: join the process group, build the shard, then serve
+    (command, kwargs) messages until 'close' or the parent's end of the pipe closes. Replies:
+    ('ok', payload), ('chunk', bytes) while streaming, ('error', traceback) then exit."""
+    _die_with_parent()
+    torch.set_num_threads(spec.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per rank is noise; tqdm's lock would also leak at os._exit
+    if spec.device == "cuda":
+        device = torch.device("cuda", spec.gpus[rank])
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    try:
+        dist.init_process_group(
+            backend, init_method=spec.init_method, rank=rank, world_size=spec.world_size, timeout=PG_TIMEOUT
+        )
+        t0 = time.perf_counter()
+        worker = RankWorker(rank, spec, device)
+        conn.send(("ok", {"load_s": time.perf_counter() - t0, "pid": os.getpid()}))
+        while True:
+            try:
+                cmd, kwargs = conn.recv()
+            except EOFError:
+                break  # the parent is gone
+            if cmd == "close":
+                conn.send(("ok", None))
+                break
+            handler = worker.handlers[cmd]
+            if cmd == "export_full":
+                kwargs = {**kwargs, "conn": conn}
+            conn.send(("ok", handler(**kwargs)))
+    except Exception:  # noqa: BLE001 - the traceback goes to the parent, which raises it
+        buf = io.StringIO()
+        traceback.print_exc(file=buf)
+        try:
+            conn.send(("error", f"rank {rank}: {buf.getvalue()}"))
+        except (BrokenPipeError, OSError):
+            pass
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        conn.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # skip interpreter teardown (seconds of module finalisers on a loaded machine)
