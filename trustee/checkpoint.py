@@ -60,8 +60,7 @@ def save_checkpoint(
             write_extra(tmp)
         torch.save(state, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1, sort_keys=True))
-        (tmp / _MARKER).write_text("ok
-")
+        (tmp / _MARKER).write_text("ok\n")
         for f in (f for f in tmp.iterdir() if f.is_file()):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
