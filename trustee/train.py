@@ -75,7 +75,13 @@ def build_environment(
 
         assert sim_engine is not None
         return build_simulated_env(
-            cfg.simulator, cfg.environment, sim_engine, sim_tokenizer, template=template
+            cfg.simulator,
+            cfg.environment,
+            sim_engine,
+            sim_tokenizer,
+            template=template,
+            max_expected_calls=int(max(cfg.curriculum.aspects.n_expected_calls)),
+            max_model_len=cfg.model.max_model_len,
         )
     if kind == "bfcl":
         from trustee.envs.bfcl import build_bfcl_env
@@ -313,6 +319,9 @@ class _Run:
             (k, [t.reward for t in g.trajectories if t.trainable]) for k, g in zip(knobs, groups, strict=True)
         ]
         scored = [(k, rs) for k, rs in scored if rs]
+        record.update(self.curriculum.aspect_metrics(knobs))  # before update: D the tasks were drawn at
+        if hasattr(self.env, "step_metrics"):  # the simulated environment's sim/* figures
+            record.update(self.env.step_metrics())
         if scored:  # a step where every episode hit a simulator error leaves the curriculum alone
             record.update(
                 self.curriculum.update(
