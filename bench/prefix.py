@@ -261,11 +261,16 @@ def main() -> None:
             line += f" {r['engine_hit_rate']:.3f} |"
         lines.append(line)
     if result["engine_hit_rate"] is not None:
-        lines += ["", f"vLLM prefix-cache counters: hit rate {result['engine_hit_rate']:.3f} "
-                  f"({result['engine_prefix_hits']} / {result['engine_prefix_queries']} tokens)"]
+        lines += [
+            "",
+            f"vLLM prefix-cache counters: hit rate {result['engine_hit_rate']:.3f} "
+            f"({result['engine_prefix_hits']} / {result['engine_prefix_queries']} tokens)",
+        ]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"episodes: {result['episodes']}  tasks failed: {len(result['tasks_failed'])}  wall {result['wall_s']:.1f}s")
+    print(
+        f"episodes: {result['episodes']}  tasks failed: {len(result['tasks_failed'])}  wall {result['wall_s']:.1f}s"
+    )
 
 
 if __name__ == "__main__":

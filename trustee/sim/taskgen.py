@@ -300,7 +300,12 @@ class TaskGenerator:
             )
             history.append(Message(role="assistant", content=answer.text))
             drafts.append(answer.value)
-        return domain, history, [draft_to_spec(d) for d in drafts], [d.name for d in drafts if d.changes_state]
+        return (
+            domain,
+            history,
+            [draft_to_spec(d) for d in drafts],
+            [d.name for d in drafts if d.changes_state],
+        )
 
     async def _scenario(
         self, knobs: Knobs, history: list[Message], tools: list[ToolSpec], *, key: str

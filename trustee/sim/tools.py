@@ -141,9 +141,7 @@ class ToolSimulator:
         the log and the state as they were at the turn's start; the requests and results
         join the log in call order, and the calls that change state join the state."""
         base = list(self.state)
-        requests = [
-            self._request(call, agent_text if i == 0 else "") for i, call in enumerate(calls)
-        ]
+        requests = [self._request(call, agent_text if i == 0 else "") for i, call in enumerate(calls)]
         out = await gather_first_error(
             [lambda c=c, r=r: self._result(log, base, c, r) for c, r in zip(calls, requests, strict=True)]
         )
