@@ -343,3 +343,20 @@ def test_sim_does_not_import_envs():
 
     for path in Path(trustee.sim.__file__).parent.glob("*.py"):
         assert "trustee.envs" not in path.read_text(), path.name
+
+
+def test_every_role_schema_compiles_for_a_real_tokenizer(tiny_tokenizer):
+    """xgrammar builds a grammar for a long text pattern but its compiler (with a tokenizer)
+    rejects repetitions over ~128; `text_pattern` chunks them. Compile what the roles send."""
+    xgr = pytest.importorskip("xgrammar")
+    from trustee.engines.grammar import json_grammar
+    from trustee.sim.judge import RubricVerdict, TrusteeVerdict
+    from trustee.sim.taskgen import ToolDraft, scenario_schema
+
+    info = xgr.TokenizerInfo.from_huggingface(tiny_tokenizer, vocab_size=len(tiny_tokenizer))
+    compiler = xgr.GrammarCompiler(info, max_threads=1)
+    schemas = [schema_of(t) for t in (UserReply, ToolReply, TrusteeVerdict, RubricVerdict, ToolDraft)]
+    schemas.append(scenario_schema([SET, GET], 3))
+    for s in schemas:
+        compiler.compile_grammar(json_grammar(json.dumps(bounded_schema(s))))
+    assert text_pattern(300).count("{") == 3 and worst_case_bytes({"type": "string", "pattern": text_pattern(300)}) == 302

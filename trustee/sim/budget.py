@@ -30,9 +30,24 @@ SEP = 2
 """Bytes of a separator: the grammar writes ", " and ": " (one space, never more)."""
 
 
+TEXT_CHUNK = 128
+"""Longest single repetition in a text pattern: xgrammar 0.2.8's compiler fails a check
+(`per_rule_fsm_hashes`) on `[...]{0,160}` and longer, so longer text is a sequence of
+repetitions of at most this many characters."""
+
+
 def text_pattern(max_chars: int, min_chars: int = 0) -> str:
     """A JSON-schema `pattern` for text of min..max printable ASCII characters."""
-    return f"^{TEXT_CLASS}{{{min_chars},{max_chars}}}$"
+    if min_chars > min(max_chars, TEXT_CHUNK):
+        raise ValueError(f"text_pattern: min_chars = {min_chars} over the first chunk; keep it <= {TEXT_CHUNK}")
+    parts, left, lo = [], max_chars, min_chars
+    while True:
+        n = min(left, TEXT_CHUNK)
+        parts.append(f"{TEXT_CLASS}{{{lo},{n}}}")
+        left, lo = left - n, 0
+        if left <= 0:
+            break
+    return "^" + "".join(parts) + "$"
 
 
 def _json_len(value: Any) -> int:

@@ -57,8 +57,8 @@ def _string(schema: dict[str, Any], rng: random.Random) -> str:
     pattern = schema.get("pattern")
     lo, hi = schema.get("minLength", 1), schema.get("maxLength", 40)
     if pattern and pattern.startswith("^" + TEXT_CLASS):  # the roles' text: words within the bound
-        m = re.search(r"\{(\d+),(\d+)\}\$$", pattern)
-        lo, hi = (int(m.group(1)), int(m.group(2))) if m else (0, 40)
+        bounds = [(int(a), int(b)) for a, b in re.findall(r"\{(\d+),(\d+)\}", pattern)]
+        lo, hi = (sum(a for a, _ in bounds), sum(b for _, b in bounds)) if bounds else (0, 40)
     elif pattern:  # identifier form
         m = re.search(r"\{(\d+),(\d+)\}", pattern)
         lo = int(m.group(1)) if m else 2
