@@ -208,7 +208,12 @@ def main() -> None:
     p.add_argument("--tasks", type=int, default=16)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--difficulty", type=float, default=30.0)
-    p.add_argument("--block-size", type=int, default=16, help="vLLM KV block size (and the block model's); vLLM CPU attention needs a multiple of 32")
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=16,
+        help="vLLM KV block size (and the block model's); vLLM CPU attention needs a multiple of 32",
+    )
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--kv-cache-gib", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)

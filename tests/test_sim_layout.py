@@ -359,4 +359,7 @@ def test_every_role_schema_compiles_for_a_real_tokenizer(tiny_tokenizer):
     schemas.append(scenario_schema([SET, GET], 3))
     for s in schemas:
         compiler.compile_grammar(json_grammar(json.dumps(bounded_schema(s))))
-    assert text_pattern(300).count("{") == 3 and worst_case_bytes({"type": "string", "pattern": text_pattern(300)}) == 302
+    assert (
+        text_pattern(300).count("{") == 3
+        and worst_case_bytes({"type": "string", "pattern": text_pattern(300)}) == 302
+    )

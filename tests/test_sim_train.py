@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # about 6 minutes on 2 busy cores; test_train.py runs one simulated step by default
 def test_metrics_carry_sim_and_curriculum_figures_every_step(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     sets = [

@@ -330,6 +330,7 @@ class _Run:
                     {"reward_mean": record["reward_mean"]},
                 )
             )
+            record.update(self.curriculum.metrics())  # per-aspect success, this step included
         adv = compute_advantages(
             trainable_groups(groups),
             scale=cfg.grpo.scale_rewards,

@@ -1,16 +1,21 @@
 """The simulated (TRUSTEE) environment: tasks, user, tools and judge all played by a model.
 
 Owns `SimulatedEnv` (the `Environment` contract over the roles in `trustee/sim/`),
-`SimGroup` (what the episodes of one GRPO group share: the tool consistency memo) and
-`build_simulated_env` (from the config sections). Episode flow: the policy's turn with tool
-calls gets one tool message per call (computed concurrently) then one per call error; a
-turn without calls goes to the user simulator, whose `status` or the user-turn cap ends the
-episode. The judge scores the recorded conversation at the end.
+`SimGroup` (what the episodes of one GRPO group share: the tool consistency memo),
+`build_simulated_env` (from the config sections) and `check_budgets` (the start-up refusal of
+a token budget under which some role's JSON could be cut). Each episode keeps one `SimLog`,
+the append-only simulator chat every role extends (see `sim/log.py` for the KV-cache
+layout); `step_metrics` gives the training loop the step's `sim/*` figures.
+
+Episode flow: the policy's turn with tool calls gets one tool message per call (computed
+concurrently) then one per call error; a turn without calls goes to the user simulator,
+whose `status` or the user-turn cap ends the episode. The judge (a model, or the
+`ScriptedJudge` named as such) scores the episode's log at the end.
 
 A simulator failure after its retry budget (`SimError`) is caught here: the episode gets
 `state.sim_error` and `state.done`, and the runner marks it `sim_error` (never trained on).
-This module records every assistant message and reply in `state.messages` (the judge reads
-them). It does not tokenize or sample the policy (`rollout/episode.py` does).
+This module records every assistant message and reply in `state.messages` and the
+simulator's view of them in the episode's log. It does not tokenize or sample the policy (`rollout/episode.py` does).
 """
 
 from __future__ import annotations

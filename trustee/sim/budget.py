@@ -39,7 +39,9 @@ repetitions of at most this many characters."""
 def text_pattern(max_chars: int, min_chars: int = 0) -> str:
     """A JSON-schema `pattern` for text of min..max printable ASCII characters."""
     if min_chars > min(max_chars, TEXT_CHUNK):
-        raise ValueError(f"text_pattern: min_chars = {min_chars} over the first chunk; keep it <= {TEXT_CHUNK}")
+        raise ValueError(
+            f"text_pattern: min_chars = {min_chars} over the first chunk; keep it <= {TEXT_CHUNK}"
+        )
     parts, left, lo = [], max_chars, min_chars
     while True:
         n = min(left, TEXT_CHUNK)
