@@ -45,6 +45,9 @@ class SimError(RuntimeError):
 
     def __init__(self, role: str, attempts: int, last: str):
         self.role, self.attempts, self.last = role, attempts, last
+        if attempts == 0:  # refused before sending: `last` names the fix
+            super().__init__(f"simulator role {role!r}: request not sent: {last}")
+            return
         super().__init__(
             f"simulator role {role!r} failed {attempts} time(s); last problem: {last}. "
             "Raise simulator.max_decode_retries or use a stronger simulator model."

@@ -27,7 +27,7 @@ class BlockPrefixMeter:
     request the full blocks of prompt + output are kept (least recently used dropped past
     `capacity` blocks). Counts per role, in tokens."""
 
-    def __init__(self, block: int = BLOCK, capacity: int = 1 << 20):
+    def __init__(self, block: int = BLOCK, capacity: int = 1 << 18):
         self.block, self.capacity = block, capacity
         self._seen: OrderedDict[int, None] = OrderedDict()
         self.queries: dict[str, int] = {}
