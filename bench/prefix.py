@@ -1,25 +1,33 @@
-"""How much of each simulator prompt repeats a prefix the simulator has already seen.
+"""How much of the simulator's prompt tokens a prefix cache serves, per role.
 
-    python -m bench.prefix [--engine fake|hf] [--tasks 8] [--group 8] [--model DIR]
+    python -m bench.prefix [--engine fake|hf|vllm] [--tasks 16] [--group 8] [--model DIR]
 
-Runs tasks x group simulated episodes (default 8 x 8 = 64) and records every prompt sent to
-each simulator role (task generator, user, tool, judge). For each prompt, the repeated part
-is its longest common token prefix with any earlier prompt of the same role in the same GRPO
-group (which covers the same episode): what a prefix cache keyed on token blocks can reuse.
-Reports, per role and overall, the share of prompt tokens that repeat (target >= 0.8).
+Runs tasks x group simulated episodes (default 16 x 8 = 128) and reports, per role (task
+generator, user, tool, judge) and overall:
+
+- `engine_hit_rate` (`--engine vllm` only): measured by vLLM itself. Overall from the
+  engine's prefix-cache counters (`scheduler_stats.prefix_cache_stats` queries / hits, in
+  tokens, summed by trustee's stat logger: `EngineStats.prefix_queries/prefix_hits`); per
+  role from each request's `num_cached_tokens` (`Completion.prompt_cached_tokens`).
+- `token_prefix`: each prompt's longest token prefix already seen in an earlier prompt or
+  output of the run (what an ideal, unbounded prefix cache keyed on single tokens reuses).
+- `block_model`: the same with vLLM's rule that only full blocks of `--block-size` tokens are
+  cached (`sim/metrics.py` `BlockPrefixMeter`; the figure training logs as
+  `sim/prefix_share_est`).
+- `same_group`: `token_prefix` counting only sequences of the same GRPO group.
 
 The policy is a scripted double (`ScriptedToolPolicy`): each episode makes the task's
 expected calls (a different subset per episode, so the tool memo is exercised), asks the
 user one question, then answers. The simulator is `FakeJsonEngine` (schema-valid random JSON,
-fast) or the real HF engine on a tiny random-weight model (`--engine hf`, slow on CPU): the
-prompt layout, not the model, decides the figure. Writes bench/results/prefix.json and
-bench/results/prefix.md.
+fast), the HF engine or vLLM on the tiny random-weight model (slow on CPU; the prompt
+layout, not the model, decides the figure). Writes bench/results/prefix[-ENGINE].json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import sys
@@ -39,60 +47,46 @@ from trustee.envs.simulated import SimulatedEnv  # noqa: E402
 from trustee.rollout.episode import EpisodeRunner, run_group  # noqa: E402
 from trustee.sim.client import SimClient  # noqa: E402
 from trustee.sim.fakes import FakeJsonEngine  # noqa: E402
+from trustee.sim.metrics import BlockPrefixMeter  # noqa: E402
 
 
 class PrefixRecorder:
-    """Collects (role, group, prompt ids) and computes the repeated-prefix shares."""
+    """Collects every simulator request and computes the reuse figures per role."""
 
-    def __init__(self) -> None:
-        self.seen: dict[tuple[str, str], list[list[int]]] = defaultdict(list)
-        self.total: dict[str, int] = defaultdict(int)
-        self.repeated: dict[str, int] = defaultdict(int)
+    def __init__(self, block: int) -> None:
+        self.token = BlockPrefixMeter(block=1)
+        self.block = BlockPrefixMeter(block=block)
+        self.groups: dict[str, BlockPrefixMeter] = defaultdict(lambda: BlockPrefixMeter(block=1))
+        self.same_group: dict[str, int] = defaultdict(int)
         self.prompts: dict[str, int] = defaultdict(int)
-        self.repeated_any: dict[str, int] = defaultdict(int)
+        self.cached: dict[str, int] = defaultdict(int)
 
-    def __call__(self, role: str, key: str, ids: list[int]) -> None:
-        earlier = self.seen[(role, key)]
-        best = max((_lcp(ids, e) for e in earlier), default=0)
-        anywhere = max((_lcp(ids, e) for (r, _), ps in self.seen.items() if r == role for e in ps), default=0)
-        earlier.append(list(ids))
-        self.total[role] += len(ids)
-        self.repeated[role] += best
-        self.repeated_any[role] += anywhere
+    def __call__(self, role: str, key: str, ids: list[int], out: Completion) -> None:
+        output = list(out.token_ids)
+        self.token.record(role, ids, output)
+        self.block.record(role, ids, output)
+        self.same_group[role] += self.groups[key].record(role, ids, output)
         self.prompts[role] += 1
+        self.cached[role] += out.prompt_cached_tokens or 0
 
-    def table(self) -> dict[str, dict[str, float]]:
-        rows = {
-            r: self._row(self.prompts[r], self.total[r], self.repeated[r], self.repeated_any[r])
-            for r in sorted(self.total)
-        }
-        rows["overall"] = self._row(
-            sum(self.prompts.values()),
-            sum(self.total.values()),
-            sum(self.repeated.values()),
-            sum(self.repeated_any.values()),
-        )
+    def table(self, engine_measured: bool) -> dict[str, dict[str, float]]:
+        rows = {}
+        for role in sorted(self.prompts) + ["overall"]:
+            r = None if role == "overall" else role
+            tokens = self.token.queries.get(role, 0) if r else sum(self.token.queries.values())
+            cached = self.cached.get(role, 0) if r else sum(self.cached.values())
+            same = self.same_group.get(role, 0) if r else sum(self.same_group.values())
+            row = {
+                "prompts": self.prompts.get(role, 0) if r else sum(self.prompts.values()),
+                "tokens": tokens,
+                "token_prefix": self.token.rate(r),
+                "block_model": self.block.rate(r),
+                "same_group": same / tokens if tokens else 0.0,
+            }
+            if engine_measured:
+                row["engine_hit_rate"] = cached / tokens if tokens else 0.0
+            rows[role] = row
         return rows
-
-    @staticmethod
-    def _row(prompts: int, tokens: int, repeated: int, repeated_any: int) -> dict[str, float]:
-        """`share`: within the same group (the target); `share_any_group`: any earlier
-        prompt of the role (what a shared prefix cache also reuses across groups)."""
-        return {
-            "prompts": prompts,
-            "tokens": tokens,
-            "repeated": repeated,
-            "share": repeated / tokens if tokens else 0.0,
-            "share_any_group": repeated_any / tokens if tokens else 0.0,
-        }
-
-
-def _lcp(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class ScriptedToolPolicy:
@@ -124,6 +118,26 @@ class ScriptedToolPolicy:
         return Completion(token_ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop", policy_version=0)
 
 
+def _engine(args, model: Path, tok):
+    if args.engine == "hf":
+        from trustee.engines.hf import HFEngine
+
+        return HFEngine.from_pretrained(model, max_batch=64, seed=1)
+    if args.engine == "vllm":
+        from trustee.engines.vllm import VLLMEngine
+
+        return VLLMEngine.from_pretrained(
+            model,
+            max_model_len=args.max_model_len,
+            max_num_seqs=64,
+            kv_cache_gib=args.kv_cache_gib,
+            enable_sleep_mode=False,
+            block_size=args.block_size,
+            seed=1,
+        )
+    return FakeJsonEngine(tok, seed=0)
+
+
 async def run(args) -> dict:
     from transformers import AutoTokenizer
 
@@ -131,24 +145,28 @@ async def run(args) -> dict:
 
     model = Path(args.model) if args.model else build_tiny_model(ROOT / ".cache" / "tiny-test", size="test")
     tok = AutoTokenizer.from_pretrained(model)
-    if args.engine == "hf":
-        from trustee.engines.hf import HFEngine
-
-        sim = HFEngine.from_pretrained(model, max_batch=64, seed=1)
-    else:
-        sim = FakeJsonEngine(tok, seed=0)
-    rec = PrefixRecorder()
-    client = SimClient(sim, tok, max_tokens=512, recorder=rec)
-    env = SimulatedEnv(client, max_user_turns=2, task_max_tokens=1536)
+    sim = await anyio.to_thread.run_sync(_engine, args, model, tok)
+    rec = PrefixRecorder(args.block_size)
+    client = SimClient(sim, tok, max_tokens=512, recorder=rec, max_model_len=args.max_model_len)
+    env = SimulatedEnv(client, max_user_turns=2, task_max_tokens=3072)
     cur = Curriculum(CurriculumConfig(start_difficulty=args.difficulty))
     tasks = {}
     policy = ScriptedToolPolicy(tok, tasks)
-    runner = EpisodeRunner(policy, tok, cfg=RolloutConfig(max_turns=4), max_model_len=4096)
+    runner = EpisodeRunner(policy, tok, cfg=RolloutConfig(max_turns=4), max_model_len=args.max_model_len)
     statuses: dict[str, int] = defaultdict(int)
+    failed: list[str] = []
     rng = random.Random(args.seed)
 
     async def one(i: int) -> None:
-        task = await env.make_task(cur.sample(rng), random.Random(args.seed * 1000 + i))
+        knobs = cur.sample(rng)
+        for attempt in range(3):
+            try:
+                task = await env.make_task(knobs, random.Random(args.seed * 1000 + i * 10 + attempt))
+                break
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                failed.append(f"{type(e).__name__}: {e}"[:300])
+        else:
+            return
         tasks[task.id] = task
         for t in await run_group(env, task, args.group, runner):
             statuses[t.status] += 1
@@ -158,18 +176,46 @@ async def run(args) -> dict:
         for i in range(args.tasks):
             tg.start_soon(one, i)
     wall = time.perf_counter() - t0
-    if args.engine == "hf":
+    es = sim.stats()
+    engine_hit_rate = es.prefix_hits / es.prefix_queries if es.prefix_queries else None
+    if args.engine != "fake":
         await sim.close()
-    return {"roles": rec.table(), "episodes": dict(statuses), "wall_s": wall, "sim_stats": vars(client.stats)}
+    st = client.stats
+    return {
+        "roles": rec.table(args.engine == "vllm"),
+        "engine_hit_rate": engine_hit_rate,
+        "engine_prefix_queries": es.prefix_queries,
+        "engine_prefix_hits": es.prefix_hits,
+        "episodes": dict(statuses),
+        "tasks_failed": failed,
+        "wall_s": wall,
+        "load_avg": os.getloadavg(),
+        "sim_stats": {
+            "calls": st.calls,
+            "retries": st.retries,
+            "failures": st.failures,
+            "refused": st.refused,
+            "cut": {r: s.cut for r, s in st.roles.items()},
+            "recent_problems": st.recent_problems[-5:],
+        },
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", choices=["fake", "hf"], default="fake")
+    p.add_argument("--engine", choices=["fake", "hf", "vllm"], default="fake")
     p.add_argument("--model", default="", help="simulator model dir (default: the tiny test model)")
-    p.add_argument("--tasks", type=int, default=8)
+    p.add_argument("--tasks", type=int, default=16)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--difficulty", type=float, default=30.0)
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=16,
+        help="vLLM KV block size (and the block model's); vLLM CPU attention needs a multiple of 32",
+    )
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--kv-cache-gib", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
@@ -177,33 +223,59 @@ def main() -> None:
     import torch
     import transformers
 
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if args.engine == "vllm":
+        import vllm
+
+        versions["vllm"] = vllm.__version__
     record = {
         "bench": "prefix",
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
             "cpu": platform.processor(),
+            "cores": os.cpu_count(),
         },
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": versions,
         "config": vars(args),
         **result,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prefix.json").write_text(json.dumps(record, indent=1, default=str))
+    stem = "prefix" if args.engine == "fake" else f"prefix-{args.engine}"
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1, default=str))
+    engine_col = args.engine == "vllm"
+    head = "| role | prompts | prompt tokens | token prefix | block model | same group |"
+    rule = "|---|---:|---:|---:|---:|---:|"
+    if engine_col:
+        head += " vLLM-measured |"
+        rule += "---:|"
     lines = [
-        f"Shared-prefix share of simulator prompts ({args.tasks} tasks x {args.group} episodes, engine {args.engine})",
+        f"Prefix reuse of simulator prompts ({args.tasks} tasks x {args.group} episodes, engine {args.engine}, "
+        f"block {args.block_size}, load avg {record['load_avg'][0]:.1f})",
         "",
-        "| role | prompts | prompt tokens | repeated-prefix tokens (same group) | share (same group) | share (any group) |",
-        "|---|---:|---:|---:|---:|---:|",
+        head,
+        rule,
     ]
     for role, r in result["roles"].items():
-        lines.append(
-            f"| {role} | {r['prompts']} | {r['tokens']} | {r['repeated']} | {r['share']:.3f} | {r['share_any_group']:.3f} |"
+        line = (
+            f"| {role} | {r['prompts']} | {r['tokens']} | {r['token_prefix']:.3f} | {r['block_model']:.3f} "
+            f"| {r['same_group']:.3f} |"
         )
-    (out / "prefix.md").write_text("\n".join(lines) + "\n")
+        if engine_col:
+            line += f" {r['engine_hit_rate']:.3f} |"
+        lines.append(line)
+    if result["engine_hit_rate"] is not None:
+        lines += [
+            "",
+            f"vLLM prefix-cache counters: hit rate {result['engine_hit_rate']:.3f} "
+            f"({result['engine_prefix_hits']} / {result['engine_prefix_queries']} tokens)",
+        ]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"episodes: {result['episodes']}  wall {result['wall_s']:.1f}s")
+    print(
+        f"episodes: {result['episodes']}  tasks failed: {len(result['tasks_failed'])}  wall {result['wall_s']:.1f}s"
+    )
 
 
 if __name__ == "__main__":

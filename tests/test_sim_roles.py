@@ -16,32 +16,33 @@ import pytest
 
 from trustee.chat.parse import canonical_json
 from trustee.engines.base import Completion, Sampling
-from trustee.envs.base import Knobs
-from trustee.sim.client import SimClient, SimError, bounded_schema, decode_json, schema_of
+from trustee.sim.budget import text_pattern, worst_case_tokens
+from trustee.sim.client import STRING_CAP, SimClient, SimError, bounded_schema, decode_json, schema_of
 from trustee.sim.fakes import FakeJsonEngine, random_json
 from trustee.sim.judge import (
     Judge,
     RubricVerdict,
     TrusteeVerdict,
     combine,
-    judge_system_message,
     majority_rubric,
     rubric_reward,
     rubric_schema,
     trustee_reward,
 )
+from trustee.sim.log import SimLog
 from trustee.sim.taskgen import (
+    STATE_CHANGING,
     CatalogEntry,
     ScenarioDraft,
     TaskGenerator,
     ToolCatalog,
-    ToolSetDraft,
+    ToolDraft,
     scenario_schema,
     task_problems,
 )
 from trustee.sim.tools import ConsistencyMemo, ToolReply, ToolSimulator, injected_failure
 from trustee.sim.user import UserReply, UserSimulator
-from trustee.types import Message, Rubric, Task, ToolCall, ToolSpec
+from trustee.types import Knobs, Message, Rubric, Task, ToolCall, ToolSpec
 
 
 class ScriptedTextEngine:
@@ -116,9 +117,12 @@ def test_bounded_schema_bounds_everything_free():
     )
     p = s["properties"]
     assert s["additionalProperties"] is False
-    assert p["a"]["maxLength"] > 0 and "maxLength" not in p["c"]
-    assert p["b"]["maxItems"] > 0 and p["b"]["items"]["maximum"] > 0 > p["b"]["items"]["minimum"]
+    assert p["a"]["pattern"] == text_pattern(STRING_CAP) and "pattern" not in p["c"]
+    items = p["b"]["items"]
+    assert p["b"]["maxItems"] > 0 and items["type"] == "integer"  # a float's digits are unbounded
+    assert items["maximum"] > 0 > items["minimum"]
     assert p["d"]["additionalProperties"] is False
+    assert worst_case_tokens(s) < float("inf") and worst_case_tokens({"type": "string"}) == float("inf")
 
 
 def test_decode_is_lenient_on_control_chars_and_rejects_nan():
@@ -131,14 +135,24 @@ def test_decode_is_lenient_on_control_chars_and_rejects_nan():
 
 def test_ask_sends_struct_schema_and_rendered_prompt(tiny_tokenizer):
     eng = ScriptedTextEngine(tiny_tokenizer, ['{"message": "hi", "status": "continue"}'])
-    client = SimClient(eng, tiny_tokenizer, temperature=0.3, max_tokens=77)
+    client = SimClient(eng, tiny_tokenizer, temperature=0.3, max_tokens=400)
     msgs = [Message(role="system", content="rules"), Message(role="user", content="hello")]
     value, retries = run(lambda: client.ask("user", msgs, UserReply, key="g"))
     assert value == UserReply(message="hi", status="continue") and retries == 0
     assert eng.prompts[0] == client.fmt.prompt_ids(msgs)
     p = eng.params[0]
-    assert p.json_schema == schema_of(UserReply) and p.temperature == 0.3 and p.max_tokens == 77
-    assert p.json_schema["properties"]["message"]["maxLength"] == 300
+    bounded = bounded_schema(schema_of(UserReply))
+    assert p.json_schema == bounded and p.temperature == 0.3
+    assert p.max_tokens == worst_case_tokens(bounded) <= 400  # the longest output: never cut
+    assert p.json_schema["properties"]["message"]["pattern"] == text_pattern(300)
+    # a budget under the longest output is refused before anything is sent
+    small = SimClient(eng, tiny_tokenizer, max_tokens=77)
+    with pytest.raises(SimError, match="longest output its schema allows"):
+        run(lambda: small.ask("user", msgs, UserReply))
+    assert len(eng.prompts) == 1 and small.stats.refused == 1
+    tight = SimClient(eng, tiny_tokenizer, max_tokens=400, max_model_len=200)
+    with pytest.raises(SimError, match="model.max_model_len"):
+        run(lambda: tight.ask("user", msgs, UserReply))
 
 
 def test_ask_retries_then_raises_sim_error(tiny_tokenizer):
@@ -169,33 +183,36 @@ def test_task_generator_builds_a_valid_task(tiny_tokenizer):
         assert task_problems(task.tools, task.expected_calls) == []
         assert task.system_prompt == "You are a helpful assistant."  # specificity 0 -> generic
         assert task.knobs["n_tools"] == n and task.domain in gen.domains
+        assert set(task.payload[STATE_CHANGING]) <= {t.name for t in task.tools}
 
 
 def test_scenario_prompt_extends_the_tool_prompt(tiny_tokenizer):
     eng = FakeJsonEngine(tiny_tokenizer, seed=0)
     gen = TaskGenerator(SimClient(eng, tiny_tokenizer))
     run(gen.generate, Knobs(n_tools=2), random.Random(0))
-    tools_prompt, scenario_prompt = eng.prompts
-    assert scenario_prompt[: len(tools_prompt)] == tools_prompt
+    first_tool, second_tool, scenario = eng.prompts  # one tool per request, then the scenario
+    assert second_tool[: len(first_tool)] == first_tool and scenario[: len(second_tool)] == second_tool
 
 
 def test_task_generator_rejects_and_regenerates(tiny_tokenizer):
-    tool = {"name": "get_x", "description": "d", "params": []}
-    dup = json.dumps({"tools": [tool, tool]})
-    good = json.dumps({"tools": [tool, {**tool, "name": "get_y"}]})
+    tool = {"name": "get_x", "description": "d", "changes_state": False, "params": []}
+    x = json.dumps(tool)
+    y = json.dumps({**tool, "name": "set_y", "changes_state": True})
     scen = random_json(scenario_schema([ToolSpec(name="get_x")], 1), random.Random(0))
     scen["expected_calls"] = [{"name": "get_x", "arguments": {}}]
-    eng = ScriptedTextEngine(tiny_tokenizer, [dup, good, json.dumps(scen)])
+    # the second tool first repeats the first one's name: rejected, asked again
+    eng = ScriptedTextEngine(tiny_tokenizer, [x, x, y, json.dumps(scen)])
     gen = TaskGenerator(SimClient(eng, tiny_tokenizer, max_decode_retries=1))
     task = run(gen.generate, Knobs(n_tools=2), random.Random(0))
-    assert [t.name for t in task.tools] == ["get_x", "get_y"] and len(eng.prompts) == 3
+    assert [t.name for t in task.tools] == ["get_x", "set_y"] and len(eng.prompts) == 4
+    assert task.payload[STATE_CHANGING] == ["set_y"]
     # an expected call that violates its tool's schema makes the whole task regenerate
     scen["expected_calls"] = [{"name": "get_x", "arguments": {"extra": 1}}]
-    eng = ScriptedTextEngine(tiny_tokenizer, [good, json.dumps(scen)] * 2)
+    eng = ScriptedTextEngine(tiny_tokenizer, [x, y, json.dumps(scen)] * 2)
     gen = TaskGenerator(SimClient(eng, tiny_tokenizer), max_regenerations=1)
     with pytest.raises(SimError, match="task"):
         run(gen.generate, Knobs(n_tools=2), random.Random(0))
-    assert gen.rejected == 2 and len(eng.prompts) == 4
+    assert gen.rejected == 2 and len(eng.prompts) == 6
 
 
 def test_scenario_schema_restricts_calls_to_the_tools():
@@ -236,15 +253,17 @@ def test_user_prompt_layout_and_redaction(tiny_tokenizer):
     eng = ScriptedTextEngine(tiny_tokenizer, texts)
     client = SimClient(eng, tiny_tokenizer)
     task = _task()
-    u1 = UserSimulator(client, task, key=task.id)
-    r1, _ = run(u1.reply, "Which city?")
-    r2, _ = run(u1.reply, "Thanks, checking Oslo.")
+    u1, log1 = UserSimulator(client, task, key=task.id), SimLog(task)
+    r1, _ = run(u1.reply, log1, "Which city?")
+    r2, _ = run(u1.reply, log1, "Thanks, checking Oslo.")
     assert r1.message == "use that please" and u1.leaks == 1 and r2.status == "goal_met"
     p1, p2 = eng.prompts
-    assert p2[: len(p1)] == p1  # append-only history
-    u2 = UserSimulator(client, task, key=task.id)
-    assert u2.history[0] == u1.history[0]  # same task block for every episode of the group
-    assert "the city is Oslo" in u1.history[0].content and "Assistant: Which city?" in u1.history[1].content
+    assert p2[: len(p1)] == p1  # append-only log
+    # the answer joins the log as the model wrote it (its cached tokens are reused)
+    assert log1.messages[3] == Message(role="assistant", content=texts[0])
+    log2 = SimLog(task)
+    assert log2.messages[:2] == log1.messages[:2]  # same rules + task block for the whole group
+    assert "the city is Oslo" in log1.messages[1].content and "AGENT: Which city?" in log1.messages[2].content
 
 
 # ------------------------------------------------------------------ tool simulator
@@ -253,10 +272,12 @@ def test_user_prompt_layout_and_redaction(tiny_tokenizer):
 def test_schema_errors_are_deterministic_and_cost_no_call(tiny_tokenizer):
     eng = ScriptedTextEngine(tiny_tokenizer, ['{"fields": [{"key": "temp", "value": 3}]}'])
     sim = ToolSimulator(SimClient(eng, tiny_tokenizer), _task(), ConsistencyMemo(), key="t1")
-    (out,) = run(sim.run_turn, [ToolCall(name="get_weather", arguments={"days": "two"})])
+    log = SimLog(_task())
+    (out,) = run(sim.run_turn, log, [ToolCall(name="get_weather", arguments={"days": "two"})])
     assert json.loads(out.content)["error"].startswith("invalid arguments for 'get_weather'")
-    (again,) = run(sim.run_turn, [ToolCall(name="get_weather", arguments={"days": "two"})])
+    (again,) = run(sim.run_turn, log, [ToolCall(name="get_weather", arguments={"days": "two"})])
     assert again == out and eng.prompts == [] and sim.schema_errors == 2
+    assert "REJECTED" in log.messages[-1].content and sim.state == []
 
 
 def test_memo_shares_results_across_the_group(tiny_tokenizer):
@@ -266,17 +287,20 @@ def test_memo_shares_results_across_the_group(tiny_tokenizer):
     )
     client = SimClient(eng, tiny_tokenizer)
     memo = ConsistencyMemo()
-    a = ToolSimulator(client, _task(), memo, key="t1")
-    b = ToolSimulator(client, _task(), memo, key="t1")
+    task = _task(payload={STATE_CHANGING: []})  # get_weather only reads
+    a, log_a = ToolSimulator(client, task, memo, key="t1"), SimLog(task)
+    b, log_b = ToolSimulator(client, task, memo, key="t1"), SimLog(task)
     call = ToolCall(name="get_weather", arguments={"city": "Oslo", "days": 1})
     same = ToolCall(name="get_weather", arguments={"days": 1, "city": "Oslo"})  # key order differs
-    (ra,) = run(a.run_turn, [call])
-    (rb,) = run(b.run_turn, [same])
+    (ra,) = run(a.run_turn, log_a, [call])
+    (rb,) = run(b.run_turn, log_b, [same])
     assert ra.content == rb.content == canonical_json({"temp": 3})
     assert len(eng.prompts) == 1 and memo.hits == 1 and memo.computed == 1
-    (rc,) = run(b.run_turn, [ToolCall(name="get_weather", arguments={"city": "Bergen"})])
+    (rc,) = run(b.run_turn, log_b, [ToolCall(name="get_weather", arguments={"city": "Bergen"})])
     assert rc.content == canonical_json({"temp": 9}) and len(memo) == 2
-    assert "Call: " in b.history[-2].content and b.history[-1].content == rc.content
+    assert "AGENT CALLS: " in log_b.messages[-2].content
+    assert log_b.messages[-1].content == '{"fields": [{"key": "temp", "value": 9}]}'  # as written
+    assert log_a.messages[-1] == log_b.messages[3]  # a memo hit joins the log in the same form
 
 
 def test_memo_concurrent_askers_share_one_call(tiny_tokenizer):
@@ -285,7 +309,7 @@ def test_memo_concurrent_askers_share_one_call(tiny_tokenizer):
     memo = ConsistencyMemo()
     sims = [ToolSimulator(client, _task(), memo, key="t1") for _ in range(4)]
     call = ToolCall(name="get_weather", arguments={"city": "Oslo"})
-    out = []
+    out: list[str] = []
 
     async def main():
         async with anyio.create_task_group() as tg:
@@ -297,7 +321,7 @@ def test_memo_concurrent_askers_share_one_call(tiny_tokenizer):
 
 
 async def _collect(sim, call, out):
-    (m,) = await sim.run_turn([call])
+    (m,) = await sim.run_turn(SimLog(sim.task), [call])
     out.append(m.content)
 
 
@@ -308,15 +332,16 @@ def test_one_turn_runs_calls_concurrently_in_order(tiny_tokenizer):
         delay=0.05,
     )
     sim = ToolSimulator(SimClient(eng, tiny_tokenizer), _task(), ConsistencyMemo(), key="t1")
+    log = SimLog(_task())
     calls = [ToolCall(name="get_weather", arguments={"city": c}) for c in ("A", "B")]
-    out = run(sim.run_turn, calls)
+    out = run(sim.run_turn, log, calls)
     assert [m.name for m in out] == ["get_weather", "get_weather"] and len(eng.prompts) == 2
-    # both saw the same history (the turn's start); they differ only in the new call
+    # both saw the same log (the turn's start); they differ only in the new call
     a, b = eng.prompts
     shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
-    head = sim.client.fmt.encode(sim.client.fmt.render_text(sim.history[:1], generation_prompt=False))
+    head = sim.client.fmt.encode(sim.client.fmt.render_text(log.messages[:2], generation_prompt=False))
     assert shared >= len(head) and a != b
-    assert len(sim.history) == 1 + 2 * 2
+    assert len(log.messages) == 2 + 2 * 2
 
 
 def test_error_injection_is_deterministic_per_call():
@@ -390,7 +415,8 @@ def test_judge_scores_with_votes_and_fixed_rubric_lengths(tiny_tokenizer):
         SimClient(eng, tiny_tokenizer), mode="trustee", votes=3, vote_rule="majority", temperature=0.1
     )
     msgs = [Message(role="user", content="hi"), Message(role="assistant", content="done")]
-    score, retries = run(lambda: judge.score(_task(), msgs, "the user said the goal was met", key="t1"))
+    log = SimLog.replay(_task(), msgs)
+    score, retries = run(lambda: judge.score(_task(), log, "the user said the goal was met", key="t1"))
     assert score.reward == 1.0 and retries == 0 and len(eng.prompts) == 3
     assert {p.temperature for p in eng.params} == {0.1}
     assert "Active criteria: intent, correct_tools, no_hallucination" in tiny_tokenizer.decode(eng.prompts[0])
@@ -406,7 +432,7 @@ def test_judge_scores_with_votes_and_fixed_rubric_lengths(tiny_tokenizer):
     right = '{"analysis": "", "forbidden_violated": [false], "subgoals_met": [true], "interactions_made": [false]}'
     eng = ScriptedTextEngine(tiny_tokenizer, [wrong, right])
     judge = Judge(SimClient(eng, tiny_tokenizer), mode="rubric")
-    score, retries = run(lambda: judge.score(task, msgs, "ended", key="t1"))
+    score, retries = run(lambda: judge.score(task, log, "ended", key="t1"))
     assert score.reward == 0.5 and retries == 1 and score.parts["gate"] == 1.0
 
 
@@ -427,8 +453,9 @@ def test_schemas_of_all_role_outputs_are_bounded():
             for i, v in enumerate(node):
                 walk(v, f"{path}/{i}")
 
-    for struct in (ToolSetDraft, UserReply, ToolReply, TrusteeVerdict, RubricVerdict):
+    for struct in (ToolDraft, UserReply, ToolReply, TrusteeVerdict, RubricVerdict):
         walk(schema_of(struct), struct.__name__)
+        assert worst_case_tokens(bounded_schema(schema_of(struct))) < 1200, struct.__name__
     walk(scenario_schema([WEATHER], 3), "ScenarioDraft")
     with pytest.raises(AssertionError):
         walk(schema_of(ScenarioDraft), "raw")  # the raw draft's free `arguments` dict is why it is tightened
@@ -448,6 +475,23 @@ def test_build_from_config_sections(tiny_tokenizer):
         and env.client.max_decode_retries == 5
         and env.taskgen.max_tokens == sim.task_max_tokens
     )
+    with pytest.raises(
+        ValueError, match=r"simulator.max_tokens = 300: the tool role's longest output is \d+"
+    ):
+        build_simulated_env(
+            SimulatorConfig(max_tokens=300),
+            EnvironmentConfig(),
+            FakeJsonEngine(tiny_tokenizer),
+            tiny_tokenizer,
+        )
+    with pytest.raises(ValueError, match="set model.max_model_len >= "):
+        build_simulated_env(
+            SimulatorConfig(),
+            EnvironmentConfig(),
+            FakeJsonEngine(tiny_tokenizer),
+            tiny_tokenizer,
+            max_model_len=1024,
+        )
     assert judge_mode_for(sim, EnvironmentConfig(reward="rubric")) == "rubric"
     with pytest.raises(ValueError, match="environment.reward = 'progress'"):
         judge_mode_for(sim, EnvironmentConfig(reward="progress"))
@@ -459,10 +503,13 @@ def test_group_episodes_share_the_judge_task_block(tiny_tokenizer):
     task = _task()
     for text in ("first episode", "second episode, longer"):
         msgs = [Message(role="user", content="hi"), Message(role="assistant", content=text)]
-        run(lambda msgs=msgs: judge.score(task, msgs, "ended", key="t1"))
+        run(lambda msgs=msgs: judge.score(task, SimLog.replay(task, msgs), "ended", key="t1"))
     a, b = eng.prompts
     shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
     head = judge.client.fmt.encode(
-        judge.client.fmt.render_text([judge_system_message(task, "trustee")], generation_prompt=False)
+        judge.client.fmt.render_text(SimLog(task).messages, generation_prompt=False)
     )
-    assert shared >= len(head)  # static rules + task block are one shared prefix
+    assert shared >= len(head)  # run-wide rules + the group's task block are one shared prefix
+    # what only the judge knows comes after the transcript, never in the shared part
+    assert "Reference tool calls" not in tiny_tokenizer.decode(a[:shared])
+    assert '"city":"Oslo"' in tiny_tokenizer.decode(a[shared:]).replace(" ", "")

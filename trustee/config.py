@@ -153,8 +153,8 @@ class SimulatorConfig(Section, kw_only=True):
     """Simulator model directory; '' = the policy's base model (TRUSTEE: one free 8B model plays every role)."""
     temperature: Annotated[float, Meta(ge=0.0)] = 0.7
     """Sampling temperature of the task generator, user and tool roles."""
-    judge_mode: Literal["trustee", "rubric"] = "trustee"
-    """Judge used when environment.reward = 'judge': 'trustee' verdict in {-1, 0, 1} (stricter with difficulty) or 'rubric'."""
+    judge_mode: Literal["trustee", "rubric", "scripted"] = "trustee"
+    """Judge used when environment.reward = 'judge': 'trustee' verdict in {-1, 0, 1} (stricter with difficulty), 'rubric', or 'scripted': TRUSTEE tiers filled in code from the agent's calls vs the task's reference calls (no model judges; for a tiny CPU simulator that cannot)."""
     judge_temperature: Annotated[float, Meta(ge=0.0)] = 0.1
     """Judge sampling temperature (low, as SynthAgent's 0.1)."""
     judge_votes: Positive = 1
@@ -167,10 +167,10 @@ class SimulatorConfig(Section, kw_only=True):
     """Regenerations of a task that fails validation (schemas, expected calls)."""
     max_user_turns: Positive = 4
     """Most user-simulator replies per episode."""
-    max_tokens: Annotated[int, Meta(ge=384)] = 512
-    """Token budget of one simulator output; >= 384 so a role's longest bounded string (300 characters, one token each in the worst case) plus its JSON fits."""
-    task_max_tokens: Positive = 2048
-    """Token budget of one task-generator output (a tool set or a scenario is longer)."""
+    max_tokens: Positive = 512
+    """Token budget of one user, tool or judge output; start-up refuses a budget below a role's longest possible output (sim/budget.py), so no JSON is cut."""
+    task_max_tokens: Positive = 3072
+    """Token budget of one task-generator output (one tool, or the scenario); checked like max_tokens at the hardest knobs."""
     tool_catalog: str = ""
     """Optional JSONL of tool specs to draw task tools from instead of inventing them."""
 
@@ -558,6 +558,8 @@ class EvalConfig(Section, kw_only=True):
     """Policy steps per user turn before BFCL forces the entry to quit (BFCL: counter > 20, i.e. 21 steps)."""
     out: str = ""
     """JSON report path; '' = bfcl_eval.json next to the model (or in the run directory)."""
+    judge_agreement: bool = False
+    """Also score each multi-turn episode with the simulated judge and report its agreement with BFCL's checker (the sim-to-real meter)."""
 
 
 # ----------------------------------------------------------------------------- logging / checkpoint

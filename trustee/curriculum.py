@@ -193,6 +193,19 @@ class Curriculum:
                 out[f"curriculum/success/{name}={value}"] = ok / n if n else 0.0
         return out
 
+    def aspect_metrics(self, knobs: list[Knobs]) -> dict[str, float]:
+        """Per-step curriculum figures: the success rate per aspect bucket so far
+        (`metrics()`), the difficulty, and the share of this step's tasks that were soft
+        (`knobs` as `sample` drew them, before `update`; a soft draw that lands exactly on the
+        values at D, as at D = 1, is the same task and counts as not soft)."""
+        at_d = self.knobs()
+        soft = sum(any(getattr(k, a) != getattr(at_d, a) for a in ASPECTS) for k in knobs)
+        return {
+            **self.metrics(),
+            "curriculum/difficulty": self.st.difficulty,
+            "curriculum/soft_share": soft / len(knobs) if knobs else 0.0,
+        }
+
     # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> CurriculumState:

@@ -305,6 +305,9 @@ class _Run:
             (k, [t.reward for t in g.trajectories if t.trainable]) for k, g in zip(knobs, groups, strict=True)
         ]
         scored = [(k, rs) for k, rs in scored if rs]
+        record.update(self.curriculum.aspect_metrics(knobs))  # before update: D the tasks were drawn at
+        if hasattr(self.env, "step_metrics"):  # the simulated environment's sim/* figures
+            record.update(self.env.step_metrics())
         if scored:  # a step where every episode hit a simulator error leaves the curriculum alone
             record.update(
                 self.curriculum.update(
@@ -313,6 +316,7 @@ class _Run:
                     {k: v for k, v in record.items() if k == "reward_mean" or k.startswith("eval/")},
                 )
             )
+            record.update(self.curriculum.metrics())  # per-aspect success, this step included
         g = cfg.grpo
         shaped, _ = shape_overlong(
             trainable_groups(groups),

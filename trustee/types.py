@@ -204,3 +204,35 @@ class Group(msgspec.Struct, kw_only=True):
     @property
     def rewards(self) -> list[float]:
         return [t.reward for t in self.trajectories]
+
+
+class Knobs(msgspec.Struct, frozen=True, kw_only=True):
+    """Curriculum aspects for one task (TRUSTEE's seven, plus the tool error rate).
+
+    Values are already sampled within the curriculum's bounds; environments read the ones
+    they understand and ignore the rest.
+    """
+
+    difficulty: float = 1.0
+    n_tools: int = 1
+    n_expected_calls: int = 1
+    n_turns: int = 1
+    prompt_specificity: float = 1.0  # 1 detailed system prompt .. 0 generic
+    persona_expertise: float = 1.0  # 1 expert .. 0 novice
+    query_ambiguity: float = 0.0  # 0 clear .. 1 highly ambiguous
+    judge_strictness: int = 1  # 1 intent .. 5 efficiency
+    tool_error_rate: float = 0.0
+    extra: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        d = msgspec.structs.asdict(self)
+        d.pop("extra")
+        return {k: float(v) for k, v in d.items()}
+
+
+class Score(msgspec.Struct, frozen=True, kw_only=True):
+    """An episode's reward in [-1, 1] (BFCL progress and rubric rewards are in [0, 1]; the
+    syntax reward is rescaled) and its named parts for logging."""
+
+    reward: float
+    parts: dict[str, float] = msgspec.field(default_factory=dict)

@@ -215,6 +215,7 @@ class VLLMEngine:
         data_parallel_size: int = 1,
         enforce_eager: bool | None = None,
         seed: int = 0,
+        block_size: int | None = None,
     ) -> VLLMEngine:
         """Start an AsyncLLM (blocking, 30-60 s on CPU). On CPU: float32 for 'auto', eager mode,
         KV space from `kv_cache_gib`. Call from outside the event loop or in a worker thread."""
@@ -255,6 +256,7 @@ class VLLMEngine:
             worker_extension_cls=EXTENSION,
             structured_outputs_config=StructuredOutputsConfig(backend="xgrammar"),
             disable_log_stats=False,  # the stat logger below needs the scheduler stats
+            block_size=block_size,  # None = the platform's default (16 on GPU, 128 on CPU)
             **memory,
         )
         sink = _Sink()

@@ -37,6 +37,10 @@ class EnvContext:
     seed: int = 0
     simulator: SimClient | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    max_expected_calls: int = 3
+    """The most tool calls a task may need at any difficulty (curriculum.aspects), for budgets."""
+    max_model_len: int = 8192
+    """The simulator model's context (model.max_model_len), for budgets."""
 
 
 Builder = Callable[[EnvContext], "Environment"]
@@ -53,7 +57,15 @@ def _simulated(ctx: EnvContext) -> Environment:
 
     c = ctx.simulator
     assert c is not None, "needs_simulator() is true for kind 'simulated'"
-    return build_simulated_env(ctx.sim_config, ctx.config, c.engine, c.tokenizer, template=c.template)
+    return build_simulated_env(
+        ctx.sim_config,
+        ctx.config,
+        c.engine,
+        c.tokenizer,
+        template=c.template,
+        max_expected_calls=ctx.max_expected_calls,
+        max_model_len=ctx.max_model_len,
+    )
 
 
 def _bfcl(ctx: EnvContext) -> Environment:
@@ -128,6 +140,8 @@ def build_environment(
         seed=cfg.seed,
         simulator=client,
         options=dict(cfg.environment.options),
+        max_expected_calls=int(max(cfg.curriculum.aspects.n_expected_calls)),
+        max_model_len=cfg.model.max_model_len,
     )
     return BUILDERS[kind](ctx)
 

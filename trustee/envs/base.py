@@ -1,6 +1,7 @@
 """The environment contract: what the policy talks to during an episode.
 
-Owns `Knobs`, `EpisodeState`, `AgentAction`, `Score` and the `Environment` protocol.
+Owns `EpisodeState`, `AgentAction` and the `Environment` protocol; re-exports `Knobs` and
+`Score`, which live in `trustee/types.py` (the simulator roles use them without importing envs).
 Simulated (LLM-played), BFCL (executable) and toy (programmatic) environments implement it
 and are interchangeable in the episode runner (`rollout/episode.py`), which is the only
 caller of `start`/`step`/`score`; the scheduler calls `make_task` once per GRPO group.
@@ -13,31 +14,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
-from trustee.types import Message, Task, ToolCall, ToolCallError
+from trustee.types import Knobs, Message, Score, Task, ToolCall, ToolCallError
 
-
-class Knobs(msgspec.Struct, frozen=True, kw_only=True):
-    """Curriculum aspects for one task (TRUSTEE's seven, plus the tool error rate).
-
-    Values are already sampled within the curriculum's bounds; environments read the ones
-    they understand and ignore the rest.
-    """
-
-    difficulty: float = 1.0
-    n_tools: int = 1
-    n_expected_calls: int = 1
-    n_turns: int = 1
-    prompt_specificity: float = 1.0  # 1 detailed system prompt .. 0 generic
-    persona_expertise: float = 1.0  # 1 expert .. 0 novice
-    query_ambiguity: float = 0.0  # 0 clear .. 1 highly ambiguous
-    judge_strictness: int = 1  # 1 intent .. 5 efficiency
-    tool_error_rate: float = 0.0
-    extra: dict[str, Any] = msgspec.field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, float]:
-        d = msgspec.structs.asdict(self)
-        d.pop("extra")
-        return {k: float(v) for k, v in d.items()}
+__all__ = ["AgentAction", "Environment", "EpisodeState", "Knobs", "Score"]
 
 
 class EpisodeState(msgspec.Struct, kw_only=True):
@@ -67,14 +46,6 @@ class AgentAction(msgspec.Struct, frozen=True, kw_only=True):
     calls: list[ToolCall] = msgspec.field(default_factory=list)
     errors: list[ToolCallError] = msgspec.field(default_factory=list)
     truncated: bool = False
-
-
-class Score(msgspec.Struct, frozen=True, kw_only=True):
-    """An episode's reward in [-1, 1] (BFCL progress and rubric rewards are in [0, 1]; the
-    syntax reward is rescaled) and its named parts for logging."""
-
-    reward: float
-    parts: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 @runtime_checkable

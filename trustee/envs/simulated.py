@@ -1,16 +1,21 @@
 """The simulated (TRUSTEE) environment: tasks, user, tools and judge all played by a model.
 
 Owns `SimulatedEnv` (the `Environment` contract over the roles in `trustee/sim/`),
-`SimGroup` (what the episodes of one GRPO group share: the tool consistency memo) and
-`build_simulated_env` (from the config sections). Episode flow: the policy's turn with tool
-calls gets one tool message per call (computed concurrently) then one per call error; a
-turn without calls goes to the user simulator, whose `status` or the user-turn cap ends the
-episode. The judge scores the recorded conversation at the end.
+`SimGroup` (what the episodes of one GRPO group share: the tool consistency memo),
+`build_simulated_env` (from the config sections) and `check_budgets` (the start-up refusal of
+a token budget under which some role's JSON could be cut). Each episode keeps one `SimLog`,
+the append-only simulator chat every role extends (see `sim/log.py` for the KV-cache
+layout); `step_metrics` gives the training loop the step's `sim/*` figures.
+
+Episode flow: the policy's turn with tool calls gets one tool message per call (computed
+concurrently) then one per call error; a turn without calls goes to the user simulator,
+whose `status` or the user-turn cap ends the episode. The judge (a model, or the
+`ScriptedJudge` named as such) scores the episode's log at the end.
 
 A simulator failure after its retry budget (`SimError`) is caught here: the episode gets
 `state.sim_error` and `state.done`, and the runner marks it `sim_error` (never trained on).
-This module records every assistant message and reply in `state.messages` (the judge reads
-them). It does not tokenize or sample the policy (`rollout/episode.py` does).
+This module records every assistant message and reply in `state.messages` and the
+simulator's view of them in the episode's log. It does not tokenize or sample the policy (`rollout/episode.py` does).
 """
 
 from __future__ import annotations
@@ -23,12 +28,21 @@ from trustee.chat.parse import error_observation
 from trustee.config import EnvironmentConfig, SimulatorConfig
 from trustee.engines.base import Engine
 from trustee.envs.base import AgentAction, EpisodeState, Knobs, Score
-from trustee.sim.client import SimClient, SimError
-from trustee.sim.judge import Judge, JudgeMode, VoteRule
-from trustee.sim.taskgen import TaskGenerator, ToolCatalog
-from trustee.sim.tools import ConsistencyMemo, ToolSimulator
-from trustee.sim.user import UserSimulator
-from trustee.types import Message, Task
+from trustee.sim.budget import worst_case_tokens
+from trustee.sim.client import SimClient, SimError, bounded_schema, schema_of
+from trustee.sim.judge import Judge, JudgeMode, ScriptedJudge, TrusteeVerdict, VoteRule, rubric_schema
+from trustee.sim.log import SimLog
+from trustee.sim.metrics import SimMeter
+from trustee.sim.taskgen import TaskGenerator, ToolCatalog, ToolDraft, scenario_schema
+from trustee.sim.tools import ConsistencyMemo, ToolReply, ToolSimulator
+from trustee.sim.user import UserReply, UserSimulator
+from trustee.types import Message, Rubric, Task, ToolSpec
+
+MAX_PARAMS = 4
+"""Most parameters of a generated tool (`ToolDraft.params`); a catalog tool may have more,
+and its requests are then checked one by one."""
+MIN_PROMPT = 512
+"""Context a role's prompt needs at least, beside its longest output (start-up check)."""
 
 Ending = Literal["goal_met", "gave_up", "user_turn_cap", "cut_off"]
 
@@ -50,8 +64,10 @@ class SimGroup:
 
 @dataclass
 class SimEpisode:
-    """The roles of one episode and what happened (kept in `state.data['sim']`)."""
+    """The roles of one episode, its simulator log, and what happened (kept in
+    `state.data['sim']`)."""
 
+    log: SimLog
     user: UserSimulator
     tools: ToolSimulator
     user_turns: int = 0
@@ -66,13 +82,13 @@ class SimulatedEnv:
         self,
         client: SimClient,
         *,
-        judge_mode: JudgeMode = "trustee",
+        judge_mode: JudgeMode | Literal["scripted"] = "trustee",
         judge_votes: int = 1,
         judge_vote_rule: VoteRule = "mean",
         judge_temperature: float = 0.1,
         max_user_turns: int = 4,
         max_task_regenerations: int = 3,
-        task_max_tokens: int = 2048,
+        task_max_tokens: int = 3072,
         catalog: ToolCatalog | None = None,
         domains: list[str] | None = None,
         judge_client: SimClient | None = None,
@@ -85,15 +101,27 @@ class SimulatedEnv:
             max_regenerations=max_task_regenerations,
             max_tokens=task_max_tokens,
         )
-        self.judge = Judge(
-            judge_client or client,
-            mode=judge_mode,
-            votes=judge_votes,
-            vote_rule=judge_vote_rule,
-            temperature=judge_temperature,
+        self.judge: Judge | ScriptedJudge = (
+            ScriptedJudge()
+            if judge_mode == "scripted"
+            else Judge(
+                judge_client or client,
+                mode=judge_mode,
+                votes=judge_votes,
+                vote_rule=judge_vote_rule,
+                temperature=judge_temperature,
+            )
         )
         self.max_user_turns = max_user_turns
         self.sim_errors = 0
+        self.meter = SimMeter(client, client.engine)
+
+    def step_metrics(self) -> dict[str, float]:
+        """This step's simulator figures (`sim/*`; see `sim/metrics.py`); the training loop
+        calls it once per step."""
+        out = self.meter.step()
+        out["sim/episode_errors"] = float(self.sim_errors)
+        return out
 
     async def make_task(self, knobs: Knobs, rng: random.Random) -> Task:
         """One generated task; raises SimError when the generator fails its budget (the
@@ -107,6 +135,7 @@ class SimulatedEnv:
         group = group if isinstance(group, SimGroup) else self.new_group(task)
         rate = float(task.knobs.get("tool_error_rate", 0.0))
         episode = SimEpisode(
+            log=SimLog(task),
             user=UserSimulator(self.client, task, key=task.id),
             tools=ToolSimulator(self.client, task, group.memo, key=task.id, error_rate=rate),
         )
@@ -123,8 +152,13 @@ class SimulatedEnv:
             return []
         try:
             if action.calls or action.errors:
-                out = await ep.tools.run_turn(action.calls)
-                out += [error_observation(e) for e in action.errors]
+                text = action.message.content
+                out = await ep.tools.run_turn(ep.log, action.calls, text)
+                if not action.calls and text.strip():
+                    ep.log.note(SimLog.agent_says(text))
+                for e in action.errors:
+                    out.append(error_observation(e))
+                    ep.log.note(SimLog.malformed(out[-1].content))
             else:
                 out = await self._user_turn(state, ep, action.message.content)
         except SimError as e:
@@ -138,8 +172,9 @@ class SimulatedEnv:
     async def _user_turn(self, state: EpisodeState, ep: SimEpisode, text: str) -> list[Message]:
         if ep.user_turns >= self.max_user_turns:
             ep.ending, state.done = "user_turn_cap", True
+            ep.log.note(SimLog.agent_says(text))
             return []
-        reply, retries = await ep.user.reply(text)
+        reply, retries = await ep.user.reply(ep.log, text)
         ep.retries += retries
         ep.user_turns += 1
         if reply.status != "continue":
@@ -151,8 +186,11 @@ class SimulatedEnv:
     async def score(self, state: EpisodeState) -> Score:
         ep: SimEpisode = state.data["sim"]
         ending = ENDINGS[ep.ending if state.done else "cut_off"]
+        last = state.messages[-1] if state.messages else None
+        if not state.done and last is not None and last.role == "assistant" and not last.tool_calls:
+            ep.log.note(SimLog.agent_says(last.content))  # the turn cut off before anyone answered
         try:
-            score, retries = await self.judge.score(state.task, state.messages, ending, key=state.task.id)
+            score, retries = await self.judge.score(state.task, ep.log, ending, key=state.task.id)
         except SimError as e:
             self._fail(state, e)
             return Score(reward=0.0, parts={})
@@ -173,9 +211,14 @@ class SimulatedEnv:
         state.done = True
 
 
-def judge_mode_for(sim: SimulatorConfig, env: EnvironmentConfig) -> JudgeMode:
+def judge_mode_for(sim: SimulatorConfig, env: EnvironmentConfig) -> JudgeMode | Literal["scripted"]:
     """environment.reward picks judge vs rubric; simulator.judge_mode must agree with it."""
     if env.reward == "rubric":
+        if sim.judge_mode == "scripted":
+            raise ValueError(
+                "simulator.judge_mode = 'scripted' with environment.reward = 'rubric': the scripted judge "
+                "gives TRUSTEE verdicts only; set environment.reward = 'judge' or a model judge_mode"
+            )
         return "rubric"
     if env.reward == "judge":
         return sim.judge_mode
@@ -185,6 +228,54 @@ def judge_mode_for(sim: SimulatorConfig, env: EnvironmentConfig) -> JudgeMode:
     )
 
 
+def role_budgets(max_expected_calls: int) -> dict[str, tuple[str, int]]:
+    """Each role's longest possible output in tokens (`sim/budget.py`) at the hardest task
+    the curriculum can ask for, with the config field that budgets it."""
+    params = {f"p{i}_{'x' * 28}": {"type": "string"} for i in range(MAX_PARAMS)}
+    widest = ToolSpec(
+        name="t" * 32,
+        parameters={"type": "object", "properties": params, "additionalProperties": False},
+    )
+    rubric = Rubric(subgoals=["x"] * 8, required_interactions=["x"] * 8, forbidden=["x"] * 8)
+    task = Task(id="budget", env="simulated", tools=[widest], first_query="", rubric=rubric)
+
+    def worst(schema: dict[str, Any]) -> int:
+        return int(worst_case_tokens(bounded_schema(schema)))
+
+    return {
+        "user": ("simulator.max_tokens", worst(schema_of(UserReply))),
+        "tool": ("simulator.max_tokens", worst(schema_of(ToolReply))),
+        "judge (trustee)": ("simulator.max_tokens", worst(schema_of(TrusteeVerdict))),
+        "judge (rubric)": ("simulator.max_tokens", worst(rubric_schema(task))),
+        "task (one tool)": ("simulator.task_max_tokens", worst(schema_of(ToolDraft))),
+        "task (scenario)": (
+            "simulator.task_max_tokens",
+            worst(scenario_schema([widest], max(1, max_expected_calls))),
+        ),
+    }
+
+
+def check_budgets(sim: SimulatorConfig, max_expected_calls: int, max_model_len: int = 0) -> None:
+    """Refuse, at start-up, a budget under which some role's JSON could be cut: every role's
+    longest output (strings at their bound, one token per byte) must fit its budget and
+    leave room for a prompt in the context. Per request, `SimClient` checks the real prompt."""
+    budgets = {"simulator.max_tokens": sim.max_tokens, "simulator.task_max_tokens": sim.task_max_tokens}
+    problems = []
+    for role, (name, need) in role_budgets(max_expected_calls).items():
+        if need > budgets[name]:
+            problems.append(
+                f"{name} = {budgets[name]}: the {role} role's longest output is {need} tokens, so its JSON "
+                f"could be cut; set {name} >= {need}"
+            )
+        if max_model_len and need + MIN_PROMPT > max_model_len:
+            problems.append(
+                f"model.max_model_len = {max_model_len}: the {role} role's longest output ({need} tokens) "
+                f"leaves less than {MIN_PROMPT} tokens of prompt; set model.max_model_len >= {need + MIN_PROMPT}"
+            )
+    if problems:
+        raise ValueError("simulator budgets do not fit:\n  " + "\n  ".join(problems))
+
+
 def build_simulated_env(
     sim: SimulatorConfig,
     env: EnvironmentConfig,
@@ -192,8 +283,13 @@ def build_simulated_env(
     tokenizer: Any,
     *,
     template: str | None = None,
+    max_expected_calls: int = 3,
+    max_model_len: int = 0,
 ) -> SimulatedEnv:
-    """The simulated environment from its config sections, on one simulator engine."""
+    """The simulated environment from its config sections, on one simulator engine.
+    `max_expected_calls`: the most reference calls the curriculum can ask for (the top of
+    curriculum.aspects.n_expected_calls); `max_model_len`: the simulator's context."""
+    check_budgets(sim, max_expected_calls, max_model_len)
     client = SimClient(
         engine,
         tokenizer,
@@ -201,6 +297,7 @@ def build_simulated_env(
         max_tokens=sim.max_tokens,
         max_decode_retries=sim.max_decode_retries,
         template=template,
+        max_model_len=max_model_len,
     )
     catalog = ToolCatalog.from_jsonl(sim.tool_catalog) if sim.tool_catalog else None
     return SimulatedEnv(

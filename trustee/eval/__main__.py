@@ -3,7 +3,11 @@
 Evaluates a policy on BFCL (see `eval/bfcl.py`): builds the policy engine from the config's
 `[model]` and `[engines.policy]` sections (HF on CPU; vLLM where `trustee.engines` offers a
 builder), runs the categories of `[eval]` through the episode runner, prints a Markdown
-table per category and writes the JSON report. `--run-dir` reads the run's `config.json`
+table per category and writes the JSON report. `--judge-agreement` (or
+`eval.judge_agreement = true`) instead runs the sim-to-real meter (`eval/judge_agreement.py`)
+on the multi-turn categories: the simulated judge of `[simulator]` (its model on
+`[engines.simulator]`, or the scripted judge) against BFCL's checker; it writes
+judge_agreement.json beside the report. `--run-dir` reads the run's `config.json`
 (written by `trustee.run`) instead of a TOML file. Exit codes: 0 ok, 2 config error.
 """
 
@@ -36,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", help="comma-separated categories (overrides eval.categories)")
     p.add_argument("--out", help="JSON report path (overrides eval.out)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--judge-agreement",
+        action="store_true",
+        help="measure the simulated judge against BFCL's checker on the multi-turn categories",
+    )
     return p
 
 
@@ -117,6 +126,83 @@ async def run(cfg: Config, *, progress: bool = True, run_dir: Path | None = None
         await engine.close()
 
 
+def build_judge(cfg: Config):
+    """The simulated judge of `[simulator]`, as the TRUSTEE environment builds it, and the
+    engine behind it (None for the scripted judge)."""
+    from trustee.sim.judge import Judge, ScriptedJudge
+
+    mode = cfg.simulator.judge_mode
+    if mode == "scripted":
+        return ScriptedJudge(), None
+    from transformers import AutoTokenizer
+
+    from trustee.chat.render import project_template
+    from trustee.config import resolve
+    from trustee.sim.client import SimClient
+    from trustee.train import build_engine
+
+    res = resolve(cfg, Path("runs") / cfg.name)
+    engine = build_engine(cfg.engines.simulator, res.simulator_model, cfg, res, role="simulator")
+    client = SimClient(
+        engine,
+        AutoTokenizer.from_pretrained(res.simulator_model),
+        temperature=cfg.simulator.temperature,
+        max_tokens=cfg.simulator.max_tokens,
+        max_decode_retries=cfg.simulator.max_decode_retries,
+        template=project_template() if cfg.model.chat_template == "trustee" else None,
+        max_model_len=cfg.model.max_model_len,
+    )
+    judge = Judge(
+        client,
+        mode=mode,
+        votes=cfg.simulator.judge_votes,
+        vote_rule=cfg.simulator.judge_vote_rule,
+        temperature=cfg.simulator.judge_temperature,
+    )
+    return judge, engine
+
+
+async def run_agreement(cfg: Config, *, run_dir: Path | None = None):
+    """The sim-to-real meter: the policy plays BFCL multi-turn entries, the simulated judge
+    and BFCL's checker both score them (`eval/judge_agreement.measure`)."""
+    from transformers import AutoTokenizer
+
+    from trustee.chat.render import project_template
+    from trustee.eval.judge_agreement import measure
+    from trustee.rollout.episode import EpisodeRunner
+
+    if cfg.model.tiny and not (Path(cfg.model.path) / "config.json").exists():
+        from trustee.tiny import build_tiny_model
+
+        build_tiny_model(cfg.model.path, size=cfg.model.tiny)
+    engine = build_policy_engine(cfg)
+    judge, judge_engine = build_judge(cfg)
+    try:
+        adapter = trained_adapter(run_dir)
+        if adapter is not None:
+            await engine.update_weights(adapter)
+        runner = EpisodeRunner(
+            policy=engine,
+            tokenizer=AutoTokenizer.from_pretrained(cfg.model.path),
+            cfg=rollout_config(cfg.eval, cfg.rollout),
+            max_model_len=cfg.model.max_model_len,
+            template=project_template() if cfg.model.chat_template == "trustee" else None,
+            enable_thinking=cfg.model.enable_thinking,
+        )
+        return await measure(
+            runner.run,
+            cfg.eval,
+            judge,
+            judge_mode=cfg.simulator.judge_mode,
+            bfcl_cfg=cfg.environment.bfcl,
+            model=cfg.model.path,
+        )
+    finally:
+        await engine.close()
+        if judge_engine is not None:
+            await judge_engine.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not args.config and not args.run_dir:
@@ -128,12 +214,34 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else None
+    if args.judge_agreement or cfg.eval.judge_agreement:
+        return _main_agreement(cfg, args, run_dir)
     report = anyio.run(lambda: run(cfg, progress=not args.no_progress, run_dir=run_dir))
     out = cfg.eval.out or str(Path(args.run_dir or cfg.model.path) / "bfcl_eval.json")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_report(report, out)
     print(format_table(report))
     print(f"report: {out}  ({report.wall_s:.1f}s)")
+    return 0
+
+
+def _main_agreement(cfg: Config, args: argparse.Namespace, run_dir: Path | None) -> int:
+    from trustee.eval.judge_agreement import format_table as agreement_table
+    from trustee.eval.judge_agreement import write_report as write_agreement
+
+    try:
+        rep = anyio.run(lambda: run_agreement(cfg, run_dir=run_dir))
+    except ValueError as e:  # e.g. no multi-turn category selected
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    base = Path(cfg.eval.out) if cfg.eval.out else Path(args.run_dir or cfg.model.path) / "bfcl_eval.json"
+    out = base.with_name("judge_agreement.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_agreement(rep, str(out))
+    table = agreement_table(rep)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"report: {out}  ({rep.wall_s:.1f}s)")
     return 0
 
 

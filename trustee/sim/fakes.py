@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 from trustee.engines.base import Completion, EngineStats, Sampling
+from trustee.sim.budget import TEXT_CLASS
 
 _WORDS = "alpha beta gamma delta order city date price booking user account total status item note".split()
 
@@ -54,11 +55,14 @@ def random_json(schema: dict[str, Any], rng: random.Random, depth: int = 0) -> A
 
 def _string(schema: dict[str, Any], rng: random.Random) -> str:
     pattern = schema.get("pattern")
-    if pattern:
+    lo, hi = schema.get("minLength", 1), schema.get("maxLength", 40)
+    if pattern and pattern.startswith("^" + TEXT_CLASS):  # the roles' text: words within the bound
+        bounds = [(int(a), int(b)) for a, b in re.findall(r"\{(\d+),(\d+)\}", pattern)]
+        lo, hi = (sum(a for a, _ in bounds), sum(b for _, b in bounds)) if bounds else (0, 40)
+    elif pattern:  # identifier form
         m = re.search(r"\{(\d+),(\d+)\}", pattern)
         lo = int(m.group(1)) if m else 2
         return rng.choice("abcdefgh") + "".join(rng.choice("abcdefghij") for _ in range(lo + 2))
-    lo, hi = schema.get("minLength", 1), schema.get("maxLength", 40)
     words = []
     while len(" ".join(words)) < max(lo, 1) or (rng.random() < 0.6 and len(" ".join(words)) < hi - 10):
         words.append(rng.choice(_WORDS))

@@ -11,9 +11,11 @@ directly):
   required interactions made); a list that is empty is left out of the mean; in [0, 1].
 
 Optional k votes, combined by `majority` (ties go to the lower reward) or `mean`. Prompt
-layout (KV cache): static rules, then the group's task block (goal, hidden info, reference
-calls, active criteria or rubric), then the transcript (the new item). Called by
-`envs/simulated.py` at the end of an episode.
+layout (KV cache): the episode's `SimLog` as the user and tool roles last saw it (run-wide
+rules, the group's task block, the transcript), then one request holding what only the judge
+may know (reference calls, active criteria or rubric). So the judge's prompt extends the
+episode's cached prefix. Called by `envs/simulated.py` at the end of an episode and by the
+judge-agreement meter (`eval/judge_agreement.py`).
 """
 
 from __future__ import annotations
@@ -25,16 +27,14 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from trustee.chat.parse import canonical_json
-from trustee.envs.base import Score
 from trustee.sim.client import OutputRejected, SimClient, gather_first_error, load_prompt, schema_of
-from trustee.types import Message, Task
+from trustee.sim.log import SimLog, call_text
+from trustee.types import Message, Score, Task, ToolCall
 
 JudgeMode = Literal["trustee", "rubric"]
 VoteRule = Literal["mean", "majority"]
 CRITERIA = ("intent", "correct_tools", "no_hallucination", "no_redundancy", "efficient")
-Analysis = Annotated[str, Meta(max_length=300)]
-TRANSCRIPT_ITEM_CHARS = 600
+Analysis = Annotated[str, Meta(max_length=200)]
 
 
 class TrusteeVerdict(msgspec.Struct, kw_only=True):
@@ -120,50 +120,27 @@ def criteria_block(task: Task, mode: JudgeMode) -> str:
         lines += _numbered("Sub-goals:", r.subgoals)
         lines += _numbered("Required interactions:", r.required_interactions)
         return "\n".join(lines)
+    return ", ".join(active_criteria(task))
+
+
+def active_criteria(task: Task) -> tuple[str, ...]:
     strictness = int(task.knobs.get("judge_strictness", 1))
-    active = CRITERIA[: max(1, min(5, strictness))]
-    return "Active criteria: " + ", ".join(active)
+    return CRITERIA[: max(1, min(5, strictness))]
 
 
 def _numbered(title: str, items: list[str]) -> list[str]:
     return [title] + ([f"{i + 1}. {x}" for i, x in enumerate(items)] or ["(none)"])
 
 
-def judge_system_message(task: Task, mode: JudgeMode) -> Message:
-    block = Template(load_prompt("judge_task")).substitute(
-        domain=task.domain or "general",
-        goal=task.goal or task.first_query,
-        hidden=task.hidden_info or "(none)",
-        expected="\n".join(
-            canonical_json({"name": c.name, "arguments": c.arguments}) for c in task.expected_calls
-        )
-        or "(none)",
-        criteria=criteria_block(task, mode),
-    )
-    return Message(role="system", content=load_prompt(f"judge_{mode}_system") + "\n" + block)
-
-
-def transcript(messages: list[Message]) -> str:
-    """The conversation as plain lines (system prompt left out; long items cut)."""
-    lines = []
-    for m in messages:
-        if m.role == "system":
-            continue
-        if m.role == "tool":
-            lines.append(f"Tool result ({m.name or '?'}): {_cut(m.content)}")
-            continue
-        who = "User" if m.role == "user" else "Assistant"
-        if m.content.strip() or not m.tool_calls:
-            lines.append(f"{who}: {_cut(m.content.strip() or '(empty)')}")
-        for c in m.tool_calls:
-            lines.append(
-                f"Assistant calls: {_cut(canonical_json({'name': c.name, 'arguments': c.arguments}))}"
-            )
-    return "\n".join(lines)
-
-
-def _cut(text: str) -> str:
-    return text if len(text) <= TRANSCRIPT_ITEM_CHARS else text[:TRANSCRIPT_ITEM_CHARS] + " ...[cut]"
+def judge_request(task: Task, mode: JudgeMode, ending: str) -> str:
+    """The judge's request: the ending and what only the judge knows (after the transcript)."""
+    expected = "\n".join(call_text(c) for c in task.expected_calls) or "(none)"
+    fields = {"ending": ending, "expected": expected}
+    if mode == "rubric":
+        fields["rubric"] = criteria_block(task, mode)
+    else:
+        fields["criteria"] = criteria_block(task, mode)
+    return Template(load_prompt(f"judge_{mode}_request")).substitute(fields).rstrip()
 
 
 def rubric_schema(task: Task) -> dict:
@@ -210,11 +187,10 @@ class Judge:
             temperature,
         )
 
-    async def score(self, task: Task, messages: list[Message], ending: str, *, key: str) -> tuple[Score, int]:
-        prompt = [
-            judge_system_message(task, self.mode),
-            Message(role="user", content=f"Transcript:\n{transcript(messages)}\nEnding: {ending}"),
-        ]
+    async def score(self, task: Task, log: SimLog, ending: str, *, key: str) -> tuple[Score, int]:
+        """The episode's score from its log (the live one, or `SimLog.replay` of a finished
+        conversation) and the decode retries."""
+        prompt = log.prompt(judge_request(task, self.mode, ending))
         if self.mode == "trustee":
             return await self._trustee(task, prompt, key)
         return await self._rubric(task, prompt, key)
@@ -254,3 +230,53 @@ class Judge:
             reward = sum(r for r, _ in scored) / len(scored)
             parts = {k: sum(p.get(k, 0.0) for _, p in scored) / len(scored) for k in scored[0][1]}
         return Score(reward=reward, parts={"judge": reward, **parts}), sum(r for _, r in outs)
+
+
+# ------------------------------------------------------------------ the scripted judge
+
+
+class ScriptedJudge:
+    """A judge in code, named as such: no model reads the episode. For CPU runs whose tiny
+    simulator cannot judge (`simulator.judge_mode = 'scripted'`), and as the known-answer
+    judge of tests. It fills a `TrusteeVerdict` from the agent's calls against the task's
+    reference calls and scores it with `trustee_reward`, so the tiers, strictness and
+    reward range are the model judge's:
+
+    - intent: "yes" when every reference call was made with the same arguments, "partly"
+      when at least one reference tool was called, "no" otherwise;
+    - correct_tools: every call named a reference tool; no_hallucination: every call passed
+      its schema; no_redundancy: no call repeated; efficient: at most one call more than
+      the reference.
+    """
+
+    mode = "scripted"
+
+    def __init__(self, votes: int = 1) -> None:
+        self.votes = votes
+
+    async def score(self, task: Task, log: SimLog, ending: str, *, key: str) -> tuple[Score, int]:
+        return self.score_calls(task, log.agent_calls), 0
+
+    def score_calls(self, task: Task, calls: list[tuple[ToolCall, bool]]) -> Score:
+        """`calls`: the agent's calls in order, each with whether it passed its schema."""
+        made = [call_text(c) for c, _ in calls]
+        expected = [call_text(c) for c in task.expected_calls]
+        names = {c.name for c in task.expected_calls}
+        if expected and all(e in made for e in expected):
+            intent = "yes"
+        elif any(c.name in names for c, _ in calls):
+            intent = "partly"
+        else:
+            intent = "no"
+        verdict = TrusteeVerdict(
+            analysis="scripted",
+            intent=intent,
+            correct_tools=bool(calls) and all(c.name in names for c, _ in calls),
+            no_hallucination=all(ok for _, ok in calls),
+            no_redundancy=len(set(made)) == len(made),
+            efficient=len(made) <= len(expected) + 1,
+        )
+        strictness = int(task.knobs.get("judge_strictness", 1))
+        reward = trustee_reward(verdict, strictness)
+        parts = {"judge": reward, "strictness": float(strictness), "intent": float(intent == "yes")}
+        return Score(reward=reward, parts=parts)

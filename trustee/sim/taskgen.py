@@ -1,10 +1,13 @@
 """The task generator role: a data-free task from curriculum knobs and a domain.
 
-Owns `TaskGenerator`, its output Structs and `ToolCatalog`. Two simulator calls per task,
-laid out as one growing chat so the second repeats the first's prompt as its prefix:
+Owns `TaskGenerator`, its output Structs and `ToolCatalog`. Simulator calls per task are
+laid out as one growing chat, so each repeats the previous prompt and answer as its prefix:
 
-1. tools (skipped when a user-supplied catalog supplies them): `ToolSetDraft`, typed so
-   every generated tool becomes a valid OpenAI function schema by construction;
+1. tools (skipped when a user-supplied catalog supplies them): one `ToolDraft` per request,
+   each appended to the chat before the next is asked (so no single output has to hold a
+   whole tool set, and each prompt extends the last), typed so every generated tool becomes
+   a valid OpenAI function schema by construction, and declaring whether it changes the
+   world's state (the tool simulator's memo keys on it);
 2. scenario: `ScenarioDraft` (persona, goal, opening query, hidden info known only to the
    user, expected calls, rubric). Its schema is tightened per task: `expected_calls` may
    only name the task's tools with arguments of each tool's own (bounded) schema.
@@ -25,45 +28,40 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from trustee.chat.parse import ToolCallParser, canonical_json
-from trustee.envs.base import Knobs
-from trustee.sim.client import (
-    OutputRejected,
-    SimClient,
-    SimError,
-    as_json,
-    bounded_schema,
-    load_prompt,
-    schema_of,
-)
-from trustee.types import Message, Rubric, Task, ToolCall, ToolSpec
+from trustee.chat.parse import ToolCallParser
+from trustee.sim.client import OutputRejected, SimClient, SimError, bounded_schema, load_prompt, schema_of
+from trustee.sim.log import tools_block
+from trustee.types import Knobs, Message, Rubric, Task, ToolCall, ToolSpec
 
 Ident = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{2,31}$")]
 Word = Annotated[str, Meta(min_length=1, max_length=16)]
-Short = Annotated[str, Meta(min_length=1, max_length=80)]
-Text = Annotated[str, Meta(min_length=1, max_length=200)]
+Short = Annotated[str, Meta(min_length=1, max_length=60)]
+Text = Annotated[str, Meta(min_length=1, max_length=160)]
 
 GENERIC_SYSTEM_PROMPT = "You are a helpful assistant."
+STATE_CHANGING = "state_changing"
+"""`Task.payload` key: names of the tools whose calls change state (absent: all of them)."""
+
+
+ParamText = Annotated[str, Meta(min_length=1, max_length=48)]
 
 
 class ParamDraft(msgspec.Struct, kw_only=True):
     name: Ident
     type: Literal["string", "integer", "number", "boolean"]
-    description: Short
+    description: ParamText
     required: bool
-    enum: Annotated[list[Word], Meta(max_length=4)]
+    enum: Annotated[list[Word], Meta(max_length=3)]
 
 
 class ToolDraft(msgspec.Struct, kw_only=True):
+    """Stage 1 output, one per request. `changes_state`: calling it changes what later
+    calls see (a booking, an update); false for look-ups."""
+
     name: Ident
-    description: Text
+    description: Annotated[str, Meta(min_length=1, max_length=100)]
+    changes_state: bool
     params: Annotated[list[ParamDraft], Meta(max_length=4)]
-
-
-class ToolSetDraft(msgspec.Struct, kw_only=True):
-    """Stage 1 output: the task's tools (array size fixed per task to the knob)."""
-
-    tools: Annotated[list[ToolDraft], Meta(min_length=1, max_length=10)]
 
 
 class CallDraft(msgspec.Struct, kw_only=True):
@@ -74,14 +72,14 @@ class CallDraft(msgspec.Struct, kw_only=True):
 class ScenarioDraft(msgspec.Struct, kw_only=True):
     """Stage 2 output. `expected_calls` is constrained per task to the task's tools."""
 
-    system_prompt: Annotated[str, Meta(max_length=300)]
-    persona: Text
+    system_prompt: Annotated[str, Meta(max_length=200)]
+    persona: Annotated[str, Meta(min_length=1, max_length=100)]
     goal: Text
-    hidden_info: Annotated[list[Short], Meta(max_length=4)]
+    hidden_info: Annotated[list[Short], Meta(max_length=3)]
     first_query: Text
     expected_calls: Annotated[list[CallDraft], Meta(min_length=1, max_length=3)]
-    subgoals: Annotated[list[Short], Meta(min_length=1, max_length=4)]
-    required_interactions: Annotated[list[Short], Meta(max_length=3)]
+    subgoals: Annotated[list[Short], Meta(min_length=1, max_length=3)]
+    required_interactions: Annotated[list[Short], Meta(max_length=2)]
     forbidden: Annotated[list[Short], Meta(max_length=2)]
 
 
@@ -120,12 +118,14 @@ def gap_words(n_turns: int) -> str:
 
 
 class CatalogEntry(msgspec.Struct, kw_only=True):
-    """One JSONL line of a tool catalog: a ToolSpec plus an optional category."""
+    """One JSONL line of a tool catalog: a ToolSpec plus an optional category and whether
+    the tool changes state (unknown = treated as changing it, the safe side for the memo)."""
 
     name: str
     description: str = ""
     parameters: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "object", "properties": {}})
     category: str = ""
+    changes_state: bool | None = None
 
 
 class ToolCatalog:
@@ -135,6 +135,7 @@ class ToolCatalog:
         if not entries:
             raise ValueError("tool catalog is empty; give a JSONL file with one tool spec per line")
         self.by_category: dict[str, list[ToolSpec]] = {}
+        self.read_only = {e.name for e in entries if e.changes_state is False}
         for e in entries:
             spec = ToolSpec(name=e.name, description=e.description, parameters=e.parameters)
             self.by_category.setdefault(e.category or "general", []).append(spec)
@@ -195,17 +196,13 @@ def draft_to_spec(d: ToolDraft) -> ToolSpec:
     return ToolSpec(name=d.name, description=d.description, parameters=schema)
 
 
-def check_tool_set(draft: ToolSetDraft, n_tools: int) -> None:
-    """OutputRejected if the tool set is unusable (wrong size, duplicate names)."""
-    names = [t.name for t in draft.tools]
-    if len(names) != n_tools:
-        raise OutputRejected(f"asked for {n_tools} tools, got {len(names)}")
-    if len(set(names)) != len(names):
-        raise OutputRejected(f"tool names are not unique: {names}")
-    for t in draft.tools:
-        params = [p.name for p in t.params]
-        if len(set(params)) != len(params):
-            raise OutputRejected(f"tool {t.name!r} repeats a parameter name: {params}")
+def check_tool(draft: ToolDraft, earlier: list[str]) -> None:
+    """OutputRejected if the tool is unusable (a name already taken, a repeated parameter)."""
+    if draft.name in earlier:
+        raise OutputRejected(f"tool name {draft.name!r} is already used by an earlier tool: {earlier}")
+    params = [p.name for p in draft.params]
+    if len(set(params)) != len(params):
+        raise OutputRejected(f"tool {draft.name!r} repeats a parameter name: {params}")
 
 
 def task_problems(tools: list[ToolSpec], calls: list[ToolCall]) -> list[str]:
@@ -237,10 +234,6 @@ def scenario_schema(tools: list[ToolSpec], n_calls: int) -> dict[str, Any]:
     return schema
 
 
-def tools_block(tools: list[ToolSpec]) -> str:
-    return "\n".join(canonical_json(t.to_openai()["function"]) for t in tools)
-
-
 # ------------------------------------------------------------------ the role
 
 
@@ -269,39 +262,50 @@ class TaskGenerator:
         task_id = f"sim-{rng.getrandbits(48):012x}"
         last: list[str] = []
         for _ in range(self.max_regenerations + 1):
-            domain, history, tools = await self._tools(knobs, rng, key=task_id)
+            domain, history, tools, writes = await self._tools(knobs, rng, key=task_id)
             scenario = await self._scenario(knobs, history, tools, key=task_id)
             calls = [ToolCall(name=c.name, arguments=c.arguments) for c in scenario.expected_calls]
             last = task_problems(tools, calls)
             if not last:
-                return self._task(task_id, domain, tools, scenario, calls, knobs)
+                return self._task(task_id, domain, tools, scenario, calls, knobs, writes)
             self.rejected += 1
         raise SimError("task", self.max_regenerations + 1, "; ".join(last))
 
     async def _tools(
         self, knobs: Knobs, rng: random.Random, *, key: str
-    ) -> tuple[str, list[Message], list[ToolSpec]]:
+    ) -> tuple[str, list[Message], list[ToolSpec], list[str]]:
+        """(domain, the chat so far, the tools, the names of tools that change state)."""
         n_tools, n_calls = max(1, knobs.n_tools), max(1, knobs.n_expected_calls)
         if self.catalog is not None:
             domain, tools = self.catalog.sample(n_tools, rng)
             text = Template(load_prompt("task_catalog")).substitute(domain=domain, tools=tools_block(tools))
-            return domain, [self.system, Message(role="user", content=text)], tools
+            writes = [t.name for t in tools if t.name not in self.catalog.read_only]
+            return domain, [self.system, Message(role="user", content=text)], tools, writes
         domain = rng.choice(self.domains)
         ask = Template(load_prompt("task_tools")).substitute(domain=domain, n_tools=n_tools, n_calls=n_calls)
-        history = [self.system, Message(role="user", content=ask)]
-        schema = schema_of(ToolSetDraft)
-        schema["properties"]["tools"].update(minItems=n_tools, maxItems=n_tools)
-        draft, _ = await self.client.ask(
-            "task",
+        history = [self.system]
+        drafts: list[ToolDraft] = []
+        for i in range(n_tools):
+            if i:
+                ask = f"Tool {i + 1} of {n_tools}: a different tool of the same service."
+            history.append(Message(role="user", content=ask))
+            names = [d.name for d in drafts]
+            answer = await self.client.ask_raw(
+                "task",
+                history,
+                ToolDraft,
+                check=lambda d, names=names: check_tool(d, names),
+                max_tokens=self.max_tokens,
+                key=key,
+            )
+            history.append(Message(role="assistant", content=answer.text))
+            drafts.append(answer.value)
+        return (
+            domain,
             history,
-            ToolSetDraft,
-            schema=schema,
-            check=lambda d: check_tool_set(d, n_tools),
-            max_tokens=self.max_tokens,
-            key=key,
+            [draft_to_spec(d) for d in drafts],
+            [d.name for d in drafts if d.changes_state],
         )
-        history.append(Message(role="assistant", content=as_json(draft)))
-        return domain, history, [draft_to_spec(t) for t in draft.tools]
 
     async def _scenario(
         self, knobs: Knobs, history: list[Message], tools: list[ToolSpec], *, key: str
@@ -332,6 +336,7 @@ class TaskGenerator:
         s: ScenarioDraft,
         calls: list[ToolCall],
         knobs: Knobs,
+        writes: list[str],
     ) -> Task:
         generic = knobs.prompt_specificity < 1 / 3 or not s.system_prompt.strip()
         return Task(
@@ -349,4 +354,5 @@ class TaskGenerator:
                 subgoals=s.subgoals, required_interactions=s.required_interactions, forbidden=s.forbidden
             ),
             knobs=knobs.as_dict(),
+            payload={STATE_CHANGING: sorted(writes)},
         )

@@ -1,23 +1,26 @@
-"""The tool simulator role and the group's consistency memo.
+"""The tool simulator role and the group's state-aware consistency memo.
 
 Owns `ToolSimulator` (one per episode), `ConsistencyMemo` (one per GRPO group) and the
 output Struct `ToolReply`. A call is first validated against the tool's JSON schema in code
 (`ToolCallParser.validate`): a schema error is a deterministic error observation and costs
-no model call. A valid call is keyed by its canonical JSON (name + arguments); the memo
-returns the same result for the same key across the whole group, and concurrent askers of
-one key share a single simulator call. Whether a call fails by error injection is decided
-in code from a hash of (task id, key), so it too is the same across the group.
+no model call. A valid call is keyed by its canonical JSON (name + arguments) *and the
+episode's state*: the ordered list of the episode's earlier state-changing calls that went
+through (a tool's read/write nature is declared by the task generator, `Task.payload
+['state_changing']`; a task without the declaration counts every tool as state-changing).
+So the same call in the same state gets the same answer across the whole group, and a call
+after a state change is answered from that episode's own log, never from an episode in
+another state. Concurrent askers of one key share a single simulator call. Whether a call
+fails by error injection is decided in code from a hash of (task id, key), so it too is
+the same across the group.
 
-Prompt layout (KV cache): static rules + the group's task block (domain, goal, hidden
-facts, tool schemas) as the system message, then this episode's earlier calls and results
-(append-only), then the new call. Called by `envs/simulated.py`.
+The prompt is the episode's `SimLog` plus the call (see `log.py`). Called by
+`envs/simulated.py`.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable
-from string import Template
 from typing import Annotated
 
 import anyio
@@ -25,12 +28,13 @@ import msgspec
 from msgspec import Meta
 
 from trustee.chat.parse import ToolCallParser, canonical_json
-from trustee.sim.client import SimClient, gather_first_error, load_prompt
-from trustee.sim.taskgen import tools_block
+from trustee.sim.client import SimClient, gather_first_error
+from trustee.sim.log import SimLog, call_text
+from trustee.sim.taskgen import STATE_CHANGING
 from trustee.types import Message, Task, ToolCall
 
 Key = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
-Value = Annotated[str, Meta(max_length=80)] | Annotated[int, Meta(ge=-1_000_000_000, le=1_000_000_000)] | bool
+Value = Annotated[str, Meta(max_length=60)] | Annotated[int, Meta(ge=-1_000_000_000, le=1_000_000_000)] | bool
 
 
 class ResultField(msgspec.Struct, kw_only=True):
@@ -39,23 +43,32 @@ class ResultField(msgspec.Struct, kw_only=True):
 
 
 class ToolReply(msgspec.Struct, kw_only=True):
-    """A tool result as a flat list of fields (bounded, so a constrained model terminates)."""
+    """A tool result as a flat list of fields (bounded, so a constrained model terminates
+    within simulator.max_tokens)."""
 
-    fields: Annotated[list[ResultField], Meta(min_length=1, max_length=6)]
+    fields: Annotated[list[ResultField], Meta(min_length=1, max_length=4)]
 
     def as_object(self) -> dict[str, str | int | bool]:
         return {f.key: f.value for f in self.fields}
 
 
+class Result(msgspec.Struct, frozen=True, kw_only=True):
+    """A memoised tool result: what the agent sees (canonical JSON of the fields) and what
+    the simulator wrote (joins every log of the group in the same form)."""
+
+    content: str
+    raw: str
+
+
 class ConsistencyMemo:
-    """Canonical call -> result text, shared by the episodes of one group.
+    """Memo key -> `Result`, shared by the episodes of one group.
 
     Concurrency-safe on one event loop: the first asker computes, later askers of the same
     key wait for it. If the computation fails, one waiter computes again.
     """
 
     def __init__(self) -> None:
-        self._done: dict[str, str] = {}
+        self._done: dict[str, Result] = {}
         self._pending: dict[str, anyio.Event] = {}
         self.hits = 0
         self.computed = 0
@@ -63,7 +76,7 @@ class ConsistencyMemo:
     def __len__(self) -> int:
         return len(self._done)
 
-    async def get_or_compute(self, key: str, compute: Callable[[], Awaitable[str]]) -> str:
+    async def get_or_compute(self, key: str, compute: Callable[[], Awaitable[Result]]) -> Result:
         while key not in self._done:
             event = self._pending.get(key)
             if event is None:
@@ -72,7 +85,7 @@ class ConsistencyMemo:
         self.hits += 1
         return self._done[key]
 
-    async def _compute(self, key: str, compute: Callable[[], Awaitable[str]]) -> str:
+    async def _compute(self, key: str, compute: Callable[[], Awaitable[Result]]) -> Result:
         event = self._pending[key] = anyio.Event()
         try:
             value = await compute()
@@ -86,7 +99,13 @@ class ConsistencyMemo:
 
 def call_key(call: ToolCall) -> str:
     """The normal form of a call: canonical JSON of name and arguments."""
-    return canonical_json({"name": call.name, "arguments": call.arguments})
+    return call_text(call)
+
+
+def memo_key(call: ToolCall, state: list[str]) -> str:
+    """A call in a state: the call's normal form plus the episode's earlier state-changing
+    calls (their normal forms, in order)."""
+    return canonical_json({"call": call_key(call), "after": state})
 
 
 def injected_failure(task_id: str, key: str, rate: float) -> bool:
@@ -97,18 +116,8 @@ def injected_failure(task_id: str, key: str, rate: float) -> bool:
     return int.from_bytes(h[:8], "big") / 2**64 < rate
 
 
-def tool_system_message(task: Task) -> Message:
-    block = Template(load_prompt("tool_task")).substitute(
-        domain=task.domain or "general",
-        goal=task.goal or task.first_query,
-        hidden=" ".join(line.removeprefix("- ") for line in task.hidden_info.splitlines()) or "(none)",
-        tools=tools_block(task.tools),
-    )
-    return Message(role="system", content=load_prompt("tool_system") + "\n" + block)
-
-
 class ToolSimulator:
-    """Answers the tool calls of one episode."""
+    """Answers the tool calls of one episode, on the episode's log."""
 
     def __init__(
         self, client: SimClient, task: Task, memo: ConsistencyMemo, *, key: str, error_rate: float = 0.0
@@ -119,46 +128,59 @@ class ToolSimulator:
         self.key = key
         self.error_rate = error_rate
         self.parser = ToolCallParser(task.tools)
-        self.history: list[Message] = [tool_system_message(task)]
+        declared = task.payload.get(STATE_CHANGING)
+        self.writers = set(declared) if declared is not None else {t.name for t in task.tools}
+        self.state: list[str] = []
+        """This episode's state-changing calls that went through, in order."""
         self.retries = 0
         self.schema_errors = 0
         self.injected = 0
 
-    async def run_turn(self, calls: list[ToolCall]) -> list[Message]:
+    async def run_turn(self, log: SimLog, calls: list[ToolCall], agent_text: str = "") -> list[Message]:
         """Results of one turn's calls, computed concurrently, in call order. The calls see
-        the history of earlier turns only; their results join the history in order."""
-        base = list(self.history)
-        out = await gather_first_error([lambda c=c: self._result(base, c) for c in calls])
-        for call, msg in zip(calls, out, strict=True):
-            self.history += [
-                _call_message(call, self._fails(call)),
-                Message(role="assistant", content=msg.content),
-            ]
-        return out
+        the log and the state as they were at the turn's start; the requests and results
+        join the log in call order, and the calls that change state join the state."""
+        base = list(self.state)
+        requests = [self._request(call, agent_text if i == 0 else "") for i, call in enumerate(calls)]
+        out = await gather_first_error(
+            [lambda c=c, r=r: self._result(log, base, c, r) for c, r in zip(calls, requests, strict=True)]
+        )
+        for call, request, (_, raw) in zip(calls, requests, out, strict=True):
+            log.agent_calls.append((call, raw is not None))
+            if raw is not None:
+                log.answered(request, raw)
+                if call.name in self.writers and not self._fails(call):
+                    self.state.append(call_key(call))
+            else:
+                log.note(request)
+        return [msg for msg, _ in out]
 
     def _fails(self, call: ToolCall) -> bool:
         return injected_failure(self.task.id, call_key(call), self.error_rate)
 
-    async def _result(self, base: list[Message], call: ToolCall) -> Message:
+    def _request(self, call: ToolCall, agent_text: str) -> str:
+        err = self.parser.validate(call)
+        if err is not None:
+            return SimLog.rejected_call(call, err.message, agent_text)
+        return SimLog.tool_request(call, self._fails(call), agent_text)
+
+    async def _result(
+        self, log: SimLog, state: list[str], call: ToolCall, request: str
+    ) -> tuple[Message, str | None]:
+        """(the tool message, the simulator's answer as written; None: no simulator call)."""
         err = self.parser.validate(call)
         if err is not None:  # deterministic, no model call
             self.schema_errors += 1
-            return Message(role="tool", content=canonical_json({"error": err.message}), name=call.name)
-        key = call_key(call)
+            return Message(role="tool", content=canonical_json({"error": err.message}), name=call.name), None
         fails = self._fails(call)
+        prompt = log.prompt(request)
 
-        async def compute() -> str:
-            reply, retries = await self.client.ask(
-                "tool", base + [_call_message(call, fails)], ToolReply, key=self.key
-            )
-            self.retries += retries
-            return canonical_json(reply.as_object())
+        async def compute() -> Result:
+            answer = await self.client.ask_raw("tool", prompt, ToolReply, key=self.key)
+            self.retries += answer.retries
+            return Result(content=canonical_json(answer.value.as_object()), raw=answer.text)
 
         if fails:
             self.injected += 1
-        return Message(role="tool", content=await self.memo.get_or_compute(key, compute), name=call.name)
-
-
-def _call_message(call: ToolCall, fails: bool) -> Message:
-    outcome = "this call FAILS (return an error)" if fails else "this call succeeds"
-    return Message(role="user", content=f"Call: {call_key(call)}\nOutcome: {outcome}")
+        result = await self.memo.get_or_compute(memo_key(call, state), compute)
+        return Message(role="tool", content=result.content, name=call.name), result.raw
