@@ -73,7 +73,7 @@ EVIDENCE: dict[str, list[str]] = {
     ],
     "engines.policy.gpu_memory_utilization": _vllm_only("policy", "gpu_memory_utilization", "0.5"),
     "engines.policy.kv_cache_gib": _vllm_only("policy", "kv_cache_gib", "2.0")
-    + ["test:tests/test_engine_vllm.py::test_engine_env_strips_expandable_segments_and_sets_kv_space"],
+    + ["test:tests/test_engine_vllm.py::test_engine_env_strips_expandable_segments_and_the_legacy_kv_variable"],
     "engines.policy.enable_prefix_caching": _vllm_only("policy", "enable_prefix_caching", "false"),
     "engines.policy.enable_sleep_mode": _vllm_only("policy", "enable_sleep_mode", "false"),
     "engines.policy.max_lora_rank": _vllm_only("policy", "max_lora_rank", "8")
@@ -154,7 +154,7 @@ EVIDENCE: dict[str, list[str]] = {
     "environment.bfcl.miss_turn_warning": ["test:tests/test_bfcl_env.py::test_miss_turn_warning_and_refusal"],
     "environment.bfcl.syntax_instances": ["test:tests/test_bfcl_env.py::test_make_task_follows_stage_knobs"],
     "environment.bfcl.system_prompt": ["reads:trustee/envs/bfcl.py"],
-    "rollout.temperature": ["reads:trustee/rollout/episode.py", "reads:trustee/train.py"],
+    "rollout.temperature": ["reads:trustee/rollout/episode.py", "reads:trustee/placement.py"],
     "rollout.max_turns": ["test:tests/test_episode.py::test_turn_limit_truncates_and_still_scores:max_turns"],
     "rollout.max_tool_calls_per_turn": [
         "test:tests/test_episode.py::test_calls_over_the_turn_limit_are_not_executed"
@@ -330,6 +330,13 @@ EVIDENCE: dict[str, list[str]] = {
     "eval.heldout_tasks": ["test:tests/test_training_controls.py::test_heldout_eval_greedy_and_sampled"],
     "eval.heldout_samples": ["test:tests/test_training_controls.py::test_heldout_eval_greedy_and_sampled"],
     "eval.heldout_difficulty": ["test:tests/test_training_controls.py::test_heldout_eval_greedy_and_sampled"],
+    "eval.judge_agreement": [
+        "test:tests/test_eval_judge_agreement.py::test_cli_judge_agreement_with_the_tiny_model:judge_agreement"
+    ],
+    "placement.gpu_memory_gib": [
+        "test:tests/test_placement.py::test_dry_run_refuses_a_full_8b_learner_on_one_shared_gpu"
+    ],
+    "placement.learner_ranks": ["test:tests/test_learn_distributed.py::test_learner_ranks_config_checks"],
     # bring your own environment, model families (issue 15)
     "environment.factory": ["test:tests/test_envs_custom.py::test_python_factory_must_return_an_environment"],
     "environment.options": [

@@ -300,7 +300,7 @@ def test_dry_run_refuses_a_full_8b_learner_on_one_shared_gpu():
 def test_learner_ranks_come_from_the_config():
     cfg = load_config(ROOT / "configs" / "8gpu.toml")
     assert pl.learner_ranks(cfg) == 8
-    one = load_config(ROOT / "configs" / "8gpu.toml", ["placement.learner_gpus=[0, 1]"])
+    one = load_config(ROOT / "configs" / "8gpu.toml", ["placement.learner_gpus=[0, 1]", "placement.learner_ranks=2"])
     # Half the ranks: each holds twice the shard.
     w8 = pl._learner_items(cfg, pl.KNOWN_MODELS["Qwen3-8B"], 2)[0][0].gib
     w2 = pl._learner_items(one, pl.KNOWN_MODELS["Qwen3-8B"], 2)[0][0].gib
