@@ -236,3 +236,9 @@ class Score(msgspec.Struct, frozen=True, kw_only=True):
 
     reward: float
     parts: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+class EpisodeFailure(RuntimeError):
+    """The environment could not play an episode (e.g. a simulator role exhausted its retry
+    budget). The episode runner marks it `sim_error`: not scored, never trained. Environments
+    and their helpers raise subclasses; the runner needs to know no more than this type."""

@@ -35,8 +35,7 @@ from trustee.chat.render import ChatFormat, Conversation
 from trustee.config import ModelConfig, RolloutConfig
 from trustee.engines.base import Completion, Engine, FatalEngineError, Sampling
 from trustee.envs.base import AgentAction, Environment, EpisodeState
-from trustee.sim.client import SimError
-from trustee.types import Counters, EpisodeStatus, Message, Task, ToolCallError, Trajectory
+from trustee.types import Counters, EpisodeFailure, EpisodeStatus, Message, Task, ToolCallError, Trajectory
 
 log = logging.getLogger("trustee.rollout")
 
@@ -116,7 +115,7 @@ class EpisodeRunner:
                 reward, parts = score.reward, dict(score.parts)
             if ep.state.sim_error:
                 status, error = "sim_error", ep.state.sim_error
-        except SimError as e:
+        except EpisodeFailure as e:
             status, error = "sim_error", str(e)
         except FatalEngineError:
             raise  # a dead engine stops the run (checkpoint, exit with the reason), not one episode

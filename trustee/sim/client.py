@@ -29,7 +29,7 @@ from trustee.chat.render import ChatFormat
 from trustee.engines.base import Completion, Engine, RecoverableEngineError, Sampling
 from trustee.sim.budget import text_pattern, worst_case_tokens
 from trustee.sim.metrics import BlockPrefixMeter
-from trustee.types import Message
+from trustee.types import EpisodeFailure, Message
 
 T = TypeVar("T")
 
@@ -40,7 +40,7 @@ ARRAY_CAP = 4
 NUMBER_CAP = 1_000_000
 
 
-class SimError(RuntimeError):
+class SimError(EpisodeFailure):
     """A simulator role could not produce a usable output within its retry budget."""
 
     def __init__(self, role: str, attempts: int, last: str):
