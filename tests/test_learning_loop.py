@@ -27,8 +27,8 @@ from trustee.envs.base import AgentAction, EpisodeState, Knobs, Score
 from trustee.learn.advantages import compute_advantages
 from trustee.learn.learner import Learner
 from trustee.learn.policy import load_policy
+from trustee.placement import weight_update
 from trustee.rollout.episode import EpisodeRunner, run_group
-from trustee.train import weight_update
 from trustee.types import Group, Message, Task
 
 # A random-weight model's next-token distribution is nearly flat (top p ~ 0.002 at
@@ -142,7 +142,7 @@ async def _train_bandit(model_dir: Path, tokenizer, mode: str, lr: float, push: 
             if adv.groups:
                 await learner.step_async(adv.groups)
                 if push:
-                    await engine.update_weights(weight_update(learner, Path("."), needs_path=False))
+                    await engine.update_weights(weight_update(learner))
         return history, False
     finally:
         await engine.close()

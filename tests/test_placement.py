@@ -73,7 +73,7 @@ def _placement(overrides, calls, monkeypatch, roles=("policy", "simulator")):
         None, ["environment.kind=simulated", "engines.simulator.enable_sleep_mode=true", *overrides]
     )
     res = resolve(cfg, "runs/x")
-    monkeypatch.setattr(pl, "weight_update", lambda learner, run_dir, needs_path: f"v{learner}")
+    monkeypatch.setattr(pl, "weight_update", lambda learner, *_: f"v{learner}")
     engines = {r: FakeEngine(r, calls) for r in roles}
     return pl.MODES[cfg.placement.mode](cfg, res, engines, FakeMemory(calls)), engines
 
