@@ -128,7 +128,11 @@ def markdown(mt: list[dict], st: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     from bench.common import add_out_arg, machine, write_report
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="only the first 20 entries of each category")
     add_out_arg(ap)
     a = ap.parse_args(argv)

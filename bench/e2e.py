@@ -75,7 +75,10 @@ ASSUME = {
         0.5,
         "ASSUMPTION: decode rate of the policy replica that shares its GPU with a training learner (overlap)",
     ),
-    "tokens_per_turn_median": (180, "ASSUMPTION: policy tokens per turn (lognormal median; capped by max_tokens_per_turn)"),
+    "tokens_per_turn_median": (
+        180,
+        "ASSUMPTION: policy tokens per turn (lognormal median; capped by max_tokens_per_turn)",
+    ),
     "sim_reply_tokens": (120, "ASSUMPTION: simulator tokens per tool result / user reply"),
     "prompt_tokens": (1500, "ASSUMPTION: system prompt + tools + first query"),
     "turns": ((3, 8), "ASSUMPTION: policy turns per episode, uniform"),
@@ -162,7 +165,9 @@ class TimingEngine:
 
     def __post_init__(self) -> None:
         enc = lambda t: self.tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
-        self._call = enc('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call><|im_end|>')
+        self._call = enc(
+            '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call><|im_end|>'
+        )
         self._final = enc("Done.<|im_end|>")
         self._fill = enc(" the")[0]
         self._active = [0] * self.replicas
@@ -182,7 +187,10 @@ class TimingEngine:
         else:
             self._turn[key] = (k + 1, last)
         tail = self._final if final else self._call
-        n = max(len(tail), min(params.max_tokens, int(self.rng.lognormvariate(math.log(_a("tokens_per_turn_median")), 0.6))))
+        n = max(
+            len(tail),
+            min(params.max_tokens, int(self.rng.lognormvariate(math.log(_a("tokens_per_turn_median")), 0.6))),
+        )
         cached = self._cached.get(key, 0) if key else 0
         self._active[r] += 1
         self._ctx[r] += len(prompt)
@@ -198,7 +206,9 @@ class TimingEngine:
             self._cached[key] = len(prompt) + n
         self.busy_tokens += n
         ids = [self._fill] * (n - len(tail)) + tail
-        return Completion(token_ids=ids, logprobs=[-0.5] * len(ids), finish_reason="stop", policy_version=self.version)
+        return Completion(
+            token_ids=ids, logprobs=[-0.5] * len(ids), finish_reason="stop", policy_version=self.version
+        )
 
     async def sleep(self, level: int = 1) -> None:
         import anyio
@@ -251,7 +261,11 @@ class TimingSimEnv:
         from trustee.engines.base import Sampling
 
         if action.calls:
-            await self.sim.generate([0] * _a("prompt_tokens"), Sampling(max_tokens=_a("sim_reply_tokens")), key=state.episode_id + "/sim")
+            await self.sim.generate(
+                [0] * _a("prompt_tokens"),
+                Sampling(max_tokens=_a("sim_reply_tokens")),
+                key=state.episode_id + "/sim",
+            )
         return await self.inner.step(state, action)
 
     async def score(self, state: Any) -> Any:
@@ -278,7 +292,9 @@ class SimRun:
     """What `trustee.train`'s loop bodies read from a run, with timing models inside: the
     real `collect` / `_train_continuous` call `step` after each batch of groups."""
 
-    def __init__(self, cfg: Any, engine: TimingEngine, env: Any, runner: Any, learner: TimingLearner, shares: bool):
+    def __init__(
+        self, cfg: Any, engine: TimingEngine, env: Any, runner: Any, learner: TimingLearner, shares: bool
+    ):
         from trustee.curriculum import Curriculum
 
         self.cfg, self.policy_engine, self.env, self.runner, self.learner = cfg, engine, env, runner, learner
@@ -288,7 +304,9 @@ class SimRun:
         self.shares = shares
         self.records: list[dict[str, float]] = []
 
-    async def step(self, step: int, groups: list, knobs: list, t_roll: float, extra: dict | None = None) -> dict:
+    async def step(
+        self, step: int, groups: list, knobs: list, t_roll: float, extra: dict | None = None
+    ) -> dict:
         import anyio
 
         loop = asyncio.get_running_loop()
@@ -305,7 +323,14 @@ class SimRun:
             self.policy_engine.slow_replica = None
         await self.policy_engine.update_weights(None)
         await anyio.lowlevel.checkpoint()
-        rec = {"step": step, "tokens": tokens, "rollout_s": t_roll, "learn_s": learn, "step_end": loop.time(), "learn_phase_s": loop.time() - t0}
+        rec = {
+            "step": step,
+            "tokens": tokens,
+            "rollout_s": t_roll,
+            "learn_s": learn,
+            "step_end": loop.time(),
+            "learn_phase_s": loop.time() - t0,
+        }
         rec.update(extra or {})
         self.records.append(rec)
         return rec
@@ -324,7 +349,9 @@ def simulate(mode: str, steps: int, tok: Any) -> dict[str, Any]:
     policy = TimingEngine(tok, replicas=4, rng=rng, final_after=_a("turns"))
     sim = TimingEngine(tok, replicas=4, rng=random.Random(2))
     env = TimingSimEnv(sim)
-    runner = EpisodeRunner(policy, tok, cfg=cfg.rollout, max_model_len=cfg.model.max_model_len, template=project_template())
+    runner = EpisodeRunner(
+        policy, tok, cfg=cfg.rollout, max_model_len=cfg.model.max_model_len, template=project_template()
+    )
     run = SimRun(cfg, policy, env, runner, TimingLearner(gpus=1), shares=mode == "sync")
 
     async def main() -> None:
@@ -376,16 +403,28 @@ def model_timing(tok: Any, steps: int) -> dict[str, Any]:
             rows[mode] = {"mode": mode, "status": "not available: placement.mode does not accept it yet"}
             continue
         if mode == "colocate":
-            rows[mode] = {"mode": mode, "status": "available in config but not simulated by this benchmark yet"}
+            rows[mode] = {
+                "mode": mode,
+                "status": "available in config but not simulated by this benchmark yet",
+            }
             continue
         rows[mode] = simulate(mode, steps, tok)
-        print(f"  model-timing {mode}: {rows[mode]['trained_tokens_per_s']:.0f} trained tok/s (virtual), step {rows[mode]['step_s']} s", flush=True)
+        print(
+            f"  model-timing {mode}: {rows[mode]['trained_tokens_per_s']:.0f} trained tok/s (virtual), step {rows[mode]['step_s']} s",
+            flush=True,
+        )
     base = rows["sync"]["trained_tokens_per_s"]
-    ratios = {m: round(r["trained_tokens_per_s"] / base, 2) for m, r in rows.items() if "trained_tokens_per_s" in r}
+    ratios = {
+        m: round(r["trained_tokens_per_s"] / base, 2) for m, r in rows.items() if "trained_tokens_per_s" in r
+    }
     return dict(
         what="SIMULATION with timing models (not a measurement): real trustee loop, scheduler and runner code on a virtual clock",
         layout="policy: 4 replicas (GPUs 0-3); simulator: 4 replicas (GPUs 4-7); LoRA learner on GPU 0 (configs/8gpu.toml)",
-        constants=dict(h100=H100, model=QWEN3_8B, assumptions={k: {"value": v, "source": s} for k, (v, s) in ASSUME.items()}),
+        constants=dict(
+            h100=H100,
+            model=QWEN3_8B,
+            assumptions={k: {"value": v, "source": s} for k, (v, s) in ASSUME.items()},
+        ),
         derived=dict(
             decode_step_s_batch64_ctx4k=round(decode_step_s(64, 4096), 4),
             prefill_s_per_1k_tokens=round(prefill_s(1000), 4),
@@ -437,7 +476,9 @@ def measured_run(mode: str, backend: str, steps: int, out: Path) -> dict[str, An
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
-        return dict(mode=mode, backend=backend, status=f"failed (rc {done.returncode})", stderr=done.stderr[-2000:])
+        return dict(
+            mode=mode, backend=backend, status=f"failed (rc {done.returncode})", stderr=done.stderr[-2000:]
+        )
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     recs = [r for r in recs if "step" in r and "time/rollout_s" in r]
     later = recs[1:]
@@ -507,10 +548,16 @@ def main(argv: list[str] | None = None) -> None:
     from bench.common import add_out_arg, load_avg, machine, plot_bars, write_report
 
     ap = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.splitlines()[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--quick", action="store_true", help="3 steps per measured run (default 5), sim 6 steps (default 12)")
-    ap.add_argument("--backends", default="hf", help="engines for the measured runs: hf and/or vllm (comma-separated)")
+    ap.add_argument(
+        "--quick", action="store_true", help="3 steps per measured run (default 5), sim 6 steps (default 12)"
+    )
+    ap.add_argument(
+        "--backends", default="hf", help="engines for the measured runs: hf and/or vllm (comma-separated)"
+    )
     ap.add_argument("--model-timing-only", action="store_true", help="only the 8-GPU timing-model simulation")
     add_out_arg(ap)
     a = ap.parse_args(argv)
@@ -533,20 +580,40 @@ def main(argv: list[str] | None = None) -> None:
                     continue
             for mode in WANTED_MODES:
                 if mode not in modes:
-                    measured.append(dict(mode=mode, backend=backend, status="not available: placement.mode does not accept it yet"))
+                    measured.append(
+                        dict(
+                            mode=mode,
+                            backend=backend,
+                            status="not available: placement.mode does not accept it yet",
+                        )
+                    )
                     continue
                 r = measured_run(mode, backend, 3 if a.quick else 5, out)
-                print(f"  {backend} {mode}: {r.get('status')} {r.get('trained_tokens_per_s')} trained tok/s", flush=True)
+                print(
+                    f"  {backend} {mode}: {r.get('status')} {r.get('trained_tokens_per_s')} trained tok/s",
+                    flush=True,
+                )
                 measured.append(r)
     ratios: dict[str, float] = {}
     for r in measured:
-        base = next((x for x in measured if x.get("backend") == r.get("backend") and x["mode"] == "sync" and x.get("status") == "ok"), None)
+        base = next(
+            (
+                x
+                for x in measured
+                if x.get("backend") == r.get("backend") and x["mode"] == "sync" and x.get("status") == "ok"
+            ),
+            None,
+        )
         if r.get("status") == "ok" and base and base["trained_tokens_per_s"]:
-            ratios[f"{r['backend']}/{r['mode']}"] = round(r["trained_tokens_per_s"] / base["trained_tokens_per_s"], 3)
+            ratios[f"{r['backend']}/{r['mode']}"] = round(
+                r["trained_tokens_per_s"] / base["trained_tokens_per_s"], 3
+            )
     mt = model_timing(tok, 6 if a.quick else 12)
     rep = dict(
         bench="e2e",
-        command="python -m bench.e2e" + (" --quick" if a.quick else "") + (f" --backends {a.backends}" if a.backends != "hf" else ""),
+        command="python -m bench.e2e"
+        + (" --quick" if a.quick else "")
+        + (f" --backends {a.backends}" if a.backends != "hf" else ""),
         machine=machine(),
         load_avg_before=before,
         available_modes=modes,

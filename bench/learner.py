@@ -225,14 +225,25 @@ def main(argv: list[str] | None = None) -> None:
     from bench.common import add_out_arg, load_avg, plot_bars, write_report
 
     ap = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.splitlines()[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--quick", action="store_true", help="fewer samples (2 groups), 1 step, 1 round")
-    ap.add_argument("--steps", type=int, default=None, help="measured steps per case after one warm-up (default 2; quick 1)")
-    ap.add_argument("--rounds", type=int, default=None, help="runs of every case, alternating order (default 2; quick 1)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="measured steps per case after one warm-up (default 2; quick 1)",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="runs of every case, alternating order (default 2; quick 1)"
+    )
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: 'mode,layout' runs one case and prints JSON
-    ap.add_argument("--batch-file", help=argparse.SUPPRESS)  # internal: the episodes, written once by the parent
+    ap.add_argument(
+        "--batch-file", help=argparse.SUPPRESS
+    )  # internal: the episodes, written once by the parent
     add_out_arg(ap)
     a = ap.parse_args(argv)
     steps = a.steps or (1 if a.quick else 2)
@@ -263,7 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     results = [_combine(rs) for rs in runs.values()]
     report = dict(
         bench="learner",
-        command="python -m bench.learner" + (" --quick" if a.quick else "") + (f" --device {a.device}" if a.device != "cpu" else ""),
+        command="python -m bench.learner"
+        + (" --quick" if a.quick else "")
+        + (f" --device {a.device}" if a.device != "cpu" else ""),
         device=a.device,
         machine=machine(a.device),
         load_avg_before=before,

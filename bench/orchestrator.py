@@ -141,7 +141,10 @@ class InstantEnv:
         from trustee.envs.base import EpisodeState
         from trustee.types import Message
 
-        msgs = [Message(role="system", content=task.system_prompt), Message(role="user", content=task.first_query)]
+        msgs = [
+            Message(role="system", content=task.system_prompt),
+            Message(role="user", content=task.first_query),
+        ]
         return EpisodeState(episode_id=episode_id, task=task, messages=msgs, group=group)
 
     async def step(self, state: Any, action: Any) -> list[Any]:
@@ -194,7 +197,11 @@ async def _drive(inflight: int, groups: int, warmup: int, tok: Any, log_dir: str
     engine = InstantEngine(tok)
     env = InstantEnv()
     runner = EpisodeRunner(
-        engine, tok, cfg=RolloutConfig(max_inflight_episodes=inflight), max_model_len=4096, template=project_template()
+        engine,
+        tok,
+        cfg=RolloutConfig(max_inflight_episodes=inflight),
+        max_model_len=4096,
+        template=project_template(),
     )
     sched = GroupScheduler(
         env=env,
@@ -266,13 +273,21 @@ def cost_breakdown(tok: Any, per_turn_us: float, reps: int = 400) -> dict[str, A
     runner = EpisodeRunner(engine, tok, max_model_len=4096, template=project_template())
     tools = env.tool_sets[0]
     fmt, parser, turns = runner.for_tools(tools)
-    msgs = [Message(role="system", content="You are a helpful assistant. Use the tools."), Message(role="user", content="What is 12 plus 30?")]
+    msgs = [
+        Message(role="system", content="You are a helpful assistant. Use the tools."),
+        Message(role="user", content="What is 12 plus 30?"),
+    ]
     reply = [Message(role="tool", content='{"result": 42}', name="add")]
     call_text = turns.decode(engine._call)
     ids = turns.prompt_ids(msgs) + engine._call + turns.continuation_ids(reply)
     traj = dict(
-        episode_id="g0/0", task_id="t", tokens=ids, loss_mask=[0] * len(ids), logprobs=[0.0] * len(ids),
-        versions=[-1] * len(ids), prompt_len=10,
+        episode_id="g0/0",
+        task_id="t",
+        tokens=ids,
+        loss_mask=[0] * len(ids),
+        logprobs=[0.0] * len(ids),
+        versions=[-1] * len(ids),
+        prompt_len=10,
     )
     enc = msgspec.json.Encoder()
     t = Trajectory(**traj)
@@ -297,7 +312,9 @@ def cost_breakdown(tok: Any, per_turn_us: float, reps: int = 400) -> dict[str, A
         "logging (JSONL encode)": us(lambda: enc.encode({"step": 0, "trajectory": t})) / per_episode,
     }
     parts = {k: round(v, 2) for k, v in parts.items()}
-    parts["scheduling, asyncio, env/engine doubles (rest)"] = round(max(0.0, per_turn_us - sum(parts.values())), 2)
+    parts["scheduling, asyncio, env/engine doubles (rest)"] = round(
+        max(0.0, per_turn_us - sum(parts.values())), 2
+    )
     return dict(
         measured_us_per_turn=round(per_turn_us, 2),
         us_per_turn=parts,
@@ -354,9 +371,15 @@ def markdown(rep: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     from bench.common import add_out_arg, load_avg, machine, plot_lines, write_report
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help=f"fewer groups per level ({QUICK['groups']})")
-    ap.add_argument("--inflight", default=None, help="episodes in flight, comma-separated (default 64,512,2048)")
+    ap.add_argument(
+        "--inflight", default=None, help="episodes in flight, comma-separated (default 64,512,2048)"
+    )
     ap.add_argument("--no-profile", action="store_true", help="skip the per-part cost breakdown")
     add_out_arg(ap)
     a = ap.parse_args(argv)

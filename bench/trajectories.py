@@ -90,7 +90,9 @@ def _simulated(n: int, rng: random.Random, tokenizer: Any) -> list[tuple[list, l
     from trustee.sim.client import SimClient
     from trustee.sim.fakes import FakeJsonEngine
 
-    env = SimulatedEnv(SimClient(FakeJsonEngine(tokenizer, seed=rng.randrange(1 << 30)), tokenizer), max_user_turns=3)
+    env = SimulatedEnv(
+        SimClient(FakeJsonEngine(tokenizer, seed=rng.randrange(1 << 30)), tokenizer), max_user_turns=3
+    )
     out = []
 
     async def go() -> None:
@@ -133,7 +135,11 @@ def _bfcl(n: int, rng: random.Random) -> list[tuple[list, list[Message]]]:
 
 
 def realistic_samples(
-    tokenizer: Any, n: int, max_len: int, seed: int = 0, sources: tuple[str, ...] = ("toy", "simulated", "bfcl")
+    tokenizer: Any,
+    n: int,
+    max_len: int,
+    seed: int = 0,
+    sources: tuple[str, ...] = ("toy", "simulated", "bfcl"),
 ) -> tuple[list[tuple[list[int], list[int]]], dict[str, Any]]:
     """`n` (ids, loss_mask) pairs drawn evenly from `sources`, shuffled, each cut at
     `max_len`, plus a summary (per-source counts and length percentiles)."""

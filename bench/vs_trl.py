@@ -218,7 +218,12 @@ def _trl_trainer(
         return [reward(c) for c in completions]
 
     return GRPOTrainer(
-        model=model, reward_funcs=reward_fn, args=args, train_dataset=ds, processing_class=tok, callbacks=callbacks
+        model=model,
+        reward_funcs=reward_fn,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=callbacks,
     )
 
 
@@ -288,7 +293,9 @@ def first_loss(p: dict) -> dict[str, Any]:
     m1 = copy.deepcopy(base).train()
     cfg = LearnerConfig(mode="full", lr=p["lr"], micro_batch_tokens=4096, gradient_checkpointing=False)
     learner = Learner(
-        wrap_policy(m1, cfg), GrpoConfig(loss_type="dapo", beta=0.0, clip_low=0.2, clip_high=0.28, is_mode="off"), cfg
+        wrap_policy(m1, cfg),
+        GrpoConfig(loss_type="dapo", beta=0.0, clip_low=0.2, clip_high=0.28, is_mode="off"),
+        cfg,
     )
     groups = []
     for i in range(0, len(rows), G):
@@ -349,7 +356,9 @@ def main(argv: list[str] | None = None) -> None:
     from bench.common import add_out_arg, load_avg, machine, plot_bars, write_report
 
     ap = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.splitlines()[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--quick", action="store_true", help=f"smaller batch and fewer steps ({QUICK})")
     ap.add_argument("--side", choices=["trustee", "trl", "loss"], help=argparse.SUPPRESS)  # internal

@@ -16,7 +16,7 @@ from learn_samples import make_samples
 from trustee.config import GrpoConfig, LearnerConfig
 from trustee.learn.learner import Learner
 from trustee.learn.logprobs import split_causal_lm, token_logprobs
-from trustee.learn.packing import Sample, build_packed, build_padded, check_sample, segment_kwargs, plan_bins
+from trustee.learn.packing import Sample, build_packed, build_padded, check_sample, plan_bins, segment_kwargs
 from trustee.learn.policy import wrap_policy
 
 
@@ -157,7 +157,9 @@ def test_packed_attention_stays_within_sequences(tiny_model_dir, monkeypatch):
 
     from trustee.learn.packing import SEGMENT_ATTENTION
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa"
+    )
     samples = make_samples(5, seed=3)
     longest = max(len(s.tokens) for s in samples)
     seen: list[tuple[int, int]] = []
@@ -187,8 +189,12 @@ def test_packed_gradients_equal_padded(tiny_model_dir):
     ids = list(range(len(samples)))
     grads = []
     for build in (build_packed, build_padded):
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
-        logp, _ = token_logprobs(model, build(samples, ids) if build is build_packed else build(samples, ids, pad_id=0))
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa"
+        )
+        logp, _ = token_logprobs(
+            model, build(samples, ids) if build is build_packed else build(samples, ids, pad_id=0)
+        )
         logp.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert grads[0].shape == grads[1].shape

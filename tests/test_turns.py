@@ -34,7 +34,10 @@ def test_continuations_equal_template(fmt):
     for c in CONTENTS:
         for new in (
             [Message(role="tool", content=c, name="add")],
-            [Message(role="tool", content=c, name="add"), Message(role="tool", content=c[::-1], name="kv_get")],
+            [
+                Message(role="tool", content=c, name="add"),
+                Message(role="tool", content=c[::-1], name="kv_get"),
+            ],
             [Message(role="user", content=c)],
         ):
             for gen in (True, False):
@@ -85,7 +88,9 @@ def test_non_verbatim_template_falls_back(tiny_tokenizer):
 
 def test_decode_equals_tokenizer(fmt, tiny_tokenizer):
     r = TurnRenderer(fmt)
-    ids = tiny_tokenizer.encode('<tool_call>\n{"name": "add"}\n</tool_call><|im_end|>', add_special_tokens=False)
+    ids = tiny_tokenizer.encode(
+        '<tool_call>\n{"name": "add"}\n</tool_call><|im_end|>', add_special_tokens=False
+    )
     assert r.decode(ids) == tiny_tokenizer.decode(ids, skip_special_tokens=False)
 
 
@@ -100,7 +105,9 @@ def test_parser_built_once_per_tool_set(tiny_tokenizer, monkeypatch):
         return real(tools)
 
     monkeypatch.setattr(ep, "ToolCallParser", counting)
-    runner = EpisodeRunner(policy=None, tokenizer=tiny_tokenizer, template=project_template(), tool_set_cache=2)
+    runner = EpisodeRunner(
+        policy=None, tokenizer=tiny_tokenizer, template=project_template(), tool_set_cache=2
+    )
     a = runner.for_tools(TOOLSET)
     assert runner.for_tools(list(TOOLSET)) is a  # equal tool sets share one entry
     runner.for_tools([TOOLS["add"]])

@@ -182,7 +182,9 @@ class EpisodeRunner:
         )
         return await self.policy.generate(list(conv.ids), params, key=key)
 
-    def _action(self, comp: Completion, parser: ToolCallParser, turns: TurnRenderer, c: Counters) -> AgentAction:
+    def _action(
+        self, comp: Completion, parser: ToolCallParser, turns: TurnRenderer, c: Counters
+    ) -> AgentAction:
         """Decode and parse one turn; calls over the per-turn limit become errors."""
         parsed = parser.parse(turns.decode(comp.token_ids))
         limit = self.cfg.max_tool_calls_per_turn

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import msgspec
 
@@ -97,7 +96,9 @@ class TurnRenderer:
         self._backend = backend if backend is not None and hasattr(backend, "encode_batch") else None
         self._backend_checked = 0
         # tokenizer.decode post-processes only with clean_up_tokenization_spaces on
-        self._fast_decode = self._backend is not None and not getattr(tok, "clean_up_tokenization_spaces", True)
+        self._fast_decode = self._backend is not None and not getattr(
+            tok, "clean_up_tokenization_spaces", True
+        )
         self.template_renders = 0  # how often the template had to run (for tests and the benchmark)
 
     # ------------------------------------------------------------------ text <-> ids
@@ -162,7 +163,10 @@ class TurnRenderer:
             self._checked[shape] += 1
             ref = self._template_text(messages, kind, gen)
             if text != ref:
-                log.warning("chat template does not insert contents verbatim for %s; rendering those turns in full", shape)
+                log.warning(
+                    "chat template does not insert contents verbatim for %s; rendering those turns in full",
+                    shape,
+                )
                 self._shapes[shape] = None
                 return ref
         return text
