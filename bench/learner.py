@@ -39,7 +39,7 @@ PRESETS = {
     "cpu": dict(size="demo", dtype="float32", groups=3, group_size=8, max_len=8192, budget=8192),
     "cuda": dict(size="demo", dtype="bfloat16", groups=8, group_size=8, max_len=16384, budget=16384),
 }
-QUICK = {"size": "test", "groups": 2}
+QUICK = {"size": "test", "groups": 1}
 # Episode lengths are measured with the 'demo' tokenizer (vocabulary 2048) whatever the model
 # size; ids are folded into the model's vocabulary (only lengths and masks matter here).
 LENGTH_TOKENIZER = "demo"
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--quick", action="store_true", help="fewer samples (2 groups), 1 step, 1 round")
+    ap.add_argument("--quick", action="store_true", help="the test-size model, one group of 8 episodes, 1 step, 1 round")
     ap.add_argument(
         "--steps",
         type=int,
