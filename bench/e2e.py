@@ -38,6 +38,7 @@ import random
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,7 @@ class TimingEngine:
         from trustee.engines.base import Completion
 
         assert not self.asleep, "generate() while the engine sleeps"
-        r = hash(key) % self.replicas
+        r = zlib.crc32((key or "").encode()) % self.replicas  # deterministic routing
         k, last = self._turn.get(key, (0, self.rng.randint(*self.final_after)))
         final = k + 1 >= last
         if final:
@@ -523,6 +524,8 @@ def markdown(rep: dict[str, Any]) -> str:
             f"| {r['backend']} | {r['mode']} | ok | {r['trained_tokens_per_s']} | {r['rollout_s_mean']} | {r['learn_s_mean']} | "
             f"{r['learner_idle_frac']:.0%} | {r['staleness_mean']} | {ratio if ratio is not None else '-'} |"
         )
+    if not rep["measured"]:
+        lines.append("| - | - | not run in this invocation (--model-timing-only) | | | | | | |")
     mt = rep["model_timing"]
     lines += [
         "",
