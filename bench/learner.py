@@ -62,10 +62,12 @@ def realistic_batch(p: dict, seed: int = 0) -> dict:
     from trustee.tiny import build_tiny_model
 
     tok_dir = build_tiny_model(ROOT / ".cache" / f"tiny-{LENGTH_TOKENIZER}", size=LENGTH_TOKENIZER, seed=0)
-    samples, summary = realistic_samples(
-        AutoTokenizer.from_pretrained(tok_dir), p["groups"] * p["group_size"], p["max_len"], seed=seed
-    )
-    return dict(samples=samples, summary=summary)
+    n = p["groups"] * p["group_size"]
+    # ask for more: an episode whose prompt alone exceeds max_len has nothing to train and is skipped
+    samples, summary = realistic_samples(AutoTokenizer.from_pretrained(tok_dir), n + n // 2, p["max_len"], seed=seed)
+    if len(samples) < n:
+        raise RuntimeError(f"only {len(samples)} usable episodes for {n} samples; raise max_len ({p['max_len']})")
+    return dict(samples=samples[:n], summary=summary)
 
 
 def groups_from(batch: dict, p: dict, vocab: int, seed: int = 0):
