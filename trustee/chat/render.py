@@ -165,9 +165,10 @@ class Conversation:
     prompt_len: int = 0
 
     @classmethod
-    def start(cls, fmt: ChatFormat, messages: list[Message]) -> Conversation:
+    def start(cls, fmt: ChatFormat, messages: list[Message], *, ids: list[int] | None = None) -> Conversation:
+        """`ids`: `fmt.prompt_ids(messages)` when the caller has them already."""
         conv = cls(fmt=fmt, messages=list(messages))
-        conv._append_rendered(fmt.prompt_ids(messages))
+        conv._append_rendered(fmt.prompt_ids(messages) if ids is None else ids)
         conv.prompt_len = len(conv.ids)
         return conv
 
@@ -189,11 +190,16 @@ class Conversation:
         if not ids or ids[-1] != self.fmt.eos_id:
             self._append_rendered([self.fmt.eos_id])
 
-    def append_env(self, new: list[Message], *, generation_prompt: bool = True) -> None:
+    def append_env(
+        self, new: list[Message], *, generation_prompt: bool = True, ids: list[int] | None = None
+    ) -> None:
         """Render environment turns (tool results, user replies) after the last assistant
-        turn and append them, followed by the generation prompt."""
+        turn and append them, followed by the generation prompt. `ids`: the caller's
+        `fmt.continuation_ids(new, generation_prompt=...)`, when it has them already."""
         self.messages.extend(new)
-        self._append_rendered(self.fmt.continuation_ids(new, generation_prompt=generation_prompt))
+        if ids is None:
+            ids = self.fmt.continuation_ids(new, generation_prompt=generation_prompt)
+        self._append_rendered(ids)
 
     def add_assistant(self, message: Message) -> None:
         """Record the parsed assistant message (for judges and logs; ids are unchanged)."""

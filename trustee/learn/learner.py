@@ -239,8 +239,7 @@ class Learner:
                 build_padded([samples[i] for i in b], b, pad_id=self.pad_id)
                 for b in _padded_bins(lengths, budget)
             ]
-        flash = getattr(self.model.config, "_attn_implementation", "").startswith("flash")
-        return [build_packed([samples[i] for i in b], b, flash=flash) for b in plan_bins(lengths, budget)]
+        return [build_packed([samples[i] for i in b], b) for b in plan_bins(lengths, budget)]
 
     # ------------------------------------------------------------------ one micro-batch
 

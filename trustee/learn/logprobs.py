@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from trustee.learn.packing import MicroBatch, to_device
+from trustee.learn.packing import MicroBatch, to_device, use_segment_attention
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -64,7 +64,13 @@ def _chunk_logprobs(
 
 
 def body_forward(body: nn.Module, mb: MicroBatch) -> torch.Tensor:
-    """Hidden states of the whole micro-batch, flattened: [R*T, H]."""
+    """Hidden states of the whole micro-batch, flattened: [R*T, H].
+
+    A packed micro-batch switches an SDPA/eager model to per-sequence attention first
+    (`packing.use_segment_attention`; once, it stays), so no attention work crosses a
+    sequence boundary; padded micro-batches compute exactly what SDPA computes."""
+    if mb.attention_mask is None and "cu_seq_lens_q" in mb.attn_kwargs:
+        use_segment_attention(body)
     out = body(
         input_ids=mb.input_ids,
         position_ids=mb.position_ids,

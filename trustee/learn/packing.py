@@ -7,10 +7,19 @@ as the reference in tests). Knows nothing about losses or models beyond the inpu
 Called by the learner.
 
 Packed layout: the sequences' ids are concatenated into input_ids [1, T]; position_ids
-[1, T] restart at 0 for each sequence. transformers turns such position_ids into a
-block-diagonal causal mask for SDPA/eager (`masking_utils.find_packed_sequence_indices`)
-when no attention_mask is given; flash-attention models get cu_seq_lens_* / max_length_*
-(the varlen kernel's arguments), computed once here instead of in every layer.
+[1, T] restart at 0 for each sequence, and every packed micro-batch carries cu_seq_lens_* /
+max_length_* (the sequence boundaries, computed once here instead of in every layer).
+No attention work crosses a sequence boundary on any device: flash-attention models hand
+the boundaries to the varlen kernel; SDPA/eager models are switched (`use_segment_attention`,
+by `logprobs.body_forward`) to `segment_attention`, registered with transformers'
+`AttentionInterface`, which runs causal SDPA per sequence, so a pack of sequences of lengths
+L_k costs sum(L_k^2) attention instead of the (sum L_k)^2 of the block-diagonal mask that
+transformers would otherwise build (`masking_utils.find_packed_sequence_indices`) and SDPA
+would compute in full. Checked against transformers 5.19: the attention function is looked
+up per layer from `config._attn_implementation` (`models/qwen3/modeling_qwen3.py`
+Qwen3Attention.forward, `modeling_utils.AttentionInterface`), forward kwargs such as
+cu_seq_lens_q reach it unchanged, and the mask function is looked up from
+`masking_utils.ALL_MASK_ATTENTION_FUNCTIONS` under the same name.
 
 Targets: the loss tokens are positions i with loss_mask[i] == 1; the hidden state that
 predicts token i sits at i - 1 of the same sequence. A sampled token at position 0 would
@@ -86,7 +95,7 @@ class MicroBatch:
     """Model inputs plus the flat loss-token tensors of some sequences.
 
     input_ids, position_ids: [R, T]; attention_mask: [R, T] or None (packed); attn_kwargs:
-    extra forward kwargs (flash varlen); src: [N] flat index into R*T of the hidden state
+    extra forward kwargs (packed: the sequence boundaries, `segment_kwargs`); src: [N] flat index into R*T of the hidden state
     that predicts each loss token; targets, seq, seq_tokens, sampler_logp, adv: [N].
     `sample_ids` are the indices of the samples in the step's list, in `seq` order.
     """
@@ -138,16 +147,92 @@ def _flat_targets(samples: list[Sample], offsets: list[int]) -> dict[str, torch.
     )
 
 
-def flash_kwargs(lengths: list[int]) -> dict:
-    """cu_seq_lens_q/k (int32 [S+1]) and max_length_q/k for flash-attention varlen."""
+def segment_kwargs(lengths: list[int]) -> dict:
+    """cu_seq_lens_q/k (int32 [S+1]) and max_length_q/k: the sequence boundaries of a pack,
+    in flash-attention varlen's argument names (also read by `segment_attention`)."""
     lens = torch.tensor(lengths, dtype=torch.int32)
     cu = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))  # [S+1]
     m = int(lens.max())
     return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)
 
 
-def build_packed(samples: list[Sample], sample_ids: list[int], *, flash: bool = False) -> MicroBatch:
-    """One row [1, sum T_k], positions restarting per sequence, no attention mask."""
+SEGMENT_ATTENTION = "trustee_segments"
+
+
+def segment_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal SDPA within each packed sequence. query [1, H, T, D], key/value [1, Hkv, T, D];
+    returns ([1, T, H, D], None) like transformers' sdpa_attention_forward. Without
+    cu_seq_lens_q (padded or single-sequence batches) it is sdpa_attention_forward."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if kwargs.get("sliding_window") is not None:
+        raise NotImplementedError("segment_attention does not implement sliding-window attention")
+    assert query.shape[0] == 1, "a packed micro-batch is one row"
+    gqa = key.shape[1] != query.shape[1]
+    bounds = cu.tolist()
+    outs = [
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, s:e],
+            key[:, :, s:e],
+            value[:, :, s:e],
+            dropout_p=dropout,
+            scale=scaling,
+            is_causal=True,
+            enable_gqa=gqa,
+        )
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
+    ]  # each [1, H, L_k, D]
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # [1, T, H, D]
+
+
+def _segment_mask(**kwargs):
+    """No mask for packs (segment_attention is causal per sequence); padded batches get
+    exactly the SDPA mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    if kwargs.get("attention_mask") is None:
+        return None
+    return sdpa_mask(**kwargs)
+
+
+def use_segment_attention(model: torch.nn.Module) -> bool:
+    """Switch an SDPA/eager transformers model to `segment_attention` (registered once with
+    transformers' AttentionInterface and AttentionMaskInterface). Models on flash-attention
+    (varlen already) or another implementation are left alone. Returns whether the model now
+    uses segment attention."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl == SEGMENT_ATTENTION:
+        return True
+    if impl not in ("sdpa", "eager"):
+        return False
+    if SEGMENT_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_ATTENTION, _segment_mask)
+    model.set_attn_implementation(SEGMENT_ATTENTION)
+    return True
+
+
+def build_packed(samples: list[Sample], sample_ids: list[int]) -> MicroBatch:
+    """One row [1, sum T_k], positions restarting per sequence, no attention mask; the
+    sequence boundaries in attn_kwargs (`segment_kwargs`)."""
     lengths = [len(s.tokens) for s in samples]
     offsets = [sum(lengths[:k]) for k in range(len(samples))]
     ids = torch.tensor([t for s in samples for t in s.tokens], dtype=torch.long)[None]  # [1, T]
@@ -157,7 +242,7 @@ def build_packed(samples: list[Sample], sample_ids: list[int], *, flash: bool = 
         position_ids=pos,
         attention_mask=None,
         sample_ids=list(sample_ids),
-        attn_kwargs=flash_kwargs(lengths) if flash else {},
+        attn_kwargs=segment_kwargs(lengths),
         **_flat_targets(samples, offsets),
     )
 

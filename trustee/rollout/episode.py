@@ -24,10 +24,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
+import msgspec
 
 from trustee.chat.formats import chat_spec
 from trustee.chat.parse import ToolCallParser, canonical_json
@@ -35,7 +37,17 @@ from trustee.chat.render import ChatFormat, Conversation
 from trustee.config import ModelConfig, RolloutConfig
 from trustee.engines.base import Completion, Engine, FatalEngineError, Sampling
 from trustee.envs.base import AgentAction, Environment, EpisodeState
-from trustee.types import Counters, EpisodeFailure, EpisodeStatus, Message, Task, ToolCallError, Trajectory
+from trustee.rollout.turns import TurnRenderer
+from trustee.types import (
+    Counters,
+    EpisodeFailure,
+    EpisodeStatus,
+    Message,
+    Task,
+    ToolCallError,
+    ToolSpec,
+    Trajectory,
+)
 
 log = logging.getLogger("trustee.rollout")
 
@@ -81,6 +93,10 @@ class EpisodeRunner:
     template: str | None = None
     enable_thinking: bool = False
     chat_format: str = "auto"
+    tool_set_cache: int = 1024
+    _formats: OrderedDict[bytes, tuple[ChatFormat, ToolCallParser, TurnRenderer]] = field(
+        default_factory=OrderedDict, init=False, repr=False
+    )
 
     @classmethod
     def from_config(
@@ -128,15 +144,8 @@ class EpisodeRunner:
 
     async def _play(self, env: Environment, ep: _Episode, group: Any) -> EpisodeStatus:
         ep.state = state = await env.start(ep.task, ep.episode_id, group)
-        fmt = ChatFormat(
-            self.tokenizer,
-            ep.task.tools,
-            enable_thinking=self.enable_thinking,
-            template=self.template,
-            family=self.chat_format,
-        )
-        ep.conv = conv = Conversation.start(fmt, state.messages)
-        parser = ToolCallParser(ep.task.tools, format=fmt.family)
+        fmt, parser, turns = self.for_tools(ep.task.tools)
+        ep.conv = conv = Conversation.start(fmt, state.messages, ids=turns.prompt_ids(state.messages))
         c = ep.counters
         while True:
             # One position stays free for the end-of-turn id `append_sampled` adds after a
@@ -147,7 +156,7 @@ class EpisodeRunner:
             comp = await self._sample(conv, fmt, room, ep.episode_id)
             conv.append_sampled(comp.token_ids, comp.logprobs, comp.policy_version)
             c.turns += 1
-            action = self._action(comp, parser, c)
+            action = self._action(comp, parser, turns, c)
             conv.add_assistant(action.message)
             replies = await env.step(state, action)
             c.sim_retries = state.sim_retries
@@ -159,11 +168,37 @@ class EpisodeRunner:
                 raise EnvironmentStuck(
                     f"environment {env.name!r} returned no reply and did not end the episode"
                 )
-            replies = self._cut_results(replies, c)
+            replies = self._cut_results(replies, turns, c)
             c.user_turns += sum(m.role == "user" for m in replies)
-            if len(conv.ids) + len(fmt.continuation_ids(replies)) >= self.max_model_len:
+            ids = turns.continuation_ids(replies)
+            if len(conv.ids) + len(ids) >= self.max_model_len:
                 return "truncated"
-            conv.append_env(replies)
+            conv.append_env(replies, ids=ids)
+
+    def for_tools(self, tools: list[ToolSpec]) -> tuple[ChatFormat, ToolCallParser, TurnRenderer]:
+        """The chat format, the parser (schemas checked and compiled) and the turn renderer
+        of one tool set, built once per distinct tool set and shared by every episode that
+        uses it: a group's G episodes share one task, and environments draw tasks from a
+        limited set of tool sets. Keyed by the tool specs' JSON; the `tool_set_cache` most
+        recent sets are kept. The format and parser are read-only after construction and the
+        renderer only memoises, so sharing them is safe."""
+        key = msgspec.json.encode(tools)
+        hit = self._formats.get(key)
+        if hit is not None:
+            self._formats.move_to_end(key)
+            return hit
+        fmt = ChatFormat(
+            self.tokenizer,
+            tools,
+            enable_thinking=self.enable_thinking,
+            template=self.template,
+            family=self.chat_format,
+        )
+        hit = (fmt, ToolCallParser(tools, format=fmt.family), TurnRenderer(fmt))
+        self._formats[key] = hit
+        if len(self._formats) > self.tool_set_cache:
+            self._formats.popitem(last=False)
+        return hit
 
     async def _sample(self, conv: Conversation, fmt: ChatFormat, room: int, key: str) -> Completion:
         params = Sampling(
@@ -173,9 +208,11 @@ class EpisodeRunner:
         )
         return await self.policy.generate(list(conv.ids), params, key=key)
 
-    def _action(self, comp: Completion, parser: ToolCallParser, c: Counters) -> AgentAction:
+    def _action(
+        self, comp: Completion, parser: ToolCallParser, turns: TurnRenderer, c: Counters
+    ) -> AgentAction:
         """Decode and parse one turn; calls over the per-turn limit become errors."""
-        parsed = parser.parse(self.tokenizer.decode(comp.token_ids, skip_special_tokens=False))
+        parsed = parser.parse(turns.decode(comp.token_ids))
         limit = self.cfg.max_tool_calls_per_turn
         calls, errors = parsed.calls[:limit], list(parsed.errors)
         for call in parsed.calls[limit:]:
@@ -195,14 +232,19 @@ class EpisodeRunner:
             message=parsed.message, calls=calls, errors=errors, truncated=comp.finish_reason == "length"
         )
 
-    def _cut_results(self, replies: list[Message], c: Counters) -> list[Message]:
+    def _cut_results(self, replies: list[Message], turns: TurnRenderer, c: Counters) -> list[Message]:
         """Tool results longer than `max_tool_result_tokens` are cut, with a marker."""
         out = []
         cap = self.cfg.max_tool_result_tokens
         for m in replies:
             if m.role == "tool":
                 c.tool_errors += _is_error(m.content)
-                ids = self.tokenizer.encode(m.content, add_special_tokens=False)
+                # Byte-level BPE and SentencePiece with byte fallback make at most one token
+                # per UTF-8 byte (plus a possible leading-space token): short results skip encoding.
+                if len(m.content.encode()) + 1 <= cap:
+                    out.append(m)
+                    continue
+                ids = turns.encode(m.content)
                 if len(ids) > cap:
                     c.truncated_results += 1
                     text = self.tokenizer.decode(ids[:cap]) + f"\n...[truncated {len(ids) - cap} tokens]"

@@ -35,7 +35,10 @@ log = logging.getLogger("trustee.rollout")
 
 def oldest_version(group: Group) -> int | None:
     """The smallest policy version of any sampled token in the group (None: nothing sampled)."""
-    vs = [v for t in group.trajectories for v, m in zip(t.versions, t.loss_mask, strict=True) if m]
+    # versions[i] is -1 exactly where loss_mask[i] is 0 (Trajectory invariant), so the sampled
+    # tokens' versions are the set of versions less -1 (set building runs in C: this is per group).
+    vs = set().union(*(t.versions for t in group.trajectories))
+    vs.discard(-1)
     return min(vs) if vs else None
 
 

@@ -1,0 +1,445 @@
+"""The orchestrator's ceiling: agent turns/s of the asyncio process alone, on one core.
+
+    python -m bench.orchestrator [--quick] [--inflight 64,512,2048] [--out DIR]
+
+The engine and the environment are test doubles that answer at once (`InstantEngine`,
+`InstantEnv`), so what is measured is everything trustee's own process does per turn: the
+real `GroupScheduler` (task sampling, slots, the bounded stream), the real `EpisodeRunner`
+(chat rendering of each environment turn to ids, decoding and parsing each sampled turn
+against the task's tool schemas, length checks, building the `Trajectory`), a consumer that
+takes finished groups and logs every trajectory to a `RunLog` (JSONL, as training does). The
+process is pinned to one core (`sched_setaffinity`). Each in-flight level runs for a fixed
+number of groups after a warm-up. The per-turn cost is then split into decoding, parsing
+and schema validation, rendering and encoding, building trajectories and logging, each part
+timed alone on the real objects; the rest is scheduling, asyncio and the doubles. Beside it: the turns/s an 8-GPU rollout needs, from
+published decode rates (cited in the JSON), so the margin is a ratio.
+
+Writes OUT/orchestrator.json, .md and .png (turns/s against episodes in flight).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+QUICK = dict(inflight=[64, 512, 2048], groups=96, warmup_groups=16)
+FULL = dict(inflight=[64, 512, 2048], groups=512, warmup_groups=64)
+GROUP_SIZE = 8
+TURNS_PER_EPISODE = 4  # 3 tool-calling turns, then a final answer
+
+# The arithmetic of what 8 GPUs ask of the orchestrator. Each figure says where it comes from.
+NEED = {
+    "decode_tok_s_per_gpu": 12000.0,
+    "decode_tok_s_per_gpu_source": (
+        "ASSUMPTION, not verified here: aggregate decode throughput of vLLM serving a Llama-3-8B-class "
+        "model on one H100 at high concurrency, of the order reported on the vLLM blog's v0.6.0 "
+        "performance update (blog.vllm.ai, 2024-09-05: throughput benchmarks on ShareGPT, 8B on "
+        "1xH100). Treat as an order of magnitude; replace with a measured figure on the target GPU."
+    ),
+    "gpus_for_rollout": 8,
+    "tokens_per_turn": 256,
+    "tokens_per_turn_source": (
+        "configs: rollout.max_tokens_per_turn is 1024 (trustee/config.py RolloutConfig); "
+        "tool-calling turns are mostly short calls, 256 sampled tokens per turn is an assumption"
+    ),
+}
+
+
+def _tool_specs() -> list[Any]:
+    from trustee.envs.toy import TOOLS
+
+    return list(TOOLS.values())
+
+
+@dataclass
+class InstantEngine:
+    """Test double: an engine that answers at once with canned ids. Turn k < TURNS-1 of an
+    episode is a schema-valid tool call, the last turn a final answer. Yields to the event
+    loop once per request (as any awaited engine does)."""
+
+    tokenizer: Any
+    turns: int = TURNS_PER_EPISODE
+    version: int = 0
+    requests: int = 0
+    _turn: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        call = '<tool_call>\n{"name": "add", "arguments": {"a": 12, "b": 30}}\n</tool_call><|im_end|>'
+        final = "The answer is 42, computed with the add tool.<|im_end|>"
+        enc = self.tokenizer.encode
+        self._call = enc(call, add_special_tokens=False)
+        self._final = enc(final, add_special_tokens=False)
+        self._call_lp = [-0.5] * len(self._call)
+        self._final_lp = [-0.5] * len(self._final)
+
+    async def generate(self, prompt: list[int], params: Any, *, key: str | None = None) -> Any:
+        import anyio
+
+        from trustee.engines.base import Completion
+
+        await anyio.lowlevel.checkpoint()
+        self.requests += 1
+        k = self._turn.get(key, 0)
+        last = k + 1 >= self.turns
+        if last:
+            self._turn.pop(key, None)
+        else:
+            self._turn[key] = k + 1
+        ids, lps = (self._final, self._final_lp) if last else (self._call, self._call_lp)
+        return Completion(token_ids=ids, logprobs=lps, finish_reason="stop", policy_version=self.version)
+
+    async def sleep(self, level: int = 1) -> None:
+        return None
+
+    async def wake(self) -> None:
+        return None
+
+    async def update_weights(self, update: Any) -> None:
+        self.version += 1
+
+    def stats(self) -> Any:
+        from trustee.engines.base import EngineStats
+
+        return EngineStats(requests=self.requests)
+
+    async def close(self) -> None:
+        return None
+
+
+class InstantEnv:
+    """Test double: an environment whose tools answer at once. Tasks draw their tool set from
+    a small pool (as the toy and BFCL environments' tasks share tool sets); every tool call
+    gets a short JSON result; a turn without calls ends the episode, reward 1."""
+
+    name = "instant"
+
+    def __init__(self, pool: int = 8):
+        tools = _tool_specs()
+        rng = random.Random(0)
+        self.tool_sets = [rng.sample(tools, rng.randint(2, len(tools))) for _ in range(pool)]
+        for ts in self.tool_sets:  # every set carries the tool the engine double calls
+            if all(t.name != "add" for t in ts):
+                ts.append(next(t for t in tools if t.name == "add"))
+
+    async def make_task(self, knobs: Any, rng: random.Random) -> Any:
+        from trustee.types import Task
+
+        return Task(
+            id=f"instant-{rng.getrandbits(32):08x}",
+            env="instant",
+            tools=self.tool_sets[rng.randrange(len(self.tool_sets))],
+            first_query="What is 12 plus 30? Then tell me the result in one sentence.",
+            system_prompt="You are a helpful assistant. Use the tools.",
+        )
+
+    async def start(self, task: Any, episode_id: str, group: Any = None) -> Any:
+        from trustee.envs.base import EpisodeState
+        from trustee.types import Message
+
+        msgs = [
+            Message(role="system", content=task.system_prompt),
+            Message(role="user", content=task.first_query),
+        ]
+        return EpisodeState(episode_id=episode_id, task=task, messages=msgs, group=group)
+
+    async def step(self, state: Any, action: Any) -> list[Any]:
+        from trustee.types import Message
+
+        if not action.calls and not action.errors:
+            state.done = True
+            return []
+        return [Message(role="tool", content='{"result": 42}', name=c.name) for c in action.calls]
+
+    async def score(self, state: Any) -> Any:
+        from trustee.envs.base import Score
+
+        return Score(reward=1.0, parts={})
+
+
+def _pin_one_core() -> int | None:
+    """Pin this process to one core (the last one it may use). Returns it, or None."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[-1]})
+        return cpus[-1]
+    except (AttributeError, OSError):
+        return None
+
+
+def _tokenizer() -> Any:
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from trustee.tiny import build_tiny_model
+
+    d = build_tiny_model(Path(".cache") / "tiny-test", size="test", seed=0)
+    return AutoTokenizer.from_pretrained(d)
+
+
+async def _drive(inflight: int, groups: int, warmup: int, tok: Any, log_dir: str) -> dict[str, Any]:
+    """Run the real scheduler + runner until `warmup + groups` groups are consumed; time the
+    last `groups`."""
+    import anyio
+
+    from trustee.chat.render import project_template
+    from trustee.config import CurriculumConfig, LoggingConfig, RolloutConfig
+    from trustee.curriculum import Curriculum
+    from trustee.metrics import RunLog
+    from trustee.rollout.episode import EpisodeRunner
+    from trustee.rollout.scheduler import GroupScheduler
+
+    engine = InstantEngine(tok)
+    env = InstantEnv()
+    runner = EpisodeRunner(
+        engine,
+        tok,
+        cfg=RolloutConfig(max_inflight_episodes=inflight),
+        max_model_len=4096,
+        template=project_template(),
+    )
+    sched = GroupScheduler(
+        env=env,
+        runner=runner,
+        curriculum=Curriculum(CurriculumConfig()),
+        group_size=GROUP_SIZE,
+        max_inflight_groups=max(1, inflight // GROUP_SIZE),
+        max_staleness=1,
+        version=lambda: engine.version,
+        rng=random.Random(0),
+        buffer=16,
+    )
+    runlog = RunLog(log_dir, LoggingConfig(progress_bar=False), total_steps=1, run_name="bench")
+    t0, c0 = time.perf_counter(), time.process_time()
+    turns0 = 0
+    episodes = 0
+    peak = 0
+    async with anyio.create_task_group() as tg:
+        sched.start(tg)
+        for i in range(warmup + groups):
+            if i == warmup:
+                t0, c0, turns0, episodes = time.perf_counter(), time.process_time(), engine.requests, 0
+            (item,) = await sched.take(1)
+            runlog.trajectories(0, item.group.trajectories)
+            episodes += len(item.group.trajectories)
+            bad = [t for t in item.group.trajectories if t.status != "ok"]
+            assert not bad, f"episode failed in the benchmark: {bad[0].status} {bad[0].error}"
+            peak = max(peak, sched.inflight)
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - c0
+        turns = engine.requests - turns0  # includes turns of groups still in flight
+        tg.cancel_scope.cancel()
+    runlog.close()
+    return dict(
+        inflight_episodes=inflight,
+        groups=groups,
+        episodes=episodes,
+        turns=turns,
+        wall_s=round(wall, 3),
+        cpu_s=round(cpu, 3),
+        turns_per_s=round(turns / wall, 1),
+        turns_per_cpu_s=round(turns / cpu, 1),
+        episodes_per_s=round(episodes / wall, 1),
+        peak_inflight_groups=sched.peak_inflight,
+    )
+
+
+def run_level(inflight: int, groups: int, warmup: int, tok: Any) -> dict[str, Any]:
+    import anyio
+
+    with tempfile.TemporaryDirectory(prefix="bench-orch-") as d:
+        return anyio.run(_drive, inflight, groups, warmup, tok, d)
+
+
+def cost_breakdown(tok: Any, per_turn_us: float, reps: int = 400) -> dict[str, Any]:
+    """Per-turn microseconds of each part, each timed alone (timeit on the real objects, no
+    profiler overhead) and weighted by how often an episode does it; the rest of the
+    measured per-turn time is scheduling, asyncio and the test doubles."""
+    import timeit
+
+    import msgspec
+
+    from trustee.chat.render import project_template
+    from trustee.rollout.episode import EpisodeRunner
+    from trustee.types import Message, Trajectory
+
+    engine = InstantEngine(tok)
+    env = InstantEnv()
+    runner = EpisodeRunner(engine, tok, max_model_len=4096, template=project_template())
+    tools = env.tool_sets[0]
+    fmt, parser, turns = runner.for_tools(tools)
+    msgs = [
+        Message(role="system", content="You are a helpful assistant. Use the tools."),
+        Message(role="user", content="What is 12 plus 30?"),
+    ]
+    reply = [Message(role="tool", content='{"result": 42}', name="add")]
+    call_text = turns.decode(engine._call)
+    ids = turns.prompt_ids(msgs) + engine._call + turns.continuation_ids(reply)
+    traj = dict(
+        episode_id="g0/0",
+        task_id="t",
+        tokens=ids,
+        loss_mask=[0] * len(ids),
+        logprobs=[0.0] * len(ids),
+        versions=[-1] * len(ids),
+        prompt_len=10,
+    )
+    enc = msgspec.json.Encoder()
+    t = Trajectory(**traj)
+
+    def us(fn: Any) -> float:  # CPU microseconds of this process per call (load-robust)
+        fn()
+        return timeit.Timer(fn, timer=time.process_time).timeit(number=reps) / reps * 1e6
+
+    per_episode = TURNS_PER_EPISODE
+    tool_turns = TURNS_PER_EPISODE - 1
+    key_prompts = [msgspec.structs.replace(msgs[1], content=f"q{i}") for i in range(reps + 1)]
+    it = iter(key_prompts)
+    parts = {
+        "decode sampled ids": us(lambda: turns.decode(engine._call)),
+        "parse + schema-validate": us(lambda: parser.parse(call_text)) * tool_turns / per_episode
+        + us(lambda: parser.parse("The answer is 42.")) / per_episode,
+        "render + encode env turn": us(lambda: turns.continuation_ids(reply)) * tool_turns / per_episode,
+        "render + encode prompt (1 of 8 per group)": us(lambda: turns.prompt_ids([msgs[0], next(it)]))
+        / per_episode
+        / GROUP_SIZE,
+        "trajectory build + check": us(lambda: Trajectory(**traj).check()) / per_episode,
+        "logging (JSONL encode)": us(lambda: enc.encode({"step": 0, "trajectory": t})) / per_episode,
+    }
+    parts = {k: round(v, 2) for k, v in parts.items()}
+    parts["scheduling, asyncio, env/engine doubles (rest)"] = round(
+        max(0.0, per_turn_us - sum(parts.values())), 2
+    )
+    return dict(
+        measured_us_per_turn=round(per_turn_us, 2),
+        us_per_turn=parts,
+        share={k: round(v / per_turn_us, 3) for k, v in parts.items()},
+        template_renders=turns.template_renders,
+    )
+
+
+def need() -> dict[str, Any]:
+    n = NEED
+    turns = n["decode_tok_s_per_gpu"] * n["gpus_for_rollout"] / n["tokens_per_turn"]
+    return dict(NEED, turns_per_s_needed=round(turns, 1))
+
+
+def markdown(rep: dict[str, Any]) -> str:
+    m = rep["machine"]
+    lines = [
+        "# Orchestrator ceiling (one core, instant engine and environment)",
+        "",
+        f"`{rep['command']}`; {m['cpu']} ({m['cpu_count']} cores, pinned to core {rep['config']['core']}); "
+        f"load average {rep['load_avg_before']} before, {m['load_avg_1_5_15']} after (shared machine).",
+        f"Episodes: {GROUP_SIZE}-episode groups, {TURNS_PER_EPISODE} policy turns each "
+        f"({TURNS_PER_EPISODE - 1} tool calls, then an answer); tiny byte-level BPE tokenizer; every "
+        "trajectory logged to JSONL.",
+        "",
+        "| episodes in flight | turns/s (wall) | turns per CPU-s | episodes/s | groups timed | wall s | load avg after |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rep["levels"]:
+        lines.append(
+            f"| {r['inflight_episodes']} | {r['turns_per_s']:.0f} | {r['turns_per_cpu_s']:.0f} | {r['episodes_per_s']:.0f} | "
+            f"{r['groups']} | {r['wall_s']} | {r['load_avg_after']} |"
+        )
+    nd = rep["need"]
+    lines += [
+        "",
+        f"8-GPU need: {nd['gpus_for_rollout']} GPUs x {nd['decode_tok_s_per_gpu']:.0f} decode tok/s / "
+        f"{nd['tokens_per_turn']} tokens per turn = **{nd['turns_per_s_needed']:.0f} turns/s**; "
+        f"measured at 512 in flight: {rep['turns_per_s']:.0f} turns/s wall ({rep['turns_per_cpu_s']:.0f} per CPU-s), "
+        f"margin **{rep['margin_over_need']:.1f}x** "
+        "(decode rate is an assumption, see the JSON).",
+        "",
+        f"Per-turn CPU cost at {rep['turns_per_s_at']} in flight ({rep['profile']['measured_us_per_turn']:.0f} CPU-us/turn "
+        "measured; each part timed alone on the real objects in CPU time, weighted by how often an episode does it):",
+        "",
+        "| part | CPU-us/turn | share |",
+        "|---|---:|---:|",
+    ]
+    for k, v in rep["profile"]["us_per_turn"].items():
+        lines.append(f"| {k} | {v:.1f} | {rep['profile']['share'][k]:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench.common import add_out_arg, load_avg, machine, plot_lines, write_report
+
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--quick", action="store_true", help=f"fewer groups per level ({QUICK['groups']})")
+    ap.add_argument(
+        "--inflight", default=None, help="episodes in flight, comma-separated (default 64,512,2048)"
+    )
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-part cost breakdown")
+    add_out_arg(ap)
+    a = ap.parse_args(argv)
+    p = dict(QUICK if a.quick else FULL)
+    if a.inflight:
+        p["inflight"] = [int(x) for x in a.inflight.split(",")]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    before = load_avg()
+    core = _pin_one_core()
+    tok = _tokenizer()
+    levels = []
+    for n in p["inflight"]:
+        r = run_level(n, p["groups"], p["warmup_groups"], tok)
+        r["load_avg_after"] = load_avg()
+        print(
+            f"in flight {n:5d}: {r['turns_per_s']:9.0f} turns/s ({r['turns_per_cpu_s']:.0f} per CPU-s)  "
+            f"{r['episodes_per_s']:8.0f} episodes/s  load {r['load_avg_after']}",
+            flush=True,
+        )
+        levels.append(r)
+    at512 = next((r for r in levels if r["inflight_episodes"] == 512), levels[len(levels) // 2])
+    prof = {} if a.no_profile else cost_breakdown(tok, 1e6 / at512["turns_per_cpu_s"])
+    nd = need()
+    rep = dict(
+        bench="orchestrator",
+        command="python -m bench.orchestrator" + (" --quick" if a.quick else ""),
+        machine=machine(),
+        load_avg_before=before,
+        config=dict(p, core=core, group_size=GROUP_SIZE, turns_per_episode=TURNS_PER_EPISODE),
+        levels=levels,
+        turns_per_s=at512["turns_per_s"],
+        turns_per_cpu_s=at512["turns_per_cpu_s"],
+        note=(
+            "turns_per_s is wall-clock on one pinned core; on a loaded machine the core is shared, so "
+            "turns_per_cpu_s (turns per second of this process's CPU time) is the closer figure for what "
+            "one core does; compare both with the load average"
+        ),
+        turns_per_s_at=at512["inflight_episodes"],
+        goal_turns_per_s=5000,
+        need=nd,
+        margin_over_need=round(at512["turns_per_s"] / nd["turns_per_s_needed"], 2),
+        profile=prof,
+    )
+    md = markdown(rep) if prof else ""
+    path = write_report(a.out, "orchestrator", rep, md)
+    why = plot_lines(
+        path.with_suffix(".png"),
+        {"turns/s": ([r["inflight_episodes"] for r in levels], [r["turns_per_s"] for r in levels])},
+        title="Orchestrator turns/s on one core (instant engine/env)",
+        xlabel="episodes in flight",
+        ylabel="agent turns / s",
+        logx=True,
+        hline=(nd["turns_per_s_needed"], "8-GPU need (assumed decode rate)"),
+    )
+    if why:
+        print(why)
+    print(md)
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()

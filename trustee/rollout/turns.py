@@ -1,0 +1,187 @@
+"""Environment turns and opening prompts to ids without running the chat template every turn.
+
+Owns `TurnRenderer`: one per tool set (the episode runner builds it beside the tool-call
+parser and shares it across episodes). It produces exactly the ids `ChatFormat.prompt_ids` /
+`ChatFormat.continuation_ids` produce, faster:
+
+- The chat template runs once per message *shape* (the roles and tool names of the messages,
+  generation prompt on or off), with each message's content replaced by a sentinel; later
+  turns of that shape substitute their contents into the rendered text. Valid for templates
+  that insert a system/user/tool message's content verbatim, once; checked when a shape is
+  built (every sentinel appears exactly once, and a second set of sentinels renders to the
+  same text under substitution) and on the first `verify_uses` real turns of each shape (the
+  substituted text must equal the template's own rendering). A shape that fails a check
+  falls back to the template for good (logged once). Assistant messages, and messages
+  carrying tool calls or reasoning, always take the template path.
+- Text is encoded and decoded with the fast tokenizer's Rust backend directly (skipping the
+  transformers wrapper's per-call overhead), after checking on the verified turns that the
+  ids equal `tokenizer.encode(text, add_special_tokens=False)`; the decode shortcut is used
+  only where `tokenizer.decode` would not post-process the text.
+- Opening prompts are memoised by content (a GRPO group's episodes share their prompt).
+
+It does not parse tool calls (`chat/parse.py`) or hold a conversation (`chat/render.py`).
+Called by `rollout/episode.py`; tested in tests/test_turns.py against `ChatFormat`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import msgspec
+
+from trustee.chat.render import ChatFormat
+from trustee.types import Message
+
+log = logging.getLogger("trustee.rollout")
+
+_MARK = "\x00trustee-content-"
+_VERBATIM_ROLES = ("system", "user", "tool")
+
+Shape = tuple[str, bool, tuple[tuple[str, str | None], ...]]
+
+
+@dataclass(frozen=True)
+class _Pieces:
+    """Rendered text of one shape split at its contents: pieces[0] + c[order[0]] +
+    pieces[1] + ... + pieces[-1]."""
+
+    pieces: tuple[str, ...]
+    order: tuple[int, ...]
+
+    def fill(self, contents: list[str]) -> str:
+        out = [self.pieces[0]]
+        for k, i in enumerate(self.order):
+            out.append(contents[i])
+            out.append(self.pieces[k + 1])
+        return "".join(out)
+
+
+def _sentinel(tag: str, i: int) -> str:
+    return f"{_MARK}{tag}{i}\x00"
+
+
+def _split(text: str, n: int, tag: str) -> _Pieces | None:
+    """Split `text` at the n sentinels of `tag`; None unless each appears exactly once."""
+    found = []
+    for i in range(n):
+        s = _sentinel(tag, i)
+        if text.count(s) != 1:
+            return None
+        found.append((text.index(s), i, s))
+    found.sort()
+    pieces, order, pos = [], [], 0
+    for at, i, s in found:
+        pieces.append(text[pos:at])
+        order.append(i)
+        pos = at + len(s)
+    pieces.append(text[pos:])
+    return _Pieces(tuple(pieces), tuple(order))
+
+
+class TurnRenderer:
+    """Ids of opening prompts and environment turns for one `ChatFormat` (one tool set)."""
+
+    def __init__(self, fmt: ChatFormat, *, verify_uses: int = 2, prompt_cache: int = 64):
+        self.fmt = fmt
+        self.eos_id = fmt.eos_id
+        self.verify_uses = verify_uses
+        self._prompt_cache = prompt_cache
+        self._shapes: dict[Shape, _Pieces | None] = {}
+        self._checked: dict[Shape, int] = {}
+        self._prompts: OrderedDict[bytes, list[int]] = OrderedDict()
+        tok = fmt.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)
+        self._backend = backend if backend is not None and hasattr(backend, "encode_batch") else None
+        self._backend_checked = 0
+        # tokenizer.decode post-processes only with clean_up_tokenization_spaces on
+        self._fast_decode = self._backend is not None and not getattr(
+            tok, "clean_up_tokenization_spaces", True
+        )
+        self.template_renders = 0  # how often the template had to run (for tests and the benchmark)
+
+    # ------------------------------------------------------------------ text <-> ids
+
+    def encode(self, text: str) -> list[int]:
+        if self._backend is None:
+            return self.fmt.encode(text)
+        ids = self._backend.encode(text, add_special_tokens=False).ids
+        if self._backend_checked < self.verify_uses:
+            self._backend_checked += 1
+            ref = self.fmt.encode(text)
+            if ids != ref:
+                log.warning("fast tokenizer backend disagrees with tokenizer.encode; using tokenizer.encode")
+                self._backend = None
+                self._fast_decode = False
+                return ref
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        """`tokenizer.decode(ids, skip_special_tokens=False)`."""
+        if self._fast_decode:
+            return self._backend.decode(ids, skip_special_tokens=False)
+        return self.fmt.tokenizer.decode(ids, skip_special_tokens=False)
+
+    # ------------------------------------------------------------------ rendering
+
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """`ChatFormat.prompt_ids(messages)`."""
+        key = msgspec.json.encode(messages)
+        hit = self._prompts.get(key)
+        if hit is not None:
+            self._prompts.move_to_end(key)
+            return list(hit)
+        ids = self.encode(self._text(messages, "prompt", True))
+        self._prompts[key] = ids
+        if len(self._prompts) > self._prompt_cache:
+            self._prompts.popitem(last=False)
+        return list(ids)
+
+    def continuation_ids(self, new: list[Message], *, generation_prompt: bool = True) -> list[int]:
+        """`ChatFormat.continuation_ids(new, generation_prompt=...)`."""
+        return self.encode(self._text(new, "cont", generation_prompt))
+
+    def _template_text(self, messages: list[Message], kind: str, gen: bool) -> str:
+        self.template_renders += 1
+        if kind == "prompt":
+            return self.fmt.render_text(messages, generation_prompt=gen)
+        return self.fmt.continuation_text(messages, generation_prompt=gen)
+
+    def _text(self, messages: list[Message], kind: str, gen: bool) -> str:
+        if not all(_verbatim(m) for m in messages):
+            return self._template_text(messages, kind, gen)
+        shape: Shape = (kind, gen, tuple((m.role, m.name) for m in messages))
+        if shape not in self._shapes:
+            self._shapes[shape] = self._build(messages, kind, gen)
+            self._checked[shape] = 0
+        pieces = self._shapes[shape]
+        if pieces is None:
+            return self._template_text(messages, kind, gen)
+        text = pieces.fill([m.content for m in messages])
+        if self._checked[shape] < self.verify_uses:
+            self._checked[shape] += 1
+            ref = self._template_text(messages, kind, gen)
+            if text != ref:
+                log.warning(
+                    "chat template does not insert contents verbatim for %s; rendering those turns in full",
+                    shape,
+                )
+                self._shapes[shape] = None
+                return ref
+        return text
+
+    def _build(self, messages: list[Message], kind: str, gen: bool) -> _Pieces | None:
+        def with_marks(tag: str) -> list[Message]:
+            return [msgspec.structs.replace(m, content=_sentinel(tag, i)) for i, m in enumerate(messages)]
+
+        a = _split(self._template_text(with_marks("a"), kind, gen), len(messages), "a")
+        b_text = self._template_text(with_marks("b"), kind, gen)
+        if a is None or a.fill([_sentinel("b", i) for i in range(len(messages))]) != b_text:
+            log.warning("chat template output for %s is not content-substitutable; rendering in full", kind)
+            return None
+        return a
+
+
+def _verbatim(m: Message) -> bool:
+    return m.role in _VERBATIM_ROLES and not m.tool_calls and not m.reasoning and _MARK not in m.content
