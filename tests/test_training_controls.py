@@ -329,3 +329,16 @@ def test_eval_during_training_logs_heldout_metrics(tmp_path, tiny_model_dir):
     assert evals[-1]["final_eval"] == 1.0
     assert all(r["eval/greedy_episodes"] == 2 and r["eval/sampled_episodes"] == 2 for r in evals)
     assert last["summary"].startswith("reward ")
+
+
+def test_bfcl_heldout_tasks_are_the_heldout_half():
+    pytest.importorskip("bfcl_eval", reason="BFCL's data (tools/install.sh --dev installs bfcl-eval)")
+    from trustee.envs.base import Knobs
+    from trustee.envs.bfcl import BfclEnv
+
+    env = BfclEnv(categories=("multi_turn_base",), split="train")
+    held = anyio.run(env.heldout_tasks, 5, Knobs(difficulty=3.0))
+    train_ids = {inst.id for inst in env.pool("all", "progress")}
+    assert len(held) == 5
+    assert not {t.id for t in held} & train_ids
+    assert all(t.payload["hints"] is False and t.knobs["difficulty"] == 3.0 for t in held)

@@ -290,11 +290,23 @@ window.addEventListener('load', function () {
 """
 
 
+def _success_threshold(cfg: dict) -> float:
+    """The curriculum's `high` (a task counts as a success above it): as configured, or
+    derived from the reward's range as the run derived it (trustee.config.curriculum_thresholds)."""
+    from trustee.config import REWARD_RANGES
+
+    high = cfg.get("curriculum", {}).get("high")
+    if high is not None:
+        return float(high)
+    lo, hi = REWARD_RANGES.get(cfg.get("environment", {}).get("reward", ""), (-1.0, 1.0))
+    return lo + 0.75 * (hi - lo)
+
+
 def build_page(run: RunData, *, episodes: int = 4) -> str:
     cfg, res = run.config, run.resolved
     name = cfg.get("name", run.path.name)
     plots, missing = curve_plots(run)
-    threshold = float(cfg.get("curriculum", {}).get("high", 0.5))
+    threshold = _success_threshold(cfg)
     aspects = aspect_plot(aspect_success(run, threshold), threshold)
     tok, tok_note = _tokenizer(run)
     parts = [
@@ -358,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        print("error: the report draws its plots with matplotlib: pip install -e '.[report]'", file=sys.stderr)
+        print(
+            "error: the report draws its plots with matplotlib: pip install -e '.[report]'", file=sys.stderr
+        )
         return 2
     out = Path(a.out) if a.out else run.path / "report.html"
     out.write_text(build_page(run, episodes=a.episodes))

@@ -272,6 +272,7 @@ class _Run:
             else None
         )
         self.untrained_steps = 0
+        self.last_eval: dict[str, float] = {}  # a stage may advance on an eval metric between evaluations
         self.learner: Learner = placement.build_learner(tokenizer)
         self.rng = random.Random(cfg.seed)
         self.start, meta = await resume.continue_run(self, lambda: placement.weight_update(self.learner))
@@ -299,7 +300,8 @@ class _Run:
         record.update(extra or {})
         record.update(env_counters(self.env))
         if self.heldout is not None and step % cfg.eval.every_steps == 0:
-            record.update(await self.evaluate(step))  # the policy before this step's update
+            self.last_eval = await self.evaluate(step)  # the policy before this step's update
+            record.update(self.last_eval)
         self.log.trajectories(step, [t for g in groups for t in g.trajectories])
         scored = [
             (k, [t.reward for t in g.trajectories if t.trainable]) for k, g in zip(knobs, groups, strict=True)
@@ -313,7 +315,7 @@ class _Run:
                 self.curriculum.update(
                     [sum(rs) / len(rs) for _, rs in scored],
                     [k for k, _ in scored],
-                    {k: v for k, v in record.items() if k == "reward_mean" or k.startswith("eval/")},
+                    {**self.last_eval, "reward_mean": record["reward_mean"]},
                 )
             )
             record.update(self.curriculum.metrics())  # per-aspect success, this step included

@@ -231,6 +231,20 @@ class BfclEnv:
             },
         )
 
+    async def heldout_tasks(self, n: int, knobs: Knobs) -> list[Task]:
+        """The first `n` instances of the held-out half of the configured split (every
+        category), in BFCL's order: what training never draws when environment.bfcl.split is
+        'train'. Scored with the env's reward, hints off."""
+        rows = select(self.categories, "heldout", self.split_seed, self.train_fraction)
+        if not rows:
+            raise ValueError(
+                "no held-out BFCL instances for this split; lower environment.bfcl.train_fraction"
+            )
+        return [
+            msgspec.structs.replace(self.task_for(inst, hints=False), knobs=knobs.as_dict())
+            for inst in rows[:n]
+        ]
+
     async def make_task(self, knobs: Knobs, rng: random.Random) -> Task:
         """One instance of the current stage's subset. Stage settings come from
         `knobs.extra` ('reward', 'hints', 'split'); missing keys fall back to the env's."""
