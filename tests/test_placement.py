@@ -291,6 +291,8 @@ def test_dry_run_prints_the_plan_per_phase_with_the_budget_in_the_config_comment
 
 def test_dry_run_refuses_a_full_8b_learner_on_one_shared_gpu():
     r = _dry("configs/8gpu.toml", "--set", "placement.learner_gpus=[4]")
+    assert r.returncode == 2 and "placement.learner_ranks = 8" in r.stderr  # 8 ranks cannot share one GPU
+    r = _dry("configs/8gpu.toml", "--set", "placement.learner_gpus=[4]", "--set", "placement.learner_ranks=1")
     assert r.returncode == 2
     assert (
         "GPU 4" in r.stderr and "placement.gpu_memory_gib = 79.0" in r.stderr and "Traceback" not in r.stderr
@@ -323,4 +325,5 @@ def test_train_loop_has_no_placement_or_update_kind_branches():
         r"wake\(",
     ):
         assert not re.search(needle, src), needle
-    assert "placement.before_learn()" in src and "placement.after_learn(" in src and "placement.drive(" in src
+    # The loop's shape comes from the mode object too: collect-then-train or continuous.
+    assert "placement.before_learn()" in src and "placement.after_learn(" in src and "placement.continuous" in src

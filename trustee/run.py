@@ -173,6 +173,10 @@ def start_problems(cfg: Config, res: Resolved, *, dry_run: bool) -> tuple[list[s
     if not (Path(cfg.model.path) / "config.json").exists():
         if dry_run and cfg.model.tiny:
             skipped.append(f"model directory (the tiny model is built at {cfg.model.path} on start)")
+        elif dry_run:  # like the GPUs, the model is this machine's state, not the config's
+            skipped.append(
+                f"model directory ({cfg.model.path} is not on this machine; a real run needs it: README, models)"
+            )
         else:
             problems.append(
                 f"model directory {cfg.model.path} not found: download the model first (README: models), "
@@ -188,7 +192,9 @@ def start_problems(cfg: Config, res: Resolved, *, dry_run: bool) -> tuple[list[s
     if cfg.logging.wandb_project:
         wanted["logging.wandb_project"] = "wandb"
     for why, module in wanted.items():
-        if importlib.util.find_spec(module) is None:
+        if importlib.util.find_spec(module) is None and dry_run:  # this machine's packages, like its GPUs
+            skipped.append(f"package {module!r} ({why} needs it; not installed on this machine)")
+        elif importlib.util.find_spec(module) is None:
             problems.append(
                 f"{why} needs the {module!r} package, which is not installed (see the README's install section)"
             )
