@@ -100,9 +100,9 @@ def test_parser_built_once_per_tool_set(tiny_tokenizer, monkeypatch):
     built = []
     real = ep.ToolCallParser
 
-    def counting(tools):  # test double: counts constructions, then builds the real parser
+    def counting(tools, **kwargs):  # test double: counts constructions, then builds the real parser
         built.append(len(tools))
-        return real(tools)
+        return real(tools, **kwargs)
 
     monkeypatch.setattr(ep, "ToolCallParser", counting)
     runner = EpisodeRunner(

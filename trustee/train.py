@@ -31,17 +31,20 @@ from trustee import resume
 from trustee.config import REWARD_RANGES, Config, Resolved
 from trustee.curriculum import Curriculum
 from trustee.engines.base import Engine, FatalEngineError
+from trustee.envs import build_environment  # a module attribute: tests replace it
 from trustee.envs.base import Environment, Knobs
 from trustee.interrupt import StopGuard
 from trustee.learn.advantages import ZERO_VAR_TOL, compute_advantages, drop_truncated, shape_overlong
 from trustee.learn.learner import Learner
 from trustee.metrics import RunLog, env_counters
-from trustee.placement import Placement
+from trustee.placement import Placement, build_engine
 from trustee.rollout.episode import EpisodeRunner, run_group
 from trustee.rollout.heldout import HeldOut
 from trustee.types import Group
 
 log = logging.getLogger("trustee.train")
+
+__all__ = ["build_engine", "build_environment", "collect", "train"]
 
 TASK_ATTEMPTS = 3
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -230,7 +233,7 @@ class _Run:
         from transformers import AutoTokenizer
 
         from trustee.chat.formats import chat_spec
-        from trustee.envs import build_environment, needs_simulator
+        from trustee.envs import needs_simulator
 
         cfg, res = self.cfg, self.res
         resume.seed_everything(cfg.seed)

@@ -225,7 +225,10 @@ class TasksFileEnv:
             from trustee.sim.tools import ToolSimulator
 
             rate = float(task.knobs.get("tool_error_rate", 0.0))
+            from trustee.sim.log import SimLog
+
             data["sim_tools"] = ToolSimulator(self.simulator, task, group.memo, key=task.id, error_rate=rate)
+            data["sim_log"] = SimLog(task)  # the episode's append-only simulator log (KV-cache layout)
         return EpisodeState(episode_id=episode_id, task=task, messages=messages, group=group, data=data)
 
     async def step(self, state: EpisodeState, action: AgentAction) -> list[Message]:
@@ -239,7 +242,7 @@ class TasksFileEnv:
 
             sim = state.data["sim_tools"]
             try:
-                out = await sim.run_turn(action.calls)
+                out = await sim.run_turn(state.data["sim_log"], action.calls, action.message.content or "")
             except SimError as e:
                 state.sim_error, state.done = str(e), True
                 return []

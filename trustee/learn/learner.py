@@ -81,9 +81,9 @@ class StepMetrics(msgspec.Struct, kw_only=True):
     step: int
     loss: float
     clip_frac: float
-    ratio_min: float
-    ratio_max: float
-    optimizer_steps: int
+    ratio_min: float = 1.0
+    ratio_max: float = 1.0
+    optimizer_steps: int = 1
     kl: float
     entropy: float
     is_ratio_min: float
@@ -92,8 +92,8 @@ class StepMetrics(msgspec.Struct, kw_only=True):
     is_masked_frac: float
     is_truncated_frac: float
     grad_norm: float
-    update_norm: float
-    param_norm: float
+    update_norm: float = 0.0
+    param_norm: float = 0.0
     lr: float
     seqs: int
     loss_tokens: int

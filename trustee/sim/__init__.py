@@ -14,5 +14,5 @@
 - `fakes.py`: `FakeJsonEngine`, a test double.
 - `prompts/*.txt`: the prompt templates; `domains.txt`: task domains.
 
-`envs/simulated.py` composes them into an `Environment`. Nothing here imports `trustee.envs`.
+`envs/simulated.py` composes them into an `Environment`. Nothing here imports the environments package (envs/ sits above sim/).
 """
