@@ -246,7 +246,9 @@ def test_garbage_simulator_and_malformed_tool_calls_every_step_completes_every_f
         envs.append(real_env(*a, **kw))
         return envs[-1]
 
-    monkeypatch.setattr(train_mod, "build_engine", fake_engine)
+    from trustee import placement as placement_mod
+
+    monkeypatch.setattr(placement_mod, "build_engine", fake_engine)  # the placement builds the engines
     monkeypatch.setattr(train_mod, "build_environment", keep_env)
     steps = 3
     cfg = _cfg(
@@ -270,7 +272,7 @@ def test_garbage_simulator_and_malformed_tool_calls_every_step_completes_every_f
     # answers count too, hence >=.
     assert stats.calls == sim.requests
     assert stats.retries + stats.failures >= sim.garbage
-    assert recs[-1]["sim/retries"] == stats.retries and recs[-1]["sim/failures"] == stats.failures
+    assert recs[-1]["sim/retries_total"] == stats.retries and recs[-1]["sim/failures_total"] == stats.failures
     # Every malformed tool call the policy emitted is a counted format error of its episode.
     assert sum(r["format_errors"] for r in recs) == policy.malformed
 

@@ -46,15 +46,16 @@ def _sampled(episode_id: str, fraction: float) -> bool:
 
 def env_counters(env: Any) -> dict[str, float]:
     """Cumulative fault counters of an environment's simulator client (calls, decode retries,
-    failed asks, episodes ended by a simulator failure); {} for environments without one."""
+    failed asks, episodes ended by a simulator failure), as `sim/*_total` beside the per-step
+    `sim/*` figures of `sim/metrics.py`; {} for environments without one."""
     stats = getattr(getattr(env, "client", None), "stats", None)
     if stats is None:
         return {}
     return {
-        "sim/calls": float(stats.calls),
-        "sim/retries": float(stats.retries),
-        "sim/failures": float(stats.failures),
-        "sim/episode_errors": float(getattr(env, "sim_errors", 0)),
+        "sim/calls_total": float(stats.calls),
+        "sim/retries_total": float(stats.retries),
+        "sim/failures_total": float(stats.failures),
+        "sim/episode_errors_total": float(getattr(env, "sim_errors", 0)),
     }
 
 
