@@ -278,6 +278,8 @@ def _train(cfg: Config, res: Resolved, run_dir: Path) -> int:
         return e.status
     finally:
         reaper.release()
+    if last.get("summary"):
+        print(last["summary"], flush=True)  # did training help, in one line
     summary = {k: last[k] for k in ("reward_mean", "curriculum/difficulty", "policy_version") if k in last}
     print(json.dumps({"run_dir": str(run_dir), "status": "finished", **summary}), flush=True)
     return 0
@@ -331,24 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in skipped:
             print(f"dry run: skipped {s}")
         return 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(cfg)))
-    (run_dir / "resolved.json").write_bytes(msgspec.json.format(msgspec.json.encode(res)))
-    import anyio
-
-    from trustee.train import train
-
-    last = anyio.run(train, cfg, res, backend="asyncio")
-    if last.get("summary"):
-        print(last["summary"], flush=True)
-    summary = {k: last[k] for k in ("reward_mean", "curriculum/difficulty", "policy_version") if k in last}
-    print(json.dumps({"run_dir": str(run_dir), "status": "finished", **summary}))
-    return 0
-
-    if not (Path(cfg.model.path) / "config.json").exists():
-        print(f"error: model directory {cfg.model.path} not found", file=sys.stderr)
-        return EXIT_CONFIG
-    problem = _hardware_problem(cfg, res) or _simulator_tokenizer_problem(cfg, res)
+    problem = _simulator_tokenizer_problem(cfg, res)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
