@@ -38,6 +38,15 @@ def test_answer_matching_is_exact():
     assert answer_correct("It is Paris.", "paris") and not answer_correct("It is Parisian.", "paris")
 
 
+def test_answer_matching_refuses_near_zero_and_guess_lists():
+    # 4 g is 0.0088 lb: an absolute tolerance would let "0" answer every small conversion
+    assert not answer_correct("The answer is 0.0.0.", 0.0088)
+    assert answer_correct("The answer is 0.0088.", 0.0088)
+    assert not answer_correct("The answer is 1 2 3 4 5.", 3)
+    assert not answer_correct("red or blue or cat", "red")
+    assert answer_correct("The answer is red.", "red")
+
+
 def test_knobs_shape_tasks():
     env = ToyEnv()
     assert isinstance(env, Environment)

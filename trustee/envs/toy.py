@@ -147,13 +147,29 @@ def _make(kind: str, rng: random.Random, digits: int = 2) -> tuple[str, list[Too
     return f"Save the value '{value}' under the key '{key}'.", [call], {"set": [key, value], "store": store}
 
 
+MAX_ANSWER_NUMBERS = 3  # a final answer naming more numbers than this is a list of guesses
+
+
 def answer_correct(text: str, answer: Any) -> bool:
-    """Exact match: a number in the text equal to the answer (0.01 tolerance for conversions),
-    or the string answer as a word."""
+    """Exact match: a number in the text that is the answer rounded to the decimals it is
+    written with, within 1% (so "6.21" answers 6.2137 but "0.0" does not answer 0.0088), or
+    the string answer as a word. A text naming more than MAX_ANSWER_NUMBERS numbers, or
+    more than one of the store's values, is not an answer (a policy must not earn the reward
+    by listing guesses)."""
     if isinstance(answer, str):
-        return re.search(rf"\b{re.escape(answer)}\b", text, re.IGNORECASE) is not None
-    nums = [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))]
-    return any(abs(x - float(answer)) <= 0.01 + 1e-9 for x in nums)
+        named = [v for v in _VALUES if re.search(rf"\b{re.escape(v)}\b", text, re.IGNORECASE)]
+        return answer.lower() in named and len(named) <= 1 if answer in _VALUES else (
+            re.search(rf"\b{re.escape(answer)}\b", text, re.IGNORECASE) is not None
+        )
+    numbers = list(re.finditer(r"-?\d+(?:\.(\d+))?", text.replace(",", "")))
+    if len(numbers) > MAX_ANSWER_NUMBERS:
+        return False
+    want = float(answer)
+    for m in numbers:
+        x, decimals = float(m.group(0)), len(m.group(1) or "")
+        if x == want or (round(want, decimals) == x and abs(x - want) <= 0.01 * abs(want)):
+            return True
+    return False
 
 
 HELDOUT_MOD = 8  # a task whose query hashes to 0 mod this is held out: never trained on
