@@ -948,7 +948,9 @@ def _placement_problems(cfg: Config) -> list[Problem]:
                 "QLoRA (bitsandbytes 4-bit) needs CUDA; set placement.learner_gpus or use mode 'lora'",
             )
         )
-    built = ("policy", "simulator") if cfg.environment.kind == "simulated" else ("policy",)
+    from trustee.envs import needs_simulator  # envs imports config only for type checking
+
+    built = ("policy", "simulator") if needs_simulator(cfg.environment) else ("policy",)
     local = [r for r in built if getattr(eng, r).backend != "openai"]
     gpus_of = {"policy": set(pl.policy_gpus), "simulator": set(pl.simulator_gpus)}
     learner = set(pl.learner_gpus)

@@ -1,0 +1,386 @@
+"""Each config field changes what its component does: one small check per field that the
+config walk (tests/test_config_fields.py) once covered only by "the value is read somewhere".
+
+Every check loads a config through `load_config` (the user's path: a TOML section or a
+`--set`), builds the component the way a run builds it (`placement.build_learner`,
+`envs.build_environment`, `train.collect`, `trustee.eval`'s runner), and compares an
+observable outcome between two values of the field: the sampling parameters an engine
+receives, the metrics of a learner step, the built object's settings, what an eval writes.
+Engines are test doubles named as such (`Fake*`, `Scripted*`); the learner and the chat
+rendering are real (the tiny random model).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import anyio
+import pytest
+import torch
+
+from trustee.config import load_config, resolve
+from trustee.engines.base import Completion, EngineStats, Sampling
+
+
+def _cfg(tiny_model_dir, *overrides: str):
+    return load_config(None, [f"model.path={tiny_model_dir}", *overrides])
+
+
+# ============================================================================= engines
+
+
+def test_simulator_sleep_mode_lets_the_engine_sleep_or_refuses(tiny_model_dir):
+    """engines.simulator.enable_sleep_mode: the built engine sleeps only when it is on (the
+    simulator's default is off: it stays resident unless a placement needs it asleep)."""
+    from trustee.engines import build_engine
+
+    async def sleeps(*overrides: str) -> bool:
+        cfg = _cfg(tiny_model_dir, *overrides)
+        engine = build_engine(cfg.engines.simulator, str(tiny_model_dir), max_model_len=256)
+        try:
+            await engine.sleep(1)
+        except ValueError as e:
+            assert "enable_sleep_mode = false" in str(e)
+            return False
+        finally:
+            await engine.wake()
+            await engine.close()
+        return True
+
+    assert anyio.run(sleeps) is False
+    assert anyio.run(sleeps, "engines.simulator.enable_sleep_mode=true") is True
+
+
+# ============================================================================= simulator
+
+
+def test_simulator_model_path_picks_the_simulator_model(tiny_model_dir, tmp_path):
+    """simulator.model_path: '' = the policy's model; a path = that model, shown in the plan."""
+    from trustee.run import format_plan
+
+    other = tmp_path / "sim-model"
+    same = _cfg(tiny_model_dir)
+    own = _cfg(tiny_model_dir, f"simulator.model_path={other}")
+    r_same, r_own = resolve(same, tmp_path / "run"), resolve(own, tmp_path / "run")
+    assert r_same.simulator_model == str(Path(tiny_model_dir).resolve())
+    assert r_own.simulator_model == str(other)
+    assert f"simulator  {other}" in format_plan(own, r_own, [])
+    assert f"simulator  {r_same.simulator_model}" in format_plan(same, r_same, [])
+
+
+def test_judge_temperature_is_the_judges_sampling_temperature(tiny_model_dir, tiny_tokenizer):
+    """simulator.judge_temperature: the judge's requests carry it; the other roles keep
+    simulator.temperature."""
+    import msgspec
+    from test_sim_roles import ScriptedTextEngine, _task, _tv
+
+    from trustee.envs import build_environment
+    from trustee.sim.log import SimLog
+    from trustee.types import Message
+
+    async def judge_temps(*overrides: str) -> list[float]:
+        cfg = _cfg(tiny_model_dir, *overrides)
+        engine = ScriptedTextEngine(tiny_tokenizer, [msgspec.json.encode(_tv("yes")).decode()])
+        env = build_environment(cfg, engine, tiny_tokenizer)
+        task = _task()
+        msgs = [Message(role="user", content="hi"), Message(role="assistant", content="Oslo: 3 C")]
+        await env.judge.score(task, SimLog.replay(task, msgs), "ended", key="t1")
+        assert env.client.temperature == cfg.simulator.temperature
+        return [p.temperature for p in engine.params]
+
+    assert set(anyio.run(judge_temps)) == {0.1}
+    assert set(anyio.run(judge_temps, "simulator.judge_temperature=0.9")) == {0.9}
+
+
+# ============================================================================= environment
+
+
+def _bfcl_cfg(tiny_model_dir, *overrides: str):
+    pytest.importorskip("bfcl_eval", reason="needs bfcl-eval")
+    return _cfg(tiny_model_dir, "environment.kind=bfcl", "environment.reward=progress", *overrides)
+
+
+def test_bfcl_categories_choose_what_training_draws(tiny_model_dir):
+    """environment.bfcl.categories: tasks come only from the listed categories."""
+    from trustee.envs import build_environment
+    from trustee.types import Knobs
+
+    async def drawn(*overrides: str) -> set[str]:
+        env = build_environment(_bfcl_cfg(tiny_model_dir, *overrides))
+        rng = random.Random(0)
+        return {(await env.make_task(Knobs(), rng)).payload["category"] for _ in range(40)}
+
+    assert anyio.run(drawn, 'environment.bfcl.categories=["multi_turn_miss_param"]') == {"miss_param"}
+    assert len(anyio.run(drawn)) >= 3  # the default: all four multi-turn categories
+
+
+def test_bfcl_system_prompt_opens_the_episode(tiny_model_dir):
+    """environment.bfcl.system_prompt: '' = no system message (BFCL's mode); text = the first message."""
+    from trustee.envs import build_environment
+    from trustee.types import Knobs
+
+    async def first(*overrides: str):
+        env = build_environment(_bfcl_cfg(tiny_model_dir, *overrides))
+        task = await env.make_task(Knobs(), random.Random(0))
+        return (await env.start(task, "e0")).messages[0]
+
+    m = anyio.run(first)
+    assert m.role == "user"
+    m = anyio.run(first, "environment.bfcl.system_prompt=Answer with tool calls only.")
+    assert (m.role, m.content) == ("system", "Answer with tool calls only.")
+
+
+_FACTORY = '''
+class NullEnv:
+    name = "null"
+
+    def __init__(self, simulator):
+        self.simulator = simulator
+
+    async def make_task(self, knobs, rng): ...
+    async def start(self, task, episode_id, group=None): ...
+    async def step(self, state, action): return []
+    async def score(self, state): ...
+
+
+def make_env(ctx):
+    return NullEnv(ctx.simulator)
+'''
+
+
+def test_uses_simulator_starts_the_simulator_engine_for_the_factory(tiny_model_dir, tmp_path):
+    """environment.uses_simulator (kind 'python'): the run's placement starts the simulator
+    engine and the factory gets a client of it; off, no simulator engine and ctx.simulator
+    is None."""
+    from transformers import AutoTokenizer
+
+    from trustee.envs import build_environment
+    from trustee.placement import Placement
+
+    mod = tmp_path / "null_env.py"
+    mod.write_text(_FACTORY)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    async def seen(*overrides: str):
+        cfg = _cfg(
+            tiny_model_dir,
+            "environment.kind=python",
+            "environment.reward=custom",
+            f"environment.factory={mod}:make_env",
+            *overrides,
+        )
+        placement = await Placement.start(cfg, resolve(cfg, tmp_path / "run"))
+        try:
+            env = build_environment(cfg, placement.simulator, tok)
+        finally:
+            await placement.close()
+        return placement.simulator, env.simulator
+
+    engine, client = anyio.run(seen)
+    assert engine is None and client is None
+    engine, client = anyio.run(seen, "environment.uses_simulator=true")
+    assert engine is not None and client is not None and client.engine is engine
+
+
+# ============================================================================= rollout
+
+
+class FakePeakPolicy:
+    """Test double for the policy engine: answers every turn with a fixed text after a short
+    pause; records the sampling parameters and the most requests in flight at once."""
+
+    version = 0
+
+    def __init__(self, tokenizer):
+        self.ids = tokenizer.encode("The answer is 7.<|im_end|>", add_special_tokens=False)
+        self.params: list[Sampling] = []
+        self.active = self.peak = 0
+
+    async def generate(self, prompt, params, *, key=None):
+        self.params.append(params)
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            await anyio.sleep(0.01)
+        finally:
+            self.active -= 1
+        return Completion(
+            token_ids=list(self.ids), logprobs=[-1.0] * len(self.ids), finish_reason="stop", policy_version=0
+        )
+
+    async def sleep(self, level: int = 1) -> None: ...
+    async def wake(self) -> None: ...
+    async def update_weights(self, update) -> None: ...
+    async def close(self) -> None: ...
+    def stats(self) -> EngineStats:
+        return EngineStats()
+
+
+def _collect(tiny_model_dir, tokenizer, *overrides: str) -> FakePeakPolicy:
+    """One step's rollouts through `train.collect` (toy environment, real episode runner)."""
+    from trustee.curriculum import Curriculum
+    from trustee.envs import build_environment
+    from trustee.rollout.episode import EpisodeRunner
+    from trustee.train import collect
+
+    cfg = _cfg(
+        tiny_model_dir,
+        "environment.kind=toy",
+        "environment.reward=exact",
+        "grpo.tasks_per_step=4",
+        "grpo.group_size=2",
+        "rollout.max_turns=1",
+        *overrides,
+    )
+    policy = FakePeakPolicy(tokenizer)
+    runner = EpisodeRunner.from_config(cfg.rollout, cfg.model, policy, tokenizer)
+    env = build_environment(cfg)
+    anyio.run(
+        collect, env, runner, Curriculum(cfg.curriculum), cfg, random.Random(0), 0, {}
+    )
+    assert len(policy.params) == 8
+    return policy
+
+
+def test_max_inflight_episodes_bounds_the_episodes_running_at_once(tiny_model_dir, tiny_tokenizer):
+    """rollout.max_inflight_episodes: 2 (one group of 2) runs the 8 episodes 2 at a time;
+    the default lets all 8 run together."""
+    assert _collect(tiny_model_dir, tiny_tokenizer, "rollout.max_inflight_episodes=2").peak == 2
+    assert _collect(tiny_model_dir, tiny_tokenizer).peak == 8
+
+
+def test_rollout_temperature_reaches_the_engine_and_the_learner(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """rollout.temperature: every policy request samples at it, and the learner recomputes
+    log-probs at the same temperature."""
+    from trustee.placement import build_learner
+
+    policy = _collect(tiny_model_dir, tiny_tokenizer, "rollout.temperature=0.6")
+    assert {p.temperature for p in policy.params} == {0.6}
+    assert {p.temperature for p in _collect(tiny_model_dir, tiny_tokenizer).params} == {1.0}
+    cfg = _cfg(tiny_model_dir, "rollout.temperature=0.6")
+    assert build_learner(cfg, resolve(cfg, tmp_path), tiny_tokenizer).temperature == 0.6
+
+
+# ============================================================================= learner
+
+
+def _step(tiny_model_dir, tokenizer, tmp_path, *overrides: str, hook=None):
+    """One learner step, the learner built as a run builds it (`placement.build_learner`), on
+    fixed groups; returns (metrics, learner). The LoRA init is seeded, so two learners differ
+    only by the overrides."""
+    from test_learn_policy import fixed_groups
+
+    from trustee.placement import build_learner
+
+    cfg = _cfg(tiny_model_dir, "learner.lr=0.01", "learner.gradient_checkpointing=false", *overrides)
+    torch.manual_seed(0)
+    learner = build_learner(cfg, resolve(cfg, tmp_path), tokenizer)
+    if hook is not None:
+        hook(learner)
+    return learner.step(fixed_groups(0)), learner
+
+
+def _head_rows(rows: list[int]):
+    """A hook that records the rows of each lm_head call."""
+
+    def hook(learner):
+        head = learner.model.get_output_embeddings()
+        head.register_forward_hook(lambda m, i, o: rows.append(i[0].reshape(-1, i[0].shape[-1]).shape[0]))
+
+    return hook
+
+
+def _lora_a(learner) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for n, p in learner.model.named_parameters() if "lora_A" in n])
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_model_dir, tiny_tokenizer, tmp_path_factory):
+    """The default learner's step (metrics, learner, rows of each lm_head call), shared by the
+    comparisons below."""
+    rows: list[int] = []
+    m, learner = _step(tiny_model_dir, tiny_tokenizer, tmp_path_factory.mktemp("base"), hook=_head_rows(rows))
+    return m, learner, rows
+
+
+def test_weight_decay_shrinks_the_weights(tiny_model_dir, tiny_tokenizer, tmp_path, baseline):
+    """learner.weight_decay: AdamW's decoupled decay. The LoRA A matrices get a zero gradient
+    while B is zero, so one step leaves them as they are without decay and multiplies them by
+    exactly 1 - lr x weight_decay with it."""
+    _, l0, _ = baseline
+    _, l1 = _step(tiny_model_dir, tiny_tokenizer, tmp_path, "learner.weight_decay=5.0")
+    assert l0.optimizer.param_groups[0]["weight_decay"] == 0.0
+    assert l1.optimizer.param_groups[0]["weight_decay"] == 5.0
+    a0, a1 = _lora_a(l0), _lora_a(l1)
+    assert float(a0.abs().max()) > 0
+    torch.testing.assert_close(a1, a0 * (1 - 0.01 * 5.0))
+
+
+def test_max_grad_norm_clips_the_update(tiny_model_dir, tiny_tokenizer, tmp_path, baseline):
+    """learner.max_grad_norm: a tiny norm scales the gradient under Adam's epsilon, so the
+    weights barely move against the default (1.0)."""
+    free, _, _ = baseline
+    clipped, _ = _step(tiny_model_dir, tiny_tokenizer, tmp_path, "learner.max_grad_norm=1e-12")
+    assert free.grad_norm == pytest.approx(clipped.grad_norm, rel=1e-4)  # the pre-clip norm
+    assert clipped.update_norm < 1e-3 * free.update_norm, (free.update_norm, clipped.update_norm)
+
+
+def _lora_layers(model):
+    return [m for m in model.modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict)]
+
+
+def test_lora_alpha_and_dropout_shape_the_adapters(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """learner.lora_alpha sets every adapter's scale alpha / r; learner.lora_dropout its
+    input dropout (0 = none)."""
+    from trustee.placement import build_learner
+
+    def layers(*overrides: str):
+        cfg = _cfg(tiny_model_dir, "learner.lora_rank=8", *overrides)
+        return _lora_layers(build_learner(cfg, resolve(cfg, tmp_path), tiny_tokenizer).model)
+
+    default = layers()
+    assert default and {m.scaling["default"] for m in default} == {32.0 / 8}
+    assert all(isinstance(m.lora_dropout["default"], torch.nn.Identity) for m in default)
+    changed = layers("learner.lora_alpha=4", "learner.lora_dropout=0.25")
+    assert {m.scaling["default"] for m in changed} == {4.0 / 8}
+    assert {m.lora_dropout["default"].p for m in changed} == {0.25}
+
+
+def test_micro_batch_tokens_splits_the_step(tiny_model_dir, tiny_tokenizer, tmp_path, baseline):
+    """learner.micro_batch_tokens: the token budget of one packed micro-batch."""
+    big, _, _ = baseline
+    small, _ = _step(tiny_model_dir, tiny_tokenizer, tmp_path, "learner.micro_batch_tokens=16")
+    assert (big.micro_batches, big.oversize) == (1, 0)
+    assert small.micro_batches == 4 and small.oversize >= 1  # each sequence alone
+    assert small.loss == pytest.approx(big.loss, rel=1e-4, abs=1e-7)  # same step, split differently
+
+
+def test_logprob_chunk_bounds_the_rows_of_the_lm_head(tiny_model_dir, tiny_tokenizer, tmp_path, baseline):
+    """learner.logprob_chunk: rows of the [tokens x vocab] log-softmax computed at once."""
+    big, _, default_rows = baseline
+    rows: list[int] = []
+    small, _ = _step(tiny_model_dir, tiny_tokenizer, tmp_path, "learner.logprob_chunk=4", hook=_head_rows(rows))
+    assert rows and max(rows) <= 4 < max(default_rows)
+    assert small.loss == pytest.approx(big.loss, rel=1e-4, abs=1e-7)
+
+
+def test_dr_grpo_length_is_the_loss_normaliser(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """grpo.dr_grpo_length: with loss_type 'dr_grpo' the step loss is sum / (seqs x length)."""
+    a, _ = _step(tiny_model_dir, tiny_tokenizer, tmp_path, "grpo.loss_type=dr_grpo", "grpo.dr_grpo_length=64")
+    b, _ = _step(tiny_model_dir, tiny_tokenizer, tmp_path, "grpo.loss_type=dr_grpo", "grpo.dr_grpo_length=256")
+    assert a.loss != 0.0
+    assert a.loss / b.loss == pytest.approx(4.0, rel=1e-4)
+
+
+def test_is_level_changes_the_importance_correction(tiny_model_dir, tiny_tokenizer, tmp_path, baseline):
+    """grpo.is_level: one importance ratio per token, or one per sequence (the product of its
+    tokens' ratios), which the fixed samples' sampler log-probs push far outside [is_min, is_max]."""
+    tok, _, _ = baseline
+    seq, _ = _step(tiny_model_dir, tiny_tokenizer, tmp_path, "grpo.is_level=sequence")
+    assert (tok.is_ratio_min, tok.is_ratio_max) != (seq.is_ratio_min, seq.is_ratio_max)
+    assert seq.is_ratio_max > tok.is_ratio_max or seq.is_ratio_min < tok.is_ratio_min
+    assert seq.loss != pytest.approx(tok.loss, rel=1e-3)
+
+
+# ============================================================================= eval
