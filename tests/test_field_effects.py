@@ -131,7 +131,7 @@ def test_bfcl_system_prompt_opens_the_episode(tiny_model_dir):
     assert (m.role, m.content) == ("system", "Answer with tool calls only.")
 
 
-_FACTORY = '''
+_FACTORY = """
 class NullEnv:
     name = "null"
 
@@ -146,7 +146,7 @@ class NullEnv:
 
 def make_env(ctx):
     return NullEnv(ctx.simulator)
-'''
+"""
 
 
 def test_uses_simulator_starts_the_simulator_engine_for_the_factory(tiny_model_dir, tmp_path):
@@ -236,9 +236,7 @@ def _collect(tiny_model_dir, tokenizer, *overrides: str) -> FakePeakPolicy:
     policy = FakePeakPolicy(tokenizer)
     runner = EpisodeRunner.from_config(cfg.rollout, cfg.model, policy, tokenizer)
     env = build_environment(cfg)
-    anyio.run(
-        collect, env, runner, Curriculum(cfg.curriculum), cfg, random.Random(0), 0, {}
-    )
+    anyio.run(collect, env, runner, Curriculum(cfg.curriculum), cfg, random.Random(0), 0, {})
     assert len(policy.params) == 8
     return policy
 
@@ -348,19 +346,30 @@ def test_lora_alpha_and_dropout_shape_the_adapters(tiny_model_dir, tiny_tokenize
 
 
 def test_micro_batch_tokens_splits_the_step(tiny_model_dir, tiny_tokenizer, tmp_path, baseline):
-    """learner.micro_batch_tokens: the token budget of one packed micro-batch."""
+    """learner.micro_batch_tokens: the token budget of one packed micro-batch (the step's
+    micro-batches are planned from it; a sequence over it runs alone)."""
+    from test_learn_policy import fixed_groups
+
+    from trustee.learn.learner import samples_from_groups
+    from trustee.placement import build_learner
+
     big, _, _ = baseline
-    small, _ = _step(tiny_model_dir, tiny_tokenizer, tmp_path, "learner.micro_batch_tokens=16")
     assert (big.micro_batches, big.oversize) == (1, 0)
-    assert small.micro_batches == 4 and small.oversize >= 1  # each sequence alone
-    assert small.loss == pytest.approx(big.loss, rel=1e-4, abs=1e-7)  # same step, split differently
+    samples = samples_from_groups(fixed_groups(0))
+    cfg = _cfg(tiny_model_dir, "learner.micro_batch_tokens=16")
+    learner = build_learner(cfg, resolve(cfg, tmp_path), tiny_tokenizer)
+    mbs = learner.micro_batches(samples)
+    assert len(mbs) == 4 and sorted(i for mb in mbs for i in mb.sample_ids) == [0, 1, 2, 3]
+    assert all(len(s.tokens) > 16 for s in samples)  # each over the budget: each alone
 
 
 def test_logprob_chunk_bounds_the_rows_of_the_lm_head(tiny_model_dir, tiny_tokenizer, tmp_path, baseline):
     """learner.logprob_chunk: rows of the [tokens x vocab] log-softmax computed at once."""
     big, _, default_rows = baseline
     rows: list[int] = []
-    small, _ = _step(tiny_model_dir, tiny_tokenizer, tmp_path, "learner.logprob_chunk=4", hook=_head_rows(rows))
+    small, _ = _step(
+        tiny_model_dir, tiny_tokenizer, tmp_path, "learner.logprob_chunk=4", hook=_head_rows(rows)
+    )
     assert rows and max(rows) <= 4 < max(default_rows)
     assert small.loss == pytest.approx(big.loss, rel=1e-4, abs=1e-7)
 
@@ -368,7 +377,9 @@ def test_logprob_chunk_bounds_the_rows_of_the_lm_head(tiny_model_dir, tiny_token
 def test_dr_grpo_length_is_the_loss_normaliser(tiny_model_dir, tiny_tokenizer, tmp_path):
     """grpo.dr_grpo_length: with loss_type 'dr_grpo' the step loss is sum / (seqs x length)."""
     a, _ = _step(tiny_model_dir, tiny_tokenizer, tmp_path, "grpo.loss_type=dr_grpo", "grpo.dr_grpo_length=64")
-    b, _ = _step(tiny_model_dir, tiny_tokenizer, tmp_path, "grpo.loss_type=dr_grpo", "grpo.dr_grpo_length=256")
+    b, _ = _step(
+        tiny_model_dir, tiny_tokenizer, tmp_path, "grpo.loss_type=dr_grpo", "grpo.dr_grpo_length=256"
+    )
     assert a.loss != 0.0
     assert a.loss / b.loss == pytest.approx(4.0, rel=1e-4)
 
@@ -384,3 +395,150 @@ def test_is_level_changes_the_importance_correction(tiny_model_dir, tiny_tokeniz
 
 
 # ============================================================================= eval
+
+
+def _oracle_class():
+    pytest.importorskip("bfcl_eval", reason="needs bfcl-eval")
+    from test_eval_bfcl import ScriptedOracleEngine
+
+    class FakeRecordingOracle(ScriptedOracleEngine):
+        """Test double: the scripted BFCL oracle (ground-truth calls), which also records the
+        sampling parameters, the requests per entry and the most requests in flight at once.
+        `repeat`: always replay the first turn's calls (a policy that never ends its turn)."""
+
+        def __init__(self, tokenizer, repeat: bool = False):
+            super().__init__(tokenizer)
+            self.repeat = repeat
+            self.params: list[Sampling] = []
+            self.per_entry: dict[str, int] = {}
+            self.active = self.peak = 0
+
+        def _calls(self, key, prompt):
+            if not self.repeat:
+                return super()._calls(key, prompt)
+            entry = key.rsplit("/", 1)[0]
+            if entry not in self._oracle:
+                from trustee.envs.bfcl_exec import oracle_calls
+
+                self._oracle[entry] = oracle_calls(self.multi[entry])
+            return self._oracle[entry][0]
+
+        async def generate(self, prompt, params, *, key=None):
+            self.params.append(params)
+            entry = key.rsplit("/", 1)[0]
+            self.per_entry[entry] = self.per_entry.get(entry, 0) + 1
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            try:
+                await anyio.sleep(0.005)
+            finally:
+                self.active -= 1
+            return await super().generate(prompt, params, key=key)
+
+    return FakeRecordingOracle
+
+
+def _eval_main(monkeypatch, tmp_path, tiny_model_dir, engine, *args: str) -> dict:
+    """`python -m trustee.eval` in-process with the policy engine replaced by `engine`;
+    returns the JSON report. Runs in tmp_path (the default output is under runs/)."""
+    import json
+
+    import trustee.eval.__main__ as cli
+
+    cfg = tmp_path / "eval.toml"
+    cfg.write_text(f'[model]\npath = "{tiny_model_dir}"\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "build_policy_engine", lambda c: engine)
+    out = tmp_path / f"report-{len(list(tmp_path.glob('report-*')))}.json"
+    assert cli.main([str(cfg), "--no-progress", "--out", str(out), *args]) == 0
+    return json.loads(out.read_text())
+
+
+def test_eval_sampling_and_concurrency_fields(monkeypatch, tmp_path, tiny_model_dir, tiny_tokenizer):
+    """eval.temperature / eval.max_tokens_per_turn: every policy request of the evaluation
+    samples at them; eval.concurrency: entries evaluated at once."""
+    Oracle = _oracle_class()
+    default = Oracle(tiny_tokenizer)
+    _eval_main(monkeypatch, tmp_path, tiny_model_dir, default, "--categories", "simple", "--limit", "6")
+    changed = Oracle(tiny_tokenizer)
+    rep = _eval_main(
+        monkeypatch,
+        tmp_path,
+        tiny_model_dir,
+        changed,
+        "--categories",
+        "simple",
+        "--limit",
+        "6",
+        "--set",
+        "eval.temperature=0.3",
+        "--set",
+        "eval.max_tokens_per_turn=96",
+        "--set",
+        "eval.concurrency=1",
+    )
+    assert rep["config"]["temperature"] == 0.3 and len(rep["entries"]) == 6
+    assert {p.temperature for p in default.params} == {0.001}
+    assert {p.temperature for p in changed.params} == {0.3}
+    assert max(p.max_tokens for p in default.params) == 1024
+    assert max(p.max_tokens for p in changed.params) == 96
+    assert changed.peak == 1 < default.peak
+
+
+def test_eval_multi_turn_split_and_step_cap(monkeypatch, tmp_path, tiny_model_dir, tiny_tokenizer):
+    """eval.multi_turn_split: which half of a multi-turn category is evaluated (disjoint);
+    eval.max_steps_per_turn: a policy that never ends its turn is made to quit after that
+    many steps (BFCL's force-quit)."""
+    Oracle = _oracle_class()
+    args = ("--categories", "multi_turn_base", "--limit", "2")
+    ids = {}
+    for split in ("train", "heldout"):
+        rep = _eval_main(
+            monkeypatch,
+            tmp_path,
+            tiny_model_dir,
+            Oracle(tiny_tokenizer),
+            *args,
+            "--set",
+            f"eval.multi_turn_split={split}",
+        )
+        ids[split] = {e["id"] for e in rep["entries"]}
+        assert len(ids[split]) == 2
+    assert not ids["train"] & ids["heldout"]
+    for cap in (2, 3):
+        looping = Oracle(tiny_tokenizer, repeat=True)
+        rep = _eval_main(
+            monkeypatch, tmp_path, tiny_model_dir, looping, *args, "--set", f"eval.max_steps_per_turn={cap}"
+        )
+        assert set(looping.per_entry.values()) == {cap}, looping.per_entry
+        assert all(e["valid"] is False for e in rep["entries"])
+
+
+def test_eval_writes_outside_the_model_directory(
+    monkeypatch, tmp_path, tiny_model_dir, tiny_tokenizer, capsys
+):
+    """eval.out chooses the report path; by default the report goes under runs/eval/, and the
+    model directory is never written (a report path inside it is refused)."""
+    import os
+
+    import trustee.eval.__main__ as cli
+
+    def tree(d):
+        return sorted((p.relative_to(d).as_posix(), p.stat().st_mtime_ns) for p in Path(d).rglob("*"))
+
+    before = tree(tiny_model_dir)
+    Oracle = _oracle_class()
+    cfg = tmp_path / "eval.toml"
+    cfg.write_text(f'[model]\npath = "{tiny_model_dir}"\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "build_policy_engine", lambda c: Oracle(tiny_tokenizer))
+    base = [str(cfg), "--no-progress", "--categories", "simple", "--limit", "1"]
+    assert cli.main(base) == 0
+    default = tmp_path / "runs" / "eval" / Path(tiny_model_dir).name / "bfcl_eval.json"
+    assert default.exists()
+    assert cli.main([*base, "--set", f"eval.out={tmp_path / 'mine.json'}"]) == 0
+    assert (tmp_path / "mine.json").exists()
+    assert cli.main([*base, "--out", os.path.join(tiny_model_dir, "bfcl_eval.json")]) == 2
+    err = capsys.readouterr().err
+    assert "eval.out" in err and "inside the model directory" in err and "Traceback" not in err
+    assert tree(tiny_model_dir) == before
