@@ -41,7 +41,11 @@ def _leaves(cls=Config, prefix="") -> list[str]:
 
 
 def _vllm_only(role: str, name: str, value: str) -> list[str]:
-    return [f"refused:engines.{role}.{name}={value}"]
+    """Honoured by vLLM (the value reaches its engine args), refused on the HF backend."""
+    return [
+        "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
+        f"refused:engines.{role}.{name}={value}",
+    ]
 
 
 def _openai_only(role: str, name: str, value: str) -> list[str]:
@@ -66,6 +70,7 @@ EVIDENCE: dict[str, list[str]] = {
     "model.max_model_len": ["test:tests/test_episode.py::test_max_model_len_is_never_exceeded"],
     "engines.policy.backend": ["refused:engines.policy.backend=openai,engines.policy.base_url=http://x"],
     "engines.policy.max_num_seqs": [
+        "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
         "test:tests/test_engine_hf.py::test_registry_and_build_engine",
         "refused:engines.policy.backend=vllm,engines.simulator.backend=openai,engines.simulator.base_url=http://x,engines.simulator.max_num_seqs=4",
     ],
@@ -90,6 +95,7 @@ EVIDENCE: dict[str, list[str]] = {
         "test:tests/test_config.py::test_cross_field_checks_are_collected:engines.simulator.backend"
     ],
     "engines.simulator.max_num_seqs": [
+        "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
         "test:tests/test_engine_hf.py::test_registry_and_build_engine",
         "refused:engines.simulator.backend=openai,engines.simulator.base_url=http://x,engines.simulator.max_num_seqs=4",
     ],
@@ -97,6 +103,7 @@ EVIDENCE: dict[str, list[str]] = {
     "engines.simulator.kv_cache_gib": _vllm_only("simulator", "kv_cache_gib", "2.0"),
     "engines.simulator.enable_prefix_caching": _vllm_only("simulator", "enable_prefix_caching", "false"),
     "engines.simulator.enable_sleep_mode": [
+        "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
         "test:tests/test_field_effects.py::test_simulator_sleep_mode_lets_the_engine_sleep_or_refuses",
         "refused:placement.mode=colocate",
     ],

@@ -542,3 +542,76 @@ def test_eval_writes_outside_the_model_directory(
     err = capsys.readouterr().err
     assert "eval.out" in err and "inside the model directory" in err and "Traceback" not in err
     assert tree(tiny_model_dir) == before
+
+
+# ============================================================================= vLLM engine arguments
+
+
+def test_vllm_engine_fields_reach_the_engine_args(tiny_model_dir, monkeypatch, tmp_path):
+    """Every [engines.*] field the vLLM backend honours reaches vLLM's AsyncEngineArgs, built
+    the way a run builds its policy engine (`placement.build_engine`). vLLM's engine start is
+    replaced by a recorder (`FakeAsyncLLM.from_engine_args`: no engine process); the GPU
+    platform is assumed so sleep mode and eager mode pass through (on CPU vLLM has neither)."""
+    pytest.importorskip("vllm", reason="needs vllm")
+    import vllm.v1.engine.async_llm as async_llm
+
+    import trustee.engines.vllm as tv
+    from trustee.placement import build_engine
+
+    seen = []
+
+    class FakeAsyncLLM:
+        @classmethod
+        def from_engine_args(cls, args, **kw):
+            seen.append(args)
+            return cls()
+
+    monkeypatch.setattr(async_llm, "AsyncLLM", FakeAsyncLLM)
+    monkeypatch.setattr(tv, "on_cpu", lambda: False)
+
+    def args(*overrides: str, role: str = "policy"):
+        cfg = _cfg(
+            tiny_model_dir,
+            f"engines.{role}.backend=vllm",
+            "learner.lora_rank=8",
+            *(o.replace("engines.policy.", f"engines.{role}.") for o in overrides),
+        )
+        ecfg = getattr(cfg.engines, role)
+        build_engine(ecfg, str(tiny_model_dir), cfg, resolve(cfg, tmp_path), role=role)
+        return seen.pop()
+
+    changes = (
+        "engines.policy.max_num_seqs=7",
+        "engines.policy.gpu_memory_utilization=0.55",
+        "engines.policy.enable_prefix_caching=false",
+        "engines.policy.enable_sleep_mode=false",
+        "engines.policy.max_lora_rank=32",
+        "engines.policy.tensor_parallel_size=2",
+        "engines.policy.data_parallel_size=2",
+        "engines.policy.enforce_eager=true",
+    )
+    fields = (
+        "max_num_seqs",
+        "gpu_memory_utilization",
+        "enable_prefix_caching",
+        "enable_sleep_mode",
+        "max_lora_rank",
+        "tensor_parallel_size",
+        "data_parallel_size",
+        "enforce_eager",
+    )
+    a, b = args(), args(*changes)
+    assert [getattr(a, f) for f in fields] == [256, 0.3, True, True, 64, 1, 1, False]
+    assert [getattr(b, f) for f in fields] == [7, 0.55, False, False, 32, 2, 2, True]
+    assert a.enable_lora and a.kv_cache_memory_bytes is None
+    c = args("engines.policy.kv_cache_gib=1.5")
+    assert c.kv_cache_memory_bytes == int(1.5 * 2**30)
+    # The simulator's engine: the same fields; it never loads an adapter (LoRA off, vLLM's
+    # placeholder rank 16). Writing [engines.simulator] at all gives the field defaults.
+    simulator_changes = [o for o in changes if "max_lora_rank" not in o]
+    a, b = args(role="simulator"), args(*simulator_changes, role="simulator")
+    assert [getattr(a, f) for f in fields] == [256, 0.3, True, True, 16, 1, 1, False]
+    assert [getattr(b, f) for f in fields] == [7, 0.55, False, False, 16, 2, 2, True]
+    assert not a.enable_lora and not b.enable_lora
+    c = args("engines.policy.kv_cache_gib=1.5", role="simulator")
+    assert c.kv_cache_memory_bytes == int(1.5 * 2**30)
