@@ -54,11 +54,9 @@ def _openai_only(role: str, name: str, value: str) -> list[str]:
 
 EVIDENCE: dict[str, list[str]] = {
     "name": ["test:tests/test_resume.py::test_finished_run_says_so_and_changed_config_is_refused:cpu-tiny"],
-    "seed": [
-        "test:tests/test_engine_contract.py::test_64_concurrent_requests_batch",
-    ],
+    "seed": ["test:tests/test_field_effects.py::test_seed_fixes_the_policy_engines_sampling"],
     "model.path": ["test:tests/test_config.py::test_cli_run_writes_resolved_config"],
-    "model.tiny": ["test:tests/test_config.py::test_cli_dry_run_prints_plan"],
+    "model.tiny": ["test:tests/test_field_effects.py::test_tiny_builds_the_missing_model"],
     "model.tiny_sft_steps": [
         "test:tests/test_toy_sft.py::test_short_warm_up_writes_weights_and_report:sft_warm",
     ],
@@ -66,7 +64,7 @@ EVIDENCE: dict[str, list[str]] = {
     "model.enable_thinking": [
         "test:tests/test_chat_render.py::test_generation_prompt_with_thinking_off_contains_empty_think"
     ],
-    "model.dtype": ["test:tests/test_engine_vllm.py::test_pack_unpack_round_trip"],
+    "model.dtype": ["test:tests/test_field_effects.py::test_model_dtype_is_the_learners_and_engines_dtype"],
     "model.max_model_len": ["test:tests/test_episode.py::test_max_model_len_is_never_exceeded"],
     "engines.policy.backend": ["refused:engines.policy.backend=openai,engines.policy.base_url=http://x"],
     "engines.policy.max_num_seqs": [
@@ -119,9 +117,10 @@ EVIDENCE: dict[str, list[str]] = {
         "test:tests/test_field_effects.py::test_simulator_model_path_picks_the_simulator_model"
     ],
     "simulator.temperature": [
-        "test:tests/test_sim_roles.py::test_build_from_config_sections:SimulatorConfig"
+        "test:tests/test_field_effects.py::test_judge_temperature_is_the_judges_sampling_temperature"
     ],
     "simulator.judge_mode": [
+        "test:tests/test_field_effects.py::test_judge_mode_and_task_budget_shape_the_simulated_environment",
         "refused:environment.reward=rubric,simulator.judge_mode=trustee",
     ],
     "simulator.judge_temperature": [
@@ -137,7 +136,9 @@ EVIDENCE: dict[str, list[str]] = {
         "test:tests/test_train.py::test_simulated_environment_runs_through_the_loop"
     ],
     "simulator.max_tokens": ["test:tests/test_sim_roles.py::test_build_from_config_sections"],
-    "simulator.task_max_tokens": ["test:tests/test_sim_roles.py::test_build_from_config_sections"],
+    "simulator.task_max_tokens": [
+        "test:tests/test_field_effects.py::test_judge_mode_and_task_budget_shape_the_simulated_environment"
+    ],
     "simulator.tool_catalog": [
         "test:tests/test_sim_roles.py::test_catalog_prefers_one_category:catalog",
     ],
@@ -154,7 +155,7 @@ EVIDENCE: dict[str, list[str]] = {
         "test:tests/test_bfcl_env.py::test_split_is_fixed_half_and_disjoint:seed",
     ],
     "environment.bfcl.train_fraction": [
-        "test:tests/test_bfcl_stages.py::test_envtuning_config_loads_and_names_four_stages"
+        "test:tests/test_field_effects.py::test_bfcl_train_fraction_sizes_the_train_half"
     ],
     "environment.bfcl.hints": ["test:tests/test_bfcl_env.py::test_hints_switch_changes_only_the_observation"],
     "environment.bfcl.max_steps_per_turn": [
@@ -197,7 +198,7 @@ EVIDENCE: dict[str, list[str]] = {
         "refused:grpo.clip_low=0.3,grpo.clip_high=0.1",
     ],
     "grpo.clip_high": ["test:tests/test_learn_grpo.py::test_clipped_surrogate_matches_hand_table"],
-    "grpo.beta": ["test:tests/test_learn_grpo.py::test_beta_without_reference_is_an_error"],
+    "grpo.beta": ["test:tests/test_field_effects.py::test_beta_adds_the_kl_term"],
     "grpo.scale_rewards": [
         "test:tests/test_learn_advantages.py::test_batch_scale_uses_std_of_kept_groups:scale",
     ],
@@ -238,7 +239,7 @@ EVIDENCE: dict[str, list[str]] = {
         "test:tests/test_field_effects.py::test_micro_batch_tokens_splits_the_step"
     ],
     "learner.gradient_checkpointing": [
-        "test:tests/test_learn_policy.py::test_full_step_changes_base_parameters"
+        "test:tests/test_field_effects.py::test_gradient_checkpointing_is_switched_on_the_model"
     ],
     "learner.logprob_chunk": [
         "test:tests/test_field_effects.py::test_logprob_chunk_bounds_the_rows_of_the_lm_head"

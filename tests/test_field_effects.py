@@ -52,6 +52,60 @@ def test_simulator_sleep_mode_lets_the_engine_sleep_or_refuses(tiny_model_dir):
     assert anyio.run(sleeps, "engines.simulator.enable_sleep_mode=true") is True
 
 
+def test_seed_fixes_the_policy_engines_sampling(tiny_model_dir, tmp_path):
+    """seed: the policy engine a run builds samples the same tokens for the same seed and
+    others for another seed (temperature 1, the same keyed request)."""
+    from trustee.placement import build_engine
+
+    async def sample(seed: int) -> list[list[int]]:
+        cfg = _cfg(
+            tiny_model_dir, f"seed={seed}", "model.max_model_len=256", "rollout.max_tokens_per_turn=32"
+        )
+        engine = build_engine(
+            cfg.engines.policy, str(tiny_model_dir), cfg, resolve(cfg, tmp_path), role="policy"
+        )
+        try:
+            params = Sampling(max_tokens=16, temperature=1.0)
+            return [
+                list((await engine.generate([1, 2, 3, 4], params, key=f"k{i}")).token_ids) for i in range(3)
+            ]
+        finally:
+            await engine.close()
+
+    a, b, c = anyio.run(sample, 0), anyio.run(sample, 0), anyio.run(sample, 1)
+    assert a == b and a != c
+
+
+def test_model_dtype_is_the_learners_and_engines_dtype(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """model.dtype: 'auto' is float32 on the CPU; an explicit dtype loads the learner's and the
+    policy engine's weights in it."""
+    from trustee.placement import build_engine, build_learner
+
+    def dtypes(*overrides: str) -> tuple[torch.dtype, torch.dtype]:
+        cfg = _cfg(tiny_model_dir, "model.max_model_len=256", "rollout.max_tokens_per_turn=32", *overrides)
+        res = resolve(cfg, tmp_path)
+        learner = build_learner(cfg, res, tiny_tokenizer)
+        engine = build_engine(cfg.engines.policy, str(tiny_model_dir), cfg, res, role="policy")
+        anyio.run(engine.close)
+        return next(learner.model.parameters()).dtype, next(engine._model.parameters()).dtype
+
+    assert dtypes() == (torch.float32, torch.float32)
+    assert dtypes("model.dtype=bfloat16") == (torch.bfloat16, torch.bfloat16)
+
+
+def test_tiny_builds_the_missing_model(tmp_path):
+    """model.tiny: a run whose model directory is missing builds the tiny model there; without
+    it the start says the directory is missing and builds nothing."""
+    from trustee.run import _model_checks
+
+    path = tmp_path / "models" / "m"
+    notes = _model_checks(load_config(None, [f"model.path={path}"]), build=True)
+    assert not path.exists() and "not found" in notes[0]
+    notes = _model_checks(load_config(None, [f"model.path={path}", "model.tiny=test"]), build=True)
+    assert (path / "config.json").exists() and (path / "tokenizer_config.json").exists()
+    assert notes[0] == f"built tiny model (test) at {path}"
+
+
 # ============================================================================= simulator
 
 
@@ -70,27 +124,58 @@ def test_simulator_model_path_picks_the_simulator_model(tiny_model_dir, tmp_path
 
 
 def test_judge_temperature_is_the_judges_sampling_temperature(tiny_model_dir, tiny_tokenizer):
-    """simulator.judge_temperature: the judge's requests carry it; the other roles keep
-    simulator.temperature."""
+    """simulator.judge_temperature: the judge's requests carry it; simulator.temperature: the
+    other roles' requests (here the user's) carry that one."""
     import msgspec
     from test_sim_roles import ScriptedTextEngine, _task, _tv
 
     from trustee.envs import build_environment
     from trustee.sim.log import SimLog
+    from trustee.sim.user import UserReply
     from trustee.types import Message
 
-    async def judge_temps(*overrides: str) -> list[float]:
+    async def temps(*overrides: str) -> tuple[set[float], float]:
         cfg = _cfg(tiny_model_dir, *overrides)
         engine = ScriptedTextEngine(tiny_tokenizer, [msgspec.json.encode(_tv("yes")).decode()])
         env = build_environment(cfg, engine, tiny_tokenizer)
         task = _task()
         msgs = [Message(role="user", content="hi"), Message(role="assistant", content="Oslo: 3 C")]
         await env.judge.score(task, SimLog.replay(task, msgs), "ended", key="t1")
-        assert env.client.temperature == cfg.simulator.temperature
-        return [p.temperature for p in engine.params]
+        judge = {p.temperature for p in engine.params}
+        engine.texts = ['{"message": "Oslo, please.", "status": "continue"}']
+        await env.client.ask("user", msgs, UserReply, key="t1")
+        return judge, engine.params[-1].temperature
 
-    assert set(anyio.run(judge_temps)) == {0.1}
-    assert set(anyio.run(judge_temps, "simulator.judge_temperature=0.9")) == {0.9}
+    assert anyio.run(temps) == ({0.1}, 0.7)
+    assert anyio.run(temps, "simulator.judge_temperature=0.9", "simulator.temperature=0.3") == ({0.9}, 0.3)
+
+
+def test_judge_mode_and_task_budget_shape_the_simulated_environment(tiny_model_dir, tiny_tokenizer):
+    """simulator.judge_mode: 'scripted' scores in code (no judge request reaches the engine);
+    simulator.task_max_tokens: a budget under the task generator's longest output is refused
+    at build time, naming the field and the size it needs."""
+    from test_sim_roles import ScriptedTextEngine, _task
+
+    from trustee.envs import build_environment
+    from trustee.sim.judge import Judge, ScriptedJudge
+    from trustee.sim.log import SimLog
+    from trustee.types import Message
+
+    def env(*overrides: str):
+        engine = ScriptedTextEngine(tiny_tokenizer, ["{}"])
+        return build_environment(_cfg(tiny_model_dir, *overrides), engine, tiny_tokenizer), engine
+
+    assert isinstance(env()[0].judge, Judge)
+    scripted, engine = env("simulator.judge_mode=scripted")
+    assert isinstance(scripted.judge, ScriptedJudge)
+    task = _task()
+    msgs = [Message(role="user", content="hi"), Message(role="assistant", content="done")]
+    score, _ = anyio.run(lambda: scripted.judge.score(task, SimLog.replay(task, msgs), "ended", key="t1"))
+    assert score.reward in (-1.0, 0.0, 1.0) and engine.params == []
+    with pytest.raises(
+        ValueError, match=r"simulator.task_max_tokens = 200: .* set simulator.task_max_tokens >= \d+"
+    ):
+        env("simulator.task_max_tokens=200")
 
 
 # ============================================================================= environment
@@ -129,6 +214,17 @@ def test_bfcl_system_prompt_opens_the_episode(tiny_model_dir):
     assert m.role == "user"
     m = anyio.run(first, "environment.bfcl.system_prompt=Answer with tool calls only.")
     assert (m.role, m.content) == ("system", "Answer with tool calls only.")
+
+
+def test_bfcl_train_fraction_sizes_the_train_half(tiny_model_dir):
+    """environment.bfcl.train_fraction: the share of each category in the train half."""
+    from trustee.envs import build_environment
+
+    def pool(*overrides: str) -> int:
+        return len(build_environment(_bfcl_cfg(tiny_model_dir, *overrides)).pool())
+
+    half, quarter = pool(), pool("environment.bfcl.train_fraction=0.25")
+    assert quarter < half and quarter == pytest.approx(half / 2, abs=4)
 
 
 _FACTORY = """
@@ -372,6 +468,34 @@ def test_logprob_chunk_bounds_the_rows_of_the_lm_head(tiny_model_dir, tiny_token
     )
     assert rows and max(rows) <= 4 < max(default_rows)
     assert small.loss == pytest.approx(big.loss, rel=1e-4, abs=1e-7)
+
+
+def test_beta_adds_the_kl_term(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """grpo.beta: the k3 KL to the reference (LoRA: the adapter off) enters the loss and is
+    reported; 0 leaves it out. The first step starts at the reference (KL 0), so the second
+    step shows it."""
+    from test_learn_policy import fixed_groups
+
+    def second(*overrides: str):
+        _, learner = _step(tiny_model_dir, tiny_tokenizer, tmp_path, *overrides)
+        return learner.step(fixed_groups(0))
+
+    off, on = second("grpo.beta=0"), second("grpo.beta=0.5")
+    assert off.kl == 0.0 and on.kl > 0.0
+    assert on.loss > off.loss  # + beta x KL
+
+
+def test_gradient_checkpointing_is_switched_on_the_model(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """learner.gradient_checkpointing: the learner's model recomputes activations, or not."""
+    from trustee.placement import build_learner
+
+    def checkpointing(*overrides: str) -> bool:
+        cfg = _cfg(tiny_model_dir, *overrides)
+        model = build_learner(cfg, resolve(cfg, tmp_path), tiny_tokenizer).model
+        return model.get_base_model().is_gradient_checkpointing
+
+    assert checkpointing() is True
+    assert checkpointing("learner.gradient_checkpointing=false") is False
 
 
 def test_dr_grpo_length_is_the_loss_normaliser(tiny_model_dir, tiny_tokenizer, tmp_path):
