@@ -133,7 +133,7 @@ EVIDENCE: dict[str, list[str]] = {
         "test:tests/test_sim_roles.py::test_task_generator_rejects_and_regenerates:max_regenerations",
     ],
     "simulator.max_user_turns": [
-        "test:tests/test_train.py::test_simulated_environment_runs_through_the_loop"
+        "test:tests/test_field_effects.py::test_max_user_turns_caps_the_user_simulators_replies"
     ],
     "simulator.max_tokens": ["test:tests/test_sim_roles.py::test_build_from_config_sections"],
     "simulator.task_max_tokens": [

@@ -178,6 +178,30 @@ def test_judge_mode_and_task_budget_shape_the_simulated_environment(tiny_model_d
         env("simulator.task_max_tokens=200")
 
 
+def test_max_user_turns_caps_the_user_simulators_replies(tiny_model_dir, tiny_tokenizer):
+    """simulator.max_user_turns: a user who always has more to say replies at most this many
+    times; then the episode ends."""
+    from test_episode import ScriptedPolicy
+    from test_sim_roles import ScriptedTextEngine, _task
+
+    from trustee.config import RolloutConfig
+    from trustee.envs import build_environment
+    from trustee.rollout.episode import EpisodeRunner
+
+    def user_messages(*overrides: str) -> int:
+        cfg = _cfg(tiny_model_dir, "simulator.judge_mode=scripted", *overrides)
+        sim = ScriptedTextEngine(tiny_tokenizer, ['{"message": "Tell me more.", "status": "continue"}'])
+        env = build_environment(cfg, sim, tiny_tokenizer)
+        policy = ScriptedPolicy(tiny_tokenizer, ["Could you say more?"])
+        runner = EpisodeRunner(policy, tiny_tokenizer, cfg=RolloutConfig(max_turns=12))
+        traj = anyio.run(lambda: runner.run(env, _task(), "e"))
+        assert traj.status in ("ok", "truncated"), traj.error
+        return sum(m.role == "user" for m in traj.messages)
+
+    assert user_messages("simulator.max_user_turns=1") == 1 + 1  # the opening query + one reply
+    assert user_messages("simulator.max_user_turns=3") == 1 + 3
+
+
 # ============================================================================= environment
 
 
@@ -472,17 +496,20 @@ def test_logprob_chunk_bounds_the_rows_of_the_lm_head(tiny_model_dir, tiny_token
 
 def test_beta_adds_the_kl_term(tiny_model_dir, tiny_tokenizer, tmp_path):
     """grpo.beta: the k3 KL to the reference (LoRA: the adapter off) enters the loss and is
-    reported; 0 leaves it out. The first step starts at the reference (KL 0), so the second
-    step shows it."""
-    from test_learn_policy import fixed_groups
+    reported; 0 leaves it out. The adapters' B matrices are set off zero first, so the
+    policy starts away from its reference."""
 
-    def second(*overrides: str):
-        _, learner = _step(tiny_model_dir, tiny_tokenizer, tmp_path, *overrides)
-        return learner.step(fixed_groups(0))
+    def moved(learner):
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for n, p in learner.model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
-    off, on = second("grpo.beta=0"), second("grpo.beta=0.5")
+    off, _ = _step(tiny_model_dir, tiny_tokenizer, tmp_path, "grpo.beta=0", hook=moved)
+    on, _ = _step(tiny_model_dir, tiny_tokenizer, tmp_path, "grpo.beta=0.5", hook=moved)
     assert off.kl == 0.0 and on.kl > 0.0
-    assert on.loss > off.loss  # + beta x KL
+    assert on.loss == pytest.approx(off.loss + 0.5 * on.kl, rel=1e-3, abs=1e-6)
 
 
 def test_gradient_checkpointing_is_switched_on_the_model(tiny_model_dir, tiny_tokenizer, tmp_path):
