@@ -66,7 +66,10 @@ EVIDENCE: dict[str, list[str]] = {
     ],
     "model.dtype": ["test:tests/test_field_effects.py::test_model_dtype_is_the_learners_and_engines_dtype"],
     "model.max_model_len": ["test:tests/test_episode.py::test_max_model_len_is_never_exceeded"],
-    "engines.policy.backend": ["refused:engines.policy.backend=openai,engines.policy.base_url=http://x"],
+    "engines.policy.backend": [
+        "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
+        "refused:engines.policy.backend=openai,engines.policy.base_url=http://x",
+    ],
     "engines.policy.max_num_seqs": [
         "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
         "test:tests/test_engine_hf.py::test_registry_and_build_engine",
@@ -90,7 +93,8 @@ EVIDENCE: dict[str, list[str]] = {
     "engines.policy.max_retries": _openai_only("policy", "max_retries", "1")
     + ["test:tests/test_engine_openai.py::test_5xx_is_retried_then_succeeds"],
     "engines.simulator.backend": [
-        "test:tests/test_config.py::test_cross_field_checks_are_collected:engines.simulator.backend"
+        "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
+        "test:tests/test_config.py::test_cross_field_checks_are_collected:engines.simulator.backend",
     ],
     "engines.simulator.max_num_seqs": [
         "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
@@ -150,12 +154,16 @@ EVIDENCE: dict[str, list[str]] = {
     "environment.bfcl.categories": [
         "test:tests/test_field_effects.py::test_bfcl_categories_choose_what_training_draws"
     ],
-    "environment.bfcl.split": ["test:tests/test_bfcl_env.py::test_split_is_fixed_half_and_disjoint:split"],
+    "environment.bfcl.split": [
+        "test:tests/test_bfcl_env.py::test_split_is_fixed_half_and_disjoint:split",
+        "test:tests/test_field_effects.py::test_bfcl_split_fields_choose_the_training_pool",
+    ],
     "environment.bfcl.split_seed": [
         "test:tests/test_bfcl_env.py::test_split_is_fixed_half_and_disjoint:seed",
+        "test:tests/test_field_effects.py::test_bfcl_split_fields_choose_the_training_pool",
     ],
     "environment.bfcl.train_fraction": [
-        "test:tests/test_field_effects.py::test_bfcl_train_fraction_sizes_the_train_half"
+        "test:tests/test_field_effects.py::test_bfcl_split_fields_choose_the_training_pool"
     ],
     "environment.bfcl.hints": ["test:tests/test_bfcl_env.py::test_hints_switch_changes_only_the_observation"],
     "environment.bfcl.max_steps_per_turn": [

@@ -240,15 +240,21 @@ def test_bfcl_system_prompt_opens_the_episode(tiny_model_dir):
     assert (m.role, m.content) == ("system", "Answer with tool calls only.")
 
 
-def test_bfcl_train_fraction_sizes_the_train_half(tiny_model_dir):
-    """environment.bfcl.train_fraction: the share of each category in the train half."""
+def test_bfcl_split_fields_choose_the_training_pool(tiny_model_dir):
+    """environment.bfcl.train_fraction: the share of each category in the train half;
+    environment.bfcl.split: which half training draws from (train and heldout are disjoint,
+    'all' is both); environment.bfcl.split_seed: which entries fall in each half."""
     from trustee.envs import build_environment
 
-    def pool(*overrides: str) -> int:
-        return len(build_environment(_bfcl_cfg(tiny_model_dir, *overrides)).pool())
+    def pool(*overrides: str) -> set[str]:
+        return {i.id for i in build_environment(_bfcl_cfg(tiny_model_dir, *overrides)).pool()}
 
-    half, quarter = pool(), pool("environment.bfcl.train_fraction=0.25")
-    assert quarter < half and quarter == pytest.approx(half / 2, abs=4)
+    train, held, every = pool(), pool("environment.bfcl.split=heldout"), pool("environment.bfcl.split=all")
+    assert train and held and not train & held and train | held == every
+    quarter = pool("environment.bfcl.train_fraction=0.25")
+    assert quarter < every and len(quarter) == pytest.approx(len(train) / 2, abs=4)
+    reseeded = pool("environment.bfcl.split_seed=1")
+    assert len(reseeded) == len(train) and reseeded != train
 
 
 _FACTORY = """
@@ -728,7 +734,8 @@ def test_vllm_engine_fields_reach_the_engine_args(tiny_model_dir, monkeypatch, t
             *(o.replace("engines.policy.", f"engines.{role}.") for o in overrides),
         )
         ecfg = getattr(cfg.engines, role)
-        build_engine(ecfg, str(tiny_model_dir), cfg, resolve(cfg, tmp_path), role=role)
+        engine = build_engine(ecfg, str(tiny_model_dir), cfg, resolve(cfg, tmp_path), role=role)
+        assert isinstance(engine, tv.VLLMEngine)  # backend 'vllm' (the default 'hf' builds HFEngine)
         return seen.pop()
 
     changes = (
