@@ -328,7 +328,7 @@ class FakePeakPolicy:
         self.active += 1
         self.peak = max(self.peak, self.active)
         try:
-            await anyio.sleep(0.01)
+            await anyio.sleep(0.2)  # long enough for every episode allowed to run to be in flight
         finally:
             self.active -= 1
         return Completion(
@@ -563,9 +563,9 @@ def _oracle_class():
         sampling parameters, the requests per entry and the most requests in flight at once.
         `repeat`: always replay the first turn's calls (a policy that never ends its turn)."""
 
-        def __init__(self, tokenizer, repeat: bool = False):
+        def __init__(self, tokenizer, repeat: bool = False, delay: float = 0.0):
             super().__init__(tokenizer)
-            self.repeat = repeat
+            self.repeat, self.delay = repeat, delay
             self.params: list[Sampling] = []
             self.per_entry: dict[str, int] = {}
             self.active = self.peak = 0
@@ -587,7 +587,7 @@ def _oracle_class():
             self.active += 1
             self.peak = max(self.peak, self.active)
             try:
-                await anyio.sleep(0.005)
+                await anyio.sleep(self.delay)
             finally:
                 self.active -= 1
             return await super().generate(prompt, params, key=key)
@@ -615,9 +615,9 @@ def test_eval_sampling_and_concurrency_fields(monkeypatch, tmp_path, tiny_model_
     """eval.temperature / eval.max_tokens_per_turn: every policy request of the evaluation
     samples at them; eval.concurrency: entries evaluated at once."""
     Oracle = _oracle_class()
-    default = Oracle(tiny_tokenizer)
+    default = Oracle(tiny_tokenizer, delay=0.1)  # long enough for entries to overlap
     _eval_main(monkeypatch, tmp_path, tiny_model_dir, default, "--categories", "simple", "--limit", "6")
-    changed = Oracle(tiny_tokenizer)
+    changed = Oracle(tiny_tokenizer, delay=0.1)
     rep = _eval_main(
         monkeypatch,
         tmp_path,
