@@ -4,10 +4,11 @@ Each leaf field must have an entry in EVIDENCE, and each entry is checked here:
 - `test:FILE::NAME[:TOKEN]`: a behaviour test that varies the field exists and its source
   names it (TOKEN, default the field's own name; for tests that pass it under another name);
 - `refused:K=V[,K=V...]`: loading the defaults with these overrides raises a ConfigError that
-  names the field (a combination the components cannot honour);
-- `reads:MODULE`: the component the field's section goes to reads the field (`.name` in the
-  module's source). This is the weakest kind (it shows the value is used, not what it
-  changes); its count is asserted so it can only shrink.
+  names the field (a combination the components cannot honour).
+
+"The component reads the field somewhere" is not evidence: it shows the value is used, not
+what it changes. The fields once covered only that way have their checks in
+tests/test_field_effects.py.
 
 A new field without an entry, or an entry for a field that no longer exists, fails the walk.
 """
@@ -15,7 +16,6 @@ A new field without an entry, or an entry for a field that no longer exists, fai
 from __future__ import annotations
 
 import ast
-import re
 import typing
 from pathlib import Path
 
@@ -41,39 +41,45 @@ def _leaves(cls=Config, prefix="") -> list[str]:
 
 
 def _vllm_only(role: str, name: str, value: str) -> list[str]:
-    return ["reads:trustee/engines/vllm.py", f"refused:engines.{role}.{name}={value}"]
+    """Honoured by vLLM (the value reaches its engine args), refused on the HF backend."""
+    return [
+        "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
+        f"refused:engines.{role}.{name}={value}",
+    ]
 
 
 def _openai_only(role: str, name: str, value: str) -> list[str]:
-    return ["reads:trustee/engines/openai.py", f"refused:engines.{role}.{name}={value}"]
+    return [f"refused:engines.{role}.{name}={value}"]
 
 
 EVIDENCE: dict[str, list[str]] = {
     "name": ["test:tests/test_resume.py::test_finished_run_says_so_and_changed_config_is_refused:cpu-tiny"],
-    "seed": [
-        "test:tests/test_engine_contract.py::test_64_concurrent_requests_batch",
-        "reads:trustee/train.py",
-    ],
+    "seed": ["test:tests/test_field_effects.py::test_seed_fixes_the_policy_engines_sampling"],
     "model.path": ["test:tests/test_config.py::test_cli_run_writes_resolved_config"],
-    "model.tiny": ["test:tests/test_config.py::test_cli_dry_run_prints_plan"],
+    "model.tiny": ["test:tests/test_field_effects.py::test_tiny_builds_the_missing_model"],
     "model.tiny_sft_steps": [
         "test:tests/test_toy_sft.py::test_short_warm_up_writes_weights_and_report:sft_warm",
-        "reads:trustee/run.py",
     ],
     "model.chat_template": ["test:tests/test_episode.py::test_runner_from_config_uses_the_model_section"],
     "model.enable_thinking": [
         "test:tests/test_chat_render.py::test_generation_prompt_with_thinking_off_contains_empty_think"
     ],
-    "model.dtype": ["reads:trustee/config.py", "test:tests/test_engine_vllm.py::test_pack_unpack_round_trip"],
+    "model.dtype": ["test:tests/test_field_effects.py::test_model_dtype_is_the_learners_and_engines_dtype"],
     "model.max_model_len": ["test:tests/test_episode.py::test_max_model_len_is_never_exceeded"],
-    "engines.policy.backend": ["refused:engines.policy.backend=openai,engines.policy.base_url=http://x"],
+    "engines.policy.backend": [
+        "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
+        "refused:engines.policy.backend=openai,engines.policy.base_url=http://x",
+    ],
     "engines.policy.max_num_seqs": [
+        "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
         "test:tests/test_engine_hf.py::test_registry_and_build_engine",
         "refused:engines.policy.backend=vllm,engines.simulator.backend=openai,engines.simulator.base_url=http://x,engines.simulator.max_num_seqs=4",
     ],
     "engines.policy.gpu_memory_utilization": _vllm_only("policy", "gpu_memory_utilization", "0.5"),
     "engines.policy.kv_cache_gib": _vllm_only("policy", "kv_cache_gib", "2.0")
-    + ["test:tests/test_engine_vllm.py::test_engine_env_strips_expandable_segments_and_the_legacy_kv_variable"],
+    + [
+        "test:tests/test_engine_vllm.py::test_engine_env_strips_expandable_segments_and_the_legacy_kv_variable"
+    ],
     "engines.policy.enable_prefix_caching": _vllm_only("policy", "enable_prefix_caching", "false"),
     "engines.policy.enable_sleep_mode": _vllm_only("policy", "enable_sleep_mode", "false"),
     "engines.policy.max_lora_rank": _vllm_only("policy", "max_lora_rank", "8")
@@ -87,62 +93,77 @@ EVIDENCE: dict[str, list[str]] = {
     "engines.policy.max_retries": _openai_only("policy", "max_retries", "1")
     + ["test:tests/test_engine_openai.py::test_5xx_is_retried_then_succeeds"],
     "engines.simulator.backend": [
-        "test:tests/test_config.py::test_cross_field_checks_are_collected:engines.simulator.backend"
+        "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
+        "test:tests/test_config.py::test_cross_field_checks_are_collected:engines.simulator.backend",
     ],
     "engines.simulator.max_num_seqs": [
+        "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
         "test:tests/test_engine_hf.py::test_registry_and_build_engine",
         "refused:engines.simulator.backend=openai,engines.simulator.base_url=http://x,engines.simulator.max_num_seqs=4",
     ],
     "engines.simulator.gpu_memory_utilization": _vllm_only("simulator", "gpu_memory_utilization", "0.5"),
     "engines.simulator.kv_cache_gib": _vllm_only("simulator", "kv_cache_gib", "2.0"),
     "engines.simulator.enable_prefix_caching": _vllm_only("simulator", "enable_prefix_caching", "false"),
-    # Both values of these are defaults (the simulator role's and the field's), so no value is refused.
-    "engines.simulator.enable_sleep_mode": ["reads:trustee/engines/vllm.py"],
-    "engines.simulator.max_lora_rank": ["reads:trustee/engines/__init__.py"],
+    "engines.simulator.enable_sleep_mode": [
+        "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
+        "test:tests/test_field_effects.py::test_simulator_sleep_mode_lets_the_engine_sleep_or_refuses",
+        "refused:placement.mode=colocate",
+    ],
+    # The simulator never loads an adapter: any rank but 0 is refused.
+    "engines.simulator.max_lora_rank": ["refused:engines.simulator.max_lora_rank=16"],
     "engines.simulator.tensor_parallel_size": _vllm_only("simulator", "tensor_parallel_size", "2"),
     "engines.simulator.data_parallel_size": _vllm_only("simulator", "data_parallel_size", "2"),
     "engines.simulator.enforce_eager": _vllm_only("simulator", "enforce_eager", "true"),
     "engines.simulator.base_url": ["refused:engines.simulator.base_url=http://x"],
     "engines.simulator.timeout_s": _openai_only("simulator", "timeout_s", "5.0"),
     "engines.simulator.max_retries": _openai_only("simulator", "max_retries", "1"),
-    "simulator.model_path": ["reads:trustee/config.py", "reads:trustee/run.py"],
+    "simulator.model_path": [
+        "test:tests/test_field_effects.py::test_simulator_model_path_picks_the_simulator_model"
+    ],
     "simulator.temperature": [
-        "test:tests/test_sim_roles.py::test_build_from_config_sections:SimulatorConfig"
+        "test:tests/test_field_effects.py::test_judge_temperature_is_the_judges_sampling_temperature"
     ],
     "simulator.judge_mode": [
-        "reads:trustee/envs/simulated.py",
+        "test:tests/test_field_effects.py::test_judge_mode_and_task_budget_shape_the_simulated_environment",
         "refused:environment.reward=rubric,simulator.judge_mode=trustee",
     ],
-    "simulator.judge_temperature": ["reads:trustee/envs/simulated.py"],
+    "simulator.judge_temperature": [
+        "test:tests/test_field_effects.py::test_judge_temperature_is_the_judges_sampling_temperature"
+    ],
     "simulator.judge_votes": ["test:tests/test_sim_roles.py::test_build_from_config_sections"],
     "simulator.judge_vote_rule": ["test:tests/test_sim_roles.py::test_build_from_config_sections"],
     "simulator.max_decode_retries": ["test:tests/test_sim_roles.py::test_ask_retries_then_raises_sim_error"],
     "simulator.max_task_regenerations": [
         "test:tests/test_sim_roles.py::test_task_generator_rejects_and_regenerates:max_regenerations",
-        "reads:trustee/envs/simulated.py",
     ],
     "simulator.max_user_turns": [
-        "test:tests/test_train.py::test_simulated_environment_runs_through_the_loop"
+        "test:tests/test_field_effects.py::test_max_user_turns_caps_the_user_simulators_replies"
     ],
-    "simulator.max_tokens": ["reads:trustee/envs/simulated.py"],
-    "simulator.task_max_tokens": ["test:tests/test_sim_roles.py::test_build_from_config_sections"],
+    "simulator.max_tokens": ["test:tests/test_sim_roles.py::test_build_from_config_sections"],
+    "simulator.task_max_tokens": [
+        "test:tests/test_field_effects.py::test_judge_mode_and_task_budget_shape_the_simulated_environment"
+    ],
     "simulator.tool_catalog": [
         "test:tests/test_sim_roles.py::test_catalog_prefers_one_category:catalog",
-        "reads:trustee/envs/simulated.py",
     ],
     "environment.kind": ["test:tests/test_train.py::test_simulated_environment_runs_through_the_loop"],
     "environment.reward": [
         "refused:environment.kind=toy,environment.reward=judge",
         "test:tests/test_sim_roles.py::test_build_from_config_sections",
     ],
-    "environment.bfcl.categories": ["reads:trustee/envs/bfcl.py"],
-    "environment.bfcl.split": ["test:tests/test_bfcl_env.py::test_split_is_fixed_half_and_disjoint:split"],
+    "environment.bfcl.categories": [
+        "test:tests/test_field_effects.py::test_bfcl_categories_choose_what_training_draws"
+    ],
+    "environment.bfcl.split": [
+        "test:tests/test_bfcl_env.py::test_split_is_fixed_half_and_disjoint:split",
+        "test:tests/test_field_effects.py::test_bfcl_split_fields_choose_the_training_pool",
+    ],
     "environment.bfcl.split_seed": [
         "test:tests/test_bfcl_env.py::test_split_is_fixed_half_and_disjoint:seed",
-        "reads:trustee/envs/bfcl.py",
+        "test:tests/test_field_effects.py::test_bfcl_split_fields_choose_the_training_pool",
     ],
     "environment.bfcl.train_fraction": [
-        "test:tests/test_bfcl_stages.py::test_envtuning_config_loads_and_names_four_stages"
+        "test:tests/test_field_effects.py::test_bfcl_split_fields_choose_the_training_pool"
     ],
     "environment.bfcl.hints": ["test:tests/test_bfcl_env.py::test_hints_switch_changes_only_the_observation"],
     "environment.bfcl.max_steps_per_turn": [
@@ -153,20 +174,25 @@ EVIDENCE: dict[str, list[str]] = {
     ],
     "environment.bfcl.miss_turn_warning": ["test:tests/test_bfcl_env.py::test_miss_turn_warning_and_refusal"],
     "environment.bfcl.syntax_instances": ["test:tests/test_bfcl_env.py::test_make_task_follows_stage_knobs"],
-    "environment.bfcl.system_prompt": ["reads:trustee/envs/bfcl.py"],
-    "rollout.temperature": ["reads:trustee/rollout/episode.py", "reads:trustee/placement.py"],
+    "environment.bfcl.system_prompt": [
+        "test:tests/test_field_effects.py::test_bfcl_system_prompt_opens_the_episode"
+    ],
+    "rollout.temperature": [
+        "test:tests/test_field_effects.py::test_rollout_temperature_reaches_the_engine_and_the_learner"
+    ],
     "rollout.max_turns": ["test:tests/test_episode.py::test_turn_limit_truncates_and_still_scores:max_turns"],
     "rollout.max_tool_calls_per_turn": [
         "test:tests/test_episode.py::test_calls_over_the_turn_limit_are_not_executed"
     ],
     "rollout.max_tokens_per_turn": [
-        "reads:trustee/rollout/episode.py",
         "refused:rollout.max_tokens_per_turn=9000",
     ],
     "rollout.max_tool_result_tokens": [
         "test:tests/test_episode.py::test_long_tool_results_are_cut_with_a_marker"
     ],
-    "rollout.max_inflight_episodes": ["reads:trustee/train.py"],
+    "rollout.max_inflight_episodes": [
+        "test:tests/test_field_effects.py::test_max_inflight_episodes_bounds_the_episodes_running_at_once"
+    ],
     "rollout.max_staleness": ["test:tests/test_train.py::test_overlap_mode_trains_while_episodes_run"],
     "grpo.steps": ["test:tests/test_resume.py::test_finished_run_says_so_and_changed_config_is_refused"],
     "grpo.tasks_per_step": [
@@ -174,21 +200,20 @@ EVIDENCE: dict[str, list[str]] = {
     ],
     "grpo.group_size": ["test:tests/test_train.py::test_loop_trains_syncs_weights_and_resumes:== 8"],
     "grpo.loss_type": ["test:tests/test_learn_grpo.py::test_aggregations_match_hand_values"],
-    "grpo.dr_grpo_length": ["reads:trustee/learn/learner.py"],
+    "grpo.dr_grpo_length": ["test:tests/test_field_effects.py::test_dr_grpo_length_is_the_loss_normaliser"],
     "grpo.clip_low": [
         "test:tests/test_learn_grpo.py::test_clipped_surrogate_matches_hand_table",
         "refused:grpo.clip_low=0.3,grpo.clip_high=0.1",
     ],
     "grpo.clip_high": ["test:tests/test_learn_grpo.py::test_clipped_surrogate_matches_hand_table"],
-    "grpo.beta": ["test:tests/test_learn_grpo.py::test_beta_without_reference_is_an_error"],
+    "grpo.beta": ["test:tests/test_field_effects.py::test_beta_adds_the_kl_term"],
     "grpo.scale_rewards": [
         "test:tests/test_learn_advantages.py::test_batch_scale_uses_std_of_kept_groups:scale",
-        "reads:trustee/train.py",
     ],
     "grpo.filter_zero_variance": [
         "test:tests/test_learn_advantages.py::test_zero_variance_kept_when_filter_off"
     ],
-    "grpo.is_level": ["reads:trustee/learn/learner.py"],
+    "grpo.is_level": ["test:tests/test_field_effects.py::test_is_level_changes_the_importance_correction"],
     "grpo.is_mode": ["test:tests/test_learn_grpo.py::test_is_weight_multiplies_surrogate_not_kl"],
     "grpo.is_min": ["test:tests/test_learn_grpo.py::test_is_weight_multiplies_surrogate_not_kl"],
     "grpo.is_max": [
@@ -205,20 +230,28 @@ EVIDENCE: dict[str, list[str]] = {
     "learner.schedule": ["test:tests/test_learn_policy.py::test_lr_schedule_warmup_then_cosine"],
     "learner.min_lr_ratio": ["test:tests/test_learn_policy.py::test_lr_schedule_warmup_then_cosine"],
     "learner.warmup_steps": ["test:tests/test_learn_policy.py::test_lr_schedule_warmup_then_cosine"],
-    "learner.weight_decay": ["reads:trustee/learn/learner.py"],
-    "learner.max_grad_norm": ["reads:trustee/learn/learner.py"],
+    "learner.weight_decay": ["test:tests/test_field_effects.py::test_weight_decay_shrinks_the_weights"],
+    "learner.max_grad_norm": ["test:tests/test_field_effects.py::test_max_grad_norm_clips_the_update"],
     "learner.lora_rank": [
         'test:tests/test_train.py::test_loop_trains_syncs_weights_and_resumes:"r"',
         "test:tests/test_learn_policy.py::test_load_policy_lora_from_directory",
     ],
-    "learner.lora_alpha": ["reads:trustee/learn/policy.py"],
-    "learner.lora_dropout": ["reads:trustee/learn/policy.py"],
-    "learner.lora_targets": ["test:tests/test_learn_policy.py::test_load_policy_lora_from_directory"],
-    "learner.micro_batch_tokens": ["reads:trustee/learn/learner.py"],
-    "learner.gradient_checkpointing": [
-        "test:tests/test_learn_policy.py::test_full_step_changes_base_parameters"
+    "learner.lora_alpha": [
+        "test:tests/test_field_effects.py::test_lora_alpha_and_dropout_shape_the_adapters"
     ],
-    "learner.logprob_chunk": ["reads:trustee/learn/learner.py"],
+    "learner.lora_dropout": [
+        "test:tests/test_field_effects.py::test_lora_alpha_and_dropout_shape_the_adapters"
+    ],
+    "learner.lora_targets": ["test:tests/test_learn_policy.py::test_load_policy_lora_from_directory"],
+    "learner.micro_batch_tokens": [
+        "test:tests/test_field_effects.py::test_micro_batch_tokens_splits_the_step"
+    ],
+    "learner.gradient_checkpointing": [
+        "test:tests/test_field_effects.py::test_gradient_checkpointing_is_switched_on_the_model"
+    ],
+    "learner.logprob_chunk": [
+        "test:tests/test_field_effects.py::test_logprob_chunk_bounds_the_rows_of_the_lm_head"
+    ],
     "placement.mode": ["test:tests/test_train.py::test_overlap_mode_trains_while_episodes_run"],
     "placement.policy_gpus": ["refused:placement.policy_gpus=[0,1]"],
     "placement.simulator_gpus": ["refused:placement.simulator_gpus=[0,0]"],
@@ -273,13 +306,15 @@ EVIDENCE: dict[str, list[str]] = {
         "test:tests/test_curriculum.py::test_staged_schedule_advances_by_steps_and_metric:streak broken"
     ],
     "eval.categories": ["test:tests/test_eval_bfcl.py::test_oracle_engine_scores_100_through_eval_path"],
-    "eval.multi_turn_split": ["reads:trustee/eval/bfcl.py"],
+    "eval.multi_turn_split": ["test:tests/test_field_effects.py::test_eval_multi_turn_split_and_step_cap"],
     "eval.limit": ["test:tests/test_eval_bfcl.py::test_oracle_engine_scores_100_through_eval_path"],
-    "eval.concurrency": ["reads:trustee/eval/bfcl.py"],
-    "eval.temperature": ["reads:trustee/eval/bfcl.py"],
-    "eval.max_tokens_per_turn": ["reads:trustee/eval/bfcl.py"],
-    "eval.max_steps_per_turn": ["reads:trustee/eval/bfcl.py"],
-    "eval.out": ["reads:trustee/eval/__main__.py"],
+    "eval.concurrency": ["test:tests/test_field_effects.py::test_eval_sampling_and_concurrency_fields"],
+    "eval.temperature": ["test:tests/test_field_effects.py::test_eval_sampling_and_concurrency_fields"],
+    "eval.max_tokens_per_turn": [
+        "test:tests/test_field_effects.py::test_eval_sampling_and_concurrency_fields"
+    ],
+    "eval.max_steps_per_turn": ["test:tests/test_field_effects.py::test_eval_multi_turn_split_and_step_cap"],
+    "eval.out": ["test:tests/test_field_effects.py::test_eval_writes_outside_the_model_directory:eval.out"],
     "logging.progress_bar": [
         "test:tests/test_metrics.py::test_progress_bar_shows_keys_a_training_step_writes"
     ],
@@ -342,7 +377,9 @@ EVIDENCE: dict[str, list[str]] = {
     "environment.options": [
         "refused:environment.kind=toy,environment.reward=exact,environment.options={x=1}"
     ],
-    "environment.uses_simulator": ["reads:trustee/envs/__init__.py"],
+    "environment.uses_simulator": [
+        "test:tests/test_field_effects.py::test_uses_simulator_starts_the_simulator_engine_for_the_factory"
+    ],
     "environment.tasks_file.path": [
         "test:tests/test_envs_custom.py::test_tasks_file_kind_builds_from_the_config_alone"
     ],
@@ -363,9 +400,6 @@ EVIDENCE: dict[str, list[str]] = {
     ],
 }
 
-# Fields whose only evidence is `reads:` (the value is used; no test yet shows what it changes).
-MAX_READS_ONLY = 24
-
 
 @pytest.fixture(scope="module")
 def test_sources() -> dict[str, str]:
@@ -385,8 +419,9 @@ def test_every_field_has_evidence_and_nothing_else():
         "fields without evidence: honour them (and add a test) or refuse them"
     )
     assert sorted(set(EVIDENCE) - leaves) == [], "evidence for fields that no longer exist"
-    reads_only = [f for f, ev in EVIDENCE.items() if all(e.startswith("reads:") for e in ev)]
-    assert len(reads_only) <= MAX_READS_ONLY, reads_only
+    kinds = {e.partition(":")[0] for ev in EVIDENCE.values() for e in ev}
+    assert kinds <= {"test", "refused"}, kinds
+    assert all(EVIDENCE.values()), [f for f, ev in EVIDENCE.items() if not ev]
 
 
 @pytest.mark.parametrize("field", sorted(EVIDENCE))
@@ -406,9 +441,6 @@ def test_field_is_honoured_or_refused(field, test_sources):
             assert leaf in str(e.value) or field.split("[]")[0] in str(e.value), (
                 f"{field}: refusal does not name it: {e.value}"
             )
-        elif kind == "reads":
-            src = (ROOT / rest).read_text()
-            assert re.search(rf"\.{re.escape(leaf)}\b", src), f"{field}: {rest} never reads .{leaf}"
         else:
             pytest.fail(f"{field}: unknown evidence kind {kind!r}")
 

@@ -557,7 +557,7 @@ class EvalConfig(Section, kw_only=True):
     max_steps_per_turn: Positive = 21
     """Policy steps per user turn before BFCL forces the entry to quit (BFCL: counter > 20, i.e. 21 steps)."""
     out: str = ""
-    """JSON report path; '' = bfcl_eval.json next to the model (or in the run directory)."""
+    """JSON report path; '' = runs/eval/<model directory name>/bfcl_eval.json (with --run-dir: RUN/bfcl_eval.json). Never inside the model directory (refused)."""
     judge_agreement: bool = False
     """Also score each multi-turn episode with the simulated judge and report its agreement with BFCL's checker (the sim-to-real meter)."""
 
@@ -948,7 +948,9 @@ def _placement_problems(cfg: Config) -> list[Problem]:
                 "QLoRA (bitsandbytes 4-bit) needs CUDA; set placement.learner_gpus or use mode 'lora'",
             )
         )
-    built = ("policy", "simulator") if cfg.environment.kind == "simulated" else ("policy",)
+    from trustee.envs import needs_simulator  # envs imports config only for type checking
+
+    built = ("policy", "simulator") if needs_simulator(cfg.environment) else ("policy",)
     local = [r for r in built if getattr(eng, r).backend != "openai"]
     gpus_of = {"policy": set(pl.policy_gpus), "simulator": set(pl.simulator_gpus)}
     learner = set(pl.learner_gpus)
@@ -1073,8 +1075,8 @@ def _unhonoured(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
         e, d = getattr(cfg.engines, role), getattr(defaults, role)
         placed = {name for name, _, _ in unhonoured_fields(e)}  # refused by _placement_problems already
         for name, backends in ENGINE_FIELD_BACKENDS.items():
-            if name == "base_url" or name in placed:
-                continue  # checked with a more specific message in _cross_checks
+            if name == "base_url" or name in placed or (role, name) == ("simulator", "max_lora_rank"):
+                continue  # checked with a more specific message in _cross_checks / below
             v = getattr(e, name)
             if e.backend not in backends and v != getattr(d, name) and v != getattr(plain, name):
                 p.append(
@@ -1085,6 +1087,15 @@ def _unhonoured(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
                         f"does); remove it or set engines.{role}.backend accordingly",
                     )
                 )
+    sim_raw = (raw.get("engines") or {}).get("simulator") or {}
+    if sim_raw.get("max_lora_rank", 0) != 0:
+        p.append(
+            Problem(
+                "engines.simulator.max_lora_rank",
+                sim_raw["max_lora_rank"],
+                "the simulator engine never loads an adapter (only the policy is trained); remove the line or set 0",
+            )
+        )
     explicit_judge = "judge_mode" in (raw.get("simulator") or {})
     if cfg.environment.reward == "rubric" and explicit_judge and cfg.simulator.judge_mode != "rubric":
         p.append(

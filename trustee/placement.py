@@ -298,7 +298,7 @@ def memory_plan(cfg: Config, res: Resolved, *, gpu_gib: float | None = None) -> 
     dims = {"policy": model_dims(cfg.model.path), "simulator": model_dims(res.simulator_model)}
     notes: list[str] = []
     for role, d in dims.items():
-        if d is None and (role == "policy" or cfg.environment.kind == "simulated"):
+        if d is None and role in engine_roles(cfg):
             path = cfg.model.path if role == "policy" else res.simulator_model
             notes.append(
                 f"{role} model {path} not found and not in KNOWN_MODELS: its weights are not budgeted"
@@ -405,8 +405,12 @@ def format_memory_plan(plan: MemoryPlan) -> list[str]:
 
 
 def engine_roles(cfg: Config) -> list[str]:
-    """The engines this run builds: the policy, plus the simulator in the simulated environment."""
-    return ["policy", "simulator"] if cfg.environment.kind == "simulated" else ["policy"]
+    """The engines this run builds: the policy, plus the simulator when the environment uses
+    one (`envs.needs_simulator`: the simulated environment, a judged or simulated-tools tasks
+    file, a python environment with uses_simulator)."""
+    from trustee.envs import needs_simulator
+
+    return ["policy", "simulator"] if needs_simulator(cfg.environment) else ["policy"]
 
 
 def build_engine(ecfg: EngineConfig, model_path: str, cfg: Config, res: Resolved, *, role: str) -> Any:

@@ -211,7 +211,9 @@ def start_problems(cfg: Config, res: Resolved, *, dry_run: bool) -> tuple[list[s
 def _simulator_tokenizer_problem(cfg: Config, res: Resolved) -> str:
     """The simulator's prompts are tokenized with its own tokenizer: its model directory must
     hold one (a remote simulator still needs a local copy of the tokenizer files)."""
-    if cfg.environment.kind != "simulated":
+    from trustee.envs import needs_simulator
+
+    if not needs_simulator(cfg.environment):
         return ""
     path = Path(res.simulator_model)
     if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():

@@ -8,7 +8,11 @@ table per category and writes the JSON report. `--judge-agreement` (or
 on the multi-turn categories: the simulated judge of `[simulator]` (its model on
 `[engines.simulator]`, or the scripted judge) against BFCL's checker; it writes
 judge_agreement.json beside the report. `--run-dir` reads the run's `config.json`
-(written by `trustee.run`) instead of a TOML file. Exit codes: 0 ok, 2 config error.
+(written by `trustee.run`) instead of a TOML file.
+
+Outputs go to `--out` / `eval.out`, by default into the run directory (`--run-dir`) or
+runs/eval/<model directory name>/; never into a model directory (a report path inside the
+policy's model directory is refused). Exit codes: 0 ok, 2 config error.
 """
 
 from __future__ import annotations
@@ -78,6 +82,36 @@ def _load_run_dir(run_dir: Path, overrides: list[str]) -> Config:
         return msgspec.convert(raw, Config)
     except msgspec.ValidationError as e:
         raise ConfigError(str(path), [Problem("(config)", str(path), str(e))]) from None
+
+
+def report_path(cfg: Config, run_dir: Path | None) -> Path:
+    """Where the JSON report goes: eval.out, else RUN/bfcl_eval.json for --run-dir, else
+    runs/eval/<model directory name>/bfcl_eval.json (the model directory is never written)."""
+    if cfg.eval.out:
+        return Path(cfg.eval.out)
+    if run_dir is not None:
+        return run_dir / "bfcl_eval.json"
+    return Path("runs") / "eval" / (Path(cfg.model.path).resolve().name or "model") / "bfcl_eval.json"
+
+
+def _inside_model_dir(cfg: Config, out: Path) -> str:
+    """A config error when `out` lies inside the policy's model directory, else ''."""
+    model = Path(cfg.model.path).resolve()
+    if out.resolve().is_relative_to(model):
+        return str(
+            ConfigError(
+                "--out",
+                [
+                    Problem(
+                        "eval.out",
+                        str(out),
+                        f"lies inside the model directory {model}, which evaluation never modifies; "
+                        "give a path outside it (default: runs/eval/<model name>/bfcl_eval.json)",
+                    )
+                ],
+            )
+        )
+    return ""
 
 
 def build_policy_engine(cfg: Config):
@@ -214,18 +248,21 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else None
+    out = report_path(cfg, run_dir)
+    if problem := _inside_model_dir(cfg, out):
+        print(problem, file=sys.stderr)
+        return 2
     if args.judge_agreement or cfg.eval.judge_agreement:
-        return _main_agreement(cfg, args, run_dir)
+        return _main_agreement(cfg, out, run_dir)
     report = anyio.run(lambda: run(cfg, progress=not args.no_progress, run_dir=run_dir))
-    out = cfg.eval.out or str(Path(args.run_dir or cfg.model.path) / "bfcl_eval.json")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_report(report, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_report(report, str(out))
     print(format_table(report))
     print(f"report: {out}  ({report.wall_s:.1f}s)")
     return 0
 
 
-def _main_agreement(cfg: Config, args: argparse.Namespace, run_dir: Path | None) -> int:
+def _main_agreement(cfg: Config, base: Path, run_dir: Path | None) -> int:
     from trustee.eval.judge_agreement import format_table as agreement_table
     from trustee.eval.judge_agreement import write_report as write_agreement
 
@@ -234,7 +271,6 @@ def _main_agreement(cfg: Config, args: argparse.Namespace, run_dir: Path | None)
     except ValueError as e:  # e.g. no multi-turn category selected
         print(f"error: {e}", file=sys.stderr)
         return 2
-    base = Path(cfg.eval.out) if cfg.eval.out else Path(args.run_dir or cfg.model.path) / "bfcl_eval.json"
     out = base.with_name("judge_agreement.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_agreement(rep, str(out))
