@@ -371,7 +371,10 @@ EVIDENCE: dict[str, list[str]] = {
     "placement.gpu_memory_gib": [
         "test:tests/test_placement.py::test_dry_run_refuses_a_full_8b_learner_on_one_shared_gpu"
     ],
-    "placement.learner_ranks": ["test:tests/test_learn_distributed.py::test_learner_ranks_config_checks"],
+    "placement.learner_ranks": [
+        "test:tests/test_learn_distributed.py::test_learner_ranks_config_checks",
+        "test:tests/test_learn_distributed.py::test_training_loop_with_two_ranks_trains_checkpoints_resumes_and_ends_its_ranks",
+    ],
     # bring your own environment, model families (issue 15)
     "environment.factory": ["test:tests/test_envs_custom.py::test_python_factory_must_return_an_environment"],
     "environment.options": [
