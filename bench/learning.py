@@ -2,12 +2,14 @@
 
 Run:  python -m bench.learning --quick [--out DIR] [--seeds 0,1,2] [--config configs/cpu-tiny.toml]
 
-For each seed, the same run twice through `python -m trustee.run` (the README's main job,
-shortened with --quick): once as configured ("trained") and once with learner.lr = 0
+For each seed, the same run twice through `python -m trustee.run` (the README's main job;
+--quick evaluates less often): once as configured ("trained") and once with learner.lr = 0
 ("control": the same rollouts, curriculum, evaluation and learner passes, but the weights
-never move). Both start from the same SFT-warmed tiny model, built once before the runs.
-The figure of merit is the held-out greedy reward (toy: a fixed task set never trained on)
-at the end: `gain` = mean over seeds of trained minus control. Writes learning.json
+never move). The two arms of a seed run side by side, one core each (`--jobs`). Both start
+from the same SFT-warmed tiny model, built once before the runs. The figure of merit is the
+held-out reward (toy: a fixed task set never trained on) at the end, sampled at the rollout
+temperature as the policy is trained to act (`--metric sampled`, the default) or greedy:
+`gain` = mean over seeds of trained minus control. Both are in the JSON. Writes learning.json
 (machine, versions, config, per-seed curves and figures), learning.md (a table) and
 learning.png (training and held-out reward per step, trained vs control) into --out
 (default: runs/bench-learning, never the committed bench/results unless asked).
@@ -22,23 +24,25 @@ import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-QUICK = [  # a shorter main job: the same model, environment and learner settings
-    "grpo.steps=16",
-    "eval.every_steps=4",
+QUICK = [  # the main job with fewer evaluations: the same model, environment, steps and learner
+    "eval.every_steps=10",
+    "eval.heldout_samples=2",
     "checkpoint.every_steps=0",
 ]
 
 
-def _run(config: str, out: Path, seed: int, model: str, extra: list[str]) -> list[dict]:
+def _run(config: str, out: Path, seed: int, model: str, extra: list[str], threads: int) -> list[dict]:
     sets = [f"seed={seed}", f"model.path={model}", "model.tiny=''", "logging.progress_bar=false", *extra]
     cmd = [sys.executable, "-m", "trustee.run", config, "--out", str(out)]
     for s in sets:
         cmd += ["--set", s]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SystemExit(f"run failed ({' '.join(cmd)}):\n{r.stderr[-3000:]}")
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -83,7 +87,7 @@ def _model(config: str, out: Path) -> str:
     return str(path)
 
 
-def _plot(results: dict, path: Path) -> None:
+def _plot(results: dict, path: Path, metric: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +96,7 @@ def _plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for seed, r in results.items():
         for kind, color in (("trained", "tab:blue"), ("control", "tab:gray")):
-            for ax, key in zip(axes, ("reward_mean", "eval/reward_greedy"), strict=True):
+            for ax, key in zip(axes, ("reward_mean", f"eval/reward_{metric}"), strict=True):
                 xs, ys = zip(*r[kind][key], strict=True) if r[kind][key] else ((), ())
                 ax.plot(
                     xs,
@@ -103,7 +107,7 @@ def _plot(results: dict, path: Path) -> None:
                     label=f"{kind}" if seed == next(iter(results)) else None,
                 )
     axes[0].set_title("training reward (mean per step)")
-    axes[1].set_title("held-out reward (greedy, fixed tasks)")
+    axes[1].set_title(f"held-out reward ({metric}, fixed tasks never trained on)")
     for ax in axes:
         ax.set_xlabel("step")
         ax.set_ylabel("reward")
@@ -122,7 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="configs/cpu-tiny.toml")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument(
-        "--quick", action="store_true", help="16 steps per run (6 runs in under 10 minutes on 2 cores)"
+        "--quick",
+        action="store_true",
+        help="evaluate every 10 steps instead of every 5 (the runs are the main job's)",
+    )
+    ap.add_argument("--jobs", type=int, default=2, help="runs side by side (each gets cpus / jobs threads)")
+    ap.add_argument(
+        "--metric", choices=["sampled", "greedy"], default="sampled", help="held-out reward that defines gain"
     )
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-learning"))
     ap.add_argument("--set", action="append", default=[], help="extra overrides for both arms")
@@ -134,31 +144,44 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     model = _model(args.config, out)
     extra = (QUICK if args.quick else []) + list(args.set)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    arms_of = {"trained": [], "control": ["learner.lr=0"]}
+
+    def one(seed: int, kind: str) -> dict:
+        t = time.perf_counter()
+        recs = _run(args.config, out / f"seed{seed}-{kind}", seed, model, extra + arms_of[kind], threads)
+        train = _curve(recs, "reward_mean")
+        arm: dict = {"reward_mean": train, "wall_s": 0.0}
+        for m in ("greedy", "sampled"):
+            evals = _curve(recs, f"eval/reward_{m}")
+            arm[f"eval/reward_{m}"] = evals
+            arm[f"heldout_{m}_first"] = evals[0][1] if evals else float("nan")
+            arm[f"heldout_{m}_final"] = evals[-1][1] if evals else float("nan")
+        arm["heldout_first"] = arm[f"heldout_{args.metric}_first"]
+        arm["heldout_final"] = arm[f"heldout_{args.metric}_final"]
+        arm["train_first5"] = _mean([y for _, y in train[:5]])
+        arm["train_last5"] = _mean([y for _, y in train[-5:]])
+        arm["wall_s"] = time.perf_counter() - t
+        print(
+            f"seed {seed} {kind}: held-out {args.metric} {arm['heldout_first']:.3f} -> {arm['heldout_final']:.3f}, "
+            f"train {arm['train_first5']:.3f} -> {arm['train_last5']:.3f} ({arm['wall_s']:.0f} s)",
+            flush=True,
+        )
+        return arm
+
+    jobs = [(seed, kind) for seed in seeds for kind in arms_of]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = dict(zip(jobs, pool.map(lambda j: one(*j), jobs), strict=True))
     results: dict[str, dict] = {}
     for seed in seeds:
-        arms = {}
-        for kind, more in (("trained", []), ("control", ["learner.lr=0"])):
-            t = time.perf_counter()
-            recs = _run(args.config, out / f"seed{seed}-{kind}", seed, model, extra + more)
-            evals = _curve(recs, "eval/reward_greedy")
-            train = _curve(recs, "reward_mean")
-            arms[kind] = {
-                "reward_mean": train,
-                "eval/reward_greedy": evals,
-                "eval/reward_sampled": _curve(recs, "eval/reward_sampled"),
-                "heldout_first": evals[0][1] if evals else float("nan"),
-                "heldout_final": evals[-1][1] if evals else float("nan"),
-                "train_first5": _mean([y for _, y in train[:5]]),
-                "train_last5": _mean([y for _, y in train[-5:]]),
-                "wall_s": time.perf_counter() - t,
-            }
-            print(
-                f"seed {seed} {kind}: held-out {arms[kind]['heldout_first']:.3f} -> {arms[kind]['heldout_final']:.3f}, "
-                f"train {arms[kind]['train_first5']:.3f} -> {arms[kind]['train_last5']:.3f} "
-                f"({arms[kind]['wall_s']:.0f} s)",
-                flush=True,
-            )
+        arms = {kind: done[(seed, kind)] for kind in arms_of}
         arms["gain"] = arms["trained"]["heldout_final"] - arms["control"]["heldout_final"]
+        arms["gain_greedy"] = (
+            arms["trained"]["heldout_greedy_final"] - arms["control"]["heldout_greedy_final"]
+        )
+        arms["gain_sampled"] = (
+            arms["trained"]["heldout_sampled_final"] - arms["control"]["heldout_sampled_final"]
+        )
         results[str(seed)] = arms
     import torch
     import transformers
@@ -174,10 +197,20 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_end": os.getloadavg(),
         },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "config": {"config": args.config, "overrides": extra, "model": model, "quick": args.quick},
+        "config": {
+            "config": args.config,
+            "overrides": extra,
+            "model": model,
+            "quick": args.quick,
+            "jobs": args.jobs,
+            "threads_per_run": threads,
+        },
         "seeds": seeds,
+        "metric": args.metric,
         "gain": _mean(gains),
         "gains": gains,
+        "gain_greedy": _mean([results[str(s)]["gain_greedy"] for s in seeds]),
+        "gain_sampled": _mean([results[str(s)]["gain_sampled"] for s in seeds]),
         "all_positive": all(g > 0 for g in gains),
         "trained_final": _mean([results[str(s)]["trained"]["heldout_final"] for s in seeds]),
         "control_final": _mean([results[str(s)]["control"]["heldout_final"] for s in seeds]),
@@ -187,15 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "learning.json").write_text(json.dumps(report, indent=1))
     rows = [
-        "| seed | held-out start | trained end | control end | gain | train reward first 5 -> last 5 (trained) |",
-        "|---|---|---|---|---|---|",
+        f"| seed | held-out ({args.metric}) start | trained end | control end | gain | gain (greedy) | gain (sampled) "
+        "| train reward first 5 -> last 5 (trained) | (control) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in seeds:
         r = results[str(s)]
         rows.append(
             f"| {s} | {r['trained']['heldout_first']:.3f} | {r['trained']['heldout_final']:.3f} | "
-            f"{r['control']['heldout_final']:.3f} | {r['gain']:+.3f} | "
-            f"{r['trained']['train_first5']:.3f} -> {r['trained']['train_last5']:.3f} |"
+            f"{r['control']['heldout_final']:.3f} | {r['gain']:+.3f} | {r['gain_greedy']:+.3f} | "
+            f"{r['gain_sampled']:+.3f} | {r['trained']['train_first5']:.3f} -> {r['trained']['train_last5']:.3f} | "
+            f"{r['control']['train_first5']:.3f} -> {r['control']['train_last5']:.3f} |"
         )
     rows.append(
         f"\ngain (mean over seeds) **{report['gain']:+.3f}**; wall {report['wall_s']:.0f} s; "
@@ -206,8 +241,23 @@ def main(argv: list[str] | None = None) -> int:
         + "\n".join(rows)
         + "\n"
     )
-    _plot(results, out / "learning.png")
-    print(json.dumps({k: report[k] for k in ("gain", "gains", "trained_final", "control_final", "wall_s")}))
+    _plot(results, out / "learning.png", args.metric)
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in (
+                    "metric",
+                    "gain",
+                    "gains",
+                    "gain_greedy",
+                    "trained_final",
+                    "control_final",
+                    "wall_s",
+                )
+            }
+        )
+    )
     return 0
 
 

@@ -96,3 +96,21 @@ def test_wrong_answer_scores_zero():
 
 def test_tool_set_is_the_documented_one():
     assert sorted(TOOLS) == ["add", "convert_units", "kv_get", "kv_set", "multiply"]
+
+
+@pytest.mark.parametrize("kind", ["add", "chain", "convert", "kv_get", "kv_set"])
+def test_guessing_demonstrator_skips_the_tools_and_scores_zero(kind):
+    """The warm-up's imperfect half: same closing words, no call, a wrong answer."""
+    env = ToyEnv(kinds=(kind,), reward="graded")
+    task = env.task(Knobs(n_tools=3, n_expected_calls=2), random.Random(5))
+    msgs = env.sft_messages(task, guess=random.Random(0))
+    assert [m.role for m in msgs] == ["system", "user", "assistant"] and not msgs[-1].tool_calls
+    ref_words = env.sft_messages(task)[-1].content.split()[:2]
+    assert msgs[-1].content.split()[:2] == ref_words
+
+    async def play():
+        state = await env.start(task, "e")
+        await env.step(state, AgentAction(message=msgs[-1]))
+        return await env.score(state)
+
+    assert anyio.run(play).reward == 0.0

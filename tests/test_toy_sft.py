@@ -38,3 +38,15 @@ def test_short_warm_up_writes_weights_and_report(tiny_model_dir, tmp_path):
     assert (work / "model.safetensors").stat().st_mtime > (
         tiny_model_dir / "model.safetensors"
     ).stat().st_mtime
+
+
+def test_warm_up_data_mixes_reference_and_guessing_conversations(tiny_tokenizer):
+    from trustee.sft import _examples
+
+    data = _examples(tiny_tokenizer, 40, seed=1, guess_share=0.5)
+
+    def calls(examples):
+        return ["<tool_call>" in tiny_tokenizer.decode([t for t, m in zip(i, k, strict=True) if m]) for i, k in examples]
+
+    assert 10 <= sum(calls(data)) <= 30  # about half call a tool, the rest guess
+    assert all(calls(_examples(tiny_tokenizer, 8, seed=1, guess_share=0.0)))

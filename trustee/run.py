@@ -67,8 +67,10 @@ def _build_tiny(cfg: Config, path: Path) -> list[str]:
         )
         rep = sft_warm(tmp, cfg.model.tiny_sft_steps, seed=cfg.seed)
         notes.append(
-            f"SFT-warmed it {rep.steps} steps ({rep.wall_s:.0f}s): loss {rep.loss_first:.2f} -> {rep.loss_last:.2f}, "
-            f"well-formed tool calls {rep.well_formed_rate:.0%}"
+            f"SFT-warmed it {rep.steps} steps ({rep.wall_s:.0f}s): loss {rep.loss_first:.2f} -> {rep.loss_last:.2f}; "
+            f"first turns: well-formed tool calls {rep.well_formed_rate:.0%}, no call (a guessed answer) "
+            f"{1 - rep.attempt_rate:.0%} ({rep.guess_share:.0%} of the demonstrations guess; RL has to learn that "
+            "the tools pay)"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(path)

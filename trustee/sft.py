@@ -40,6 +40,8 @@ class SftReport(msgspec.Struct, kw_only=True):
     attempt_rate: float
     """Sampled first turns with any <tool_call> block."""
     eval_samples: int
+    guess_share: float = 0.0
+    """Share of the warm-up conversations that skip the tools and guess (`GUESS_SHARE`)."""
     wall_s: float
 
 
@@ -68,18 +70,32 @@ def encode_conversation(tokenizer: Any, task: Task, messages: list[Message]) -> 
 
 
 def _knobs(rng: random.Random) -> Knobs:
-    """Toy tasks with 1-3 tools (short prompts keep CPU steps cheap) and 1-2 calls; mostly
-    the easiest difficulty (one-digit numbers, where RL starts), some with larger numbers."""
-    d = rng.choice([1.0, 1.0, 1.0, 50.0, 90.0])
-    return Knobs(difficulty=d, n_tools=rng.randint(1, 3), n_expected_calls=rng.randint(1, 2))
+    """Mostly the tasks RL starts on (the curriculum's D = 1: one tool, one call, one-digit
+    numbers), some with a distractor tool, a second call or larger numbers: on-distribution
+    data is what a few hundred CPU steps can afford."""
+    d = rng.choice([1.0, 1.0, 1.0, 1.0, 50.0])
+    return Knobs(difficulty=d, n_tools=rng.choice([1, 1, 2]), n_expected_calls=rng.choice([1, 1, 1, 2]))
 
 
-def _examples(tokenizer: Any, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
+GUESS_SHARE = 0.5
+"""Share of warm-up conversations in which the demonstrator skips the tools and guesses.
+
+The warm-up imitates an imperfect demonstrator on purpose: a warmed model that already did
+everything its data showed would leave RL nothing to find in 20 CPU steps (a 430k-parameter
+model learns to copy numbers far too slowly for that). Half of the time it guesses, so the
+warmed policy calls a tool on about half of its first turns, and the reward (0 for a guess,
+up to 1 through the tools) is the only thing that tells GRPO which half to keep."""
+
+
+def _examples(
+    tokenizer: Any, n: int, seed: int, guess_share: float = GUESS_SHARE
+) -> list[tuple[list[int], list[int]]]:
     env, rng = ToyEnv(), random.Random(seed)
     out = []
     for _ in range(n):
         task = env.task(_knobs(rng), rng)
-        out.append(encode_conversation(tokenizer, task, env.sft_messages(task)))
+        guess = rng if rng.random() < guess_share else None
+        out.append(encode_conversation(tokenizer, task, env.sft_messages(task, guess=guess)))
     return out
 
 
@@ -165,6 +181,7 @@ def sft_warm(
     seed: int = 0,
     eval_samples: int = 32,
     out_dir: str | Path | None = None,
+    guess_share: float = GUESS_SHARE,
 ) -> SftReport:
     """Train the model in `model_dir` for `steps` steps on toy reference conversations and
     save it to `out_dir` (default: in place). Returns (and writes) the report."""
@@ -180,7 +197,7 @@ def sft_warm(
     torch.manual_seed(seed)
     # Fresh examples for every step (no repeats): a tiny model that sees the same few hundred
     # conversations again memorises their numbers instead of learning to copy them.
-    data = _examples(tok, max(256, batch_size * steps), seed)
+    data = _examples(tok, max(256, batch_size * steps), seed, guess_share)
     rng = random.Random(seed)
     rng.shuffle(data)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -212,6 +229,7 @@ def sft_warm(
         well_formed_rate=rate,
         attempt_rate=attempts,
         eval_samples=eval_samples,
+        guess_share=guess_share,
         wall_s=time.perf_counter() - t0,
     )
     (out / "trustee_sft.json").write_text(json.dumps(msgspec.to_builtins(report), indent=1))

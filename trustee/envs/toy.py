@@ -158,8 +158,10 @@ def answer_correct(text: str, answer: Any) -> bool:
     by listing guesses)."""
     if isinstance(answer, str):
         named = [v for v in _VALUES if re.search(rf"\b{re.escape(v)}\b", text, re.IGNORECASE)]
-        return answer.lower() in named and len(named) <= 1 if answer in _VALUES else (
-            re.search(rf"\b{re.escape(answer)}\b", text, re.IGNORECASE) is not None
+        return (
+            answer.lower() in named and len(named) <= 1
+            if answer in _VALUES
+            else (re.search(rf"\b{re.escape(answer)}\b", text, re.IGNORECASE) is not None)
         )
     numbers = list(re.finditer(r"-?\d+(?:\.(\d+))?", text.replace(",", "")))
     if len(numbers) > MAX_ANSWER_NUMBERS:
@@ -291,25 +293,44 @@ class ToyEnv:
             },
         )
 
-    def sft_messages(self, task: Task) -> list[Message]:
+    def sft_messages(self, task: Task, *, guess: random.Random | None = None) -> list[Message]:
         """The reference conversation: the expected calls one per turn, their real results,
-        then a one-sentence answer."""
+        then a one-sentence answer. With `guess` (a seeded rng), the conversation of a
+        demonstrator that skips the tools and states a wrong answer in the same words
+        (reward 0): the imperfect half of the warm-up data that RL has to learn to beat."""
         store = dict(task.payload.get("store", {}))
         msgs = [
             Message(role="system", content=task.system_prompt),
             Message(role="user", content=task.first_query),
         ]
+        p = task.payload
+        if guess is not None:
+            msgs.append(Message(role="assistant", content=_final(p, _wrong(p, guess))))
+            return msgs
         for call in task.expected_calls:
             msgs.append(Message(role="assistant", tool_calls=[call]))
             msgs.append(Message(role="tool", content=canonical_json(execute(call, store)), name=call.name))
-        p = task.payload
-        final = (
-            f"Done: '{p['set'][1]}' is saved under '{p['set'][0]}'."
-            if "set" in p
-            else f"The answer is {p['answer']}."
-        )
-        msgs.append(Message(role="assistant", content=final))
+        msgs.append(Message(role="assistant", content=_final(p, p.get("answer"))))
         return msgs
+
+
+def _final(payload: dict[str, Any], answer: Any) -> str:
+    """The demonstrator's one-sentence answer."""
+    if "set" in payload:
+        return f"Done: '{payload['set'][1]}' is saved under '{payload['set'][0]}'."
+    return f"The answer is {answer}."
+
+
+def _wrong(payload: dict[str, Any], rng: random.Random) -> Any:
+    """A guessed answer that is not the task's (a store task's guess is the claim alone)."""
+    answer = payload.get("answer")
+    if answer is None:
+        return None
+    if isinstance(answer, str):
+        return rng.choice([v for v in _VALUES if v != answer])
+    while (x := rng.randint(2, 99)) == answer:
+        pass
+    return x
 
 
 def _norm_value(v: Any) -> Any:
