@@ -113,12 +113,14 @@ class InstantEngine:
 
 class InstantEnv:
     """Test double: an environment whose tools answer at once. Tasks draw their tool set from
-    a small pool (as the toy and BFCL environments' tasks share tool sets); every tool call
-    gets a short JSON result; a turn without calls ends the episode, reward 1."""
+    a small pool (as the toy and BFCL environments' tasks share tool sets), with a query of
+    its own; every tool call gets a short JSON result that differs from call to call (so no
+    cache can answer it); a turn without calls ends the episode, reward 1."""
 
     name = "instant"
 
     def __init__(self, pool: int = 8):
+        self.calls = 0
         tools = _tool_specs()
         rng = random.Random(0)
         self.tool_sets = [rng.sample(tools, rng.randint(2, len(tools))) for _ in range(pool)]
@@ -129,11 +131,12 @@ class InstantEnv:
     async def make_task(self, knobs: Any, rng: random.Random) -> Any:
         from trustee.types import Task
 
+        a, b = rng.randrange(1000), rng.randrange(1000)
         return Task(
             id=f"instant-{rng.getrandbits(32):08x}",
             env="instant",
             tools=self.tool_sets[rng.randrange(len(self.tool_sets))],
-            first_query="What is 12 plus 30? Then tell me the result in one sentence.",
+            first_query=f"What is {a} plus {b}? Then tell me the result in one sentence.",
             system_prompt="You are a helpful assistant. Use the tools.",
         )
 
@@ -153,7 +156,11 @@ class InstantEnv:
         if not action.calls and not action.errors:
             state.done = True
             return []
-        return [Message(role="tool", content='{"result": 42}', name=c.name) for c in action.calls]
+        # A fresh result each call, as real tools give: nothing downstream may memoise it.
+        self.calls += 1
+        return [
+            Message(role="tool", content=f'{{"result": {self.calls}}}', name=c.name) for c in action.calls
+        ]
 
     async def score(self, state: Any) -> Any:
         from trustee.envs.base import Score
