@@ -489,7 +489,19 @@ def available_modes() -> list[str]:
 
 
 def measured_run(mode: str, backend: str, steps: int, out: Path) -> dict[str, Any]:
-    run_dir = out / "e2e-runs" / f"{backend}-{mode}"
+    """One `trustee.run` in a fresh temporary run directory (an existing one would resume),
+    removed after its metrics are read, so nothing but the report lands under OUT."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{backend}-{mode}-"))
+    try:
+        return _measured_run(mode, backend, steps, tmp / "run")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _measured_run(mode: str, backend: str, steps: int, run_dir: Path) -> dict[str, Any]:
     cmd = [
         sys.executable, "-m", "trustee.run", str(ROOT / "configs" / "cpu-tiny.toml"),
         "--set", f"placement.mode={mode}",
