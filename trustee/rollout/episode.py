@@ -294,6 +294,10 @@ def _same_items(items: list[Any], before: tuple[Any, ...]) -> bool:
 
 
 def _is_error(content: str) -> bool:
+    # A JSON object with an "error" key spells the key out, or escapes a letter of it (\u...);
+    # any other text needs no parse.
+    if "error" not in content and "\\u" not in content:
+        return False
     try:
         obj = json.loads(content)
     except json.JSONDecodeError:
