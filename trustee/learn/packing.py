@@ -15,8 +15,11 @@ by `logprobs.body_forward`) to `segment_attention`, registered with transformers
 `AttentionInterface`, which runs causal SDPA per sequence, so a pack of sequences of lengths
 L_k costs sum(L_k^2) attention instead of the (sum L_k)^2 of the block-diagonal mask that
 transformers would otherwise build (`masking_utils.find_packed_sequence_indices`) and SDPA
-would compute in full. Checked against transformers 5.19: the attention function is looked
-up per layer from `config._attn_implementation` (`models/qwen3/modeling_qwen3.py`
+would compute in full. Padded micro-batches go through the same function (SDPA with the
+padding mask, as transformers computes it), so the two layouts run the same kernels; both
+repeat key/value heads for grouped-query attention off CUDA instead of passing SDPA
+`enable_gqa`, which on CPU selects the math kernel (`_kv_heads_for_sdpa`). Checked against
+transformers 5.19: the attention function is looked up per layer from `config._attn_implementation` (`models/qwen3/modeling_qwen3.py`
 Qwen3Attention.forward, `modeling_utils.AttentionInterface`), forward kwargs such as
 cu_seq_lens_q reach it unchanged, and the mask function is looked up from
 `masking_utils.ALL_MASK_ATTENTION_FUNCTIONS` under the same name.
