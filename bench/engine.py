@@ -245,16 +245,21 @@ def main(argv: list[str] | None = None) -> None:
                 continue
         print(f"{backend}:")
         engine = _build(backend, model_dir, max(concurrencies))
-        try:
-            results[backend] = asyncio.run(_sweep(engine, concurrencies, args.max_tokens, args.repeats))
-            overhead[backend] = asyncio.run(
-                _overhead(
+
+        async def measure(engine: Any = engine, backend: str = backend) -> tuple[list, dict]:
+            # One event loop for the sweep, the overhead pair and the close: vLLM's AsyncLLM
+            # shuts its engine core down when the loop it started on closes.
+            try:
+                sweep = await _sweep(engine, concurrencies, args.max_tokens, args.repeats)
+                over = await _overhead(
                     backend, engine, model_dir, max(concurrencies), args.max_tokens, max(3, args.repeats)
                 )
-            )
-            print(f"  overhead: {overhead[backend]}")
-        finally:
-            asyncio.run(engine.close())
+                return sweep, over
+            finally:
+                await engine.close()
+
+        results[backend], overhead[backend] = asyncio.run(measure())
+        print(f"  overhead: {overhead[backend]}")
     report = {
         "bench": "engine",
         "command": "python -m bench.engine" + (" --quick" if args.quick else ""),
