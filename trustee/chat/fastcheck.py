@@ -99,7 +99,9 @@ _TYPES: dict[str, Check] = {
     "boolean": _is_bool,
     "null": _is_null,
     "integer": _is_integer,
-    "number": lambda x: _is_number(x) or (not isinstance(x, bool) and isinstance(x, numbers.Number)),
+    "number": lambda x: (
+        type(x) is int or type(x) is float or (not isinstance(x, bool) and isinstance(x, numbers.Number))
+    ),
 }
 
 
@@ -137,7 +139,14 @@ def compile_check(schema: Any) -> Check | None:
         return lambda x: True
     if len(checks) == 1:
         return checks[0]
-    return lambda x: all(c(x) for c in checks)
+
+    def every(x: Any) -> bool:
+        for c in checks:
+            if not c(x):
+                return False
+        return True
+
+    return every
 
 
 def _keyword(key: str, value: Any, schema: dict[str, Any]) -> Check | None:
@@ -158,12 +167,30 @@ def _keyword(key: str, value: Any, schema: dict[str, Any]) -> Check | None:
         if any(c is None for c in subs.values()):
             return None
         items = list(subs.items())
-        return lambda x: not isinstance(x, dict) or all(c(x[k]) for k, c in items if k in x)
+
+        def properties(x: Any) -> bool:
+            if not isinstance(x, dict):
+                return True
+            for k, c in items:
+                if k in x and not c(x[k]):
+                    return False
+            return True
+
+        return properties
     if key == "required":
         if not isinstance(value, list):
             return None
         names = list(value)
-        return lambda x: not isinstance(x, dict) or all(k in x for k in names)
+
+        def required(x: Any) -> bool:
+            if not isinstance(x, dict):
+                return True
+            for k in names:
+                if k not in x:
+                    return False
+            return True
+
+        return required
     if key == "additionalProperties":
         if "patternProperties" in schema:
             return None
