@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import heapq
 import json
 import math
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,6 +305,7 @@ class SimRun:
         self.rng = random.Random(0)
         self.start = 0
         self.shares = shares
+        self.placement = SimPlacement()
         self.records: list[dict[str, float]] = []
 
     async def step(
@@ -337,6 +340,36 @@ class SimRun:
         return rec
 
 
+class SimGuard:
+    """Test double for `interrupt.StopGuard` on the virtual clock: never stops, runs each
+    step's trained-state part shielded as the real guard does, snapshots nothing (there is no
+    checkpoint to resume in a simulation)."""
+
+    stopping = False
+
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[Any]:
+        import anyio
+
+        with anyio.CancelScope() as scope:
+            yield scope
+
+    async def run_step(self, fn: Any, step: int, *args: Any, **kw: Any) -> Any:
+        import anyio
+
+        with anyio.CancelScope(shield=True):
+            return await fn(step, *args, **kw)
+
+
+class SimPlacement:
+    """Test double for the placement object's `running(tg)` (the continuous loop's hook for
+    background pushes, which the timing models do inside `SimRun.step`)."""
+
+    @contextlib.asynccontextmanager
+    async def running(self, tg: Any) -> AsyncIterator[SimPlacement]:
+        yield self
+
+
 def simulate(mode: str, steps: int, tok: Any) -> dict[str, Any]:
     """One mode on the virtual clock: the real loop code with timing models."""
     from trustee.chat.render import project_template
@@ -365,7 +398,7 @@ def simulate(mode: str, steps: int, tok: Any) -> dict[str, Any]:
         else:
             cfg2 = _with(cfg, grpo={"steps": steps})
             run.cfg = cfg2
-            await _train_continuous(run)
+            await _train_continuous(run, SimGuard())
 
     import anyio
 
@@ -456,7 +489,19 @@ def available_modes() -> list[str]:
 
 
 def measured_run(mode: str, backend: str, steps: int, out: Path) -> dict[str, Any]:
-    run_dir = out / "e2e-runs" / f"{backend}-{mode}"
+    """One `trustee.run` in a fresh temporary run directory (an existing one would resume),
+    removed after its metrics are read, so nothing but the report lands under OUT."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{backend}-{mode}-"))
+    try:
+        return _measured_run(mode, backend, steps, tmp / "run")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _measured_run(mode: str, backend: str, steps: int, run_dir: Path) -> dict[str, Any]:
     cmd = [
         sys.executable, "-m", "trustee.run", str(ROOT / "configs" / "cpu-tiny.toml"),
         "--set", f"placement.mode={mode}",
@@ -469,7 +514,7 @@ def measured_run(mode: str, backend: str, steps: int, out: Path) -> dict[str, An
         "--set", "model.tiny_sft_steps=0",
         "--set", "checkpoint.every_steps=0",
         "--set", "logging.progress_bar=false",
-        "--set", "logging.save_trajectories=false",
+        "--set", "logging.trajectories=none",
         "--out", str(run_dir),
     ]  # fmt: skip
     load0 = [round(x, 2) for x in os.getloadavg()]

@@ -214,7 +214,11 @@ def main(argv: list[str] | None = None) -> None:
         epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--quick", action="store_true", help="hf only, concurrency 1,8,32, 1 repeat")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="concurrency 1,8,32, 1 repeat per sweep cell (the trustee/raw ratio keeps 3), backends as given",
+    )
     ap.add_argument("--size", default="test", choices=["test", "demo"])
     ap.add_argument("--backends", default="hf,vllm")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     add_out_arg(ap)
     args = ap.parse_args(argv)
     if args.quick:
-        args.backends, args.concurrency, args.repeats = "hf", "1,8,32", 1
+        args.concurrency, args.repeats = "1,8,32", 1
     from trustee.tiny import build_tiny_model
 
     before = load_avg()
@@ -241,16 +245,21 @@ def main(argv: list[str] | None = None) -> None:
                 continue
         print(f"{backend}:")
         engine = _build(backend, model_dir, max(concurrencies))
-        try:
-            results[backend] = asyncio.run(_sweep(engine, concurrencies, args.max_tokens, args.repeats))
-            overhead[backend] = asyncio.run(
-                _overhead(
+
+        async def measure(engine: Any = engine, backend: str = backend) -> tuple[list, dict]:
+            # One event loop for the sweep, the overhead pair and the close: vLLM's AsyncLLM
+            # shuts its engine core down when the loop it started on closes.
+            try:
+                sweep = await _sweep(engine, concurrencies, args.max_tokens, args.repeats)
+                over = await _overhead(
                     backend, engine, model_dir, max(concurrencies), args.max_tokens, max(3, args.repeats)
                 )
-            )
-            print(f"  overhead: {overhead[backend]}")
-        finally:
-            asyncio.run(engine.close())
+                return sweep, over
+            finally:
+                await engine.close()
+
+        results[backend], overhead[backend] = asyncio.run(measure())
+        print(f"  overhead: {overhead[backend]}")
     report = {
         "bench": "engine",
         "command": "python -m bench.engine" + (" --quick" if args.quick else ""),

@@ -117,14 +117,27 @@ def run_case(device: str, mode: str, layout: str, steps: int, quick: bool, batch
     learner = Learner(policy, GrpoConfig(beta=0.0), cfg, layout=layout)
     batch = json.loads(Path(batch_file).read_text())
     groups = groups_from(batch, p, policy.model.config.vocab_size)
-    learner.step(groups)  # warm-up
-    ms = [learner.step(groups) for _ in range(steps)]
+    if not quick:
+        learner.step(groups)  # warm-up (quick: none; lazy start-up costs are small beside a step)
+    ms, cpu = [], []
+    for _ in range(steps):
+        c0 = time.process_time()
+        ms.append(learner.step(groups))
+        cpu.append(time.process_time() - c0)
     m = ms[-1]
+    bins = learner.micro_batches(learner_samples(groups))
     return dict(
         mode=mode,
         layout=layout,
         tokens_per_s=statistics.median(x.tokens_per_s for x in ms),
+        # CPU seconds of this process (all torch threads): less sensitive to other load than wall time
+        tokens_per_cpu_s=statistics.median(x.tokens / c for x, c in zip(ms, cpu, strict=True)),
         step_s=statistics.median(x.wall_s for x in ms),
+        step_cpu_s=statistics.median(cpu),
+        # what the layout computes: token rows fed (linear work) and attention score entries (quadratic)
+        work_tokens=sum(mb.n_input_tokens for mb in bins),
+        work_attention=sum(_attention_work(mb) for mb in bins),
+        warmup=not quick,
         peak_mem_bytes=max(x.peak_mem_bytes for x in ms),
         tokens=m.tokens,
         input_tokens=m.input_tokens,
@@ -138,6 +151,23 @@ def run_case(device: str, mode: str, layout: str, steps: int, quick: bool, batch
         load_avg_before=[round(x, 2) for x in load0],
         load_avg_after=[round(x, 2) for x in os.getloadavg()],
     )
+
+
+def learner_samples(groups: list) -> list:
+    from trustee.learn.learner import samples_from_groups
+
+    return samples_from_groups(groups)
+
+
+def _attention_work(mb) -> int:
+    """Causal attention score entries of a micro-batch: per packed sequence L(L+1)/2, per
+    padded row T(T+1)/2 (SDPA computes the padding too)."""
+    cu = mb.attn_kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        lens = (cu[1:] - cu[:-1]).tolist()
+        return sum(n * (n + 1) // 2 for n in lens)
+    R, T = mb.input_ids.shape
+    return R * T * (T + 1) // 2
 
 
 def machine(device: str) -> dict:
@@ -157,6 +187,11 @@ def ratios(results: list[dict]) -> dict:
     for mode in sorted({r["mode"] for r in results}):
         pk, pd = by[(mode, "packed")], by[(mode, "padded")]
         out[f"{mode}: packed/padded tokens_per_s"] = pk["tokens_per_s"] / pd["tokens_per_s"]
+        out[f"{mode}: packed/padded tokens_per_cpu_s"] = pk["tokens_per_cpu_s"] / pd["tokens_per_cpu_s"]
+        # The most packing could gain on this batch if the step's cost were all per token
+        # (padded/packed token rows) or all attention (padded/packed score entries).
+        out[f"{mode}: bound if cost per token"] = pd["work_tokens"] / pk["work_tokens"]
+        out[f"{mode}: bound if cost all attention"] = pd["work_attention"] / pk["work_attention"]
         out[f"{mode}: packed/padded peak_mem"] = pk["peak_mem_bytes"] / pd["peak_mem_bytes"]
         out[f"{mode}: padded layout padding fraction"] = pd["padding_frac"]
     for mode in ("lora", "qlora"):
@@ -179,12 +214,12 @@ def markdown(report: dict) -> str:
         f"Config: {json.dumps(report['config'])}",
         f"Lengths (realistic episodes: toy, simulated, BFCL): {json.dumps(report['lengths'])}",
         "",
-        "| mode | layout | tokens/s | step s | peak MiB | padding | micro-batches | trainable params |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| mode | layout | tokens/s | tokens/CPU-s | step s | peak MiB | padding | micro-batches | trainable params |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         lines.append(
-            f"| {r['mode']} | {r['layout']} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | "
+            f"| {r['mode']} | {r['layout']} | {r['tokens_per_s']:.0f} | {r['tokens_per_cpu_s']:.0f} | {r['step_s']:.2f} | "
             f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['padding_frac']:.0%} | {r['micro_batches']} | {r['trainable_params']:,} |"
         )
     lines += ["", "| ratio (same run) | value |", "|---|---:|"]
@@ -218,6 +253,7 @@ def _combine(rs: list[dict]) -> dict:
     out = dict(rs[0])
     out["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in rs)
     out["step_s"] = statistics.median(r["step_s"] for r in rs)
+    out["tokens_per_cpu_s"] = statistics.median(r["tokens_per_cpu_s"] for r in rs)
     out["peak_mem_bytes"] = max(r["peak_mem_bytes"] for r in rs)
     out["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in rs]
     return out
@@ -232,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--quick", action="store_true", help="the test-size model, one group of 8 episodes, 1 step, 1 round")
+    ap.add_argument("--quick", action="store_true", help="the test-size model, one group of 8 episodes, 1 step without warm-up, 1 round")
     ap.add_argument(
         "--steps",
         type=int,

@@ -199,3 +199,40 @@ def test_packed_gradients_equal_padded(tiny_model_dir):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert grads[0].shape == grads[1].shape
     assert (grads[0] - grads[1]).abs().max() <= 1e-4 * max(1.0, grads[1].abs().max().item())
+
+
+def test_cpu_attention_repeats_kv_heads_instead_of_enable_gqa(tiny_model_dir, monkeypatch):
+    """On CPU, SDPA with enable_gqa=True runs the math kernel (several times slower): the
+    learner's attention repeats key/value heads instead, packed and padded alike, and gives
+    transformers' own SDPA results."""
+    from transformers import AutoModelForCausalLM
+
+    samples = make_samples(3, seed=7)
+    ids = list(range(len(samples)))
+    ref_model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    cfg = ref_model.config
+    assert cfg.num_key_value_heads < cfg.num_attention_heads  # the tiny model has grouped-query attention
+    with torch.no_grad():  # transformers' SDPA path, before any switch: the reference values
+        ref = [token_logprobs(ref_model, build_padded(samples, ids))[0]]
+        ref += [token_logprobs(ref_model, build_padded([s], [0]))[0] for s in samples]
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    calls: list[tuple[int, int, bool]] = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):  # records (query heads, key heads, enable_gqa) of every call
+        calls.append((q.shape[1], k.shape[1], bool(kw.get("enable_gqa", False))))
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        got = [token_logprobs(model, build_padded(samples, ids))[0]]  # masked rows
+        got += [token_logprobs(model, build_padded([s], [0]))[0] for s in samples]  # no mask: causal
+        packed = token_logprobs(model, build_packed(samples, ids))[0]
+    assert calls and all(h == kh and not gqa for h, kh, gqa in calls)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed, ref[0], rtol=1e-5, atol=1e-5)

@@ -115,3 +115,62 @@ def test_parser_built_once_per_tool_set(tiny_tokenizer, monkeypatch):
     runner.for_tools([TOOLS["multiply"]])  # evicts the least recently used (TOOLSET)
     runner.for_tools(TOOLSET)
     assert len(built) == 4
+
+
+PIECES = ["user", "assistant", "\n", " ", "  ", "{\"result\": 42}", "ünï ✓", "数字", "a", "\n\n", "x y", "}\n"]
+
+
+@pytest.mark.parametrize("family", ["qwen", "llama3", "mistral"])
+def test_piecewise_encoding_equals_whole_text_encoding(family, tiny_tokenizer):
+    # _Segments cuts at added tokens and memoises the pieces; the ids must be the library's
+    # own for any mix of text and special tokens, on every family's tokenizer.
+    import random
+
+    from chat_tokenizers import tiny_chat_tokenizer
+
+    from trustee.rollout.turns import _Segments
+
+    tok = tiny_tokenizer if family == "qwen" else tiny_chat_tokenizer(family)
+    backend = tok.backend_tokenizer
+    seg = _Segments.build(backend, cache=8)
+    assert seg is not None
+    specials = list(tok.get_added_vocab())
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice(PIECES + specials) for _ in range(rng.randint(0, 12)))
+        assert seg.encode(text) == backend.encode(text, add_special_tokens=False).ids, text
+    assert len(seg._memo) == 8  # bounded
+
+
+def test_no_piecewise_encoding_where_the_start_of_a_text_is_special():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from trustee.rollout.turns import _Segments
+
+    t = Tokenizer(models.WordLevel({"[UNK]": 0, "▁a": 1}, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    t.add_special_tokens(["<s>"])
+    assert _Segments.build(t, cache=8) is None  # a piece after "<s>" would get a "▁" it lacks
+
+
+def test_repeated_scaffolding_is_looked_up_not_encoded(fmt):
+    r = TurnRenderer(fmt)
+    assert r._segments is not None  # the tiny byte-level BPE tokenizer qualifies
+    for i in range(20):
+        r.continuation_ids([Message(role="tool", content=f'{{"result": {i}}}', name="add")])
+    hits = set(r._segments._memo)
+    assert "assistant\n" in hits and "\n" in hits  # scaffolding pieces stay memoised
+    new = [Message(role="tool", content='{"result": "fresh"}', name="add")]
+    assert r.continuation_ids(new) == fmt.continuation_ids(new)
+
+
+def test_tool_list_changed_in_place_is_not_mistaken_for_the_last_one(tiny_tokenizer):
+    runner = EpisodeRunner(policy=None, tokenizer=tiny_tokenizer, template=project_template())
+    tools = list(TOOLSET)
+    a = runner.for_tools(tools)
+    assert runner.for_tools(tools) is a
+    tools[1] = TOOLS["multiply"]  # same list object, other specs
+    b = runner.for_tools(tools)
+    assert b is not a and set(b[1].tools) == {"add", "multiply"}
+    tools.append(TOOLS["kv_get"])
+    assert set(runner.for_tools(tools)[1].tools) == {"add", "multiply", "kv_get"}

@@ -24,6 +24,7 @@ from typing import Any
 import jsonschema
 import msgspec
 
+from trustee.chat.fastcheck import compile_check
 from trustee.chat.formats import FAMILIES, family
 from trustee.types import Message, ToolCall, ToolCallError, ToolSpec
 
@@ -72,6 +73,9 @@ class ToolCallParser:
         if len(self.tools) != len(tools):
             raise ValueError(f"tool names are not unique: {[t.name for t in tools]}")
         self._validators = {t.name: _schema_validator(t.parameters) for t in tools}
+        # A plain-Python "certainly valid" check per schema (None: jsonschema only); a call it
+        # does not pass goes through jsonschema, whose message the policy sees.
+        self._certainly_valid = {t.name: compile_check(t.parameters) for t in tools}
 
     def validate(self, call: ToolCall) -> ToolCallError | None:
         """Check a call against the tool set: unknown name or schema violation."""
@@ -83,6 +87,9 @@ class ToolCallParser:
                 raw=canonical_json({"name": call.name, "arguments": call.arguments}),
                 name=call.name,
             )
+        fast = self._certainly_valid[call.name]
+        if fast is not None and fast(call.arguments):
+            return None
         err = jsonschema.exceptions.best_match(self._validators[call.name].iter_errors(call.arguments))
         if err is not None:
             where = "/".join(str(p) for p in err.absolute_path) or "arguments"

@@ -185,7 +185,7 @@ class Conversation:
         assert len(ids) == len(logprobs), "ids and logprobs differ in length"
         self.ids.extend(ids)
         self.mask.extend([1] * len(ids))
-        self.logprobs.extend(float(x) for x in logprobs)
+        self.logprobs.extend(map(float, logprobs))
         self.versions.extend([version] * len(ids))
         if not ids or ids[-1] != self.fmt.eos_id:
             self._append_rendered([self.fmt.eos_id])

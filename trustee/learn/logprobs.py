@@ -66,11 +66,12 @@ def _chunk_logprobs(
 def body_forward(body: nn.Module, mb: MicroBatch) -> torch.Tensor:
     """Hidden states of the whole micro-batch, flattened: [R*T, H].
 
-    A packed micro-batch switches an SDPA/eager model to per-sequence attention first
-    (`packing.use_segment_attention`; once, it stays), so no attention work crosses a
-    sequence boundary; padded micro-batches compute exactly what SDPA computes."""
-    if mb.attention_mask is None and "cu_seq_lens_q" in mb.attn_kwargs:
-        use_segment_attention(body)
+    An SDPA/eager model is switched to `packing.segment_attention` first (once, it stays):
+    packed micro-batches get per-sequence attention, so no attention work crosses a sequence
+    boundary; padded ones compute what SDPA computes, and both keep grouped-query attention
+    on SDPA's fast kernels (transformers' own SDPA path passes enable_gqa on CPU, which runs
+    the math kernel, several times slower)."""
+    use_segment_attention(body)
     out = body(
         input_ids=mb.input_ids,
         position_ids=mb.position_ids,

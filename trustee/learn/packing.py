@@ -15,8 +15,11 @@ by `logprobs.body_forward`) to `segment_attention`, registered with transformers
 `AttentionInterface`, which runs causal SDPA per sequence, so a pack of sequences of lengths
 L_k costs sum(L_k^2) attention instead of the (sum L_k)^2 of the block-diagonal mask that
 transformers would otherwise build (`masking_utils.find_packed_sequence_indices`) and SDPA
-would compute in full. Checked against transformers 5.19: the attention function is looked
-up per layer from `config._attn_implementation` (`models/qwen3/modeling_qwen3.py`
+would compute in full. Padded micro-batches go through the same function (SDPA with the
+padding mask, as transformers computes it), so the two layouts run the same kernels; both
+repeat key/value heads for grouped-query attention off CUDA instead of passing SDPA
+`enable_gqa`, which on CPU selects the math kernel (`_kv_heads_for_sdpa`). Checked against
+transformers 5.19: the attention function is looked up per layer from `config._attn_implementation` (`models/qwen3/modeling_qwen3.py`
 Qwen3Attention.forward, `modeling_utils.AttentionInterface`), forward kwargs such as
 cu_seq_lens_q reach it unchanged, and the mask function is looked up from
 `masking_utils.ALL_MASK_ATTENTION_FUNCTIONS` under the same name.
@@ -176,13 +179,29 @@ def segment_attention(
 
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        if kwargs.get("position_bias") is not None or key.shape[2] != query.shape[2]:
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+        # sdpa_attention_forward's computation for the learner's case (no cache, no position
+        # bias), with grouped-query attention that stays on SDPA's fast kernels (see below)
+        key, value, gqa = _kv_heads_for_sdpa(query, key, value, masked=attention_mask is not None)
+        is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=dropout,
+            scale=scaling,
+            is_causal=is_causal,
+            **gqa,
+        )  # [R, H, T, D]
+        return out.transpose(1, 2).contiguous(), None
     if kwargs.get("sliding_window") is not None:
         raise NotImplementedError("segment_attention does not implement sliding-window attention")
     assert query.shape[0] == 1, "a packed micro-batch is one row"
-    gqa = key.shape[1] != query.shape[1]
+    key, value, gqa = _kv_heads_for_sdpa(query, key, value)
     bounds = cu.tolist()
     outs = [
         torch.nn.functional.scaled_dot_product_attention(
@@ -192,11 +211,31 @@ def segment_attention(
             dropout_p=dropout,
             scale=scaling,
             is_causal=True,
-            enable_gqa=gqa,
+            **gqa,
         )
         for s, e in zip(bounds[:-1], bounds[1:], strict=True)
     ]  # each [1, H, L_k, D]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # [1, T, H, D]
+
+
+def _kv_heads_for_sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, masked: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Grouped-query attention for SDPA: `enable_gqa` on CUDA without a mask (its flash kernel
+    takes fewer key/value heads; with a mask it would not run, as transformers also notes);
+    otherwise key/value repeated to the query's heads, because on CPU
+    `enable_gqa=True` sends SDPA to its math kernel (measured with torch 2.13 CPU, one
+    sequence of 4,096, 2 query heads on 1 key/value head, forward + backward: 4.0 s with
+    enable_gqa, 1.0 s repeated; 13 s with a non-contiguous query, which is how attention
+    modules hand it over). key/value [1, Hkv, T, D] -> [1, H, T, D] off CUDA."""
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep == 1:
+        return key, value, {}
+    if query.device.type == "cuda" and not masked:
+        return key, value, {"enable_gqa": True}
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    return repeat_kv(key, n_rep), repeat_kv(value, n_rep), {}
 
 
 def _segment_mask(**kwargs):

@@ -97,6 +97,11 @@ class EpisodeRunner:
     _formats: OrderedDict[bytes, tuple[ChatFormat, ToolCallParser, TurnRenderer]] = field(
         default_factory=OrderedDict, init=False, repr=False
     )
+    # The tool list last looked up, a copy of its items and its entry: the episodes of a
+    # group ask with the same list object, which skips encoding the key.
+    _last_tools: tuple[list[ToolSpec], tuple[ToolSpec, ...], Any] | None = field(
+        default=None, init=False, repr=False
+    )
 
     @classmethod
     def from_config(
@@ -182,10 +187,14 @@ class EpisodeRunner:
         limited set of tool sets. Keyed by the tool specs' JSON; the `tool_set_cache` most
         recent sets are kept. The format and parser are read-only after construction and the
         renderer only memoises, so sharing them is safe."""
+        last = self._last_tools
+        if last is not None and last[0] is tools and _same_items(tools, last[1]):
+            return last[2]  # the same list of the same specs: a group's episodes share their task's
         key = msgspec.json.encode(tools)
         hit = self._formats.get(key)
         if hit is not None:
             self._formats.move_to_end(key)
+            self._last_tools = (tools, tuple(tools), hit)
             return hit
         fmt = ChatFormat(
             self.tokenizer,
@@ -196,6 +205,7 @@ class EpisodeRunner:
         )
         hit = (fmt, ToolCallParser(tools, format=fmt.family), TurnRenderer(fmt))
         self._formats[key] = hit
+        self._last_tools = (tools, tuple(tools), hit)
         if len(self._formats) > self.tool_set_cache:
             self._formats.popitem(last=False)
         return hit
@@ -279,7 +289,15 @@ class EpisodeRunner:
         return traj
 
 
+def _same_items(items: list[Any], before: tuple[Any, ...]) -> bool:
+    return len(items) == len(before) and all(a is b for a, b in zip(items, before, strict=True))
+
+
 def _is_error(content: str) -> bool:
+    # A JSON object with an "error" key spells the key out, or escapes a letter of it (\u...);
+    # any other text needs no parse.
+    if "error" not in content and "\\u" not in content:
+        return False
     try:
         obj = json.loads(content)
     except json.JSONDecodeError:

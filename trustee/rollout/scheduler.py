@@ -83,7 +83,7 @@ class GroupScheduler:
         self._send, self._recv = anyio.create_memory_object_stream[ScheduledGroup](
             max_buffer_size=self.buffer or math.inf
         )
-        self._slots = anyio.Semaphore(self.max_inflight_groups)
+        self._slots = anyio.Semaphore(self.max_inflight_groups, fast_acquire=True)
         tg.start_soon(self._produce, tg)
 
     async def _produce(self, tg: TaskGroup) -> None:

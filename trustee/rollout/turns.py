@@ -14,9 +14,12 @@ parser and shares it across episodes). It produces exactly the ids `ChatFormat.p
   falls back to the template for good (logged once). Assistant messages, and messages
   carrying tool calls or reasoning, always take the template path.
 - Text is encoded and decoded with the fast tokenizer's Rust backend directly (skipping the
-  transformers wrapper's per-call overhead), after checking on the verified turns that the
+  transformers wrapper's per-call overhead), after checking on the first encodes that the
   ids equal `tokenizer.encode(text, add_special_tokens=False)`; the decode shortcut is used
-  only where `tokenizer.decode` would not post-process the text.
+  only where `tokenizer.decode` would not post-process the text. Where exact, a text is
+  encoded piece by piece between its added tokens, and the pieces that repeat (template
+  scaffolding, the system prompt with its tool list) are looked up, not encoded again
+  (`_Segments`).
 - Opening prompts are memoised by content (a GRPO group's episodes share their prompt).
 
 It does not parse tool calls (`chat/parse.py`) or hold a conversation (`chat/render.py`).
@@ -26,8 +29,10 @@ Called by `rollout/episode.py`; tested in tests/test_turns.py against `ChatForma
 from __future__ import annotations
 
 import logging
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -83,7 +88,9 @@ def _split(text: str, n: int, tag: str) -> _Pieces | None:
 class TurnRenderer:
     """Ids of opening prompts and environment turns for one `ChatFormat` (one tool set)."""
 
-    def __init__(self, fmt: ChatFormat, *, verify_uses: int = 2, prompt_cache: int = 64):
+    def __init__(
+        self, fmt: ChatFormat, *, verify_uses: int = 2, prompt_cache: int = 64, segment_cache: int = 256
+    ):
         self.fmt = fmt
         self.eos_id = fmt.eos_id
         self.verify_uses = verify_uses
@@ -95,6 +102,8 @@ class TurnRenderer:
         backend = getattr(tok, "backend_tokenizer", None)
         self._backend = backend if backend is not None and hasattr(backend, "encode_batch") else None
         self._backend_checked = 0
+        self.verify_encodes = max(verify_uses, 16)
+        self._segments = _Segments.build(self._backend, segment_cache) if self._backend is not None else None
         # tokenizer.decode post-processes only with clean_up_tokenization_spaces on
         self._fast_decode = self._backend is not None and not getattr(
             tok, "clean_up_tokenization_spaces", True
@@ -106,13 +115,19 @@ class TurnRenderer:
     def encode(self, text: str) -> list[int]:
         if self._backend is None:
             return self.fmt.encode(text)
-        ids = self._backend.encode(text, add_special_tokens=False).ids
-        if self._backend_checked < self.verify_uses:
+        if self._segments is not None:
+            ids = self._segments.encode(text)
+        else:
+            ids = self._backend.encode(text, add_special_tokens=False).ids
+        if self._backend_checked < self.verify_encodes:
             self._backend_checked += 1
             ref = self.fmt.encode(text)
             if ids != ref:
-                log.warning("fast tokenizer backend disagrees with tokenizer.encode; using tokenizer.encode")
-                self._backend = None
+                log.warning(
+                    "fast tokenizer path disagrees with tokenizer.encode on %r; using tokenizer.encode",
+                    text[:80],
+                )
+                self._backend = self._segments = None
                 self._fast_decode = False
                 return ref
         return ids
@@ -181,6 +196,75 @@ class TurnRenderer:
             log.warning("chat template output for %s is not content-substitutable; rendering in full", kind)
             return None
         return a
+
+
+class _Segments:
+    """`backend.encode(text, add_special_tokens=False).ids`, assembled from the pieces of
+    `text` between added tokens, each piece's ids memoised (LRU).
+
+    The tokenizers library cuts a text at its added tokens before normalising and
+    pre-tokenizing, and handles each piece on its own; so the ids of a text are the ids of
+    its pieces with the added tokens' ids between them. A rendered turn is mostly template
+    scaffolding between special tokens ("user\\n", "assistant\\n", the system prompt with
+    the tool list), which repeats every turn and is looked up; only the pieces holding new
+    content are encoded. Built only where that cutting is exact: added tokens that match the
+    raw text with no strip or single-word rule, no `encode_special_tokens`, no pre-tokenizer
+    that treats the start of the text specially (Metaspace); and the renderer still compares
+    its first encodes with `tokenizer.encode`.
+    """
+
+    def __init__(self, backend: Any, tokens: dict[str, int], cache: int):
+        self._backend = backend
+        self._ids = tokens
+        # Longest first: at one position the regex takes the first alternative that matches,
+        # which is then the longest (the library's leftmost-longest match).
+        alts = sorted(tokens, key=len, reverse=True)
+        self._cut = re.compile("|".join(re.escape(t) for t in alts))
+        self._memo: OrderedDict[str, list[int]] = OrderedDict()
+        self._cache = cache
+
+    @classmethod
+    def build(cls, backend: Any, cache: int) -> _Segments | None:
+        try:
+            if getattr(backend, "encode_special_tokens", False):
+                return None
+            if "Metaspace" in repr(backend.pre_tokenizer):
+                return None
+            added = backend.get_added_tokens_decoder()
+        except Exception:  # noqa: BLE001 - an unusual backend: encode whole texts instead
+            return None
+        tokens = {}
+        for i, t in added.items():
+            if t.lstrip or t.rstrip or t.single_word:
+                return None
+            if not t.normalized and t.content:
+                tokens[t.content] = i
+        if not tokens or cache < 1:
+            return None
+        return cls(backend, tokens, cache)
+
+    def encode(self, text: str) -> list[int]:
+        out: list[int] = []
+        pos = 0
+        for m in self._cut.finditer(text):
+            if m.start() > pos:
+                out += self._piece(text[pos : m.start()])
+            out.append(self._ids[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            out += self._piece(text[pos:])
+        return out
+
+    def _piece(self, piece: str) -> list[int]:
+        hit = self._memo.get(piece)
+        if hit is not None:
+            self._memo.move_to_end(piece)
+            return hit
+        ids = self._backend.encode(piece, add_special_tokens=False).ids
+        self._memo[piece] = ids
+        if len(self._memo) > self._cache:
+            self._memo.popitem(last=False)
+        return ids
 
 
 def _verbatim(m: Message) -> bool:
