@@ -130,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="evaluate every 10 steps instead of every 5 (the runs are the main job's)",
     )
-    ap.add_argument("--jobs", type=int, default=2, help="runs side by side (each gets cpus / jobs threads)")
+    ap.add_argument("--jobs", type=int, default=3, help="runs side by side (each gets cpus / jobs threads, >= 1)")
+    ap.add_argument(
+        "--runs", default=str(ROOT / "runs" / "bench-learning-runs"), help="where the runs' own directories go"
+    )
     ap.add_argument(
         "--metric", choices=["sampled", "greedy"], default="sampled", help="held-out reward that defines gain"
     )
@@ -142,14 +145,19 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
     load0 = os.getloadavg()
-    model = _model(args.config, out)
+    runs = Path(args.runs)
+    if runs.exists():  # a run directory left from before would resume instead of training afresh
+        import shutil
+
+        shutil.rmtree(runs)
+    model = _model(args.config, runs)
     extra = (QUICK if args.quick else []) + list(args.set)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     arms_of = {"trained": [], "control": ["learner.lr=0"]}
 
     def one(seed: int, kind: str) -> dict:
         t = time.perf_counter()
-        recs = _run(args.config, out / f"seed{seed}-{kind}", seed, model, extra + arms_of[kind], threads)
+        recs = _run(args.config, runs / f"seed{seed}-{kind}", seed, model, extra + arms_of[kind], threads)
         train = _curve(recs, "reward_mean")
         arm: dict = {"reward_mean": train, "wall_s": 0.0}
         for m in ("greedy", "sampled"):

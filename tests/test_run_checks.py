@@ -90,4 +90,4 @@ def test_resolved_paths_are_absolute(tmp_path):
     res = resolve(load_config(ROOT / "configs" / "cpu-tiny.toml"), "runs/x")
     for p in (res.run_dir, res.policy_model, res.simulator_model):
         assert Path(p).is_absolute(), p
-    assert json.loads(json.dumps(res.policy_model)).endswith(".cache/models/tiny-sft")
+    assert json.loads(json.dumps(res.policy_model)).endswith(".cache/models/tiny-toy-sft")

@@ -77,14 +77,14 @@ def _knobs(rng: random.Random) -> Knobs:
     return Knobs(difficulty=d, n_tools=rng.choice([1, 1, 2]), n_expected_calls=rng.choice([1, 1, 1, 2]))
 
 
-GUESS_SHARE = 0.5
+GUESS_SHARE = 0.6
 """Share of warm-up conversations in which the demonstrator skips the tools and guesses.
 
 The warm-up imitates an imperfect demonstrator on purpose: a warmed model that already did
-everything its data showed would leave RL nothing to find in 20 CPU steps (a 430k-parameter
-model learns to copy numbers far too slowly for that). Half of the time it guesses, so the
-warmed policy calls a tool on about half of its first turns, and the reward (0 for a guess,
-up to 1 through the tools) is the only thing that tells GRPO which half to keep."""
+everything its data showed would leave RL nothing to find in 30 CPU steps (a 430k-parameter
+model learns to copy numbers far too slowly for that). 60% of the time it guesses, so the
+warmed policy calls a tool on fewer than half of its first turns, and the reward (0 for a
+guess, up to 1 through the tools) is the only thing that tells GRPO which to keep."""
 
 
 def _examples(
