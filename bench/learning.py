@@ -5,7 +5,7 @@ Run:  python -m bench.learning --quick [--out DIR] [--seeds 0,1,2] [--config con
 For each seed, the same run twice through `python -m trustee.run` (the README's main job;
 --quick evaluates less often): once as configured ("trained") and once with learner.lr = 0
 ("control": the same rollouts, curriculum, evaluation and learner passes, but the weights
-never move). The two arms of a seed run side by side, one core each (`--jobs`). Both start
+never move). Runs go side by side, three at a time on one thread each by default (`--jobs`). Both start
 from the same SFT-warmed tiny model, built once before the runs. The figure of merit is the
 held-out reward (toy: a fixed task set never trained on) at the end, sampled at the rollout
 temperature as the policy is trained to act (`--metric sampled`, the default) or greedy:
