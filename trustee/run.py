@@ -245,7 +245,12 @@ def format_plan(cfg: Config, res: Resolved, notes: list[str]) -> str:
         f"  loss       {g.loss_type}, {_clip_text(g)}, beta {g.beta}, IS {g.is_level}/{g.is_mode}",
         f"  updates    {g.updates_per_batch} pass(es) x {g.mini_batches} mini-batch(es) per step; "
         f"dynamic sampling {'on' if g.dynamic_sampling else 'off'}; truncated episodes: {g.overlong}",
-        f"  learner    {res.learner}, lr {cfg.learner.lr}, {cfg.learner.schedule}",
+        f"  learner    {res.learner}, lr {cfg.learner.lr}, {cfg.learner.schedule}"
+        + (
+            f", {cfg.placement.learner_ranks} FSDP2 ranks ({'nccl' if cfg.placement.learner_gpus else 'gloo'})"
+            if cfg.placement.learner_ranks > 1
+            else ""
+        ),
         f"  placement  {cfg.placement.mode}, {res.gpus_required} GPU(s)",
     ]
     lines += [f"  note       {n}" for n in notes]
