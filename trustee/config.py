@@ -875,6 +875,19 @@ def _cross_checks(cfg: Config) -> list[Problem]:
     return p
 
 
+def needs_simulator(env: EnvironmentConfig) -> bool:
+    """Whether the run must start the simulator engine for this environment (the simulated
+    environment, a tasks file with simulated tools or a judged reward, a Python environment
+    that says it uses one). Re-exported by `trustee.envs`."""
+    if env.kind == "simulated":
+        return True
+    if env.kind == "tasks_file":
+        return env.tasks_file.tools == "simulated" or env.reward in ("judge", "rubric", "function+judge")
+    if env.kind == "python":
+        return env.uses_simulator
+    return False
+
+
 def _placement_problems(cfg: Config) -> list[Problem]:
     """Engine and placement rules that need no model sizes (the memory plan, which does, is
     checked at start-up by `trustee.placement.check_memory`)."""
@@ -948,8 +961,6 @@ def _placement_problems(cfg: Config) -> list[Problem]:
                 "QLoRA (bitsandbytes 4-bit) needs CUDA; set placement.learner_gpus or use mode 'lora'",
             )
         )
-    from trustee.envs import needs_simulator  # envs imports config only for type checking
-
     built = ("policy", "simulator") if needs_simulator(cfg.environment) else ("policy",)
     local = [r for r in built if getattr(eng, r).backend != "openai"]
     gpus_of = {"policy": set(pl.policy_gpus), "simulator": set(pl.simulator_gpus)}

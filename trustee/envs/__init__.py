@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from trustee.config import needs_simulator as needs_simulator  # re-exported: placement and run ask here
+
 if TYPE_CHECKING:
     from trustee.config import Config, EnvironmentConfig, SimulatorConfig
     from trustee.engines.base import Engine
@@ -93,17 +95,6 @@ BUILDERS: dict[str, Builder] = {
     "tasks_file": _tasks_file,
     "python": _python,
 }
-
-
-def needs_simulator(env: EnvironmentConfig) -> bool:
-    """Whether the run must start the simulator engine for this environment."""
-    if env.kind == "simulated":
-        return True
-    if env.kind == "tasks_file":
-        return env.tasks_file.tools == "simulated" or env.reward in ("judge", "rubric", "function+judge")
-    if env.kind == "python":
-        return env.uses_simulator
-    return False
 
 
 def simulator_client(cfg: Config, engine: Engine, tokenizer: Any, template: str | None) -> SimClient:
