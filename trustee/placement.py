@@ -9,8 +9,8 @@ Owns
 - the per-step choreography (`Placement.before_learn` / `after_learn`): sleep what must sleep,
   export the update, free the learner's cached memory, wake, push the weights (which resets the
   engine's prefix cache), each phase timed (`time/sleep_s`, `time/wake_s`, `time/sync_s`);
-- the loop shape of each mode (`Placement.drive`): collect-then-train, or rollouts that go on
-  while the learner trains (`GroupScheduler`).
+- whether a mode's rollouts go on while the learner trains (`Placement.continuous`; the two
+  loops themselves live in `train.py`).
 
 Modes (one object each, chosen once from `placement.mode`; `MODES` is the registry):
 - colocate: engines and learner share devices; both engines sleep while the learner trains
@@ -33,7 +33,6 @@ import gc
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -536,30 +535,6 @@ def learner_memory(cfg: Config) -> DeviceMemory:
 # ============================================================================= the modes
 
 
-class RunLike(Protocol):
-    """What the loops need from the training run (`train._Run`)."""
-
-    cfg: Config
-    start: int
-    env: Any
-    runner: Any
-    curriculum: Any
-    rng: Any
-    learner: Any
-
-    async def step(
-        self,
-        step: int,
-        groups: list[Any],
-        knobs: list[Any],
-        t_roll: float,
-        extra: dict[str, float] | None = None,
-    ) -> dict[str, Any]: ...
-
-
-Collect = Callable[..., Awaitable[tuple[list[Any], list[Any]]]]
-
-
 class Placement:
     """The placement of one run: its engines, its learner's device, and the mode's choreography.
 
@@ -718,19 +693,6 @@ class Placement:
         out["engine/mean_batch"] = st.mean_batch
         return out
 
-    # ------------------------------------------------------------------ the loop
-
-    async def drive(self, run: RunLike, collect: Collect) -> dict[str, Any]:
-        """Collect each step's groups, then train while no episode runs."""
-        cfg = self.cfg
-        last: dict[str, Any] = {}
-        for step in range(run.start, cfg.grpo.steps):
-            t0 = time.perf_counter()
-            extra: dict[str, float] = {}
-            groups, knobs = await collect(run.env, run.runner, run.curriculum, cfg, run.rng, step, extra)
-            last = await run.step(step, groups, knobs, time.perf_counter() - t0, extra)
-        return last
-
     async def close(self) -> None:
         await self.flush()
         for e in self.engines.values():
@@ -758,42 +720,6 @@ class Overlap(Placement):
     """Everything resident together; rollouts continue while the learner trains."""
 
     continuous = True
-
-    async def drive(self, run: RunLike, collect: Collect) -> dict[str, Any]:
-        from trustee.rollout.scheduler import GroupScheduler
-
-        cfg, g = self.cfg, self.cfg.grpo
-        sched = GroupScheduler(
-            env=run.env,
-            runner=run.runner,
-            curriculum=run.curriculum,
-            group_size=g.group_size,
-            max_inflight_groups=max(1, cfg.rollout.max_inflight_episodes // g.group_size),
-            max_staleness=cfg.rollout.max_staleness,
-            version=lambda: self.policy.version,
-            rng=run.rng,
-            buffer=g.tasks_per_step,
-        )
-        last: dict[str, Any] = {}
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            sched.start(tg)
-            for step in range(run.start, g.steps):
-                t0 = time.perf_counter()
-                items = await sched.take(g.tasks_per_step)
-                stats = {
-                    "sched/dropped_stale": float(sched.dropped_stale),
-                    "sched/peak_inflight_groups": float(sched.peak_inflight),
-                    "sched/task_errors": float(sched.task_errors),
-                    "sched/lag_mean": sum(self.policy.version - i.started_version for i in items)
-                    / len(items),
-                }
-                groups, knobs = [i.group for i in items], [i.knobs for i in items]
-                last = await run.step(step, groups, knobs, time.perf_counter() - t0, stats)
-            await self.flush()
-            tg.cancel_scope.cancel()
-        self._tg = None
-        return last
 
 
 class Split(Overlap):
