@@ -12,8 +12,16 @@ has a fresh allocator and its own peak-memory figure. Tokens/s counts real token
 excluded) per optimiser step: median over the measured steps after one warm-up step, then
 median over rounds (cases run in ABBA order across rounds, so drift in machine load hits
 all cases alike). The packed layout does no attention work across sequence boundaries
-(`learn/packing.py` segment attention); the padded layout is the learner's own
-(`layout='padded'`: arrival-order rows padded to the longest, count x longest <= budget).
+(`learn/packing.py` segment attention). Two padded layouts, both on the same budget:
+`padded` is the learner's own (`layout='padded'`: arrival-order rows padded to the longest of
+their micro-batch, count x longest <= budget), `trl-padded` is the layout TRL's GRPOTrainer
+trains on (its `_generate_and_score_completions` pads the whole generation batch to its
+longest prompt and completion before splitting it into micro-batches of a fixed row count;
+here that count is budget // longest, so it uses the same memory). The token budget is
+twice the longest episode: on CPU the learner's default (`learner.micro_batch_tokens`,
+16,384) over episodes cut at 8,192, on CUDA 32,768 over 16,384; `--budget` changes it (at a
+budget equal to the longest episode every long episode fills a micro-batch alone in any
+layout, so the work packing can save shrinks to the short episodes' padding).
 Peak memory is CUDA max_memory_allocated, or on CPU the process's peak RSS during a step
 (Linux VmHWM; it includes the weights, torch itself and memory the allocator keeps, so CPU
 memory ratios are close to 1). Comparisons are ratios within one run; the load average is
@@ -34,24 +42,29 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+DEFAULT_BUDGET = 16384
+"""`learner.micro_batch_tokens`'s default (a test keeps the two equal)."""
 PRESETS = {
     # device: model size, dtype, groups x group size samples, longest sequence, token budget
-    "cpu": dict(size="demo", dtype="float32", groups=3, group_size=8, max_len=8192, budget=8192),
-    "cuda": dict(size="demo", dtype="bfloat16", groups=8, group_size=8, max_len=16384, budget=16384),
+    "cpu": dict(size="demo", dtype="float32", groups=3, group_size=8, max_len=8192, budget=DEFAULT_BUDGET),
+    "cuda": dict(
+        size="demo", dtype="bfloat16", groups=8, group_size=8, max_len=16384, budget=2 * DEFAULT_BUDGET
+    ),
 }
+LAYOUTS = ("packed", "padded", "trl-padded")
 QUICK = {"size": "test", "groups": 1}
 # Episode lengths are measured with the 'demo' tokenizer (vocabulary 2048) whatever the model
 # size; ids are folded into the model's vocabulary (only lengths and masks matter here).
 LENGTH_TOKENIZER = "demo"
 
 
-def preset(device: str, quick: bool) -> dict:
-    return dict(PRESETS[device], **(QUICK if quick else {}))
+def preset(device: str, quick: bool, budget: int | None = None) -> dict:
+    return dict(PRESETS[device], **(QUICK if quick else {}), **({"budget": budget} if budget else {}))
 
 
 def cases(device: str) -> list[tuple[str, str]]:
     modes = ["lora", "full"] + (["qlora"] if device == "cuda" else [])
-    return [(m, lay) for m in modes for lay in ("packed", "padded")]
+    return [(m, lay) for m in modes for lay in LAYOUTS]
 
 
 def realistic_batch(p: dict, seed: int = 0) -> dict:
@@ -64,9 +77,13 @@ def realistic_batch(p: dict, seed: int = 0) -> dict:
     tok_dir = build_tiny_model(ROOT / ".cache" / f"tiny-{LENGTH_TOKENIZER}", size=LENGTH_TOKENIZER, seed=0)
     n = p["groups"] * p["group_size"]
     # ask for more: an episode whose prompt alone exceeds max_len has nothing to train and is skipped
-    samples, summary = realistic_samples(AutoTokenizer.from_pretrained(tok_dir), n + n // 2, p["max_len"], seed=seed)
+    samples, summary = realistic_samples(
+        AutoTokenizer.from_pretrained(tok_dir), n + n // 2, p["max_len"], seed=seed
+    )
     if len(samples) < n:
-        raise RuntimeError(f"only {len(samples)} usable episodes for {n} samples; raise max_len ({p['max_len']})")
+        raise RuntimeError(
+            f"only {len(samples)} usable episodes for {n} samples; raise max_len ({p['max_len']})"
+        )
     return dict(samples=samples[:n], summary=summary)
 
 
@@ -97,7 +114,9 @@ def groups_from(batch: dict, p: dict, vocab: int, seed: int = 0):
     return groups
 
 
-def run_case(device: str, mode: str, layout: str, steps: int, quick: bool, batch_file: str) -> dict:
+def run_case(
+    device: str, mode: str, layout: str, steps: int, quick: bool, batch_file: str, budget: int | None = None
+) -> dict:
     """One configuration in this process; returns its figures."""
     import torch
 
@@ -106,7 +125,7 @@ def run_case(device: str, mode: str, layout: str, steps: int, quick: bool, batch
     from trustee.learn.policy import load_policy
     from trustee.tiny import build_tiny_model
 
-    p = preset(device, quick)
+    p = preset(device, quick, budget)
     load0 = list(os.getloadavg())
     path = build_tiny_model(ROOT / ".cache" / f"tiny-{p['size']}", size=p["size"], seed=0)
     dtype = getattr(torch, p["dtype"])
@@ -114,7 +133,10 @@ def run_case(device: str, mode: str, layout: str, steps: int, quick: bool, batch
         mode=mode, lr=1e-5, micro_batch_tokens=p["budget"], gradient_checkpointing=True, logprob_chunk=1024
     )
     policy = load_policy(path, cfg, device=torch.device(device if device == "cpu" else "cuda:0"), dtype=dtype)
-    learner = Learner(policy, GrpoConfig(beta=0.0), cfg, layout=layout)
+    if layout == "trl-padded":
+        learner = trl_padded_learner(policy, GrpoConfig(beta=0.0), cfg)
+    else:
+        learner = Learner(policy, GrpoConfig(beta=0.0), cfg, layout=layout)
     batch = json.loads(Path(batch_file).read_text())
     groups = groups_from(batch, p, policy.model.config.vocab_size)
     if not quick:
@@ -153,6 +175,23 @@ def run_case(device: str, mode: str, layout: str, steps: int, quick: bool, batch
     )
 
 
+def trl_padded_learner(policy, grpo, cfg):
+    """A `Learner` whose micro-batches are laid out as TRL's GRPOTrainer lays them out: every
+    row padded to the longest sequence of the whole batch, a fixed number of rows per
+    micro-batch (budget // longest, the most that fits the same memory), arrival order."""
+    from trustee.learn.learner import Learner
+    from trustee.learn.packing import build_padded
+
+    class TrlPaddedLearner(Learner):
+        def micro_batches(self, samples):
+            width = max(len(s.tokens) for s in samples)
+            rows = max(1, self.cfg.micro_batch_tokens // width)
+            bins = [list(range(i, min(i + rows, len(samples)))) for i in range(0, len(samples), rows)]
+            return [build_padded([samples[i] for i in b], b, pad_id=self.pad_id, width=width) for b in bins]
+
+    return TrlPaddedLearner(policy, grpo, cfg, layout="padded")
+
+
 def learner_samples(groups: list) -> list:
     from trustee.learn.learner import samples_from_groups
 
@@ -185,15 +224,19 @@ def ratios(results: list[dict]) -> dict:
     by = {(r["mode"], r["layout"]): r for r in results}
     out = {}
     for mode in sorted({r["mode"] for r in results}):
-        pk, pd = by[(mode, "packed")], by[(mode, "padded")]
-        out[f"{mode}: packed/padded tokens_per_s"] = pk["tokens_per_s"] / pd["tokens_per_s"]
-        out[f"{mode}: packed/padded tokens_per_cpu_s"] = pk["tokens_per_cpu_s"] / pd["tokens_per_cpu_s"]
-        # The most packing could gain on this batch if the step's cost were all per token
-        # (padded/packed token rows) or all attention (padded/packed score entries).
-        out[f"{mode}: bound if cost per token"] = pd["work_tokens"] / pk["work_tokens"]
-        out[f"{mode}: bound if cost all attention"] = pd["work_attention"] / pk["work_attention"]
-        out[f"{mode}: packed/padded peak_mem"] = pk["peak_mem_bytes"] / pd["peak_mem_bytes"]
-        out[f"{mode}: padded layout padding fraction"] = pd["padding_frac"]
+        pk = by[(mode, "packed")]
+        for name in ("padded", "trl-padded"):
+            if (mode, name) not in by:
+                continue
+            pd = by[(mode, name)]
+            out[f"{mode}: packed/{name} tokens_per_s"] = pk["tokens_per_s"] / pd["tokens_per_s"]
+            out[f"{mode}: packed/{name} tokens_per_cpu_s"] = pk["tokens_per_cpu_s"] / pd["tokens_per_cpu_s"]
+            # The most packing could gain on this batch if the step's cost were all per token
+            # (padded/packed token rows) or all attention (padded/packed score entries).
+            out[f"{mode}: {name} bound if cost per token"] = pd["work_tokens"] / pk["work_tokens"]
+            out[f"{mode}: {name} bound if cost all attention"] = pd["work_attention"] / pk["work_attention"]
+            out[f"{mode}: packed/{name} peak_mem"] = pk["peak_mem_bytes"] / pd["peak_mem_bytes"]
+            out[f"{mode}: {name} layout padding fraction"] = pd["padding_frac"]
     for mode in ("lora", "qlora"):
         if (mode, "packed") in by:
             a, b = by[(mode, "packed")], by[("full", "packed")]
@@ -227,21 +270,27 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _subprocess_case(device: str, mode: str, layout: str, steps: int, quick: bool, batch_file: str) -> dict:
+def _subprocess_case(
+    device: str, mode: str, layout: str, steps: int, quick: bool, batch_file: str, budget: int | None = None
+) -> dict:
     """One case in a fresh interpreter (its own allocator and peak memory)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "bench.learner",
-        "--device",
-        device,
-        "--steps",
-        str(steps),
-        "--case",
-        f"{mode},{layout}",
-        "--batch-file",
-        batch_file,
-    ] + (["--quick"] if quick else [])
+    cmd = (
+        [
+            sys.executable,
+            "-m",
+            "bench.learner",
+            "--device",
+            device,
+            "--steps",
+            str(steps),
+            "--case",
+            f"{mode},{layout}",
+            "--batch-file",
+            batch_file,
+        ]
+        + (["--quick"] if quick else [])
+        + (["--budget", str(budget)] if budget else [])
+    )
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"case {mode},{layout} failed:\n{done.stderr[-3000:]}")
@@ -268,7 +317,11 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--quick", action="store_true", help="the test-size model, one group of 8 episodes, 1 step without warm-up, 1 round")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="the test-size model, one group of 8 episodes, 1 step without warm-up, 1 round",
+    )
     ap.add_argument(
         "--steps",
         type=int,
@@ -277,6 +330,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--rounds", type=int, default=None, help="runs of every case, alternating order (default 2; quick 1)"
+    )
+    ap.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="token budget per micro-batch (default: twice the longest episode)",
     )
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: 'mode,layout' runs one case and prints JSON
     ap.add_argument(
@@ -288,23 +347,25 @@ def main(argv: list[str] | None = None) -> None:
     rounds = a.rounds or (1 if a.quick else 2)
     if a.case:
         mode, layout = a.case.split(",")
-        print(json.dumps(run_case(a.device, mode, layout, steps, a.quick, a.batch_file)))
+        print(json.dumps(run_case(a.device, mode, layout, steps, a.quick, a.batch_file, a.budget)))
         return
     import tempfile
 
     t0 = time.time()
     before = load_avg()
     tmp = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="bench-learner-", delete=False)
-    tmp.write(json.dumps(realistic_batch(preset(a.device, a.quick))))
+    tmp.write(json.dumps(realistic_batch(preset(a.device, a.quick, a.budget))))
     tmp.close()
     runs: dict[tuple[str, str], list[dict]] = {c: [] for c in cases(a.device)}
     for r in range(rounds):
         order = cases(a.device) if r % 2 == 0 else cases(a.device)[::-1]  # ABBA: drift hits all cases alike
         for mode, layout in order:
-            runs[(mode, layout)].append(_subprocess_case(a.device, mode, layout, steps, a.quick, tmp.name))
+            runs[(mode, layout)].append(
+                _subprocess_case(a.device, mode, layout, steps, a.quick, tmp.name, a.budget)
+            )
             last = runs[(mode, layout)][-1]
             print(
-                f"round {r} {mode:6s} {layout:7s} {last['tokens_per_s']:8.0f} tok/s  {last['peak_mem_bytes'] / 2**20:7.0f} MiB"
+                f"round {r} {mode:6s} {layout:10s} {last['tokens_per_s']:8.0f} tok/s  {last['peak_mem_bytes'] / 2**20:7.0f} MiB"
                 f"  padding {last['padding_frac']:.0%}  load {last['load_avg_after']}",
                 flush=True,
             )
@@ -318,11 +379,12 @@ def main(argv: list[str] | None = None) -> None:
         device=a.device,
         machine=machine(a.device),
         load_avg_before=before,
-        config=dict(preset(a.device, a.quick), steps=steps, rounds=rounds),
+        config=dict(preset(a.device, a.quick, a.budget), steps=steps, rounds=rounds),
         lengths=results[0]["lengths"],
         results=results,
         ratios=ratios(results),
-        goal="packed/padded tokens_per_s >= 1.5 for full and LoRA (issue 14), measured quietly",
+        goal="packed/padded tokens_per_s >= 1.5 for full and LoRA (issue 14), measured quietly; "
+        "padded = the learner's own budget-binned layout (the stronger baseline), trl-padded beside it",
         wall_s=time.time() - t0,
     )
     path = write_report(a.out, f"learner-{a.device}", report, markdown(report))

@@ -146,6 +146,10 @@ EVIDENCE: dict[str, list[str]] = {
     "simulator.tool_catalog": [
         "test:tests/test_sim_roles.py::test_catalog_prefers_one_category:catalog",
     ],
+    "simulator.tiny_sft_steps": [
+        "refused:simulator.tiny_sft_steps=5",
+        "test:tests/test_run_checks.py::test_a_missing_tiny_simulator_is_built_and_warmed_on_the_toy_teacher",
+    ],
     "environment.kind": ["test:tests/test_train.py::test_simulated_environment_runs_through_the_loop"],
     "environment.reward": [
         "refused:environment.kind=toy,environment.reward=judge",

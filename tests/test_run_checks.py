@@ -91,3 +91,29 @@ def test_resolved_paths_are_absolute(tmp_path):
     for p in (res.run_dir, res.policy_model, res.simulator_model):
         assert Path(p).is_absolute(), p
     assert json.loads(json.dumps(res.policy_model)).endswith(".cache/models/tiny-toy-sft")
+
+
+def test_a_missing_tiny_simulator_is_built_and_warmed_on_the_toy_teacher(tmp_path, tiny_model_dir):
+    from trustee.config import ConfigError
+    from trustee.run import _model_checks
+
+    cfg = load_config(
+        ROOT / "configs" / "cpu-sim.toml",
+        [f"model.path={tiny_model_dir}", f"simulator.model_path={tmp_path / 'sim'}", "simulator.tiny_sft_steps=3"],
+    )
+    notes = _model_checks(cfg, build=False)
+    assert any("tiny simulator (test) will be built at" in n for n in notes) and not (tmp_path / "sim").exists()
+    notes = _model_checks(cfg, build=True)
+    report = json.loads((tmp_path / "sim" / "trustee_sft.json").read_text())
+    assert report["data"] == "simulator" and report["steps"] == 3
+    assert any("SFT-warmed the simulator 3 steps" in n for n in notes)
+    assert not (tmp_path / "sim.partial").exists()
+    # the policy model is left alone (it existed); a second start builds nothing
+    assert not any("SFT-warmed" in n for n in _model_checks(cfg, build=True))
+    # without a simulator path there is nothing to build: refused with the fix
+    try:
+        load_config(ROOT / "configs" / "cpu-sim.toml", ["simulator.model_path=''"])
+    except ConfigError as e:
+        assert "simulator.tiny_sft_steps" in str(e) and "simulator.model_path" in str(e)
+    else:
+        raise AssertionError("simulator.tiny_sft_steps without simulator.model_path was accepted")

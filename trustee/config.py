@@ -173,6 +173,8 @@ class SimulatorConfig(Section, kw_only=True):
     """Token budget of one task-generator output (one tool, or the scenario); checked like max_tokens at the hardest knobs."""
     tool_catalog: str = ""
     """Optional JSONL of tool specs to draw task tools from instead of inventing them."""
+    tiny_sft_steps: NonNeg = 0
+    """With model.tiny and a simulator.model_path that does not exist yet: build a tiny model there and SFT-warm it this many steps on the toy teacher's answers in the task, user and tool roles (trustee/envs/toy_teacher.py; use with the toy catalog), so a CPU simulator writes toy tasks instead of noise."""
 
 
 # ----------------------------------------------------------------------------- environment
@@ -855,6 +857,17 @@ def _cross_checks(cfg: Config) -> list[Problem]:
             )
         )
     p += _placement_problems(cfg)
+    sim = cfg.simulator
+    if sim.tiny_sft_steps and not (cfg.model.tiny and sim.model_path):
+        missing = "model.tiny" if not cfg.model.tiny else "simulator.model_path"
+        p.append(
+            Problem(
+                "simulator.tiny_sft_steps",
+                sim.tiny_sft_steps,
+                f"builds a tiny simulator, so it needs {missing}: set model.tiny = 'test' and "
+                "simulator.model_path = '.cache/models/tiny-sim-sft' (or set tiny_sft_steps = 0)",
+            )
+        )
     if cfg.rollout.max_tokens_per_turn >= cfg.model.max_model_len:
         p.append(
             Problem(

@@ -58,7 +58,21 @@ def _build_tiny(cfg: Config, path: Path) -> list[str]:
         shutil.rmtree(tmp)
     build_tiny_model(tmp, size=cfg.model.tiny, seed=cfg.seed)
     notes = [f"built tiny model ({cfg.model.tiny}) at {path}"]
-    if cfg.model.tiny_sft_steps:
+    if path == Path(cfg.simulator.model_path) and cfg.simulator.tiny_sft_steps:
+        from trustee.sft import sft_warm
+
+        steps = cfg.simulator.tiny_sft_steps
+        print(
+            f"SFT warm-up of the tiny simulator: {steps} steps on the toy teacher's role answers ...",
+            flush=True,
+        )
+        rep = sft_warm(tmp, steps, seed=cfg.seed, eval_samples=8, data="simulator")
+        notes.append(
+            f"SFT-warmed the simulator {rep.steps} steps ({rep.wall_s:.0f}s): loss {rep.loss_first:.2f} -> "
+            f"{rep.loss_last:.2f}; sampled task-role answers with no grammar: valid tasks {rep.well_formed_rate:.0%}, "
+            f"decodable {rep.attempt_rate:.0%} (run time constrains them to the schema)"
+        )
+    elif cfg.model.tiny_sft_steps:
         from trustee.sft import sft_warm
 
         print(
@@ -81,6 +95,12 @@ def _model_checks(cfg: Config, build: bool) -> list[str]:
     """Start-up checks on the model directory; builds a tiny model when the config names one
     that does not exist yet (an existing directory is never modified). Returns notes."""
     notes: list[str] = []
+    sim_path = Path(cfg.simulator.model_path) if cfg.simulator.model_path else None
+    if sim_path is not None and cfg.simulator.tiny_sft_steps and not (sim_path / "config.json").exists():
+        if build:
+            notes += _build_tiny(cfg, sim_path)
+        else:
+            notes.append(f"tiny simulator ({cfg.model.tiny}) will be built at {sim_path}")
     path = Path(cfg.model.path)
     if not (path / "config.json").exists():
         if cfg.model.tiny and build:

@@ -16,7 +16,7 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -36,12 +36,17 @@ class SftReport(msgspec.Struct, kw_only=True):
     loss_first: float
     loss_last: float
     well_formed_rate: float
-    """Sampled first turns with >= 1 call and no parse error (JSON, tool name, argument schema)."""
+    """Policy: sampled first turns with >= 1 call and no parse error (JSON, tool name, argument
+    schema). Simulator: sampled task-role outputs that make a valid task with no grammar
+    constraining them (run time constrains them; this measures what the model learnt)."""
     attempt_rate: float
-    """Sampled first turns with any <tool_call> block."""
+    """Policy: sampled first turns with any <tool_call> block. Simulator: those that decode as
+    the role's JSON at all."""
     eval_samples: int
     guess_share: float = 0.0
     """Share of the warm-up conversations that skip the tools and guess (`GUESS_SHARE`)."""
+    data: str = "policy"
+    """'policy' (toy reference conversations) or 'simulator' (the toy teacher's role answers)."""
     wall_s: float
 
 
@@ -96,6 +101,19 @@ def _examples(
         task = env.task(_knobs(rng), rng)
         guess = rng if rng.random() < guess_share else None
         out.append(encode_conversation(tokenizer, task, env.sft_messages(task, guess=guess)))
+    return out
+
+
+def _sim_examples(tokenizer: Any, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """(ids, mask) of the toy teacher's role requests (`envs/toy_teacher.py`): the prompt exactly
+    as `SimClient` renders it, then the answer and the end-of-turn id, mask 1 on those."""
+    from trustee.envs.toy_teacher import examples
+
+    fmt = ChatFormat(tokenizer, [], enable_thinking=False)
+    out = []
+    for ex in examples(n, seed):
+        prompt, ans = fmt.prompt_ids(ex.messages), [*fmt.encode(ex.answer), fmt.eos_id]
+        out.append((prompt + ans, [0] * len(prompt) + [1] * len(ans)))
     return out
 
 
@@ -172,6 +190,54 @@ def call_rates(
     return good / samples, tried / samples
 
 
+def task_rates(model: Any, tokenizer: Any, *, samples: int = 8, seed: int = 12345) -> tuple[float, float]:
+    """(valid-task rate, decodable rate) of the task role's scenario answers sampled at
+    temperature 0.7 with no grammar, on fresh toy-catalog draws at the curriculum's start
+    (D = 1). Valid: decodes to `ScenarioDraft` and its expected calls pass the tools' schemas."""
+    import torch
+
+    from trustee.sim.client import decode_json
+    from trustee.sim.taskgen import ScenarioDraft, catalog_history, scenario_messages, task_problems
+    from trustee.envs.toy_teacher import toy_catalog
+    from trustee.types import ToolCall
+
+    rng, catalog = random.Random(seed), toy_catalog()
+    fmt = ChatFormat(tokenizer, [], enable_thinking=False)
+    draws = [catalog.sample(1, rng) for _ in range(samples)]
+    prompts = [fmt.prompt_ids(scenario_messages(Knobs(), catalog_history(d, tools))) for d, tools in draws]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((samples, width), tokenizer.pad_token_id, dtype=torch.long)  # [B, T] left-padded
+    attn = torch.zeros((samples, width), dtype=torch.long)  # [B, T]
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, width - len(p) :] = 1
+    torch.manual_seed(seed)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=attn,
+            do_sample=True,
+            temperature=0.7,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=400,
+            eos_token_id=fmt.eos_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # [B, T + new]
+    valid = decoded = 0
+    for (_, tools), row in zip(draws, out[:, width:].tolist(), strict=True):
+        text = tokenizer.decode([t for t in row if t not in (fmt.eos_id, tokenizer.pad_token_id)])
+        try:
+            draft = decode_json(text, ScenarioDraft)
+        except (ValueError, msgspec.ValidationError):
+            continue
+        decoded += 1
+        calls = [ToolCall(name=c.name, arguments=c.arguments) for c in draft.expected_calls]
+        valid += not task_problems(tools, calls)
+    return valid / samples, decoded / samples
+
+
 def sft_warm(
     model_dir: str | Path,
     steps: int,
@@ -182,9 +248,12 @@ def sft_warm(
     eval_samples: int = 32,
     out_dir: str | Path | None = None,
     guess_share: float = GUESS_SHARE,
+    data: Literal["policy", "simulator"] = "policy",
 ) -> SftReport:
-    """Train the model in `model_dir` for `steps` steps on toy reference conversations and
-    save it to `out_dir` (default: in place). Returns (and writes) the report."""
+    """Train the model in `model_dir` for `steps` steps on toy reference conversations
+    (`data='policy'`) or on the toy teacher's simulator-role answers (`'simulator'`,
+    `envs/toy_teacher.py`) and save it to `out_dir` (default: in place). Returns (and writes) the
+    report."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -197,16 +266,17 @@ def sft_warm(
     torch.manual_seed(seed)
     # Fresh examples for every step (no repeats): a tiny model that sees the same few hundred
     # conversations again memorises their numbers instead of learning to copy them.
-    data = _examples(tok, max(256, batch_size * steps), seed, guess_share)
+    n = max(256, batch_size * steps)
+    examples = _examples(tok, n, seed, guess_share) if data == "policy" else _sim_examples(tok, n, seed)
     rng = random.Random(seed)
-    rng.shuffle(data)
+    rng.shuffle(examples)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     # Linear decay to 10% of lr over the run: the last steps settle instead of bouncing.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - 0.9 * i / max(1, steps - 1))
     model.train()
     losses = []
     for i in range(steps):
-        batch = [data[(i * batch_size + j) % len(data)] for j in range(batch_size)]
+        batch = [examples[(i * batch_size + j) % len(examples)] for j in range(batch_size)]
         ids, mask, attn = _batch(batch, tok.pad_token_id)
         loss = _loss(model, ids, mask, attn)
         opt.zero_grad(set_to_none=True)
@@ -215,7 +285,10 @@ def sft_warm(
         opt.step()
         sched.step()
         losses.append(loss.item())
-    rate, attempts = call_rates(model, tok, samples=eval_samples)
+    if data == "policy":
+        rate, attempts = call_rates(model, tok, samples=eval_samples)
+    else:
+        rate, attempts = task_rates(model, tok, samples=eval_samples)
     out = Path(out_dir) if out_dir is not None else model_dir
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -229,7 +302,8 @@ def sft_warm(
         well_formed_rate=rate,
         attempt_rate=attempts,
         eval_samples=eval_samples,
-        guess_share=guess_share,
+        guess_share=guess_share if data == "policy" else 0.0,
+        data=data,
         wall_s=time.perf_counter() - t0,
     )
     (out / "trustee_sft.json").write_text(json.dumps(msgspec.to_builtins(report), indent=1))

@@ -116,7 +116,7 @@ def number_digits(difficulty: float) -> int:
     return 1 + int(difficulty > 33) + int(difficulty > 66)
 
 
-def _make(kind: str, rng: random.Random, digits: int = 2) -> tuple[str, list[ToolCall], dict[str, Any]]:
+def make_query(kind: str, rng: random.Random, digits: int = 2) -> tuple[str, list[ToolCall], dict[str, Any]]:
     """(query, expected calls, payload) of one task of `kind`, numbers of `digits` digits."""
     lo, hi = (2, 9) if digits <= 1 else (10, 99) if digits == 2 else (100, 999)
     if kind == "add":
@@ -212,7 +212,7 @@ class ToyEnv:
         allowed = [k for k in self.kinds if k != "chain" or knobs.n_expected_calls >= 2] or list(self.kinds)
         while True:
             kind = rng.choice(allowed)
-            query, calls, payload = _make(kind, rng, number_digits(knobs.difficulty))
+            query, calls, payload = make_query(kind, rng, number_digits(knobs.difficulty))
             if is_heldout(query) == heldout:
                 break
         needed = list(dict.fromkeys(c.name for c in calls))
@@ -305,23 +305,23 @@ class ToyEnv:
         ]
         p = task.payload
         if guess is not None:
-            msgs.append(Message(role="assistant", content=_final(p, _wrong(p, guess))))
+            msgs.append(Message(role="assistant", content=final_text(p, wrong_answer(p, guess))))
             return msgs
         for call in task.expected_calls:
             msgs.append(Message(role="assistant", tool_calls=[call]))
             msgs.append(Message(role="tool", content=canonical_json(execute(call, store)), name=call.name))
-        msgs.append(Message(role="assistant", content=_final(p, p.get("answer"))))
+        msgs.append(Message(role="assistant", content=final_text(p, p.get("answer"))))
         return msgs
 
 
-def _final(payload: dict[str, Any], answer: Any) -> str:
+def final_text(payload: dict[str, Any], answer: Any) -> str:
     """The demonstrator's one-sentence answer."""
     if "set" in payload:
         return f"Done: '{payload['set'][1]}' is saved under '{payload['set'][0]}'."
     return f"The answer is {answer}."
 
 
-def _wrong(payload: dict[str, Any], rng: random.Random) -> Any:
+def wrong_answer(payload: dict[str, Any], rng: random.Random) -> Any:
     """A guessed answer that is not the task's (a store task's guess is the claim alone)."""
     answer = payload.get("answer")
     if answer is None:

@@ -286,9 +286,12 @@ def build_packed(samples: list[Sample], sample_ids: list[int]) -> MicroBatch:
     )
 
 
-def build_padded(samples: list[Sample], sample_ids: list[int], *, pad_id: int = 0) -> MicroBatch:
-    """One row per sequence, right-padded to the longest, with an attention mask [R, T]."""
-    T = max(len(s.tokens) for s in samples)
+def build_padded(
+    samples: list[Sample], sample_ids: list[int], *, pad_id: int = 0, width: int | None = None
+) -> MicroBatch:
+    """One row per sequence, right-padded to the longest (or to `width`, e.g. the longest of a
+    whole batch as TRL pads), with an attention mask [R, T]."""
+    T = max(max(len(s.tokens) for s in samples), width or 0)
     R = len(samples)
     ids = torch.full((R, T), pad_id, dtype=torch.long)
     mask = torch.zeros((R, T), dtype=torch.long)

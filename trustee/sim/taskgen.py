@@ -234,6 +234,29 @@ def scenario_schema(tools: list[ToolSpec], n_calls: int) -> dict[str, Any]:
     return schema
 
 
+def catalog_history(domain: str, tools: list[ToolSpec]) -> list[Message]:
+    """The task generator's chat before the scenario request when a catalog supplies the
+    tools: its rules, then the drawn tools (the scenario request joins this user turn)."""
+    text = Template(load_prompt("task_catalog")).substitute(domain=domain, tools=tools_block(tools))
+    return [Message(role="system", content=load_prompt("task_system")), Message(role="user", content=text)]
+
+
+def scenario_messages(knobs: Knobs, history: list[Message]) -> list[Message]:
+    """The scenario request's messages: the chat so far (invented tools, or a catalog draw)
+    plus the request worded from the knobs. Also what `envs/toy_teacher.py` teaches a tiny
+    simulator to answer, so both build it here."""
+    ask = Template(load_prompt("task_scenario")).substitute(
+        expertise=expertise_words(knobs.persona_expertise),
+        ambiguity=ambiguity_words(knobs.query_ambiguity),
+        gap=gap_words(knobs.n_turns),
+        n_calls=max(1, knobs.n_expected_calls),
+        specificity=specificity_words(knobs.prompt_specificity),
+    )
+    if history[-1].role == "user":  # catalog: tools and request in one user turn
+        return history[:-1] + [Message(role="user", content=history[-1].content + "\n" + ask)]
+    return history + [Message(role="user", content=ask)]
+
+
 # ------------------------------------------------------------------ the role
 
 
@@ -267,7 +290,7 @@ class TaskGenerator:
             calls = [ToolCall(name=c.name, arguments=c.arguments) for c in scenario.expected_calls]
             last = task_problems(tools, calls)
             if not last:
-                return self._task(task_id, domain, tools, scenario, calls, knobs, writes)
+                return build_task(task_id, domain, tools, scenario, calls, knobs, writes)
             self.rejected += 1
         raise SimError("task", self.max_regenerations + 1, "; ".join(last))
 
@@ -278,9 +301,8 @@ class TaskGenerator:
         n_tools, n_calls = max(1, knobs.n_tools), max(1, knobs.n_expected_calls)
         if self.catalog is not None:
             domain, tools = self.catalog.sample(n_tools, rng)
-            text = Template(load_prompt("task_catalog")).substitute(domain=domain, tools=tools_block(tools))
             writes = [t.name for t in tools if t.name not in self.catalog.read_only]
-            return domain, [self.system, Message(role="user", content=text)], tools, writes
+            return domain, catalog_history(domain, tools), tools, writes
         domain = rng.choice(self.domains)
         ask = Template(load_prompt("task_tools")).substitute(domain=domain, n_tools=n_tools, n_calls=n_calls)
         history = [self.system]
@@ -310,49 +332,43 @@ class TaskGenerator:
     async def _scenario(
         self, knobs: Knobs, history: list[Message], tools: list[ToolSpec], *, key: str
     ) -> ScenarioDraft:
-        n_calls = max(1, knobs.n_expected_calls)
-        ask = Template(load_prompt("task_scenario")).substitute(
-            expertise=expertise_words(knobs.persona_expertise),
-            ambiguity=ambiguity_words(knobs.query_ambiguity),
-            gap=gap_words(knobs.n_turns),
-            n_calls=n_calls,
-            specificity=specificity_words(knobs.prompt_specificity),
-        )
-        if history[-1].role == "user":  # catalog: tools and request in one user turn
-            messages = history[:-1] + [Message(role="user", content=history[-1].content + "\n" + ask)]
-        else:
-            messages = history + [Message(role="user", content=ask)]
-        schema = scenario_schema(tools, n_calls)
+        schema = scenario_schema(tools, max(1, knobs.n_expected_calls))
         value, _ = await self.client.ask(
-            "task", messages, ScenarioDraft, schema=schema, max_tokens=self.max_tokens, key=key
+            "task",
+            scenario_messages(knobs, history),
+            ScenarioDraft,
+            schema=schema,
+            max_tokens=self.max_tokens,
+            key=key,
         )
         return value
 
-    def _task(
-        self,
-        task_id: str,
-        domain: str,
-        tools: list[ToolSpec],
-        s: ScenarioDraft,
-        calls: list[ToolCall],
-        knobs: Knobs,
-        writes: list[str],
-    ) -> Task:
-        generic = knobs.prompt_specificity < 1 / 3 or not s.system_prompt.strip()
-        return Task(
-            id=task_id,
-            env="simulated",
-            tools=tools,
-            first_query=s.first_query,
-            system_prompt=GENERIC_SYSTEM_PROMPT if generic else s.system_prompt,
-            domain=domain,
-            persona=s.persona,
-            goal=s.goal,
-            hidden_info="\n".join(f"- {h}" for h in s.hidden_info),
-            expected_calls=calls,
-            rubric=Rubric(
-                subgoals=s.subgoals, required_interactions=s.required_interactions, forbidden=s.forbidden
-            ),
-            knobs=knobs.as_dict(),
-            payload={STATE_CHANGING: sorted(writes)},
-        )
+
+def build_task(
+    task_id: str,
+    domain: str,
+    tools: list[ToolSpec],
+    s: ScenarioDraft,
+    calls: list[ToolCall],
+    knobs: Knobs,
+    writes: list[str],
+) -> Task:
+    """The validated scenario as a `Task` (the generic system prompt at low specificity)."""
+    generic = knobs.prompt_specificity < 1 / 3 or not s.system_prompt.strip()
+    return Task(
+        id=task_id,
+        env="simulated",
+        tools=tools,
+        first_query=s.first_query,
+        system_prompt=GENERIC_SYSTEM_PROMPT if generic else s.system_prompt,
+        domain=domain,
+        persona=s.persona,
+        goal=s.goal,
+        hidden_info="\n".join(f"- {h}" for h in s.hidden_info),
+        expected_calls=calls,
+        rubric=Rubric(
+            subgoals=s.subgoals, required_interactions=s.required_interactions, forbidden=s.forbidden
+        ),
+        knobs=knobs.as_dict(),
+        payload={STATE_CHANGING: sorted(writes)},
+    )

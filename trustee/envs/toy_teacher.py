@@ -1,0 +1,226 @@
+"""The toy teacher: warm-up data that teaches a tiny simulator its roles, named as such.
+
+A random tiny model constrained to a role's JSON schema writes valid JSON with nothing in
+it (tasks whose opening message is a run of digits), so no policy can act on its tasks and
+every episode of the CPU variant scores the same. A real simulator is an 8B model that was
+instruction-tuned; on CPU we stand in for that tuning with supervised examples from a
+teacher that knows the toy domain: over the toy tools as a catalog (`TOY_CATALOG`), it
+writes what a competent simulator answers in each model role:
+
+- task: a scenario for a catalog draw (a toy question over the drawn tools, its reference
+  calls, a persona and a rubric), asked exactly as `TaskGenerator` asks it;
+- tool: the toy tool's real result as `ToolReply` fields, for the reference calls;
+- user: "goal met" after the agent's final answer (the user cannot check an answer; the
+  judge does).
+
+Every prompt is built by the roles' own code (`catalog_history`, `scenario_messages`,
+`SimLog`), so the trained ids are what the roles send at run time; every answer is the
+compact JSON the engines' grammar allows (separators ", " and ": ", no free whitespace).
+The judge is not taught: the CPU variant scores with `ScriptedJudge`.
+
+Called by `sft.sft_warm(..., data="simulator")` (and so by `trustee.run` when
+`simulator.tiny_sft_steps` is set) and by tests. It does not train anything itself.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import msgspec
+
+from trustee.envs.toy import (
+    SYSTEM_PROMPT,
+    TOOLS,
+    execute,
+    final_text,
+    make_query,
+    number_digits,
+    wrong_answer,
+)
+from trustee.sim.client import schema_of
+from trustee.sim.log import SimLog
+from trustee.sim.taskgen import (
+    CatalogEntry,
+    ScenarioDraft,
+    ToolCatalog,
+    build_task,
+    catalog_history,
+    scenario_messages,
+    scenario_schema,
+)
+from trustee.sim.tools import ToolReply
+from trustee.sim.user import UserReply
+from trustee.types import Knobs, Message, Task, ToolCall, ToolSpec
+
+CATEGORIES = {
+    "add": "arithmetic",
+    "multiply": "arithmetic",
+    "convert_units": "units",
+    "kv_get": "store",
+    "kv_set": "store",
+}
+"""The toy tools' catalog categories (a task draws its tools from one category first)."""
+
+TOY_CATALOG = Path(__file__).resolve().parents[2] / "configs" / "catalogs" / "toy-tools.jsonl"
+"""The toy tools as a `simulator.tool_catalog` file (a test keeps it equal to `catalog_entries`)."""
+
+GOALS = {
+    "add": "get the sum of two numbers",
+    "multiply": "get the product of two numbers",
+    "chain": "add two numbers, then multiply the sum",
+    "convert": "convert a measurement to another unit",
+    "kv_get": "read a value from the key-value store",
+    "kv_set": "save a value in the key-value store",
+}
+PERSONAS = [
+    "a student checking homework",
+    "an engineer who needs a quick figure",
+    "a shop owner keeping notes",
+    "a traveller planning a trip",
+]
+
+USER_DONE = {"message": "Thanks, that is all I needed.", "status": "goal_met"}
+
+
+class Example(NamedTuple):
+    """One role request: the role, the messages it sends, the answer text to learn, and the
+    JSON schema the engine constrains that answer to at run time."""
+
+    role: str
+    messages: list[Message]
+    answer: str
+    schema: dict[str, Any]
+
+
+def catalog_entries() -> list[CatalogEntry]:
+    return [
+        CatalogEntry(
+            name=t.name,
+            description=t.description,
+            parameters=t.parameters,
+            category=CATEGORIES[name],
+            changes_state=name == "kv_set",
+        )
+        for name, t in TOOLS.items()
+    ]
+
+
+def toy_catalog() -> ToolCatalog:
+    return ToolCatalog(catalog_entries())
+
+
+def answer_json(value: Any) -> str:
+    """JSON as the engines' grammar writes it (`engines/grammar.py`: separators ', ' and ': ')."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _kinds(tools: list[ToolSpec], n_calls: int) -> list[str]:
+    names = {t.name for t in tools}
+    kinds = [
+        k
+        for k, tool in (
+            ("add", "add"),
+            ("multiply", "multiply"),
+            ("convert", "convert_units"),
+            ("kv_get", "kv_get"),
+            ("kv_set", "kv_set"),
+        )
+        if tool in names
+    ]
+    if n_calls >= 2 and {"add", "multiply"} <= names:
+        kinds.append("chain")
+    return kinds
+
+
+def _query(kind: str, rng: random.Random, digits: int) -> tuple[str, list[ToolCall], dict[str, Any]]:
+    if kind == "multiply":
+        lo, hi = (2, 9) if digits <= 1 else (10, 99)
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        return (
+            f"What is {a} times {b}?",
+            [ToolCall(name="multiply", arguments={"a": a, "b": b})],
+            {"answer": a * b},
+        )
+    return make_query(kind, rng, digits)
+
+
+def scenario(
+    tools: list[ToolSpec], knobs: Knobs, rng: random.Random
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the scenario JSON a competent task generator writes for this tool draw, the toy
+    payload behind it: the store and the answer)."""
+    kind = rng.choice(_kinds(tools, knobs.n_expected_calls))
+    query, calls, payload = _query(kind, rng, number_digits(knobs.difficulty))
+    value = {
+        "system_prompt": SYSTEM_PROMPT,
+        "persona": rng.choice(PERSONAS),
+        "goal": GOALS[kind],
+        "hidden_info": [],
+        "first_query": query,
+        "expected_calls": [{"name": c.name, "arguments": c.arguments} for c in calls],
+        "subgoals": ["give the exact result in one sentence"],
+        "required_interactions": [],
+        "forbidden": ["guessing instead of calling a tool"],
+    }
+    return value, payload
+
+
+def _tool_reply(result: dict[str, Any]) -> str:
+    fields = [
+        {"key": k, "value": v if isinstance(v, (bool, int, str)) else str(v)} for k, v in result.items()
+    ]
+    return answer_json({"fields": fields[:4]})
+
+
+def teach_task(
+    knobs: Knobs, rng: random.Random, catalog: ToolCatalog
+) -> tuple[Task, Example, dict[str, Any]]:
+    """One catalog draw, the teacher's scenario for it (as the task role's example), the
+    `Task` the generator would build from that answer, and the toy payload behind it."""
+    domain, tools = catalog.sample(knobs.n_tools, rng)
+    value, payload = scenario(tools, knobs, rng)
+    schema = scenario_schema(tools, max(1, knobs.n_expected_calls))
+    example = Example(
+        "task", scenario_messages(knobs, catalog_history(domain, tools)), answer_json(value), schema
+    )
+    draft = msgspec.convert(value, ScenarioDraft)
+    calls = [ToolCall(name=c.name, arguments=c.arguments) for c in draft.expected_calls]
+    writes = [t.name for t in tools if t.name not in catalog.read_only]
+    task = build_task(f"teach-{rng.getrandbits(32):08x}", domain, tools, draft, calls, knobs, writes)
+    return task, example, payload
+
+
+def episode_examples(
+    task: Task, payload: dict[str, Any], rng: random.Random, *, guess: bool
+) -> list[Example]:
+    """The tool and user roles' requests of one episode in which the agent makes the
+    reference calls one per turn and then answers (or, with `guess`, answers at once with a
+    wrong value), each with the teacher's answer, on the log the live roles keep."""
+    log, store, out = SimLog(task), dict(payload.get("store", {})), []
+    for call in [] if guess else task.expected_calls:
+        request = SimLog.tool_request(call, False)
+        answer = _tool_reply(execute(call, store))
+        out.append(Example("tool", log.prompt(request), answer, schema_of(ToolReply)))
+        log.answered(request, answer)
+    final = final_text(payload, wrong_answer(payload, rng) if guess else payload.get("answer"))
+    request = SimLog.user_request(final)
+    out.append(Example("user", log.prompt(request), answer_json(USER_DONE), schema_of(UserReply)))
+    return out
+
+
+def examples(n: int, seed: int, guess_share: float = 0.5) -> list[Example]:
+    """At least `n` role requests with the teacher's answers: per task, the scenario, each
+    reference call's result and the user's reply to the final answer. In `guess_share` of
+    the tasks the agent skips the tools and guesses (as the warmed policy often does), so
+    the user role also learns to close that conversation."""
+    rng, catalog, out = random.Random(seed), toy_catalog(), []
+    while len(out) < n:
+        d = rng.choice([1.0, 1.0, 1.0, 25.0, 50.0])
+        knobs = Knobs(difficulty=d, n_tools=rng.choice([1, 1, 2, 3]), n_expected_calls=rng.choice([1, 1, 2]))
+        task, example, payload = teach_task(knobs, rng, catalog)
+        out.append(example)
+        out += episode_examples(task, payload, rng, guess=rng.random() < guess_share)
+    return out
