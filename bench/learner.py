@@ -175,7 +175,7 @@ def run_case(
     )
 
 
-def trl_padded_learner(policy, grpo, cfg):
+def trl_padded_learner(policy, grpo, cfg, **kw):
     """A `Learner` whose micro-batches are laid out as TRL's GRPOTrainer lays them out: every
     row padded to the longest sequence of the whole batch, a fixed number of rows per
     micro-batch (budget // longest, the most that fits the same memory), arrival order."""
@@ -189,7 +189,7 @@ def trl_padded_learner(policy, grpo, cfg):
             bins = [list(range(i, min(i + rows, len(samples)))) for i in range(0, len(samples), rows)]
             return [build_padded([samples[i] for i in b], b, pad_id=self.pad_id, width=width) for b in bins]
 
-    return TrlPaddedLearner(policy, grpo, cfg, layout="padded")
+    return TrlPaddedLearner(policy, grpo, cfg, layout="padded", **kw)
 
 
 def learner_samples(groups: list) -> list:

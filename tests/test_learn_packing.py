@@ -136,6 +136,28 @@ def test_padded_layout_gives_the_same_gradient(base_model):
     assert float((g_packed - g_padded).norm() / g_packed.norm()) <= 1e-5
 
 
+def test_benchmarks_trl_style_layout_pads_to_the_batch_and_gives_the_same_gradient(base_model):
+    """bench/learner.py's baseline as TRL lays a batch out: every row as wide as the batch's
+    longest sequence, budget // longest rows per micro-batch; the gradient is the packed one."""
+    from bench.learner import DEFAULT_BUDGET, trl_padded_learner
+
+    assert DEFAULT_BUDGET == LearnerConfig().micro_batch_tokens
+    samples = make_samples(5, seed=6)
+    longest = max(len(s.tokens) for s in samples)
+    _, g_packed, _, _ = _step_grad(copy.deepcopy(base_model), "grpo", 2 * longest, samples)
+    model = copy.deepcopy(base_model)
+    grpo = GrpoConfig(loss_type="grpo", beta=0.05, is_level="sequence", is_mode="truncate", dr_grpo_length=64)
+    cfg = LearnerConfig(
+        mode="full", micro_batch_tokens=2 * longest, gradient_checkpointing=False, logprob_chunk=16
+    )
+    learner = trl_padded_learner(wrap_policy(model, cfg, need_reference=True), grpo, cfg, temperature=0.9)
+    mbs = learner.micro_batches(samples)
+    assert [tuple(mb.input_ids.shape) for mb in mbs] == [(2, longest), (2, longest), (1, longest)]
+    learner.accumulate(samples)
+    g_trl = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert float((g_packed - g_trl).norm() / g_packed.norm()) <= 1e-5
+
+
 def test_dapo_uses_the_global_token_count_across_ranks(base_model):
     # A scripted all-reduce: the other rank holds twice this rank's loss tokens (3n in all).
     # dapo's weight is world_size / global = 2 / 3n, bnpo's is 1 / n: gradients differ by 2/3.
