@@ -143,6 +143,41 @@ def _loss(model: Any, ids: Any, mask: Any, attn: Any) -> Any:
     return F.cross_entropy(logits, ids[:, 1:][keep])
 
 
+def _sample(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+) -> list[list[int]]:
+    """The new ids sampled after each prompt (pure sampling, no top-k/p), as one left-padded batch."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)  # [B, T] left-padded
+    attn = torch.zeros((len(prompts), width), dtype=torch.long)  # [B, T]
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, width - len(p) :] = 1
+    torch.manual_seed(seed)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=attn,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tokenizer.pad_token_id,
+        )  # [B, T + new]
+    return out[:, width:].tolist()
+
+
 def well_formed_rate(
     model: Any, tokenizer: Any, *, samples: int = 32, seed: int = 12345, max_new_tokens: int = 64
 ) -> float:
@@ -157,33 +192,12 @@ def call_rates(
     """(well-formed rate, attempt rate) over fresh toy tasks from the training distribution;
     the attempt rate counts turns with any `<tool_call>` block, valid or not. All samples
     are generated as one left-padded batch."""
-    import torch
-
     env, rng = ToyEnv(), random.Random(seed)
     tasks = [env.task(_knobs(rng), rng) for _ in range(samples)]
     prompts = [ChatFormat(tokenizer, t.tools).prompt_ids(env.sft_messages(t)[:2]) for t in tasks]
-    width = max(len(p) for p in prompts)
-    ids = torch.full((samples, width), tokenizer.pad_token_id, dtype=torch.long)  # [B, T] left-padded
-    attn = torch.zeros((samples, width), dtype=torch.long)  # [B, T]
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        attn[i, width - len(p) :] = 1
-    torch.manual_seed(seed)
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=attn,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-            pad_token_id=tokenizer.pad_token_id,
-        )  # [B, T + new]
+    rows = _sample(model, tokenizer, prompts, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
     good = tried = 0
-    for task, row in zip(tasks, out[:, width:].tolist(), strict=True):
+    for task, row in zip(tasks, rows, strict=True):
         parsed = ToolCallParser(task.tools).parse(tokenizer.decode(row, skip_special_tokens=False))
         good += bool(parsed.calls) and not parsed.errors
         tried += parsed.blocks > 0
@@ -194,39 +208,18 @@ def task_rates(model: Any, tokenizer: Any, *, samples: int = 8, seed: int = 1234
     """(valid-task rate, decodable rate) of the task role's scenario answers sampled at
     temperature 0.7 with no grammar, on fresh toy-catalog draws at the curriculum's start
     (D = 1). Valid: decodes to `ScenarioDraft` and its expected calls pass the tools' schemas."""
-    import torch
-
+    from trustee.envs.toy_teacher import toy_catalog
     from trustee.sim.client import decode_json
     from trustee.sim.taskgen import ScenarioDraft, catalog_history, scenario_messages, task_problems
-    from trustee.envs.toy_teacher import toy_catalog
     from trustee.types import ToolCall
 
     rng, catalog = random.Random(seed), toy_catalog()
     fmt = ChatFormat(tokenizer, [], enable_thinking=False)
     draws = [catalog.sample(1, rng) for _ in range(samples)]
     prompts = [fmt.prompt_ids(scenario_messages(Knobs(), catalog_history(d, tools))) for d, tools in draws]
-    width = max(len(p) for p in prompts)
-    ids = torch.full((samples, width), tokenizer.pad_token_id, dtype=torch.long)  # [B, T] left-padded
-    attn = torch.zeros((samples, width), dtype=torch.long)  # [B, T]
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        attn[i, width - len(p) :] = 1
-    torch.manual_seed(seed)
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=attn,
-            do_sample=True,
-            temperature=0.7,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=400,
-            eos_token_id=fmt.eos_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )  # [B, T + new]
+    rows = _sample(model, tokenizer, prompts, temperature=0.7, max_new_tokens=400, seed=seed)
     valid = decoded = 0
-    for (_, tools), row in zip(draws, out[:, width:].tolist(), strict=True):
+    for (_, tools), row in zip(draws, rows, strict=True):
         text = tokenizer.decode([t for t in row if t not in (fmt.eos_id, tokenizer.pad_token_id)])
         try:
             draft = decode_json(text, ScenarioDraft)
