@@ -154,13 +154,13 @@ def scenario(
     payload behind it: the store and the answer)."""
     kind = rng.choice(_kinds(tools, knobs.n_expected_calls))
     query, calls, payload = _query(kind, rng, number_digits(knobs.difficulty))
-    value = {
-        "system_prompt": SYSTEM_PROMPT,
+    value = {  # in ScenarioDraft's field order, which the grammar enforces
+        "expected_calls": [{"name": c.name, "arguments": c.arguments} for c in calls],
         "persona": rng.choice(PERSONAS),
         "goal": GOALS[kind],
         "hidden_info": [],
         "first_query": query,
-        "expected_calls": [{"name": c.name, "arguments": c.arguments} for c in calls],
+        "system_prompt": SYSTEM_PROMPT,
         "subgoals": ["give the exact result in one sentence"],
         "required_interactions": [],
         "forbidden": ["guessing instead of calling a tool"],

@@ -70,14 +70,20 @@ class CallDraft(msgspec.Struct, kw_only=True):
 
 
 class ScenarioDraft(msgspec.Struct, kw_only=True):
-    """Stage 2 output. `expected_calls` is constrained per task to the task's tools."""
+    """Stage 2 output. `expected_calls` is constrained per task to the task's tools.
 
-    system_prompt: Annotated[str, Meta(max_length=200)]
+    The field order is the order the model writes under the grammar: the reference calls
+    first (the grammar holds them to the task's tools and their schemas), then the persona,
+    the goal, what the user withholds and the opening message, so the text is written about
+    calls already fixed (their values are a few tokens back) instead of calls made to fit a
+    request that may need a tool the task does not have."""
+
+    expected_calls: Annotated[list[CallDraft], Meta(min_length=1, max_length=3)]
     persona: Annotated[str, Meta(min_length=1, max_length=100)]
     goal: Text
     hidden_info: Annotated[list[Short], Meta(max_length=3)]
     first_query: Text
-    expected_calls: Annotated[list[CallDraft], Meta(min_length=1, max_length=3)]
+    system_prompt: Annotated[str, Meta(max_length=200)]
     subgoals: Annotated[list[Short], Meta(min_length=1, max_length=3)]
     required_interactions: Annotated[list[Short], Meta(max_length=2)]
     forbidden: Annotated[list[Short], Meta(max_length=2)]
