@@ -6,6 +6,7 @@ the judge is the scripted one (named as such: the random simulator cannot judge)
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,32 @@ def test_metrics_carry_sim_and_curriculum_figures_every_step(tmp_path, tiny_mode
     for line in (out / "trajectories.jsonl").read_text().splitlines():
         t = json.loads(line)["trajectory"]
         assert t["status"] in ("ok", "truncated") and t["reward"] in (-1.0, 0.0, 1.0)
+
+
+@pytest.mark.slow  # builds and warms the tiny simulator once (about 12 minutes on one core), then 3 steps
+def test_cpu_sim_config_makes_toy_tasks_and_trains_groups_with_reward_variance(tmp_path):
+    cache = Path(os.environ.get("TRUSTEE_TEST_CACHE", ROOT / ".cache"))  # built once, reused after
+    out = tmp_path / "run"
+    sets = [
+        f"model.path={cache / 'models' / 'tiny-toy-sft'}",
+        f"simulator.model_path={cache / 'models' / 'tiny-sim-sft'}",
+        "grpo.steps=3",
+        "eval.every_steps=0",
+        "checkpoint.every_steps=0",
+        "logging.progress_bar=false",
+    ]
+    args = ["configs/cpu-sim.toml", "--out", str(out)]
+    for s in sets:
+        args += ["--set", s]
+    r = subprocess.run([sys.executable, "-m", "trustee.run", *args], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(rec["tasks_failed"] == 0.0 and rec["sim/cut"] == 0.0 for rec in recs)
+    assert sum(rec["groups_trained"] for rec in recs) >= 1  # some group's episodes scored differently
+    queries = []
+    for line in (out / "trajectories.jsonl").read_text().splitlines():
+        messages = json.loads(line)["trajectory"]["messages"]
+        queries.append(next(m["content"] for m in messages if m["role"] == "user"))
+    toy = ("What is", "Convert", "Save the value", "stored under")
+    # the warmed simulator writes toy questions (a random one writes runs of digits)
+    assert sum(any(q.startswith(t) or t in q for t in toy) for q in queries) >= len(queries) // 2, queries[:8]
