@@ -259,7 +259,10 @@ async def _drive(inflight: int, groups: int, warmup: int, tok: Any, log_dir: str
 def run_level(inflight: int, groups: int, warmup: int, tok: Any) -> dict[str, Any]:
     import anyio
 
-    with tempfile.TemporaryDirectory(prefix="bench-orch-") as d:
+    from trustee.gcpolicy import QuietCollector
+
+    # The collector's settings training runs its loop under (train.train, after set-up).
+    with tempfile.TemporaryDirectory(prefix="bench-orch-") as d, QuietCollector():
         return anyio.run(_drive, inflight, groups, warmup, tok, d)
 
 

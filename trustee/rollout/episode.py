@@ -269,20 +269,21 @@ class EpisodeRunner:
         ep.counters.wall_s = time.perf_counter() - ep.started
         if ep.state is not None:
             ep.counters.sim_retries = ep.state.sim_retries
+        # The conversation ends with its episode: the trajectory takes its lists, uncopied.
         traj = Trajectory(
             episode_id=ep.episode_id,
             task_id=ep.task.id,
-            tokens=list(conv.ids) if conv else [],
-            loss_mask=list(conv.mask) if conv else [],
-            logprobs=list(conv.logprobs) if conv else [],
-            versions=list(conv.versions) if conv else [],
+            tokens=conv.ids if conv else [],
+            loss_mask=conv.mask if conv else [],
+            logprobs=conv.logprobs if conv else [],
+            versions=conv.versions if conv else [],
             prompt_len=conv.prompt_len if conv else 0,
             reward=reward,
             parts=parts,
             counters=ep.counters,
             status=status,
             error=error,
-            messages=list(conv.messages) if conv else [],
+            messages=conv.messages if conv else [],
             knobs=dict(ep.task.knobs),
         )
         traj.check()

@@ -14,7 +14,8 @@ parser and shares it across episodes). It produces exactly the ids `ChatFormat.p
   falls back to the template for good (logged once). Assistant messages, and messages
   carrying tool calls or reasoning, always take the template path.
 - Text is encoded and decoded with the fast tokenizer's Rust backend directly (skipping the
-  transformers wrapper's per-call overhead), after checking on the first encodes that the
+  transformers wrapper's per-call overhead, and character offsets where the backend has
+  `encode_batch_fast`), after checking on the first encodes that the
   ids equal `tokenizer.encode(text, add_special_tokens=False)`; the decode shortcut is used
   only where `tokenizer.decode` would not post-process the text. Where exact, a text is
   encoded piece by piece between its added tokens, and the pieces that repeat (template
@@ -101,6 +102,7 @@ class TurnRenderer:
         tok = fmt.tokenizer
         backend = getattr(tok, "backend_tokenizer", None)
         self._backend = backend if backend is not None and hasattr(backend, "encode_batch") else None
+        self._encode_whole = _fast_encoder(self._backend) if self._backend is not None else None
         self._backend_checked = 0
         self.verify_encodes = max(verify_uses, 16)
         self._segments = _Segments.build(self._backend, segment_cache) if self._backend is not None else None
@@ -118,7 +120,7 @@ class TurnRenderer:
         if self._segments is not None:
             ids = self._segments.encode(text)
         else:
-            ids = self._backend.encode(text, add_special_tokens=False).ids
+            ids = self._encode_whole(text)
         if self._backend_checked < self.verify_encodes:
             self._backend_checked += 1
             ref = self.fmt.encode(text)
@@ -222,6 +224,7 @@ class _Segments:
         self._cut = re.compile("|".join(re.escape(t) for t in alts))
         self._memo: OrderedDict[str, list[int]] = OrderedDict()
         self._cache = cache
+        self._encode = _fast_encoder(backend)
 
     @classmethod
     def build(cls, backend: Any, cache: int) -> _Segments | None:
@@ -260,11 +263,21 @@ class _Segments:
         if hit is not None:
             self._memo.move_to_end(piece)
             return hit
-        ids = self._backend.encode(piece, add_special_tokens=False).ids
+        ids = self._encode(piece)
         self._memo[piece] = ids
         if len(self._memo) > self._cache:
             self._memo.popitem(last=False)
         return ids
+
+
+def _fast_encoder(backend: Any) -> Any:
+    """`text -> backend.encode(text, add_special_tokens=False).ids`, through `encode_batch_fast`
+    where the backend has it (tokenizers >= 0.21): the same ids without computing character
+    offsets, about a third less time on a short text."""
+    batch = getattr(backend, "encode_batch_fast", None)
+    if batch is None:
+        return lambda text: backend.encode(text, add_special_tokens=False).ids
+    return lambda text: batch([text], add_special_tokens=False)[0].ids
 
 
 def _verbatim(m: Message) -> bool:
