@@ -21,6 +21,7 @@ tasks (the scheduler asks `env.make_task`) nor compute advantages.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -28,7 +29,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-import anyio
 import msgspec
 
 from trustee.chat.formats import chat_spec
@@ -315,12 +315,10 @@ async def run_group(
         raise ValueError(f"group_size = {group_size}: a group needs at least 1 episode")
     group = env.new_group(task) if isinstance(env, GroupedEnvironment) else None
     gid = group_id or task.id
-    out: list[Trajectory | None] = [None] * group_size
-
-    async def one(i: int) -> None:
-        out[i] = await runner.run(env, task, f"{gid}/{i}", group=group)
-
-    async with anyio.create_task_group() as tg:
-        for i in range(group_size):
-            tg.start_soon(one, i)
-    return [t for t in out if t is not None]
+    # asyncio's own task group (trustee runs on the asyncio backend; the engines need it):
+    # the same structure as anyio's (siblings cancelled on a failure, errors raised as an
+    # ExceptionGroup, cancellation of the caller reaches every episode), at a third of the
+    # cost per task, which matters at one group per task sampled.
+    async with asyncio.TaskGroup() as tg:
+        runs = [tg.create_task(runner.run(env, task, f"{gid}/{i}", group=group)) for i in range(group_size)]
+    return [r.result() for r in runs]

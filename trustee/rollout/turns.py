@@ -110,6 +110,8 @@ class TurnRenderer:
         self._fast_decode = self._backend is not None and not getattr(
             tok, "clean_up_tokenization_spaces", True
         )
+        self._bytes = _ByteDecoder.build(self._backend) if self._fast_decode else None
+        self._decode_checked = 0
         self.template_renders = 0  # how often the template had to run (for tests and the benchmark)
 
     # ------------------------------------------------------------------ text <-> ids
@@ -136,6 +138,17 @@ class TurnRenderer:
 
     def decode(self, ids: list[int]) -> str:
         """`tokenizer.decode(ids, skip_special_tokens=False)`."""
+        if self._bytes is not None:
+            text = self._bytes.decode(ids)
+            if self._decode_checked >= self.verify_encodes:
+                return text
+            self._decode_checked += 1
+            ref = self._backend.decode(ids, skip_special_tokens=False)
+            if text == ref:
+                return text
+            log.warning("byte-level decode table disagrees with the tokenizer on %r; using the tokenizer", ref[:80])
+            self._bytes = None
+            return ref
         if self._fast_decode:
             return self._backend.decode(ids, skip_special_tokens=False)
         return self.fmt.tokenizer.decode(ids, skip_special_tokens=False)
@@ -268,6 +281,68 @@ class _Segments:
         if len(self._memo) > self._cache:
             self._memo.popitem(last=False)
         return ids
+
+
+def _byte_chars() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's `bytes_to_unicode`), inverted: char -> byte."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+class _ByteDecoder:
+    """`backend.decode(ids, skip_special_tokens=False)` for a byte-level BPE tokenizer whose
+    decoder is `ByteLevel` alone: each id's bytes (its token's characters mapped back through
+    the byte alphabet; a token with other characters, e.g. an added token, as its UTF-8),
+    joined and decoded as UTF-8 with replacement, which is what that decoder does. Ids the
+    tokenizer does not know decode to nothing, as there. Each id's bytes are worked out once.
+    The renderer compares its first decodes with the tokenizer's.
+    """
+
+    def __init__(self, backend: Any, chars: dict[str, int]):
+        self._backend = backend
+        self._chars = chars
+        self._table: dict[int, bytes] = {}
+
+    @classmethod
+    def build(cls, backend: Any) -> _ByteDecoder | None:
+        try:
+            from tokenizers import decoders, pre_tokenizers
+
+            if type(backend.decoder) is not decoders.ByteLevel:
+                return None
+            chars = _byte_chars()
+            if set(chars) != set(pre_tokenizers.ByteLevel.alphabet()):
+                return None
+        except Exception:  # noqa: BLE001 - an unusual backend: let it decode
+            return None
+        return cls(backend, chars)
+
+    def _bytes_of(self, i: int) -> bytes:
+        tok = self._backend.id_to_token(i)
+        if tok is None:
+            out = b""
+        else:
+            try:
+                out = bytes(self._chars[c] for c in tok)
+            except KeyError:
+                out = tok.encode()
+        self._table[i] = out
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        t = self._table
+        try:
+            raw = b"".join(map(t.__getitem__, ids))
+        except KeyError:
+            raw = b"".join([t[i] if i in t else self._bytes_of(i) for i in ids])
+        return raw.decode("utf-8", "replace")
 
 
 def _fast_encoder(backend: Any) -> Any:
