@@ -69,6 +69,12 @@ class InstantEngine:
     _turn: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Imported here, once, not per request (and not at module import: `--help` stays light).
+        import anyio
+
+        from trustee.engines.base import Completion
+
+        self._yield, self._completion = anyio.lowlevel.checkpoint, Completion
         call = '<tool_call>\n{"name": "add", "arguments": {"a": 12, "b": 30}}\n</tool_call><|im_end|>'
         final = "The answer is 42, computed with the add tool.<|im_end|>"
         enc = self.tokenizer.encode
@@ -78,11 +84,7 @@ class InstantEngine:
         self._final_lp = [-0.5] * len(self._final)
 
     async def generate(self, prompt: list[int], params: Any, *, key: str | None = None) -> Any:
-        import anyio
-
-        from trustee.engines.base import Completion
-
-        await anyio.lowlevel.checkpoint()
+        await self._yield()
         self.requests += 1
         k = self._turn.get(key, 0)
         last = k + 1 >= self.turns
@@ -91,7 +93,9 @@ class InstantEngine:
         else:
             self._turn[key] = k + 1
         ids, lps = (self._final, self._final_lp) if last else (self._call, self._call_lp)
-        return Completion(token_ids=ids, logprobs=lps, finish_reason="stop", policy_version=self.version)
+        return self._completion(
+            token_ids=ids, logprobs=lps, finish_reason="stop", policy_version=self.version
+        )
 
     async def sleep(self, level: int = 1) -> None:
         return None
@@ -120,6 +124,10 @@ class InstantEnv:
     name = "instant"
 
     def __init__(self, pool: int = 8):
+        from trustee.envs.base import EpisodeState, Score
+        from trustee.types import Message, Task
+
+        self._state, self._score, self._message, self._task = EpisodeState, Score, Message, Task
         self.calls = 0
         tools = _tool_specs()
         rng = random.Random(0)
@@ -129,10 +137,8 @@ class InstantEnv:
                 ts.append(next(t for t in tools if t.name == "add"))
 
     async def make_task(self, knobs: Any, rng: random.Random) -> Any:
-        from trustee.types import Task
-
         a, b = rng.randrange(1000), rng.randrange(1000)
-        return Task(
+        return self._task(
             id=f"instant-{rng.getrandbits(32):08x}",
             env="instant",
             tools=self.tool_sets[rng.randrange(len(self.tool_sets))],
@@ -141,31 +147,25 @@ class InstantEnv:
         )
 
     async def start(self, task: Any, episode_id: str, group: Any = None) -> Any:
-        from trustee.envs.base import EpisodeState
-        from trustee.types import Message
-
         msgs = [
-            Message(role="system", content=task.system_prompt),
-            Message(role="user", content=task.first_query),
+            self._message(role="system", content=task.system_prompt),
+            self._message(role="user", content=task.first_query),
         ]
-        return EpisodeState(episode_id=episode_id, task=task, messages=msgs, group=group)
+        return self._state(episode_id=episode_id, task=task, messages=msgs, group=group)
 
     async def step(self, state: Any, action: Any) -> list[Any]:
-        from trustee.types import Message
-
         if not action.calls and not action.errors:
             state.done = True
             return []
         # A fresh result each call, as real tools give: nothing downstream may memoise it.
         self.calls += 1
         return [
-            Message(role="tool", content=f'{{"result": {self.calls}}}', name=c.name) for c in action.calls
+            self._message(role="tool", content=f'{{"result": {self.calls}}}', name=c.name)
+            for c in action.calls
         ]
 
     async def score(self, state: Any) -> Any:
-        from trustee.envs.base import Score
-
-        return Score(reward=1.0, parts={})
+        return self._score(reward=1.0, parts={})
 
 
 def _pin_one_core() -> int | None:

@@ -146,7 +146,9 @@ class TurnRenderer:
             ref = self._backend.decode(ids, skip_special_tokens=False)
             if text == ref:
                 return text
-            log.warning("byte-level decode table disagrees with the tokenizer on %r; using the tokenizer", ref[:80])
+            log.warning(
+                "byte-level decode table disagrees with the tokenizer on %r; using the tokenizer", ref[:80]
+            )
             self._bytes = None
             return ref
         if self._fast_decode:
@@ -285,7 +287,11 @@ class _Segments:
 
 def _byte_chars() -> dict[str, int]:
     """The byte-level BPE alphabet (GPT-2's `bytes_to_unicode`), inverted: char -> byte."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    bs = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\u00a1"), ord("\u00ac") + 1),
+        *range(ord("\u00ae"), ord("\u00ff") + 1),
+    ]
     cs = list(bs)
     n = 0
     for b in range(256):
