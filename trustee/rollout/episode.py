@@ -173,8 +173,7 @@ class EpisodeRunner:
                 raise EnvironmentStuck(
                     f"environment {env.name!r} returned no reply and did not end the episode"
                 )
-            replies = self._cut_results(replies, turns, c)
-            c.user_turns += sum(m.role == "user" for m in replies)
+            replies = self._cut_results(replies, turns, c)  # counts user turns too
             ids = turns.continuation_ids(replies)
             if len(conv.ids) + len(ids) >= self.max_model_len:
                 return "truncated"
@@ -235,23 +234,28 @@ class EpisodeRunner:
                 )
             )
         c.tool_calls += len(calls)
-        c.format_errors += sum(e.kind in FORMAT_ERROR_KINDS for e in errors)
-        c.schema_errors += sum(e.kind == "schema" for e in errors)
-        c.unknown_tools += sum(e.kind == "unknown_tool" for e in errors)
+        if errors:
+            c.format_errors += sum(e.kind in FORMAT_ERROR_KINDS for e in errors)
+            c.schema_errors += sum(e.kind == "schema" for e in errors)
+            c.unknown_tools += sum(e.kind == "unknown_tool" for e in errors)
         return AgentAction(
             message=parsed.message, calls=calls, errors=errors, truncated=comp.finish_reason == "length"
         )
 
     def _cut_results(self, replies: list[Message], turns: TurnRenderer, c: Counters) -> list[Message]:
-        """Tool results longer than `max_tool_result_tokens` are cut, with a marker."""
+        """Tool results longer than `max_tool_result_tokens` are cut, with a marker; user
+        turns are counted."""
         out = []
         cap = self.cfg.max_tool_result_tokens
         for m in replies:
-            if m.role == "tool":
+            if m.role == "user":
+                c.user_turns += 1
+            elif m.role == "tool":
                 c.tool_errors += _is_error(m.content)
                 # Byte-level BPE and SentencePiece with byte fallback make at most one token
-                # per UTF-8 byte (plus a possible leading-space token): short results skip encoding.
-                if len(m.content.encode()) + 1 <= cap:
+                # per UTF-8 byte (plus a possible leading-space token), and a character is at
+                # most 4 UTF-8 bytes: short results skip encoding.
+                if len(m.content) * 4 + 1 <= cap or len(m.content.encode()) + 1 <= cap:
                     out.append(m)
                     continue
                 ids = turns.encode(m.content)

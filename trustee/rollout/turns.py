@@ -236,7 +236,8 @@ class _Segments:
         # Longest first: at one position the regex takes the first alternative that matches,
         # which is then the longest (the library's leftmost-longest match).
         alts = sorted(tokens, key=len, reverse=True)
-        self._cut = re.compile("|".join(re.escape(t) for t in alts))
+        # One capturing group: `split` returns text, token, text, token, ..., text (in C).
+        self._cut = re.compile("(" + "|".join(re.escape(t) for t in alts) + ")")
         self._memo: OrderedDict[str, list[int]] = OrderedDict()
         self._cache = cache
         self._encode = _fast_encoder(backend)
@@ -263,14 +264,14 @@ class _Segments:
 
     def encode(self, text: str) -> list[int]:
         out: list[int] = []
-        pos = 0
-        for m in self._cut.finditer(text):
-            if m.start() > pos:
-                out += self._piece(text[pos : m.start()])
-            out.append(self._ids[m.group()])
-            pos = m.end()
-        if pos < len(text):
-            out += self._piece(text[pos:])
+        parts = self._cut.split(text)
+        added, piece = self._ids, self._piece
+        for i in range(0, len(parts) - 1, 2):
+            if parts[i]:
+                out += piece(parts[i])
+            out.append(added[parts[i + 1]])
+        if parts[-1]:
+            out += piece(parts[-1])
         return out
 
     def _piece(self, piece: str) -> list[int]:
