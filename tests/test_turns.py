@@ -219,3 +219,44 @@ def test_renderer_decodes_through_the_table_after_checking_it(fmt, tiny_tokenize
     for _ in range(r.verify_encodes + 2):
         assert r.decode(ids) == tiny_tokenizer.decode(ids, skip_special_tokens=False)
     assert r._decode_checked == r.verify_encodes  # compared with the tokenizer, then trusted
+
+
+@pytest.mark.parametrize("family", ["qwen", "llama3", "mistral"])
+def test_words_encode_like_the_library_on_plain_ascii(family, tiny_tokenizer):
+    # _Words pre-tokenizes in Python and looks words up; on any plain-ASCII piece (pieces
+    # never hold added tokens: _Segments cuts there first) the ids are the library's own.
+    import random
+
+    from chat_tokenizers import tiny_chat_tokenizer
+
+    from trustee.rollout.turns import _Words
+
+    tok = tiny_tokenizer if family == "qwen" else tiny_chat_tokenizer(family)
+    backend = tok.backend_tokenizer
+    words = _Words.build(backend, cache=64)
+    assert words is not None  # Split + ByteLevel pre-tokenizer, BPE model
+    specials = list(tok.get_added_vocab())
+    alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\t", "\r", "\r\n", "  ", "'s", "'LL", "123", '{"a": ']
+    rng = random.Random(0)
+    seen = 0
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        if any(s in text for s in specials):
+            continue
+        seen += 1
+        assert words.encode(text) == backend.encode(text, add_special_tokens=False).ids, text
+    assert seen > 2000
+    assert len(words._memo) <= 64  # bounded
+    assert words.encode("ünï") is None and words.encode("a\x00b") is None  # the library encodes those
+
+
+def test_no_words_shortcut_for_other_pre_tokenizers():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from trustee.rollout.turns import _Words
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    assert _Words.build(t) is None
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert _Words.build(t) is None

@@ -43,6 +43,7 @@ from trustee.types import Message
 log = logging.getLogger("trustee.rollout")
 
 _MARK = "\x00trustee-content-"
+_PLAIN_ASCII = re.compile(r"[\t\n\r\x20-\x7e]*")  # the text `_Words` encodes itself
 _VERBATIM_ROLES = ("system", "user", "tool")
 
 Shape = tuple[str, bool, tuple[tuple[str, str | None], ...]]
@@ -241,6 +242,7 @@ class _Segments:
         self._memo: OrderedDict[str, list[int]] = OrderedDict()
         self._cache = cache
         self._encode = _fast_encoder(backend)
+        self._words = _Words.build(backend)
 
     @classmethod
     def build(cls, backend: Any, cache: int) -> _Segments | None:
@@ -279,11 +281,84 @@ class _Segments:
         if hit is not None:
             self._memo.move_to_end(piece)
             return hit
-        ids = self._encode(piece)
+        ids = self._words.encode(piece) if self._words is not None else None
+        if ids is None:
+            ids = self._encode(piece)
         self._memo[piece] = ids
         if len(self._memo) > self._cache:
             self._memo.popitem(last=False)
         return ids
+
+
+class _Words:
+    """Ids of a plain-ASCII piece for a byte-level BPE tokenizer whose pre-tokenizer is one
+    regex split (`Split(pattern, "Isolated")`) then `ByteLevel` without its own regex and
+    without a prefix space, with no normalizer and no BPE dropout (Qwen2/3, Llama 3 and
+    their kind): the piece is split with the same pattern here (the `regex` module; on ASCII
+    text its `\\p{L}`, `\\p{N}` and `\\s` are the library's), and each word's ids come from a
+    memo, or from the BPE model on its byte-level form, as the library does per word. A tool
+    result is mostly words seen before (JSON keys, punctuation, digits), so most of a new
+    piece is looked up. Pieces with other characters (non-ASCII, control characters other
+    than tab and newlines) return None: the library encodes them. The renderer compares its
+    first encodes with `tokenizer.encode`; tests compare many more.
+    """
+
+    def __init__(self, model: Any, pattern: Any, cache: int):
+        self._model = model
+        self._split = pattern
+        self._memo: dict[str, list[int]] = {}
+        self._cache = cache
+        # ASCII bytes to their byte-level characters (" " -> "Ġ", "\\n" -> "Ċ", ...)
+        self._byte_level = str.maketrans({chr(b): c for c, b in _byte_chars().items() if b < 128})
+
+    @classmethod
+    def build(cls, backend: Any, cache: int = 65536) -> _Words | None:
+        try:
+            import json
+
+            import regex
+            from tokenizers import models
+
+            if backend.normalizer is not None or type(backend.model) is not models.BPE:
+                return None
+            if (
+                backend.model.dropout
+                or backend.model.continuing_subword_prefix
+                or backend.model.end_of_word_suffix
+            ):
+                return None
+            spec = json.loads(backend.pre_tokenizer.__getstate__())
+            if spec.get("type") != "Sequence" or len(spec.get("pretokenizers", [])) != 2:
+                return None
+            split, level = spec["pretokenizers"]
+            if (
+                split.get("type") != "Split"
+                or split.get("behavior") != "Isolated"
+                or split.get("invert")
+                or "Regex" not in split.get("pattern", {})
+            ):
+                return None
+            if level.get("type") != "ByteLevel" or level.get("add_prefix_space") or level.get("use_regex"):
+                return None
+            pattern = regex.compile(split["pattern"]["Regex"])
+        except Exception:  # noqa: BLE001 - an unusual backend (or no `regex` module): the library encodes
+            return None
+        return cls(backend.model, pattern, cache)
+
+    def encode(self, piece: str) -> list[int] | None:
+        if _PLAIN_ASCII.fullmatch(piece) is None:
+            return None
+        out: list[int] = []
+        memo = self._memo
+        for word in self._split.findall(piece):
+            ids = memo.get(word)
+            if ids is None:
+                ids = [t.id for t in self._model.tokenize(word.translate(self._byte_level))]
+                if len(memo) >= self._cache:
+                    memo.clear()
+                memo[word] = ids
+            out += ids
+        return out
 
 
 def _byte_chars() -> dict[str, int]:
