@@ -7,7 +7,8 @@ The engine and the environment are test doubles that answer at once (`InstantEng
 real `GroupScheduler` (task sampling, slots, the bounded stream), the real `EpisodeRunner`
 (chat rendering of each environment turn to ids, decoding and parsing each sampled turn
 against the task's tool schemas, length checks, building the `Trajectory`), a consumer that
-takes finished groups and logs every trajectory to a `RunLog` (JSONL, as training does). The
+takes finished groups and logs every trajectory to a `RunLog` (JSONL, as training does), under
+the garbage-collector settings training runs its loop with (`trustee.gcpolicy`). The
 process is pinned to one core (`sched_setaffinity`). Each in-flight level runs for a fixed
 number of groups after a warm-up. The per-turn cost is then split into decoding, parsing
 and schema validation, rendering and encoding, building trajectories and logging, each part

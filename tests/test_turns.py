@@ -260,3 +260,14 @@ def test_no_words_shortcut_for_other_pre_tokenizers():
     assert _Words.build(t) is None
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     assert _Words.build(t) is None
+
+
+def test_no_words_shortcut_with_added_tokens_matched_after_normalisation(tiny_tokenizer):
+    from tokenizers import AddedToken, Tokenizer
+
+    from trustee.rollout.turns import _Words
+
+    t = Tokenizer.from_str(tiny_tokenizer.backend_tokenizer.to_str())
+    assert _Words.build(t) is not None
+    t.add_tokens([AddedToken("plain word", normalized=True)])
+    assert _Words.build(t) is None

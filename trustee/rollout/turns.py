@@ -20,7 +20,11 @@ parser and shares it across episodes). It produces exactly the ids `ChatFormat.p
   only where `tokenizer.decode` would not post-process the text. Where exact, a text is
   encoded piece by piece between its added tokens, and the pieces that repeat (template
   scaffolding, the system prompt with its tool list) are looked up, not encoded again
-  (`_Segments`).
+  (`_Segments`); a new plain-ASCII piece (a tool result, mostly) is split into words with
+  the tokenizer's own pre-tokenizer pattern and its words looked up (`_Words`, for
+  byte-level BPE tokenizers of the Qwen/Llama 3 kind). Sampled ids are decoded through a
+  per-id byte table where the decoder is byte-level (`_ByteDecoder`), checked against the
+  tokenizer's decode on the first decodes.
 - Opening prompts are memoised by content (a GRPO group's episodes share their prompt).
 
 It does not parse tool calls (`chat/parse.py`) or hold a conversation (`chat/render.py`).
@@ -320,6 +324,10 @@ class _Words:
             from tokenizers import models
 
             if backend.normalizer is not None or type(backend.model) is not models.BPE:
+                return None
+            # Added tokens matched after normalisation are not cut out by _Segments: their
+            # text can reach a piece, where only the library knows to match them.
+            if any(t.normalized and t.content for t in backend.get_added_tokens_decoder().values()):
                 return None
             if (
                 backend.model.dropout
