@@ -391,17 +391,14 @@ class _ByteDecoder:
     decoder is `ByteLevel` alone: each id's bytes (its token's characters mapped back through
     the byte alphabet; a token with other characters, e.g. an added token, as its UTF-8),
     joined and decoded as UTF-8 with replacement, which is what that decoder does. Ids the
-    tokenizer does not know decode to nothing, as there. Each id's bytes are worked out once;
-    an id whose bytes are whole UTF-8 characters also keeps its text, and ids that all do are
-    decoded by joining texts (UTF-8 is self-synchronising: the same string). The renderer
-    compares its first decodes with the tokenizer's.
+    tokenizer does not know decode to nothing, as there. Each id's bytes are worked out once.
+    The renderer compares its first decodes with the tokenizer's.
     """
 
     def __init__(self, backend: Any, chars: dict[str, int]):
         self._backend = backend
         self._chars = chars
         self._table: dict[int, bytes] = {}
-        self._text: dict[int, str] = {}
 
     @classmethod
     def build(cls, backend: Any) -> _ByteDecoder | None:
@@ -427,17 +424,9 @@ class _ByteDecoder:
             except KeyError:
                 out = tok.encode()
         self._table[i] = out
-        try:
-            self._text[i] = out.decode("utf-8")
-        except UnicodeDecodeError:
-            pass  # part of a character: joined as bytes with its neighbours
         return out
 
     def decode(self, ids: list[int]) -> str:
-        try:
-            return "".join(map(self._text.__getitem__, ids))
-        except KeyError:
-            pass
         t = self._table
         try:
             raw = b"".join(map(t.__getitem__, ids))
