@@ -7,7 +7,8 @@ The engine and the environment are test doubles that answer at once (`InstantEng
 real `GroupScheduler` (task sampling, slots, the bounded stream), the real `EpisodeRunner`
 (chat rendering of each environment turn to ids, decoding and parsing each sampled turn
 against the task's tool schemas, length checks, building the `Trajectory`), a consumer that
-takes finished groups and logs every trajectory to a `RunLog` (JSONL, as training does). The
+takes finished groups and logs every trajectory to a `RunLog` (JSONL, as training does), under
+the garbage-collector settings training runs its loop with (`trustee.gcpolicy`). The
 process is pinned to one core (`sched_setaffinity`). Each in-flight level runs for a fixed
 number of groups after a warm-up. The per-turn cost is then split into decoding, parsing
 and schema validation, rendering and encoding, building trajectories and logging, each part
@@ -69,6 +70,12 @@ class InstantEngine:
     _turn: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Imported here, once, not per request (and not at module import: `--help` stays light).
+        import anyio
+
+        from trustee.engines.base import Completion
+
+        self._yield, self._completion = anyio.lowlevel.checkpoint, Completion
         call = '<tool_call>\n{"name": "add", "arguments": {"a": 12, "b": 30}}\n</tool_call><|im_end|>'
         final = "The answer is 42, computed with the add tool.<|im_end|>"
         enc = self.tokenizer.encode
@@ -78,11 +85,7 @@ class InstantEngine:
         self._final_lp = [-0.5] * len(self._final)
 
     async def generate(self, prompt: list[int], params: Any, *, key: str | None = None) -> Any:
-        import anyio
-
-        from trustee.engines.base import Completion
-
-        await anyio.lowlevel.checkpoint()
+        await self._yield()
         self.requests += 1
         k = self._turn.get(key, 0)
         last = k + 1 >= self.turns
@@ -91,7 +94,9 @@ class InstantEngine:
         else:
             self._turn[key] = k + 1
         ids, lps = (self._final, self._final_lp) if last else (self._call, self._call_lp)
-        return Completion(token_ids=ids, logprobs=lps, finish_reason="stop", policy_version=self.version)
+        return self._completion(
+            token_ids=ids, logprobs=lps, finish_reason="stop", policy_version=self.version
+        )
 
     async def sleep(self, level: int = 1) -> None:
         return None
@@ -120,6 +125,10 @@ class InstantEnv:
     name = "instant"
 
     def __init__(self, pool: int = 8):
+        from trustee.envs.base import EpisodeState, Score
+        from trustee.types import Message, Task
+
+        self._state, self._score, self._message, self._task = EpisodeState, Score, Message, Task
         self.calls = 0
         tools = _tool_specs()
         rng = random.Random(0)
@@ -129,10 +138,8 @@ class InstantEnv:
                 ts.append(next(t for t in tools if t.name == "add"))
 
     async def make_task(self, knobs: Any, rng: random.Random) -> Any:
-        from trustee.types import Task
-
         a, b = rng.randrange(1000), rng.randrange(1000)
-        return Task(
+        return self._task(
             id=f"instant-{rng.getrandbits(32):08x}",
             env="instant",
             tools=self.tool_sets[rng.randrange(len(self.tool_sets))],
@@ -141,31 +148,25 @@ class InstantEnv:
         )
 
     async def start(self, task: Any, episode_id: str, group: Any = None) -> Any:
-        from trustee.envs.base import EpisodeState
-        from trustee.types import Message
-
         msgs = [
-            Message(role="system", content=task.system_prompt),
-            Message(role="user", content=task.first_query),
+            self._message(role="system", content=task.system_prompt),
+            self._message(role="user", content=task.first_query),
         ]
-        return EpisodeState(episode_id=episode_id, task=task, messages=msgs, group=group)
+        return self._state(episode_id=episode_id, task=task, messages=msgs, group=group)
 
     async def step(self, state: Any, action: Any) -> list[Any]:
-        from trustee.types import Message
-
         if not action.calls and not action.errors:
             state.done = True
             return []
         # A fresh result each call, as real tools give: nothing downstream may memoise it.
         self.calls += 1
         return [
-            Message(role="tool", content=f'{{"result": {self.calls}}}', name=c.name) for c in action.calls
+            self._message(role="tool", content=f'{{"result": {self.calls}}}', name=c.name)
+            for c in action.calls
         ]
 
     async def score(self, state: Any) -> Any:
-        from trustee.envs.base import Score
-
-        return Score(reward=1.0, parts={})
+        return self._score(reward=1.0, parts={})
 
 
 def _pin_one_core() -> int | None:
@@ -259,7 +260,10 @@ async def _drive(inflight: int, groups: int, warmup: int, tok: Any, log_dir: str
 def run_level(inflight: int, groups: int, warmup: int, tok: Any) -> dict[str, Any]:
     import anyio
 
-    with tempfile.TemporaryDirectory(prefix="bench-orch-") as d:
+    from trustee.gcpolicy import QuietCollector
+
+    # The collector's settings training runs its loop under (train.train, after set-up).
+    with tempfile.TemporaryDirectory(prefix="bench-orch-") as d, QuietCollector():
         return anyio.run(_drive, inflight, groups, warmup, tok, d)
 
 

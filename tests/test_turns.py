@@ -174,3 +174,100 @@ def test_tool_list_changed_in_place_is_not_mistaken_for_the_last_one(tiny_tokeni
     assert b is not a and set(b[1].tools) == {"add", "multiply"}
     tools.append(TOOLS["kv_get"])
     assert set(runner.for_tools(tools)[1].tools) == {"add", "multiply", "kv_get"}
+
+
+@pytest.mark.parametrize("family", ["qwen", "llama3", "mistral"])
+def test_byte_table_decode_equals_the_tokenizers(family, tiny_tokenizer):
+    # Any ids, including ones that split a UTF-8 character, added tokens and ids the
+    # tokenizer does not know: the table's text is the library's own decode.
+    import random
+
+    from chat_tokenizers import tiny_chat_tokenizer
+
+    from trustee.rollout.turns import _ByteDecoder
+
+    tok = tiny_tokenizer if family == "qwen" else tiny_chat_tokenizer(family)
+    backend = tok.backend_tokenizer
+    table = _ByteDecoder.build(backend)
+    assert table is not None  # byte-level BPE with a ByteLevel decoder
+    n = backend.get_vocab_size()
+    rng = random.Random(0)
+    texts = ["ünïcödé ✓ 数字 🙂", '<tool_call>\n{"name": "add"}\n</tool_call><|im_end|>']
+    for _ in range(500):
+        ids = [rng.randrange(n + 3) for _ in range(rng.randint(0, 30))]
+        assert table.decode(ids) == backend.decode(ids, skip_special_tokens=False), ids
+    for t in texts:
+        ids = backend.encode(t, add_special_tokens=False).ids
+        for cut in range(len(ids) + 1):  # every prefix, so partial characters too
+            assert table.decode(ids[:cut]) == backend.decode(ids[:cut], skip_special_tokens=False)
+
+
+def test_no_byte_table_for_other_decoders():
+    from tokenizers import Tokenizer, decoders, models
+
+    from trustee.rollout.turns import _ByteDecoder
+
+    t = Tokenizer(models.WordLevel({"[UNK]": 0, "▁a": 1}, unk_token="[UNK]"))
+    t.decoder = decoders.Metaspace()
+    assert _ByteDecoder.build(t) is None
+
+
+def test_renderer_decodes_through_the_table_after_checking_it(fmt, tiny_tokenizer):
+    r = TurnRenderer(fmt)
+    assert r._bytes is not None
+    ids = tiny_tokenizer.encode("The answer is 42 ✓<|im_end|>", add_special_tokens=False)
+    for _ in range(r.verify_encodes + 2):
+        assert r.decode(ids) == tiny_tokenizer.decode(ids, skip_special_tokens=False)
+    assert r._decode_checked == r.verify_encodes  # compared with the tokenizer, then trusted
+
+
+@pytest.mark.parametrize("family", ["qwen", "llama3", "mistral"])
+def test_words_encode_like_the_library_on_plain_ascii(family, tiny_tokenizer):
+    # _Words pre-tokenizes in Python and looks words up; on any plain-ASCII piece (pieces
+    # never hold added tokens: _Segments cuts there first) the ids are the library's own.
+    import random
+
+    from chat_tokenizers import tiny_chat_tokenizer
+
+    from trustee.rollout.turns import _Words
+
+    tok = tiny_tokenizer if family == "qwen" else tiny_chat_tokenizer(family)
+    backend = tok.backend_tokenizer
+    words = _Words.build(backend, cache=64)
+    assert words is not None  # Split + ByteLevel pre-tokenizer, BPE model
+    specials = list(tok.get_added_vocab())
+    alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\t", "\r", "\r\n", "  ", "'s", "'LL", "123", '{"a": ']
+    rng = random.Random(0)
+    seen = 0
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        if any(s in text for s in specials):
+            continue
+        seen += 1
+        assert words.encode(text) == backend.encode(text, add_special_tokens=False).ids, text
+    assert seen > 2000
+    assert len(words._memo) <= 64  # bounded
+    assert words.encode("ünï") is None and words.encode("a\x00b") is None  # the library encodes those
+
+
+def test_no_words_shortcut_for_other_pre_tokenizers():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from trustee.rollout.turns import _Words
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    assert _Words.build(t) is None
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert _Words.build(t) is None
+
+
+def test_no_words_shortcut_with_added_tokens_matched_after_normalisation(tiny_tokenizer):
+    from tokenizers import AddedToken, Tokenizer
+
+    from trustee.rollout.turns import _Words
+
+    t = Tokenizer.from_str(tiny_tokenizer.backend_tokenizer.to_str())
+    assert _Words.build(t) is not None
+    t.add_tokens([AddedToken("plain word", normalized=True)])
+    assert _Words.build(t) is None

@@ -33,6 +33,7 @@ from trustee.curriculum import Curriculum
 from trustee.engines.base import Engine, FatalEngineError
 from trustee.envs import build_environment  # a module attribute: tests replace it
 from trustee.envs.base import Environment, Knobs
+from trustee.gcpolicy import QuietCollector
 from trustee.interrupt import StopGuard
 from trustee.learn.advantages import ZERO_VAR_TOL, compute_advantages, drop_truncated, shape_overlong
 from trustee.learn.learner import Learner
@@ -417,8 +418,10 @@ async def train(cfg: Config, res: Resolved) -> dict[str, Any]:
     run = _Run(cfg, res)
     last: dict[str, Any] = {}
     guard = StopGuard(run)
+    collector = QuietCollector()
     try:
         await run.setup()
+        collector.start()  # after set-up: what lives for the whole run is never scanned again
         guard.install()
         guard.mark(run.start - 1)
         try:
@@ -448,6 +451,7 @@ async def train(cfg: Config, res: Resolved) -> dict[str, Any]:
         last = dict(last)
         last["summary"] = learning_summary(Path(res.run_dir) / "metrics.jsonl")
     finally:
+        collector.stop()
         guard.uninstall()
         await run.close()
     return last

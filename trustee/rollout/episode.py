@@ -21,6 +21,7 @@ tasks (the scheduler asks `env.make_task`) nor compute advantages.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -28,7 +29,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-import anyio
 import msgspec
 
 from trustee.chat.formats import chat_spec
@@ -173,8 +173,7 @@ class EpisodeRunner:
                 raise EnvironmentStuck(
                     f"environment {env.name!r} returned no reply and did not end the episode"
                 )
-            replies = self._cut_results(replies, turns, c)
-            c.user_turns += sum(m.role == "user" for m in replies)
+            replies = self._cut_results(replies, turns, c)  # counts user turns too
             ids = turns.continuation_ids(replies)
             if len(conv.ids) + len(ids) >= self.max_model_len:
                 return "truncated"
@@ -235,23 +234,28 @@ class EpisodeRunner:
                 )
             )
         c.tool_calls += len(calls)
-        c.format_errors += sum(e.kind in FORMAT_ERROR_KINDS for e in errors)
-        c.schema_errors += sum(e.kind == "schema" for e in errors)
-        c.unknown_tools += sum(e.kind == "unknown_tool" for e in errors)
+        if errors:
+            c.format_errors += sum(e.kind in FORMAT_ERROR_KINDS for e in errors)
+            c.schema_errors += sum(e.kind == "schema" for e in errors)
+            c.unknown_tools += sum(e.kind == "unknown_tool" for e in errors)
         return AgentAction(
             message=parsed.message, calls=calls, errors=errors, truncated=comp.finish_reason == "length"
         )
 
     def _cut_results(self, replies: list[Message], turns: TurnRenderer, c: Counters) -> list[Message]:
-        """Tool results longer than `max_tool_result_tokens` are cut, with a marker."""
+        """Tool results longer than `max_tool_result_tokens` are cut, with a marker; user
+        turns are counted."""
         out = []
         cap = self.cfg.max_tool_result_tokens
         for m in replies:
-            if m.role == "tool":
+            if m.role == "user":
+                c.user_turns += 1
+            elif m.role == "tool":
                 c.tool_errors += _is_error(m.content)
                 # Byte-level BPE and SentencePiece with byte fallback make at most one token
-                # per UTF-8 byte (plus a possible leading-space token): short results skip encoding.
-                if len(m.content.encode()) + 1 <= cap:
+                # per UTF-8 byte (plus a possible leading-space token), and a character is at
+                # most 4 UTF-8 bytes: short results skip encoding.
+                if len(m.content) * 4 + 1 <= cap or len(m.content.encode()) + 1 <= cap:
                     out.append(m)
                     continue
                 ids = turns.encode(m.content)
@@ -269,20 +273,21 @@ class EpisodeRunner:
         ep.counters.wall_s = time.perf_counter() - ep.started
         if ep.state is not None:
             ep.counters.sim_retries = ep.state.sim_retries
+        # The conversation ends with its episode: the trajectory takes its lists, uncopied.
         traj = Trajectory(
             episode_id=ep.episode_id,
             task_id=ep.task.id,
-            tokens=list(conv.ids) if conv else [],
-            loss_mask=list(conv.mask) if conv else [],
-            logprobs=list(conv.logprobs) if conv else [],
-            versions=list(conv.versions) if conv else [],
+            tokens=conv.ids if conv else [],
+            loss_mask=conv.mask if conv else [],
+            logprobs=conv.logprobs if conv else [],
+            versions=conv.versions if conv else [],
             prompt_len=conv.prompt_len if conv else 0,
             reward=reward,
             parts=parts,
             counters=ep.counters,
             status=status,
             error=error,
-            messages=list(conv.messages) if conv else [],
+            messages=conv.messages if conv else [],
             knobs=dict(ep.task.knobs),
         )
         traj.check()
@@ -314,12 +319,10 @@ async def run_group(
         raise ValueError(f"group_size = {group_size}: a group needs at least 1 episode")
     group = env.new_group(task) if isinstance(env, GroupedEnvironment) else None
     gid = group_id or task.id
-    out: list[Trajectory | None] = [None] * group_size
-
-    async def one(i: int) -> None:
-        out[i] = await runner.run(env, task, f"{gid}/{i}", group=group)
-
-    async with anyio.create_task_group() as tg:
-        for i in range(group_size):
-            tg.start_soon(one, i)
-    return [t for t in out if t is not None]
+    # asyncio's own task group (trustee runs on the asyncio backend; the engines need it):
+    # the same structure as anyio's (siblings cancelled on a failure, errors raised as an
+    # ExceptionGroup, cancellation of the caller reaches every episode), at a third of the
+    # cost per task, which matters at one group per task sampled.
+    async with asyncio.TaskGroup() as tg:
+        runs = [tg.create_task(runner.run(env, task, f"{gid}/{i}", group=group)) for i in range(group_size)]
+    return [r.result() for r in runs]

@@ -36,8 +36,9 @@ log = logging.getLogger("trustee.rollout")
 def oldest_version(group: Group) -> int | None:
     """The smallest policy version of any sampled token in the group (None: nothing sampled)."""
     # versions[i] is -1 exactly where loss_mask[i] is 0 (Trajectory invariant), so the sampled
-    # tokens' versions are the set of versions less -1 (set building runs in C: this is per group).
-    vs = set().union(*(t.versions for t in group.trajectories))
+    # tokens' versions are the set of versions less -1 (set building runs in C: this is per group);
+    # no token of the opening prompt is sampled, so the set starts after it.
+    vs = set().union(*(t.versions[t.prompt_len :] for t in group.trajectories))
     vs.discard(-1)
     return min(vs) if vs else None
 
