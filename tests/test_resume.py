@@ -261,7 +261,15 @@ def test_plan_resume_allows_only_safe_changes(tmp_path):
         "resuming run 'trustee' from step-000003 (steps 0-3 done): 8 of 12 steps left"
     )
     assert "grpo.steps 10 -> 12" in plan.headline() and "logging.log_every 1 -> 5" in plan.headline()
-    assert plan_resume(load_config(None, ["grpo.steps=4"]), tmp_path).finished
+    done = load_config(None, ["grpo.steps=4"])
+    plan = plan_resume(done, tmp_path)  # every step done, but no policy was published after the last
+    assert plan.trained and not plan.finished
+    assert "finished its 4 steps but its final policy was not published" in plan.headline()
+    kind = "adapter" if done.learner.mode in ("lora", "qlora") else "model"
+    (tmp_path / kind).mkdir()
+    (tmp_path / kind / "trustee_step.json").write_text('{"step": 3}')
+    assert plan_resume(done, tmp_path).finished
+    assert plan_resume(done, tmp_path).headline().startswith("run 'trustee' is already finished")
     with pytest.raises(ResumeRefused) as e:
         plan_resume(
             load_config(
@@ -272,3 +280,24 @@ def test_plan_resume_allows_only_safe_changes(tmp_path):
     msg = str(e.value)
     assert "learner.lr: 1e-06 -> 0.1" in msg and 'environment.kind: "simulated" -> "toy"' in msg
     assert "cannot change mid-run" in msg and "another --out" in msg
+
+
+def test_a_run_killed_while_publishing_its_final_policy_publishes_it_on_restart(
+    tmp_path, tiny_model_dir, reference
+):
+    """Killed after the last checkpoint was written but before the policy of that step was
+    published (RUN/adapter still the previous step's): the same command exports it from the
+    checkpoint instead of saying 'already finished' and leaving the old policy."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out, symlinks=True)
+    (out / "adapter").unlink()  # as if the kill landed before the final export's swap
+    shutil.rmtree(out / "exports")
+    before = (out / "metrics.jsonl").read_text()
+    r = _run(tiny_model_dir, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.splitlines()[0].startswith("run 'cpu-tiny' finished its 3 steps but its final policy")
+    assert json.loads((out / "adapter" / "trustee_step.json").read_text())["step"] == STEPS - 1
+    assert _adapter_bytes(out) == _adapter_bytes(reference)
+    assert (out / "metrics.jsonl").read_text() == before  # no step was run again
+    r = _run(tiny_model_dir, out)
+    assert r.returncode == 0 and r.stdout.splitlines()[0].startswith("run 'cpu-tiny' is already finished")

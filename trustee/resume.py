@@ -70,13 +70,27 @@ class ResumePlan(msgspec.Struct, frozen=True, kw_only=True):
     done_steps: int = 0
     changed: list[str] = msgspec.field(default_factory=list)
 
+    export_step: int | None = None
+    """The step of the run's published policy (RUN/adapter or RUN/model), None when absent."""
+
     @property
     def finished(self) -> bool:
+        """Every step done and the last one's policy published: nothing left to do."""
+        return self.trained and self.export_step == self.total_steps - 1
+
+    @property
+    def trained(self) -> bool:
         return self.checkpoint is not None and self.done_steps >= self.total_steps
 
     def headline(self) -> str:
         if self.checkpoint is None:
             return f"new run '{self.name}': {self.total_steps} steps -> {self.run_dir}"
+        if self.trained and not self.finished:
+            return (
+                f"run '{self.name}' finished its {self.total_steps} steps but its final policy was not "
+                f"published (interrupted while writing it): exporting it from {Path(self.checkpoint).name} "
+                f"-> {self.run_dir}"
+            )
         if self.finished:
             return (
                 f"run '{self.name}' is already finished: {self.done_steps} of {self.done_steps} steps done "
@@ -138,11 +152,13 @@ def plan_resume(cfg: Config, run_dir: str | os.PathLike) -> ResumePlan:
             f"Fields that may change on resume: {', '.join(s + '*' if s.endswith('.') else s for s in SAFE_TO_CHANGE)}. "
             "Drop those --set flags to resume, or pass another --out for a new run."
         )
+    kind = "adapter" if cfg.learner.mode in ("lora", "qlora") else "model"
     return msgspec.structs.replace(
         base,
         checkpoint=str(ckpt),
         done_steps=int(meta["step"]) + 1,
         changed=[f"{k} {a} -> {b}" for k, a, b in diff],
+        export_step=exported_step(run_dir, kind),
     )
 
 
