@@ -211,14 +211,24 @@ def main() -> None:
     p.add_argument(
         "--block-size",
         type=int,
-        default=16,
-        help="vLLM KV block size (and the block model's); vLLM CPU attention needs a multiple of 32",
+        default=None,
+        help="KV block size of vLLM and of the block model (default: 32 with --engine vllm, whose CPU "
+        "attention needs a multiple of 32; else 16)",
     )
-    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=4096,
+        help="simulator context in tokens (default 4096: the tiny model's positions; vLLM refuses more)",
+    )
     p.add_argument("--kv-cache-gib", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    from bench.common import add_out_arg
+
+    add_out_arg(p)
     args = p.parse_args()
+    if args.block_size is None:
+        args.block_size = 32 if args.engine == "vllm" else 16
     result = anyio.run(run, args)
     import torch
     import transformers
