@@ -250,7 +250,7 @@ def test_plan_resume_allows_only_safe_changes(tmp_path):
 
     from trustee.checkpoint import save_checkpoint
     from trustee.config import load_config
-    from trustee.resume import ResumeRefused, plan_resume
+    from trustee.resume import ResumeRefused, export_kind, plan_resume
 
     cfg = load_config(None, ["grpo.steps=10"])
     assert plan_resume(cfg, tmp_path).headline().startswith("new run 'trustee': 10 steps")
@@ -265,7 +265,7 @@ def test_plan_resume_allows_only_safe_changes(tmp_path):
     plan = plan_resume(done, tmp_path)  # every step done, but no policy was published after the last
     assert plan.trained and not plan.finished
     assert "finished its 4 steps but its final policy was not published" in plan.headline()
-    kind = "adapter" if done.learner.mode in ("lora", "qlora") else "model"
+    kind = export_kind(done.learner.mode)
     (tmp_path / kind).mkdir()
     (tmp_path / kind / "trustee_step.json").write_text('{"step": 3}')
     assert plan_resume(done, tmp_path).finished

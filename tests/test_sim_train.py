@@ -16,6 +16,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run(config: str, out: Path, sets: list[str]) -> list[dict]:
+    """`python -m trustee.run CONFIG --out OUT --set ...`; its metrics.jsonl records."""
+    args = [config, "--out", str(out)]
+    for s in sets:
+        args += ["--set", s]
+    r = subprocess.run([sys.executable, "-m", "trustee.run", *args], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow  # about 6 minutes on 2 busy cores; test_train.py runs one simulated step by default
 def test_metrics_carry_sim_and_curriculum_figures_every_step(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
@@ -35,12 +45,7 @@ def test_metrics_carry_sim_and_curriculum_figures_every_step(tmp_path, tiny_mode
         "simulator.judge_mode=scripted",
         "simulator.max_user_turns=1",
     ]
-    args = ["configs/cpu-tiny.toml", "--out", str(out)]
-    for s in sets:
-        args += ["--set", s]
-    r = subprocess.run([sys.executable, "-m", "trustee.run", *args], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = _run("configs/cpu-tiny.toml", out, sets)
     assert [x["step"] for x in recs] == [0, 1]
     for rec in recs:
         assert rec["tasks_failed"] == 0.0 and rec["episodes"] == 4.0
@@ -68,12 +73,7 @@ def test_cpu_sim_config_makes_toy_tasks_and_trains_groups_with_reward_variance(t
         "checkpoint.every_steps=0",
         "logging.progress_bar=false",
     ]
-    args = ["configs/cpu-sim.toml", "--out", str(out)]
-    for s in sets:
-        args += ["--set", s]
-    r = subprocess.run([sys.executable, "-m", "trustee.run", *args], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = _run("configs/cpu-sim.toml", out, sets)
     assert all(rec["tasks_failed"] == 0.0 and rec["sim/cut"] == 0.0 for rec in recs)
     assert sum(rec["groups_trained"] for rec in recs) >= 1  # some group's episodes scored differently
     queries = []

@@ -152,13 +152,12 @@ def plan_resume(cfg: Config, run_dir: str | os.PathLike) -> ResumePlan:
             f"Fields that may change on resume: {', '.join(s + '*' if s.endswith('.') else s for s in SAFE_TO_CHANGE)}. "
             "Drop those --set flags to resume, or pass another --out for a new run."
         )
-    kind = "adapter" if cfg.learner.mode in ("lora", "qlora") else "model"
     return msgspec.structs.replace(
         base,
         checkpoint=str(ckpt),
         done_steps=int(meta["step"]) + 1,
         changed=[f"{k} {a} -> {b}" for k, a, b in diff],
-        export_step=exported_step(run_dir, kind),
+        export_step=exported_step(run_dir, export_kind(cfg.learner.mode)),
     )
 
 
@@ -347,7 +346,7 @@ def export_policy(run: Any, step: int) -> Path:
     from trustee.learn.distributed import DistributedLearner
 
     lora = _mode(run.learner) in ("lora", "qlora")
-    kind = "adapter" if lora else "model"
+    kind = export_kind(_mode(run.learner))
     exports = run_dir / "exports"
     exports.mkdir(parents=True, exist_ok=True)
     final = exports / f"{kind}-step-{step:06d}"
@@ -378,10 +377,15 @@ def export_final(run: Any) -> Path:
     """The end of a run: publish the policy after the last step, unless the final checkpoint
     already exported exactly that (LoRA adapters are exported with every checkpoint)."""
     last = run.cfg.grpo.steps - 1
-    kind = "adapter" if _mode(run.learner) in ("lora", "qlora") else "model"
+    kind = export_kind(_mode(run.learner))
     if exported_step(run.run_dir, kind) == last:
         return Path(run.run_dir) / kind
     return export_policy(run, last)
+
+
+def export_kind(mode: str) -> str:
+    """Where a learner mode's policy is published: RUN/adapter (LoRA, QLoRA) or RUN/model."""
+    return "adapter" if mode in ("lora", "qlora") else "model"
 
 
 def exported_step(run_dir: str | os.PathLike, kind: str = "adapter") -> int | None:

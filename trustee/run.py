@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -46,11 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _build_tiny(cfg: Config, path: Path) -> list[str]:
-    """Build (and SFT-warm) the config's tiny model in a temporary directory, then move it to
-    `path`: an interrupted build or warm-up never leaves a half-made model behind."""
+def _build_tiny(cfg: Config, path: Path, role: Literal["policy", "simulator"] = "policy") -> list[str]:
+    """Build (and SFT-warm) the config's tiny model for `role` in a temporary directory, then
+    move it to `path`: an interrupted build or warm-up never leaves a half-made model behind.
+    The policy warms on toy tool calls (model.tiny_sft_steps), the simulator on the toy
+    teacher's role answers (simulator.tiny_sft_steps)."""
     import shutil
 
+    from trustee.sft import sft_warm
     from trustee.tiny import build_tiny_model
 
     tmp = path.with_name(path.name + ".partial")
@@ -58,10 +62,8 @@ def _build_tiny(cfg: Config, path: Path) -> list[str]:
         shutil.rmtree(tmp)
     build_tiny_model(tmp, size=cfg.model.tiny, seed=cfg.seed)
     notes = [f"built tiny model ({cfg.model.tiny}) at {path}"]
-    if path == Path(cfg.simulator.model_path) and cfg.simulator.tiny_sft_steps:
-        from trustee.sft import sft_warm
-
-        steps = cfg.simulator.tiny_sft_steps
+    steps = cfg.simulator.tiny_sft_steps if role == "simulator" else cfg.model.tiny_sft_steps
+    if steps and role == "simulator":
         print(
             f"SFT warm-up of the tiny simulator: {steps} steps on the toy teacher's role answers ...",
             flush=True,
@@ -72,14 +74,9 @@ def _build_tiny(cfg: Config, path: Path) -> list[str]:
             f"{rep.loss_last:.2f}; sampled task-role answers with no grammar: valid tasks {rep.well_formed_rate:.0%}, "
             f"decodable {rep.attempt_rate:.0%} (run time constrains them to the schema)"
         )
-    elif cfg.model.tiny_sft_steps:
-        from trustee.sft import sft_warm
-
-        print(
-            f"SFT warm-up of the tiny model: {cfg.model.tiny_sft_steps} steps on toy tool calls ...",
-            flush=True,
-        )
-        rep = sft_warm(tmp, cfg.model.tiny_sft_steps, seed=cfg.seed)
+    elif steps:
+        print(f"SFT warm-up of the tiny model: {steps} steps on toy tool calls ...", flush=True)
+        rep = sft_warm(tmp, steps, seed=cfg.seed)
         notes.append(
             f"SFT-warmed it {rep.steps} steps ({rep.wall_s:.0f}s): loss {rep.loss_first:.2f} -> {rep.loss_last:.2f}; "
             f"first turns: well-formed tool calls {rep.well_formed_rate:.0%}, no call (a guessed answer) "
@@ -98,7 +95,7 @@ def _model_checks(cfg: Config, build: bool) -> list[str]:
     sim_path = Path(cfg.simulator.model_path) if cfg.simulator.model_path else None
     if sim_path is not None and cfg.simulator.tiny_sft_steps and not (sim_path / "config.json").exists():
         if build:
-            notes += _build_tiny(cfg, sim_path)
+            notes += _build_tiny(cfg, sim_path, "simulator")
         else:
             notes.append(f"tiny simulator ({cfg.model.tiny}) will be built at {sim_path}")
     path = Path(cfg.model.path)
