@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import anyio
 import msgspec
@@ -24,6 +25,13 @@ from trustee.engines.base import Completion
 from trustee.engines.grammar import json_grammar
 from trustee.envs.base import AgentAction
 from trustee.envs.simulated import SimulatedEnv
+from trustee.envs.toy_teacher import (
+    catalog_entries,
+    episode_examples,
+    examples,
+    teach_task,
+    toy_catalog,
+)
 from trustee.sim.client import SimClient, bounded_schema, decode_json
 from trustee.sim.fakes import FakeJsonEngine
 from trustee.sim.taskgen import (
@@ -36,16 +44,9 @@ from trustee.sim.taskgen import (
 )
 from trustee.sim.tools import ToolReply
 from trustee.sim.user import UserReply
-from trustee.envs.toy_teacher import (
-    TOY_CATALOG,
-    catalog_entries,
-    episode_examples,
-    examples,
-    teach_task,
-    toy_catalog,
-)
 from trustee.types import Knobs, Message, ToolCall
 
+TOY_CATALOG = Path(__file__).resolve().parents[1] / "configs" / "catalogs" / "toy-tools.jsonl"
 OUT_TYPES = {"task": ScenarioDraft, "tool": ToolReply, "user": UserReply}
 
 
@@ -81,7 +82,7 @@ def test_teacher_tasks_are_valid_tasks():
     for _ in range(30):
         task, _, payload = teach_task(Knobs(n_tools=rng.choice([1, 2, 3]), n_expected_calls=2), rng, catalog)
         assert task_problems(task.tools, task.expected_calls) == []
-        assert task.first_query and "answer" in payload or "set" in payload
+        assert task.first_query and ("answer" in payload or "set" in payload)
 
 
 class LookupEngine:

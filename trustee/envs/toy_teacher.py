@@ -4,7 +4,7 @@ A random tiny model constrained to a role's JSON schema writes valid JSON with n
 it (tasks whose opening message is a run of digits), so no policy can act on its tasks and
 every episode of the CPU variant scores the same. A real simulator is an 8B model that was
 instruction-tuned; on CPU we stand in for that tuning with supervised examples from a
-teacher that knows the toy domain: over the toy tools as a catalog (`TOY_CATALOG`), it
+teacher that knows the toy domain: over the toy tools as a catalog (`configs/catalogs/toy-tools.jsonl` in the repository; a test keeps it equal to `catalog_entries`), it
 writes what a competent simulator answers in each model role:
 
 - task: a scenario for a catalog draw (a toy question over the drawn tools, its reference
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgspec
@@ -63,9 +62,6 @@ CATEGORIES = {
     "kv_set": "store",
 }
 """The toy tools' catalog categories (a task draws its tools from one category first)."""
-
-TOY_CATALOG = Path(__file__).resolve().parents[2] / "configs" / "catalogs" / "toy-tools.jsonl"
-"""The toy tools as a `simulator.tool_catalog` file (a test keeps it equal to `catalog_entries`)."""
 
 GOALS = {
     "add": "get the sum of two numbers",
