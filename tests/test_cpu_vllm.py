@@ -62,6 +62,9 @@ def test_cpu_vllm_colocated_two_steps(tmp_path, tiny_model_dir):
         # Prefix-cache figures from vLLM's scheduler stats (queries counted per step).
         assert rec["engine/simulator/prefix_queries"] > 0
         assert 0.0 <= rec["engine/simulator/prefix_hit_rate"] <= 1.0
+        # ...and the simulator's own view of them (sim/*: per step, from the same counters).
+        assert 0.0 <= rec["sim/prefix_hit_rate"] <= 1.0 and rec["sim/requests"] > 0
+        assert rec["sim/latency_p95_s"] >= rec["sim/latency_p50_s"] > 0.0 and "sim/retries/task" in rec
     # Sampling after the wake used the adapter of the step before: every sampled token of step 1
     # carries version 1 (the adapter pushed after step 0's update).
     seen = set()
