@@ -10,7 +10,11 @@ against the task's tool schemas, length checks, building the `Trajectory`), a co
 takes finished groups and logs every trajectory to a `RunLog` (JSONL, as training does), under
 the garbage-collector settings training runs its loop with (`trustee.gcpolicy`). The
 process is pinned to one core (`sched_setaffinity`). Each in-flight level runs for a fixed
-number of groups after a warm-up. The per-turn cost is then split into decoding, parsing
+number of groups after a warm-up, `repeats` times, the levels interleaved (64, 512, 2048, 64,
+...); a level's figures are the medians of its runs, and every run is kept in the JSON. Why:
+on a shared virtual machine one core's speed drifts by up to 1.8x from one second to the
+next (the same level, same process, nothing else running: 4,900 to 8,900 turns/s over 15
+back-to-back runs on 2026-12-02), so one run of a second or two is a draw, not a figure. The per-turn cost is then split into decoding, parsing
 and schema validation, rendering and encoding, building trajectories and logging, each part
 timed alone on the real objects; the rest is scheduling, asyncio and the doubles. Beside it: the turns/s an 8-GPU rollout needs, from
 published decode rates (cited in the JSON), so the margin is a ratio.
@@ -23,13 +27,14 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-QUICK = dict(inflight=[64, 512, 2048], groups=256, warmup_groups=32)
-FULL = dict(inflight=[64, 512, 2048], groups=512, warmup_groups=64)
+QUICK = dict(inflight=[64, 512, 2048], groups=256, warmup_groups=32, repeats=5)
+FULL = dict(inflight=[64, 512, 2048], groups=512, warmup_groups=64, repeats=7)
 GROUP_SIZE = 8
 TURNS_PER_EPISODE = 4  # 3 tool-calling turns, then a final answer
 
@@ -257,6 +262,27 @@ async def _drive(inflight: int, groups: int, warmup: int, tok: Any, log_dir: str
     )
 
 
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One level's figures: the median of its runs for each rate, the spread of turns/s, and
+    every run."""
+    med = statistics.median
+    tps = [r["turns_per_s"] for r in runs]
+    return dict(
+        inflight_episodes=runs[0]["inflight_episodes"],
+        groups=runs[0]["groups"],
+        repeats=len(runs),
+        turns_per_s=round(med(tps), 1),
+        turns_per_cpu_s=round(med(r["turns_per_cpu_s"] for r in runs), 1),
+        episodes_per_s=round(med(r["episodes_per_s"] for r in runs), 1),
+        turns_per_s_min=min(tps),
+        turns_per_s_max=max(tps),
+        wall_s=round(med(r["wall_s"] for r in runs), 3),
+        peak_inflight_groups=max(r["peak_inflight_groups"] for r in runs),
+        load_avg_after=runs[-1]["load_avg_after"],
+        runs=runs,
+    )
+
+
 def run_level(inflight: int, groups: int, warmup: int, tok: Any) -> dict[str, Any]:
     import anyio
 
@@ -267,11 +293,67 @@ def run_level(inflight: int, groups: int, warmup: int, tok: Any) -> dict[str, An
         return anyio.run(_drive, inflight, groups, warmup, tok, d)
 
 
-def cost_breakdown(tok: Any, per_turn_us: float, reps: int = 400) -> dict[str, Any]:
+def _run_now(coro: Any) -> Any:
+    """Run a coroutine that never waits on the event loop (only bare yields, which are
+    ignored) to its end, with no loop."""
+    while True:
+        try:
+            coro.send(None)
+        except StopIteration as e:
+            return e.value
+
+
+def loop_free_us(tok: Any, inflight: int, groups: int = 256) -> float:
+    """CPU-us per turn of the same episodes, `inflight` at a time, driven round-robin by hand
+    instead of by the event loop and the scheduler (the engine double's yield is a bare
+    `asyncio.sleep(0)`, which needs no loop): everything an episode does, with its memory
+    effects at that many live episodes, less scheduling, asyncio and logging."""
+    import asyncio
+    from collections import deque
+    from functools import partial
+
+    from trustee.chat.render import project_template
+    from trustee.gcpolicy import QuietCollector
+    from trustee.rollout.episode import EpisodeRunner
+
+    engine = InstantEngine(tok)
+    engine._yield = partial(asyncio.sleep, 0)
+    env = InstantEnv()
+    runner = EpisodeRunner(engine, tok, max_model_len=4096, template=project_template())
+    rng = random.Random(1)
+
+    def run(groups: int) -> float:
+        tasks = [_run_now(env.make_task(None, rng)) for _ in range(groups)]
+        # a group's episodes start together, as the scheduler starts them
+        pending = deque(
+            runner.run(env, tasks[g], f"g{g}/{i}") for g in range(groups) for i in range(GROUP_SIZE)
+        )
+        live: deque[Any] = deque()
+        turns0, c0 = engine.requests, time.process_time()
+        while pending or live:
+            while pending and len(live) < inflight:
+                live.append(pending.popleft())
+            coro = live.popleft()
+            try:
+                coro.send(None)
+                live.append(coro)
+            except StopIteration as e:
+                assert e.value.status == "ok", e.value.error
+        return (time.process_time() - c0) / (engine.requests - turns0) * 1e6
+
+    with QuietCollector():
+        run(max(8, groups // 4))  # warm-up: parsers, renderers and memos built, as in a level's warm-up
+        return run(groups)
+
+
+def cost_breakdown(tok: Any, per_turn_us: float, inflight: int, reps: int = 400) -> dict[str, Any]:
     """Per-turn microseconds of each part, each timed alone (timeit on the real objects, no
-    profiler overhead) and weighted by how often an episode does it; the rest of the
-    measured per-turn time is scheduling, asyncio and the test doubles."""
+    profiler overhead) and weighted by how often an episode does it; then, from the episodes
+    run without the event loop (`loop_free_us`, median of three), the runner's other work
+    and the doubles, and the event loop and scheduler as what remains of the measured time."""
+    import asyncio
     import timeit
+    from functools import partial
 
     import msgspec
 
@@ -280,28 +362,18 @@ def cost_breakdown(tok: Any, per_turn_us: float, reps: int = 400) -> dict[str, A
     from trustee.types import Message, Trajectory
 
     engine = InstantEngine(tok)
+    engine._yield = partial(asyncio.sleep, 0)
     env = InstantEnv()
     runner = EpisodeRunner(engine, tok, max_model_len=4096, template=project_template())
-    tools = env.tool_sets[0]
-    fmt, parser, turns = runner.for_tools(tools)
-    msgs = [
-        Message(role="system", content="You are a helpful assistant. Use the tools."),
-        Message(role="user", content="What is 12 plus 30?"),
-    ]
+    task = _run_now(env.make_task(None, random.Random(2)))
+    fmt, parser, turns = runner.for_tools(task.tools)
+    # one real episode's trajectory: its prompt carries its tool list, as every episode's does
+    traj = _run_now(runner.run(env, task, "g0/0"))
+    fields = {f: getattr(traj, f) for f in traj.__struct_fields__}
+    msgs = traj.messages[:2]
     reply = [Message(role="tool", content='{"result": 42}', name="add")]
     call_text = turns.decode(engine._call)
-    ids = turns.prompt_ids(msgs) + engine._call + turns.continuation_ids(reply)
-    traj = dict(
-        episode_id="g0/0",
-        task_id="t",
-        tokens=ids,
-        loss_mask=[0] * len(ids),
-        logprobs=[0.0] * len(ids),
-        versions=[-1] * len(ids),
-        prompt_len=10,
-    )
     enc = msgspec.json.Encoder()
-    t = Trajectory(**traj)
 
     def us(fn: Any) -> float:  # CPU microseconds of this process per call (load-robust)
         fn()
@@ -321,17 +393,30 @@ def cost_breakdown(tok: Any, per_turn_us: float, reps: int = 400) -> dict[str, A
         "render + encode prompt (1 of 8 per group)": us(lambda: turns.prompt_ids([msgs[0], next(it)]))
         / per_episode
         / GROUP_SIZE,
-        "trajectory build + check": us(lambda: Trajectory(**traj).check()) / per_episode,
-        "logging (JSONL encode)": us(lambda: enc.encode({"step": 0, "trajectory": t})) / per_episode,
+        "trajectory build + check": us(lambda: Trajectory(**fields).check()) / per_episode,
     }
-    parts = {k: round(v, 2) for k, v in parts.items()}
-    parts["scheduling, asyncio, env/engine doubles (rest)"] = round(
-        max(0.0, per_turn_us - sum(parts.values())), 2
+    logging_us = us(lambda: enc.encode({"step": 0, "trajectory": traj})) / per_episode
+    free = statistics.median(loop_free_us(tok, inflight) for _ in range(3))
+    parts["episode runner's other work, env/engine doubles, memory effects (loop-free rest)"] = max(
+        0.0, free - sum(parts.values())
     )
+    parts["logging (JSONL encode)"] = logging_us
+    parts["event loop and scheduler (measured less loop-free less logging)"] = max(
+        0.0, per_turn_us - free - logging_us
+    )
+    parts = {k: round(v, 2) for k, v in parts.items()}
     return dict(
         measured_us_per_turn=round(per_turn_us, 2),
+        loop_free_us_per_turn=round(free, 2),
+        trajectory_tokens=len(traj.tokens),
         us_per_turn=parts,
         share={k: round(v / per_turn_us, 3) for k, v in parts.items()},
+        note=(
+            "parts timed alone; 'loop-free' is the same episodes at the same number in flight "
+            "driven round-robin without the event loop (loop_free_us); the host's speed drifts "
+            "between measurements, so the last two rows are differences of medians and can be off "
+            "by that drift (a row that would be negative is shown as 0)"
+        ),
         template_renders=turns.template_renders,
     )
 
@@ -353,12 +438,16 @@ def markdown(rep: dict[str, Any]) -> str:
         f"({TURNS_PER_EPISODE - 1} tool calls, then an answer); tiny byte-level BPE tokenizer; every "
         "trajectory logged to JSONL.",
         "",
-        "| episodes in flight | peak groups in flight | turns/s (wall) | turns per CPU-s | episodes/s | groups timed | wall s | load avg after |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"Each level ran {rep['config']['repeats']} times, interleaved with the others; figures are medians "
+        "over the runs (one core's speed drifts on a shared machine), with the slowest and fastest run.",
+        "",
+        "| episodes in flight | peak groups in flight | turns/s (wall, median) | slowest-fastest run | turns per CPU-s | episodes/s | groups timed per run | wall s per run | load avg after |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rep["levels"]:
         lines.append(
-            f"| {r['inflight_episodes']} | {r['peak_inflight_groups']} | {r['turns_per_s']:.0f} | {r['turns_per_cpu_s']:.0f} | {r['episodes_per_s']:.0f} | "
+            f"| {r['inflight_episodes']} | {r['peak_inflight_groups']} | {r['turns_per_s']:.0f} | "
+            f"{r['turns_per_s_min']:.0f}-{r['turns_per_s_max']:.0f} | {r['turns_per_cpu_s']:.0f} | {r['episodes_per_s']:.0f} | "
             f"{r['groups']} | {r['wall_s']} | {r['load_avg_after']} |"
         )
     nd = rep["need"]
@@ -393,12 +482,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--inflight", default=None, help="episodes in flight, comma-separated (default 64,512,2048)"
     )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"runs of each level, interleaved; the median is reported (default {FULL['repeats']}, quick {QUICK['repeats']})",
+    )
     ap.add_argument("--no-profile", action="store_true", help="skip the per-part cost breakdown")
     add_out_arg(ap)
     a = ap.parse_args(argv)
     p = dict(QUICK if a.quick else FULL)
     if a.inflight:
         p["inflight"] = [int(x) for x in a.inflight.split(",")]
+    if a.repeats is not None:
+        if a.repeats < 1:
+            ap.error(f"--repeats {a.repeats}: at least 1")
+        p["repeats"] = a.repeats
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     before = load_avg()
@@ -407,18 +506,27 @@ def main(argv: list[str] | None = None) -> None:
     # Untimed: the first run imports modules and compiles the chat template, which the
     # first level would otherwise pay for.
     run_level(p["inflight"][0], 8, 8, tok)
-    levels = []
-    for n in p["inflight"]:
-        r = run_level(n, p["groups"], p["warmup_groups"], tok)
-        r["load_avg_after"] = load_avg()
+    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in p["inflight"]}
+    for rep in range(p["repeats"]):
+        for n in p["inflight"]:
+            r = run_level(n, p["groups"], p["warmup_groups"], tok)
+            r["load_avg_after"] = load_avg()
+            print(
+                f"run {rep + 1}/{p['repeats']}, in flight {n:5d}: {r['turns_per_s']:9.0f} turns/s "
+                f"({r['turns_per_cpu_s']:.0f} per CPU-s)  {r['episodes_per_s']:8.0f} episodes/s  "
+                f"load {r['load_avg_after']}",
+                flush=True,
+            )
+            runs[n].append(r)
+    levels = [summarize(rs) for rs in runs.values()]
+    for r in levels:
         print(
-            f"in flight {n:5d}: {r['turns_per_s']:9.0f} turns/s ({r['turns_per_cpu_s']:.0f} per CPU-s)  "
-            f"{r['episodes_per_s']:8.0f} episodes/s  load {r['load_avg_after']}",
+            f"in flight {r['inflight_episodes']:5d}: median {r['turns_per_s']:9.0f} turns/s "
+            f"(runs {r['turns_per_s_min']:.0f}-{r['turns_per_s_max']:.0f})",
             flush=True,
         )
-        levels.append(r)
     at512 = next((r for r in levels if r["inflight_episodes"] == 512), levels[len(levels) // 2])
-    prof = {} if a.no_profile else cost_breakdown(tok, 1e6 / at512["turns_per_cpu_s"])
+    prof = {} if a.no_profile else cost_breakdown(tok, 1e6 / at512["turns_per_cpu_s"], at512["inflight_episodes"])
     nd = need()
     rep = dict(
         bench="orchestrator",
@@ -444,7 +552,10 @@ def main(argv: list[str] | None = None) -> None:
     path = write_report(a.out, "orchestrator", rep, md)
     why = plot_lines(
         path.with_suffix(".png"),
-        {"turns/s": ([r["inflight_episodes"] for r in levels], [r["turns_per_s"] for r in levels])},
+        {
+            "turns/s (median)": ([r["inflight_episodes"] for r in levels], [r["turns_per_s"] for r in levels]),
+            "slowest run": ([r["inflight_episodes"] for r in levels], [r["turns_per_s_min"] for r in levels]),
+        },
         title="Orchestrator turns/s on one core (instant engine/env)",
         xlabel="episodes in flight",
         ylabel="agent turns / s",

@@ -3,6 +3,8 @@ runner builds the parser, format and renderer once per tool set."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from trustee.chat.render import ChatFormat, project_template
@@ -235,6 +237,7 @@ def test_words_encode_like_the_library_on_plain_ascii(family, tiny_tokenizer):
     backend = tok.backend_tokenizer
     words = _Words.build(backend, cache=64)
     assert words is not None  # Split + ByteLevel pre-tokenizer, BPE model
+    assert isinstance(words._split, re.Pattern)  # \p{L} / \p{N} as ASCII ranges, for `re`
     specials = list(tok.get_added_vocab())
     alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\t", "\r", "\r\n", "  ", "'s", "'LL", "123", '{"a": ']
     rng = random.Random(0)
@@ -248,6 +251,30 @@ def test_words_encode_like_the_library_on_plain_ascii(family, tiny_tokenizer):
     assert seen > 2000
     assert len(words._memo) <= 64  # bounded
     assert words.encode("ünï") is None and words.encode("a\x00b") is None  # the library encodes those
+
+
+def test_ascii_pattern_keeps_the_unicode_pattern_s_matches_on_ascii():
+    import random
+
+    import regex
+
+    from trustee.rollout.turns import _ascii_pattern
+
+    qwen = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    # a "]" first in a class is a literal; \p{N}{1,3} as Llama 3 writes it
+    other = r"[]\p{L}]+|[^]\p{N}]|\p{N}{1,3}"
+    rng = random.Random(1)
+    alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\t", "\r", "'s", "'LL"]
+    for source in (qwen, other):
+        fast, ref = re.compile(_ascii_pattern(source)), regex.compile(source)
+        for _ in range(2000):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+            assert fast.findall(text) == ref.findall(text), (source, text)
+    assert _ascii_pattern(r"\p{Lu}+|\p{N}") is None  # another property: the `regex` module splits
+    assert _ascii_pattern(r"\P{L}") is None
 
 
 def test_no_words_shortcut_for_other_pre_tokenizers():

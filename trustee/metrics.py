@@ -135,13 +135,21 @@ class RunLog:
         if self._trajs is None:
             return
         cap = self.cfg.trajectories_max_mb * 1e6
+        # Every line is encoded into one buffer, written with one call: a trajectory's line is
+        # kilobytes (one number per token, four times), larger than the file's own buffer, so
+        # line-by-line writes were a system call each.
+        buf = bytearray()
         for t in trajs:
             if self.cfg.trajectories == "sampled" and not _sampled(
                 t.episode_id, self.cfg.trajectories_fraction
             ):
                 continue
-            line = _enc.encode({"step": step, "trajectory": t}) + b"\n"
-            if cap and self._traj_bytes + len(line) > cap:
+            start = len(buf)
+            _enc.encode_into({"step": step, "trajectory": t}, buf, -1)
+            buf += b"\n"
+            n = len(buf) - start
+            if cap and self._traj_bytes + n > cap:
+                del buf[start:]
                 if not self.trajectories_dropped:
                     log.warning(
                         "trajectories.jsonl reached logging.trajectories_max_mb = %s; later episodes are counted, not written",
@@ -149,9 +157,10 @@ class RunLog:
                     )
                 self.trajectories_dropped += 1
                 continue
-            self._trajs.write(line)
-            self._traj_bytes += len(line)
-        self._trajs.flush()
+            self._traj_bytes += n
+        if buf:
+            self._trajs.write(buf)
+            self._trajs.flush()
 
     def close(self) -> None:
         self._metrics.close()
