@@ -62,9 +62,9 @@ def preset(device: str, quick: bool, budget: int | None = None) -> dict:
     return dict(PRESETS[device], **(QUICK if quick else {}), **({"budget": budget} if budget else {}))
 
 
-def cases(device: str) -> list[tuple[str, str]]:
+def cases(device: str, layouts: tuple[str, ...] = LAYOUTS) -> list[tuple[str, str]]:
     modes = ["lora", "full"] + (["qlora"] if device == "cuda" else [])
-    return [(m, lay) for m in modes for lay in LAYOUTS]
+    return [(m, lay) for m in modes for lay in layouts]
 
 
 def realistic_batch(p: dict, seed: int = 0) -> dict:
@@ -337,12 +337,22 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="token budget per micro-batch (default: twice the longest episode)",
     )
+    ap.add_argument(
+        "--layouts",
+        default=",".join(LAYOUTS),
+        help="layouts to run, comma-separated; packed is always run (default: all three; on CPU the "
+        "full form's trl-padded cases take longer than the rest together)",
+    )
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: 'mode,layout' runs one case and prints JSON
     ap.add_argument(
         "--batch-file", help=argparse.SUPPRESS
     )  # internal: the episodes, written once by the parent
     add_out_arg(ap)
     a = ap.parse_args(argv)
+    layouts = tuple(dict.fromkeys(["packed", *a.layouts.split(",")]))
+    unknown = [x for x in layouts if x not in LAYOUTS]
+    if unknown:
+        ap.error(f"--layouts {a.layouts}: unknown {unknown}; choose from {', '.join(LAYOUTS)}")
     steps = a.steps or (1 if a.quick else 2)
     rounds = a.rounds or (1 if a.quick else 2)
     if a.case:
@@ -356,9 +366,10 @@ def main(argv: list[str] | None = None) -> None:
     tmp = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="bench-learner-", delete=False)
     tmp.write(json.dumps(realistic_batch(preset(a.device, a.quick, a.budget))))
     tmp.close()
-    runs: dict[tuple[str, str], list[dict]] = {c: [] for c in cases(a.device)}
+    todo = cases(a.device, layouts)
+    runs: dict[tuple[str, str], list[dict]] = {c: [] for c in todo}
     for r in range(rounds):
-        order = cases(a.device) if r % 2 == 0 else cases(a.device)[::-1]  # ABBA: drift hits all cases alike
+        order = todo if r % 2 == 0 else todo[::-1]  # ABBA: drift hits all cases alike
         for mode, layout in order:
             runs[(mode, layout)].append(
                 _subprocess_case(a.device, mode, layout, steps, a.quick, tmp.name, a.budget)
@@ -375,11 +386,13 @@ def main(argv: list[str] | None = None) -> None:
         bench="learner",
         command="python -m bench.learner"
         + (" --quick" if a.quick else "")
-        + (f" --device {a.device}" if a.device != "cpu" else ""),
+        + (f" --device {a.device}" if a.device != "cpu" else "")
+        + (f" --layouts {','.join(layouts)}" if layouts != LAYOUTS else "")
+        + (f" --budget {a.budget}" if a.budget else ""),
         device=a.device,
         machine=machine(a.device),
         load_avg_before=before,
-        config=dict(preset(a.device, a.quick, a.budget), steps=steps, rounds=rounds),
+        config=dict(preset(a.device, a.quick, a.budget), steps=steps, rounds=rounds, layouts=list(layouts)),
         lengths=results[0]["lengths"],
         results=results,
         ratios=ratios(results),

@@ -14,10 +14,14 @@ number of groups after a warm-up, `repeats` times, the levels interleaved (64, 5
 ...); a level's figures are the medians of its runs, and every run is kept in the JSON. Why:
 on a shared virtual machine one core's speed drifts by up to 1.8x from one second to the
 next (the same level, same process, nothing else running: 4,900 to 8,900 turns/s over 15
-back-to-back runs on 2026-12-02), so one run of a second or two is a draw, not a figure. The per-turn cost is then split into decoding, parsing
-and schema validation, rendering and encoding, building trajectories and logging, each part
-timed alone on the real objects; the rest is scheduling, asyncio and the doubles. Beside it: the turns/s an 8-GPU rollout needs, from
-published decode rates (cited in the JSON), so the margin is a ratio.
+back-to-back runs on 2026-12-02), so one run of a second or two is a draw, not a figure.
+The per-turn cost is then split: decoding, parsing and schema validation, rendering and
+encoding, building trajectories and logging, each timed alone on the real objects (a real
+episode's trajectory, its prompt carrying its tool list); the runner's other work and the
+doubles, from the same episodes at the same number in flight driven round-robin by hand
+with no event loop; and the event loop and scheduler, as the measured time less that.
+Beside it: the turns/s an 8-GPU rollout needs, from published decode rates (cited in the
+JSON), so the margin is a ratio.
 
 Writes OUT/orchestrator.json, .md and .png (turns/s against episodes in flight).
 """
@@ -70,17 +74,24 @@ class InstantEngine:
 
     tokenizer: Any
     turns: int = TURNS_PER_EPISODE
+    # True: yield with a bare `asyncio.sleep(0)`, which needs no running loop (episodes driven
+    # by hand, `loop_free_us`); False: anyio's checkpoint, as an engine awaited in the loop.
+    bare_yield: bool = False
     version: int = 0
     requests: int = 0
     _turn: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Imported here, once, not per request (and not at module import: `--help` stays light).
+        import asyncio
+        from functools import partial
+
         import anyio
 
         from trustee.engines.base import Completion
 
-        self._yield, self._completion = anyio.lowlevel.checkpoint, Completion
+        self._yield = partial(asyncio.sleep, 0) if self.bare_yield else anyio.lowlevel.checkpoint
+        self._completion = Completion
         call = '<tool_call>\n{"name": "add", "arguments": {"a": 12, "b": 30}}\n</tool_call><|im_end|>'
         final = "The answer is 42, computed with the add tool.<|im_end|>"
         enc = self.tokenizer.encode
@@ -308,16 +319,13 @@ def loop_free_us(tok: Any, inflight: int, groups: int = 256) -> float:
     instead of by the event loop and the scheduler (the engine double's yield is a bare
     `asyncio.sleep(0)`, which needs no loop): everything an episode does, with its memory
     effects at that many live episodes, less scheduling, asyncio and logging."""
-    import asyncio
     from collections import deque
-    from functools import partial
 
     from trustee.chat.render import project_template
     from trustee.gcpolicy import QuietCollector
     from trustee.rollout.episode import EpisodeRunner
 
-    engine = InstantEngine(tok)
-    engine._yield = partial(asyncio.sleep, 0)
+    engine = InstantEngine(tok, bare_yield=True)
     env = InstantEnv()
     runner = EpisodeRunner(engine, tok, max_model_len=4096, template=project_template())
     rng = random.Random(1)
@@ -351,9 +359,7 @@ def cost_breakdown(tok: Any, per_turn_us: float, inflight: int, reps: int = 400)
     profiler overhead) and weighted by how often an episode does it; then, from the episodes
     run without the event loop (`loop_free_us`, median of three), the runner's other work
     and the doubles, and the event loop and scheduler as what remains of the measured time."""
-    import asyncio
     import timeit
-    from functools import partial
 
     import msgspec
 
@@ -361,8 +367,7 @@ def cost_breakdown(tok: Any, per_turn_us: float, inflight: int, reps: int = 400)
     from trustee.rollout.episode import EpisodeRunner
     from trustee.types import Message, Trajectory
 
-    engine = InstantEngine(tok)
-    engine._yield = partial(asyncio.sleep, 0)
+    engine = InstantEngine(tok, bare_yield=True)
     env = InstantEnv()
     runner = EpisodeRunner(engine, tok, max_model_len=4096, template=project_template())
     task = _run_now(env.make_task(None, random.Random(2)))

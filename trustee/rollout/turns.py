@@ -303,9 +303,10 @@ class _Words:
     uses other Unicode properties; on ASCII text these classes and `\\s` are the library's),
     and each word's ids come from a memo, or from the BPE model on its byte-level form, as
     the library does per word. A tool result is mostly words seen before (JSON keys,
-    punctuation, digits), so most of a new piece is looked up. Pieces with other characters (non-ASCII, control characters other
-    than tab and newlines) return None: the library encodes them. The renderer compares its
-    first encodes with `tokenizer.encode`; tests compare many more.
+    punctuation, digits), so most of a new piece is looked up. Pieces with other characters
+    (non-ASCII, control characters other than tab and newlines) return None: the library
+    encodes them. The renderer compares its first encodes with `tokenizer.encode`; tests
+    compare many more.
     """
 
     def __init__(self, model: Any, pattern: Any, cache: int):
