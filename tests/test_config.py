@@ -122,6 +122,25 @@ def test_overrides_are_coerced_to_field_types():
     assert cfg.model.path == "/models/with=equals" and cfg.name == "123"
 
 
+def test_a_simulator_engine_table_keeps_the_simulator_s_own_defaults(tmp_path):
+    # Writing one key of [engines.simulator] must not give the simulator the policy engine's
+    # adapter slot and sleep mode (EngineConfig's class defaults) for the keys not written.
+    default = load_config(None).engines.simulator
+    assert default.max_lora_rank == 0 and default.enable_sleep_mode is False
+    path = tmp_path / "c.toml"
+    path.write_text("[engines.simulator]\nmax_num_seqs = 4\n")
+    sim = load_config(path).engines.simulator
+    assert sim.max_num_seqs == 4
+    assert sim.max_lora_rank == 0 and sim.enable_sleep_mode is False
+    # the same through --set, and what the file sets still wins
+    sim = load_config(None, ["engines.simulator.max_num_seqs=8"]).engines.simulator
+    assert sim.max_num_seqs == 8 and sim.max_lora_rank == 0 and sim.enable_sleep_mode is False
+    path.write_text("[engines.simulator]\nenable_sleep_mode = true\n")
+    assert load_config(path).engines.simulator.enable_sleep_mode is True
+    # the policy engine keeps EngineConfig's defaults
+    assert load_config(path).engines.policy.max_lora_rank > 0
+
+
 def test_syntax_error_and_missing_file_are_config_errors(tmp_path):
     p = tmp_path / "x.toml"
     p.write_text("[grpo\n")

@@ -136,12 +136,16 @@ def unhonoured_fields(e: EngineConfig) -> list[tuple[str, Any, Any]]:
     return out
 
 
+# Where the simulator engine's defaults differ from EngineConfig's: it never gets an adapter
+# and, unless placement asks, never sleeps. They hold whether or not [engines.simulator] is
+# written (load_config fills them in under what the file sets).
+SIMULATOR_ENGINE_DEFAULTS: dict[str, Any] = {"enable_sleep_mode": False, "max_lora_rank": 0}
+
+
 class EnginesConfig(Section, kw_only=True):
     policy: EngineConfig = msgspec.field(default_factory=EngineConfig)
     """The engine that samples the policy being trained."""
-    simulator: EngineConfig = msgspec.field(
-        default_factory=lambda: EngineConfig(enable_sleep_mode=False, max_lora_rank=0)
-    )
+    simulator: EngineConfig = msgspec.field(default_factory=lambda: EngineConfig(**SIMULATOR_ENGINE_DEFAULTS))
     """The engine that plays tasks, users, tools and the judge (never gets new weights)."""
 
 
@@ -1204,6 +1208,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _with_simulator_engine_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` with the simulator engine's own defaults under what [engines.simulator] sets (a
+    table written with one key would otherwise take EngineConfig's class defaults for the
+    rest: an adapter slot and sleep mode the simulator never uses). `raw` is not changed."""
+    engines = raw.get("engines")
+    if not isinstance(engines, dict) or not isinstance(engines.get("simulator"), dict):
+        return raw
+    return {**raw, "engines": {**engines, "simulator": {**SIMULATOR_ENGINE_DEFAULTS, **engines["simulator"]}}}
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     """Load a TOML file (or defaults, if `path` is None) plus `--set` overrides.
 
@@ -1224,7 +1238,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
     _check(raw, Config, "", problems)
     if problems:
         raise ConfigError(source, problems)
-    cfg = msgspec.convert(raw, Config)
+    cfg = msgspec.convert(_with_simulator_engine_defaults(raw), Config)
     problems = _cross_checks(cfg) + _unhonoured(cfg, raw)
     if problems:
         raise ConfigError(source, problems)
