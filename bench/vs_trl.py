@@ -12,9 +12,10 @@ advantages, the `dapo` loss with clip 0.2 / 0.28, no KL (beta 0), one optimiser 
 batch (TRL: num_iterations 1, steps_per_generation 1, no gradient accumulation), AdamW at the
 same learning rate. trustee: `HFEngine` (continuous batching) to sample, `Learner` (packed
 micro-batches) to train. TRL: `GRPOTrainer.train` (transformers `generate`, padded batches).
-Each side runs in its own subprocess (fresh allocator; peak RSS from Linux VmHWM); wall time
-per optimiser step is the median over steps after the first; per generated token divides by
-the completion tokens of those steps.
+Each side runs in its own subprocess (fresh allocator; peak RSS from Linux VmHWM), `rounds`
+times, the sides alternating (trustee, TRL, TRL, trustee, ...) so that drift in the machine's
+speed hits both alike; wall time per optimiser step is the median over every round's steps
+after its first; per generated token divides by the completion tokens of those steps.
 
 First-step loss: one batch of completions sampled once (token ids), fed to both losses on
 copies of the same weights: trustee's `Learner.accumulate` (is_mode 'off', so the objective
@@ -36,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL = dict(prompts=4, group=4, max_new=48, steps=4, lr=1e-4)
-QUICK = dict(prompts=2, group=4, max_new=24, steps=3, lr=1e-4)
+FULL = dict(prompts=4, group=4, max_new=48, steps=4, lr=1e-4, rounds=3)
+QUICK = dict(prompts=2, group=4, max_new=24, steps=3, lr=1e-4, rounds=3)
 INSTALL = "pip install -e '.[compare]' torch==2.13.0   (CPU machines: keep torch pinned on the same line)"
 
 
@@ -344,6 +345,22 @@ def first_loss(p: dict) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- driver
 
 
+def _combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's rounds: the median step over all measured steps, time per generated token
+    over all of them, the largest peak RSS, and every round."""
+    later = [t for r in rounds for t in r["step_s_all"][1:]]
+    toks = [n for r in rounds for n in r["generated_tokens"]]
+    return dict(
+        side=rounds[0]["side"],
+        step_s_median=round(statistics.median(later), 3),
+        step_s_measured=later,
+        generated_tokens=toks,
+        s_per_generated_token=round(sum(later) / max(1, sum(toks)), 6),
+        peak_rss_bytes=max(r["peak_rss_bytes"] for r in rounds),
+        rounds=rounds,
+    )
+
+
 def _sub(which: str, quick: bool) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.vs_trl", "--side", which] + (["--quick"] if quick else [])
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
@@ -374,10 +391,14 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(fn(p)))
         return
     before = load_avg()
-    sides = {}
-    for which in ("trustee", "trl", "loss"):
-        sides[which] = _sub(which, a.quick)
-        print(f"  {which}: {json.dumps(sides[which])[:300]}", flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {"trustee": [], "trl": []}
+    for k in range(p["rounds"]):
+        for which in ("trustee", "trl") if k % 2 == 0 else ("trl", "trustee"):
+            runs[which].append(_sub(which, a.quick))
+            print(f"  round {k + 1} {which}: {json.dumps(runs[which][-1])[:300]}", flush=True)
+    sides = {which: _combine(rs) for which, rs in runs.items()}
+    sides["loss"] = _sub("loss", a.quick)
+    print(f"  loss: {json.dumps(sides['loss'])[:300]}", flush=True)
     t, r, lo = sides["trustee"], sides["trl"], sides["loss"]
     rep = dict(
         bench="vs_trl",
@@ -401,6 +422,9 @@ def main(argv: list[str] | None = None) -> None:
             "",
             f"`{rep['command']}`; TRL {version}; load average before {before}, after {rep['machine']['load_avg_1_5_15']}.",
             f"Config: {json.dumps(rep['config'])}",
+            "",
+            f"Each side ran {p['rounds']} times in its own process, the sides alternating; step s is the median "
+            "over every measured step of every round.",
             "",
             "| | step s (median) | s per generated token | peak RSS MiB |",
             "|---|---:|---:|---:|",

@@ -237,3 +237,27 @@ def test_late_requests_join_a_running_batch(engine, reference):
         assert (ref - torch.tensor(o.logprobs)).abs().max().item() <= 1e-4
     greedy = asyncio.run(engine.generate(prompts[0], GREEDY))
     assert greedy.token_ids == reference_greedy(reference, prompts[0], 6, {2})
+
+
+def test_a_group_s_copies_of_one_prompt_are_prefilled_once(engine, reference):
+    # A GRPO group sends its opening prompt G times; prefill runs each distinct prompt once and
+    # repeats its cache rows, and every copy still samples on its own from the right logits.
+    a, b = [40, 41, 42, 43, 44], [50, 51]
+    prompts = [a, a, a, a, b, b]
+
+    async def group():
+        sampled = [
+            engine.generate(p, Sampling(max_tokens=6, temperature=0.9, seed=i)) for i, p in enumerate(prompts)
+        ]
+        return await asyncio.gather(*sampled, engine.generate(a, GREEDY), engine.generate(b, GREEDY))
+
+    rows0 = engine.prefilled_rows
+    *outs, greedy_a, greedy_b = asyncio.run(group())
+    # one batch prefills 2 rows for 8 requests; a split into two batches prefills at most 4
+    assert engine.prefilled_rows - rows0 <= 4
+    assert greedy_a.token_ids == reference_greedy(reference, a, 6, {2})
+    assert greedy_b.token_ids == reference_greedy(reference, b, 6, {2})
+    for p, o in zip(prompts, outs, strict=True):
+        ref = teacher_logprobs(reference, p, o.token_ids, 0.9)
+        assert (ref - torch.tensor(o.logprobs)).abs().max().item() <= 1e-4
+    assert len({tuple(o.token_ids) for o in outs[:4]}) > 1  # the copies sampled apart

@@ -158,6 +158,7 @@ class HFEngine:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exclusive_waiters = 0  # sleep/wake/update calls waiting for the gate
+        self.prefilled_rows = 0  # prompt rows prefill ran (one per distinct prompt of a batch)
 
     @classmethod
     def from_pretrained(
@@ -376,16 +377,22 @@ class HFEngine:
 
     @torch.inference_mode()
     def _prefill(self, reqs: list[_Request]) -> _Batch:
+        """Prefill `reqs` as a left-padded batch. A GRPO group sends its G episodes' opening
+        prompt G times: each distinct prompt is run once, and its cache rows, mask, position
+        and last logits are repeated for its copies (each copy then samples on its own)."""
         from transformers import DynamicCache
 
-        width = max(len(r.prompt) for r in reqs)
+        first: dict[tuple[int, ...], int] = {}
+        rows = [first.setdefault(tuple(r.prompt), len(first)) for r in reqs]  # request -> prompt row
+        prompts = list(first)
+        width = max(len(p) for p in prompts)
         pad = 0
-        ids = torch.full((len(reqs), width), pad, dtype=torch.long)  # [B, T]
-        mask = torch.zeros((len(reqs), width), dtype=torch.long)  # [B, T]
-        for i, r in enumerate(reqs):
-            ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt)
-            mask[i, width - len(r.prompt) :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # [U, T]
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [U, T]
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            mask[i, width - len(prompt) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [U, T]
         ids, mask, pos = ids.to(self._device), mask.to(self._device), pos.to(self._device)
         cache = DynamicCache(config=self._model.config)
         out = self._model(
@@ -396,8 +403,14 @@ class HFEngine:
             use_cache=True,
             logits_to_keep=1,
         )
-        logits = out.logits[:, -1].float()  # [B, V]
-        return _Batch(reqs, out.past_key_values, mask, pos[:, -1] + 1, logits)
+        logits = out.logits[:, -1].float()  # [U, V]
+        cache, next_pos = out.past_key_values, pos[:, -1] + 1
+        self.prefilled_rows += len(prompts)
+        if len(prompts) < len(reqs):
+            idx = torch.tensor(rows, device=self._device)  # [B]
+            cache.batch_select_indices(idx)
+            mask, next_pos, logits = mask[idx], next_pos[idx], logits[idx]
+        return _Batch(reqs, cache, mask, next_pos, logits)
 
     @torch.inference_mode()
     def _step(self, b: _Batch) -> list[_Request]:
