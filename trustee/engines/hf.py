@@ -3,11 +3,14 @@
 Owns `HFEngine`: dynamic batching of concurrent `generate` calls over a plain transformers
 causal LM with a KV cache, exact log-probs of the sampled tokens after temperature, per-request
 JSON constraints through xgrammar, in-place full-weight and LoRA updates, and sleep/wake.
-It does not own tokenization or chat rendering (callers pass token ids) and has no prefix cache.
+It does not own tokenization or chat rendering (callers pass token ids) and has no prefix cache
+across batches.
 
 How batching works (continuous batching at the step level): callers enqueue requests; one
 background task prefills up to `max_batch` of them as a left-padded batch with a KV cache,
-then decodes one token per step for every live row. Between steps, finished rows and rows
+then decodes one token per step for every live row. Identical prompts in one prefill (a GRPO
+group's G episodes open with the same prompt) are run once and their cache rows repeated, which
+is as much prefix reuse as this engine has. Between steps, finished rows and rows
 whose caller was cancelled are dropped from the cache, and queued requests join: they are
 prefilled and their cache is left-padded and stacked onto the running one. Weights never change
 inside a batch (updates and sleep wait for it to drain, and while one waits no newcomer joins),
