@@ -767,10 +767,12 @@ def test_vllm_engine_fields_reach_the_engine_args(tiny_model_dir, monkeypatch, t
     c = args("engines.policy.kv_cache_gib=1.5")
     assert c.kv_cache_memory_bytes == int(1.5 * 2**30)
     # The simulator's engine: the same fields; it never loads an adapter (LoRA off, vLLM's
-    # placeholder rank 16). Writing [engines.simulator] at all gives the field defaults.
+    # placeholder rank 16). Writing [engines.simulator] keeps the simulator's own defaults for
+    # what it does not set (no sleep mode), and a value it sets reaches the engine.
     simulator_changes = [o for o in changes if "max_lora_rank" not in o]
     a, b = args(role="simulator"), args(*simulator_changes, role="simulator")
-    assert [getattr(a, f) for f in fields] == [256, 0.3, True, True, 16, 1, 1, False]
+    assert [getattr(a, f) for f in fields] == [256, 0.3, True, False, 16, 1, 1, False]
+    assert args("engines.policy.enable_sleep_mode=true", role="simulator").enable_sleep_mode
     assert [getattr(b, f) for f in fields] == [7, 0.55, False, False, 16, 2, 2, True]
     assert not a.enable_lora and not b.enable_lora
     c = args("engines.policy.kv_cache_gib=1.5", role="simulator")
