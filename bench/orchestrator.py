@@ -185,6 +185,19 @@ class InstantEnv:
         return self._score(reward=1.0, parts={})
 
 
+def _rollout(tok: Any, *, bare_yield: bool = False, cfg: Any = None) -> tuple[InstantEngine, InstantEnv, Any]:
+    """The engine and environment doubles and the real `EpisodeRunner` every measurement here
+    runs episodes with (`cfg`: the runner's RolloutConfig, default when None)."""
+    from trustee.chat.render import project_template
+    from trustee.rollout.episode import EpisodeRunner
+
+    engine = InstantEngine(tok, bare_yield=bare_yield)
+    env = InstantEnv()
+    kw = {} if cfg is None else {"cfg": cfg}
+    runner = EpisodeRunner(engine, tok, max_model_len=4096, template=project_template(), **kw)
+    return engine, env, runner
+
+
 def _pin_one_core() -> int | None:
     """Pin this process to one core (the last one it may use). Returns it, or None."""
     try:
@@ -211,22 +224,12 @@ async def _drive(inflight: int, groups: int, warmup: int, tok: Any, log_dir: str
     last `groups`."""
     import anyio
 
-    from trustee.chat.render import project_template
     from trustee.config import CurriculumConfig, LoggingConfig, RolloutConfig
     from trustee.curriculum import Curriculum
     from trustee.metrics import RunLog
-    from trustee.rollout.episode import EpisodeRunner
     from trustee.rollout.scheduler import GroupScheduler
 
-    engine = InstantEngine(tok)
-    env = InstantEnv()
-    runner = EpisodeRunner(
-        engine,
-        tok,
-        cfg=RolloutConfig(max_inflight_episodes=inflight),
-        max_model_len=4096,
-        template=project_template(),
-    )
+    engine, env, runner = _rollout(tok, cfg=RolloutConfig(max_inflight_episodes=inflight))
     sched = GroupScheduler(
         env=env,
         runner=runner,
@@ -321,13 +324,9 @@ def loop_free_us(tok: Any, inflight: int, groups: int = 256) -> float:
     effects at that many live episodes, less scheduling, asyncio and logging."""
     from collections import deque
 
-    from trustee.chat.render import project_template
     from trustee.gcpolicy import QuietCollector
-    from trustee.rollout.episode import EpisodeRunner
 
-    engine = InstantEngine(tok, bare_yield=True)
-    env = InstantEnv()
-    runner = EpisodeRunner(engine, tok, max_model_len=4096, template=project_template())
+    engine, env, runner = _rollout(tok, bare_yield=True)
     rng = random.Random(1)
 
     def run(groups: int) -> float:
@@ -363,13 +362,9 @@ def cost_breakdown(tok: Any, per_turn_us: float, inflight: int, reps: int = 400)
 
     import msgspec
 
-    from trustee.chat.render import project_template
-    from trustee.rollout.episode import EpisodeRunner
     from trustee.types import Message, Trajectory
 
-    engine = InstantEngine(tok, bare_yield=True)
-    env = InstantEnv()
-    runner = EpisodeRunner(engine, tok, max_model_len=4096, template=project_template())
+    engine, env, runner = _rollout(tok, bare_yield=True)
     task = _run_now(env.make_task(None, random.Random(2)))
     fmt, parser, turns = runner.for_tools(task.tools)
     # one real episode's trajectory: its prompt carries its tool list, as every episode's does

@@ -162,14 +162,21 @@ def _full_update(model: Any) -> Any:
     return export_full(model)
 
 
+def _step_figures(later: list[float], toks: list[int]) -> dict[str, Any]:
+    """Median seconds per optimiser step and seconds per generated token of measured steps."""
+    return dict(
+        step_s_median=round(statistics.median(later), 3),
+        s_per_generated_token=round(sum(later) / max(1, sum(toks)), 6),
+    )
+
+
 def _summary(name: str, times: list[float], gen: list[int]) -> dict[str, Any]:
-    later, toks = times[1:], gen[1:]
+    """One process's run of one side: every step's time, figures over those after the first."""
     return dict(
         side=name,
-        step_s_median=round(statistics.median(later), 3),
+        **_step_figures(times[1:], gen[1:]),
         step_s_all=[round(t, 3) for t in times],
-        generated_tokens=toks,
-        s_per_generated_token=round(sum(later) / max(1, sum(toks)), 6),
+        generated_tokens=gen[1:],
         peak_rss_bytes=_peak_rss(),
     )
 
@@ -346,16 +353,15 @@ def first_loss(p: dict) -> dict[str, Any]:
 
 
 def _combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """One side's rounds: the median step over all measured steps, time per generated token
-    over all of them, the largest peak RSS, and every round."""
+    """One side's rounds: figures over every measured step of every round, the largest peak
+    RSS, and every round."""
     later = [t for r in rounds for t in r["step_s_all"][1:]]
     toks = [n for r in rounds for n in r["generated_tokens"]]
     return dict(
         side=rounds[0]["side"],
-        step_s_median=round(statistics.median(later), 3),
+        **_step_figures(later, toks),
         step_s_measured=later,
         generated_tokens=toks,
-        s_per_generated_token=round(sum(later) / max(1, sum(toks)), 6),
         peak_rss_bytes=max(r["peak_rss_bytes"] for r in rounds),
         rounds=rounds,
     )

@@ -345,8 +345,8 @@ def export_policy(run: Any, step: int) -> Path:
     run_dir = Path(run.run_dir)
     from trustee.learn.distributed import DistributedLearner
 
-    lora = _mode(run.learner) in ("lora", "qlora")
     kind = export_kind(_mode(run.learner))
+    lora = kind == "adapter"
     exports = run_dir / "exports"
     exports.mkdir(parents=True, exist_ok=True)
     final = exports / f"{kind}-step-{step:06d}"

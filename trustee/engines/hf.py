@@ -10,9 +10,9 @@ How batching works (continuous batching at the step level): callers enqueue requ
 background task prefills up to `max_batch` of them as a left-padded batch with a KV cache,
 then decodes one token per step for every live row. Identical prompts in one prefill (a GRPO
 group's G episodes open with the same prompt) are run once and their cache rows repeated, which
-is as much prefix reuse as this engine has. Between steps, finished rows and rows
-whose caller was cancelled are dropped from the cache, and queued requests join: they are
-prefilled and their cache is left-padded and stacked onto the running one. Weights never change
+is as much prefix reuse as this engine has. Between steps, finished rows and rows whose caller
+was cancelled are dropped from the cache, and queued requests join: they are prefilled and
+their cache is left-padded and stacked onto the running one. Weights never change
 inside a batch (updates and sleep wait for it to drain, and while one waits no newcomer joins),
 so each `Completion.policy_version` is exact. Torch work runs in a worker thread, so the event
 loop stays free. `EngineStats.batches` counts decode steps, `max_batch` the most rows in one.

@@ -4,8 +4,9 @@ A random tiny model constrained to a role's JSON schema writes valid JSON with n
 it (tasks whose opening message is a run of digits), so no policy can act on its tasks and
 every episode of the CPU variant scores the same. A real simulator is an 8B model that was
 instruction-tuned; on CPU we stand in for that tuning with supervised examples from a
-teacher that knows the toy domain: over the toy tools as a catalog (`configs/catalogs/toy-tools.jsonl` in the repository; a test keeps it equal to `catalog_entries`), it
-writes what a competent simulator answers in each model role:
+teacher that knows the toy domain: over the toy tools as a catalog
+(`configs/catalogs/toy-tools.jsonl` in the repository; a test keeps it equal to
+`catalog_entries`), it writes what a competent simulator answers in each model role:
 
 - task: a scenario for a catalog draw (a toy question over the drawn tools, its reference
   calls, a persona and a rubric), asked exactly as `TaskGenerator` asks it;
