@@ -13,7 +13,7 @@ import random
 from functools import cache
 
 from trustee.chat.formats import project_template
-from trustee.tiny import _QWEN_PATTERN, _WORDS
+from trustee.models.tiny import _QWEN_PATTERN, _WORDS
 
 SPECIALS = {
     "llama3": dict(

@@ -258,7 +258,7 @@ _QWEN: list = []
 def _qwen_tok():
     """The tiny Qwen tokenizer, trained once per process (no model needed)."""
     if not _QWEN:
-        from trustee.tiny import build_tokenizer
+        from trustee.models.tiny import build_tokenizer
 
         _QWEN.append(build_tokenizer(0, 512))
     return _QWEN[0]

@@ -54,8 +54,8 @@ def _build_tiny(cfg: Config, path: Path, role: Literal["policy", "simulator"] = 
     teacher's role answers (simulator.tiny_sft_steps)."""
     import shutil
 
-    from trustee.sft import sft_warm
-    from trustee.tiny import build_tiny_model
+    from trustee.models.sft import sft_warm
+    from trustee.models.tiny import build_tiny_model
 
     tmp = path.with_name(path.name + ".partial")
     if tmp.exists():

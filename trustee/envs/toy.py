@@ -7,7 +7,7 @@ the final answer or the final store state is right, else 0.0; 'graded' adds part
 a fixed held-out split (`heldout_tasks`: about 1 in 8 queries, chosen by a stable hash of
 the text and never drawn for training) and `sft_messages`, the
 reference conversation of a task (for warming a tiny model until it emits well-formed tool
-calls; see `trustee/sft.py`). It is the CPU learning demo's environment and the ground truth
+calls; see `trustee/models/sft.py`). It is the CPU learning demo's environment and the ground truth
 for runner tests. It is not a simulation of anything: every result is computed.
 """
 
