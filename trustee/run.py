@@ -305,7 +305,7 @@ def _train(cfg: Config, res: Resolved, run_dir: Path) -> int:
     finally:
         reaper.release()
     if last.get("summary"):
-        print(last["summary"], flush=True)  # did training help, in one line
+        print(last["summary"], flush=True)  # did training help: trustee.summary's four lines
     summary = {k: last[k] for k in ("reward_mean", "curriculum/difficulty", "policy_version") if k in last}
     print(json.dumps({"run_dir": str(run_dir), "status": "finished", **summary}), flush=True)
     return 0
