@@ -26,6 +26,7 @@ import msgspec
 
 from trustee.config import Config, ConfigError, Problem, apply_overrides, load_config
 from trustee.eval.bfcl import evaluate, format_table, rollout_config, write_report
+from trustee.paths import default_run_dir, runs_root
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,7 +92,7 @@ def report_path(cfg: Config, run_dir: Path | None) -> Path:
         return Path(cfg.eval.out)
     if run_dir is not None:
         return run_dir / "bfcl_eval.json"
-    return Path("runs") / "eval" / (Path(cfg.model.path).resolve().name or "model") / "bfcl_eval.json"
+    return runs_root() / "eval" / (Path(cfg.model.path).resolve().name or "model") / "bfcl_eval.json"
 
 
 def _inside_model_dir(cfg: Config, out: Path) -> str:
@@ -120,7 +121,7 @@ def build_policy_engine(cfg: Config):
     from trustee.config import resolve
     from trustee.train import build_engine
 
-    res = resolve(cfg, Path("runs") / cfg.name)
+    res = resolve(cfg, default_run_dir(cfg.name))
     return build_engine(cfg.engines.policy, cfg.model.path, cfg, res, role="policy")
 
 
@@ -175,7 +176,7 @@ def build_judge(cfg: Config):
     from trustee.sim.client import SimClient
     from trustee.train import build_engine
 
-    res = resolve(cfg, Path("runs") / cfg.name)
+    res = resolve(cfg, default_run_dir(cfg.name))
     engine = build_engine(cfg.engines.simulator, res.simulator_model, cfg, res, role="simulator")
     client = SimClient(
         engine,
