@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
     {"envs", "curriculum"},
     {"sim"},
     {"engines", "chat"},
-    {"types", "config", "gcpolicy", "paths"},
+    {"types", "config", "gcpolicy", "paths", "atomic"},
 ]
 
 

@@ -20,6 +20,7 @@ from typing import Literal
 
 import msgspec
 
+from trustee import atomic
 from trustee.config import Config, ConfigError, Problem, Resolved, load_config, resolve
 from trustee.paths import default_run_dir
 
@@ -41,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override one config field; repeatable (e.g. --set learner.lr=1e-5)",
     )
-    p.add_argument("--out", default=None, help="run directory (default: runs/<name>, or $TRUSTEE_RUNS_DIR/<name>)")
+    p.add_argument(
+        "--out", default=None, help="run directory (default: runs/<name>, or $TRUSTEE_RUNS_DIR/<name>)"
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="validate, resolve and print the plan; write nothing"
     )
@@ -365,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(cfg)))
-    (run_dir / "resolved.json").write_bytes(msgspec.json.format(msgspec.json.encode(res)))
+    atomic.write_bytes(run_dir / "config.json", msgspec.json.format(msgspec.json.encode(cfg)))
+    atomic.write_bytes(run_dir / "resolved.json", msgspec.json.format(msgspec.json.encode(res)))
     return _train(cfg, res, run_dir)
 
 

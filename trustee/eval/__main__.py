@@ -24,6 +24,7 @@ from pathlib import Path
 import anyio
 import msgspec
 
+from trustee import atomic
 from trustee.config import Config, ConfigError, Problem, apply_overrides, load_config
 from trustee.eval.bfcl import evaluate, format_table, rollout_config, write_report
 from trustee.paths import default_run_dir, runs_root
@@ -151,7 +152,10 @@ async def run(cfg: Config, *, progress: bool = True, run_dir: Path | None = None
     if adapter is not None:
         await engine.update_weights(adapter)
     runner = EpisodeRunner.from_config(
-        rollout_config(cfg.eval, cfg.rollout), cfg.model, engine, AutoTokenizer.from_pretrained(cfg.model.path)
+        rollout_config(cfg.eval, cfg.rollout),
+        cfg.model,
+        engine,
+        AutoTokenizer.from_pretrained(cfg.model.path),
     )
     try:
         return await evaluate(
@@ -276,7 +280,7 @@ def _main_agreement(cfg: Config, base: Path, run_dir: Path | None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_agreement(rep, str(out))
     table = agreement_table(rep)
-    out.with_suffix(".md").write_text(table + "\n")
+    atomic.write_text(out.with_suffix(".md"), table + "\n")
     print(table)
     print(f"report: {out}  ({rep.wall_s:.1f}s)")
     return 0
