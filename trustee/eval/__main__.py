@@ -117,10 +117,10 @@ def _inside_model_dir(cfg: Config, out: Path) -> str:
 
 
 def build_policy_engine(cfg: Config):
-    """The policy engine, built the way training builds it (`trustee.train.build_engine`:
+    """The policy engine, built the way training builds it (`trustee.placement.build_engine`:
     HF on CPU or one GPU, vLLM where configured)."""
     from trustee.config import resolve
-    from trustee.train import build_engine
+    from trustee.placement import build_engine
 
     res = resolve(cfg, default_run_dir(cfg.name))
     return build_engine(cfg.engines.policy, cfg.model.path, cfg, res, role="policy")
@@ -177,8 +177,8 @@ def build_judge(cfg: Config):
 
     from trustee.chat.render import project_template
     from trustee.config import resolve
+    from trustee.placement import build_engine
     from trustee.sim.client import SimClient
-    from trustee.train import build_engine
 
     res = resolve(cfg, default_run_dir(cfg.name))
     engine = build_engine(cfg.engines.simulator, res.simulator_model, cfg, res, role="simulator")
