@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trustee import atomic
 from trustee.summary import SCORED, RunData, read_run, summarize
 
 # Each plot: title, then lines (metric key, label); a key missing from every step is skipped.
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     out = Path(a.out) if a.out else run.path / "report.html"
-    out.write_text(build_page(run, episodes=a.episodes))
+    atomic.write_text(out, build_page(run, episodes=a.episodes))  # a reader never sees half a page
     print(f"report: {out}")
     print("\n".join(summarize(run)))
     return 0

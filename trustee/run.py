@@ -20,7 +20,9 @@ from typing import Literal
 
 import msgspec
 
+from trustee import atomic
 from trustee.config import Config, ConfigError, Problem, Resolved, load_config, resolve
+from trustee.paths import default_run_dir
 
 EXIT_CONFIG = 2
 
@@ -40,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override one config field; repeatable (e.g. --set learner.lr=1e-5)",
     )
-    p.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
+    p.add_argument(
+        "--out", default=None, help="run directory (default: runs/<name>, or $TRUSTEE_RUNS_DIR/<name>)"
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="validate, resolve and print the plan; write nothing"
     )
@@ -336,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return EXIT_CONFIG
-    run_dir = Path(args.out or Path("runs") / cfg.name)
+    run_dir = Path(args.out) if args.out else default_run_dir(cfg.name)
     res = resolve(cfg, run_dir)
     plan = _resume_plan(cfg, run_dir)
     if plan is None:
@@ -364,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(cfg)))
-    (run_dir / "resolved.json").write_bytes(msgspec.json.format(msgspec.json.encode(res)))
+    atomic.write_bytes(run_dir / "config.json", msgspec.json.format(msgspec.json.encode(cfg)))
+    atomic.write_bytes(run_dir / "resolved.json", msgspec.json.format(msgspec.json.encode(res)))
     return _train(cfg, res, run_dir)
 
 

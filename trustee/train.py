@@ -37,7 +37,7 @@ from trustee.interrupt import StopGuard
 from trustee.learn.advantages import ZERO_VAR_TOL, compute_advantages, drop_truncated, shape_overlong
 from trustee.learn.learner import Learner
 from trustee.metrics import RunLog, env_counters
-from trustee.placement import Placement, build_engine
+from trustee.placement import Placement
 from trustee.rollout.episode import EpisodeRunner, run_group
 from trustee.rollout.heldout import HeldOut
 from trustee.summary import HEALTH_SHARES, hack_signs, read_jsonl, read_run, summarize
@@ -45,7 +45,7 @@ from trustee.types import Group
 
 log = logging.getLogger("trustee.train")
 
-__all__ = ["build_engine", "build_environment", "collect", "train"]
+__all__ = ["build_environment", "collect", "train"]
 
 TASK_ATTEMPTS = 3
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

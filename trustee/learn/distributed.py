@@ -39,7 +39,7 @@ import multiprocessing as mp
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from typing import Any
 import anyio.to_thread
 import msgspec
 
+from trustee import atomic
 from trustee.config import Config, Resolved
 from trustee.engines.base import FullUpdate, LoraUpdate
 from trustee.learn.export import DEFAULT_CHUNK_BYTES
@@ -353,20 +354,7 @@ class DistributedLearner:
         if self.mode != "full":
             self.export_lora(path=out, tensors=False)
             return out
-        from safetensors.torch import save_file
-        from transformers import AutoConfig
-
-        out.mkdir(parents=True, exist_ok=True)
-        AutoConfig.from_pretrained(model_path).save_pretrained(out)
-        weight_map = {}
-        for i, chunk in enumerate(self.export_full().chunks):  # one chunk in memory at a time
-            name = f"model-{i + 1:05d}.safetensors"
-            save_file(dict(chunk), str(out / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k, _ in chunk})
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
-        )
-        return out
+        return write_model(out, model_path, self.export_full().chunks)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -417,12 +405,34 @@ class DistributedLearner:
 
 
 def write_adapter(path: Path, weights: dict[str, Any], config: dict[str, Any]) -> None:
-    """A PEFT adapter directory, as `save_pretrained` writes it (config + safetensors)."""
+    """A PEFT adapter directory, as `save_pretrained` writes it (config + safetensors), put in
+    place atomically: a crash leaves the previous adapter, never a config without its weights."""
     from safetensors.torch import save_file
 
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (path / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    with atomic.directory(path) as tmp:
+        save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def write_model(out: Path, model_path: str | Path, chunks: Iterable[list[tuple[str, Any]]]) -> Path:
+    """A transformers model directory: `model_path`'s config, one safetensors shard per chunk
+    of (name, tensor) pairs (one chunk in memory at a time), then the index. Built beside `out`
+    and renamed into place, so a crash mid-export leaves the previous export, never shards
+    without an index or an index naming shards that are not there."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    with atomic.directory(out) as tmp:
+        AutoConfig.from_pretrained(model_path).save_pretrained(tmp)
+        weight_map = {}
+        for i, chunk in enumerate(chunks):
+            name = f"model-{i + 1:05d}.safetensors"
+            save_file(dict(chunk), str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k, _ in chunk})
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
+        )
+    return Path(out)
 
 
 # ----------------------------------------------------------------------------- from the config
