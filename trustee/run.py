@@ -318,7 +318,7 @@ def _train(cfg: Config, res: Resolved, run_dir: Path) -> int:
 def placement_plan(cfg: Config, res: Resolved, *, measure: bool) -> tuple[list[str], list[Problem]]:
     """The per-device, per-phase memory plan as text, and the phases that do not fit. `measure`:
     check against each CUDA device's own memory when this machine has the placement's GPUs."""
-    from trustee.placement import check_memory, format_memory_plan, memory_plan
+    from trustee.memory import check_memory, format_memory_plan, memory_plan
 
     gpu_gib = None
     if measure and res.gpus_required:
