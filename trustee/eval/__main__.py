@@ -150,7 +150,10 @@ async def run(cfg: Config, *, progress: bool = True, run_dir: Path | None = None
     if adapter is not None:
         await engine.update_weights(adapter)
     runner = EpisodeRunner.from_config(
-        rollout_config(cfg.eval, cfg.rollout), cfg.model, engine, AutoTokenizer.from_pretrained(cfg.model.path)
+        rollout_config(cfg.eval, cfg.rollout),
+        cfg.model,
+        engine,
+        AutoTokenizer.from_pretrained(cfg.model.path),
     )
     try:
         return await evaluate(
