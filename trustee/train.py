@@ -14,6 +14,7 @@ loop at a step boundary with a checkpoint (trustee/interrupt.py). Called by `tru
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -240,6 +241,9 @@ class _Run:
             sim_tokenizer = AutoTokenizer.from_pretrained(res.simulator_model)
             sim_template = chat_spec(sim_tokenizer, chat_template=cfg.model.chat_template).template
         self.env = build_environment(cfg, self.sim_engine, sim_tokenizer, sim_template)
+        self.env_stack = contextlib.AsyncExitStack()
+        if hasattr(self.env, "__aenter__"):  # an environment with resources (MCP servers) for the run
+            await self.env_stack.enter_async_context(self.env)
         self.runner = EpisodeRunner(
             policy=self.policy_engine,
             tokenizer=tokenizer,
@@ -417,6 +421,8 @@ class _Run:
             close_learner()
         if hasattr(self, "log"):
             self.log.close()
+        if hasattr(self, "env_stack"):
+            await self.env_stack.aclose()
         if hasattr(self, "placement"):
             await self.placement.close()
 

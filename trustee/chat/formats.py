@@ -113,7 +113,11 @@ class ChatSpec:
 
 
 def chat_spec(
-    tokenizer: Any, *, chat_format: str = "auto", chat_template: str = "trustee", enable_thinking: bool = False
+    tokenizer: Any,
+    *,
+    chat_format: str = "auto",
+    chat_template: str = "trustee",
+    enable_thinking: bool = False,
 ) -> ChatSpec:
     """The one place that chooses a run's chat template: `chat_format` 'auto' detects the
     family from the tokenizer; `chat_template` 'trustee' takes the project's template for

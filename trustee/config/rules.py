@@ -3,6 +3,7 @@ the value and the fix. `cross_checks` and `unhonoured` are what `load_config` ru
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -15,6 +16,7 @@ from trustee.config.schema import (
     EngineConfig,
     EnginesConfig,
     EnvironmentConfig,
+    MCPConfig,
     TasksFileConfig,
 )
 
@@ -27,6 +29,7 @@ REWARD_RANGES: dict[str, tuple[float, float]] = {
     "syntax": (0.0, 1.0),
     "exact": (0.0, 1.0),
     "graded": (0.0, 1.0),
+    "reference": (0.0, 1.0),
 }
 
 
@@ -159,6 +162,8 @@ def needs_simulator(env: EnvironmentConfig) -> bool:
         return env.tasks_file.tools == "simulated" or env.reward in ("judge", "rubric", "function+judge")
     if env.kind == "python":
         return env.uses_simulator
+    if env.kind == "mcp":
+        return env.mcp.tasks == "generate" or env.reward in ("judge", "rubric", "function+judge")
     return False
 
 
@@ -405,8 +410,9 @@ def environment_problems(env: EnvironmentConfig) -> list[Problem]:
         "bfcl": ("progress", "syntax"),
         "toy": ("exact", "graded"),
         "simulated": ("judge", "rubric"),
-        "tasks_file": ("function", "judge", "rubric", "function+judge"),
+        "tasks_file": ("function", "judge", "rubric", "function+judge", "reference"),
         "python": ("custom",),
+        "mcp": ("reference", "function", "judge", "rubric", "function+judge"),
     }[kind]
     if reward not in rewards:
         p.append(
@@ -473,6 +479,84 @@ def environment_problems(env: EnvironmentConfig) -> list[Problem]:
                 "environment.tasks_file",
                 msgspec.to_builtins(tf),
                 f"only used with kind 'tasks_file' (kind is {kind!r})",
+            )
+        )
+    if kind == "mcp":
+        p += mcp_problems(env.mcp, reward)
+    elif env.mcp != MCPConfig():
+        p.append(
+            Problem(
+                "environment.mcp",
+                msgspec.to_builtins(env.mcp),
+                f"only used with kind 'mcp' (kind is {kind!r})",
+            )
+        )
+    return p
+
+
+SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def mcp_problems(m: MCPConfig, reward: str) -> list[Problem]:
+    """The [environment.mcp] rules (kind 'mcp')."""
+    p: list[Problem] = []
+    if not m.tasks:
+        p.append(
+            Problem(
+                "environment.mcp.tasks",
+                "",
+                "kind 'mcp' needs a JSONL tasks file, or 'generate' (the simulator writes tasks)",
+            )
+        )
+    if not m.servers:
+        p.append(
+            Problem(
+                "environment.mcp.servers",
+                [],
+                "kind 'mcp' needs at least one server: [[environment.mcp.servers]] with name and command (or url)",
+            )
+        )
+    seen: set[str] = set()
+    for i, s in enumerate(m.servers):
+        where = f"environment.mcp.servers[{i}]"
+        if not SERVER_NAME.match(s.name):
+            p.append(
+                Problem(f"{where}.name", s.name, "name each server with 1-64 letters, digits, '_' or '-'")
+            )
+        elif s.name in seen:
+            p.append(Problem(f"{where}.name", s.name, "server names must be unique"))
+        seen.add(s.name)
+        if bool(s.command) == bool(s.url):
+            p.append(
+                Problem(
+                    f"{where}.command",
+                    s.command,
+                    "give a server either command (stdio) or url (Streamable HTTP), not both or neither",
+                )
+            )
+        if s.url and (s.args or s.env):
+            p.append(
+                Problem(
+                    f"{where}.args",
+                    s.args or s.env,
+                    "args and env are for a command; a url server takes neither",
+                )
+            )
+        if s.url and not s.url.startswith(("http://", "https://")):
+            p.append(
+                Problem(
+                    f"{where}.url", s.url, "a Streamable HTTP server's URL starts with http:// or https://"
+                )
+            )
+    uses_fn = reward in ("function", "function+judge")
+    if uses_fn and not m.reward_fn:
+        p.append(Problem("environment.mcp.reward_fn", "", f"reward {reward!r} needs 'module:function'"))
+    if not uses_fn and m.reward_fn:
+        p.append(
+            Problem(
+                "environment.mcp.reward_fn",
+                m.reward_fn,
+                f"only used with reward 'function' or 'function+judge' (reward is {reward!r})",
             )
         )
     return p
