@@ -76,11 +76,12 @@ def build_learner(cfg: Config, res: Resolved, tokenizer: Any) -> Any:
 
     device = torch.device(f"cuda:{cfg.placement.learner_gpus[0]}" if res.device == "cuda" else "cpu")
     policy = load_policy(
-        cfg.model.path,
+        res.policy_model,  # absolute, so the exported adapter's base_model_name_or_path works from any directory
         cfg.learner,
         device=device,
         dtype=getattr(torch, res.dtype),
         need_reference=cfg.grpo.beta > 0 and cfg.learner.mode == "full",
+        adapter=cfg.model.adapter,
     )
     return Learner(
         policy,

@@ -149,7 +149,33 @@ def cross_checks(cfg: Config) -> list[Problem]:
             )
         )
     p += environment_problems(cfg.environment)
+    p += adapter_rules(cfg)
     return p
+
+
+def adapter_rules(cfg: Config) -> list[Problem]:
+    """model.adapter needs an adapter to train (LoRA or QLoRA) in the single-process learner."""
+    if not cfg.model.adapter:
+        return []
+    if cfg.learner.mode == "full":
+        return [
+            Problem(
+                "model.adapter",
+                cfg.model.adapter,
+                "learner.mode = 'full' trains every weight and has no adapter to continue; set learner.mode = "
+                "'lora' (or 'qlora'), or merge the adapter into a model directory and set model.path to it",
+            )
+        ]
+    if cfg.placement.learner_ranks > 1:
+        return [
+            Problem(
+                "model.adapter",
+                cfg.model.adapter,
+                f"starting FSDP2 ranks (placement.learner_ranks = {cfg.placement.learner_ranks}) from an adapter is "
+                "not built yet; set placement.learner_ranks = 1",
+            )
+        ]
+    return []
 
 
 def needs_simulator(env: EnvironmentConfig) -> bool:

@@ -48,6 +48,8 @@ class ModelConfig(Section, kw_only=True):
     """Weights dtype for engines and learner; 'auto' = bfloat16 on CUDA, float32 on CPU (see resolve_dtype)."""
     max_model_len: Annotated[int, Meta(ge=128)] = 8192
     """Longest sequence (prompt + all turns) an episode may reach, in tokens."""
+    adapter: str = ""
+    """A trained LoRA adapter (a PEFT directory such as runs/NAME/adapter) to start a new run from: the learner trains it further and the policy engine samples with it from the first step; learner.lora_rank, lora_alpha and lora_targets must match its adapter_config.json. '' = a fresh adapter."""
 
 
 # ----------------------------------------------------------------------------- engines

@@ -444,7 +444,7 @@ def rank_spec(cfg: Config, res: Resolved, *, pad_id: int, threads: int | None = 
     ranks = cfg.placement.learner_ranks
     cpus = os.cpu_count() or 1
     return RankSpec(
-        model_path=cfg.model.path,
+        model_path=res.policy_model,  # absolute: the adapter config names its base by it
         learner=cfg.learner,
         grpo=cfg.grpo,
         temperature=cfg.rollout.temperature,
