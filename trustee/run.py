@@ -396,14 +396,14 @@ def kv_cache_needs(cfg: Config, res: Resolved) -> dict[str, float]:
     """Per engine role, the GiB of KV cache one sequence of model.max_model_len takes on one GPU
     of a replica: vLLM refuses to start with less (vllm/v1/core/kv_cache_utils.py,
     `_check_enough_kv_cache_memory`). Roles whose model sizes are unknown are left out."""
-    from trustee.placement import GIB, _DTYPE_BYTES, model_dims
+    from trustee.memory import DTYPE_BYTES, GIB, model_shape
 
     out: dict[str, float] = {}
     for role in ("policy", "simulator"):
         e = getattr(cfg.engines, role)
-        dims = model_dims(cfg.model.path if role == "policy" else res.simulator_model)
+        dims = model_shape(cfg.model.path if role == "policy" else res.simulator_model)
         if dims is not None:
-            per_token = dims.kv_bytes_per_token(_DTYPE_BYTES[res.dtype]) / e.tensor_parallel_size
+            per_token = dims.kv_bytes_per_token(DTYPE_BYTES[res.dtype]) / e.tensor_parallel_size
             out[role] = per_token * cfg.model.max_model_len / GIB
     return out
 

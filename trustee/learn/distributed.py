@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
-import msgspec
 
 from trustee import atomic
 from trustee.config import Config, Resolved
