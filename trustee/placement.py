@@ -20,7 +20,7 @@ Modes (one object each, chosen once from `placement.mode`; `MODES` is the regist
 - split: like overlap, but the learner is on GPUs no engine uses, and the weight push of step k
   runs while step k+1 collects (the learner waits for it only before its next update).
 
-Does not own the structural config rules (`config._placement_problems`), the scoring/logging
+Does not own the structural config rules (`trustee.config.rules`: engine_gpus, colocate_placement, ...), the scoring/logging
 body of a step (`train._Run.step`), or engine internals (`engines/`). Called by `trustee.train`
 (setup, step, loop) and `trustee.run` (dry-run plan, start-up memory check).
 """

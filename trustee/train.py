@@ -305,6 +305,34 @@ class _Run:
             self.last_eval = await self.evaluate(step)  # the policy before this step's update
             record.update(self.last_eval)
         self.log.trajectories(step, [t for g in groups for t in g.trajectories])
+        self._update_curriculum(record, groups, knobs)
+        train_groups = self._train_groups(step, groups, record)
+        t1 = time.perf_counter()
+        if train_groups:
+            await self.placement.before_learn()  # what shares the learner's memory sleeps
+            metrics = await self.learner.step_async(train_groups)
+            await self.placement.after_learn(self.learner)  # export, wake, push the update
+            record.update(
+                {
+                    f"learn/{k}": v
+                    for k, v in msgspec.to_builtins(metrics).items()
+                    if isinstance(v, int | float)
+                }
+            )
+        record["time/rollout_s"] = t_roll
+        record["time/learn_s"] = time.perf_counter() - t1
+        record["policy_version"] = float(self.policy_engine.version)
+        record.update(self.placement.step_metrics())  # phase times, per-engine counters
+        self.log.step(step, record)
+        self.warn_health(step, record)
+        every = cfg.checkpoint.every_steps
+        if (every and (step + 1) % every == 0) or step + 1 == cfg.grpo.steps:
+            self.saved_step = resume.checkpoint_or_warn(self, step)
+        return record
+
+    def _update_curriculum(self, record: dict[str, Any], groups: list[Group], knobs: list[Knobs]) -> None:
+        """The curriculum's metrics for the knobs the tasks were drawn at, then its update on the
+        step's trainable rewards (a step where every episode hit a simulator error leaves it alone)."""
         scored = [
             (k, [t.reward for t in g.trajectories if t.trainable]) for k, g in zip(knobs, groups, strict=True)
         ]
@@ -312,7 +340,7 @@ class _Run:
         record.update(self.curriculum.aspect_metrics(knobs))  # before update: D the tasks were drawn at
         if hasattr(self.env, "step_metrics"):  # the simulated environment's sim/* figures
             record.update(self.env.step_metrics())
-        if scored:  # a step where every episode hit a simulator error leaves the curriculum alone
+        if scored:
             record.update(
                 self.curriculum.update(
                     [sum(rs) / len(rs) for _, rs in scored],
@@ -321,11 +349,15 @@ class _Run:
                 )
             )
             record.update(self.curriculum.metrics())  # per-aspect success, this step included
-        g = cfg.grpo
+
+    def _train_groups(self, step: int, groups: list[Group], record: dict[str, Any]) -> list[Group]:
+        """The groups this step trains on: overlong shaping, group-relative advantages, zero-variance
+        filtering, dynamic sampling's cap; counted in `record` (a step with none is warned about)."""
+        g = self.cfg.grpo
         shaped, _ = shape_overlong(
             trainable_groups(groups),
             g.overlong,
-            budget=cfg.rollout.max_turns * cfg.rollout.max_tokens_per_turn,
+            budget=self.cfg.rollout.max_turns * self.cfg.rollout.max_tokens_per_turn,
             buffer=g.overlong_buffer,
             penalty=g.overlong_penalty,
         )
@@ -350,28 +382,7 @@ class _Run:
                 "" if g.dynamic_sampling else "; grpo.dynamic_sampling = true replaces such groups",
             )
         record["untrained_steps"] = float(self.untrained_steps)
-        t1 = time.perf_counter()
-        if train_groups:
-            await self.placement.before_learn()  # what shares the learner's memory sleeps
-            metrics = await self.learner.step_async(train_groups)
-            await self.placement.after_learn(self.learner)  # export, wake, push the update
-            record.update(
-                {
-                    f"learn/{k}": v
-                    for k, v in msgspec.to_builtins(metrics).items()
-                    if isinstance(v, int | float)
-                }
-            )
-        record["time/rollout_s"] = t_roll
-        record["time/learn_s"] = time.perf_counter() - t1
-        record["policy_version"] = float(self.policy_engine.version)
-        record.update(self.placement.step_metrics())  # phase times, per-engine counters
-        self.log.step(step, record)
-        self.warn_health(step, record)
-        every = cfg.checkpoint.every_steps
-        if (every and (step + 1) % every == 0) or step + 1 == cfg.grpo.steps:
-            self.saved_step = resume.checkpoint_or_warn(self, step)
-        return record
+        return train_groups
 
     def warn_health(self, step: int, record: dict[str, Any]) -> None:
         """Warn (once per share) when the share of malformed or truncated episodes has at
