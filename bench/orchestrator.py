@@ -54,7 +54,7 @@ NEED = {
     "gpus_for_rollout": 8,
     "tokens_per_turn": 256,
     "tokens_per_turn_source": (
-        "configs: rollout.max_tokens_per_turn is 1024 (trustee/config.py RolloutConfig); "
+        "configs: rollout.max_tokens_per_turn is 1024 (trustee/config/schema.py RolloutConfig); "
         "tool-calling turns are mostly short calls, 256 sampled tokens per turn is an assumption"
     ),
 }

@@ -22,7 +22,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from trustee.config import Config, ConfigError, _struct_type, load_config
+from trustee.config import Config, ConfigError, load_config, struct_type
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def _leaves(cls=Config, prefix="") -> list[str]:
     out = []
     for f in msgspec.structs.fields(cls):
-        sub, args = _struct_type(f.type), typing.get_args(f.type)
+        sub, args = struct_type(f.type), typing.get_args(f.type)
         if sub is not None:
             out += _leaves(sub, f"{prefix}{f.encode_name}.")
-        elif typing.get_origin(f.type) is list and args and _struct_type(args[0]) is not None:
-            out += _leaves(_struct_type(args[0]), f"{prefix}{f.encode_name}[].")
+        elif typing.get_origin(f.type) is list and args and struct_type(args[0]) is not None:
+            out += _leaves(struct_type(args[0]), f"{prefix}{f.encode_name}[].")
         else:
             out.append(prefix + f.encode_name)
     return out

@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
     {"envs", "curriculum"},
     {"sim"},
     {"engines", "chat"},
-    {"types", "config", "gcpolicy"},
+    {"types", "config", "gcpolicy", "paths", "atomic"},
 ]
 
 
@@ -54,6 +54,20 @@ def test_no_package_imports_upward():
             if _layer(dep) < _layer(top):
                 bad.append(f"trustee/{rel} imports trustee.{dep}")
     assert bad == [], "upward imports:\n" + "\n".join(bad)
+
+
+def test_the_evaluator_does_not_import_the_training_driver():
+    """`trustee.eval` builds its engines through `trustee.placement.build_engine`, the function
+    the training run's placement uses; it never reaches into the loop (`trustee.train`) or its
+    resume and interrupt machinery."""
+    bad = []
+    for path in sorted((ROOT / "eval").rglob("*.py")):
+        bad += [
+            f"trustee/{path.relative_to(ROOT)} imports trustee.{d}"
+            for d in _imports(path)
+            if d in ("train", "resume", "interrupt")
+        ]
+    assert bad == [], "\n".join(bad)
 
 
 def test_sim_imports_no_envs_and_rollout_no_sim():

@@ -270,21 +270,6 @@ def test_heldout_eval_greedy_and_sampled(tiny_model_dir, tiny_tokenizer):
 # ----------------------------------------------------------------------------- summary
 
 
-def test_learning_summary_line(tmp_path):
-    from trustee.train import learning_summary
-
-    recs = [{"step": i, "reward_mean": 0.1 * i, "untrained_steps": 0} for i in range(10)]
-    recs[0]["eval/reward_greedy"] = 0.2
-    recs.append({"step": 10, "final_eval": 1, "eval/reward_greedy": 0.6})
-    recs[-2]["untrained_steps"] = 2
-    p = tmp_path / "metrics.jsonl"
-    p.write_text("\n".join(json.dumps(r) for r in recs))
-    text = learning_summary(p)
-    assert text.startswith("reward 0.20 -> 0.70 over 10 steps")
-    assert "held-out greedy 0.20 -> 0.60" in text
-    assert "2 step(s) trained nothing" in text
-
-
 def test_kl_metric_measures_the_drift_from_the_start(tiny_model_dir):
     from trustee.learn.policy import load_policy
 
