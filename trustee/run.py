@@ -109,6 +109,15 @@ def _model_checks(cfg: Config, build: bool) -> list[str]:
         elif cfg.model.tiny:
             notes.append(f"tiny model ({cfg.model.tiny}) will be built at {path}")
             return notes
+        elif cfg.model.packaged and build:
+            from trustee.models.packaged import get
+
+            print(f"writing {cfg.model.packaged} from its package to {path} ...", flush=True)
+            get(cfg.model.packaged, path)
+            notes.append(f"wrote {cfg.model.packaged} from its package at {path}")
+        elif cfg.model.packaged:
+            notes.append(f"{cfg.model.packaged} will be written from its package at {path}")
+            return notes
         else:
             notes.append(f"model directory {path} not found: a real run needs it locally (no hub downloads)")
             return notes
@@ -196,6 +205,16 @@ def start_problems(cfg: Config, res: Resolved, *, dry_run: bool) -> tuple[list[s
     if not (Path(cfg.model.path) / "config.json").exists():
         if dry_run and cfg.model.tiny:
             skipped.append(f"model directory (the tiny model is built at {cfg.model.path} on start)")
+        elif cfg.model.packaged:
+            from trustee.models.packaged import PACKAGED, PackageMissing, gguf_path
+
+            try:
+                gguf_path(PACKAGED[cfg.model.packaged])
+                skipped.append(
+                    f"model directory ({cfg.model.packaged} is written at {cfg.model.path} on start)"
+                )
+            except PackageMissing as e:
+                problems.append(f"model.packaged: {e}")
         elif dry_run:  # like the GPUs, the model is this machine's state, not the config's
             skipped.append(
                 f"model directory ({cfg.model.path} is not on this machine; a real run needs it: README, models)"
@@ -284,7 +303,9 @@ def _simulator_tokenizer_check(cfg: Config, res: Resolved, *, dry_run: bool) -> 
         return "", ""
     if dry_run and not path.exists():
         built = cfg.model.tiny and (cfg.simulator.tiny_sft_steps or not cfg.simulator.model_path)
-        why = "the tiny model is built there on start" if built else "not on this machine; a real run needs it"
+        why = (
+            "the tiny model is built there on start" if built else "not on this machine; a real run needs it"
+        )
         return "", f"simulator tokenizer ({path}: {why})"
     return (
         f"simulator.model_path = {cfg.simulator.model_path!r} ({path}) holds no tokenizer; the simulator's prompts "
@@ -444,7 +465,11 @@ def kv_cache_problems(cfg: Config, res: Resolved, plan) -> list[Problem]:
                 )
                 continue
             cap = d.capacity_gib
-            share = f"{e.gpu_memory_utilization} x {cap:g} = {e.gpu_memory_utilization * cap:.2f} GiB" if cap else "its share"
+            share = (
+                f"{e.gpu_memory_utilization} x {cap:g} = {e.gpu_memory_utilization * cap:.2f} GiB"
+                if cap
+                else "its share"
+            )
             fraction = f"{min(1.0, (weights + need + 1.0) / cap):.2f}" if cap else "a larger value"
             out.append(
                 Problem(

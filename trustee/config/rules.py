@@ -210,7 +210,23 @@ def model_limits(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
                 f"must be < model.max_model_len ({cfg.model.max_model_len}) to leave room for the prompt",
             )
         )
-    if cfg.model.enable_thinking and cfg.model.chat_format in ("llama3", "mistral"):
+    if cfg.model.tiny and cfg.model.packaged:
+        p.append(
+            Problem(
+                "model.packaged",
+                cfg.model.packaged,
+                f"model.tiny = {cfg.model.tiny!r} also builds model.path; set one of them to ''",
+            )
+        )
+    if cfg.environment.few_shot and cfg.environment.kind not in ("toy", "tasks_file"):
+        p.append(
+            Problem(
+                "environment.few_shot",
+                cfg.environment.few_shot,
+                f"worked examples exist for kinds 'toy' and 'tasks_file' only (kind is {cfg.environment.kind!r}); set it to 0",
+            )
+        )
+    if cfg.model.enable_thinking and cfg.model.chat_format in ("llama3", "mistral", "chatml"):
         p.append(
             Problem(
                 "model.enable_thinking",

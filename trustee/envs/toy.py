@@ -6,7 +6,9 @@ calls -> chained arithmetic; more tools -> distractor tools), exact scoring (rew
 the final answer or the final store state is right, else 0.0; 'graded' adds partial credit
 for clean finished episodes: `graded_reward`),
 a fixed held-out split (`heldout_tasks`: about 1 in 8 queries, chosen by a stable hash of
-the text and never drawn for training) and `sft_messages`, the
+the text and never drawn for training), optional worked examples before the task (`few_shot`:
+N reference conversations of training-split one-call tasks of other kinds, so a pretrained
+model that has never called a tool sees the call syntax without SFT) and `sft_messages`, the
 reference conversation of a task (for warming a tiny model until it emits well-formed tool
 calls; see `trustee/models/sft.py`). It is the CPU learning demo's environment and the ground truth
 for runner tests. It is not a simulation of anything: every result is computed.
@@ -81,6 +83,7 @@ TOOLS: dict[str, ToolSpec] = {
     ]
 }
 HELDOUT_SEED = 0x5EED
+ONE_CALL_KINDS = ("add", "convert", "kv_get", "kv_set")
 _KEYS = ["color", "city", "pet", "fruit", "team", "code", "song", "planet"]
 _VALUES = ["blue", "paris", "cat", "mango", "red", "x42", "jazz", "mars", "green", "oslo"]
 
@@ -222,11 +225,17 @@ class ToyEnv:
         *,
         kinds: tuple[str, ...] = ("add", "convert", "kv_get", "kv_set", "chain"),
         reward: str = "exact",
+        few_shot: int = 0,
     ):
         if reward not in ("exact", "graded"):
             raise ValueError(f"toy reward {reward!r}: choose 'exact' or 'graded' (environment.reward)")
+        if not 0 <= few_shot <= len(ONE_CALL_KINDS) - 1:
+            raise ValueError(
+                f"toy few_shot {few_shot}: choose 0 to {len(ONE_CALL_KINDS) - 1} (environment.few_shot)"
+            )
         self.kinds = kinds
         self.reward = reward
+        self.few_shot = few_shot
 
     async def make_task(self, knobs: Knobs, rng: random.Random) -> Task:
         return self.task(knobs, rng)
@@ -263,9 +272,28 @@ class ToyEnv:
             payload={"kind": kind, **payload},
         )
 
+    def examples(self, task: Task) -> list[Message]:
+        """`few_shot` worked examples for `task`: reference conversations (calls, real results,
+        answer) of training-split one-call tasks whose kind differs from the task's, so an
+        example never shows the task's own tool choice; chained (two-call) tasks are never
+        shown. They are chosen by a hash of the task's id: the same task always gets the same
+        examples (held-out scores are comparable across evaluations), and no example is a
+        held-out task."""
+        if not self.few_shot:
+            return []
+        rng = random.Random(int.from_bytes(hashlib.blake2b(task.id.encode(), digest_size=8).digest(), "big"))
+        kinds = [k for k in ONE_CALL_KINDS if k != task.payload.get("kind")]
+        knobs = Knobs(difficulty=task.knobs.get("difficulty", 0.0), n_tools=len(TOOLS), n_expected_calls=1)
+        out: list[Message] = []
+        for kind in rng.sample(kinds, self.few_shot):
+            shot = ToyEnv(kinds=(kind,)).task(knobs, rng)
+            out += self.sft_messages(shot)[1:]  # without its system prompt
+        return out
+
     async def start(self, task: Task, episode_id: str, group: Any = None) -> EpisodeState:
         messages = [
             Message(role="system", content=task.system_prompt),
+            *self.examples(task),
             Message(role="user", content=task.first_query),
         ]
         store = dict(task.payload.get("store", {}))
