@@ -123,6 +123,7 @@ HEALTH_SHARES = (
 )
 HACK_FACTOR = 2.0  # a health share that at least doubles ...
 HACK_MIN_RISE = 0.10  # ... and grows by at least this much (so 0% -> 3% is not a sign) ...
+HACK_MIN_STEPS = 8  # ... over at least this many steps (two a window: one step's 32 episodes are noisy)
 
 
 @dataclass(frozen=True)
@@ -175,10 +176,11 @@ def hack_signs(metrics: list[dict[str, Any]]) -> list[HackSign]:
     """The health shares that at least doubled (by HACK_FACTOR, and by HACK_MIN_RISE at
     least) from the first steps to the last while the mean training reward rose: a policy
     that games its reward (names the right tool, then rambles until the turn limit) shows
-    these. Empty when the reward did not rise, nothing doubled, or too few steps are logged.
-    `metrics`: step records in order (each with `step`, `reward_mean` and `health/*`)."""
+    these. Empty when the reward did not rise, nothing doubled, or fewer than HACK_MIN_STEPS
+    steps are logged. `metrics`: step records in order (each with `step`, `reward_mean` and
+    `health/*`)."""
     steps = _training_steps(metrics)
-    if len(steps) < 2:
+    if len(steps) < HACK_MIN_STEPS:
         return []
     early, late = _windows(steps)
     r0, r1 = _window_mean(metrics, "reward_mean", early), _window_mean(metrics, "reward_mean", late)
