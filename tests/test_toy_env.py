@@ -125,10 +125,14 @@ def _outcomes(env: ToyEnv, task) -> dict[str, list[AgentAction | None]]:
     ref = [m for m in env.sft_messages(task)[2:] if m.role == "assistant"]
     first = ref[0].tool_calls[0]
     # Valid but wrong arguments: every number off, the key of a store task unknown.
-    args = {k: 7777 if not isinstance(v, str) else "zz" if k == "key" else v for k, v in first.arguments.items()}
+    args = {
+        k: 7777 if not isinstance(v, str) else "zz" if k == "key" else v for k, v in first.arguments.items()
+    }
     wrong = ToolCall(name=first.name, arguments=args)
     wrong_final = env.sft_messages(task, guess=random.Random(1))[-1]
-    broken = ToolCallError(kind="invalid_json", message="bad json", raw='{"name": "add", "arguments": {"a": "b": ')
+    broken = ToolCallError(
+        kind="invalid_json", message="bad json", raw='{"name": "add", "arguments": {"a": "b": '
+    )
 
     def call(c: ToolCall) -> AgentAction:
         return AgentAction(message=Message(role="assistant", tool_calls=[c]), calls=[c])

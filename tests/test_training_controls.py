@@ -265,7 +265,11 @@ def test_heldout_eval_greedy_and_sampled(tiny_model_dir, tiny_tokenizer):
     assert m["eval/greedy_episodes"] == 3 and m["eval/sampled_episodes"] == 6
     assert 0.0 <= m["eval/reward_greedy"] <= 1.0
     assert "eval/greedy/exact" in m
-    assert all(0.0 <= m[f"eval/{mode}_{share}"] <= 1.0 for mode in ("greedy", "sampled") for share in ("malformed", "truncated"))
+    assert all(
+        0.0 <= m[f"eval/{mode}_{share}"] <= 1.0
+        for mode in ("greedy", "sampled")
+        for share in ("malformed", "truncated")
+    )
 
 
 def test_kl_metric_measures_the_drift_from_the_start(tiny_model_dir):

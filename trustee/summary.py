@@ -224,13 +224,17 @@ def eval_line(run: RunData) -> str:
         ]
         texts, span = [], ""
         for key in shown:
-            pts = [(int(m["step"]), float(m[key])) for m in run.metrics if isinstance(m.get(key), int | float)]
+            pts = [
+                (int(m["step"]), float(m[key])) for m in run.metrics if isinstance(m.get(key), int | float)
+            ]
             if len(pts) >= 2:
                 (s0, v0), (s1, v1) = pts[0], pts[-1]
                 texts.append(f"{key} {v0:.3f} -> {v1:.3f} ({v1 - v0:+.3f})")
                 span = span or f" (step {s0} -> step {s1})"
             else:
-                texts.append(f"{key} {pts[0][1]:.3f} at step {pts[0][0]} (one evaluation: nothing to compare)")
+                texts.append(
+                    f"{key} {pts[0][1]:.3f} at step {pts[0][0]} (one evaluation: nothing to compare)"
+                )
         return f"eval     {'; '.join(texts)}{span}"
     if run.eval_report is not None:
         summ = run.eval_report.get("summary", {})
@@ -262,7 +266,11 @@ def summarize(run: RunData) -> list[str]:
         f"{diff:+.3f} {noise}"
     )
     untrained = next(
-        (m["untrained_steps"] for m in reversed(run.metrics) if isinstance(m.get("untrained_steps"), int | float)),
+        (
+            m["untrained_steps"]
+            for m in reversed(run.metrics)
+            if isinstance(m.get("untrained_steps"), int | float)
+        ),
         0,
     )
     if untrained:
