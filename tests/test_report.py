@@ -164,7 +164,10 @@ def test_summary_calls_a_reward_that_rises_with_malformed_episodes_suspect(tmp_p
     )
     verdict = lines[3]
     assert verdict.startswith("verdict  suspect: the training reward rose by "), verdict
-    assert "but episodes with a malformed call went from 5% to 56% and truncated episodes went from 0% to 38%" in verdict
+    assert (
+        "but episodes with a malformed call went from 5% to 56% and truncated episodes went from 0% to 38%"
+        in verdict
+    )
     assert "yes" not in verdict
     signs = hack_signs(run.metrics)
     assert [x.key for x in signs] == ["health/malformed_share", "health/truncated_share"]
@@ -174,7 +177,9 @@ def test_summary_calls_a_reward_that_rises_with_malformed_episodes_suspect(tmp_p
     calm = make_run(tmp_path / "calm", rewards, truncated=[0.06 * (s >= 25) for s in range(30)])
     assert summarize(read_run(calm))[3].startswith("verdict  yes")
     # Malformed episodes that multiply while the reward falls: a failing run, not a hack.
-    falling = read_run(make_run(tmp_path / "falling", rewards[::-1], malformed=malformed, truncated=truncated))
+    falling = read_run(
+        make_run(tmp_path / "falling", rewards[::-1], malformed=malformed, truncated=truncated)
+    )
     assert hack_signs(falling.metrics) == [] and summarize(falling)[3].startswith("verdict  no")
 
 
@@ -200,7 +205,10 @@ def test_training_warns_when_the_reward_rises_with_malformed_episodes(tmp_path, 
         steps(hacked, malformed, truncated)
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 2, warnings
-    assert "episodes with a malformed call went from" in warnings[0] and "may be gaming the reward" in warnings[0]
+    assert (
+        "episodes with a malformed call went from" in warnings[0]
+        and "may be gaming the reward" in warnings[0]
+    )
     assert "truncated episodes went from" in warnings[1]
     caplog.clear()
     healthy = _Run.__new__(_Run)

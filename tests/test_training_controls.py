@@ -1,6 +1,6 @@
 """The GRPO/DAPO training controls: several updates per batch (the clip binds), the proximal
 log-probs, dynamic sampling, truncated-episode handling, curriculum thresholds from the
-reward range, held-out evaluation and the learning summary."""
+reward range, held-out evaluation and the closing summary."""
 
 from __future__ import annotations
 
@@ -265,9 +265,11 @@ def test_heldout_eval_greedy_and_sampled(tiny_model_dir, tiny_tokenizer):
     assert m["eval/greedy_episodes"] == 3 and m["eval/sampled_episodes"] == 6
     assert 0.0 <= m["eval/reward_greedy"] <= 1.0
     assert "eval/greedy/exact" in m
-
-
-# ----------------------------------------------------------------------------- summary
+    assert all(
+        0.0 <= m[f"eval/{mode}_{share}"] <= 1.0
+        for mode in ("greedy", "sampled")
+        for share in ("malformed", "truncated")
+    )
 
 
 def test_kl_metric_measures_the_drift_from_the_start(tiny_model_dir):
@@ -313,7 +315,9 @@ def test_eval_during_training_logs_heldout_metrics(tmp_path, tiny_model_dir):
     assert [r["step"] for r in evals] == [0, 1, 2]
     assert evals[-1]["final_eval"] == 1.0
     assert all(r["eval/greedy_episodes"] == 2 and r["eval/sampled_episodes"] == 2 for r in evals)
-    assert last["summary"].startswith("reward ")
+    assert all(0.0 <= r["health/malformed_share"] <= 1.0 for r in recs if not r.get("final_eval"))
+    lines = last["summary"].splitlines()  # trustee.summary's four lines
+    assert len(lines) == 4 and lines[0].startswith("reward ") and lines[2].startswith("health ")
 
 
 def test_bfcl_heldout_tasks_are_the_heldout_half():

@@ -123,6 +123,7 @@ HEALTH_SHARES = (
 )
 HACK_FACTOR = 2.0  # a health share that at least doubles ...
 HACK_MIN_RISE = 0.10  # ... and grows by at least this much (so 0% -> 3% is not a sign) ...
+HACK_MIN_STEPS = 8  # ... over at least this many steps (two a window: one step's 32 episodes are noisy)
 
 
 @dataclass(frozen=True)
@@ -175,10 +176,11 @@ def hack_signs(metrics: list[dict[str, Any]]) -> list[HackSign]:
     """The health shares that at least doubled (by HACK_FACTOR, and by HACK_MIN_RISE at
     least) from the first steps to the last while the mean training reward rose: a policy
     that games its reward (names the right tool, then rambles until the turn limit) shows
-    these. Empty when the reward did not rise, nothing doubled, or too few steps are logged.
-    `metrics`: step records in order (each with `step`, `reward_mean` and `health/*`)."""
+    these. Empty when the reward did not rise, nothing doubled, or fewer than HACK_MIN_STEPS
+    steps are logged. `metrics`: step records in order (each with `step`, `reward_mean` and
+    `health/*`)."""
     steps = _training_steps(metrics)
-    if len(steps) < 2:
+    if len(steps) < HACK_MIN_STEPS:
         return []
     early, late = _windows(steps)
     r0, r1 = _window_mean(metrics, "reward_mean", early), _window_mean(metrics, "reward_mean", late)
@@ -222,13 +224,17 @@ def eval_line(run: RunData) -> str:
         ]
         texts, span = [], ""
         for key in shown:
-            pts = [(int(m["step"]), float(m[key])) for m in run.metrics if isinstance(m.get(key), int | float)]
+            pts = [
+                (int(m["step"]), float(m[key])) for m in run.metrics if isinstance(m.get(key), int | float)
+            ]
             if len(pts) >= 2:
                 (s0, v0), (s1, v1) = pts[0], pts[-1]
                 texts.append(f"{key} {v0:.3f} -> {v1:.3f} ({v1 - v0:+.3f})")
                 span = span or f" (step {s0} -> step {s1})"
             else:
-                texts.append(f"{key} {pts[0][1]:.3f} at step {pts[0][0]} (one evaluation: nothing to compare)")
+                texts.append(
+                    f"{key} {pts[0][1]:.3f} at step {pts[0][0]} (one evaluation: nothing to compare)"
+                )
         return f"eval     {'; '.join(texts)}{span}"
     if run.eval_report is not None:
         summ = run.eval_report.get("summary", {})
@@ -260,7 +266,11 @@ def summarize(run: RunData) -> list[str]:
         f"{diff:+.3f} {noise}"
     )
     untrained = next(
-        (m["untrained_steps"] for m in reversed(run.metrics) if isinstance(m.get("untrained_steps"), int | float)),
+        (
+            m["untrained_steps"]
+            for m in reversed(run.metrics)
+            if isinstance(m.get("untrained_steps"), int | float)
+        ),
         0,
     )
     if untrained:
