@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from glossary import undocumented
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_DOC = ROOT / "docs" / "gpu.md"
@@ -48,7 +49,9 @@ def twin_overrides() -> list[str]:
     """The `--set` values of the CPU-twin command in docs/gpu.md (the block that runs 1gpu-lora.toml
     with backend hf)."""
     block = next(
-        b for b in GPU_DOC.read_text().split("```bash")[1:] if "configs/1gpu-lora.toml" in b and "backend=hf" in b
+        b
+        for b in GPU_DOC.read_text().split("```bash")[1:]
+        if "configs/1gpu-lora.toml" in b and "backend=hf" in b
     ).split("```")[0]
     return [v.strip("'\"") for v in re.findall(r"--set\s+('[^']*'|\S+)", block)]
 
@@ -87,26 +90,14 @@ def test_cpu_twin_of_1gpu_lora_trains_two_steps_on_the_arithmetic_tasks(twin):
     assert Path(base).is_absolute() and (Path(base) / "config.json").exists()
 
 
-def documented_keys(text: str) -> tuple[set[str], list[re.Pattern]]:
-    """Every `code` span of the doc: literal keys, and `<name>` placeholders as patterns."""
-    spans = set(re.findall(r"`([^`\n]+)`", text))
-    literal = {s for s in spans if "<" not in s}
-    patterns = [
-        re.compile("^" + re.sub(r"\\<[^>]+\\>", "[^/]+", re.escape(s).replace("<", "\\<").replace(">", "\\>")) + "$")
-        for s in spans
-        if "<" in s
-    ]
-    return literal, patterns
-
-
-def undocumented(keys: set[str], text: str) -> list[str]:
-    literal, patterns = documented_keys(text)
-    return sorted(k for k in keys if k not in literal and not any(p.match(k) for p in patterns))
-
-
 def test_every_metric_key_of_a_two_step_run_is_in_the_run_dir_doc(twin):
     keys = {k for r in _records(twin) for k in r}
-    assert {"learn/kl", "eval/reward_greedy", "final_eval", "adv/abs_mean"} <= keys  # the run logs these groups
+    assert {
+        "learn/kl",
+        "eval/reward_greedy",
+        "final_eval",
+        "adv/abs_mean",
+    } <= keys  # the run logs these groups
     missing = undocumented(keys, (ROOT / "docs" / "run-dir.md").read_text())
     assert not missing, f"metrics.jsonl keys not documented in docs/run-dir.md: {missing}"
 
@@ -114,7 +105,10 @@ def test_every_metric_key_of_a_two_step_run_is_in_the_run_dir_doc(twin):
 def test_the_glossary_check_catches_an_undocumented_key():
     text = "| `learn/loss` | x |\n| `engine/<role>/requests` | y |\n| `curriculum/success/<aspect>=<value>` | z |"
     assert undocumented({"learn/loss", "engine/policy/requests", "curriculum/success/n_tools=1"}, text) == []
-    assert undocumented({"learn/new_thing", "engine/policy/other"}, text) == ["engine/policy/other", "learn/new_thing"]
+    assert undocumented({"learn/new_thing", "engine/policy/other"}, text) == [
+        "engine/policy/other",
+        "learn/new_thing",
+    ]
 
 
 def test_dry_run_on_a_finished_run_prints_the_plan_and_says_it_would_do_nothing(twin, tiny_model_dir):
@@ -163,18 +157,28 @@ def test_a_new_run_continues_a_trained_adapter(twin, tiny_model_dir, tmp_path):
 
 def test_an_adapter_that_does_not_match_the_learner_is_refused_at_dry_run(twin):
     r = _run(
-        "configs/1gpu-lora.toml", "--dry-run", "--out", str(twin.parent / "x"),
+        "configs/1gpu-lora.toml",
+        "--dry-run",
+        "--out",
+        str(twin.parent / "x"),
         *_sets([f"model.adapter={twin / 'adapter'}", "learner.lora_rank=4"]),
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "has r = 16 but learner.lora_rank = 4" in r.stderr and "set learner.lora_rank = 16" in r.stderr
-    r = _run("configs/1gpu-lora.toml", "--dry-run", *_sets(["model.adapter=/nonexistent", "learner.mode=full"]))
+    r = _run(
+        "configs/1gpu-lora.toml", "--dry-run", *_sets(["model.adapter=/nonexistent", "learner.mode=full"])
+    )
     assert r.returncode == 2 and "model.adapter" in r.stderr and "learner.mode = 'full'" in r.stderr
 
 
 def _plan_totals(stdout: str) -> list[float]:
     rows = [x for x in stdout.splitlines() if x.strip().startswith("GPU")]
-    return [float(x.split()[x.split().index(ph) + 1]) for x in rows for ph in ("rollout", "learning") if f" {ph} " in x]
+    return [
+        float(x.split()[x.split().index(ph) + 1])
+        for x in rows
+        for ph in ("rollout", "learning")
+        if f" {ph} " in x
+    ]
 
 
 def test_1gpu_lora_dry_run_fits_one_24_gb_gpu_in_every_phase():
@@ -200,7 +204,9 @@ def test_a_vllm_share_below_its_weights_is_refused_with_the_numbers_and_the_fix(
 def test_dry_run_runs_the_simulator_tokenizer_check_of_a_real_start(tmp_path, tiny_model_dir):
     sim = tmp_path / "sim"
     sim.mkdir()
-    (sim / "config.json").write_text((tiny_model_dir / "config.json").read_text())  # weights' shapes, no tokenizer
+    (sim / "config.json").write_text(
+        (tiny_model_dir / "config.json").read_text()
+    )  # weights' shapes, no tokenizer
     r = _run("configs/1gpu-qlora.toml", "--dry-run", "--set", f"simulator.model_path={sim}")
     assert r.returncode == 2
     assert f"simulator.model_path = '{sim}'" in r.stderr and "holds no tokenizer" in r.stderr

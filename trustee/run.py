@@ -280,7 +280,9 @@ def _simulator_tokenizer_check(cfg: Config, res: Resolved, *, dry_run: bool) -> 
         return "", ""
     if dry_run and not path.exists():
         built = cfg.model.tiny and (cfg.simulator.tiny_sft_steps or not cfg.simulator.model_path)
-        why = "the tiny model is built there on start" if built else "not on this machine; a real run needs it"
+        why = (
+            "the tiny model is built there on start" if built else "not on this machine; a real run needs it"
+        )
         return "", f"simulator tokenizer ({path}: {why})"
     return (
         f"simulator.model_path = {cfg.simulator.model_path!r} ({path}) holds no tokenizer; the simulator's prompts "
@@ -392,7 +394,7 @@ def kv_cache_needs(cfg: Config, res: Resolved) -> dict[str, float]:
     """Per engine role, the GiB of KV cache one sequence of model.max_model_len takes on one GPU
     of a replica: vLLM refuses to start with less (vllm/v1/core/kv_cache_utils.py,
     `_check_enough_kv_cache_memory`). Roles whose model sizes are unknown are left out."""
-    from trustee.placement import GIB, _DTYPE_BYTES, model_dims
+    from trustee.placement import _DTYPE_BYTES, GIB, model_dims
 
     out: dict[str, float] = {}
     for role in ("policy", "simulator"):
@@ -440,7 +442,11 @@ def kv_cache_problems(cfg: Config, res: Resolved, plan) -> list[Problem]:
                 )
                 continue
             cap = d.capacity_gib
-            share = f"{e.gpu_memory_utilization} x {cap:g} = {e.gpu_memory_utilization * cap:.2f} GiB" if cap else "its share"
+            share = (
+                f"{e.gpu_memory_utilization} x {cap:g} = {e.gpu_memory_utilization * cap:.2f} GiB"
+                if cap
+                else "its share"
+            )
             fraction = f"{min(1.0, (weights + need + 1.0) / cap):.2f}" if cap else "a larger value"
             out.append(
                 Problem(
