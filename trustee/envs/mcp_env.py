@@ -320,9 +320,11 @@ def server_specs(cfg: MCPConfig) -> list[ServerSpec]:
     ]
 
 
-def check_mcp(cfg: MCPConfig) -> list[str]:
+def check_mcp(cfg: MCPConfig, reward: str) -> list[str]:
     """Start-up checks (also run by --dry-run), without starting a server: every command is
-    found, the tasks file reads, the working-directory template exists."""
+    found, the tasks file reads, the working-directory template exists, the reward function
+    imports."""
+    from trustee.envs.python import FactoryError, load_object
     from trustee.envs.tasks_file import TasksFileError, read_records
     from trustee.mcp.servers import resolve_command
 
@@ -340,6 +342,11 @@ def check_mcp(cfg: MCPConfig) -> list[str]:
             problems.append(f"environment.mcp.tasks: {e}")
     if cfg.workdir_template and not os.path.isdir(cfg.workdir_template):
         problems.append(f"environment.mcp.workdir_template = {cfg.workdir_template!r}: no such directory")
+    if reward in ("function", "function+judge"):
+        try:
+            load_object(cfg.reward_fn, "environment.mcp.reward_fn")
+        except FactoryError as e:
+            problems.append(str(e))
     return problems
 
 
