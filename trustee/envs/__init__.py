@@ -160,5 +160,5 @@ def check_environment(env: EnvironmentConfig) -> list[str]:
     elif env.kind == "mcp":
         from trustee.envs.mcp_env import check_mcp
 
-        problems += check_mcp(env.mcp)
+        problems += check_mcp(env.mcp, env.reward)
     return problems

@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -93,14 +92,17 @@ class MCPEnv:
             raise ValueError("give a `reward` function, a `judge`, or both")
         self.specs = {s.name: s for s in servers}
         self.pool = ServerPool(
-            self.specs, timeouts or Timeouts(), pool_size=pool_size, max_episodes=max_episodes_per_server
+            self.specs,
+            timeouts or Timeouts(),
+            pool_size=pool_size,
+            max_episodes=max_episodes_per_server,
+            workdir_template=workdir_template,
         )
         self.tasks_path = tasks_path
         self.generator = generator
         self.reward = reward
         self.judge = judge
         self.judge_weight = judge_weight if (reward is not None and judge is not None) else None
-        self.workdir_template = workdir_template
         self.keep_failed_workdirs = keep_failed_workdirs
         self.generate_attempts = generate_attempts
         self.routes: dict[str, ToolRoute] = {}
@@ -180,7 +182,7 @@ class MCPEnv:
     async def verify(self, task: Task) -> str | None:
         """Run the task's reference calls, in order, on fresh servers in a fresh working
         directory. None when every call succeeds, else what failed."""
-        workdir = await self._workdir()
+        workdir = await self.pool.workdir()
         conns: dict[str, Connection] = {}
         try:
             for call in task.expected_calls:
@@ -201,33 +203,33 @@ class MCPEnv:
 
     # ------------------------------------------------------------------ episodes
 
-    async def _workdir(self) -> str:
-        path = tempfile.mkdtemp(prefix="trustee-mcp-ep-")
-        if self.workdir_template:
-            template = self.workdir_template
-            await anyio.to_thread.run_sync(lambda: shutil.copytree(template, path, dirs_exist_ok=True))
-        return path
-
     def servers_of(self, task: Task) -> list[str]:
         """The servers whose tools the task offers (only those are started)."""
         return sorted({self.routes[t.name].server for t in task.tools if t.name in self.routes})
 
     async def start(self, task: Task, episode_id: str, group: Any = None) -> EpisodeState:
-        workdir = await self._workdir()
+        names = self.servers_of(task)
+        # A working directory only when a server of the episode's own will use it.
+        fresh = any(self.specs[n].scope == "episode" for n in names)
+        workdir = await self.pool.workdir() if fresh else ""
         conns: dict[str, Connection] = {}
+
+        async def lease(name: str) -> None:
+            conns[name] = await self.pool.lease(name, workdir)
+
         try:
-            async with anyio.create_task_group() as tg:  # the servers start together
-
-                async def lease(name: str) -> None:
-                    conns[name] = await self.pool.lease(name, workdir)
-
-                for name in self.servers_of(task):
-                    tg.start_soon(lease, name)
+            if len(names) == 1:
+                await lease(names[0])
+            else:
+                async with anyio.create_task_group() as tg:  # the servers start together
+                    for name in names:
+                        tg.start_soon(lease, name)
         except BaseException as e:
             with anyio.CancelScope(shield=True):
                 for conn in conns.values():
                     await self.pool.release(conn)
-                shutil.rmtree(workdir, ignore_errors=True)
+                if workdir:
+                    shutil.rmtree(workdir, ignore_errors=True)
             fault = _first(e, ServerFault)
             if fault is not None:
                 raise fault from None
@@ -268,7 +270,7 @@ class MCPEnv:
         except ServerFault as e:
             self.pool.stats.faults += 1
             state.data["fault"] = str(e)
-            if self.keep_failed_workdirs:
+            if self.keep_failed_workdirs and state.data["workdir"]:
                 raise ServerFault(
                     route.server, f"{e}; working directory kept: {state.data['workdir']}"
                 ) from None
@@ -287,8 +289,9 @@ class MCPEnv:
         with anyio.CancelScope(shield=True):
             for conn in conns.values():
                 await self.pool.release(conn)
-            if not (self.keep_failed_workdirs and "fault" in state.data):
-                shutil.rmtree(state.data["workdir"], ignore_errors=True)
+            workdir = state.data["workdir"]
+            if workdir and not (self.keep_failed_workdirs and "fault" in state.data):
+                shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _first(e: BaseException, kind: type) -> Any:
@@ -320,9 +323,11 @@ def server_specs(cfg: MCPConfig) -> list[ServerSpec]:
     ]
 
 
-def check_mcp(cfg: MCPConfig) -> list[str]:
+def check_mcp(cfg: MCPConfig, reward: str) -> list[str]:
     """Start-up checks (also run by --dry-run), without starting a server: every command is
-    found, the tasks file reads, the working-directory template exists."""
+    found, the tasks file reads, the working-directory template exists, the reward function
+    imports."""
+    from trustee.envs.python import FactoryError, load_object
     from trustee.envs.tasks_file import TasksFileError, read_records
     from trustee.mcp.servers import resolve_command
 
@@ -340,6 +345,11 @@ def check_mcp(cfg: MCPConfig) -> list[str]:
             problems.append(f"environment.mcp.tasks: {e}")
     if cfg.workdir_template and not os.path.isdir(cfg.workdir_template):
         problems.append(f"environment.mcp.workdir_template = {cfg.workdir_template!r}: no such directory")
+    if reward in ("function", "function+judge"):
+        try:
+            load_object(cfg.reward_fn, "environment.mcp.reward_fn")
+        except FactoryError as e:
+            problems.append(str(e))
     return problems
 
 

@@ -126,7 +126,7 @@ def load_tasks(
 
 def _task_tools(rec: TaskRecord, catalog: dict[str, ToolSpec] | None, where: str) -> list[ToolSpec]:
     if catalog is None:
-        if not rec.tools:
+        if rec.tools is None:
             raise TasksFileError(f"{where}: 'tools' is required: a list of function schemas")
         named = [t for t in rec.tools if isinstance(t, str)]
         if named:

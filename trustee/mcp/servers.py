@@ -345,6 +345,8 @@ class ServerPool:
     pool_size: int = 1
     max_episodes: int = 0
     """A shared server is replaced after this many episodes (0: never)."""
+    workdir_template: str = ""
+    """Copied into every working directory the pool makes ('' = they start empty)."""
     stats: PoolStats = field(default_factory=PoolStats)
     _tg: anyio.abc.TaskGroup | None = None
     _live: set[Connection] = field(default_factory=set)
@@ -412,8 +414,7 @@ class ServerPool:
             idle = [c for c in usable if c.users == 0]
             if idle or (usable and len(conns) >= self.pool_size):
                 return min(idle or usable, key=lambda c: c.users)
-            workdir = tempfile.mkdtemp(prefix=f"trustee-mcp-{name}-")
-            conn = await self.open(name, workdir, own_workdir=True)
+            conn = await self.open(name, await self.workdir(), own_workdir=True)
             self._shared.setdefault(name, []).append(conn)
             return conn
 
@@ -448,6 +449,15 @@ class ServerPool:
                 finally:
                     await self.close(conn)
         return out
+
+    async def workdir(self) -> str:
+        """A fresh working directory ('{workdir}'), filled from `workdir_template`; the
+        caller removes it."""
+        path = tempfile.mkdtemp(prefix="trustee-mcp-")
+        if self.workdir_template:
+            template = self.workdir_template
+            await anyio.to_thread.run_sync(lambda: shutil.copytree(template, path, dirs_exist_ok=True))
+        return path
 
     @contextlib.contextmanager
     def scratch(self) -> Iterator[str]:

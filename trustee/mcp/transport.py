@@ -128,6 +128,7 @@ class ServerProcess:
         self._tg.start_soon(self._read_stdout, read_send)
         self._tg.start_soon(self._write_stdin, write_recv)
         self._tg.start_soon(self._read_stderr)
+        self._tg.start_soon(self._watch_exit)
         return read_recv, write_send
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -175,6 +176,16 @@ class ServerProcess:
             pass
         finally:
             self._stderr_done.set()
+
+    async def _watch_exit(self) -> None:
+        """When the server exits, end the read stream even if a process it started still
+        holds its stdout open (no EOF would come): a request in flight then fails at once
+        as 'connection closed' instead of waiting out its timeout."""
+        assert self.process is not None
+        while self.process.returncode is None:
+            await anyio.sleep(0.05)
+        await anyio.sleep(0.1)  # what the server wrote before exiting is still read
+        await self._streams[0].aclose()
 
     async def _stop(self) -> None:
         """Close stdin, give the server `grace` seconds, then SIGTERM and SIGKILL its group;
