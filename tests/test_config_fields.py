@@ -260,6 +260,10 @@ EVIDENCE: dict[str, list[str]] = {
     "learner.logprob_chunk": [
         "test:tests/test_field_effects.py::test_logprob_chunk_bounds_the_rows_of_the_lm_head"
     ],
+    "learner.share_prefix": [
+        "test:tests/test_learn_shared.py::test_share_prefix_auto_falls_back_when_the_shared_path_is_wrong",
+        "test:tests/test_learn_shared.py::test_step_reports_the_shared_share_and_auto_keeps_a_correct_shared_path",
+    ],
     "placement.mode": ["test:tests/test_train.py::test_overlap_mode_trains_while_episodes_run"],
     "placement.policy_gpus": ["refused:placement.policy_gpus=[0,1]"],
     "placement.simulator_gpus": ["refused:placement.simulator_gpus=[0,0]"],

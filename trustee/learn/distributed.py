@@ -250,6 +250,8 @@ class DistributedLearner:
         n_tok, isx = max(1, parts.tokens), parts.is_stats
         units = max(1, isx.count)
         real = sum(len(s.tokens) for s in samples)
+        fed = sum(s.input_tokens for s in shares)
+        shared = sum(s.shared_tokens for s in shares)
         return StepMetrics(
             step=self.step_count,
             loss=sum(s.loss for s in shares),
@@ -266,12 +268,14 @@ class DistributedLearner:
             seqs=len(samples),
             loss_tokens=parts.tokens,
             tokens=real,
-            input_tokens=sum(s.input_tokens for s in shares),
+            input_tokens=fed,
             micro_batches=sum(s.micro_batches + s.idle_passes for s in shares),
             oversize=sum(len(s.tokens) > self.spec.learner.micro_batch_tokens for s in samples),
             wall_s=wall,
             tokens_per_s=real / wall if wall > 0 else 0.0,
             peak_mem_bytes=max(s.peak_mem_bytes for s in shares),
+            shared_prefix_frac=shared / max(1, shared + fed),
+            shared_prefix_fallback=max(s.shared_prefix_fallback for s in shares),
         )
 
     # ------------------------------------------------------------------ weights out
