@@ -72,7 +72,9 @@ def _build_tiny(cfg: Config, path: Path, role: Literal["policy", "simulator"] = 
             f"SFT warm-up of the tiny simulator: {steps} steps on the toy teacher's role answers ...",
             flush=True,
         )
-        rep = sft_warm(tmp, steps, seed=cfg.seed, eval_samples=8, data="simulator")
+        rep = sft_warm(
+            tmp, steps, seed=cfg.seed, eval_samples=8, data="simulator", progress=cfg.logging.progress_bar
+        )
         notes.append(
             f"SFT-warmed the simulator {rep.steps} steps ({rep.wall_s:.0f}s): loss {rep.loss_first:.2f} -> "
             f"{rep.loss_last:.2f}; sampled task-role answers with no grammar: valid tasks {rep.well_formed_rate:.0%}, "
@@ -80,7 +82,7 @@ def _build_tiny(cfg: Config, path: Path, role: Literal["policy", "simulator"] = 
         )
     elif steps:
         print(f"SFT warm-up of the tiny model: {steps} steps on toy tool calls ...", flush=True)
-        rep = sft_warm(tmp, steps, seed=cfg.seed)
+        rep = sft_warm(tmp, steps, seed=cfg.seed, progress=cfg.logging.progress_bar)
         notes.append(
             f"SFT-warmed it {rep.steps} steps ({rep.wall_s:.0f}s): loss {rep.loss_first:.2f} -> {rep.loss_last:.2f}; "
             f"first turns: well-formed tool calls {rep.well_formed_rate:.0%}, no call (a guessed answer) "
