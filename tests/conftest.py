@@ -45,7 +45,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """A random-weight tiny Qwen3 model + tokenizer (size 'test'), built once and cached."""
-    from trustee.tiny import build_tiny_model
+    from trustee.models.tiny import build_tiny_model
 
     return build_tiny_model(CACHE / "tiny-test", size="test", seed=0)
 

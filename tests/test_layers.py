@@ -12,11 +12,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "trustee"
 
 LAYERS: list[set[str]] = [
-    {"run", "eval", "report", "summary", "__main__"},
-    {"train", "resume", "interrupt", "checkpoint", "metrics"},
-    {"placement", "rollout", "learn", "sft", "tiny"},
+    {"run", "eval", "report", "__main__"},
+    {"train", "resume", "interrupt", "checkpoint", "metrics", "summary"},
+    {"placement", "rollout", "learn", "models", "memory"},
     {"envs", "curriculum"},
-    {"sim"},
+    {"sim", "mcp"},
     {"engines", "chat"},
     {"types", "config", "gcpolicy", "paths", "atomic"},
 ]

@@ -417,6 +417,9 @@ async def continue_run(run: Any, update: Any) -> tuple[int, dict[str, Any]]:
     ckpt = latest_checkpoint(run.run_dir) if run.cfg.checkpoint.resume == "auto" else None
     if ckpt is None:
         truncate_logs(run.run_dir, -1)  # records of a run killed before its first checkpoint
+        if run.cfg.model.adapter:  # a new run from a trained adapter: the engine samples with it from step 0
+            await run.policy_engine.update_weights(update())
+            log.info("policy engine starts from the adapter %s", run.cfg.model.adapter)
         return 0, {}
     meta = restore_state(run, ckpt)
     await run.policy_engine.update_weights(update())

@@ -10,6 +10,7 @@ runs them at start-up.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from trustee.config.schema import (
     CurriculumConfig,
     EnginesConfig,
     EnvironmentConfig,
+    MCPConfig,
     TasksFileConfig,
 )
 
@@ -36,6 +38,7 @@ REWARD_RANGES: dict[str, tuple[float, float]] = {
     "syntax": (0.0, 1.0),
     "exact": (0.0, 1.0),
     "graded": (0.0, 1.0),
+    "reference": (0.0, 1.0),
 }
 
 # The rewards each environment kind scores with.
@@ -43,8 +46,9 @@ KIND_REWARDS: dict[str, tuple[str, ...]] = {
     "bfcl": ("progress", "syntax"),
     "toy": ("exact", "graded"),
     "simulated": ("judge", "rubric"),
-    "tasks_file": ("function", "judge", "rubric", "function+judge"),
+    "tasks_file": ("function", "judge", "rubric", "function+judge", "reference"),
     "python": ("custom",),
+    "mcp": ("reference", "function", "judge", "rubric", "function+judge"),
 }
 
 
@@ -67,6 +71,8 @@ def needs_simulator(env: EnvironmentConfig) -> bool:
         return env.tasks_file.tools == "simulated" or env.reward in ("judge", "rubric", "function+judge")
     if env.kind == "python":
         return env.uses_simulator
+    if env.kind == "mcp":
+        return env.mcp.tasks == "generate" or env.reward in ("judge", "rubric", "function+judge")
     return False
 
 
@@ -204,7 +210,23 @@ def model_limits(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
                 f"must be < model.max_model_len ({cfg.model.max_model_len}) to leave room for the prompt",
             )
         )
-    if cfg.model.enable_thinking and cfg.model.chat_format in ("llama3", "mistral"):
+    if cfg.model.tiny and cfg.model.packaged:
+        p.append(
+            Problem(
+                "model.packaged",
+                cfg.model.packaged,
+                f"model.tiny = {cfg.model.tiny!r} also builds model.path; set one of them to ''",
+            )
+        )
+    if cfg.environment.few_shot and cfg.environment.kind not in ("toy", "tasks_file"):
+        p.append(
+            Problem(
+                "environment.few_shot",
+                cfg.environment.few_shot,
+                f"worked examples exist for kinds 'toy' and 'tasks_file' only (kind is {cfg.environment.kind!r}); set it to 0",
+            )
+        )
+    if cfg.model.enable_thinking and cfg.model.chat_format in ("llama3", "mistral", "chatml"):
         p.append(
             Problem(
                 "model.enable_thinking",
@@ -567,6 +589,115 @@ def judge_mode_with_rubric(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
     return []
 
 
+def adapter_needs_an_adapter_learner(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """model.adapter needs an adapter to train (LoRA or QLoRA) in the single-process learner."""
+    if not cfg.model.adapter:
+        return []
+    if cfg.learner.mode == "full":
+        return [
+            Problem(
+                "model.adapter",
+                cfg.model.adapter,
+                "learner.mode = 'full' trains every weight and has no adapter to continue; set learner.mode = "
+                "'lora' (or 'qlora'), or merge the adapter into a model directory and set model.path to it",
+            )
+        ]
+    if cfg.placement.learner_ranks > 1:
+        return [
+            Problem(
+                "model.adapter",
+                cfg.model.adapter,
+                f"starting FSDP2 ranks (placement.learner_ranks = {cfg.placement.learner_ranks}) from an adapter is "
+                "not built yet; set placement.learner_ranks = 1",
+            )
+        ]
+    return []
+
+
+def mcp_fields(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """[environment.mcp] is checked with kind 'mcp' and refused with any other kind."""
+    env = cfg.environment
+    if env.kind == "mcp":
+        return mcp_problems(env.mcp, env.reward)
+    if env.mcp != MCPConfig():
+        return [
+            Problem(
+                "environment.mcp",
+                msgspec.to_builtins(env.mcp),
+                f"only used with kind 'mcp' (kind is {env.kind!r})",
+            )
+        ]
+    return []
+
+
+SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def mcp_problems(m: MCPConfig, reward: str) -> list[Problem]:
+    """The [environment.mcp] rules (kind 'mcp')."""
+    p: list[Problem] = []
+    if not m.tasks:
+        p.append(
+            Problem(
+                "environment.mcp.tasks",
+                "",
+                "kind 'mcp' needs a JSONL tasks file, or 'generate' (the simulator writes tasks)",
+            )
+        )
+    if not m.servers:
+        p.append(
+            Problem(
+                "environment.mcp.servers",
+                [],
+                "kind 'mcp' needs at least one server: [[environment.mcp.servers]] with name and command (or url)",
+            )
+        )
+    seen: set[str] = set()
+    for i, s in enumerate(m.servers):
+        where = f"environment.mcp.servers[{i}]"
+        if not SERVER_NAME.match(s.name):
+            p.append(
+                Problem(f"{where}.name", s.name, "name each server with 1-64 letters, digits, '_' or '-'")
+            )
+        elif s.name in seen:
+            p.append(Problem(f"{where}.name", s.name, "server names must be unique"))
+        seen.add(s.name)
+        if bool(s.command) == bool(s.url):
+            p.append(
+                Problem(
+                    f"{where}.command",
+                    s.command,
+                    "give a server either command (stdio) or url (Streamable HTTP), not both or neither",
+                )
+            )
+        if s.url and (s.args or s.env):
+            p.append(
+                Problem(
+                    f"{where}.args",
+                    s.args or s.env,
+                    "args and env are for a command; a url server takes neither",
+                )
+            )
+        if s.url and not s.url.startswith(("http://", "https://")):
+            p.append(
+                Problem(
+                    f"{where}.url", s.url, "a Streamable HTTP server's URL starts with http:// or https://"
+                )
+            )
+    uses_fn = reward in ("function", "function+judge")
+    if uses_fn and not m.reward_fn:
+        p.append(Problem("environment.mcp.reward_fn", "", f"reward {reward!r} needs 'module:function'"))
+    if not uses_fn and m.reward_fn:
+        p.append(
+            Problem(
+                "environment.mcp.reward_fn",
+                m.reward_fn,
+                f"only used with reward 'function' or 'function+judge' (reward is {reward!r})",
+            )
+        )
+    return p
+
+
 RULES: tuple[Rule, ...] = (
     grpo_clip_and_correction,
     kl_metric_needs_a_reference,
@@ -586,6 +717,8 @@ RULES: tuple[Rule, ...] = (
     python_environment_fields,
     tasks_file_fields,
     judge_mode_with_rubric,
+    adapter_needs_an_adapter_learner,
+    mcp_fields,
 )
 
 

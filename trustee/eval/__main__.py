@@ -142,7 +142,7 @@ async def run(cfg: Config, *, progress: bool = True, run_dir: Path | None = None
     from trustee.rollout.episode import EpisodeRunner
 
     if cfg.model.tiny and not (Path(cfg.model.path) / "config.json").exists():
-        from trustee.tiny import build_tiny_model
+        from trustee.models.tiny import build_tiny_model
 
         build_tiny_model(cfg.model.path, size=cfg.model.tiny)
     from transformers import AutoTokenizer
@@ -211,7 +211,7 @@ async def run_agreement(cfg: Config, *, run_dir: Path | None = None):
     from trustee.rollout.episode import EpisodeRunner
 
     if cfg.model.tiny and not (Path(cfg.model.path) / "config.json").exists():
-        from trustee.tiny import build_tiny_model
+        from trustee.models.tiny import build_tiny_model
 
         build_tiny_model(cfg.model.path, size=cfg.model.tiny)
     engine = build_policy_engine(cfg)
