@@ -84,3 +84,26 @@ def test_mcp_server_time_trains_two_steps_and_leaves_no_server(tmp_path, tiny_mo
     recs, trajs = train_two_steps("examples/mcp/time.toml", tmp_path / "run", tiny_model_dir)
     check_run(recs, trajs, ROOT / "examples" / "mcp" / "time_tasks.jsonl", episode_scope=False)
     assert processes_running("mcp-server-time") == []
+
+
+@pytest.mark.slow  # the tiny simulator writes every task on CPU: about 3 minutes on 2 busy cores
+def test_generated_tasks_verified_on_the_notes_server_train_two_steps(tmp_path, tiny_model_dir):
+    recs, trajs = train_two_steps(
+        "examples/mcp/config.toml",
+        tmp_path / "run",
+        tiny_model_dir,
+        "--set",
+        "environment.mcp.tasks=generate",
+        "--set",
+        "engines.simulator.backend=hf",
+    )
+    generated = sum(x["mcp/tasks_generated"] for x in recs)
+    kept = sum(x["mcp/tasks_generated"] * x["mcp/tasks_kept_share"] for x in recs)
+    print(f"generated {generated:.0f} tasks, kept {kept:.0f} (share {kept / generated:.2f})")
+    assert all(x["tasks_failed"] == 0.0 and x["groups_trained"] == 2.0 for x in recs)
+    assert kept == 4 and generated >= 4  # two tasks per step, each kept only after its calls ran
+    # Every generated task's reference calls ran on fresh servers: one start per task generated,
+    # on top of discovery and one per episode.
+    assert sum(x["mcp/server_starts"] for x in recs) == 1 + generated + len(trajs)
+    assert all(t["task_id"].startswith("mcp-") for t in trajs)
+    assert processes_running("examples/mcp/notes_server.py") == []

@@ -692,6 +692,14 @@ def mcp_problems(m: MCPConfig, reward: str) -> list[Problem]:
     for i, server in enumerate(m.servers):
         p += _mcp_server_problems(f"environment.mcp.servers[{i}]", server, seen)
     uses_fn = reward in ("function", "function+judge")
+    if reward != "function+judge" and m.judge_weight != MCPConfig().judge_weight:
+        p.append(
+            Problem(
+                "environment.mcp.judge_weight",
+                m.judge_weight,
+                f"only used with reward 'function+judge' (reward is {reward!r})",
+            )
+        )
     if uses_fn and not m.reward_fn:
         p.append(Problem("environment.mcp.reward_fn", "", f"reward {reward!r} needs 'module:function'"))
     if not uses_fn and m.reward_fn:
