@@ -9,7 +9,9 @@ never move). Runs go side by side, three at a time on one thread each by default
 from the same SFT-warmed tiny model, built once before the runs. The figure of merit is the
 held-out reward (toy: a fixed task set never trained on) at the end, sampled at the rollout
 temperature as the policy is trained to act (`--metric sampled`, the default) or greedy:
-`gain` = mean over seeds of trained minus control. Both are in the JSON. Writes learning.json
+`gain` = mean over seeds of trained minus control. Both are in the JSON, with each arm's
+held-out shares of episodes with a malformed call and of truncated ones (in the gain's mode),
+so a gain bought with broken episodes shows. Writes learning.json
 (machine, versions, config, per-seed curves and figures), learning.md (a table) and
 learning.png (training and held-out reward per step, trained vs control) into --out
 (default: runs/bench-learning, never the committed bench/results unless asked).
@@ -167,11 +169,18 @@ def main(argv: list[str] | None = None) -> int:
             arm[f"heldout_{m}_final"] = evals[-1][1] if evals else float("nan")
         arm["heldout_first"] = arm[f"heldout_{args.metric}_first"]
         arm["heldout_final"] = arm[f"heldout_{args.metric}_final"]
+        # Health of the held-out episodes at the end, in the mode that defines the gain: a gain
+        # bought with broken or rambling episodes would show here.
+        for share in ("malformed", "truncated"):
+            evals = _curve(recs, f"eval/{args.metric}_{share}")
+            arm[f"heldout_{share}_final"] = evals[-1][1] if evals else float("nan")
+            arm[f"train_{share}_last5"] = _mean([y for _, y in _curve(recs, f"health/{share}_share")[-5:]])
         arm["train_first5"] = _mean([y for _, y in train[:5]])
         arm["train_last5"] = _mean([y for _, y in train[-5:]])
         arm["wall_s"] = time.perf_counter() - t
         print(
-            f"seed {seed} {kind}: held-out {args.metric} {arm['heldout_first']:.3f} -> {arm['heldout_final']:.3f}, "
+            f"seed {seed} {kind}: held-out {args.metric} {arm['heldout_first']:.3f} -> {arm['heldout_final']:.3f} "
+            f"(malformed {arm['heldout_malformed_final']:.0%}, truncated {arm['heldout_truncated_final']:.0%}), "
             f"train {arm['train_first5']:.3f} -> {arm['train_last5']:.3f} ({arm['wall_s']:.0f} s)",
             flush=True,
         )
@@ -223,26 +232,39 @@ def main(argv: list[str] | None = None) -> int:
         "trained_final": _mean([results[str(s)]["trained"]["heldout_final"] for s in seeds]),
         "control_final": _mean([results[str(s)]["control"]["heldout_final"] for s in seeds]),
         "trained_first": _mean([results[str(s)]["trained"]["heldout_first"] for s in seeds]),
+        **{
+            f"{kind}_{share}": _mean([results[str(s)][kind][f"heldout_{share}_final"] for s in seeds])
+            for kind in arms_of
+            for share in ("malformed", "truncated")
+        },
         "wall_s": time.perf_counter() - t0,
         "runs": results,
     }
     (out / "learning.json").write_text(json.dumps(report, indent=1))
     rows = [
         f"| seed | held-out ({args.metric}) start | trained end | control end | gain | gain (greedy) | gain (sampled) "
+        "| held-out malformed / truncated, trained | control "
         "| train reward first 5 -> last 5 (trained) | (control) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def shares(arm: dict) -> str:
+        return f"{arm['heldout_malformed_final']:.0%} / {arm['heldout_truncated_final']:.0%}"
+
     for s in seeds:
         r = results[str(s)]
         rows.append(
             f"| {s} | {r['trained']['heldout_first']:.3f} | {r['trained']['heldout_final']:.3f} | "
             f"{r['control']['heldout_final']:.3f} | {r['gain']:+.3f} | {r['gain_greedy']:+.3f} | "
-            f"{r['gain_sampled']:+.3f} | {r['trained']['train_first5']:.3f} -> {r['trained']['train_last5']:.3f} | "
+            f"{r['gain_sampled']:+.3f} | {shares(r['trained'])} | {shares(r['control'])} | "
+            f"{r['trained']['train_first5']:.3f} -> {r['trained']['train_last5']:.3f} | "
             f"{r['control']['train_first5']:.3f} -> {r['control']['train_last5']:.3f} |"
         )
     rows.append(
-        f"\ngain (mean over seeds) **{report['gain']:+.3f}**; wall {report['wall_s']:.0f} s; "
-        f"load average at start {load0[0]:.1f}, at end {report['machine']['loadavg_end'][0]:.1f}."
+        f"\ngain (mean over seeds) **{report['gain']:+.3f}**; held-out ({args.metric}) episodes with a malformed "
+        f"call: trained {report['trained_malformed']:.0%}, control {report['control_malformed']:.0%}; truncated: "
+        f"trained {report['trained_truncated']:.0%}, control {report['control_truncated']:.0%}; wall "
+        f"{report['wall_s']:.0f} s; load average at start {load0[0]:.1f}, at end {report['machine']['loadavg_end'][0]:.1f}."
     )
     (out / "learning.md").write_text(
         f"# bench.learning\n\n`python -m bench.learning {'--quick ' if args.quick else ''}` on {args.config}\n\n"
@@ -261,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
                     "gain_greedy",
                     "trained_final",
                     "control_final",
+                    "trained_malformed",
+                    "control_malformed",
+                    "trained_truncated",
+                    "control_truncated",
                     "wall_s",
                 )
             }

