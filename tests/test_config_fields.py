@@ -393,7 +393,7 @@ EVIDENCE: dict[str, list[str]] = {
         "refused:environment.kind=toy,environment.reward=exact,environment.options={x=1}"
     ],
     "environment.few_shot": [
-        "test:tests/test_toy_env.py::test_few_shot_examples_are_other_kinds_of_training_tasks_and_stable",
+        "test:tests/test_toy_env.py::test_few_shot_examples_are_distinct_kinds_of_training_tasks_and_stable",
         "refused:environment.few_shot=2",
     ],
     "environment.uses_simulator": [
