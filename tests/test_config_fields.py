@@ -57,6 +57,10 @@ EVIDENCE: dict[str, list[str]] = {
     "seed": ["test:tests/test_field_effects.py::test_seed_fixes_the_policy_engines_sampling"],
     "model.path": ["test:tests/test_config.py::test_cli_run_writes_resolved_config"],
     "model.tiny": ["test:tests/test_field_effects.py::test_tiny_builds_the_missing_model"],
+    "model.packaged": [
+        "test:tests/test_models_packaged.py::test_packaged_writes_the_missing_model_at_the_start_of_a_run",
+        "refused:model.packaged=smollm2-135m-instruct,model.tiny=test",
+    ],
     "model.tiny_sft_steps": [
         "test:tests/test_toy_sft.py::test_short_warm_up_writes_weights_and_report:sft_warm",
     ],
@@ -256,6 +260,10 @@ EVIDENCE: dict[str, list[str]] = {
     "learner.logprob_chunk": [
         "test:tests/test_field_effects.py::test_logprob_chunk_bounds_the_rows_of_the_lm_head"
     ],
+    "learner.share_prefix": [
+        "test:tests/test_learn_shared.py::test_share_prefix_auto_falls_back_when_the_shared_path_is_wrong",
+        "test:tests/test_learn_shared.py::test_step_reports_the_shared_share_and_auto_keeps_a_correct_shared_path",
+    ],
     "placement.mode": ["test:tests/test_train.py::test_overlap_mode_trains_while_episodes_run"],
     "placement.policy_gpus": ["refused:placement.policy_gpus=[0,1]"],
     "placement.simulator_gpus": ["refused:placement.simulator_gpus=[0,0]"],
@@ -383,6 +391,10 @@ EVIDENCE: dict[str, list[str]] = {
     "environment.factory": ["test:tests/test_envs_custom.py::test_python_factory_must_return_an_environment"],
     "environment.options": [
         "refused:environment.kind=toy,environment.reward=exact,environment.options={x=1}"
+    ],
+    "environment.few_shot": [
+        "test:tests/test_toy_env.py::test_few_shot_examples_are_other_kinds_of_training_tasks_and_stable",
+        "refused:environment.few_shot=2",
     ],
     "environment.uses_simulator": [
         "test:tests/test_field_effects.py::test_uses_simulator_starts_the_simulator_engine_for_the_factory"

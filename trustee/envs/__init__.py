@@ -51,7 +51,7 @@ Builder = Callable[[EnvContext], "Environment"]
 def _toy(ctx: EnvContext) -> Environment:
     from trustee.envs.toy import ToyEnv
 
-    return ToyEnv(reward=ctx.config.reward)
+    return ToyEnv(reward=ctx.config.reward, few_shot=ctx.config.few_shot)
 
 
 def _simulated(ctx: EnvContext) -> Environment:

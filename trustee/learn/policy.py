@@ -116,24 +116,26 @@ def wrap_policy(
     *,
     need_reference: bool = False,
     available_bytes: int | None = None,
+    adapter: str | Path = "",
 ) -> Policy:
     """Turn a loaded (non-quantised) transformers model into a Policy for cfg.mode 'full' or 'lora'.
 
     need_reference: a KL term will ask for reference log-probs (grpo.beta > 0).
     available_bytes: free memory to plan the full-FT reference copy against (default: measured).
+    adapter: a trained PEFT adapter directory to continue (LoRA only); '' = a fresh adapter.
     """
     if cfg.mode == "qlora":
         raise ValueError("learner.mode = 'qlora' quantises while loading; use load_policy(path, cfg, ...)")
     if cfg.gradient_checkpointing:
         _enable_checkpointing(model)
     if cfg.mode == "lora":
-        from peft import get_peft_model
-
         for p in model.parameters():
             p.requires_grad_(False)
-        peft_model = get_peft_model(model, lora_config(cfg))
+        peft_model = _with_adapter(model, cfg, adapter)
         peft_model.train()
         return Policy(model=peft_model, mode="lora")
+    if adapter:
+        raise ValueError(f"model.adapter = {str(adapter)!r} needs learner.mode 'lora' or 'qlora', not 'full'")
     ref = None
     if need_reference:
         dev = next(model.parameters()).device
@@ -141,6 +143,17 @@ def wrap_policy(
         ref = copy.deepcopy(model).eval().requires_grad_(False)
     model.train()
     return Policy(model=model, mode="full", ref_model=ref)
+
+
+def _with_adapter(model: nn.Module, cfg: LearnerConfig, adapter: str | Path) -> nn.Module:
+    """`model` with a fresh LoRA adapter, or with the trained one at `adapter`, trainable."""
+    if not adapter:
+        from peft import get_peft_model
+
+        return get_peft_model(model, lora_config(cfg))
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
 
 
 def _attn_implementation(device: torch.device, dtype: torch.dtype) -> str:
@@ -153,7 +166,9 @@ def _attn_implementation(device: torch.device, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
-def _load_qlora(path: str | Path, cfg: LearnerConfig, device: torch.device, dtype: torch.dtype) -> Policy:
+def _load_qlora(
+    path: str | Path, cfg: LearnerConfig, device: torch.device, dtype: torch.dtype, adapter: str | Path = ""
+) -> Policy:
     if device.type != "cuda" or not torch.cuda.is_available():
         raise ValueError(
             f"learner.mode = 'qlora' needs CUDA (bitsandbytes NF4 kernels), but the learner device is {device}; "
@@ -165,7 +180,7 @@ def _load_qlora(path: str | Path, cfg: LearnerConfig, device: torch.device, dtyp
         raise ImportError(
             "learner.mode = 'qlora' needs bitsandbytes: pip install 'trustee[gpu]' (or bitsandbytes)"
         ) from e
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     bnb = BitsAndBytesConfig(
@@ -188,7 +203,7 @@ def _load_qlora(path: str | Path, cfg: LearnerConfig, device: torch.device, dtyp
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     base.config.use_cache = False
-    model = get_peft_model(base, lora_config(cfg))
+    model = _with_adapter(base, cfg, adapter)
     model.train()
     return Policy(model=model, mode="qlora")
 
@@ -200,15 +215,18 @@ def load_policy(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     need_reference: bool = False,
+    adapter: str | Path = "",
 ) -> Policy:
-    """Load the model at `path` (a local directory) as a Policy for cfg.mode."""
+    """Load the model at `path` (a local directory) as a Policy for cfg.mode. `adapter`: a
+    trained PEFT adapter directory to continue training instead of a fresh adapter
+    (model.adapter; LoRA and QLoRA only)."""
     device = torch.device(device)
     if cfg.mode == "qlora":
-        return _load_qlora(path, cfg, device, dtype)
+        return _load_qlora(path, cfg, device, dtype, adapter)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation=_attn_implementation(device, dtype)
     )
     model.to(device)
-    return wrap_policy(model, cfg, need_reference=need_reference)
+    return wrap_policy(model, cfg, need_reference=need_reference, adapter=adapter)
