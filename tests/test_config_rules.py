@@ -293,6 +293,11 @@ CASES: dict[str, list[tuple[list[str], str, str]]] = {
             "environment.mcp.reward_fn",
             "only used with reward 'function'",
         ),
+        (
+            [*MCP, "environment.mcp.judge_weight=0.3"],
+            "environment.mcp.judge_weight",
+            "only used with reward 'function+judge'",
+        ),
         (["environment.mcp.tasks='t.jsonl'"], "environment.mcp", "only used with kind 'mcp'"),
     ],
 }
