@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> None:
     before = load_avg()
     from transformers import AutoTokenizer
 
-    from trustee.tiny import build_tiny_model
+    from trustee.models.tiny import build_tiny_model
 
     tok = AutoTokenizer.from_pretrained(build_tiny_model(ROOT / ".cache" / "tiny-test", size="test", seed=0))
     modes = available_modes()

@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.concurrency, args.repeats = "1,8,32", 1
-    from trustee.tiny import build_tiny_model
+    from trustee.models.tiny import build_tiny_model
 
     before = load_avg()
     model_dir = build_tiny_model(Path(".cache") / f"tiny-{args.size}", size=args.size, seed=0)

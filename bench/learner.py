@@ -72,7 +72,7 @@ def realistic_batch(p: dict, seed: int = 0) -> dict:
     from transformers import AutoTokenizer
 
     from bench.trajectories import realistic_samples
-    from trustee.tiny import build_tiny_model
+    from trustee.models.tiny import build_tiny_model
 
     tok_dir = build_tiny_model(ROOT / ".cache" / f"tiny-{LENGTH_TOKENIZER}", size=LENGTH_TOKENIZER, seed=0)
     n = p["groups"] * p["group_size"]
@@ -123,7 +123,7 @@ def run_case(
     from trustee.config import GrpoConfig, LearnerConfig
     from trustee.learn.learner import Learner
     from trustee.learn.policy import load_policy
-    from trustee.tiny import build_tiny_model
+    from trustee.models.tiny import build_tiny_model
 
     p = preset(device, quick, budget)
     load0 = list(os.getloadavg())

@@ -213,7 +213,7 @@ def _tokenizer() -> Any:
 
     from transformers import AutoTokenizer
 
-    from trustee.tiny import build_tiny_model
+    from trustee.models.tiny import build_tiny_model
 
     d = build_tiny_model(Path(".cache") / "tiny-test", size="test", seed=0)
     return AutoTokenizer.from_pretrained(d)

@@ -141,7 +141,7 @@ def _engine(args, model: Path, tok):
 async def run(args) -> dict:
     from transformers import AutoTokenizer
 
-    from trustee.tiny import build_tiny_model
+    from trustee.models.tiny import build_tiny_model
 
     model = Path(args.model) if args.model else build_tiny_model(ROOT / ".cache" / "tiny-test", size="test")
     tok = AutoTokenizer.from_pretrained(model)

@@ -64,7 +64,7 @@ def _model_and_prompts(p: dict) -> tuple[Path, list[str]]:
     from trustee.chat.render import ChatFormat, project_template
     from trustee.envs.base import Knobs
     from trustee.envs.toy import ToyEnv
-    from trustee.tiny import build_tiny_model
+    from trustee.models.tiny import build_tiny_model
     from trustee.types import Message
 
     path = build_tiny_model(ROOT / ".cache" / "tiny-test", size="test", seed=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from chat_tokenizers import tiny_chat_tokenizer
+from chat_tokenizers import chat_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -176,7 +176,10 @@ def test_mistral_calls_list_and_single_object():
     t = p.parse(
         "Checking."
         + mistral_calls(
-            [{"name": "get_weather", "arguments": {"city": "Oslo", "days": 1}}, {"name": "ping", "arguments": {}}]
+            [
+                {"name": "get_weather", "arguments": {"city": "Oslo", "days": 1}},
+                {"name": "ping", "arguments": {}},
+            ]
         )
         + "</s>"
     )
@@ -233,13 +236,15 @@ def test_unknown_format_names_the_setting():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    args=st.lists(st.dictionaries(st.text(min_size=1, max_size=8), json_value, max_size=3), min_size=1, max_size=3),
+    args=st.lists(
+        st.dictionaries(st.text(min_size=1, max_size=8), json_value, max_size=3), min_size=1, max_size=3
+    ),
     content=st.text(alphabet="abc xyz.,!?", max_size=20).map(str.strip),
-    fmt=st.sampled_from(["qwen", "llama3", "mistral"]),
+    fmt=st.sampled_from(["qwen", "llama3", "mistral", "chatml"]),
 )
 def test_rendered_calls_parse_back_in_every_format(args, content, fmt):
     # What trustee's template writes for an assistant turn is what the parser reads back.
-    tok = _qwen_tok() if fmt == "qwen" else tiny_chat_tokenizer(fmt)
+    tok = _qwen_tok() if fmt == "qwen" else chat_tokenizer(fmt)
     f = ChatFormat(tok, [], template=project_template(fmt), family=fmt)
     calls = [ToolCall(name="free", arguments=a) for a in args]
     history = [Message(role="user", content="q")]
@@ -258,7 +263,7 @@ _QWEN: list = []
 def _qwen_tok():
     """The tiny Qwen tokenizer, trained once per process (no model needed)."""
     if not _QWEN:
-        from trustee.tiny import build_tokenizer
+        from trustee.models.tiny import build_tokenizer
 
         _QWEN.append(build_tokenizer(0, 512))
     return _QWEN[0]

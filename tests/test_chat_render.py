@@ -8,7 +8,7 @@ from __future__ import annotations
 import string
 
 import pytest
-from chat_tokenizers import tiny_chat_tokenizer
+from chat_tokenizers import chat_tokenizer, tiny_chat_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +23,8 @@ FAMILY_NAMES = list(FAMILIES)
 def family_tokenizer(request, tiny_tokenizer):
     """(family name, a tokenizer of that family whose chat template is trustee's)."""
     name = request.param
-    return name, tiny_tokenizer if name == "qwen" else tiny_chat_tokenizer(name)
+    return name, tiny_tokenizer if name == "qwen" else chat_tokenizer(name)
+
 
 TOOLS = [
     ToolSpec(
@@ -100,7 +101,9 @@ def test_incremental_ids_equal_apply_chat_template(family_tokenizer, case):
     thinking, opening, rounds, use_tools = case
     thinking = thinking and FAMILIES[name].thinking
     if not FAMILIES[name].thinking:  # the format has no reasoning block to carry it
-        rounds = [(Message(role="assistant", content=a.content, tool_calls=a.tool_calls), e) for a, e in rounds]
+        rounds = [
+            (Message(role="assistant", content=a.content, tool_calls=a.tool_calls), e) for a, e in rounds
+        ]
     tools = TOOLS if use_tools else []
     fmt = ChatFormat(tiny_tokenizer, tools, enable_thinking=thinking)
     assert fmt.family == name
@@ -239,3 +242,20 @@ def test_chat_spec_refuses_thinking_where_the_format_has_none(tiny_tokenizer):
     with pytest.raises(TemplateError, match="model.enable_thinking = true"):
         chat_spec(tiny_chat_tokenizer("mistral"), enable_thinking=True)
     assert chat_spec(tiny_tokenizer, enable_thinking=True).family == "qwen"
+
+
+def test_smollm2_tokenizer_is_plain_chatml_with_calls_as_text_and_no_think_block():
+    from chat_tokenizers import smollm2_tokenizer
+
+    tok = smollm2_tokenizer()
+    assert detect_family(tok) == "chatml" and len(tok) == 49152
+    fmt = ChatFormat(tok, TOOLS, template=project_template("chatml"))
+    text = fmt.render_text(
+        [Message(role="system", content="s"), Message(role="user", content="x")], generation_prompt=True
+    )
+    assert text.endswith("<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n") and "<think>" not in text
+    assert (
+        '{"name": "get_weather", "description"' in text
+    )  # the function alone: shorter than the OpenAI wrapper
+    # "<tool_call>" is not a token of SmolLM2: the policy writes it as text, several tokens.
+    assert len(fmt.encode("<tool_call>")) > 1

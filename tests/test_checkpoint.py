@@ -36,3 +36,55 @@ def test_interrupted_save_is_invisible(tmp_path):
 
 def test_no_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path) is None and list_checkpoints(tmp_path) == []
+
+
+class _Payload:
+    """Pickles as a call to os.system: what a hostile state.pt would hold."""
+
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+def test_resume_state_is_never_unpickled(tmp_path):
+    """state.pt loads with weights_only=True: a checkpoint holding a Python object is refused
+    with the reason, before a run starts (plan_resume) and at load, and nothing in it runs."""
+    from trustee.checkpoint import UnsafeCheckpoint, checkpoint_problem
+    from trustee.config import load_config
+    from trustee.resume import ResumeRefused, plan_resume
+
+    sentinel = tmp_path / "pwned"
+    run = tmp_path / "run"
+    ckpt = save_checkpoint(run, 0, {"w": torch.zeros(1), "x": _Payload(sentinel)}, {})
+    assert "posix.system" in checkpoint_problem(ckpt) or "os.system" in checkpoint_problem(ckpt)
+    with pytest.raises(UnsafeCheckpoint, match="weights_only=True"):
+        load_checkpoint(ckpt)
+    cfg = load_config("configs/cpu-tiny.toml")
+    with pytest.raises(ResumeRefused, match="holds Python objects in state.pt"):
+        plan_resume(cfg, run)
+    assert not sentinel.exists()
+    # what trustee saves is plain data: tensors, a Python RNG state (tuples of ints), an
+    # optimiser's and a scheduler's state dicts
+    import random
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    state = {
+        "rng": random.Random(0).getstate(),
+        "torch_rng": torch.get_rng_state(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+    }
+    ok = save_checkpoint(tmp_path / "ok", 1, state, {})
+    assert checkpoint_problem(ok) == ""
+    back, _ = load_checkpoint(ok)
+    assert back["rng"] == state["rng"] and torch.equal(
+        back["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
+    )

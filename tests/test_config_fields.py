@@ -57,6 +57,10 @@ EVIDENCE: dict[str, list[str]] = {
     "seed": ["test:tests/test_field_effects.py::test_seed_fixes_the_policy_engines_sampling"],
     "model.path": ["test:tests/test_config.py::test_cli_run_writes_resolved_config"],
     "model.tiny": ["test:tests/test_field_effects.py::test_tiny_builds_the_missing_model"],
+    "model.packaged": [
+        "test:tests/test_models_packaged.py::test_packaged_writes_the_missing_model_at_the_start_of_a_run",
+        "refused:model.packaged=smollm2-135m-instruct,model.tiny=test",
+    ],
     "model.tiny_sft_steps": [
         "test:tests/test_toy_sft.py::test_short_warm_up_writes_weights_and_report:sft_warm",
     ],
@@ -260,6 +264,10 @@ EVIDENCE: dict[str, list[str]] = {
     "learner.logprob_chunk": [
         "test:tests/test_field_effects.py::test_logprob_chunk_bounds_the_rows_of_the_lm_head"
     ],
+    "learner.share_prefix": [
+        "test:tests/test_learn_shared.py::test_share_prefix_auto_falls_back_when_the_shared_path_is_wrong",
+        "test:tests/test_learn_shared.py::test_step_reports_the_shared_share_and_auto_keeps_a_correct_shared_path",
+    ],
     "placement.mode": ["test:tests/test_train.py::test_overlap_mode_trains_while_episodes_run"],
     "placement.policy_gpus": ["refused:placement.policy_gpus=[0,1]"],
     "placement.simulator_gpus": ["refused:placement.simulator_gpus=[0,0]"],
@@ -388,6 +396,10 @@ EVIDENCE: dict[str, list[str]] = {
     "environment.options": [
         "refused:environment.kind=toy,environment.reward=exact,environment.options={x=1}"
     ],
+    "environment.few_shot": [
+        "test:tests/test_toy_env.py::test_few_shot_examples_are_other_kinds_of_training_tasks_and_stable",
+        "refused:environment.few_shot=2",
+    ],
     "environment.uses_simulator": [
         "test:tests/test_field_effects.py::test_uses_simulator_starts_the_simulator_engine_for_the_factory"
     ],
@@ -405,6 +417,55 @@ EVIDENCE: dict[str, list[str]] = {
     ],
     "environment.tasks_file.judge_weight": [
         "test:tests/test_envs_custom.py::test_simulated_tools_and_function_plus_judge_on_a_tiny_model"
+    ],
+    "environment.mcp.tasks": [
+        "test:tests/test_mcp.py::test_dry_run_checks_name_a_missing_command_and_a_bad_tasks_file"
+    ],
+    "environment.mcp.servers[].name": [
+        "test:tests/test_mcp.py::test_config_rules_name_the_field_value_and_fix"
+    ],
+    "environment.mcp.servers[].command": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.servers[].args": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.servers[].env": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment:FAKE_TAG"
+    ],
+    "environment.mcp.servers[].url": ["test:tests/test_mcp_servers.py::test_streamable_http_server_by_url"],
+    "environment.mcp.servers[].scope": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.workdir_template": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.keep_failed_workdirs": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.init_timeout": [
+        "test:tests/test_mcp_servers.py::test_server_that_never_answers_initialize_fails_the_episode_in_time:init=0.5"
+    ],
+    "environment.mcp.call_timeout": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.shutdown_grace": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.pool_size": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.max_episodes_per_server": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.generate_attempts": [
+        "test:tests/test_mcp_servers.py::test_generated_tasks_are_kept_only_when_their_calls_succeed_on_a_fresh_server"
+    ],
+    "environment.mcp.reward_fn": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.judge_weight": [
+        "refused:environment.kind=mcp,environment.reward=reference,environment.mcp.judge_weight=0.3"
     ],
     "model.chat_format": [
         "test:tests/test_chat_render.py::test_family_is_detected_from_the_tokenizer_and_the_spec_picks_its_template"

@@ -177,7 +177,7 @@ def test_packed_attention_stays_within_sequences(tiny_model_dir, monkeypatch):
     sequence, and the model is switched to segment attention (padded batches keep SDPA's mask)."""
     from transformers import AutoModelForCausalLM
 
-    from trustee.learn.packing import SEGMENT_ATTENTION
+    from trustee.learn.attention import SEGMENT_ATTENTION
 
     model = AutoModelForCausalLM.from_pretrained(
         tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa"

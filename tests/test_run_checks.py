@@ -5,19 +5,64 @@ builds; resolved.json holds absolute paths."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import msgspec
 
 from trustee.config import load_config, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def _run(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "trustee.run", *args], capture_output=True, text=True, cwd=cwd
+        [sys.executable, "-m", "trustee.run", *args], capture_output=True, text=True, cwd=cwd, env=env
     )
+
+
+def _finished_main_job(clone: Path) -> None:
+    """A clone where the README's main job has finished: configs/cpu-tiny.toml and a complete
+    runs/cpu-tiny as `plan_resume` reads it (the last step's checkpoint with the main job's
+    config, the adapter tagged with that step; no weights: a dry run never loads them)."""
+    from trustee.checkpoint import save_checkpoint
+
+    (clone / "configs").mkdir(parents=True)
+    shutil.copy(ROOT / "configs" / "cpu-tiny.toml", clone / "configs" / "cpu-tiny.toml")
+    cfg = load_config(clone / "configs" / "cpu-tiny.toml")
+    run = clone / "runs" / "cpu-tiny"
+    last = cfg.grpo.steps - 1
+    save_checkpoint(run, last, {}, {"config": json.loads(msgspec.json.encode(cfg))})
+    (run / "adapter").mkdir()
+    (run / "adapter" / "trustee_step.json").write_text(json.dumps({"step": last, "run": cfg.name}))
+
+
+def test_the_suite_after_the_readme_main_job(tmp_path, _own_run_root):
+    """The README's order: the main job first (runs/cpu-tiny finished), then the tests. The
+    suite's own run root keeps the tests' runs away from the user's, so the dry runs the tests
+    make still plan a new run; without it they hit the finished run (or refuse a changed config)."""
+    from trustee.paths import RUNS_ENV
+
+    clone = tmp_path / "clone"
+    _finished_main_job(clone)
+    user_env = {k: v for k, v in os.environ.items() if k != RUNS_ENV}
+    # The user's own command sees the user's finished run ...
+    r = _run("configs/cpu-tiny.toml", "--dry-run", cwd=clone, env=user_env)
+    assert r.returncode == 0 and "is already finished" in r.stdout, r.stdout + r.stderr
+    variant = ("--set", "environment.kind=simulated", "--set", "environment.reward=judge")
+    r = _run("configs/cpu-tiny.toml", "--dry-run", *variant, cwd=clone, env=user_env)
+    assert r.returncode == 2 and "a run with a different config" in r.stderr, r.stderr
+    # ... and the suite's dry runs, made from the same clone, do not.
+    assert os.environ[RUNS_ENV] == str(_own_run_root) and not _own_run_root.is_relative_to(clone)
+    r = _run("configs/cpu-tiny.toml", "--dry-run", cwd=clone)
+    assert r.returncode == 0 and "every start-up check passed" in r.stdout, r.stdout + r.stderr
+    assert f"new run 'cpu-tiny': 30 steps -> {_own_run_root / 'cpu-tiny'}" in r.stdout
+    r = _run("configs/cpu-tiny.toml", "--dry-run", *variant, cwd=clone)
+    assert r.returncode == 0 and "simulator  /" in r.stdout, r.stdout + r.stderr
+    assert (clone / "runs" / "cpu-tiny" / "adapter" / "trustee_step.json").exists()
 
 
 def test_dry_run_refuses_what_the_real_start_refuses(tmp_path):

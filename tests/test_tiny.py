@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trustee.tiny import SPECIAL_TOKENS, build_tiny_model
+from trustee.models.tiny import SPECIAL_TOKENS, build_tiny_model
 
 
 def _digest(path) -> str:

@@ -9,8 +9,8 @@ import pytest
 
 from trustee.chat.parse import ToolCallParser
 from trustee.envs.base import AgentAction, Environment, Knobs
-from trustee.envs.toy import TOOLS, ToyEnv, answer_correct, check_tools, execute
-from trustee.types import Message, ToolCall
+from trustee.envs.toy import FINISH_CREDIT, TOOLS, ToyEnv, answer_correct, check_tools, execute
+from trustee.types import Message, ToolCall, ToolCallError
 
 
 def test_tools_compute_real_results():
@@ -99,7 +99,7 @@ def test_tool_set_is_the_documented_one():
 
 
 @pytest.mark.parametrize("kind", ["add", "chain", "convert", "kv_get", "kv_set"])
-def test_guessing_demonstrator_skips_the_tools_and_scores_zero(kind):
+def test_guessing_demonstrator_skips_the_tools_and_earns_only_the_finish_credit(kind):
     """The warm-up's imperfect half: same closing words, no call, a wrong answer."""
     env = ToyEnv(kinds=(kind,), reward="graded")
     task = env.task(Knobs(n_tools=3, n_expected_calls=2), random.Random(5))
@@ -113,4 +113,102 @@ def test_guessing_demonstrator_skips_the_tools_and_scores_zero(kind):
         await env.step(state, AgentAction(message=msgs[-1]))
         return await env.score(state)
 
-    assert anyio.run(play).reward == 0.0
+    score = anyio.run(play)
+    assert score.reward == FINISH_CREDIT and score.parts["exact"] == 0.0
+
+
+KINDS = ["add", "chain", "convert", "kv_get", "kv_set"]
+
+
+def _outcomes(env: ToyEnv, task) -> dict[str, list[AgentAction | None]]:
+    """Episodes of each outcome class as the policy's turns (None: the turn limit cut it)."""
+    ref = [m for m in env.sft_messages(task)[2:] if m.role == "assistant"]
+    first = ref[0].tool_calls[0]
+    # Valid but wrong arguments: every number off, the key of a store task unknown.
+    args = {
+        k: 7777 if not isinstance(v, str) else "zz" if k == "key" else v for k, v in first.arguments.items()
+    }
+    wrong = ToolCall(name=first.name, arguments=args)
+    wrong_final = env.sft_messages(task, guess=random.Random(1))[-1]
+    broken = ToolCallError(
+        kind="invalid_json", message="bad json", raw='{"name": "add", "arguments": {"a": "b": '
+    )
+
+    def call(c: ToolCall) -> AgentAction:
+        return AgentAction(message=Message(role="assistant", tool_calls=[c]), calls=[c])
+
+    bad = AgentAction(message=Message(role="assistant", content="<tool_call>{"), errors=[broken])
+    clean = [AgentAction(message=m, calls=list(m.tool_calls)) for m in ref]
+    return {
+        "correct": clean,
+        "right tool, finished": [call(wrong), AgentAction(message=wrong_final)],
+        "guess": [AgentAction(message=wrong_final)],
+        "malformed": [call(wrong), bad, AgentAction(message=wrong_final)],
+        "malformed, cut": [call(wrong), bad, bad, None],
+        "truncated": [call(wrong), call(wrong), call(wrong), None],
+    }
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_graded_reward_orders_the_outcomes(kind):
+    """correct > right tool, finished > guess > malformed or truncated, for every task kind;
+    the episode shape that gamed the old reward (right tool, then broken calls until the turn
+    limit) earns nothing, and a correct episode with a broken call earns less than a clean one."""
+    env = ToyEnv(kinds=(kind,), reward="graded")
+    task = env.task(Knobs(n_tools=5, n_expected_calls=2), random.Random(7))
+
+    async def play(turns: list[AgentAction | None]):
+        state = await env.start(task, "e")
+        for a in turns:
+            if a is None:
+                break  # the runner ends the episode as truncated and still scores it
+            await env.step(state, a)
+        return await env.score(state)
+
+    s = {name: anyio.run(play, turns) for name, turns in _outcomes(env, task).items()}
+    r = {name: x.reward for name, x in s.items()}
+    assert r["correct"] == 1.0 and s["correct"].parts["well_formed"] == 1.0
+    assert r["correct"] > r["right tool, finished"] > r["guess"] > 0.0
+    assert r["guess"] > r["malformed"] == r["malformed, cut"] == r["truncated"] == 0.0
+    assert s["malformed"].parts["well_formed"] < 1.0 and s["malformed"].parts["tool_names"] > 0.0
+    assert s["truncated"].parts["finished"] == 0.0 and s["truncated"].parts["tool_names"] > 0.0
+    ref = _outcomes(env, task)["correct"]
+    broken = _outcomes(env, task)["malformed"][1]
+    assert 0.0 < anyio.run(play, [broken, *ref]).reward < 1.0
+
+
+def test_few_shot_examples_are_other_kinds_of_training_tasks_and_stable():
+    from trustee.envs.toy import is_heldout
+
+    env = ToyEnv(few_shot=3)
+    knobs = Knobs(difficulty=40, n_tools=5, n_expected_calls=2)
+    tasks = anyio.run(env.heldout_tasks, 12, knobs) + [env.task(knobs, random.Random(i)) for i in range(12)]
+    for task in tasks:
+        shots = env.examples(task)
+        queries = [m.content for m in shots if m.role == "user"]
+        called = {c.name for m in shots for c in m.tool_calls}
+        assert len(queries) == 3 and not any(is_heldout(q) for q in queries)
+        assert task.first_query not in queries
+        assert len(called) == 3 and called <= {"add", "convert_units", "kv_get", "kv_set"}
+        own = {c.name for c in task.expected_calls}
+        assert task.payload["kind"] == "chain" or not (own & called)  # never the task's own tool choice
+        assert [m.role for m in shots] == ["user", "assistant"] * 3  # each example: a query and its call
+        assert env.examples(task) == shots  # the same task always gets the same examples
+        state = anyio.run(env.start, task, "e")
+        assert state.messages[0].role == "system" and state.messages[1:-1] == shots
+        assert state.messages[-1] == Message(role="user", content=task.first_query)
+    assert ToyEnv().examples(tasks[0]) == [] and len(anyio.run(ToyEnv().start, tasks[0], "e").messages) == 2
+
+
+def test_few_shot_examples_score_like_reference_conversations_and_bad_counts_are_refused():
+    with pytest.raises(ValueError, match="environment.few_shot"):
+        ToyEnv(few_shot=4)
+    env = ToyEnv(few_shot=2)
+    task = env.task(Knobs(difficulty=40, n_tools=4), random.Random(3))
+    # the examples do not change what the episode is scored on: the reference still scores 1
+    state = anyio.run(env.start, task, "e")
+    ref = env.sft_messages(task)[2:]
+    for m in ref:
+        if m.role == "assistant":
+            anyio.run(env.step, state, AgentAction(message=m, calls=list(m.tool_calls)))
+    assert anyio.run(env.score, state).reward == 1.0

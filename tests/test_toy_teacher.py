@@ -147,7 +147,7 @@ def test_task_role_prompt_is_the_generators(tiny_tokenizer):
 
 
 def test_simulator_sft_examples_train_on_the_answer_only(tiny_tokenizer):
-    from trustee.sft import _sim_examples
+    from trustee.models.sft import _sim_examples
 
     fmt = ChatFormat(tiny_tokenizer, [], enable_thinking=False)
     taught = examples(4, seed=0)

@@ -1,12 +1,13 @@
 """The GRPO/DAPO training controls: several updates per batch (the clip binds), the proximal
 log-probs, dynamic sampling, truncated-episode handling, curriculum thresholds from the
-reward range, held-out evaluation and the learning summary."""
+reward range, held-out evaluation and the closing summary."""
 
 from __future__ import annotations
 
 import copy
 import json
 import random
+import re
 
 import anyio
 import msgspec
@@ -243,7 +244,7 @@ def test_toy_heldout_split_is_fixed_and_never_trained_on():
     assert not any(is_heldout(t.first_query) for t in train)
 
 
-def test_heldout_eval_greedy_and_sampled(tiny_model_dir, tiny_tokenizer):
+def test_heldout_eval_greedy_and_sampled(tiny_model_dir, tiny_tokenizer, capsys):
     from trustee.config import AspectRanges, RolloutConfig
     from trustee.engines.hf import HFEngine
     from trustee.envs.toy import ToyEnv
@@ -254,7 +255,7 @@ def test_heldout_eval_greedy_and_sampled(tiny_model_dir, tiny_tokenizer):
         engine = HFEngine.from_pretrained(tiny_model_dir, max_model_len=2048)
         runner = EpisodeRunner(engine, tiny_tokenizer, cfg=RolloutConfig(max_turns=1, max_tokens_per_turn=4))
         cfg = EvalConfig(heldout_tasks=3, heldout_samples=2, heldout_difficulty=40.0)
-        h = HeldOut(ToyEnv(reward="graded"), runner, cfg, AspectRanges())
+        h = HeldOut(ToyEnv(reward="graded"), runner, cfg, AspectRanges(), progress=True)
         assert {t.knobs["difficulty"] for t in await h.tasks()} == {40.0}
         try:
             return await h.run(0)
@@ -262,27 +263,16 @@ def test_heldout_eval_greedy_and_sampled(tiny_model_dir, tiny_tokenizer):
             await engine.close()
 
     m = anyio.run(go)
+    # a progress bar over the 9 episodes, with its ETA (elapsed<remaining) once one has ended
+    assert re.search(r"held-out eval \(step 0\):.*[1-9]/9 \[\d\d:\d\d<\d\d:\d\d", capsys.readouterr().err)
     assert m["eval/greedy_episodes"] == 3 and m["eval/sampled_episodes"] == 6
     assert 0.0 <= m["eval/reward_greedy"] <= 1.0
     assert "eval/greedy/exact" in m
-
-
-# ----------------------------------------------------------------------------- summary
-
-
-def test_learning_summary_line(tmp_path):
-    from trustee.train import learning_summary
-
-    recs = [{"step": i, "reward_mean": 0.1 * i, "untrained_steps": 0} for i in range(10)]
-    recs[0]["eval/reward_greedy"] = 0.2
-    recs.append({"step": 10, "final_eval": 1, "eval/reward_greedy": 0.6})
-    recs[-2]["untrained_steps"] = 2
-    p = tmp_path / "metrics.jsonl"
-    p.write_text("\n".join(json.dumps(r) for r in recs))
-    text = learning_summary(p)
-    assert text.startswith("reward 0.20 -> 0.70 over 10 steps")
-    assert "held-out greedy 0.20 -> 0.60" in text
-    assert "2 step(s) trained nothing" in text
+    assert all(
+        0.0 <= m[f"eval/{mode}_{share}"] <= 1.0
+        for mode in ("greedy", "sampled")
+        for share in ("malformed", "truncated")
+    )
 
 
 def test_kl_metric_measures_the_drift_from_the_start(tiny_model_dir):
@@ -328,7 +318,9 @@ def test_eval_during_training_logs_heldout_metrics(tmp_path, tiny_model_dir):
     assert [r["step"] for r in evals] == [0, 1, 2]
     assert evals[-1]["final_eval"] == 1.0
     assert all(r["eval/greedy_episodes"] == 2 and r["eval/sampled_episodes"] == 2 for r in evals)
-    assert last["summary"].startswith("reward ")
+    assert all(0.0 <= r["health/malformed_share"] <= 1.0 for r in recs if not r.get("final_eval"))
+    lines = last["summary"].splitlines()  # trustee.summary's four lines
+    assert len(lines) == 4 and lines[0].startswith("reward ") and lines[2].startswith("health ")
 
 
 def test_bfcl_heldout_tasks_are_the_heldout_half():

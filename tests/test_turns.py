@@ -119,20 +119,20 @@ def test_parser_built_once_per_tool_set(tiny_tokenizer, monkeypatch):
     assert len(built) == 4
 
 
-PIECES = ["user", "assistant", "\n", " ", "  ", "{\"result\": 42}", "ünï ✓", "数字", "a", "\n\n", "x y", "}\n"]
+PIECES = ["user", "assistant", "\n", " ", "  ", '{"result": 42}', "ünï ✓", "数字", "a", "\n\n", "x y", "}\n"]
 
 
-@pytest.mark.parametrize("family", ["qwen", "llama3", "mistral"])
+@pytest.mark.parametrize("family", ["qwen", "llama3", "mistral", "chatml"])
 def test_piecewise_encoding_equals_whole_text_encoding(family, tiny_tokenizer):
     # _Segments cuts at added tokens and memoises the pieces; the ids must be the library's
     # own for any mix of text and special tokens, on every family's tokenizer.
     import random
 
-    from chat_tokenizers import tiny_chat_tokenizer
+    from chat_tokenizers import chat_tokenizer
 
     from trustee.rollout.turns import _Segments
 
-    tok = tiny_tokenizer if family == "qwen" else tiny_chat_tokenizer(family)
+    tok = tiny_tokenizer if family == "qwen" else chat_tokenizer(family)
     backend = tok.backend_tokenizer
     seg = _Segments.build(backend, cache=8)
     assert seg is not None
@@ -178,17 +178,17 @@ def test_tool_list_changed_in_place_is_not_mistaken_for_the_last_one(tiny_tokeni
     assert set(runner.for_tools(tools)[1].tools) == {"add", "multiply", "kv_get"}
 
 
-@pytest.mark.parametrize("family", ["qwen", "llama3", "mistral"])
+@pytest.mark.parametrize("family", ["qwen", "llama3", "mistral", "chatml"])
 def test_byte_table_decode_equals_the_tokenizers(family, tiny_tokenizer):
     # Any ids, including ones that split a UTF-8 character, added tokens and ids the
     # tokenizer does not know: the table's text is the library's own decode.
     import random
 
-    from chat_tokenizers import tiny_chat_tokenizer
+    from chat_tokenizers import chat_tokenizer
 
     from trustee.rollout.turns import _ByteDecoder
 
-    tok = tiny_tokenizer if family == "qwen" else tiny_chat_tokenizer(family)
+    tok = tiny_tokenizer if family == "qwen" else chat_tokenizer(family)
     backend = tok.backend_tokenizer
     table = _ByteDecoder.build(backend)
     assert table is not None  # byte-level BPE with a ByteLevel decoder
@@ -223,23 +223,35 @@ def test_renderer_decodes_through_the_table_after_checking_it(fmt, tiny_tokenize
     assert r._decode_checked == r.verify_encodes  # compared with the tokenizer, then trusted
 
 
+# chatml (SmolLM2) is left out: its ByteLevel pre-tokenizer splits with its own regex, so
+# the words shortcut does not apply and the library encodes (test_no_words_shortcut_...).
 @pytest.mark.parametrize("family", ["qwen", "llama3", "mistral"])
 def test_words_encode_like_the_library_on_plain_ascii(family, tiny_tokenizer):
     # _Words pre-tokenizes in Python and looks words up; on any plain-ASCII piece (pieces
     # never hold added tokens: _Segments cuts there first) the ids are the library's own.
     import random
 
-    from chat_tokenizers import tiny_chat_tokenizer
+    from chat_tokenizers import chat_tokenizer
 
     from trustee.rollout.turns import _Words
 
-    tok = tiny_tokenizer if family == "qwen" else tiny_chat_tokenizer(family)
+    tok = tiny_tokenizer if family == "qwen" else chat_tokenizer(family)
     backend = tok.backend_tokenizer
     words = _Words.build(backend, cache=64)
     assert words is not None  # Split + ByteLevel pre-tokenizer, BPE model
     assert isinstance(words._split, re.Pattern)  # \p{L} / \p{N} as ASCII ranges, for `re`
     specials = list(tok.get_added_vocab())
-    alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\t", "\r", "\r\n", "  ", "'s", "'LL", "123", '{"a": ']
+    alphabet = [chr(c) for c in range(32, 127)] + [
+        "\n",
+        "\t",
+        "\r",
+        "\r\n",
+        "  ",
+        "'s",
+        "'LL",
+        "123",
+        '{"a": ',
+    ]
     rng = random.Random(0)
     seen = 0
     for _ in range(3000):

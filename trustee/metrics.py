@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 
+from trustee import atomic
 from trustee.config import LoggingConfig
 from trustee.types import Trajectory
 
@@ -104,7 +105,7 @@ class RunLog:
             self.wandb_id = id_file.read_text().strip()
         else:
             self.wandb_id = wandb.util.generate_id()
-            id_file.write_text(self.wandb_id + "\n")
+            atomic.write_text(id_file, self.wandb_id + "\n")  # a torn id would start a second W&B run
         return wandb.init(
             project=cfg.wandb_project,
             name=run_name,

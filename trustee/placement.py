@@ -1,9 +1,8 @@
 """Placement: which role lives on which devices, and what happens around each learning phase.
 
 Owns
-- the plan: the devices of each role (policy engine, simulator engine, learner ranks) and a
-  memory budget per device and phase (rollout / learning) computed from the config and the
-  model's sizes (`memory_plan`, `check_memory`, `format_memory_plan`; printed by `--dry-run`);
+- which engines a run builds and where (the memory each holds per phase is the memory
+  model's, `trustee/memory.py`, which `--dry-run` prints and the start-up check reads);
 - building each role: the engines (`build_engines`, one at a time, before the learner
   allocates) and the learner (`build_learner`, the one place a multi-rank learner plugs in);
 - the per-step choreography (`Placement.before_learn` / `after_learn`): sleep what must sleep,
@@ -21,7 +20,7 @@ Modes (one object each, chosen once from `placement.mode`; `MODES` is the regist
 - split: like overlap, but the learner is on GPUs no engine uses, and the weight push of step k
   runs while step k+1 collects (the learner waits for it only before its next update).
 
-Does not own the structural config rules (`config._placement_problems`), the scoring/logging
+Does not own the structural config rules (`trustee.config.rules`: engine_gpus, colocate_placement, ...), the scoring/logging
 body of a step (`train._Run.step`), or engine internals (`engines/`). Called by `trustee.train`
 (setup, step, loop) and `trustee.run` (dry-run plan, start-up memory check).
 """
@@ -30,386 +29,19 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
-import msgspec
 
-from trustee.config import Config, EngineConfig, Problem, Resolved
+from trustee.config import Config, EngineConfig, Resolved
+from trustee.memory import GIB, engine_budgets, engine_roles, policy_sleep_level
 
 log = logging.getLogger("trustee.placement")
 
-GIB = 2**30
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-# ============================================================================= model sizes
-
-
-class ModelDims(msgspec.Struct, frozen=True, kw_only=True):
-    """The sizes of a decoder-only transformer that the memory plan needs."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied: bool
-
-    @property
-    def layer_params(self) -> int:
-        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return 2 * h * q + 2 * h * kv + 3 * h * self.intermediate + 2 * h
-
-    @property
-    def embed_params(self) -> int:
-        return self.vocab * self.hidden * (1 if self.tied else 2)
-
-    @property
-    def params(self) -> int:
-        return self.layers * self.layer_params + self.embed_params + self.hidden
-
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
-
-    def lora_params(self, rank: int, targets: list[str]) -> int:
-        h, q, kv, i = (
-            self.hidden,
-            self.heads * self.head_dim,
-            self.kv_heads * self.head_dim,
-            self.intermediate,
-        )
-        shapes = {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
-        return self.layers * sum(rank * (a + b) for t, (a, b) in shapes.items() if t in targets)
-
-
-# Published config.json figures of the models the shipped GPU configs name, so that a dry run on
-# a machine without the weights can still budget them.
-KNOWN_MODELS: dict[str, ModelDims] = {
-    "Qwen3-8B": ModelDims(
-        hidden=4096,
-        layers=36,
-        heads=32,
-        kv_heads=8,
-        head_dim=128,
-        intermediate=12288,
-        vocab=151936,
-        tied=False,
-    ),
-    "Qwen3-4B": ModelDims(
-        hidden=2560, layers=36, heads=32, kv_heads=8, head_dim=128, intermediate=9728, vocab=151936, tied=True
-    ),
-    "Qwen2.5-7B-Instruct": ModelDims(
-        hidden=3584,
-        layers=28,
-        heads=28,
-        kv_heads=4,
-        head_dim=128,
-        intermediate=18944,
-        vocab=152064,
-        tied=False,
-    ),
-}
-
-
-def model_dims(path: str) -> ModelDims | None:
-    """Sizes from `path`/config.json, else from KNOWN_MODELS by directory name, else None."""
-    cfg_file = Path(path) / "config.json"
-    if cfg_file.exists():
-        c = json.loads(cfg_file.read_text())
-        c = c.get("text_config", c)
-        heads = c["num_attention_heads"]
-        return ModelDims(
-            hidden=c["hidden_size"],
-            layers=c["num_hidden_layers"],
-            heads=heads,
-            kv_heads=c.get("num_key_value_heads", heads),
-            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-            intermediate=c["intermediate_size"],
-            vocab=c["vocab_size"],
-            tied=bool(c.get("tie_word_embeddings", False)),
-        )
-    return KNOWN_MODELS.get(Path(path).name)
-
-
-# ============================================================================= the memory plan
-
-
-class Item(msgspec.Struct, frozen=True):
-    """One resident thing on a device in a phase, in GiB."""
-
-    what: str
-    gib: float
-
-
-class DevicePlan(msgspec.Struct, kw_only=True):
-    """What one device holds during rollout and during learning. `capacity_gib` is None for
-    the host (reported, not checked)."""
-
-    device: str
-    capacity_gib: float | None
-    rollout: list[Item] = msgspec.field(default_factory=list)
-    learning: list[Item] = msgspec.field(default_factory=list)
-
-
-class MemoryPlan(msgspec.Struct, kw_only=True):
-    devices: list[DevicePlan]
-    notes: list[str]
-
-
-# Per engine process on a GPU: the CUDA context, NCCL buffers and (unless eager) CUDA graphs stay
-# resident even while it sleeps (apis.md 1.9: "sleep does not free everything").
-CONTEXT_GIB = 0.75
-GRAPHS_GIB = 0.75
-
-
-def learner_ranks(cfg: Config) -> int:
-    """Learner ranks (placement.learner_ranks; on GPUs one per listed learner GPU)."""
-    return max(cfg.placement.learner_ranks, len(cfg.placement.learner_gpus), 1)
-
-
-def policy_sleep_level(cfg: Config) -> int:
-    """Level 1 keeps the base weights for an adapter update; level 2 drops weights a full update replaces."""
-    return 2 if cfg.learner.mode == "full" else 1
-
-
-def _engine_items(
-    role: str,
-    e: EngineConfig,
-    dims: ModelDims | None,
-    dtype_bytes: int,
-    gpu_gib: float,
-    on_gpu: bool,
-    cfg: Config,
-) -> tuple[list[Item], float, str]:
-    """(items while awake, GiB left while asleep, what the figure is) for one engine on one device."""
-    weights = dims.params * dtype_bytes / GIB / e.tensor_parallel_size if dims else 0.0
-    residual = (
-        (CONTEXT_GIB + (0.0 if e.enforce_eager else GRAPHS_GIB)) if on_gpu and e.backend == "vllm" else 0.0
-    )
-    if e.backend == "vllm" and on_gpu:
-        if e.kv_cache_gib > 0:
-            items = [
-                Item(f"{role} weights", weights),
-                Item(f"{role} KV cache", e.kv_cache_gib),
-                Item(f"{role} runtime", residual + 1.0),
-            ]
-        else:
-            budget = e.gpu_memory_utilization * gpu_gib
-            items = [
-                Item(f"{role} weights", weights),
-                Item(
-                    f"{role} KV cache + activations (fraction {e.gpu_memory_utilization})",
-                    max(0.0, budget - weights),
-                ),
-                Item(f"{role} runtime", residual),
-            ]
-        return items, residual, "vllm"
-    if e.backend == "vllm":
-        if e.kv_cache_gib > 0:
-            kv, what = e.kv_cache_gib, f"{role} KV cache"
-        else:
-            import psutil
-
-            kv = e.gpu_memory_utilization * psutil.virtual_memory().total / GIB - weights
-            what = f"{role} KV cache (fraction {e.gpu_memory_utilization} of host RAM)"
-        return [Item(f"{role} weights", weights), Item(what, max(0.0, kv))], 0.0, "vllm"
-    # HF: the weights; its KV cache has no cap and grows with the batch, up to this bound.
-    kv = (
-        dims.kv_bytes_per_token(dtype_bytes) * e.max_num_seqs * cfg.model.max_model_len / GIB if dims else 0.0
-    )
-    return (
-        [Item(f"{role} weights", weights), Item(f"{role} KV bound (max_num_seqs x max_model_len)", kv)],
-        0.0,
-        "hf",
-    )
-
-
-def _learner_items(cfg: Config, dims: ModelDims, dtype_bytes: int) -> tuple[list[Item], list[Item]]:
-    """(resident between updates, working set during an update) per learner rank.
-
-    Assumptions, stated: parameters in the run's dtype, sharded evenly over the ranks (FSDP2);
-    AdamW keeps its two moments in the parameter dtype (torch.optim.AdamW); LoRA adapters are
-    float32 (peft upcasts them); QLoRA's base is 4-bit NF4 with ~3% quantisation constants,
-    embeddings and norms in the run's dtype; gradients are freed between updates
-    (zero_grad(set_to_none=True)); activations: with gradient checkpointing, each layer's input
-    plus one layer's intermediates per micro-batch, else every layer's intermediates; the
-    log-prob chunk (rows x vocab) in float32, three live copies."""
-    lc, r = cfg.learner, learner_ranks(cfg)
-    p = dims.params
-    gib = 1 / GIB
-    res: list[Item] = []
-    if lc.mode == "full":
-        res.append(Item("learner weights", p * dtype_bytes / r * gib))
-        res.append(Item("learner AdamW moments", 2 * p * dtype_bytes / r * gib))
-        if cfg.grpo.beta > 0:
-            res.append(Item("learner KL reference", p * dtype_bytes / r * gib))
-        grads = p * dtype_bytes / r * gib
-        gathered = 2 * dims.layer_params * dtype_bytes * gib if r > 1 else 0.0
-    else:
-        if lc.mode == "qlora":
-            linear = dims.layers * (dims.layer_params - 2 * dims.hidden)
-            base = (linear * 0.5 * 1.03 + (p - linear) * dtype_bytes) / r
-        else:
-            base = p * dtype_bytes / r
-        a = dims.lora_params(lc.lora_rank, lc.lora_targets)
-        res.append(Item(f"learner base ({lc.mode})", base * gib))
-        res.append(Item("learner adapter + AdamW moments", 3 * a * 4 / r * gib))
-        grads = a * 4 / r * gib
-        gathered = 0.0
-    t, h, i = lc.micro_batch_tokens, dims.hidden, dims.intermediate
-    layer_act = t * (8 * h + 4 * i) * dtype_bytes
-    act = (
-        (dims.layers * t * h * dtype_bytes + layer_act)
-        if lc.gradient_checkpointing
-        else dims.layers * layer_act
-    )
-    work = res + [
-        Item("learner gradients", grads),
-        Item("learner activations", act * gib),
-        Item("learner log-prob chunk", 3 * lc.logprob_chunk * dims.vocab * 4 * gib),
-    ]
-    if gathered:
-        work.append(Item("learner gathered layers (FSDP2)", gathered))
-    return res, work
-
-
-def memory_plan(cfg: Config, res: Resolved, *, gpu_gib: float | None = None) -> MemoryPlan:
-    """Per device and phase, what is resident (GiB), from the config and the models' sizes.
-    `gpu_gib`: the capacity to check against (default: placement.gpu_memory_gib)."""
-    pl = cfg.placement
-    cap = gpu_gib if gpu_gib is not None else pl.gpu_memory_gib
-    db = _DTYPE_BYTES[res.dtype]
-    dims = {"policy": model_dims(cfg.model.path), "simulator": model_dims(res.simulator_model)}
-    notes: list[str] = []
-    for role, d in dims.items():
-        if d is None and role in engine_roles(cfg):
-            path = cfg.model.path if role == "policy" else res.simulator_model
-            notes.append(
-                f"{role} model {path} not found and not in KNOWN_MODELS: its weights are not budgeted"
-            )
-    roles = engine_roles(cfg)
-    gpus = {"policy": pl.policy_gpus, "simulator": pl.simulator_gpus}
-    learner = list(pl.learner_gpus)
-    colocate = pl.mode == "colocate"
-    devices: dict[str, DevicePlan] = {}
-
-    def dev(name: str, capacity: float | None) -> DevicePlan:
-        return devices.setdefault(name, DevicePlan(device=name, capacity_gib=capacity))
-
-    host = dev("host", None)
-    for role in roles:
-        e: EngineConfig = getattr(cfg.engines, role)
-        if e.backend == "openai":
-            continue
-        level = policy_sleep_level(cfg) if role == "policy" else 1
-        places = [f"GPU {g}" for g in gpus[role]] or ["host"]
-        for place in places:
-            on_gpu = place != "host"
-            d = dev(place, cap if on_gpu else None)
-            items, residual, _ = _engine_items(role, e, dims[role], db, cap, on_gpu, cfg)
-            d.rollout += items
-            if not colocate:  # in 'colocate' every engine sleeps while the learner trains
-                d.learning += items
-                continue
-            if not on_gpu:  # asleep on the host it keeps its memory (the CPU build's sleep frees nothing)
-                d.learning += [Item(f"{i.what} (asleep, kept)", i.gib) for i in items]
-                continue
-            d.learning.append(Item(f"{role} asleep (level {level})", residual))
-            if level == 1 and on_gpu:
-                host.learning.append(Item(f"{role} weights offloaded by sleep level 1", items[0].gib))
-    if dims["policy"] is not None:
-        resident, work = _learner_items(cfg, dims["policy"], db)
-        for place in [f"GPU {g}" for g in learner] or ["host"]:
-            d = dev(place, cap if place != "host" else None)
-            d.rollout += resident
-            d.learning += work
-    ordered = sorted(
-        (d for d in devices.values() if d.device != "host"), key=lambda d: int(d.device.split()[1])
-    )
-    if host.rollout or host.learning:
-        ordered.append(host)
-    return MemoryPlan(devices=ordered, notes=notes)
-
-
-def check_memory(plan: MemoryPlan) -> list[Problem]:
-    """A problem for every GPU phase that does not fit its capacity."""
-    out = []
-    for d in plan.devices:
-        if d.capacity_gib is None:
-            continue
-        for phase, items in (("rollout", d.rollout), ("learning", d.learning)):
-            total = sum(i.gib for i in items)
-            if total > d.capacity_gib:
-                top = ", ".join(f"{i.what} {i.gib:.1f}" for i in sorted(items, key=lambda i: -i.gib)[:4])
-                out.append(
-                    Problem(
-                        "placement",
-                        d.device,
-                        f"during {phase} {d.device} would hold {total:.1f} GiB > placement.gpu_memory_gib = "
-                        f"{d.capacity_gib} ({top}); lower the engines' gpu_memory_utilization, use mode "
-                        "'colocate' so the engines sleep while the learner trains, spread the learner over "
-                        "more placement.learner_gpus, or use learner.mode = 'lora'",
-                    )
-                )
-    return out
-
-
-def format_memory_plan(plan: MemoryPlan) -> list[str]:
-    """The plan as text: devices with the same contents share a line; repeated items are counted."""
-    lines = [
-        "  memory     per device and phase, GiB (estimated from the config and the model's config.json):"
-    ]
-    groups: dict[Any, list[str]] = {}
-    for d in plan.devices:
-        key = msgspec.json.encode([d.capacity_gib, d.rollout, d.learning])
-        groups.setdefault(key, []).append(d.device)
-    for d in plan.devices:
-        names = groups.get(msgspec.json.encode([d.capacity_gib, d.rollout, d.learning]))
-        if not names or names[0] != d.device:
-            continue
-        label = names[0] if len(names) == 1 else f"GPUs {','.join(n.split()[1] for n in names)}"
-        cap = f"of {d.capacity_gib:g}" if d.capacity_gib is not None else "(host RAM)"
-        for phase, items in (("rollout", d.rollout), ("learning", d.learning)):
-            if not items:
-                continue
-            counted: dict[tuple[str, float], int] = {}
-            for i in items:
-                if i.gib > 0.005:
-                    counted[(i.what, i.gib)] = counted.get((i.what, i.gib), 0) + 1
-            parts = " + ".join(
-                f"{what} {gib:.2f}" + (f" x {n}" if n > 1 else "") for (what, gib), n in counted.items()
-            )
-            total = sum(i.gib for i in items)
-            lines.append(f"    {label:<16} {phase:<8} {total:7.2f} {cap}: {parts or 'nothing'}")
-    lines += [f"    note: {n}" for n in plan.notes]
-    return lines
-
-
 # ============================================================================= building roles
-
-
-def engine_roles(cfg: Config) -> list[str]:
-    """The engines this run builds: the policy, plus the simulator when the environment uses
-    one (`envs.needs_simulator`: the simulated environment, a judged or simulated-tools tasks
-    file, a python environment with uses_simulator)."""
-    from trustee.envs import needs_simulator
-
-    return ["policy", "simulator"] if needs_simulator(cfg.environment) else ["policy"]
 
 
 def build_engine(ecfg: EngineConfig, model_path: str, cfg: Config, res: Resolved, *, role: str) -> Any:
@@ -551,7 +183,7 @@ class Placement:
         self.engines = engines
         self.memory = memory
         self.levels = self.sleep_levels(cfg, list(engines))
-        self.budgets = _engine_budgets(cfg, res)
+        self.budgets = engine_budgets(cfg, res)
         self.needs_path = cfg.engines.policy.backend == "vllm"
         self._times: dict[str, float] = {}
         self._last_stats: dict[str, Any] = {}
@@ -757,18 +389,3 @@ class Split(Overlap):
 
 
 MODES: dict[str, type[Placement]] = {"colocate": Colocate, "sync": Sync, "overlap": Overlap, "split": Split}
-
-
-def _engine_budgets(cfg: Config, res: Resolved) -> dict[str, float]:
-    """Per engine, the GiB its wake needs on one of its devices (weights + KV), for the wake log."""
-    out: dict[str, float] = {}
-    db = _DTYPE_BYTES[res.dtype]
-    for role in engine_roles(cfg):
-        e: EngineConfig = getattr(cfg.engines, role)
-        if e.backend == "openai":
-            continue
-        on_gpu = bool(cfg.placement.policy_gpus if role == "policy" else cfg.placement.simulator_gpus)
-        dims = model_dims(cfg.model.path if role == "policy" else res.simulator_model)
-        items, _, _ = _engine_items(role, e, dims, db, cfg.placement.gpu_memory_gib, on_gpu, cfg)
-        out[role] = sum(i.gib for i in items)
-    return out

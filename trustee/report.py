@@ -1,14 +1,15 @@
 """`python -m trustee.report RUN_DIR [--out FILE] [--episodes N]`: one self-contained HTML page.
 
-Owns the run report: the three-line summary (`trustee.summary`), plots drawn with
-matplotlib and embedded as PNG data URIs (reward and episode outcomes; evaluation;
-curriculum difficulty; per-aspect success; throughput and phase times; staleness;
-sampler/learner log-prob gap; loss, KL, entropy, gradient norm), and a few episodes with the
-tokens the policy sampled (and trains on) highlighted, decoded with the run's tokenizer.
-Also owns `spans` (consecutive ids with the same mask), which `tools/view_trajectory.py`
-shares. Metric keys are documented in docs/run-dir.md; a plot whose keys a run did not log
-is replaced by a line saying so. The page has no external resource: it opens offline.
-Reads files only; called from the command line.
+Owns the run report: the four-line summary (`trustee.summary`), plots drawn with
+matplotlib and embedded as PNG data URIs (reward and episode outcomes; evaluation rewards
+and score parts, and episode health, on 0-1 axes; curriculum difficulty; per-aspect success;
+throughput and phase times; staleness; sampler/learner log-prob gap; loss, KL, entropy,
+gradient norm), and a few episodes with the tokens the policy sampled (and trains on)
+highlighted, decoded with the run's tokenizer. Also owns `spans` (consecutive ids with the
+same mask), which `tools/view_trajectory.py` shares. Metric keys are documented in
+docs/run-dir.md; a plot whose keys a run did not log is replaced by a line saying so. The
+page has no external resource: it opens offline. Reads files only; called from the command
+line.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trustee import atomic
 from trustee.summary import SCORED, RunData, read_run, summarize
 
 # Each plot: title, then lines (metric key, label); a key missing from every step is skipped.
@@ -36,6 +38,16 @@ CURVES: list[tuple[str, str, list[tuple[str, str]]]] = [
             ("status/sim_error", "sim_error"),
             ("status/error", "error"),
             ("tasks_failed", "tasks not made"),
+        ],
+    ),
+    (
+        "health",
+        "Episode health: shares of episodes",
+        [
+            ("health/malformed_share", "with a malformed call"),
+            ("health/truncated_share", "truncated"),
+            ("eval/sampled_malformed", "held-out, with a malformed call"),
+            ("eval/sampled_truncated", "held-out, truncated"),
         ],
     ),
     ("difficulty", "Curriculum", [("curriculum/difficulty", "difficulty D"), ("curriculum/stage", "stage")]),
@@ -77,14 +89,17 @@ CURVES: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("grad", "Gradient norm (before clipping)", [("learn/grad_norm", "grad norm")]),
     (
         "format",
-        "Tool-call errors per step",
+        "Per episode",
         [
-            ("format_errors", "format errors"),
-            ("schema_errors", "schema errors"),
-            ("tool_calls_mean", "tool calls / episode"),
+            ("tool_calls_mean", "well-formed tool calls"),
+            ("health/format_errors_per_episode", "format errors"),
+            ("health/turns_mean", "turns"),
         ],
     ),
 ]
+# Plots of shares and rewards in [0, 1]: drawn on a 0-1 axis (widened if a value lies outside,
+# e.g. a judge reward of -1), so a rise reads as what it is.
+UNIT_AXIS = {"health", "eval", "eval_parts"}
 
 
 def spans(tokens: list[int], mask: list[int]) -> list[tuple[int, list[int]]]:
@@ -117,8 +132,22 @@ def _series(run: RunData, key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def curve_plots(run: RunData) -> tuple[dict[str, str], list[str]]:
-    """PNG (base64) per plot id, and the titles of plots with no data in this run."""
+def eval_curves(run: RunData) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """The evaluation's two plots: its rewards per mode (`eval/reward_<mode>`), and each score
+    part's mean per mode (`eval/<mode>/<part>`: per-aspect success). Counts of episodes are
+    not drawn; the shares of malformed and truncated episodes go to the health plot."""
+    keys = sorted({k for m in run.metrics for k in m if k.startswith("eval/")})
+    rewards = [(k, k.removeprefix("eval/reward_")) for k in keys if k.startswith("eval/reward_")]
+    parts = [(k, k.removeprefix("eval/").replace("/", ": ")) for k in keys if k.count("/") == 2]
+    return [
+        ("eval", "Evaluation during training: held-out reward", rewards),
+        ("eval_parts", "Evaluation during training: held-out score parts", parts),
+    ]
+
+
+def curve_plots(run: RunData) -> tuple[dict[str, tuple[str, tuple[float, float]]], list[str]]:
+    """PNG (base64) and y-axis limits per plot id, and the titles of plots with no data in
+    this run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,11 +155,8 @@ def curve_plots(run: RunData) -> tuple[dict[str, str], list[str]]:
     from matplotlib.ticker import MaxNLocator
 
     out, missing = {}, []
-    eval_keys = sorted({k for m in run.metrics for k in m if k.startswith("eval/")})
     curves = list(CURVES)
-    curves.insert(
-        1, ("eval", "Evaluation during training", [(k, k.removeprefix("eval/")) for k in eval_keys])
-    )
+    curves[1:1] = eval_curves(run)
     for pid, title, lines in curves:
         data = [(label, *_series(run, key)) for key, label in lines]
         data = [d for d in data if d[1]]
@@ -148,12 +174,15 @@ def curve_plots(run: RunData) -> tuple[dict[str, str], list[str]]:
                 for i in range(len(ys))
             ]
             ax.plot(xs, smooth, linewidth=2.5, label=f"rolling mean ({w} steps)")
+        if pid in UNIT_AXIS:
+            values = [y for _, _, ys in data for y in ys]
+            ax.set_ylim(min(0.0, *values), max(1.0, *values))
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        out[pid] = _png(fig)
+        out[pid] = (_png(fig), tuple(float(y) for y in ax.get_ylim()))
         plt.close(fig)
     return out, missing
 
@@ -327,9 +356,10 @@ def build_page(run: RunData, *, episodes: int = 4) -> str:
         f"<tr><th>environment</th><td>{html.escape(str(env.get('kind')))}, reward {html.escape(str(env.get('reward')))}</td></tr></table>"
     )
     parts.append("<h2>Curves</h2><div class=grid>")
-    for pid, png in plots.items():
+    for pid, (png, (y0, y1)) in plots.items():
         parts.append(
-            f"<figure><img class=plot id=plot-{pid} alt='{pid}' src='data:image/png;base64,{png}'></figure>"
+            f"<figure><img class=plot id=plot-{pid} alt='{pid}' data-ymin='{y0:g}' data-ymax='{y1:g}' "
+            f"src='data:image/png;base64,{png}'></figure>"
         )
     if aspects:
         parts.append(
@@ -375,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     out = Path(a.out) if a.out else run.path / "report.html"
-    out.write_text(build_page(run, episodes=a.episodes))
+    atomic.write_text(out, build_page(run, episodes=a.episodes))  # a reader never sees half a page
     print(f"report: {out}")
     print("\n".join(summarize(run)))
     return 0

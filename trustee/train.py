@@ -14,7 +14,7 @@ loop at a step boundary with a checkpoint (trustee/interrupt.py). Called by `tru
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 import random
@@ -38,14 +38,15 @@ from trustee.interrupt import StopGuard
 from trustee.learn.advantages import ZERO_VAR_TOL, compute_advantages, drop_truncated, shape_overlong
 from trustee.learn.learner import Learner
 from trustee.metrics import RunLog, env_counters
-from trustee.placement import Placement, build_engine
+from trustee.placement import Placement
 from trustee.rollout.episode import EpisodeRunner, run_group
 from trustee.rollout.heldout import HeldOut
+from trustee.summary import HEALTH_SHARES, hack_signs, read_jsonl, read_run, summarize
 from trustee.types import Group
 
 log = logging.getLogger("trustee.train")
 
-__all__ = ["build_engine", "build_environment", "collect", "train"]
+__all__ = ["build_environment", "collect", "train"]
 
 TASK_ATTEMPTS = 3
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -155,6 +156,7 @@ async def _collect_round(
 
 
 def rollout_metrics(groups: list[Group]) -> dict[str, float]:
+    """The step's rollout figures, `health/*` (the signs of a gamed reward) included."""
     trajs = [t for grp in groups for t in grp.trajectories]
     statuses = Counter(t.status for t in trajs)
     scored = [t.reward for t in trajs if t.status in ("ok", "truncated")]
@@ -163,16 +165,16 @@ def rollout_metrics(groups: list[Group]) -> dict[str, float]:
     out = {
         "episodes": float(len(trajs)),
         "reward_mean": sum(scored) / len(scored) if scored else float("nan"),
-        "turns_mean": sum(x.turns for x in c) / n,
         "tool_calls_mean": sum(x.tool_calls for x in c) / n,
         "format_errors": float(sum(x.format_errors for x in c)),
         "schema_errors": float(sum(x.schema_errors for x in c)),
         "sim_retries": float(sum(x.sim_retries for x in c)),
         "tokens_mean": sum(len(t.tokens) for t in trajs) / n,
-        "episodes_malformed_frac": sum(x.format_errors + x.schema_errors + x.unknown_tools > 0 for x in c)
-        / n,
-        "episodes_truncated_frac": statuses.get("truncated", 0) / n,
         "sampled_tokens": float(sum(sum(t.loss_mask) for t in trajs)),
+        "health/malformed_share": sum(x.malformed_calls > 0 for x in c) / n,
+        "health/truncated_share": statuses.get("truncated", 0) / n,
+        "health/format_errors_per_episode": sum(x.format_errors for x in c) / n,
+        "health/turns_mean": sum(x.turns for x in c) / n,
     }
     for s in ("ok", "truncated", "sim_error", "error"):
         out[f"status/{s}"] = float(statuses.get(s, 0))
@@ -197,27 +199,12 @@ def reward_range(env: Environment, cfg: Config) -> tuple[float, float]:
     return float(r[0]), float(r[1])
 
 
-def learning_summary(metrics_path: Path, window: int = 5) -> str:
-    """One line that says whether training helped, from the run's metrics.jsonl: the mean
-    training reward of the first and last `window` steps, the held-out greedy reward at the
-    first and last evaluation, and how many steps trained nothing."""
-    if not metrics_path.exists():
-        return "no metrics recorded"
-    recs = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-    steps = [r for r in recs if not r.get("final_eval") and "reward_mean" in r]
-    if not steps:
-        return "no training steps recorded"
-    rewards = [r["reward_mean"] for r in steps if r["reward_mean"] == r["reward_mean"]]
-    w = max(1, min(window, len(rewards) // 2 or 1))
-    first, last = sum(rewards[:w]) / w, sum(rewards[-w:]) / w
-    text = f"reward {first:.2f} -> {last:.2f} over {len(steps)} steps (mean of the first and last {w})"
-    evals = [r["eval/reward_greedy"] for r in recs if "eval/reward_greedy" in r]
-    if len(evals) >= 2:
-        text += f"; held-out greedy {evals[0]:.2f} -> {evals[-1]:.2f}"
-    untrained = steps[-1].get("untrained_steps", 0)
-    if untrained:
-        text += f"; {int(untrained)} step(s) trained nothing (no reward variance)"
-    return text
+def closing_summary(run_dir: Path) -> str:
+    """What `trustee.run` prints at the end: `trustee.summary`'s four lines."""
+    try:
+        return "\n".join(summarize(read_run(run_dir)))
+    except FileNotFoundError as e:
+        return f"no summary: {e}"
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -254,6 +241,9 @@ class _Run:
             sim_tokenizer = AutoTokenizer.from_pretrained(res.simulator_model)
             sim_template = chat_spec(sim_tokenizer, chat_template=cfg.model.chat_template).template
         self.env = build_environment(cfg, self.sim_engine, sim_tokenizer, sim_template)
+        self.env_stack = contextlib.AsyncExitStack()
+        if hasattr(self.env, "__aenter__"):  # an environment with resources (MCP servers) for the run
+            await self.env_stack.enter_async_context(self.env)
         self.runner = EpisodeRunner(
             policy=self.policy_engine,
             tokenizer=tokenizer,
@@ -271,11 +261,14 @@ class _Run:
                 cfg.eval,
                 cfg.curriculum.aspects,
                 max_inflight=cfg.rollout.max_inflight_episodes,
+                progress=cfg.logging.progress_bar,
             )
             if cfg.eval.every_steps
             else None
         )
         self.untrained_steps = 0
+        self.health: list[dict[str, float]] = []  # per step: reward and health shares (warn_health)
+        self.warned: set[str] = set()
         self.last_eval: dict[str, float] = {}  # a stage may advance on an eval metric between evaluations
         self.learner: Learner = placement.build_learner(tokenizer)
         self.rng = random.Random(cfg.seed)
@@ -289,6 +282,12 @@ class _Run:
             elapsed_s=meta.get("elapsed_s", 0.0),
             done_steps=self.start,
         )
+        if self.start:  # a resumed run judges its health against its own first steps
+            self.health = [
+                {k: r[k] for k in ("step", "reward_mean", *(k for k, _ in HEALTH_SHARES)) if k in r}
+                for r in read_jsonl(self.run_dir / "metrics.jsonl")
+                if not r.get("final_eval") and r.get("step", self.start) < self.start
+            ]
 
     async def step(
         self,
@@ -307,6 +306,34 @@ class _Run:
             self.last_eval = await self.evaluate(step)  # the policy before this step's update
             record.update(self.last_eval)
         self.log.trajectories(step, [t for g in groups for t in g.trajectories])
+        self._update_curriculum(record, groups, knobs)
+        train_groups = self._train_groups(step, groups, record)
+        t1 = time.perf_counter()
+        if train_groups:
+            await self.placement.before_learn()  # what shares the learner's memory sleeps
+            metrics = await self.learner.step_async(train_groups)
+            await self.placement.after_learn(self.learner)  # export, wake, push the update
+            record.update(
+                {
+                    f"learn/{k}": v
+                    for k, v in msgspec.to_builtins(metrics).items()
+                    if isinstance(v, int | float)
+                }
+            )
+        record["time/rollout_s"] = t_roll
+        record["time/learn_s"] = time.perf_counter() - t1
+        record["policy_version"] = float(self.policy_engine.version)
+        record.update(self.placement.step_metrics())  # phase times, per-engine counters
+        self.log.step(step, record)
+        self.warn_health(step, record)
+        every = cfg.checkpoint.every_steps
+        if (every and (step + 1) % every == 0) or step + 1 == cfg.grpo.steps:
+            self.saved_step = resume.checkpoint_or_warn(self, step)
+        return record
+
+    def _update_curriculum(self, record: dict[str, Any], groups: list[Group], knobs: list[Knobs]) -> None:
+        """The curriculum's metrics for the knobs the tasks were drawn at, then its update on the
+        step's trainable rewards (a step where every episode hit a simulator error leaves it alone)."""
         scored = [
             (k, [t.reward for t in g.trajectories if t.trainable]) for k, g in zip(knobs, groups, strict=True)
         ]
@@ -314,7 +341,7 @@ class _Run:
         record.update(self.curriculum.aspect_metrics(knobs))  # before update: D the tasks were drawn at
         if hasattr(self.env, "step_metrics"):  # the simulated environment's sim/* figures
             record.update(self.env.step_metrics())
-        if scored:  # a step where every episode hit a simulator error leaves the curriculum alone
+        if scored:
             record.update(
                 self.curriculum.update(
                     [sum(rs) / len(rs) for _, rs in scored],
@@ -323,11 +350,15 @@ class _Run:
                 )
             )
             record.update(self.curriculum.metrics())  # per-aspect success, this step included
-        g = cfg.grpo
+
+    def _train_groups(self, step: int, groups: list[Group], record: dict[str, Any]) -> list[Group]:
+        """The groups this step trains on: overlong shaping, group-relative advantages, zero-variance
+        filtering, dynamic sampling's cap; counted in `record` (a step with none is warned about)."""
+        g = self.cfg.grpo
         shaped, _ = shape_overlong(
             trainable_groups(groups),
             g.overlong,
-            budget=cfg.rollout.max_turns * cfg.rollout.max_tokens_per_turn,
+            budget=self.cfg.rollout.max_turns * self.cfg.rollout.max_tokens_per_turn,
             buffer=g.overlong_buffer,
             penalty=g.overlong_penalty,
         )
@@ -352,27 +383,26 @@ class _Run:
                 "" if g.dynamic_sampling else "; grpo.dynamic_sampling = true replaces such groups",
             )
         record["untrained_steps"] = float(self.untrained_steps)
-        t1 = time.perf_counter()
-        if train_groups:
-            await self.placement.before_learn()  # what shares the learner's memory sleeps
-            metrics = await self.learner.step_async(train_groups)
-            await self.placement.after_learn(self.learner)  # export, wake, push the update
-            record.update(
-                {
-                    f"learn/{k}": v
-                    for k, v in msgspec.to_builtins(metrics).items()
-                    if isinstance(v, int | float)
-                }
+        return train_groups
+
+    def warn_health(self, step: int, record: dict[str, Any]) -> None:
+        """Warn (once per share) when the share of malformed or truncated episodes has at
+        least doubled against the first steps while the reward rose (`trustee.summary.hack_signs`):
+        the policy may be gaming the reward."""
+        keys = ("reward_mean", *(k for k, _ in HEALTH_SHARES))
+        self.health.append({"step": step, **{k: record[k] for k in keys if k in record}})
+        for sign in hack_signs(self.health):
+            if sign.key in self.warned:
+                continue
+            self.warned.add(sign.key)
+            log.warning(
+                "step %d: the training reward rose while %s (first steps -> last steps): the policy "
+                "may be gaming the reward; read its episodes: python tools/view_trajectory.py %s --step %d",
+                step,
+                sign.text(),
+                self.run_dir,
+                step,
             )
-        record["time/rollout_s"] = t_roll
-        record["time/learn_s"] = time.perf_counter() - t1
-        record["policy_version"] = float(self.policy_engine.version)
-        record.update(self.placement.step_metrics())  # phase times, per-engine counters
-        self.log.step(step, record)
-        every = cfg.checkpoint.every_steps
-        if (every and (step + 1) % every == 0) or step + 1 == cfg.grpo.steps:
-            self.saved_step = resume.checkpoint_or_warn(self, step)
-        return record
 
     async def evaluate(self, step: int) -> dict[str, float]:
         """The held-out evaluation (`rollout/heldout.py`), timed."""
@@ -403,6 +433,8 @@ class _Run:
             close_learner()
         if hasattr(self, "log"):
             self.log.close()
+        if hasattr(self, "env_stack"):
+            await self.env_stack.aclose()
         if hasattr(self, "placement"):
             await self.placement.close()
 
@@ -449,7 +481,7 @@ async def train(cfg: Config, res: Resolved) -> dict[str, Any]:
         guard.finish()
         run.export_final()
         last = dict(last)
-        last["summary"] = learning_summary(Path(res.run_dir) / "metrics.jsonl")
+        last["summary"] = closing_summary(Path(res.run_dir))
     finally:
         collector.stop()
         guard.uninstall()

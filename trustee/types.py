@@ -145,6 +145,12 @@ class Counters(msgspec.Struct, kw_only=True):
     truncated_results: int = 0
     wall_s: float = 0.0
 
+    @property
+    def malformed_calls(self) -> int:
+        """Calls that did not run: bad format, arguments outside the schema, unknown tool. An
+        episode with one is 'malformed' in the health metrics."""
+        return self.format_errors + self.schema_errors + self.unknown_tools
+
 
 EpisodeStatus = Literal["ok", "truncated", "sim_error", "error"]
 

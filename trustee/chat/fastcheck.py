@@ -149,90 +149,127 @@ def compile_check(schema: Any) -> Check | None:
     return every
 
 
+def _type(key: str, value: Any, schema: dict[str, Any]) -> Check | None:
+    names = value if isinstance(value, list) else [value]
+    if not names or not all(isinstance(n, str) and n in _TYPES for n in names):
+        return None
+    types = [_TYPES[n] for n in names]
+    if len(types) == 1:
+        return types[0]
+    return lambda x: any(t(x) for t in types)
+
+
+def _enum(key: str, value: Any, schema: dict[str, Any]) -> Check | None:
+    return _enum_check(value)
+
+
+def _properties(key: str, value: Any, schema: dict[str, Any]) -> Check | None:
+    if not isinstance(value, dict):
+        return None
+    subs = {name: compile_check(sub) for name, sub in value.items()}
+    if any(c is None for c in subs.values()):
+        return None
+    items = list(subs.items())
+
+    def properties(x: Any) -> bool:
+        if not isinstance(x, dict):
+            return True
+        for k, c in items:
+            if k in x and not c(x[k]):
+                return False
+        return True
+
+    return properties
+
+
+def _required(key: str, value: Any, schema: dict[str, Any]) -> Check | None:
+    if not isinstance(value, list):
+        return None
+    names = list(value)
+
+    def required(x: Any) -> bool:
+        if not isinstance(x, dict):
+            return True
+        for k in names:
+            if k not in x:
+                return False
+        return True
+
+    return required
+
+
+def _additional(key: str, value: Any, schema: dict[str, Any]) -> Check | None:
+    if "patternProperties" in schema:
+        return None
+    known = frozenset(schema.get("properties", {}))
+    if value is False:
+        return lambda x: not isinstance(x, dict) or all(k in known for k in x)
+    sub = compile_check(value)
+    if sub is None:
+        return None
+    return lambda x: not isinstance(x, dict) or all(sub(v) for k, v in x.items() if k not in known)
+
+
+def _items(key: str, value: Any, schema: dict[str, Any]) -> Check | None:
+    if "prefixItems" in schema:
+        return None
+    if value is False:
+        return lambda x: not isinstance(x, list) or not x
+    sub = compile_check(value)
+    if sub is None:
+        return None
+    return lambda x: not isinstance(x, list) or all(sub(v) for v in x)
+
+
+def _bound(key: str, value: Any, schema: dict[str, Any]) -> Check | None:
+    if not _is_number(value):
+        return None
+    b = value
+    # jsonschema's own failing comparisons, negated (so NaN passes as it does there)
+    cmp: Check = {
+        "minimum": lambda x: not x < b,
+        "maximum": lambda x: not x > b,
+        "exclusiveMinimum": lambda x: not x <= b,
+        "exclusiveMaximum": lambda x: not x >= b,
+    }[key]
+
+    def bounded(x: Any) -> bool:
+        skip = _not_number_or_compared(x)
+        return cmp(x) if skip is None else skip
+
+    return bounded
+
+
+def _length(key: str, value: Any, schema: dict[str, Any]) -> Check | None:
+    if type(value) is not int:
+        return None
+    n = value
+    kind = _is_string if key.endswith("Length") else _is_array
+    if key.startswith("min"):
+        return lambda x: not kind(x) or len(x) >= n
+    return lambda x: not kind(x) or len(x) <= n
+
+
+# One builder per asserting keyword: (keyword, its value, the whole schema) -> a predicate, or
+# None when this value is outside what the fast check handles.
+_BUILDERS: dict[str, Callable[[str, Any, dict[str, Any]], Check | None]] = {
+    "type": _type,
+    "enum": _enum,
+    "properties": _properties,
+    "required": _required,
+    "additionalProperties": _additional,
+    "items": _items,
+    "minimum": _bound,
+    "maximum": _bound,
+    "exclusiveMinimum": _bound,
+    "exclusiveMaximum": _bound,
+    "minLength": _length,
+    "maxLength": _length,
+    "minItems": _length,
+    "maxItems": _length,
+}
+
+
 def _keyword(key: str, value: Any, schema: dict[str, Any]) -> Check | None:
-    if key == "type":
-        names = value if isinstance(value, list) else [value]
-        if not names or not all(isinstance(n, str) and n in _TYPES for n in names):
-            return None
-        types = [_TYPES[n] for n in names]
-        if len(types) == 1:
-            return types[0]
-        return lambda x: any(t(x) for t in types)
-    if key == "enum":
-        return _enum_check(value)
-    if key == "properties":
-        if not isinstance(value, dict):
-            return None
-        subs = {name: compile_check(sub) for name, sub in value.items()}
-        if any(c is None for c in subs.values()):
-            return None
-        items = list(subs.items())
-
-        def properties(x: Any) -> bool:
-            if not isinstance(x, dict):
-                return True
-            for k, c in items:
-                if k in x and not c(x[k]):
-                    return False
-            return True
-
-        return properties
-    if key == "required":
-        if not isinstance(value, list):
-            return None
-        names = list(value)
-
-        def required(x: Any) -> bool:
-            if not isinstance(x, dict):
-                return True
-            for k in names:
-                if k not in x:
-                    return False
-            return True
-
-        return required
-    if key == "additionalProperties":
-        if "patternProperties" in schema:
-            return None
-        known = frozenset(schema.get("properties", {}))
-        if value is False:
-            return lambda x: not isinstance(x, dict) or all(k in known for k in x)
-        sub = compile_check(value)
-        if sub is None:
-            return None
-        return lambda x: not isinstance(x, dict) or all(sub(v) for k, v in x.items() if k not in known)
-    if key == "items":
-        if "prefixItems" in schema:
-            return None
-        if value is False:
-            return lambda x: not isinstance(x, list) or not x
-        sub = compile_check(value)
-        if sub is None:
-            return None
-        return lambda x: not isinstance(x, list) or all(sub(v) for v in x)
-    if key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-        if not _is_number(value):
-            return None
-        b = value
-        # jsonschema's own failing comparisons, negated (so NaN passes as it does there)
-        cmp: Check = {
-            "minimum": lambda x: not x < b,
-            "maximum": lambda x: not x > b,
-            "exclusiveMinimum": lambda x: not x <= b,
-            "exclusiveMaximum": lambda x: not x >= b,
-        }[key]
-
-        def bounded(x: Any) -> bool:
-            skip = _not_number_or_compared(x)
-            return cmp(x) if skip is None else skip
-
-        return bounded
-    if key in ("minLength", "maxLength", "minItems", "maxItems"):
-        if type(value) is not int:
-            return None
-        n = value
-        kind = _is_string if key.endswith("Length") else _is_array
-        if key.startswith("min"):
-            return lambda x: not kind(x) or len(x) >= n
-        return lambda x: not kind(x) or len(x) <= n
-    return None
+    build = _BUILDERS.get(key)
+    return build(key, value, schema) if build is not None else None

@@ -2,7 +2,8 @@
 the policy writes tool calls.
 
 Owns `ChatFamily`, the explicit registry `FAMILIES` (Qwen3/Hermes `<tool_call>`, Llama 3.x
-JSON calls, Mistral `[TOOL_CALLS]`), `detect_family` (from the tokenizer's special tokens)
+JSON calls, Mistral `[TOOL_CALLS]`, plain ChatML with Hermes calls written as text for models
+without tool or reasoning tokens such as SmolLM2), `detect_family` (from the tokenizer's tokens)
 and `chat_spec`, the one place that turns `model.chat_format` / `model.chat_template` into a
 family and a template text. Called by the training loop, eval, the start-up checks and the
 episode runner; `chat/render.py` reads the end-of-turn token from here and `chat/parse.py`
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
 
-FamilyName = Literal["qwen", "llama3", "mistral"]
+FamilyName = Literal["qwen", "llama3", "mistral", "chatml"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ FAMILIES: dict[str, ChatFamily] = {
     "qwen": ChatFamily(
         name="qwen",
         end_of_turn="<|im_end|>",
-        markers=("<|im_start|>", "<|im_end|>"),
+        markers=("<|im_start|>", "<|im_end|>", "<tool_call>"),
         template_file="qwen3_tools.jinja",
         thinking=True,
         end_tokens=("<|im_end|>", "<|endoftext|>"),
@@ -61,6 +62,16 @@ FAMILIES: dict[str, ChatFamily] = {
         template_file="mistral_tools.jinja",
         thinking=False,
         end_tokens=("</s>",),
+    ),
+    # Plain ChatML (SmolLM2): the turn markers without Qwen's <tool_call> token; the calls are
+    # Hermes JSON written as ordinary text and there is no <think> block. Detected after 'qwen'.
+    "chatml": ChatFamily(
+        name="chatml",
+        end_of_turn="<|im_end|>",
+        markers=("<|im_start|>", "<|im_end|>"),
+        template_file="chatml_tools.jinja",
+        thinking=False,
+        end_tokens=("<|im_end|>", "<|endoftext|>"),
     ),
 }
 
@@ -113,7 +124,11 @@ class ChatSpec:
 
 
 def chat_spec(
-    tokenizer: Any, *, chat_format: str = "auto", chat_template: str = "trustee", enable_thinking: bool = False
+    tokenizer: Any,
+    *,
+    chat_format: str = "auto",
+    chat_template: str = "trustee",
+    enable_thinking: bool = False,
 ) -> ChatSpec:
     """The one place that chooses a run's chat template: `chat_format` 'auto' detects the
     family from the tokenizer; `chat_template` 'trustee' takes the project's template for

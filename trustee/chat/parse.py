@@ -1,6 +1,7 @@
 """Parse an assistant completion into typed values, in one of three call syntaxes.
 
-- 'qwen' (Qwen3 / Hermes): each `<tool_call>{json}</tool_call>` block is one call;
+- 'qwen' (Qwen3 / Hermes) and 'chatml' (the same blocks written as plain text): each
+  `<tool_call>{json}</tool_call>` block is one call;
 - 'llama3' (Llama 3.x JSON calls): from the first line that starts with `{` (optionally after
   `<|python_tag|>`) to the end, one or more `{"name": ..., "parameters": {...}}` objects
   separated by whitespace or `;`; prose before that line is the message content;
@@ -215,7 +216,7 @@ def _split_mistral(text: str) -> tuple[str, list[_Item]]:
     return content, [json.dumps(o, ensure_ascii=False) for o in objs]
 
 
-_SPLITTERS = {"qwen": _split_qwen, "llama3": _split_llama3, "mistral": _split_mistral}
+_SPLITTERS = {"qwen": _split_qwen, "llama3": _split_llama3, "mistral": _split_mistral, "chatml": _split_qwen}
 
 
 def _last_end(text: str) -> int:

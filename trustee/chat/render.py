@@ -108,7 +108,9 @@ class ChatFormat:
         return self.encode(self.continuation_text(new, generation_prompt=generation_prompt))
 
 
-def check_prefix_preserving(tokenizer: Any, template: str | None = None, family_name: str = "auto") -> list[str]:
+def check_prefix_preserving(
+    tokenizer: Any, template: str | None = None, family_name: str = "auto"
+) -> list[str]:
     """Problems that make a template unusable for TITO rollouts (empty list: fine).
 
     Renders a conversation with reasoning (families that have it), a tool call, a tool
@@ -131,7 +133,9 @@ def check_prefix_preserving(tokenizer: Any, template: str | None = None, family_
     problems: list[str] = []
     try:
         name = detect_family(tokenizer) if family_name == "auto" else family_name
-        fmt = ChatFormat(tokenizer, [tool], enable_thinking=family(name).thinking, template=template, family=name)
+        fmt = ChatFormat(
+            tokenizer, [tool], enable_thinking=family(name).thinking, template=template, family=name
+        )
         for k in range(1, len(msgs)):
             short = fmt.render_text(msgs[:k], generation_prompt=False)
             long = fmt.render_text(msgs[: k + 1], generation_prompt=False)

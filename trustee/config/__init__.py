@@ -5,22 +5,25 @@ A package whose parts read alone:
 - `schema`: one frozen msgspec Struct per section of a run (model, engines, simulator,
   environment, rollout, grpo, learner, placement, curriculum, eval, logging, checkpoint); every
   default exists once, on its field, with a one-line docstring (the string literal under it);
-- `backends`: what each engine backend can honour;
+- `backends`: what each engine backend can honour (one table, field -> backends);
 - `problems`: `Problem`, `ConfigError` and the structural check of a raw table;
-- `rules`: the cross-field rules, each naming the field, the value and the fix;
+- `rules`: the cross-field rules, one named function per idea (`RULES`), each naming the field,
+  the value and the fix;
 - `overrides`: `--set section.key=value`;
-- `load`: `load_config(path, overrides)` and `resolve` (values derived for one run, written
-  beside the run as resolved.json, never back into the config).
+- `load`: `load_config(path, overrides)`;
+- `resolution`: `resolve(cfg, run_dir)`, the values derived for one run (written beside the run as
+  resolved.json, never back into the config).
 
 Errors: `load_config` raises `ConfigError` listing every problem at once. Callers import the
 names below from `trustee.config`.
 """
 
-from trustee.config.backends import BACKEND_ONLY, ENGINE_FIELD_BACKENDS, unhonoured_fields
-from trustee.config.load import Resolved, load_config, resolve
+from trustee.config.backends import HONOURED_BY, honours, unhonoured_fields
+from trustee.config.load import load_config
 from trustee.config.overrides import apply_overrides
 from trustee.config.problems import ConfigError, Problem, field_docs, struct_type
-from trustee.config.rules import REWARD_RANGES, curriculum_thresholds, environment_problems, needs_simulator
+from trustee.config.resolution import Resolved, resolve
+from trustee.config.rules import REWARD_RANGES, RULES, cross_checks, curriculum_thresholds, needs_simulator
 from trustee.config.schema import (
     BFCL_AST_CATEGORIES,
     BFCL_EVAL_CATEGORIES,
@@ -39,6 +42,8 @@ from trustee.config.schema import (
     GrpoConfig,
     LearnerConfig,
     LoggingConfig,
+    MCPConfig,
+    MCPServerConfig,
     ModelConfig,
     PlacementConfig,
     RolloutConfig,
@@ -50,13 +55,13 @@ from trustee.config.schema import (
 )
 
 __all__ = [
-    "BACKEND_ONLY",
     "BFCL_AST_CATEGORIES",
     "BFCL_EVAL_CATEGORIES",
     "BFCL_MULTI_TURN_CATEGORIES",
     "BFCL_RELEVANCE_CATEGORIES",
-    "ENGINE_FIELD_BACKENDS",
+    "HONOURED_BY",
     "REWARD_RANGES",
+    "RULES",
     "SIMULATOR_ENGINE_DEFAULTS",
     "AspectRanges",
     "BfclConfig",
@@ -71,6 +76,8 @@ __all__ = [
     "GrpoConfig",
     "LearnerConfig",
     "LoggingConfig",
+    "MCPConfig",
+    "MCPServerConfig",
     "ModelConfig",
     "PlacementConfig",
     "Problem",
@@ -82,8 +89,9 @@ __all__ = [
     "TasksFileConfig",
     "apply_overrides",
     "curriculum_thresholds",
-    "environment_problems",
+    "cross_checks",
     "field_docs",
+    "honours",
     "load_config",
     "needs_simulator",
     "resolve",

@@ -1,5 +1,12 @@
-"""What each engine backend can honour: a field set on a backend that cannot use it is refused
-at load time, never silently ignored."""
+"""What each engine backend can honour: one table, field -> the backends that honour it.
+
+A field set on a backend that cannot honour it is refused at load time (the rule
+`backend_capabilities` in `rules.py`), never silently ignored. The HF engine is one process on
+one device with no memory cap, compilation, prefix cache, sleep mode or hot-loaded adapter slot;
+a remote (openai) server's parallelism, memory and batching are configured on the server (the
+placement never asks it to sleep and it never receives an adapter); vLLM honours everything
+except the HTTP client's fields.
+"""
 
 from __future__ import annotations
 
@@ -9,48 +16,10 @@ import msgspec
 
 from trustee.config.schema import EngineConfig
 
-_DEFAULT = object()
-# What each backend cannot honour: field -> the one value it accepts (_DEFAULT = the field's
-# default). Any other value is refused at load time, never ignored. The HF engine is one process
-# on one device with no memory cap or compilation; a remote (openai) server's parallelism and
-# memory are configured on the server, not here (placement never asks it to sleep, and it never
-# receives an adapter, so enable_sleep_mode / max_lora_rank do not apply to it).
-BACKEND_ONLY: dict[str, dict[str, Any]] = {
-    "hf": {
-        "tensor_parallel_size": _DEFAULT,
-        "data_parallel_size": _DEFAULT,
-        "kv_cache_gib": _DEFAULT,
-        "gpu_memory_utilization": _DEFAULT,
-        "enforce_eager": _DEFAULT,
-        "base_url": _DEFAULT,
-        "timeout_s": _DEFAULT,
-        "max_retries": _DEFAULT,
-    },
-    "vllm": {"base_url": _DEFAULT, "timeout_s": _DEFAULT, "max_retries": _DEFAULT},
-    "openai": {
-        "tensor_parallel_size": _DEFAULT,
-        "data_parallel_size": _DEFAULT,
-        "kv_cache_gib": _DEFAULT,
-        "gpu_memory_utilization": _DEFAULT,
-        "enforce_eager": _DEFAULT,
-    },
-}
+BACKENDS: tuple[str, ...] = ("hf", "vllm", "openai")
 
-
-def unhonoured_fields(e: EngineConfig) -> list[tuple[str, Any, Any]]:
-    """(field, value, the value the backend accepts) for each field `e.backend` cannot honour."""
-    defaults = {f.name: f.default for f in msgspec.structs.fields(EngineConfig)}
-    out = []
-    for name, only in BACKEND_ONLY[e.backend].items():
-        want = defaults[name] if only is _DEFAULT else only
-        if getattr(e, name) != want:
-            out.append((name, getattr(e, name), want))
-    return out
-
-
-# Which engine backends honour each EngineConfig field (fields not listed: every backend).
-# A value other than the role's default on a backend that cannot honour it is refused.
-ENGINE_FIELD_BACKENDS: dict[str, tuple[str, ...]] = {
+# Which backends honour each EngineConfig field; a field not listed is honoured by every backend.
+HONOURED_BY: dict[str, tuple[str, ...]] = {
     "max_num_seqs": ("hf", "vllm"),
     "gpu_memory_utilization": ("vllm",),
     "kv_cache_gib": ("vllm",),
@@ -64,3 +33,25 @@ ENGINE_FIELD_BACKENDS: dict[str, tuple[str, ...]] = {
     "timeout_s": ("openai",),
     "max_retries": ("openai",),
 }
+
+
+def honours(backend: str, field: str) -> bool:
+    """Whether `backend` does something with EngineConfig field `field`."""
+    return backend in HONOURED_BY.get(field, BACKENDS)
+
+
+def unhonoured_fields(
+    e: EngineConfig, role_default: EngineConfig | None = None
+) -> list[tuple[str, Any, Any]]:
+    """(field, value, default) for each field set on `e` that `e.backend` cannot honour: a value
+    other than EngineConfig's default and the role's own default (`role_default`, e.g. the
+    simulator's no-sleep default)."""
+    plain = EngineConfig()
+    out = []
+    for f in msgspec.structs.fields(EngineConfig):
+        if honours(e.backend, f.name):
+            continue
+        value, default = getattr(e, f.name), getattr(plain, f.name)
+        if value != default and (role_default is None or value != getattr(role_default, f.name)):
+            out.append((f.name, value, default))
+    return out

@@ -1,22 +1,33 @@
-"""Cross-field rules: each returns the problems it finds in a decoded `Config`, naming the field,
-the value and the fix. `cross_checks` and `unhonoured` are what `load_config` runs."""
+"""Cross-field rules: each is a named function `(cfg, raw) -> [Problem]` that checks one idea and
+names the field, the value and the fix. `RULES` lists them in the order their problems are
+reported; `cross_checks` runs them all (what `load_config` does after the structural check).
+`raw` is the table as written (before defaults), for the few rules about what a file sets
+explicitly. Each rule's messages are tested in tests/test_config_rules.py.
+
+Rules that need model sizes (the memory plan) are not here: `trustee.placement.check_memory`
+runs them at start-up.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-from trustee.config.backends import ENGINE_FIELD_BACKENDS, unhonoured_fields
+from trustee.config.backends import HONOURED_BY, unhonoured_fields
 from trustee.config.problems import Problem, show_value
 from trustee.config.schema import (
     Config,
     CurriculumConfig,
-    EngineConfig,
     EnginesConfig,
     EnvironmentConfig,
+    MCPConfig,
     TasksFileConfig,
 )
+
+Rule = Callable[[Config, dict[str, Any]], list[Problem]]
 
 # Reward range of each built-in (environment.kind, environment.reward); the curriculum's
 # thresholds are derived from it when curriculum.low / high are not set.
@@ -27,6 +38,17 @@ REWARD_RANGES: dict[str, tuple[float, float]] = {
     "syntax": (0.0, 1.0),
     "exact": (0.0, 1.0),
     "graded": (0.0, 1.0),
+    "reference": (0.0, 1.0),
+}
+
+# The rewards each environment kind scores with.
+KIND_REWARDS: dict[str, tuple[str, ...]] = {
+    "bfcl": ("progress", "syntax"),
+    "toy": ("exact", "graded"),
+    "simulated": ("judge", "rubric"),
+    "tasks_file": ("function", "judge", "rubric", "function+judge", "reference"),
+    "python": ("custom",),
+    "mcp": ("reference", "function", "judge", "rubric", "function+judge"),
 }
 
 
@@ -39,10 +61,38 @@ def curriculum_thresholds(cfg: CurriculumConfig, reward_range: tuple[float, floa
     return low, high
 
 
-def _grpo_checks(cfg: Config) -> list[Problem]:
-    """Training-control rules: clip ranges, the curriculum's thresholds against the reward."""
+def needs_simulator(env: EnvironmentConfig) -> bool:
+    """Whether the run must start the simulator engine for this environment (the simulated
+    environment, a tasks file with simulated tools or a judged reward, a Python environment
+    that says it uses one). Re-exported by `trustee.envs`."""
+    if env.kind == "simulated":
+        return True
+    if env.kind == "tasks_file":
+        return env.tasks_file.tools == "simulated" or env.reward in ("judge", "rubric", "function+judge")
+    if env.kind == "python":
+        return env.uses_simulator
+    if env.kind == "mcp":
+        return env.mcp.tasks == "generate" or env.reward in ("judge", "rubric", "function+judge")
+    return False
+
+
+# ----------------------------------------------------------------------------- training controls
+
+
+def grpo_clip_and_correction(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """The PPO clip range and the importance-sampling bounds are ranges with a lower and an upper end."""
     p: list[Problem] = []
     g = cfg.grpo
+    if g.clip_high < g.clip_low:
+        p.append(
+            Problem(
+                "grpo.clip_high",
+                g.clip_high,
+                f"must be >= grpo.clip_low ({g.clip_low}); DAPO's clip-higher widens the upper bound, never narrows it",
+            )
+        )
+    if g.is_mode != "off" and g.is_max <= g.is_min:
+        p.append(Problem("grpo.is_max", g.is_max, f"must be > grpo.is_min ({g.is_min})"))
     if not 0.0 < g.clip_low < 1.0:
         p.append(
             Problem("grpo.clip_low", g.clip_low, "must be in (0, 1): the ratio's lower bound is 1 - clip_low")
@@ -55,15 +105,26 @@ def _grpo_checks(cfg: Config) -> list[Problem]:
                 "must be in (0, 10]: the ratio's upper bound is 1 + clip_high (DAPO: 0.28)",
             )
         )
-    if cfg.learner.mode == "full" and g.kl_metric and g.beta == 0:
-        p.append(
+    return p
+
+
+def kl_metric_needs_a_reference(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """Full fine-tuning has no adapter to switch off: the KL metric needs the reference copy that beta > 0 loads."""
+    if cfg.learner.mode == "full" and cfg.grpo.kl_metric and cfg.grpo.beta == 0:
+        return [
             Problem(
                 "grpo.kl_metric",
                 True,
                 "with learner.mode = 'full' the KL metric needs a reference copy of the model; set grpo.beta > 0 "
                 "(which loads it) or kl_metric = false",
             )
-        )
+        ]
+    return []
+
+
+def curriculum_thresholds_fit_the_reward(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """The adaptive curriculum's low < high, both inside the reward's range (else D never moves one way)."""
+    p: list[Problem] = []
     c = cfg.curriculum
     rng = REWARD_RANGES.get(cfg.environment.reward)
     if c.kind == "adaptive" and rng is not None:
@@ -90,34 +151,46 @@ def _grpo_checks(cfg: Config) -> list[Problem]:
                     "set it above the bottom of the range, or leave low/high unset to derive them",
                 )
             )
+    elif c.low is not None and c.high is not None and c.high < c.low:
+        p.append(Problem("curriculum.high", c.high, f"must be >= curriculum.low ({c.low})"))
     return p
 
 
-def cross_checks(cfg: Config) -> list[Problem]:
-    """Rules that involve more than one field. One place, all reported together."""
-    p: list[Problem] = []
-    g = cfg.grpo
-    if g.clip_high < g.clip_low:
-        p.append(
-            Problem(
-                "grpo.clip_high",
-                g.clip_high,
-                f"must be >= grpo.clip_low ({g.clip_low}); DAPO's clip-higher widens the upper bound, never narrows it",
-            )
-        )
-    if g.is_mode != "off" and g.is_max <= g.is_min:
-        p.append(Problem("grpo.is_max", g.is_max, f"must be > grpo.is_min ({g.is_min})"))
-    p += _grpo_checks(cfg)
-    cl, ch = cfg.curriculum.low, cfg.curriculum.high
-    if cl is not None and ch is not None and ch < cl:
-        p.append(Problem("curriculum.high", ch, f"must be >= curriculum.low ({cl})"))
-    if cfg.curriculum.kind == "staged" and not cfg.curriculum.stages:
+def curriculum_stages(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """Stages go with curriculum.kind = 'staged', which needs at least one and a BFCL environment."""
+    c, p = cfg.curriculum, []
+    if c.kind == "staged" and not c.stages:
         p.append(
             Problem(
                 "curriculum.stages", [], "curriculum.kind = 'staged' needs at least one [[curriculum.stages]]"
             )
         )
-    p += _placement_problems(cfg)
+    if c.kind == "staged" and cfg.environment.kind != "bfcl":
+        p.append(
+            Problem(
+                "curriculum.kind",
+                "staged",
+                f"stages switch BFCL's reward, hints and data split; environment.kind = {cfg.environment.kind!r} "
+                "has none of them to switch. Use curriculum.kind = 'adaptive' or 'fixed'",
+            )
+        )
+    if c.stages and c.kind != "staged":
+        p.append(
+            Problem(
+                "curriculum.stages",
+                f"{len(c.stages)} stage(s)",
+                f"only used with curriculum.kind = 'staged' (kind is {c.kind!r}); remove them or set the kind",
+            )
+        )
+    return p
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def model_limits(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """A tiny simulator needs a tiny model and a path; a turn leaves room for its prompt; thinking needs a format with a reasoning block."""
+    p: list[Problem] = []
     sim = cfg.simulator
     if sim.tiny_sft_steps and not (cfg.model.tiny and sim.model_path):
         missing = "model.tiny" if not cfg.model.tiny else "simulator.model_path"
@@ -137,7 +210,15 @@ def cross_checks(cfg: Config) -> list[Problem]:
                 f"must be < model.max_model_len ({cfg.model.max_model_len}) to leave room for the prompt",
             )
         )
-    if cfg.model.enable_thinking and cfg.model.chat_format in ("llama3", "mistral"):
+    if cfg.model.tiny and cfg.model.packaged:
+        p.append(
+            Problem(
+                "model.packaged",
+                cfg.model.packaged,
+                f"model.tiny = {cfg.model.tiny!r} also builds model.path; set one of them to ''",
+            )
+        )
+    if cfg.model.enable_thinking and cfg.model.chat_format in ("llama3", "mistral", "chatml"):
         p.append(
             Problem(
                 "model.enable_thinking",
@@ -145,12 +226,376 @@ def cross_checks(cfg: Config) -> list[Problem]:
                 f"the {cfg.model.chat_format} chat format has no reasoning block; set it to false or use chat_format 'qwen'",
             )
         )
-    p += environment_problems(cfg.environment)
-    p += adapter_rules(cfg)
     return p
 
 
-def adapter_rules(cfg: Config) -> list[Problem]:
+def few_shot_environments(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """Worked examples exist only where the environment has reference conversations."""
+    env = cfg.environment
+    if env.few_shot and env.kind not in ("toy", "tasks_file"):
+        return [
+            Problem(
+                "environment.few_shot",
+                env.few_shot,
+                f"worked examples exist for kinds 'toy' and 'tasks_file' only (kind is {env.kind!r}); set it to 0",
+            )
+        ]
+    return []
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+def engine_gpus(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """Each engine lists exactly tensor x data parallel GPU ids, none twice; a remote engine lists none."""
+    p: list[Problem] = []
+    pl = cfg.placement
+    for role in ("policy", "simulator"):
+        e = getattr(cfg.engines, role)
+        gpus = pl.policy_gpus if role == "policy" else pl.simulator_gpus
+        need = e.tensor_parallel_size * e.data_parallel_size
+        if gpus and len(gpus) != need:
+            p.append(
+                Problem(
+                    f"placement.{role}_gpus",
+                    gpus,
+                    f"engines.{role} needs tensor_parallel_size x data_parallel_size = {need} GPUs; "
+                    f"list exactly {need} ids or change the parallel sizes",
+                )
+            )
+        if len(set(gpus)) != len(gpus):
+            p.append(Problem(f"placement.{role}_gpus", gpus, "lists a GPU twice"))
+        if e.backend == "openai" and gpus:
+            p.append(
+                Problem(
+                    f"placement.{role}_gpus", gpus, "a remote (openai) engine runs on no local GPU; set []"
+                )
+            )
+    if len(set(pl.learner_gpus)) != len(pl.learner_gpus):
+        p.append(Problem("placement.learner_gpus", pl.learner_gpus, "lists a GPU twice"))
+    return p
+
+
+def remote_engines(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """A remote (openai) engine needs its server's URL, and cannot be the policy (it never loads new weights)."""
+    p = [
+        Problem(
+            f"engines.{role}.base_url",
+            "",
+            "backend 'openai' needs a server URL, e.g. http://127.0.0.1:8000/v1",
+        )
+        for role in ("policy", "simulator")
+        if getattr(cfg.engines, role).backend == "openai" and not getattr(cfg.engines, role).base_url
+    ]
+    if cfg.engines.policy.backend == "openai":
+        p.append(
+            Problem(
+                "engines.policy.backend",
+                "openai",
+                "the policy engine must load new weights; use 'vllm' or 'hf'",
+            )
+        )
+    return p
+
+
+def backend_capabilities(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """A field the chosen backend cannot honour (`backends.HONOURED_BY`) keeps its default;
+    the simulator engine never loads an adapter, whatever its backend."""
+    p: list[Problem] = []
+    defaults = EnginesConfig()
+    for role in ("policy", "simulator"):
+        e = getattr(cfg.engines, role)
+        for name, value, default in unhonoured_fields(e, getattr(defaults, role)):
+            if (role, name) == ("simulator", "max_lora_rank"):
+                continue  # said below, whatever the backend
+            can = ", ".join(repr(b) for b in HONOURED_BY[name])
+            p.append(
+                Problem(
+                    f"engines.{role}.{name}",
+                    value,
+                    f"backend {e.backend!r} cannot honour it (only {can} can); remove the line, "
+                    f"set it to {show_value(default)}, or set engines.{role}.backend accordingly",
+                )
+            )
+    sim_raw = (raw.get("engines") or {}).get("simulator") or {}
+    if sim_raw.get("max_lora_rank", 0) != 0:
+        p.append(
+            Problem(
+                "engines.simulator.max_lora_rank",
+                sim_raw["max_lora_rank"],
+                "the simulator engine never loads an adapter (only the policy is trained); remove the line or set 0",
+            )
+        )
+    return p
+
+
+def adapter_fits_the_policy_engine(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """vLLM's adapter slot must be at least the learner's LoRA rank."""
+    pol = cfg.engines.policy
+    if cfg.learner.mode != "full" and pol.backend == "vllm" and pol.max_lora_rank < cfg.learner.lora_rank:
+        return [
+            Problem(
+                "engines.policy.max_lora_rank",
+                pol.max_lora_rank,
+                f"must be >= learner.lora_rank ({cfg.learner.lora_rank}) so vLLM can load the adapter",
+            )
+        ]
+    return []
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def _devices(cfg: Config) -> tuple[list[str], dict[str, set[int]], set[int]]:
+    """(the local engine roles this run builds, each role's GPU ids, the learner's GPU ids)."""
+    pl, eng = cfg.placement, cfg.engines
+    built = ("policy", "simulator") if needs_simulator(cfg.environment) else ("policy",)
+    local = [r for r in built if getattr(eng, r).backend != "openai"]
+    return local, {"policy": set(pl.policy_gpus), "simulator": set(pl.simulator_gpus)}, set(pl.learner_gpus)
+
+
+def _where(ids: list[int]) -> str:
+    return f"GPUs {ids}" if ids else "the CPU"
+
+
+def learner_devices(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """QLoRA needs CUDA and one rank; several ranks need one GPU each."""
+    p: list[Problem] = []
+    pl = cfg.placement
+    if cfg.learner.mode == "qlora" and not pl.learner_gpus:
+        p.append(
+            Problem(
+                "learner.mode",
+                "qlora",
+                "QLoRA (bitsandbytes 4-bit) needs CUDA; set placement.learner_gpus or use mode 'lora'",
+            )
+        )
+    if pl.learner_ranks > 1 and pl.learner_gpus and len(pl.learner_gpus) != pl.learner_ranks:
+        p.append(
+            Problem(
+                "placement.learner_ranks",
+                pl.learner_ranks,
+                f"each learner rank needs its own GPU, but placement.learner_gpus = {pl.learner_gpus}; "
+                f"list {pl.learner_ranks} GPUs or set learner_ranks = {len(pl.learner_gpus)}",
+            )
+        )
+    if pl.learner_ranks > 1 and cfg.learner.mode == "qlora":
+        p.append(
+            Problem(
+                "placement.learner_ranks",
+                pl.learner_ranks,
+                "QLoRA's 4-bit base is not sharded by the FSDP2 learner; use learner_ranks = 1, or mode 'lora' / 'full'",
+            )
+        )
+    return p
+
+
+def colocate_placement(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """'colocate': every engine beside the learner can sleep, and the learner uses only engine GPUs."""
+    if cfg.placement.mode != "colocate":
+        return []
+    p: list[Problem] = []
+    local, gpus_of, learner = _devices(cfg)
+    # Engines on the learner's devices: on CPU every local engine shares the host with it.
+    beside = [r for r in local if (gpus_of[r] & learner) or (not gpus_of[r] and not learner)]
+    for r in beside:
+        if not getattr(cfg.engines, r).enable_sleep_mode:
+            p.append(
+                Problem(
+                    f"engines.{r}.enable_sleep_mode",
+                    False,
+                    f"placement 'colocate' puts the learner beside the {r} engine "
+                    f"({_where(sorted(gpus_of[r]))}), which must sleep while it trains; set "
+                    f"engines.{r}.enable_sleep_mode = true, or use placement.mode = 'overlap'",
+                )
+            )
+    stray = sorted(learner - gpus_of["policy"] - gpus_of["simulator"])
+    if stray:
+        p.append(
+            Problem(
+                "placement.learner_gpus",
+                cfg.placement.learner_gpus,
+                f"'colocate' shares the engines' GPUs, but {stray} run no engine; list only engine GPUs "
+                "or use placement.mode = 'split'",
+            )
+        )
+    return p
+
+
+def sync_placement(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """'sync': engines stay resident while the learner trains, so they cannot share its GPUs."""
+    pl = cfg.placement
+    if pl.mode != "sync" or not pl.learner_gpus:
+        return []
+    local, gpus_of, learner = _devices(cfg)
+    return [
+        Problem(
+            "placement.learner_gpus",
+            pl.learner_gpus,
+            f"'sync' keeps the {r} engine resident on GPU(s) {sorted(gpus_of[r] & learner)} while the learner "
+            "trains there (out of memory); use placement.mode = 'colocate' (engines sleep) or move the learner",
+        )
+        for r in local
+        if gpus_of[r] & learner
+    ]
+
+
+def split_placement(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """'split': the learner has GPUs of its own, disjoint from every engine's."""
+    pl = cfg.placement
+    if pl.mode != "split":
+        return []
+    local, gpus_of, learner = _devices(cfg)
+    p: list[Problem] = []
+    if not learner:
+        p.append(
+            Problem(
+                "placement.learner_gpus",
+                [],
+                "'split' puts the learner on GPUs no engine uses; list them, or use placement.mode = "
+                "'overlap' to train beside the engines on the CPU",
+            )
+        )
+    for r in local:
+        shared = sorted(gpus_of[r] & learner)
+        if shared:
+            p.append(
+                Problem(
+                    "placement.learner_gpus",
+                    pl.learner_gpus,
+                    f"placement.mode = 'split' needs GPU sets disjoint from the engines' (the {r} engine "
+                    f"is on {shared}); move the learner or use placement.mode = 'colocate'",
+                )
+            )
+    return p
+
+
+def memory_fractions(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """The memory fractions of the engines resident together on one GPU add up to at most 1
+    (kv_cache_gib engines are sized in bytes and checked by the memory plan)."""
+    local, gpus_of, _ = _devices(cfg)
+    eng = cfg.engines
+    for gpu in sorted(gpus_of["policy"] | gpus_of["simulator"]):
+        on = [r for r in local if gpu in gpus_of[r] and getattr(eng, r).kv_cache_gib == 0]
+        total = sum(getattr(eng, r).gpu_memory_utilization for r in on)
+        if total > 1.0:
+            shares = " + ".join(
+                f"engines.{r}.gpu_memory_utilization ({getattr(eng, r).gpu_memory_utilization})" for r in on
+            )
+            return [
+                Problem(
+                    f"engines.{on[-1]}.gpu_memory_utilization",
+                    getattr(eng, on[-1]).gpu_memory_utilization,
+                    f"on GPU {gpu}, {shares} = {total:.2f} > 1; lower them so they add up to at most 1 "
+                    "(less the learner's share when it trains beside them)",
+                )
+            ]
+    return []
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def environment_reward(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """Each environment kind scores with its own rewards (`KIND_REWARDS`)."""
+    kind, reward = cfg.environment.kind, cfg.environment.reward
+    rewards = KIND_REWARDS[kind]
+    if reward in rewards:
+        return []
+    return [
+        Problem(
+            "environment.reward",
+            reward,
+            f"environment.kind = {kind!r} scores with one of {', '.join(repr(r) for r in rewards)}",
+        )
+    ]
+
+
+def python_environment_fields(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """kind 'python' needs a factory; its fields (factory, options, uses_simulator) mean nothing to other kinds."""
+    env = cfg.environment
+    if env.kind == "python":
+        if env.factory:
+            return []
+        return [
+            Problem(
+                "environment.factory",
+                "",
+                "kind 'python' needs a factory: 'my_pkg.my_env:make_env' or 'path/to/env.py:make_env'",
+            )
+        ]
+    return [
+        Problem(f"environment.{name}", value, f"only used with kind 'python' (kind is {env.kind!r})")
+        for name, value, default in (
+            ("factory", env.factory, ""),
+            ("options", env.options, {}),
+            ("uses_simulator", env.uses_simulator, False),
+        )
+        if value != default
+    ]
+
+
+def tasks_file_fields(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """[environment.tasks_file] goes with kind 'tasks_file': a path, tools from a module or the
+    simulator, a reward function exactly when the reward uses one."""
+    env, p = cfg.environment, []
+    tf, kind, reward = env.tasks_file, env.kind, env.reward
+    if kind != "tasks_file":
+        if tf != TasksFileConfig():
+            p.append(
+                Problem(
+                    "environment.tasks_file",
+                    msgspec.to_builtins(tf),
+                    f"only used with kind 'tasks_file' (kind is {kind!r})",
+                )
+            )
+        return p
+    if not tf.path:
+        p.append(Problem("environment.tasks_file.path", "", "kind 'tasks_file' needs a JSONL file of tasks"))
+    if tf.tools == "python" and not tf.tools_module:
+        p.append(
+            Problem(
+                "environment.tasks_file.tools_module",
+                "",
+                "tools = 'python' needs the module of tool functions, or set tools = 'simulated'",
+            )
+        )
+    if tf.tools == "simulated" and tf.tools_module:
+        p.append(
+            Problem("environment.tasks_file.tools_module", tf.tools_module, "only used with tools = 'python'")
+        )
+    uses_fn = reward in ("function", "function+judge")
+    if uses_fn and not tf.reward_fn:
+        p.append(
+            Problem("environment.tasks_file.reward_fn", "", f"reward {reward!r} needs 'module:function'")
+        )
+    if not uses_fn and tf.reward_fn:
+        p.append(
+            Problem(
+                "environment.tasks_file.reward_fn",
+                tf.reward_fn,
+                f"only used with reward 'function' or 'function+judge' (reward is {reward!r})",
+            )
+        )
+    return p
+
+
+def judge_mode_with_rubric(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """The rubric reward always judges with the rubric: a judge_mode written beside it would be ignored."""
+    explicit = "judge_mode" in (raw.get("simulator") or {})
+    if cfg.environment.reward == "rubric" and explicit and cfg.simulator.judge_mode != "rubric":
+        return [
+            Problem(
+                "simulator.judge_mode",
+                cfg.simulator.judge_mode,
+                "environment.reward = 'rubric' always judges with the rubric; judge_mode applies with "
+                "reward = 'judge'. Remove simulator.judge_mode or set environment.reward = 'judge'",
+            )
+        ]
+    return []
+
+
+def adapter_needs_an_adapter_learner(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
     """model.adapter needs an adapter to train (LoRA or QLoRA) in the single-process learner."""
     if not cfg.model.adapter:
         return []
@@ -175,330 +620,124 @@ def adapter_rules(cfg: Config) -> list[Problem]:
     return []
 
 
-def needs_simulator(env: EnvironmentConfig) -> bool:
-    """Whether the run must start the simulator engine for this environment (the simulated
-    environment, a tasks file with simulated tools or a judged reward, a Python environment
-    that says it uses one). Re-exported by `trustee.envs`."""
-    if env.kind == "simulated":
-        return True
-    if env.kind == "tasks_file":
-        return env.tasks_file.tools == "simulated" or env.reward in ("judge", "rubric", "function+judge")
-    if env.kind == "python":
-        return env.uses_simulator
-    return False
+def mcp_fields(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """[environment.mcp] is checked with kind 'mcp' and refused with any other kind."""
+    env = cfg.environment
+    if env.kind == "mcp":
+        return mcp_problems(env.mcp, env.reward)
+    if env.mcp != MCPConfig():
+        return [
+            Problem(
+                "environment.mcp",
+                msgspec.to_builtins(env.mcp),
+                f"only used with kind 'mcp' (kind is {env.kind!r})",
+            )
+        ]
+    return []
 
 
-def _placement_problems(cfg: Config) -> list[Problem]:
-    """Engine and placement rules that need no model sizes (the memory plan, which does, is
-    checked at start-up by `trustee.placement.check_memory`)."""
+SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _mcp_server_problems(where: str, s: Any, seen: set[str]) -> list[Problem]:
+    """One [[environment.mcp.servers]] entry: a unique name, a command or a url (not both), and
+    what a url server cannot take. `seen` collects the names so far."""
     p: list[Problem] = []
-    pl, eng = cfg.placement, cfg.engines
-    for role in ("policy", "simulator"):
-        e: EngineConfig = getattr(eng, role)
-        gpus = pl.policy_gpus if role == "policy" else pl.simulator_gpus
-        need = e.tensor_parallel_size * e.data_parallel_size
-        if gpus and len(gpus) != need:
-            p.append(
-                Problem(
-                    f"placement.{role}_gpus",
-                    gpus,
-                    f"engines.{role} needs tensor_parallel_size x data_parallel_size = {need} GPUs; "
-                    f"list exactly {need} ids or change the parallel sizes",
-                )
-            )
-        if len(set(gpus)) != len(gpus):
-            p.append(Problem(f"placement.{role}_gpus", gpus, "lists a GPU twice"))
-        if e.backend == "openai" and not e.base_url:
-            p.append(
-                Problem(
-                    f"engines.{role}.base_url",
-                    "",
-                    "backend 'openai' needs a server URL, e.g. http://127.0.0.1:8000/v1",
-                )
-            )
-        for name, value, want in unhonoured_fields(e):
-            p.append(
-                Problem(
-                    f"engines.{role}.{name}",
-                    value,
-                    f"backend {e.backend!r} cannot honour it (only {show_value(want)}); remove the line, "
-                    f"set it to {show_value(want)}, or use a backend that supports it",
-                )
-            )
-        if e.backend == "openai" and gpus:
-            p.append(
-                Problem(
-                    f"placement.{role}_gpus", gpus, "a remote (openai) engine runs on no local GPU; set []"
-                )
-            )
-    if len(set(pl.learner_gpus)) != len(pl.learner_gpus):
-        p.append(Problem("placement.learner_gpus", pl.learner_gpus, "lists a GPU twice"))
-    if eng.policy.backend == "openai":
+    if not SERVER_NAME.match(s.name):
+        p.append(Problem(f"{where}.name", s.name, "name each server with 1-64 letters, digits, '_' or '-'"))
+    elif s.name in seen:
+        p.append(Problem(f"{where}.name", s.name, "server names must be unique"))
+    seen.add(s.name)
+    if bool(s.command) == bool(s.url):
         p.append(
             Problem(
-                "engines.policy.backend",
-                "openai",
-                "the policy engine must load new weights; use 'vllm' or 'hf'",
+                f"{where}.command",
+                s.command,
+                "give a server either command (stdio) or url (Streamable HTTP), not both or neither",
             )
         )
-    if (
-        cfg.learner.mode != "full"
-        and eng.policy.backend == "vllm"
-        and eng.policy.max_lora_rank < cfg.learner.lora_rank
-    ):
+    if s.url and (s.args or s.env):
         p.append(
             Problem(
-                "engines.policy.max_lora_rank",
-                eng.policy.max_lora_rank,
-                f"must be >= learner.lora_rank ({cfg.learner.lora_rank}) so vLLM can load the adapter",
+                f"{where}.args", s.args or s.env, "args and env are for a command; a url server takes neither"
             )
         )
-    if cfg.learner.mode == "qlora" and not pl.learner_gpus:
+    if s.url and not s.url.startswith(("http://", "https://")):
         p.append(
-            Problem(
-                "learner.mode",
-                "qlora",
-                "QLoRA (bitsandbytes 4-bit) needs CUDA; set placement.learner_gpus or use mode 'lora'",
-            )
-        )
-    built = ("policy", "simulator") if needs_simulator(cfg.environment) else ("policy",)
-    local = [r for r in built if getattr(eng, r).backend != "openai"]
-    gpus_of = {"policy": set(pl.policy_gpus), "simulator": set(pl.simulator_gpus)}
-    learner = set(pl.learner_gpus)
-    # Engines on the learner's devices: on CPU every local engine shares the host with it.
-    beside = [r for r in local if (gpus_of[r] & learner) or (not gpus_of[r] and not learner)]
-    if pl.mode == "colocate":
-        for r in beside:
-            if not getattr(eng, r).enable_sleep_mode:
-                p.append(
-                    Problem(
-                        f"engines.{r}.enable_sleep_mode",
-                        False,
-                        f"placement 'colocate' puts the learner beside the {r} engine "
-                        f"({_where(sorted(gpus_of[r]))}), which must sleep while it trains; set "
-                        f"engines.{r}.enable_sleep_mode = true, or use placement.mode = 'overlap'",
-                    )
-                )
-        stray = sorted(learner - gpus_of["policy"] - gpus_of["simulator"])
-        if stray:
-            p.append(
-                Problem(
-                    "placement.learner_gpus",
-                    pl.learner_gpus,
-                    f"'colocate' shares the engines' GPUs, but {stray} run no engine; list only engine GPUs "
-                    "or use placement.mode = 'split'",
-                )
-            )
-    if pl.mode == "sync" and pl.learner_gpus:
-        for r in local:
-            shared = sorted(gpus_of[r] & learner)
-            if shared:
-                p.append(
-                    Problem(
-                        "placement.learner_gpus",
-                        pl.learner_gpus,
-                        f"'sync' keeps the {r} engine resident on GPU(s) {shared} while the learner trains "
-                        "there (out of memory); use placement.mode = 'colocate' (engines sleep) or move the learner",
-                    )
-                )
-    if pl.learner_ranks > 1 and pl.learner_gpus and len(pl.learner_gpus) != pl.learner_ranks:
-        p.append(
-            Problem(
-                "placement.learner_ranks",
-                pl.learner_ranks,
-                f"each learner rank needs its own GPU, but placement.learner_gpus = {pl.learner_gpus}; "
-                f"list {pl.learner_ranks} GPUs or set learner_ranks = {len(pl.learner_gpus)}",
-            )
-        )
-    if pl.learner_ranks > 1 and cfg.learner.mode == "qlora":
-        p.append(
-            Problem(
-                "placement.learner_ranks",
-                pl.learner_ranks,
-                "QLoRA's 4-bit base is not sharded by the FSDP2 learner; use learner_ranks = 1, or mode 'lora' / 'full'",
-            )
-        )
-    if pl.mode == "split":
-        if not learner:
-            p.append(
-                Problem(
-                    "placement.learner_gpus",
-                    [],
-                    "'split' puts the learner on GPUs no engine uses; list them, or use placement.mode = "
-                    "'overlap' to train beside the engines on the CPU",
-                )
-            )
-        for r in local:
-            shared = sorted(gpus_of[r] & learner)
-            if shared:
-                p.append(
-                    Problem(
-                        "placement.learner_gpus",
-                        pl.learner_gpus,
-                        f"placement.mode = 'split' needs GPU sets disjoint from the engines' (the {r} engine "
-                        f"is on {shared}); move the learner or use placement.mode = 'colocate'",
-                    )
-                )
-    # Memory fractions of the engines resident together on one GPU (kv_cache_gib engines are
-    # sized in bytes and checked by the memory plan).
-    for gpu in sorted(gpus_of["policy"] | gpus_of["simulator"]):
-        on = [r for r in local if gpu in gpus_of[r] and getattr(eng, r).kv_cache_gib == 0]
-        total = sum(getattr(eng, r).gpu_memory_utilization for r in on)
-        if total > 1.0:
-            shares = " + ".join(
-                f"engines.{r}.gpu_memory_utilization ({getattr(eng, r).gpu_memory_utilization})" for r in on
-            )
-            p.append(
-                Problem(
-                    f"engines.{on[-1]}.gpu_memory_utilization",
-                    getattr(eng, on[-1]).gpu_memory_utilization,
-                    f"on GPU {gpu}, {shares} = {total:.2f} > 1; lower them so they add up to at most 1 "
-                    "(less the learner's share when it trains beside them)",
-                )
-            )
-            break
-    return p
-
-
-def unhonoured(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
-    """Settings the chosen components cannot honour (each would otherwise be silently ignored)."""
-    p: list[Problem] = []
-    defaults, plain = EnginesConfig(), EngineConfig()
-    for role in ("policy", "simulator"):
-        e, d = getattr(cfg.engines, role), getattr(defaults, role)
-        placed = {name for name, _, _ in unhonoured_fields(e)}  # refused by _placement_problems already
-        for name, backends in ENGINE_FIELD_BACKENDS.items():
-            if name == "base_url" or name in placed or (role, name) == ("simulator", "max_lora_rank"):
-                continue  # checked with a more specific message in cross_checks / below
-            v = getattr(e, name)
-            if e.backend not in backends and v != getattr(d, name) and v != getattr(plain, name):
-                p.append(
-                    Problem(
-                        f"engines.{role}.{name}",
-                        v,
-                        f"the {e.backend!r} backend cannot honour it (only {', '.join(repr(b) for b in backends)} "
-                        f"does); remove it or set engines.{role}.backend accordingly",
-                    )
-                )
-    sim_raw = (raw.get("engines") or {}).get("simulator") or {}
-    if sim_raw.get("max_lora_rank", 0) != 0:
-        p.append(
-            Problem(
-                "engines.simulator.max_lora_rank",
-                sim_raw["max_lora_rank"],
-                "the simulator engine never loads an adapter (only the policy is trained); remove the line or set 0",
-            )
-        )
-    explicit_judge = "judge_mode" in (raw.get("simulator") or {})
-    if cfg.environment.reward == "rubric" and explicit_judge and cfg.simulator.judge_mode != "rubric":
-        p.append(
-            Problem(
-                "simulator.judge_mode",
-                cfg.simulator.judge_mode,
-                "environment.reward = 'rubric' always judges with the rubric; judge_mode applies with "
-                "reward = 'judge'. Remove simulator.judge_mode or set environment.reward = 'judge'",
-            )
-        )
-    if cfg.curriculum.kind == "staged" and cfg.environment.kind != "bfcl":
-        p.append(
-            Problem(
-                "curriculum.kind",
-                "staged",
-                f"stages switch BFCL's reward, hints and data split; environment.kind = {cfg.environment.kind!r} "
-                "has none of them to switch. Use curriculum.kind = 'adaptive' or 'fixed'",
-            )
-        )
-    if cfg.curriculum.stages and cfg.curriculum.kind != "staged":
-        p.append(
-            Problem(
-                "curriculum.stages",
-                f"{len(cfg.curriculum.stages)} stage(s)",
-                f"only used with curriculum.kind = 'staged' (kind is {cfg.curriculum.kind!r}); remove them or set the kind",
-            )
+            Problem(f"{where}.url", s.url, "a Streamable HTTP server's URL starts with http:// or https://")
         )
     return p
 
 
-def _where(ids: list[int]) -> str:
-    return f"GPUs {ids}" if ids else "the CPU"
-
-
-def environment_problems(env: EnvironmentConfig) -> list[Problem]:
-    """The [environment] rules that involve more than one field (called by cross_checks)."""
+def mcp_problems(m: MCPConfig, reward: str) -> list[Problem]:
+    """The [environment.mcp] rules (kind 'mcp')."""
     p: list[Problem] = []
-    kind, reward = env.kind, env.reward
-    rewards = {
-        "bfcl": ("progress", "syntax"),
-        "toy": ("exact", "graded"),
-        "simulated": ("judge", "rubric"),
-        "tasks_file": ("function", "judge", "rubric", "function+judge"),
-        "python": ("custom",),
-    }[kind]
-    if reward not in rewards:
+    if not m.tasks:
         p.append(
             Problem(
-                "environment.reward",
-                reward,
-                f"environment.kind = {kind!r} scores with one of {', '.join(repr(r) for r in rewards)}",
-            )
-        )
-    if kind == "python" and not env.factory:
-        p.append(
-            Problem(
-                "environment.factory",
+                "environment.mcp.tasks",
                 "",
-                "kind 'python' needs a factory: 'my_pkg.my_env:make_env' or 'path/to/env.py:make_env'",
+                "kind 'mcp' needs a JSONL tasks file, or 'generate' (the simulator writes tasks)",
             )
         )
-    if kind != "python":
-        for name, value, default in (
-            ("factory", env.factory, ""),
-            ("options", env.options, {}),
-            ("uses_simulator", env.uses_simulator, False),
-        ):
-            if value != default:
-                p.append(
-                    Problem(f"environment.{name}", value, f"only used with kind 'python' (kind is {kind!r})")
-                )
-    tf = env.tasks_file
-    if kind == "tasks_file":
-        if not tf.path:
-            p.append(
-                Problem("environment.tasks_file.path", "", "kind 'tasks_file' needs a JSONL file of tasks")
-            )
-        if tf.tools == "python" and not tf.tools_module:
-            p.append(
-                Problem(
-                    "environment.tasks_file.tools_module",
-                    "",
-                    "tools = 'python' needs the module of tool functions, or set tools = 'simulated'",
-                )
-            )
-        if tf.tools == "simulated" and tf.tools_module:
-            p.append(
-                Problem(
-                    "environment.tasks_file.tools_module", tf.tools_module, "only used with tools = 'python'"
-                )
-            )
-        uses_fn = reward in ("function", "function+judge")
-        if uses_fn and not tf.reward_fn:
-            p.append(
-                Problem("environment.tasks_file.reward_fn", "", f"reward {reward!r} needs 'module:function'")
-            )
-        if not uses_fn and tf.reward_fn:
-            p.append(
-                Problem(
-                    "environment.tasks_file.reward_fn",
-                    tf.reward_fn,
-                    f"only used with reward 'function' or 'function+judge' (reward is {reward!r})",
-                )
-            )
-    elif tf != TasksFileConfig():
+    if not m.servers:
         p.append(
             Problem(
-                "environment.tasks_file",
-                msgspec.to_builtins(tf),
-                f"only used with kind 'tasks_file' (kind is {kind!r})",
+                "environment.mcp.servers",
+                [],
+                "kind 'mcp' needs at least one server: [[environment.mcp.servers]] with name and command (or url)",
+            )
+        )
+    seen: set[str] = set()
+    for i, server in enumerate(m.servers):
+        p += _mcp_server_problems(f"environment.mcp.servers[{i}]", server, seen)
+    uses_fn = reward in ("function", "function+judge")
+    if reward != "function+judge" and m.judge_weight != MCPConfig().judge_weight:
+        p.append(
+            Problem(
+                "environment.mcp.judge_weight",
+                m.judge_weight,
+                f"only used with reward 'function+judge' (reward is {reward!r})",
+            )
+        )
+    if uses_fn and not m.reward_fn:
+        p.append(Problem("environment.mcp.reward_fn", "", f"reward {reward!r} needs 'module:function'"))
+    if not uses_fn and m.reward_fn:
+        p.append(
+            Problem(
+                "environment.mcp.reward_fn",
+                m.reward_fn,
+                f"only used with reward 'function' or 'function+judge' (reward is {reward!r})",
             )
         )
     return p
+
+
+RULES: tuple[Rule, ...] = (
+    grpo_clip_and_correction,
+    kl_metric_needs_a_reference,
+    curriculum_thresholds_fit_the_reward,
+    curriculum_stages,
+    engine_gpus,
+    remote_engines,
+    backend_capabilities,
+    adapter_fits_the_policy_engine,
+    learner_devices,
+    colocate_placement,
+    sync_placement,
+    split_placement,
+    memory_fractions,
+    model_limits,
+    few_shot_environments,
+    environment_reward,
+    python_environment_fields,
+    tasks_file_fields,
+    judge_mode_with_rubric,
+    adapter_needs_an_adapter_learner,
+    mcp_fields,
+)
+
+
+def cross_checks(cfg: Config, raw: dict[str, Any] | None = None) -> list[Problem]:
+    """Every rule's problems, in `RULES` order, all reported together."""
+    return [problem for rule in RULES for problem in rule(cfg, raw or {})]

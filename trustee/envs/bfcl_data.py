@@ -212,11 +212,14 @@ def _schema(prop: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_tool_spec(doc: dict[str, Any]) -> ToolSpec:
-    """A BFCL function doc as a ToolSpec (names kept as they are, dots included)."""
+    """A BFCL function doc as a ToolSpec (names kept as they are, dots included). Only the
+    declared parameters are allowed (`additionalProperties: false`): an argument key becomes a
+    keyword in the call string BFCL's checker evaluates, so an undeclared one is a schema error."""
     params = doc.get("parameters", {})
     schema: dict[str, Any] = {
         "type": "object",
         "properties": {k: _schema(v) for k, v in params.get("properties", {}).items()},
+        "additionalProperties": False,
     }
     if params.get("required"):
         schema["required"] = list(params["required"])

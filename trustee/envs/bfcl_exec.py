@@ -5,7 +5,14 @@ config; calls run by method lookup with keyword arguments, never `eval` of a str
 parsing of BFCL's ground-truth call strings (`ast.literal_eval` of each argument), the state
 check and the response check (the same attributes and the same multiset cover BFCL's
 `multi_turn_checker` uses), and `bfcl_multi_turn_check`, a thin wrapper that runs BFCL's own
-checker on a trajectory's calls. Execution results are rendered exactly as BFCL renders them
+checker on a trajectory's calls.
+
+BFCL's checker `eval()`s the call strings it is given, so a call string is the one place model
+text could become code. `to_call_string` builds it only from plain identifiers (the function's
+name and, for its arguments, parameters the method declares) and values written as Python
+literals; anything else is an `UnsafeCall`, which the environment turns into an error the policy
+sees (nothing runs, nothing is recorded). `bfcl_multi_turn_check` re-checks every string before
+BFCL sees it. Execution results are rendered exactly as BFCL renders them
 (str as is, dict as JSON, anything else `str()`, exceptions as "Error during execution: ..."),
 so the response check compares the same strings BFCL compares.
 
@@ -21,6 +28,9 @@ import importlib
 import inspect
 import itertools
 import json
+import keyword
+import math
+from collections.abc import Collection
 from typing import Any
 
 import msgspec
@@ -30,6 +40,11 @@ from trustee.types import ToolCall
 
 # BFCL refuses these names before evaluating a call (its executor's safety list).
 BLOCKED = frozenset({"kill", "exit", "quit", "remove", "unlink", "popen", "Popen", "run"})
+
+
+class UnsafeCall(ValueError):
+    """A call that cannot be written as a BFCL call string made of declared identifiers and
+    literal values (the message says which part and why)."""
 
 
 class ExecResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -115,6 +130,21 @@ class BfclWorld:
             value=value,
         )
 
+    def parameters(self, name: str) -> frozenset[str]:
+        """The keyword names method `name` declares (its signature; no `**kwargs` catch-all)."""
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        params = inspect.signature(self.method(name)).parameters.values()
+        return frozenset(p.name for p in params if p.kind in kinds)
+
+    def refusal(self, call: ToolCall) -> str:
+        """Why `call` may not run and be recorded for BFCL's checker ('' when it may): its
+        argument keys must be parameters its method declares, its values literals."""
+        try:
+            to_call_string(call, self.parameters(call.name) if self.has(call.name) else frozenset())
+        except UnsafeCall as e:
+            return str(e)
+        return ""
+
     def bind(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> ToolCall:
         """A call with positional arguments turned into keywords (the method's signature)."""
         if args:
@@ -139,10 +169,70 @@ def parse_call_string(text: str) -> tuple[str, list[Any], dict[str, Any]]:
     return node.func.id, args, kwargs
 
 
-def to_call_string(call: ToolCall) -> str:
-    """A ToolCall as BFCL's executable call string (what its checker evaluates)."""
-    args = ", ".join(f"{k}={v!r}" for k, v in call.arguments.items())
+def _identifier(name: Any) -> bool:
+    """A plain ASCII Python identifier that names no keyword and no private or dunder name."""
+    return (
+        isinstance(name, str)
+        and name.isascii()
+        and name.isidentifier()
+        and not keyword.iskeyword(name)
+        and not name.startswith("_")
+    )
+
+
+def literal(value: Any) -> str:
+    """`value` (JSON data, or a ground truth's tuples) written as a Python literal, which
+    `ast.literal_eval` reads back equal. Raises UnsafeCall for anything else (NaN and infinity
+    included: they have no literal)."""
+    t = type(value)
+    if value is None or t in (bool, int, str):
+        return repr(value)
+    if t is float:
+        if not math.isfinite(value):
+            raise UnsafeCall(f"the value {value!r} is not a finite number")
+        return repr(value)
+    if t is list:
+        return "[" + ", ".join(literal(v) for v in value) + "]"
+    if t is tuple:
+        return "(" + ", ".join(literal(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    if t is dict:
+        return "{" + ", ".join(f"{literal(k)}: {literal(v)}" for k, v in value.items()) + "}"
+    raise UnsafeCall(f"a value of type {t.__name__} is not JSON data")
+
+
+def to_call_string(call: ToolCall, declared: Collection[str] | None = None) -> str:
+    """A ToolCall as BFCL's executable call string (what its checker evaluates): the name and
+    each argument key a plain identifier (and a member of `declared` when given), each value a
+    literal. Raises UnsafeCall otherwise."""
+    if not _identifier(call.name):
+        raise UnsafeCall(f"{call.name!r} is not a function name")
+    for key in call.arguments:
+        if not _identifier(key):
+            raise UnsafeCall(f"argument {key!r} of {call.name} is not a parameter name")
+        if declared is not None and key not in declared:
+            raise UnsafeCall(
+                f"argument {key!r} is not a parameter of {call.name}; its parameters: {sorted(declared)}"
+            )
+    args = ", ".join(f"{k}={literal(v)}" for k, v in call.arguments.items())
     return f"{call.name}({args})"
+
+
+def check_call_string(text: str) -> None:
+    """Raise UnsafeCall unless `text` is `name(k=literal, ...)` with plain identifiers: the
+    only shape handed to BFCL's checker, which evaluates it."""
+    try:
+        node = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        raise UnsafeCall(f"{text!r} is not a call") from None
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or not _identifier(node.func.id):
+        raise UnsafeCall(f"{text!r} is not a call of a plain function name")
+    for value in [*node.args, *(k.value for k in node.keywords)]:
+        try:
+            ast.literal_eval(value)
+        except (ValueError, TypeError, SyntaxError, RecursionError):
+            raise UnsafeCall(f"{text!r} has an argument that is not a literal") from None
+    if any(not _identifier(k.arg) for k in node.keywords):
+        raise UnsafeCall(f"{text!r} has an argument key that is not a plain identifier")
 
 
 def state_diff(model: BfclWorld, truth: BfclWorld) -> dict[str, list[str]]:
@@ -195,11 +285,15 @@ def bfcl_multi_turn_check(
     strings of that step (BFCL's decoded model result). Returns BFCL's verdict dict
     (`valid`, and on failure `error_type`, `error_message`). A turn count that differs from
     the ground truth's is BFCL's "force terminated" failure. `turns` checks only the first
-    `turns` turns (BFCL's verdict on a prefix of the conversation).
+    `turns` turns (BFCL's verdict on a prefix of the conversation). Raises UnsafeCall when a
+    string is not a plain call with literal arguments (`check_call_string`).
     """
     from bfcl_eval.eval_checker.multi_turn_eval import multi_turn_utils
     from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker import multi_turn_checker
 
+    for step in (s for turn in steps_per_turn for s in turn):
+        for text in step:
+            check_call_string(text)  # BFCL's checker eval()s these strings
     truth = instance.ground_truth
     if turns is not None:
         truth, steps_per_turn = truth[:turns], steps_per_turn[:turns]

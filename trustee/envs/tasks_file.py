@@ -18,6 +18,7 @@ current difficulty (the easiest ones when none is). Called through `envs.BUILDER
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 import random
@@ -44,14 +45,15 @@ class TaskRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """One line of a tasks file.
 
     `tools` are OpenAI function schemas (`{"name", "description", "parameters"}`, or wrapped
-    as `{"type": "function", "function": {...}}`); `answer` is any JSON value your reward
+    as `{"type": "function", "function": {...}}`), or, for an MCP environment, names of the
+    servers' tools (absent there: all of them); `answer` is any JSON value your reward
     function compares against (the judge sees it as the expected outcome); `difficulty` in
     [1, 100] gates when the curriculum may draw the task; `hidden_info` is what a simulated
     tool knows that the prompt does not say.
     """
 
     prompt: str
-    tools: list[dict[str, Any]]
+    tools: list[dict[str, Any] | str] | None = None
     id: str = ""
     system: str = ""
     answer: Any = None
@@ -74,25 +76,17 @@ def _tool(raw: dict[str, Any], where: str) -> ToolSpec:
         raise TasksFileError(f"{where}: tool {fn.get('name', '?')!r} is not a function schema: {e}") from None
 
 
-def load_tasks(path: str | Path) -> list[Task]:
-    """Every task of a JSONL tasks file, validated (schemas compile, ids unique)."""
+def load_tasks(
+    path: str | Path, catalog: dict[str, ToolSpec] | None = None, *, env: str = "tasks_file"
+) -> list[Task]:
+    """Every task of a JSONL tasks file, validated (schemas compile, ids unique). With a
+    `catalog` (an MCP environment's tools by name), `tools` are names from it, all of them
+    when absent, and expected calls must name the task's tools."""
     path = Path(path)
-    if not path.exists():
-        raise TasksFileError(f"tasks file {path} not found (relative paths start at {Path.cwd()})")
     tasks: list[Task] = []
     seen: set[str] = set()
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip() or line.lstrip().startswith("//"):
-            continue
-        where = f"{path}:{n}"
-        try:
-            rec = msgspec.json.decode(line, type=TaskRecord)
-        except (msgspec.ValidationError, msgspec.DecodeError) as e:
-            raise TasksFileError(
-                f"{where}: {e}; each line is a JSON object with 'prompt' and 'tools' "
-                "(optional: id, system, answer, expected_calls, rubric, difficulty, hidden_info, payload)"
-            ) from None
-        tools = [_tool(t, where) for t in rec.tools]
+    for n, where, rec in read_records(path):
+        tools = _task_tools(rec, catalog, where)
         try:
             ToolCallParser(tools)  # schemas compile, names unique
         except Exception as e:  # noqa: BLE001 - jsonschema raises several types; all are user input errors
@@ -103,10 +97,17 @@ def load_tasks(path: str | Path) -> list[Task]:
         seen.add(task_id)
         if not 1.0 <= rec.difficulty <= 100.0:
             raise TasksFileError(f"{where}: difficulty = {rec.difficulty}: use a value in [1, 100]")
+        if catalog is not None:
+            unknown = sorted({c.name for c in rec.expected_calls} - {t.name for t in tools})
+            if unknown:
+                raise TasksFileError(
+                    f"{where}: expected_calls name {unknown}, which are not among the task's tools "
+                    f"{[t.name for t in tools]}"
+                )
         tasks.append(
             Task(
                 id=task_id,
-                env="tasks_file",
+                env=env,
                 tools=tools,
                 first_query=rec.prompt,
                 system_prompt=rec.system,
@@ -122,6 +123,55 @@ def load_tasks(path: str | Path) -> list[Task]:
     if not tasks:
         raise TasksFileError(f"tasks file {path} holds no tasks")
     return tasks
+
+
+def _task_tools(rec: TaskRecord, catalog: dict[str, ToolSpec] | None, where: str) -> list[ToolSpec]:
+    if catalog is None:
+        if rec.tools is None:
+            raise TasksFileError(f"{where}: 'tools' is required: a list of function schemas")
+        named = [t for t in rec.tools if isinstance(t, str)]
+        if named:
+            raise TasksFileError(
+                f"{where}: tools {named} are given by name; a tasks file gives each tool's JSON schema "
+                "(names are for kind 'mcp', whose servers define the tools)"
+            )
+        return [_tool(t, where) for t in rec.tools if isinstance(t, dict)]
+    if rec.tools is None:
+        return list(catalog.values())
+    out = []
+    for t in rec.tools:
+        if not isinstance(t, str):
+            raise TasksFileError(
+                f"{where}: tool {t.get('name', t)!r} is a schema; MCP tasks name their servers' tools "
+                f"(known: {sorted(catalog)})"
+            )
+        if t not in catalog:
+            raise TasksFileError(
+                f"{where}: tool {t!r} is not offered by any server; known: {sorted(catalog)}"
+            )
+        out.append(catalog[t])
+    return out
+
+
+def read_records(path: str | Path) -> list[tuple[int, str, TaskRecord]]:
+    """(line number, 'file:line', record) of every task line of a JSONL tasks file, decoded;
+    TasksFileError naming the file and the line when one is not a task."""
+    path = Path(path)
+    if not path.exists():
+        raise TasksFileError(f"tasks file {path} not found (relative paths start at {Path.cwd()})")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("//"):
+            continue
+        where = f"{path}:{n}"
+        try:
+            out.append((n, where, msgspec.json.decode(line, type=TaskRecord)))
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            raise TasksFileError(
+                f"{where}: {e}; each line is a JSON object with 'prompt' and 'tools' "
+                "(optional: id, system, answer, expected_calls, rubric, difficulty, hidden_info, payload)"
+            ) from None
+    return out
 
 
 class EpisodeView(msgspec.Struct, frozen=True, kw_only=True):
@@ -179,6 +229,7 @@ class TasksFileEnv:
         judge: Judge | None = None,
         judge_weight: float = 0.5,
         name: str = "tasks_file",
+        few_shot: int = 0,
     ):
         if (tools is None) == (simulator is None):
             raise ValueError(
@@ -203,6 +254,30 @@ class TasksFileEnv:
         self.reward = reward
         self.judge = judge
         self.judge_weight = judge_weight if (reward is not None and judge is not None) else None
+        self.few_shot = few_shot
+
+    def examples(self, task: Task) -> list[Message]:
+        """`few_shot` worked examples for `task`, as earlier turns: the prompts of other tasks
+        of the file that have `expected_calls` using only tools this task offers, each followed
+        by the assistant turn making those calls (the form toy's examples take; toy.py says
+        why they stop at the call). Chosen by a hash of the task's id, so a task always gets
+        the same ones; never the task itself."""
+        if not self.few_shot:
+            return []
+        offered = {t.name for t in task.tools}
+        pool = [
+            t
+            for t in self.tasks
+            if t.id != task.id and t.expected_calls and {c.name for c in t.expected_calls} <= offered
+        ]
+        rng = random.Random(int.from_bytes(hashlib.blake2b(task.id.encode(), digest_size=8).digest(), "big"))
+        out: list[Message] = []
+        for shot in rng.sample(pool, min(self.few_shot, len(pool))):
+            out += [
+                Message(role="user", content=shot.first_query),
+                Message(role="assistant", tool_calls=list(shot.expected_calls)),
+            ]
+        return out
 
     async def make_task(self, knobs: Knobs, rng: random.Random) -> Task:
         easiest = self.tasks[0].payload.get("difficulty", 1.0)
@@ -219,6 +294,7 @@ class TasksFileEnv:
     async def start(self, task: Task, episode_id: str, group: Any = None) -> EpisodeState:
         group = group if isinstance(group, _Group) else self.new_group(task)
         messages = [Message(role="system", content=task.system_prompt)] if task.system_prompt else []
+        messages += self.examples(task)
         messages.append(Message(role="user", content=task.first_query))
         data: dict[str, Any] = {"calls": [], "results": [], "call_errors": 0}
         if self.simulator is not None:
@@ -267,45 +343,63 @@ class TasksFileEnv:
         return Message(role="tool", content=text, name=call.name)
 
     async def score(self, state: EpisodeState) -> Score:
-        parts: dict[str, float] = {}
-        view = EpisodeView(
-            task=state.task,
-            messages=list(state.messages),
-            calls=list(state.data["calls"]),
-            results=list(state.data["results"]),
-            final=state.data.get("final", ""),
-            finished=state.done,
-            call_errors=state.data["call_errors"],
+        return await score_episode(
+            state, reward=self.reward, judge=self.judge, judge_weight=self.judge_weight
         )
-        fn_reward = judge_reward = None
-        if self.reward is not None:
-            out = self.reward(view)
-            out = await out if inspect.isawaitable(out) else out
-            fn_score = out if isinstance(out, Score) else Score(reward=float(out))
-            _check_reward(fn_score.reward, self.reward)
-            fn_reward = fn_score.reward
-            parts.update(fn_score.parts)
-            parts["function"] = fn_reward
-        if self.judge is not None:
-            from trustee.sim.client import SimError
 
-            ending = (
-                "the assistant gave its final answer" if state.done else "cut off by the turn or length limit"
-            )
-            try:
-                score, retries = await self.judge.score(state.task, state.messages, ending, key=state.task.id)
-            except SimError as e:
-                state.sim_error, state.done = str(e), True
-                return Score(reward=0.0)
-            state.sim_retries += retries
-            judge_reward = score.reward
-            parts.update({f"judge/{k}": v for k, v in score.parts.items()})
-            parts["judge"] = judge_reward
-        if fn_reward is not None and judge_reward is not None:
-            w = self.judge_weight
-            return Score(reward=(1 - w) * fn_reward + w * judge_reward, parts=parts)
-        reward = fn_reward if fn_reward is not None else judge_reward
-        return Score(reward=reward, parts=parts)
+
+def episode_view(state: EpisodeState) -> EpisodeView:
+    """The reward function's view of an episode whose `state.data` holds `calls`,
+    `results`, `call_errors` and (once answered) `final`, as this environment keeps them."""
+    return EpisodeView(
+        task=state.task,
+        messages=list(state.messages),
+        calls=list(state.data["calls"]),
+        results=list(state.data["results"]),
+        final=state.data.get("final", ""),
+        finished=state.done,
+        call_errors=state.data["call_errors"],
+    )
+
+
+async def score_episode(
+    state: EpisodeState, *, reward: RewardFn | None, judge: Judge | None, judge_weight: float | None
+) -> Score:
+    """The episode's score from a reward function of its `EpisodeView`, the judge, or both
+    (`judge_weight`: the judge's share); a judge failure marks the episode `sim_error`.
+    Shared with the MCP environment."""
+    parts: dict[str, float] = {}
+    view = episode_view(state)
+    fn_reward = judge_reward = None
+    if reward is not None:
+        out = reward(view)
+        out = await out if inspect.isawaitable(out) else out
+        fn_score = out if isinstance(out, Score) else Score(reward=float(out))
+        _check_reward(fn_score.reward, reward)
+        fn_reward = fn_score.reward
+        parts.update(fn_score.parts)
+        parts["function"] = fn_reward
+    if judge is not None:
+        from trustee.sim.client import SimError
+
+        ending = (
+            "the assistant gave its final answer" if state.done else "cut off by the turn or length limit"
+        )
+        try:
+            score, retries = await judge.score(state.task, state.messages, ending, key=state.task.id)
+        except SimError as e:
+            state.sim_error, state.done = str(e), True
+            return Score(reward=0.0)
+        state.sim_retries += retries
+        judge_reward = score.reward
+        parts.update({f"judge/{k}": v for k, v in score.parts.items()})
+        parts["judge"] = judge_reward
+    if fn_reward is not None and judge_reward is not None:
+        w = judge_weight if judge_weight is not None else 0.5
+        return Score(reward=(1 - w) * fn_reward + w * judge_reward, parts=parts)
+    value = fn_reward if fn_reward is not None else judge_reward
+    assert value is not None, "a reward function or a judge is required"
+    return Score(reward=value, parts=parts)
 
 
 def _check_reward(value: float, fn: Any) -> None:
@@ -351,34 +445,51 @@ def check_tasks_file(cfg: TasksFileConfig, reward: str) -> list[str]:
     return problems
 
 
-def build_tasks_file_env(ctx: EnvContext) -> TasksFileEnv:
-    """`environment.kind = 'tasks_file'`: everything from the config."""
+def judge_for(ctx: EnvContext) -> Judge | None:
+    """The simulator's judge when `environment.reward` asks for one ('judge', 'rubric',
+    'function+judge'), else None. Shared with the MCP environment."""
+    env = ctx.config
+    if env.reward not in ("judge", "rubric", "function+judge"):
+        return None
+    from trustee.sim.judge import Judge
+
+    sim = ctx.sim_config
+    assert ctx.simulator is not None, "needs_simulator() is true for a judged reward"
+    return Judge(
+        ctx.simulator,
+        mode="rubric" if env.reward == "rubric" else sim.judge_mode,
+        votes=sim.judge_votes,
+        vote_rule=sim.judge_vote_rule,
+        temperature=sim.judge_temperature,
+    )
+
+
+def reward_function(reward: str, reward_fn: str, field: str) -> RewardFn | None:
+    """The reward function `environment.reward` names: the user's (`reward_fn`, from the
+    config field `field`) for 'function' and 'function+judge', the reference grading for
+    'reference', else None (the judge alone)."""
     from trustee.envs.python import load_object
 
+    if reward in ("function", "function+judge"):
+        return load_object(reward_fn, field)
+    if reward == "reference":
+        from trustee.envs.reference import reference_reward
+
+        return reference_reward
+    return None
+
+
+def build_tasks_file_env(ctx: EnvContext) -> TasksFileEnv:
+    """`environment.kind = 'tasks_file'`: everything from the config."""
     env, cfg = ctx.config, ctx.config.tasks_file
     tasks = load_tasks(cfg.path)
-    judge = None
-    if env.reward in ("judge", "rubric", "function+judge"):
-        from trustee.sim.judge import Judge
-
-        sim = ctx.sim_config
-        assert ctx.simulator is not None, "needs_simulator() is true for a judged tasks file"
-        judge = Judge(
-            ctx.simulator,
-            mode="rubric" if env.reward == "rubric" else sim.judge_mode,
-            votes=sim.judge_votes,
-            vote_rule=sim.judge_vote_rule,
-            temperature=sim.judge_temperature,
-        )
-    reward = None
-    if env.reward in ("function", "function+judge"):
-        reward = load_object(cfg.reward_fn, "environment.tasks_file.reward_fn")
     return TasksFileEnv(
         tasks,
         tools=python_tools(cfg.tools_module, tasks) if cfg.tools == "python" else None,
         simulator=ctx.simulator if cfg.tools == "simulated" else None,
-        reward=reward,
-        judge=judge,
+        reward=reward_function(env.reward, cfg.reward_fn, "environment.tasks_file.reward_fn"),
+        judge=judge_for(ctx),
         judge_weight=cfg.judge_weight,
         name=f"tasks_file:{Path(cfg.path).stem}",
+        few_shot=env.few_shot,
     )

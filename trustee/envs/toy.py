@@ -3,11 +3,14 @@
 Owns `ToyEnv`: five programmatic tools (add, multiply, unit conversion, a small key-value
 store with get and set), a task generator driven by the curriculum knobs (more expected
 calls -> chained arithmetic; more tools -> distractor tools), exact scoring (reward 1.0 when
-the final answer or the final store state is right, else 0.0; 'graded' adds partial credit),
+the final answer or the final store state is right, else 0.0; 'graded' adds partial credit
+for clean finished episodes: `graded_reward`),
 a fixed held-out split (`heldout_tasks`: about 1 in 8 queries, chosen by a stable hash of
-the text and never drawn for training) and `sft_messages`, the
+the text and never drawn for training), optional worked examples before the task (`few_shot`:
+N queries of training-split one-call tasks of other kinds with their reference calls, so a
+pretrained model that has never called a tool sees the call syntax without SFT) and `sft_messages`, the
 reference conversation of a task (for warming a tiny model until it emits well-formed tool
-calls; see `trustee/sft.py`). It is the CPU learning demo's environment and the ground truth
+calls; see `trustee/models/sft.py`). It is the CPU learning demo's environment and the ground truth
 for runner tests. It is not a simulation of anything: every result is computed.
 """
 
@@ -80,6 +83,7 @@ TOOLS: dict[str, ToolSpec] = {
     ]
 }
 HELDOUT_SEED = 0x5EED
+ONE_CALL_KINDS = ("add", "convert", "kv_get", "kv_set")
 _KEYS = ["color", "city", "pet", "fruit", "team", "code", "song", "planet"]
 _VALUES = ["blue", "paris", "cat", "mango", "red", "x42", "jazz", "mars", "green", "oslo"]
 
@@ -174,6 +178,36 @@ def answer_correct(text: str, answer: Any) -> bool:
     return False
 
 
+# The graded reward's partial credit (`graded_reward`): a clean finished episode that is not
+# correct earns FINISH_CREDIT, plus TOOL_CREDIT for the right tools and ARG_CREDIT for the right
+# argument values; at most 0.9, below the 1.0 of a correct answer.
+FINISH_CREDIT = 0.1
+TOOL_CREDIT = 0.3
+ARG_CREDIT = 0.5
+
+
+def graded_reward(
+    *, correct: bool, finished: bool, well_formed: float, tool_names: float, arguments: float
+) -> float:
+    """The 'graded' reward, in [0, 1], ordered: correct > right tool, finished > guess (a clean
+    finished episode with no call) > malformed or truncated (0).
+
+    Only a finished episode earns anything: an episode the turn limit cut earns 0, so rambling
+    until cut never pays. A correct one earns its share of well-formed calls (1.0 when every
+    call parsed). Partial credit goes only to a finished episode whose every call was well
+    formed: one malformed call (bad JSON, unknown tool, arguments outside the schema) and the
+    wrong answer earn 0, less than a clean guess. Without these gates a tiny model learned to
+    name the right tool and then emit broken calls until the turn limit (issue 26: the old
+    graded reward paid 0.3 for that, and 81% of late episodes were malformed)."""
+    if not finished:
+        return 0.0
+    if correct:
+        return well_formed
+    if well_formed < 1.0:
+        return 0.0
+    return FINISH_CREDIT + TOOL_CREDIT * tool_names + ARG_CREDIT * arguments
+
+
 HELDOUT_MOD = 8  # a task whose query hashes to 0 mod this is held out: never trained on
 
 
@@ -191,11 +225,17 @@ class ToyEnv:
         *,
         kinds: tuple[str, ...] = ("add", "convert", "kv_get", "kv_set", "chain"),
         reward: str = "exact",
+        few_shot: int = 0,
     ):
         if reward not in ("exact", "graded"):
             raise ValueError(f"toy reward {reward!r}: choose 'exact' or 'graded' (environment.reward)")
+        if not 0 <= few_shot <= len(ONE_CALL_KINDS) - 1:
+            raise ValueError(
+                f"toy few_shot {few_shot}: choose 0 to {len(ONE_CALL_KINDS) - 1} (environment.few_shot)"
+            )
         self.kinds = kinds
         self.reward = reward
+        self.few_shot = few_shot
 
     async def make_task(self, knobs: Knobs, rng: random.Random) -> Task:
         return self.task(knobs, rng)
@@ -232,9 +272,32 @@ class ToyEnv:
             payload={"kind": kind, **payload},
         )
 
+    def examples(self, task: Task) -> list[Message]:
+        """`few_shot` worked examples for `task`, as earlier turns: each the query of a
+        training-split one-call task whose kind differs from the task's (so an example never
+        shows the task's own tool choice) and the assistant turn with its reference call.
+        They stop at the call: with the tool's result and an answer after it, SmolLM2-135M
+        copied the answer pattern and never called a tool (0 of 16 samples; bench/README).
+        Chosen by a hash of the task's id: the same task always gets the same examples
+        (held-out scores compare across evaluations); never a held-out or chained task."""
+        if not self.few_shot:
+            return []
+        rng = random.Random(int.from_bytes(hashlib.blake2b(task.id.encode(), digest_size=8).digest(), "big"))
+        kinds = [k for k in ONE_CALL_KINDS if k != task.payload.get("kind")]
+        knobs = Knobs(difficulty=task.knobs.get("difficulty", 0.0), n_tools=len(TOOLS), n_expected_calls=1)
+        out: list[Message] = []
+        for kind in rng.sample(kinds, self.few_shot):
+            shot = ToyEnv(kinds=(kind,)).task(knobs, rng)
+            out += [
+                Message(role="user", content=shot.first_query),
+                Message(role="assistant", tool_calls=list(shot.expected_calls)),
+            ]
+        return out
+
     async def start(self, task: Task, episode_id: str, group: Any = None) -> EpisodeState:
         messages = [
             Message(role="system", content=task.system_prompt),
+            *self.examples(task),
             Message(role="user", content=task.first_query),
         ]
         store = dict(task.payload.get("store", {}))
@@ -253,6 +316,9 @@ class ToyEnv:
             state.done = True
             return []
         out = []
+        # A call that did not run (bad JSON, unknown tool, arguments outside the schema, over
+        # the per-turn limit): counted for the reward's well-formed share.
+        state.data["bad_calls"] = state.data.get("bad_calls", 0) + len(action.errors)
         for call in action.calls:
             state.data["calls"].append(call)
             result = execute(call, state.data["store"])
@@ -276,12 +342,19 @@ class ToyEnv:
         names = {m.name for m in made}
         name_hit = sum(c.name in names for c in expected) / len(expected)
         args = sum(_arg_credit(c, made) for c in expected) / len(expected)
+        attempts = len(made) + state.data.get("bad_calls", 0)
+        well_formed = len(made) / attempts if attempts else 1.0
         reward = exact
-        if self.reward == "graded" and not correct:
+        if self.reward == "graded":
             # Partial credit for a tiny model that cannot copy arguments yet, dense enough to
-            # learn from: the right tool (0.3) and each argument value it got right (up to 0.5),
-            # so a call with every argument right but a wrong final answer earns 0.8.
-            reward = 0.3 * name_hit + 0.5 * args
+            # learn from, and gated so that it cannot be gamed (see graded_reward).
+            reward = graded_reward(
+                correct=correct,
+                finished=state.done,
+                well_formed=well_formed,
+                tool_names=name_hit,
+                arguments=args,
+            )
         return Score(
             reward=reward,
             parts={
@@ -290,14 +363,16 @@ class ToyEnv:
                 "tool_names": name_hit,
                 "arguments": args,
                 "finished": float(state.done),
+                "well_formed": well_formed,
             },
         )
 
     def sft_messages(self, task: Task, *, guess: random.Random | None = None) -> list[Message]:
         """The reference conversation: the expected calls one per turn, their real results,
         then a one-sentence answer. With `guess` (a seeded rng), the conversation of a
-        demonstrator that skips the tools and states a wrong answer in the same words
-        (reward 0): the imperfect half of the warm-up data that RL has to learn to beat."""
+        demonstrator that skips the tools and states a wrong answer in the same words (exact
+        reward 0, graded FINISH_CREDIT): the imperfect half of the warm-up data that RL has to
+        learn to beat."""
         store = dict(task.payload.get("store", {}))
         msgs = [
             Message(role="system", content=task.system_prompt),

@@ -24,8 +24,10 @@ from pathlib import Path
 import anyio
 import msgspec
 
+from trustee import atomic
 from trustee.config import Config, ConfigError, Problem, apply_overrides, load_config
 from trustee.eval.bfcl import evaluate, format_table, rollout_config, write_report
+from trustee.paths import default_run_dir, runs_root
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,7 +93,7 @@ def report_path(cfg: Config, run_dir: Path | None) -> Path:
         return Path(cfg.eval.out)
     if run_dir is not None:
         return run_dir / "bfcl_eval.json"
-    return Path("runs") / "eval" / (Path(cfg.model.path).resolve().name or "model") / "bfcl_eval.json"
+    return runs_root() / "eval" / (Path(cfg.model.path).resolve().name or "model") / "bfcl_eval.json"
 
 
 def _inside_model_dir(cfg: Config, out: Path) -> str:
@@ -115,12 +117,12 @@ def _inside_model_dir(cfg: Config, out: Path) -> str:
 
 
 def build_policy_engine(cfg: Config):
-    """The policy engine, built the way training builds it (`trustee.train.build_engine`:
+    """The policy engine, built the way training builds it (`trustee.placement.build_engine`:
     HF on CPU or one GPU, vLLM where configured)."""
     from trustee.config import resolve
-    from trustee.train import build_engine
+    from trustee.placement import build_engine
 
-    res = resolve(cfg, Path("runs") / cfg.name)
+    res = resolve(cfg, default_run_dir(cfg.name))
     return build_engine(cfg.engines.policy, cfg.model.path, cfg, res, role="policy")
 
 
@@ -140,7 +142,7 @@ async def run(cfg: Config, *, progress: bool = True, run_dir: Path | None = None
     from trustee.rollout.episode import EpisodeRunner
 
     if cfg.model.tiny and not (Path(cfg.model.path) / "config.json").exists():
-        from trustee.tiny import build_tiny_model
+        from trustee.models.tiny import build_tiny_model
 
         build_tiny_model(cfg.model.path, size=cfg.model.tiny)
     from transformers import AutoTokenizer
@@ -150,7 +152,10 @@ async def run(cfg: Config, *, progress: bool = True, run_dir: Path | None = None
     if adapter is not None:
         await engine.update_weights(adapter)
     runner = EpisodeRunner.from_config(
-        rollout_config(cfg.eval, cfg.rollout), cfg.model, engine, AutoTokenizer.from_pretrained(cfg.model.path)
+        rollout_config(cfg.eval, cfg.rollout),
+        cfg.model,
+        engine,
+        AutoTokenizer.from_pretrained(cfg.model.path),
     )
     try:
         return await evaluate(
@@ -172,10 +177,10 @@ def build_judge(cfg: Config):
 
     from trustee.chat.render import project_template
     from trustee.config import resolve
+    from trustee.placement import build_engine
     from trustee.sim.client import SimClient
-    from trustee.train import build_engine
 
-    res = resolve(cfg, Path("runs") / cfg.name)
+    res = resolve(cfg, default_run_dir(cfg.name))
     engine = build_engine(cfg.engines.simulator, res.simulator_model, cfg, res, role="simulator")
     client = SimClient(
         engine,
@@ -206,7 +211,7 @@ async def run_agreement(cfg: Config, *, run_dir: Path | None = None):
     from trustee.rollout.episode import EpisodeRunner
 
     if cfg.model.tiny and not (Path(cfg.model.path) / "config.json").exists():
-        from trustee.tiny import build_tiny_model
+        from trustee.models.tiny import build_tiny_model
 
         build_tiny_model(cfg.model.path, size=cfg.model.tiny)
     engine = build_policy_engine(cfg)
@@ -275,7 +280,7 @@ def _main_agreement(cfg: Config, base: Path, run_dir: Path | None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_agreement(rep, str(out))
     table = agreement_table(rep)
-    out.with_suffix(".md").write_text(table + "\n")
+    atomic.write_text(out.with_suffix(".md"), table + "\n")
     print(table)
     print(f"report: {out}  ({rep.wall_s:.1f}s)")
     return 0

@@ -344,8 +344,10 @@ def format_table(report: EvalReport) -> str:
 
 
 def write_report(report: EvalReport, path: str) -> None:
-    with open(path, "wb") as f:
-        f.write(msgspec.json.format(msgspec.json.encode(report), indent=2))
+    """The JSON report, written atomically (a killed evaluation leaves the previous one)."""
+    from trustee import atomic
+
+    atomic.write_bytes(path, msgspec.json.format(msgspec.json.encode(report), indent=2))
 
 
 def rollout_config(cfg: EvalConfig, base: RolloutConfig | None = None) -> RolloutConfig:

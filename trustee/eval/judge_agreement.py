@@ -300,5 +300,7 @@ def format_table(rep: AgreementReport) -> str:
 
 
 def write_report(rep: AgreementReport, path: str) -> None:
-    with open(path, "wb") as fh:
-        fh.write(msgspec.json.format(msgspec.json.encode(rep), indent=2))
+    """The JSON report, written atomically (a killed run leaves the previous one)."""
+    from trustee import atomic
+
+    atomic.write_bytes(path, msgspec.json.format(msgspec.json.encode(rep), indent=2))

@@ -3,8 +3,8 @@
 Owns `DistributedLearner` (starts `placement.learner_ranks` learner processes itself: one
 per learner GPU with NCCL, or N CPU processes with gloo; users never call torchrun),
 `balance_by_tokens` (which rank trains which sequence), `global_norm` (the step's loss
-normaliser over all ranks), `build_distributed_learner` (from the config) and
-`learner_memory_plan` (the per-GPU budget of full fine-tuning over N ranks, for --dry-run).
+normaliser over all ranks) and `build_distributed_learner` (from the config). What each
+rank holds is the memory model's (`trustee/memory.py`).
 The ranks themselves live in `learn/fsdp_rank.py`.
 
 Talking to the ranks: one duplex pipe per rank carries (command, kwargs) down and ('ok',
@@ -39,14 +39,14 @@ import multiprocessing as mp
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
-import msgspec
 
+from trustee import atomic
 from trustee.config import Config, Resolved
 from trustee.engines.base import FullUpdate, LoraUpdate
 from trustee.learn.export import DEFAULT_CHUNK_BYTES
@@ -250,6 +250,8 @@ class DistributedLearner:
         n_tok, isx = max(1, parts.tokens), parts.is_stats
         units = max(1, isx.count)
         real = sum(len(s.tokens) for s in samples)
+        fed = sum(s.input_tokens for s in shares)
+        shared = sum(s.shared_tokens for s in shares)
         return StepMetrics(
             step=self.step_count,
             loss=sum(s.loss for s in shares),
@@ -266,12 +268,14 @@ class DistributedLearner:
             seqs=len(samples),
             loss_tokens=parts.tokens,
             tokens=real,
-            input_tokens=sum(s.input_tokens for s in shares),
+            input_tokens=fed,
             micro_batches=sum(s.micro_batches + s.idle_passes for s in shares),
             oversize=sum(len(s.tokens) > self.spec.learner.micro_batch_tokens for s in samples),
             wall_s=wall,
             tokens_per_s=real / wall if wall > 0 else 0.0,
             peak_mem_bytes=max(s.peak_mem_bytes for s in shares),
+            shared_prefix_frac=shared / max(1, shared + fed),
+            shared_prefix_fallback=max(s.shared_prefix_fallback for s in shares),
         )
 
     # ------------------------------------------------------------------ weights out
@@ -353,20 +357,7 @@ class DistributedLearner:
         if self.mode != "full":
             self.export_lora(path=out, tensors=False)
             return out
-        from safetensors.torch import save_file
-        from transformers import AutoConfig
-
-        out.mkdir(parents=True, exist_ok=True)
-        AutoConfig.from_pretrained(model_path).save_pretrained(out)
-        weight_map = {}
-        for i, chunk in enumerate(self.export_full().chunks):  # one chunk in memory at a time
-            name = f"model-{i + 1:05d}.safetensors"
-            save_file(dict(chunk), str(out / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k, _ in chunk})
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
-        )
-        return out
+        return write_model(out, model_path, self.export_full().chunks)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -417,12 +408,34 @@ class DistributedLearner:
 
 
 def write_adapter(path: Path, weights: dict[str, Any], config: dict[str, Any]) -> None:
-    """A PEFT adapter directory, as `save_pretrained` writes it (config + safetensors)."""
+    """A PEFT adapter directory, as `save_pretrained` writes it (config + safetensors), put in
+    place atomically: a crash leaves the previous adapter, never a config without its weights."""
     from safetensors.torch import save_file
 
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (path / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    with atomic.directory(path) as tmp:
+        save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def write_model(out: Path, model_path: str | Path, chunks: Iterable[list[tuple[str, Any]]]) -> Path:
+    """A transformers model directory: `model_path`'s config, one safetensors shard per chunk
+    of (name, tensor) pairs (one chunk in memory at a time), then the index. Built beside `out`
+    and renamed into place, so a crash mid-export leaves the previous export, never shards
+    without an index or an index naming shards that are not there."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    with atomic.directory(out) as tmp:
+        AutoConfig.from_pretrained(model_path).save_pretrained(tmp)
+        weight_map = {}
+        for i, chunk in enumerate(chunks):
+            name = f"model-{i + 1:05d}.safetensors"
+            save_file(dict(chunk), str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k, _ in chunk})
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
+        )
+    return Path(out)
 
 
 # ----------------------------------------------------------------------------- from the config
@@ -475,178 +488,3 @@ def checkpoint_state(learner: DistributedLearner, ckpt_dir: Path) -> dict[str, A
 
 def resume_state(learner: DistributedLearner, ckpt_dir: Path, schedule: dict[str, Any]) -> None:
     learner.load(ckpt_dir / LEARNER_DIR, schedule)
-
-
-# ----------------------------------------------------------------------------- memory plan
-
-
-class MemoryRow(msgspec.Struct, frozen=True):
-    """One line of the per-GPU budget: what, GiB, and when it is resident."""
-
-    item: str
-    gib: float
-    when: str
-
-
-class ModelShape(msgspec.Struct, frozen=True, kw_only=True):
-    """What the budget needs from a transformers config (config.json keys)."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    head_dim: int = 0
-    tie_word_embeddings: bool = False
-
-    @property
-    def params(self) -> int:
-        h, hd = self.hidden_size, self.head_dim or self.hidden_size // self.num_attention_heads
-        attn = h * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        mlp = 3 * h * self.intermediate_size
-        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * (attn + mlp + 2 * h) + emb + h
-
-    @property
-    def layer_params(self) -> int:
-        return (
-            self.params - self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        ) // self.num_hidden_layers
-
-
-# Public config.json values, for planning without the weights on disk (--dry-run on a laptop).
-KNOWN_SHAPES = {
-    "Qwen3-8B": ModelShape(
-        hidden_size=4096,
-        intermediate_size=12288,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=151936,
-        head_dim=128,
-    ),
-    "Qwen3-4B": ModelShape(
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=151936,
-        head_dim=128,
-        tie_word_embeddings=True,
-    ),
-    "Qwen3-1.7B": ModelShape(
-        hidden_size=2048,
-        intermediate_size=6144,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        vocab_size=151936,
-        head_dim=128,
-        tie_word_embeddings=True,
-    ),
-}
-
-
-def model_shape(path: str) -> ModelShape | None:
-    """The shape from `path`/config.json when it is on disk, else from KNOWN_SHAPES by name."""
-    cfg_file = Path(path) / "config.json"
-    if cfg_file.exists():
-        raw = json.loads(cfg_file.read_text())
-        keys = set(ModelShape.__struct_fields__)
-        return msgspec.convert({k: v for k, v in raw.items() if k in keys and v is not None}, ModelShape)
-    return KNOWN_SHAPES.get(Path(path).name)
-
-
-def learner_memory_plan(cfg: Config, shape: ModelShape | None = None) -> list[MemoryRow]:
-    """Per-GPU memory of the learner phase over placement.learner_ranks ranks (FSDP2, bf16
-    compute, fp32 master weights / grads / AdamW for full fine-tuning, sharded evenly).
-
-    Rows marked 'always' stay resident through rollouts too (the ranks keep their shards; only
-    gradients are freed between steps), so colocated engines must leave room for them.
-    Counted: sharded states; the unsharded bf16 root group (embeddings + head stay gathered
-    through a micro-batch) and two decoder layers (the one computing, the one prefetched);
-    checkpointed activations (one bf16 hidden state per token per layer, the layer inputs);
-    one layer's recomputed activations (about 34 x hidden bytes per token in bf16, the usual
-    transformer estimate without flash-attention's score matrix) and one log-prob chunk
-    (fp32 logits, softmax and grad: 3 x chunk x vocab x 4). Not counted: the CUDA context
-    and allocator fragmentation (budget about 2-4 GiB), NCCL buffers.
-    """
-    shape = shape or model_shape(cfg.model.path)
-    if shape is None:
-        raise ValueError(
-            f"model.path = {cfg.model.path!r}: no config.json there and not one of {sorted(KNOWN_SHAPES)}; "
-            "download the model first (the plan reads its config.json)"
-        )
-    n = max(1, cfg.placement.learner_ranks)
-    P, L, H, V = shape.params, shape.layer_params, shape.hidden_size, shape.vocab_size
-    T = cfg.learner.micro_batch_tokens
-    g = 2**30
-    full = cfg.learner.mode == "full"
-    emb = V * H * (1 if shape.tie_word_embeddings else 2)
-    rows: list[MemoryRow] = []
-    if full:
-        rows += [
-            MemoryRow(f"fp32 master weights / {n}", 4 * P / n / g, "always (learner)"),
-            MemoryRow(f"fp32 gradients / {n}", 4 * P / n / g, "learner phase"),
-            MemoryRow(f"AdamW m, v fp32 / {n}", 8 * P / n / g, "always (learner)"),
-        ]
-    else:
-        r = cfg.learner.lora_rank
-        lora = (
-            shape.num_hidden_layers
-            * r
-            * (
-                2 * (H + H)
-                + 2 * (H + shape.num_key_value_heads * (shape.head_dim or H // shape.num_attention_heads))
-                + 3 * (H + shape.intermediate_size)
-            )
-        )
-        rows += [
-            MemoryRow(f"bf16 base weights / {n}", 2 * P / n / g, "always (learner)"),
-            MemoryRow(f"LoRA weights + grads + AdamW fp32 / {n}", 16 * lora / n / g, "always (learner)"),
-        ]
-    rows += [
-        MemoryRow("bf16 gathered root group (embeddings, head)", 2 * emb / g, "per micro-batch"),
-        MemoryRow("bf16 gathered decoder layers (current + prefetch)", 2 * 2 * L / g, "per layer"),
-        MemoryRow(
-            "unsharded grads before reduce-scatter: root (bf16 + fp32 copy)",
-            6 * emb / g if full else 0.0,
-            "end of backward",
-        ),
-        MemoryRow(
-            "unsharded grads before reduce-scatter: one layer (bf16 + fp32)",
-            6 * L / g if full else 0.0,
-            "per layer (backward)",
-        ),
-        MemoryRow(
-            f"checkpointed activations ({T} tokens x {shape.num_hidden_layers} layers)",
-            2 * T * H * shape.num_hidden_layers / g
-            if cfg.learner.gradient_checkpointing
-            else 34 * T * H * shape.num_hidden_layers / g,
-            "per micro-batch",
-        ),
-        MemoryRow(
-            "one layer's recomputed activations",
-            34 * T * H / g if cfg.learner.gradient_checkpointing else 0.0,
-            "per layer (backward)",
-        ),
-        MemoryRow(
-            f"log-prob chunk ({cfg.learner.logprob_chunk} rows x {V})",
-            3 * cfg.learner.logprob_chunk * V * 4 / g,
-            "per chunk",
-        ),
-    ]
-    return rows
-
-
-def format_memory_plan(rows: list[MemoryRow], budget_gib: float | None = None) -> str:
-    """The plan as a text table with its total (and the headroom against budget_gib)."""
-    lines = [f"  {'learner, per GPU':<62} {'GiB':>7}  when"]
-    lines += [f"  {r.item:<62} {r.gib:7.2f}  {r.when}" for r in rows]
-    total = sum(r.gib for r in rows)
-    lines.append(f"  {'total':<62} {total:7.2f}")
-    if budget_gib is not None:
-        lines.append(f"  {'headroom of ' + str(budget_gib) + ' GiB':<62} {budget_gib - total:7.2f}")
-    return "\n".join(lines)

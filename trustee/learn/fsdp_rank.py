@@ -24,7 +24,8 @@ Sharding (torch 2.13 `torch.distributed.fsdp.fully_shard`):
   parent), so the summed gradient is the single-process gradient for every loss type.
 - every rank runs the same number of micro-batches (the most any rank needs); a rank with
   fewer runs "idle" passes, a forward and backward of one token with zero loss weight, so
-  the collectives pair up.
+  the collectives pair up. The shared-prefix check (`Learner.plan`, 'auto') pairs its
+  forwards the same way.
 
 On GPU: bf16 compute parameters, fp32 gradient reduction (`MixedPrecisionPolicy`), fp32
 sharded master weights for full fine-tuning (each layer is upcast on the CPU just before it
@@ -95,6 +96,8 @@ class RankStep(msgspec.Struct, kw_only=True):
     grad_norm: float
     lr: float
     peak_mem_bytes: int
+    shared_tokens: int = 0
+    shared_prefix_fallback: int = 0
 
 
 # ----------------------------------------------------------------------------- tensors over a pipe
@@ -228,6 +231,7 @@ class RankWorker:
             temperature=spec.temperature,
             total_steps=spec.total_steps,
             pad_id=spec.pad_id,
+            max_over_ranks=self._max_over_ranks,
         )
         self.handlers: dict[str, Callable[..., Any]] = {
             "step": self.step,
@@ -267,26 +271,28 @@ class RankWorker:
 
     def _accumulate(
         self, samples: list[Sample], norm: LossNorm
-    ) -> tuple[float, TokenLossParts, int, int, int]:
+    ) -> tuple[float, TokenLossParts, int, int, list]:
         """The step's gradient on this rank, summed over ranks by FSDP; (loss share, parts,
-        real micro-batches, idle passes, input tokens)."""
-        mine = len(self.learner.micro_batches(samples)) if samples else 0
+        real micro-batches, idle passes, the micro-batches)."""
+        plan = self.learner.plan(samples)  # collective: the shared-prefix check pairs up
+        mine = len(plan)
         most = self._max_over_ranks(mine)
         if samples:
-            loss, parts, mbs = self.learner.accumulate(samples, norm=norm)
+            loss, parts, mbs = self.learner.accumulate(samples, norm=norm, mbs=plan)
         else:
             self.learner.optimizer.zero_grad(set_to_none=True)
             loss, parts, mbs = 0.0, TokenLossParts(), []
         assert len(mbs) == mine, f"micro-batch plan changed: {len(mbs)} != {mine}"
         for _ in range(most - mine):
             self._idle_pass()
-        return loss, parts, mine, most - mine, sum(mb.n_input_tokens for mb in mbs)
+        return loss, parts, mine, most - mine, mbs
 
     def step(self, samples: list[Sample], norm: LossNorm) -> RankStep:
         from trustee.learn.learner import peak_memory, reset_peak_memory
 
         reset_peak_memory(self.device)
-        loss, parts, n_mb, idle, n_in = self._accumulate(samples, norm)
+        fallbacks = self.learner.shared_prefix_fallbacks
+        loss, parts, n_mb, idle, mbs = self._accumulate(samples, norm)
         params = self.policy.trainable_parameters()
         cfg = self.spec.learner
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
@@ -300,10 +306,12 @@ class RankWorker:
             parts=parts,
             micro_batches=n_mb,
             idle_passes=idle,
-            input_tokens=n_in,
+            input_tokens=sum(mb.n_input_tokens for mb in mbs),
             grad_norm=grad_norm,
             lr=lr,
             peak_mem_bytes=peak_memory(self.device),
+            shared_tokens=sum(mb.shared_tokens for mb in mbs),
+            shared_prefix_fallback=int(self.learner.shared_prefix_fallbacks > fallbacks),
         )
 
     def gradients(self, samples: list[Sample], norm: LossNorm) -> tuple[float, bytes | None]:

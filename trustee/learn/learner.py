@@ -2,7 +2,8 @@
 
 Owns `Learner` (policy + AdamW + schedule; `step` / `step_async`) and `StepMetrics`. A step:
 turn the groups into `Sample`s, compute the loss normaliser from the whole step's batch,
-pack the samples into micro-batches by token budget, and for each micro-batch compute
+pack the samples into micro-batches by token budget (a group's shared prompt once, when
+`learner.share_prefix` allows), and for each micro-batch compute
 reference log-probs (if beta > 0), the policy's log-probs (chunked, `learn/logprobs.py`),
 the per-token GRPO loss (`learn/grpo.py`) and backward; then clip gradients, step the
 optimiser and the schedule, and report metrics.
@@ -20,6 +21,15 @@ policy (the learner at training time), and the importance weight exp(old - sampl
 (TIS/MIS, `grpo.is_*`) corrects the rest of the gap between the sampler and the learner
 (staleness in 'overlap' placement, kernels, quantisation). Both ratios are reported:
 `ratio_*` (learner / proximal, what the clip acts on) and `is_ratio_*` (proximal / sampler).
+
+Shared prefixes (`learn/packing.py`, `learn/attention.py`) change the layout only: every loss,
+log-prob, ratio, KL term and metric stays per original episode. With `share_prefix = 'auto'`
+the first micro-batch of each new shape (`_shape`: the attention kernel, dtype, the most
+branches of a unit and the longest prefix's power of two) is also run without sharing, with
+no gradient, and the two log-probs compared (as Unsloth checks its shared path at run time);
+past the tolerance the learner warns, reports `shared_prefix_fallback`, and packs whole from
+then on. Under FSDP the check is collective: every rank runs as many check passes as the
+busiest, and one rank's mismatch turns sharing off on all.
 
 Does not compute advantages (`learn/advantages.py`, called by the controller) or export
 weights (`learn/export.py`). Step code takes the device from the model and calls no
@@ -44,6 +54,7 @@ import msgspec
 import torch
 
 from trustee.config import GrpoConfig, LearnerConfig
+from trustee.learn.attention import resolve_kernel
 from trustee.learn.grpo import (
     LossNorm,
     TokenLossParts,
@@ -54,11 +65,27 @@ from trustee.learn.grpo import (
     token_weights,
 )
 from trustee.learn.logprobs import model_device, token_logprobs
-from trustee.learn.packing import MicroBatch, Sample, build_packed, build_padded, check_sample, plan_bins
+from trustee.learn.packing import (
+    MicroBatch,
+    Sample,
+    build_packed,
+    build_padded,
+    build_shared,
+    check_sample,
+    plan_bins,
+    plan_shared,
+)
 from trustee.learn.policy import Policy
 from trustee.types import Group
 
 log = logging.getLogger("trustee.learn")
+
+SHARE_CHECK_TOL = {torch.float32: (1e-3, 1e-4), torch.float64: (1e-6, 1e-7)}
+"""(max, mean) absolute log-prob difference the run-time check accepts between the shared and
+the unshared layout, by compute dtype. float32 layouts agree to about 1e-6 on the tiny models
+(tests/test_learn_shared.py); other dtypes (bf16, fp16) get HALF_TOL, a guess not yet measured
+on a GPU."""
+HALF_TOL = (0.25, 0.02)
 
 
 class StepMetrics(msgspec.Struct, kw_only=True):
@@ -106,6 +133,12 @@ class StepMetrics(msgspec.Struct, kw_only=True):
     peak_mem_bytes: int
     skipped_nonfinite: int = 0
     """1 when the loss or gradient norm was not finite and the optimiser step was skipped."""
+    shared_prefix_frac: float = 0.0
+    """Share of the step's tokens the model did not compute because a group's common prompt was
+    fed once (shared-prefix packing): shared / (shared + input_tokens)."""
+    shared_prefix_fallback: int = 0
+    """1 when the run-time check found the shared layout wrong in this step (the learner then
+    packs episodes whole for the rest of the run)."""
 
 
 def samples_from_groups(groups: list[Group]) -> list[Sample]:
@@ -177,10 +210,12 @@ class Learner:
     """Owns the policy's optimiser and schedule; one `step` = one optimiser update.
 
     temperature: the sampler's temperature (rollout.temperature), applied to the logits.
-    total_steps: the schedule's horizon (grpo.steps). layout: 'packed' (default) or 'padded'
-    (one row per sequence with an attention mask; for benchmarks and tests).
+    total_steps: the schedule's horizon (grpo.steps). layout: 'packed' (default; shares
+    prefixes as cfg.share_prefix says) or 'padded' (one row per sequence with an attention
+    mask, never shared; for benchmarks and tests).
     Data parallelism (FSDP2 ranks): `world_size` and `sum_over_ranks` (an all-reduce of an
-    int) give dapo its global token count; every other normaliser is per rank.
+    int) give dapo its global token count; every other normaliser is per rank;
+    `max_over_ranks` (an all-reduce MAX) keeps the shared-prefix check collective.
     """
 
     def __init__(
@@ -195,6 +230,7 @@ class Learner:
         pad_id: int = 0,
         world_size: int = 1,
         sum_over_ranks: Callable[[int], int] | None = None,
+        max_over_ranks: Callable[[int], int] | None = None,
     ):
         if layout not in ("packed", "padded"):
             raise ValueError(f"layout = {layout!r}: choose 'packed' or 'padded'")
@@ -204,7 +240,11 @@ class Learner:
             )
         self.policy, self.grpo, self.cfg = policy, grpo, cfg
         self.temperature, self.layout, self.pad_id = temperature, layout, pad_id
-        self.world_size, self.sum_over_ranks = world_size, sum_over_ranks
+        self.world_size, self.sum_over_ranks, self.max_over_ranks = world_size, sum_over_ranks, max_over_ranks
+        self.share_prefix = cfg.share_prefix if layout == "packed" else "off"
+        self.shared_prefix_fallbacks = 0
+        self._verified: set[tuple] = set()  # shapes the run-time check passed
+        self._fell_back = 0  # in the current step
         params = policy.trainable_parameters()
         if not params:
             raise ValueError("the policy has no trainable parameters")
@@ -232,6 +272,7 @@ class Learner:
         )
 
     def micro_batches(self, samples: list[Sample]) -> list[MicroBatch]:
+        """The step's layout, unchecked (`plan` adds the run-time check)."""
         lengths = [len(s.tokens) for s in samples]
         budget = self.cfg.micro_batch_tokens
         if self.layout == "padded":
@@ -239,7 +280,95 @@ class Learner:
                 build_padded([samples[i] for i in b], b, pad_id=self.pad_id)
                 for b in _padded_bins(lengths, budget)
             ]
+        if self.share_prefix != "off":
+            return [build_shared(samples, units) for units in plan_shared(samples, budget)]
         return [build_packed([samples[i] for i in b], b) for b in plan_bins(lengths, budget)]
+
+    def plan(self, samples: list[Sample]) -> list[MicroBatch]:
+        """`micro_batches`, after the run-time check of any new shared shape ('auto'). Collective
+        under FSDP: every rank calls it, with or without samples."""
+        mbs = self.micro_batches(samples) if samples else []
+        if self.share_prefix != "auto":
+            return mbs
+        todo: dict[tuple, MicroBatch] = {}
+        for mb in mbs:
+            key = self._shape(mb)
+            if key is not None and key not in self._verified:
+                todo.setdefault(key, mb)
+        n = len(todo)
+        most = n if self.max_over_ranks is None else self.max_over_ranks(n)
+        if most == 0:
+            return mbs
+        bad: tuple[tuple, float, float] | None = None
+        checks = list(todo.items())
+        for i in range(most):
+            if i >= n:
+                self._compare(None)  # the same forwards on a token pair: FSDP's collectives pair up
+                continue
+            key, mb = checks[i]
+            worst, mean = self._compare((samples, mb))
+            tol_max, tol_mean = SHARE_CHECK_TOL.get(key[1], HALF_TOL)
+            if bad is None and (not worst <= tol_max or not mean <= tol_mean):
+                bad = (key, worst, mean)
+        failed = int(bad is not None)
+        if self.max_over_ranks is not None:
+            failed = self.max_over_ranks(failed)
+        if not failed:
+            self._verified.update(todo)
+            return mbs
+        why = (
+            f"shape {bad[0]}: log-probs differ by {bad[1]:.3g} at most, {bad[2]:.3g} on average"
+            if bad is not None
+            else "another rank found a mismatch"
+        )
+        log.warning(
+            "learner: the shared-prefix layout disagrees with the unshared one (%s); packing every "
+            "episode whole from now on (learner.share_prefix = 'off' makes this the default)",
+            why,
+        )
+        self.share_prefix = "off"
+        self.shared_prefix_fallbacks += 1
+        self._fell_back = 1
+        return self.micro_batches(samples) if samples else []
+
+    def _shape(self, mb: MicroBatch) -> tuple | None:
+        """What the run-time check keys on: (kernel, dtype, most branches of a unit, bit length of
+        the longest prefix); None for a micro-batch that shares nothing."""
+        layout = mb.layout
+        if layout is None:
+            return None
+        p = next(self.model.parameters())
+        kernel = resolve_kernel(layout.kernel, p.device, p.dtype)
+        most = max(len(b) for _, _, b in layout.units)
+        longest = max(pre for _, pre, b in layout.units if b)
+        return (kernel, p.dtype, most, longest.bit_length())
+
+    @torch.no_grad()
+    def _compare(self, job: tuple[list[Sample], MicroBatch] | None) -> tuple[float, float]:
+        """(max, mean) |log-prob difference| between a shared micro-batch and the same samples
+        packed whole, computed in eval mode (no dropout); None: the same two forwards on a
+        token pair, for a rank with nothing to check."""
+        if job is None:
+            pair = Sample(
+                tokens=[self.pad_id] * 2, loss_mask=[0, 1], sampler_logprobs=[0.0, 0.0], advantage=0.0
+            )
+            shared = whole = build_packed([pair], [0])
+        else:
+            samples, shared = job
+            whole = build_packed([samples[i] for i in shared.sample_ids], shared.sample_ids)
+        was = self.model.training
+        self.model.eval()
+        try:
+            a, _ = token_logprobs(
+                self.model, shared, temperature=self.temperature, chunk=self.cfg.logprob_chunk
+            )
+            b, _ = token_logprobs(
+                self.model, whole, temperature=self.temperature, chunk=self.cfg.logprob_chunk
+            )
+        finally:
+            self.model.train(was)
+        d = (a.float() - b.float()).abs()
+        return float(d.max()), float(d.mean())
 
     # ------------------------------------------------------------------ one micro-batch
 
@@ -293,7 +422,7 @@ class Learner:
         """The learner's log-probs of each sample's loss tokens before any update of this
         step (the proximal policy), one [n_loss] tensor per sample, on the model's device."""
         out: list[torch.Tensor | None] = [None] * len(samples)
-        for mb in self.micro_batches(samples):
+        for mb in self.plan(samples):
             logp, _ = token_logprobs(
                 self.model, mb, temperature=self.temperature, chunk=self.cfg.logprob_chunk
             )
@@ -305,16 +434,20 @@ class Learner:
     # ------------------------------------------------------------------ one step
 
     def accumulate(
-        self, samples: list[Sample], old: list[torch.Tensor] | None = None, norm: LossNorm | None = None
+        self,
+        samples: list[Sample],
+        old: list[torch.Tensor] | None = None,
+        norm: LossNorm | None = None,
+        mbs: list[MicroBatch] | None = None,
     ) -> tuple[float, TokenLossParts, list[MicroBatch]]:
         """Zero the grads and accumulate the gradient of `samples` (one optimiser update's
         worth); no optimiser step. old: per-sample proximal log-probs (`old_logprobs`), or
         None for a single update per batch; norm: the step normaliser when the caller computed
-        it over all ranks (FSDP learner)."""
+        it over all ranks (FSDP learner); mbs: `plan(samples)` when the caller made it."""
         for i, s in enumerate(samples):
             check_sample(s, i)
         norm = self.norm_for(samples) if norm is None else norm
-        mbs = self.micro_batches(samples)
+        mbs = self.plan(samples) if mbs is None else mbs
         self.optimizer.zero_grad(set_to_none=True)
         total, parts = 0.0, TokenLossParts()
         for mb in mbs:
@@ -353,6 +486,7 @@ class Learner:
             raise ValueError("Learner.step got no trajectories; skip the step when every group was filtered")
         device = model_device(self.model)
         reset_peak_memory(device)
+        self._fell_back = 0
         t0 = time.perf_counter()
         params = self.policy.trainable_parameters()
         before = [p.detach().clone() for p in params]
@@ -401,6 +535,7 @@ class Learner:
             optimizer_steps=len(plan) - skipped,
         )
         m.skipped_nonfinite = int(skipped > 0)
+        m.shared_prefix_fallback = self._fell_back
         return m
 
     def _metrics(
@@ -422,6 +557,8 @@ class Learner:
         isx = parts.is_stats
         units = max(1, isx.count)
         real = sum(len(s.tokens) for s in samples)
+        fed = sum(mb.n_input_tokens for mb in mbs)
+        shared = sum(mb.shared_tokens for mb in mbs)
         return StepMetrics(
             step=self.step_count,
             loss=loss,
@@ -443,12 +580,13 @@ class Learner:
             seqs=len(samples),
             loss_tokens=parts.tokens,
             tokens=real,
-            input_tokens=sum(mb.n_input_tokens for mb in mbs),
+            input_tokens=fed,
             micro_batches=len(mbs),
             oversize=sum(len(s.tokens) > self.cfg.micro_batch_tokens for s in samples),
             wall_s=wall,
             tokens_per_s=real / wall if wall > 0 else 0.0,
             peak_mem_bytes=peak_memory(device),
+            shared_prefix_frac=shared / max(1, shared + fed),
         )
 
 

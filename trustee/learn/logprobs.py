@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from trustee.learn.packing import MicroBatch, to_device, use_segment_attention
+from trustee.learn.attention import use_segment_attention
+from trustee.learn.packing import MicroBatch, to_device
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -66,12 +67,13 @@ def _chunk_logprobs(
 def body_forward(body: nn.Module, mb: MicroBatch) -> torch.Tensor:
     """Hidden states of the whole micro-batch, flattened: [R*T, H].
 
-    An SDPA/eager model is switched to `packing.segment_attention` first (once, it stays):
-    packed micro-batches get per-sequence attention, so no attention work crosses a sequence
-    boundary; padded ones compute what SDPA computes, and both keep grouped-query attention
-    on SDPA's fast kernels (transformers' own SDPA path passes enable_gqa on CPU, which runs
-    the math kernel, several times slower)."""
-    use_segment_attention(body)
+    The model is switched to `attention.segment_attention` first (once, it stays; a
+    flash-attention model only when a shared-prefix micro-batch comes): packed micro-batches
+    get per-sequence attention, so no attention work crosses a sequence boundary; shared-prefix
+    ones let each branch see its prefix and itself; padded ones compute what SDPA computes, and
+    all keep grouped-query attention on SDPA's fast kernels (transformers' own SDPA path passes
+    enable_gqa on CPU, which runs the math kernel, several times slower)."""
+    use_segment_attention(body, shared=mb.layout is not None)
     out = body(
         input_ids=mb.input_ids,
         position_ids=mb.position_ids,

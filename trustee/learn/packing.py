@@ -1,28 +1,33 @@
-"""Micro-batches: sequences packed by a token budget, position ids restarting per sequence.
+"""Micro-batches: sequences packed by a token budget, whole or with a group's prompt shared.
 
 Owns `Sample` (one trajectory as the learner sees it), `plan_bins` (first-fit decreasing
-over lengths), and `MicroBatch` built packed (`build_packed`: one row, no padding) or padded
-(`build_padded`: one row per sequence plus an attention mask; used by the benchmark and
-as the reference in tests). Knows nothing about losses or models beyond the input layout.
-Called by the learner.
+over lengths), and `MicroBatch` built packed (`build_packed`: one row, no padding), with shared
+prefixes (`plan_shared` + `build_shared`) or padded (`build_padded`: one row per sequence plus
+an attention mask; used by the benchmark and as the reference in tests). Knows nothing about
+losses or models beyond the input layout. Called by the learner. The attention that reads
+these layouts lives in `learn/attention.py`.
 
 Packed layout: the sequences' ids are concatenated into input_ids [1, T]; position_ids
 [1, T] restart at 0 for each sequence, and every packed micro-batch carries cu_seq_lens_* /
-max_length_* (the sequence boundaries, computed once here instead of in every layer).
-No attention work crosses a sequence boundary on any device: flash-attention models hand
-the boundaries to the varlen kernel; SDPA/eager models are switched (`use_segment_attention`,
-by `logprobs.body_forward`) to `segment_attention`, registered with transformers'
-`AttentionInterface`, which runs causal SDPA per sequence, so a pack of sequences of lengths
-L_k costs sum(L_k^2) attention instead of the (sum L_k)^2 of the block-diagonal mask that
-transformers would otherwise build (`masking_utils.find_packed_sequence_indices`) and SDPA
-would compute in full. Padded micro-batches go through the same function (SDPA with the
-padding mask, as transformers computes it), so the two layouts run the same kernels; both
-repeat key/value heads for grouped-query attention off CUDA instead of passing SDPA
-`enable_gqa`, which on CPU selects the math kernel (`_kv_heads_for_sdpa`). Checked against
-transformers 5.19: the attention function is looked up per layer from `config._attn_implementation` (`models/qwen3/modeling_qwen3.py`
-Qwen3Attention.forward, `modeling_utils.AttentionInterface`), forward kwargs such as
-cu_seq_lens_q reach it unchanged, and the mask function is looked up from
-`masking_utils.ALL_MASK_ATTENTION_FUNCTIONS` under the same name.
+max_length_* (the sequence boundaries, computed once here instead of in every layer), so
+no attention work crosses a sequence boundary (`attention.segment_attention`).
+
+Shared-prefix layout: the episodes of a GRPO group start with the same prompt. `plan_shared`
+finds, for sequences whose prompts agree (sorted, so equal prompts sit together), the longest
+common prefix that holds no trained token (it never reaches past any member's first loss
+token), and makes them one *unit*: the prefix once, then each member's remaining tokens (its
+*branch*). Position ids run 0..P-1 over the prefix and continue P, P+1, ... in every branch,
+so each token has the position it has in its own episode; the attention (`SharedLayout`)
+lets a branch see the whole prefix and its own earlier tokens only. A unit that would exceed
+the budget is cut into several, each with its own copy of the prefix; a unit of one member
+is a plain sequence. Units are binned like sequences (first-fit decreasing), each prefix
+counted once. The loss tokens keep their per-episode identity: a branch's token at position
+i is predicted by the hidden state of position i - 1 of *its* episode, which is the prefix's
+last row when i = P (the boundary token) and a row of its own branch after that.
+
+Why only the first prompt: a multi-turn episode's later turns follow sampled tokens, which
+differ across a group at temperature 1 almost always, so sharing past the first trained token
+would need trees (AReaL's tree training) for a small gain on these tasks; not done.
 
 Targets: the loss tokens are positions i with loss_mask[i] == 1; the hidden state that
 predicts token i sits at i - 1 of the same sequence. A sampled token at position 0 would
@@ -35,6 +40,11 @@ from dataclasses import dataclass, field
 
 import msgspec
 import torch
+
+from trustee.learn.attention import SharedLayout
+
+MIN_SHARED_PREFIX = 16
+"""Tokens a common prefix needs before sharing it is worth a unit (shorter: packed whole)."""
 
 
 class Sample(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,9 +108,11 @@ class MicroBatch:
     """Model inputs plus the flat loss-token tensors of some sequences.
 
     input_ids, position_ids: [R, T]; attention_mask: [R, T] or None (packed); attn_kwargs:
-    extra forward kwargs (packed: the sequence boundaries, `segment_kwargs`); src: [N] flat index into R*T of the hidden state
+    extra forward kwargs (packed: the sequence boundaries, `segment_kwargs`; shared prefix:
+    `shared_prefix`, a SharedLayout); src: [N] flat index into R*T of the hidden state
     that predicts each loss token; targets, seq, seq_tokens, sampler_logp, adv: [N].
     `sample_ids` are the indices of the samples in the step's list, in `seq` order.
+    `shared_tokens`: tokens the samples hold that the row does not (prefixes fed once).
     """
 
     input_ids: torch.Tensor
@@ -114,6 +126,12 @@ class MicroBatch:
     adv: torch.Tensor
     sample_ids: list[int]
     attn_kwargs: dict = field(default_factory=dict)
+    shared_tokens: int = 0
+
+    @property
+    def layout(self) -> SharedLayout | None:
+        """The shared-prefix layout, or None for packed and padded micro-batches."""
+        return self.attn_kwargs.get("shared_prefix")
 
     @property
     def n_seqs(self) -> int:
@@ -129,12 +147,13 @@ def _loss_positions(s: Sample) -> list[int]:
     return [i for i, m in enumerate(s.loss_mask) if m]
 
 
-def _flat_targets(samples: list[Sample], offsets: list[int]) -> dict[str, torch.Tensor]:
-    """The [N] tensors; offsets[k] = flat index of sample k's first token."""
+def _flat_targets(samples: list[Sample], places: list[tuple[int, int, int]]) -> dict[str, torch.Tensor]:
+    """The [N] tensors. places[k] = (prefix_at, prefix_len, own_at): sample k's token j sits at
+    flat row prefix_at + j while j < prefix_len (a shared prefix), else own_at + j - prefix_len."""
     src, tgt, seq, seq_tokens, old, adv = [], [], [], [], [], []
-    for k, (s, off) in enumerate(zip(samples, offsets, strict=True)):
+    for k, (s, (pre_at, pre_len, own_at)) in enumerate(zip(samples, places, strict=True)):
         pos = _loss_positions(s)
-        src += [off + i - 1 for i in pos]
+        src += [pre_at + i - 1 if i - 1 < pre_len else own_at + i - 1 - pre_len for i in pos]
         tgt += [s.tokens[i] for i in pos]
         seq += [k] * len(pos)
         seq_tokens += [len(pos)] * len(pos)
@@ -159,116 +178,6 @@ def segment_kwargs(lengths: list[int]) -> dict:
     return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)
 
 
-SEGMENT_ATTENTION = "trustee_segments"
-
-
-def segment_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Causal SDPA within each packed sequence. query [1, H, T, D], key/value [1, Hkv, T, D];
-    returns ([1, T, H, D], None) like transformers' sdpa_attention_forward. Without
-    cu_seq_lens_q (padded or single-sequence batches) it is sdpa_attention_forward."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is None:
-        if kwargs.get("position_bias") is not None or key.shape[2] != query.shape[2]:
-            return sdpa_attention_forward(
-                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-            )
-        # sdpa_attention_forward's computation for the learner's case (no cache, no position
-        # bias), with grouped-query attention that stays on SDPA's fast kernels (see below)
-        key, value, gqa = _kv_heads_for_sdpa(query, key, value, masked=attention_mask is not None)
-        is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            dropout_p=dropout,
-            scale=scaling,
-            is_causal=is_causal,
-            **gqa,
-        )  # [R, H, T, D]
-        return out.transpose(1, 2).contiguous(), None
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError("segment_attention does not implement sliding-window attention")
-    assert query.shape[0] == 1, "a packed micro-batch is one row"
-    key, value, gqa = _kv_heads_for_sdpa(query, key, value)
-    bounds = cu.tolist()
-    outs = [
-        torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, s:e],
-            key[:, :, s:e],
-            value[:, :, s:e],
-            dropout_p=dropout,
-            scale=scaling,
-            is_causal=True,
-            **gqa,
-        )
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
-    ]  # each [1, H, L_k, D]
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # [1, T, H, D]
-
-
-def _kv_heads_for_sdpa(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, masked: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Grouped-query attention for SDPA: `enable_gqa` on CUDA without a mask (its flash kernel
-    takes fewer key/value heads; with a mask it would not run, as transformers also notes);
-    otherwise key/value repeated to the query's heads, because on CPU
-    `enable_gqa=True` sends SDPA to its math kernel (measured with torch 2.13 CPU, one
-    sequence of 4,096, 2 query heads on 1 key/value head, forward + backward: 4.0 s with
-    enable_gqa, 1.0 s repeated; 13 s with a non-contiguous query, which is how attention
-    modules hand it over). key/value [1, Hkv, T, D] -> [1, H, T, D] off CUDA."""
-    n_rep = query.shape[1] // key.shape[1]
-    if n_rep == 1:
-        return key, value, {}
-    if query.device.type == "cuda" and not masked:
-        return key, value, {"enable_gqa": True}
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    return repeat_kv(key, n_rep), repeat_kv(value, n_rep), {}
-
-
-def _segment_mask(**kwargs):
-    """No mask for packs (segment_attention is causal per sequence); padded batches get
-    exactly the SDPA mask."""
-    from transformers.masking_utils import sdpa_mask
-
-    if kwargs.get("attention_mask") is None:
-        return None
-    return sdpa_mask(**kwargs)
-
-
-def use_segment_attention(model: torch.nn.Module) -> bool:
-    """Switch an SDPA/eager transformers model to `segment_attention` (registered once with
-    transformers' AttentionInterface and AttentionMaskInterface). Models on flash-attention
-    (varlen already) or another implementation are left alone. Returns whether the model now
-    uses segment attention."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    config = getattr(model, "config", None)
-    impl = getattr(config, "_attn_implementation", None)
-    if impl == SEGMENT_ATTENTION:
-        return True
-    if impl not in ("sdpa", "eager"):
-        return False
-    if SEGMENT_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_ATTENTION, _segment_mask)
-    model.set_attn_implementation(SEGMENT_ATTENTION)
-    return True
-
-
 def build_packed(samples: list[Sample], sample_ids: list[int]) -> MicroBatch:
     """One row [1, sum T_k], positions restarting per sequence, no attention mask; the
     sequence boundaries in attn_kwargs (`segment_kwargs`)."""
@@ -282,7 +191,130 @@ def build_packed(samples: list[Sample], sample_ids: list[int]) -> MicroBatch:
         attention_mask=None,
         sample_ids=list(sample_ids),
         attn_kwargs=segment_kwargs(lengths),
-        **_flat_targets(samples, offsets),
+        **_flat_targets(samples, [(o, 0, o) for o in offsets]),
+    )
+
+
+class Unit(msgspec.Struct, frozen=True):
+    """Samples (indices in the step's list) fed as one prefix of `prefix` tokens followed by
+    each member's remaining tokens; `size` tokens in the row. A plain sequence: one member,
+    prefix 0."""
+
+    members: tuple[int, ...]
+    prefix: int
+    size: int
+
+
+def prompt_len(s: Sample) -> int:
+    """Tokens before the first trained one: the most a shared prefix may cover."""
+    return s.loss_mask.index(1)
+
+
+def _common_len(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _clusters(samples: list[Sample], min_prefix: int) -> list[tuple[list[int], int]]:
+    """(members, shared prefix length) over all samples: prompts sorted so that equal ones sit
+    together; a sample joins the cluster before it while that does not lower the tokens the
+    cluster saves ((members - 1) x prefix) and the prefix stays >= min_prefix."""
+    order = sorted(range(len(samples)), key=lambda i: (samples[i].tokens[: prompt_len(samples[i])], i))
+    out: list[tuple[list[int], int]] = []
+    for i in order:
+        pl = prompt_len(samples[i])
+        if out:
+            members, p = out[-1]
+            q = _common_len(samples[members[0]].tokens, samples[i].tokens, min(p, pl))
+            if q >= min_prefix and len(members) * q >= (len(members) - 1) * p:
+                members.append(i)
+                out[-1] = (members, q)
+                continue
+        out.append(([i], pl))
+    return out
+
+
+def _split_cluster(samples: list[Sample], members: list[int], p: int, budget: int) -> list[Unit]:
+    """Units of one cluster that fit the budget: branches first-fit decreasing into units of
+    room budget - p (each with its own copy of the prefix); a member alone is plain."""
+    lens = {i: len(samples[i].tokens) for i in members}
+    groups: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(members, key=lambda i: (-lens[i], i)):
+        s = lens[i] - p
+        for g, r in enumerate(room):
+            if s <= r:
+                groups[g].append(i)
+                room[g] -= s
+                break
+        else:
+            groups.append([i])
+            room.append(budget - p - s)
+    out = []
+    for g in groups:
+        g = sorted(g)
+        if len(g) == 1:
+            out.append(Unit(members=(g[0],), prefix=0, size=lens[g[0]]))
+        else:
+            out.append(Unit(members=tuple(g), prefix=p, size=p + sum(lens[i] - p for i in g)))
+    return out
+
+
+def plan_shared(
+    samples: list[Sample], budget: int, *, min_prefix: int = MIN_SHARED_PREFIX
+) -> list[list[Unit]]:
+    """Micro-batches as lists of units (see the module docstring): clusters of shared
+    prompts, cut to the budget, then first-fit decreasing over unit sizes. Deterministic."""
+    units: list[Unit] = []
+    for members, p in _clusters(samples, min_prefix):
+        if len(members) == 1:
+            units.append(Unit(members=(members[0],), prefix=0, size=len(samples[members[0]].tokens)))
+        else:
+            units += _split_cluster(samples, members, p, budget)
+    return [[units[i] for i in b] for b in plan_bins([u.size for u in units], budget)]
+
+
+def build_shared(samples: list[Sample], units: list[Unit], *, kernel: str = "auto") -> MicroBatch:
+    """One row holding `units` (indices into `samples`, the step's list): each prefix once,
+    branches after it with positions continuing from it, the layout in
+    attn_kwargs['shared_prefix']. Without a shared unit it is `build_packed` of the members."""
+    ids_of = [i for u in units for i in u.members]
+    if all(u.prefix == 0 for u in units):
+        return build_packed([samples[i] for i in ids_of], ids_of)
+    ids: list[int] = []
+    pos: list[int] = []
+    places: dict[int, tuple[int, int, int]] = {}
+    layout: list[tuple[int, int, tuple[int, ...]]] = []
+    for u in units:
+        start, p = len(ids), u.prefix
+        if p == 0:  # a plain sequence: a unit that is all prefix, no branch
+            toks = samples[u.members[0]].tokens
+            ids += toks
+            pos += range(len(toks))
+            places[u.members[0]] = (start, 0, start)
+            layout.append((start, len(toks), ()))
+            continue
+        ids += samples[u.members[0]].tokens[:p]
+        pos += range(p)
+        branches = []
+        for i in u.members:
+            toks = samples[i].tokens
+            places[i] = (start, p, len(ids))
+            ids += toks[p:]
+            pos += range(p, len(toks))
+            branches.append(len(toks) - p)
+        layout.append((start, p, tuple(branches)))
+    chosen = [samples[i] for i in ids_of]
+    return MicroBatch(
+        input_ids=torch.tensor(ids, dtype=torch.long)[None],  # [1, T]
+        position_ids=torch.tensor(pos, dtype=torch.long)[None],  # [1, T]
+        attention_mask=None,
+        sample_ids=ids_of,
+        attn_kwargs={"shared_prefix": SharedLayout.build(layout, kernel)},
+        shared_tokens=sum(len(s.tokens) for s in chosen) - len(ids),
+        **_flat_targets(chosen, [places[i] for i in ids_of]),
     )
 
 
@@ -304,7 +336,7 @@ def build_padded(
         position_ids=pos,
         attention_mask=mask,
         sample_ids=list(sample_ids),
-        **_flat_targets(samples, [r * T for r in range(R)]),
+        **_flat_targets(samples, [(r * T, 0, r * T) for r in range(R)]),
     )
 
 
@@ -325,5 +357,8 @@ def to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
         sampler_logp=mv(mb.sampler_logp),
         adv=mv(mb.adv),
         sample_ids=mb.sample_ids,
-        attn_kwargs={k: mv(v) for k, v in mb.attn_kwargs.items()},
+        attn_kwargs={
+            k: v.to(device) if isinstance(v, SharedLayout) else mv(v) for k, v in mb.attn_kwargs.items()
+        },
+        shared_tokens=mb.shared_tokens,
     )

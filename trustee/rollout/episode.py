@@ -29,6 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import anyio
 import msgspec
 
 from trustee.chat.formats import chat_spec
@@ -143,6 +144,8 @@ class EpisodeRunner:
         except Exception as e:  # noqa: BLE001 - invariant 8: one bad episode never stops a run
             log.exception("episode %s (task %s) failed", episode_id, task.id)
             status, error = "error", f"{type(e).__name__}: {e}"
+        finally:
+            await _end_episode(env, ep)
         if status in ("sim_error", "error"):
             reward, parts = 0.0, {}
         return self._trajectory(ep, status, error, reward, parts)
@@ -296,6 +299,20 @@ class EpisodeRunner:
 
 def _same_items(items: list[Any], before: tuple[Any, ...]) -> bool:
     return len(items) == len(before) and all(a is b for a, b in zip(items, before, strict=True))
+
+
+async def _end_episode(env: Environment, ep: _Episode) -> None:
+    """The environment's optional `end_episode(state)`: called once per started episode however
+    it ended (scored, failed, cancelled), shielded, so what the episode holds (an MCP server,
+    a working directory) is given back. Its own failure is logged, never raised."""
+    end = getattr(env, "end_episode", None)
+    if end is None or ep.state is None:
+        return
+    with anyio.CancelScope(shield=True):
+        try:
+            await end(ep.state)
+        except Exception:  # noqa: BLE001 - a failed clean-up must not turn a scored episode into an error
+            log.exception("episode %s: end_episode failed", ep.episode_id)
 
 
 def _is_error(content: str) -> bool:

@@ -6,7 +6,8 @@ held-out half; an environment without one gets `n` tasks made with a fixed seed,
 the simulated environment is a fixed generated set), then at each evaluation plays every
 task once greedily (temperature 0) and `heldout_samples` times at the rollout temperature,
 through the same episode runner as training. Returns `eval/*` metrics: the mean reward of
-each mode, the mean of every score part, and the share of episodes that ended `ok`.
+each mode, the mean of every score part, and the shares of episodes that ended `ok`, had a
+malformed call, or were truncated.
 
 Called by the training loop every `eval.every_steps` steps (and before the first and after
 the last). It trains nothing and leaves the curriculum alone; the reward it reports is the
@@ -36,7 +37,8 @@ HELDOUT_SEED = 0x4E1D
 
 class HeldOut:
     """`runner` is the training run's episode runner; greedy and sampled runners are
-    copies of it with the temperature changed."""
+    copies of it with the temperature changed. `progress`: a tqdm bar over each evaluation's
+    episodes (with an ETA), cleared when it ends."""
 
     def __init__(
         self,
@@ -46,10 +48,12 @@ class HeldOut:
         aspects: AspectRanges,
         *,
         max_inflight: int = 64,
+        progress: bool = False,
     ):
         self.env, self.cfg, self.aspects = env, cfg, aspects
         self.runner = runner
         self.max_inflight = max_inflight
+        self.progress = progress
         self._tasks: list[Task] | None = None
 
     async def tasks(self) -> list[Task]:
@@ -85,6 +89,8 @@ class HeldOut:
 
     async def run(self, step: int) -> dict[str, float]:
         """Play the held-out set; returns the `eval/*` metrics."""
+        from tqdm import tqdm
+
         tasks = await self.tasks()
         plays: list[tuple[str, Task, EpisodeRunner, str]] = []
         greedy = self._runner(0.0)
@@ -95,21 +101,35 @@ class HeldOut:
                 plays.append(("sampled", t, sampled, f"eval{step}/t{i}/s{k}"))
         results: list[tuple[str, Trajectory] | None] = [None] * len(plays)
         limiter = anyio.CapacityLimiter(self.max_inflight)
+        bar = tqdm(
+            total=len(plays),
+            desc=f"held-out eval (step {step})",
+            unit="episode",
+            leave=False,
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
 
         async def play(j: int) -> None:
             mode, task, runner, eid = plays[j]
             async with limiter:
                 group = self.env.new_group(task) if hasattr(self.env, "new_group") else None
                 results[j] = (mode, await runner.run(self.env, task, eid, group=group))
+            bar.update(1)
 
-        async with anyio.create_task_group() as tg:
-            for j in range(len(plays)):
-                tg.start_soon(play, j)
+        try:
+            async with anyio.create_task_group() as tg:
+                for j in range(len(plays)):
+                    tg.start_soon(play, j)
+        finally:
+            bar.close()
         return summarize([r for r in results if r is not None])
 
 
 def summarize(results: list[tuple[str, Any]]) -> dict[str, float]:
-    """eval/reward_<mode>, eval/<mode>/<part> means and eval/<mode>_ok share, per mode."""
+    """Per mode: eval/reward_<mode>, eval/<mode>/<part> means, the shares of episodes that
+    ended ok (eval/<mode>_ok), had a malformed call (_malformed) or were truncated
+    (_truncated), and eval/<mode>_episodes."""
     out: dict[str, float] = {}
     by_mode: dict[str, list[Any]] = defaultdict(list)
     for mode, traj in results:
@@ -118,6 +138,8 @@ def summarize(results: list[tuple[str, Any]]) -> dict[str, float]:
         scored = [t for t in trajs if t.status in ("ok", "truncated")]
         out[f"eval/reward_{mode}"] = sum(t.reward for t in scored) / len(scored) if scored else float("nan")
         out[f"eval/{mode}_ok"] = sum(t.status == "ok" for t in trajs) / len(trajs)
+        out[f"eval/{mode}_malformed"] = sum(t.counters.malformed_calls > 0 for t in trajs) / len(trajs)
+        out[f"eval/{mode}_truncated"] = sum(t.status == "truncated" for t in trajs) / len(trajs)
         parts: dict[str, list[float]] = defaultdict(list)
         for t in scored:
             for k, v in t.parts.items():

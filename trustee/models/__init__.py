@@ -1,0 +1,10 @@
+"""Every way a model directory comes to be, in one place.
+
+- `tiny`: the offline byte-level tokenizer and the small random Qwen3 model the tests and the
+  CPU configs build (`model.tiny`).
+- `sft`: the supervised warm-ups that teach a tiny policy or simulator its toy task before RL
+  (`model.tiny_sft_steps`, `simulator.tiny_sft_steps`).
+
+Every builder writes an ordinary Hugging Face directory (config, safetensors, tokenizer, chat
+template) that the engines and the learner load like any downloaded model.
+"""
