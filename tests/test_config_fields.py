@@ -70,6 +70,10 @@ EVIDENCE: dict[str, list[str]] = {
     ],
     "model.dtype": ["test:tests/test_field_effects.py::test_model_dtype_is_the_learners_and_engines_dtype"],
     "model.max_model_len": ["test:tests/test_episode.py::test_max_model_len_is_never_exceeded"],
+    "model.adapter": [
+        "test:tests/test_first_hour.py::test_a_new_run_continues_a_trained_adapter",
+        "refused:model.adapter=x,learner.mode=full",
+    ],
     "engines.policy.backend": [
         "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
         "refused:engines.policy.backend=openai,engines.policy.base_url=http://x",
