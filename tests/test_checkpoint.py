@@ -88,3 +88,40 @@ def test_resume_state_is_never_unpickled(tmp_path):
     assert back["rng"] == state["rng"] and torch.equal(
         back["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
     )
+
+
+def test_learner_dcp_metadata_is_read_without_running_code(tmp_path):
+    """The FSDP learner's DCP checkpoint: its `.metadata` pickle is read by an unpickler that
+    builds only DCP's records. A real checkpoint loads; one whose metadata names anything else
+    is refused and nothing in it runs."""
+    import pickle
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from trustee.learn.fsdp_rank import load_dcp_into
+
+    def model_and_opt(seed):
+        torch.manual_seed(seed)
+        m = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(m.parameters())
+        m(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        return m, opt
+
+    a, opt_a = model_and_opt(0)
+    sd, osd = get_state_dict(a, opt_a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no process group: saving in a single process"
+        dcp.save({"model": sd, "optim": osd}, checkpoint_id=str(tmp_path / "dcp"))
+        b, opt_b = model_and_opt(1)
+        load_dcp_into(b, opt_b, str(tmp_path / "dcp"), full=True)
+    assert torch.equal(b.weight, a.weight)
+    sentinel = tmp_path / "pwned"
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(_Payload(sentinel)))
+    with pytest.raises(pickle.UnpicklingError, match="refused rather than imported"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load_dcp_into(b, opt_b, str(tmp_path / "dcp"), full=True)
+    assert not sentinel.exists()

@@ -16,6 +16,8 @@ from trustee.config.load import _with_simulator_engine_defaults
 
 SIM = ["environment.kind=simulated", "environment.reward=judge"]
 VLLM = ["engines.policy.backend=vllm"]
+MCP = ["environment.kind=mcp", "environment.reward=reference"]
+SERVERS = "environment.mcp.servers="
 
 CASES: dict[str, list[tuple[list[str], str, str]]] = {
     "grpo_clip_and_correction": [
@@ -248,6 +250,55 @@ CASES: dict[str, list[tuple[list[str], str, str]]] = {
             "simulator.judge_mode",
             "always judges with the rubric",
         ),
+    ],
+    "adapter_needs_an_adapter_learner": [
+        (["model.adapter='a'", "learner.mode=full"], "model.adapter", "has no adapter to continue"),
+        (
+            ["model.adapter='a'", "placement.learner_ranks=2"],
+            "model.adapter",
+            "from an adapter is not built yet",
+        ),
+    ],
+    "mcp_fields": [
+        (MCP, "environment.mcp.tasks", "needs a JSONL tasks file, or 'generate'"),
+        (MCP, "environment.mcp.servers", "needs at least one server"),
+        ([*MCP, SERVERS + "[{name='a b', command='x'}]"], "environment.mcp.servers[0].name", "1-64 letters"),
+        (
+            [*MCP, SERVERS + "[{name='a', command='x'}, {name='a', command='y'}]"],
+            "environment.mcp.servers[1].name",
+            "must be unique",
+        ),
+        (
+            [*MCP, SERVERS + "[{name='a', command='x', url='http://h/mcp'}]"],
+            "environment.mcp.servers[0].command",
+            "either command (stdio) or url",
+        ),
+        (
+            [*MCP, SERVERS + "[{name='a', url='http://h/mcp', args=['-v']}]"],
+            "environment.mcp.servers[0].args",
+            "a url server takes neither",
+        ),
+        (
+            [*MCP, SERVERS + "[{name='a', url='ftp://h'}]"],
+            "environment.mcp.servers[0].url",
+            "starts with http://",
+        ),
+        (
+            ["environment.kind=mcp", "environment.reward=function"],
+            "environment.mcp.reward_fn",
+            "needs 'module:function'",
+        ),
+        (
+            [*MCP, "environment.mcp.reward_fn='m:f'"],
+            "environment.mcp.reward_fn",
+            "only used with reward 'function'",
+        ),
+        (
+            [*MCP, "environment.mcp.judge_weight=0.3"],
+            "environment.mcp.judge_weight",
+            "only used with reward 'function+judge'",
+        ),
+        (["environment.mcp.tasks='t.jsonl'"], "environment.mcp", "only used with kind 'mcp'"),
     ],
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 
 from trustee.chat.render import ChatFormat
@@ -29,10 +30,13 @@ def test_reference_conversation_ids_and_mask(tiny_tokenizer):
     assert "<tool_response>" not in text and task.first_query not in text
 
 
-def test_short_warm_up_writes_weights_and_report(tiny_model_dir, tmp_path):
+def test_short_warm_up_writes_weights_and_report(tiny_model_dir, tmp_path, capsys):
     work = tmp_path / "m"
     shutil.copytree(tiny_model_dir, work)
-    report = sft_warm(work, 3, batch_size=2, eval_samples=2)
+    report = sft_warm(work, 3, batch_size=2, eval_samples=2, progress=True)
+    # the warm-up shows a progress bar with its ETA (elapsed<remaining) and the loss
+    err = capsys.readouterr().err
+    assert re.search(r"SFT warm-up: 100%.*3/3 \[\d\d:\d\d<\d\d:\d\d.*loss=", err), err
     assert report.steps == 3 and 0.0 <= report.well_formed_rate <= 1.0
     assert report.loss_first > 0 and json.loads((work / "trustee_sft.json").read_text())["steps"] == 3
     assert (work / "model.safetensors").stat().st_mtime > (

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
 
 import anyio
 import msgspec
@@ -243,7 +244,7 @@ def test_toy_heldout_split_is_fixed_and_never_trained_on():
     assert not any(is_heldout(t.first_query) for t in train)
 
 
-def test_heldout_eval_greedy_and_sampled(tiny_model_dir, tiny_tokenizer):
+def test_heldout_eval_greedy_and_sampled(tiny_model_dir, tiny_tokenizer, capsys):
     from trustee.config import AspectRanges, RolloutConfig
     from trustee.engines.hf import HFEngine
     from trustee.envs.toy import ToyEnv
@@ -254,7 +255,7 @@ def test_heldout_eval_greedy_and_sampled(tiny_model_dir, tiny_tokenizer):
         engine = HFEngine.from_pretrained(tiny_model_dir, max_model_len=2048)
         runner = EpisodeRunner(engine, tiny_tokenizer, cfg=RolloutConfig(max_turns=1, max_tokens_per_turn=4))
         cfg = EvalConfig(heldout_tasks=3, heldout_samples=2, heldout_difficulty=40.0)
-        h = HeldOut(ToyEnv(reward="graded"), runner, cfg, AspectRanges())
+        h = HeldOut(ToyEnv(reward="graded"), runner, cfg, AspectRanges(), progress=True)
         assert {t.knobs["difficulty"] for t in await h.tasks()} == {40.0}
         try:
             return await h.run(0)
@@ -262,6 +263,8 @@ def test_heldout_eval_greedy_and_sampled(tiny_model_dir, tiny_tokenizer):
             await engine.close()
 
     m = anyio.run(go)
+    # a progress bar over the 9 episodes, with its ETA (elapsed<remaining) once one has ended
+    assert re.search(r"held-out eval \(step 0\):.*[1-9]/9 \[\d\d:\d\d<\d\d:\d\d", capsys.readouterr().err)
     assert m["eval/greedy_episodes"] == 3 and m["eval/sampled_episodes"] == 6
     assert 0.0 <= m["eval/reward_greedy"] <= 1.0
     assert "eval/greedy/exact" in m

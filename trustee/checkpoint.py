@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from trustee.atomic import fsync_dir
+
 
 class UnsafeCheckpoint(ValueError):
     """A checkpoint whose state.pt holds Python objects beyond tensors and plain data."""
@@ -39,14 +41,6 @@ _MARKER = "COMPLETE"
 
 def _dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(
@@ -83,7 +77,7 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final

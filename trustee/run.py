@@ -72,7 +72,9 @@ def _build_tiny(cfg: Config, path: Path, role: Literal["policy", "simulator"] = 
             f"SFT warm-up of the tiny simulator: {steps} steps on the toy teacher's role answers ...",
             flush=True,
         )
-        rep = sft_warm(tmp, steps, seed=cfg.seed, eval_samples=8, data="simulator")
+        rep = sft_warm(
+            tmp, steps, seed=cfg.seed, eval_samples=8, data="simulator", progress=cfg.logging.progress_bar
+        )
         notes.append(
             f"SFT-warmed the simulator {rep.steps} steps ({rep.wall_s:.0f}s): loss {rep.loss_first:.2f} -> "
             f"{rep.loss_last:.2f}; sampled task-role answers with no grammar: valid tasks {rep.well_formed_rate:.0%}, "
@@ -80,7 +82,7 @@ def _build_tiny(cfg: Config, path: Path, role: Literal["policy", "simulator"] = 
         )
     elif steps:
         print(f"SFT warm-up of the tiny model: {steps} steps on toy tool calls ...", flush=True)
-        rep = sft_warm(tmp, steps, seed=cfg.seed)
+        rep = sft_warm(tmp, steps, seed=cfg.seed, progress=cfg.logging.progress_bar)
         notes.append(
             f"SFT-warmed it {rep.steps} steps ({rep.wall_s:.0f}s): loss {rep.loss_first:.2f} -> {rep.loss_last:.2f}; "
             f"first turns: well-formed tool calls {rep.well_formed_rate:.0%}, no call (a guessed answer) "
@@ -217,11 +219,11 @@ def start_problems(cfg: Config, res: Resolved, *, dry_run: bool) -> tuple[list[s
                 problems.append(f"model.packaged: {e}")
         elif dry_run:  # like the GPUs, the model is this machine's state, not the config's
             skipped.append(
-                f"model directory ({cfg.model.path} is not on this machine; a real run needs it: README, models)"
+                f"model directory ({cfg.model.path} is not on this machine; a real run needs it: docs/gpu.md, downloads)"
             )
         else:
             problems.append(
-                f"model directory {cfg.model.path} not found: download the model first (README: models), "
+                f"model directory {cfg.model.path} not found: download the model first (docs/gpu.md, downloads), "
                 "or set model.path to a local directory with config.json"
             )
     problems += [f"environment: {p}" for p in check_environment(cfg.environment)]
@@ -238,7 +240,7 @@ def start_problems(cfg: Config, res: Resolved, *, dry_run: bool) -> tuple[list[s
             skipped.append(f"package {module!r} ({why} needs it; not installed on this machine)")
         elif importlib.util.find_spec(module) is None:
             problems.append(
-                f"{why} needs the {module!r} package, which is not installed (see the README's install section)"
+                f"{why} needs the {module!r} package, which is not installed (docs/gpu.md, install)"
             )
     if unsupported := _unsupported_problem(cfg):
         problems.append(unsupported)

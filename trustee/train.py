@@ -261,6 +261,7 @@ class _Run:
                 cfg.eval,
                 cfg.curriculum.aspects,
                 max_inflight=cfg.rollout.max_inflight_episodes,
+                progress=cfg.logging.progress_bar,
             )
             if cfg.eval.every_steps
             else None

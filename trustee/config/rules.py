@@ -639,6 +639,36 @@ def mcp_fields(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
 SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
+def _mcp_server_problems(where: str, s: Any, seen: set[str]) -> list[Problem]:
+    """One [[environment.mcp.servers]] entry: a unique name, a command or a url (not both), and
+    what a url server cannot take. `seen` collects the names so far."""
+    p: list[Problem] = []
+    if not SERVER_NAME.match(s.name):
+        p.append(Problem(f"{where}.name", s.name, "name each server with 1-64 letters, digits, '_' or '-'"))
+    elif s.name in seen:
+        p.append(Problem(f"{where}.name", s.name, "server names must be unique"))
+    seen.add(s.name)
+    if bool(s.command) == bool(s.url):
+        p.append(
+            Problem(
+                f"{where}.command",
+                s.command,
+                "give a server either command (stdio) or url (Streamable HTTP), not both or neither",
+            )
+        )
+    if s.url and (s.args or s.env):
+        p.append(
+            Problem(
+                f"{where}.args", s.args or s.env, "args and env are for a command; a url server takes neither"
+            )
+        )
+    if s.url and not s.url.startswith(("http://", "https://")):
+        p.append(
+            Problem(f"{where}.url", s.url, "a Streamable HTTP server's URL starts with http:// or https://")
+        )
+    return p
+
+
 def mcp_problems(m: MCPConfig, reward: str) -> list[Problem]:
     """The [environment.mcp] rules (kind 'mcp')."""
     p: list[Problem] = []
@@ -659,38 +689,17 @@ def mcp_problems(m: MCPConfig, reward: str) -> list[Problem]:
             )
         )
     seen: set[str] = set()
-    for i, s in enumerate(m.servers):
-        where = f"environment.mcp.servers[{i}]"
-        if not SERVER_NAME.match(s.name):
-            p.append(
-                Problem(f"{where}.name", s.name, "name each server with 1-64 letters, digits, '_' or '-'")
-            )
-        elif s.name in seen:
-            p.append(Problem(f"{where}.name", s.name, "server names must be unique"))
-        seen.add(s.name)
-        if bool(s.command) == bool(s.url):
-            p.append(
-                Problem(
-                    f"{where}.command",
-                    s.command,
-                    "give a server either command (stdio) or url (Streamable HTTP), not both or neither",
-                )
-            )
-        if s.url and (s.args or s.env):
-            p.append(
-                Problem(
-                    f"{where}.args",
-                    s.args or s.env,
-                    "args and env are for a command; a url server takes neither",
-                )
-            )
-        if s.url and not s.url.startswith(("http://", "https://")):
-            p.append(
-                Problem(
-                    f"{where}.url", s.url, "a Streamable HTTP server's URL starts with http:// or https://"
-                )
-            )
+    for i, server in enumerate(m.servers):
+        p += _mcp_server_problems(f"environment.mcp.servers[{i}]", server, seen)
     uses_fn = reward in ("function", "function+judge")
+    if reward != "function+judge" and m.judge_weight != MCPConfig().judge_weight:
+        p.append(
+            Problem(
+                "environment.mcp.judge_weight",
+                m.judge_weight,
+                f"only used with reward 'function+judge' (reward is {reward!r})",
+            )
+        )
     if uses_fn and not m.reward_fn:
         p.append(Problem("environment.mcp.reward_fn", "", f"reward {reward!r} needs 'module:function'"))
     if not uses_fn and m.reward_fn:

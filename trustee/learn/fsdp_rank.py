@@ -41,6 +41,7 @@ import datetime
 import io
 import json
 import os
+import pickle
 import signal
 import sys
 import time
@@ -398,6 +399,51 @@ class RankWorker:
         self.learner.step_count = int(schedule["step_count"])
 
 
+# What a DCP checkpoint's `.metadata` pickle may name: DCP's own metadata records, the path and
+# size types inside them, torch dtypes. Anything else is refused (never imported or called).
+_DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": None,  # every record class of that module
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "Path"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = module in _DCP_GLOBALS and (_DCP_GLOBALS[module] is None or name in _DCP_GLOBALS[module])
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            allowed = True
+        if not allowed or name.startswith("__"):
+            raise pickle.UnpicklingError(
+                f"DCP metadata names {module}.{name}, which a learner checkpoint never holds; "
+                "it is refused rather than imported (resume only from a run directory you made)"
+            )
+        return super().find_class(module, name)
+
+
+def plain_metadata_reader(path: str) -> Any:
+    """A DCP `FileSystemReader` whose `.metadata` (a pickle, in torch's format) is read by an
+    unpickler that builds only DCP's metadata records: a checkpoint from elsewhere cannot run
+    code on resume. The shards themselves are raw tensor bytes (and `weights_only` loads)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            rank = kwargs.get("rank")
+            with self.fs.create_stream(self._get_metadata_path(rank), "rb") as f:
+                metadata = _PlainUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(path)
+
+
 def load_dcp_into(model: nn.Module, optimizer: torch.optim.Optimizer, path: str, *, full: bool) -> None:
     """Read a learner DCP checkpoint into `model` / `optimizer`, sharded or not: works in an FSDP
     rank and in a single process without a process group (`dcp.load` then reads locally).
@@ -412,7 +458,9 @@ def load_dcp_into(model: nn.Module, optimizer: torch.optim.Optimizer, path: str,
     optimizer.zero_grad(set_to_none=True)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
+    reader = plain_metadata_reader(path)
+    reader.read_metadata()  # refused here with the reason (dcp.load would hide it behind a fallback)
+    dcp.load(state, storage_reader=reader)
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts
     )

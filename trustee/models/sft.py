@@ -242,12 +242,14 @@ def sft_warm(
     out_dir: str | Path | None = None,
     guess_share: float = GUESS_SHARE,
     data: Literal["policy", "simulator"] = "policy",
+    progress: bool = False,
 ) -> SftReport:
     """Train the model in `model_dir` for `steps` steps on toy reference conversations
     (`data='policy'`) or on the toy teacher's simulator-role answers (`'simulator'`,
     `envs/toy_teacher.py`) and save it to `out_dir` (default: in place). Returns (and writes) the
-    report."""
+    report. `progress`: a tqdm bar over the steps on stderr (loss, ETA)."""
     import torch
+    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if steps < 1:
@@ -268,6 +270,7 @@ def sft_warm(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - 0.9 * i / max(1, steps - 1))
     model.train()
     losses = []
+    bar = tqdm(total=steps, desc="SFT warm-up", unit="step", disable=not progress, dynamic_ncols=True)
     for i in range(steps):
         batch = [examples[(i * batch_size + j) % len(examples)] for j in range(batch_size)]
         ids, mask, attn = _batch(batch, tok.pad_token_id)
@@ -278,6 +281,10 @@ def sft_warm(
         opt.step()
         sched.step()
         losses.append(loss.item())
+        bar.update(1)
+        if i % 10 == 0 or i == steps - 1:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    bar.close()
     if data == "policy":
         rate, attempts = call_rates(model, tok, samples=eval_samples)
     else:

@@ -1,7 +1,8 @@
 """Tiny offline models: a byte-level BPE tokenizer trained here and a small Qwen3 model.
 
 Owns `build_tiny_model`, used by `tools/make_tiny_model.py`, by `trustee.run` when the CPU
-config names a tiny model directory that does not exist yet, and by the test fixtures. No
+config names a tiny model directory that does not exist yet, and by the test fixtures, and
+`build_tokenizer`, which also builds the tiny Llama 3 and Mistral tokenizers the chat tests use. No
 network: the tokenizer is trained on a corpus generated from a fixed seed, the model is
 initialised from a config with a seeded generator. The same seed gives the same files.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 from trustee.chat.render import project_template
 
@@ -25,6 +27,47 @@ SPECIAL_TOKENS = [
     "<tool_response>",
     "</tool_response>",
 ]
+
+# The special tokens of each chat family a tiny tokenizer is built for (trained in this order,
+# so ids follow it) and their roles. Qwen's are the tiny model's; Llama 3's and Mistral's serve
+# the tests of those families' renderers.
+FAMILY_TOKENS: dict[str, tuple[list[str], dict[str, Any]]] = {
+    "qwen": (
+        SPECIAL_TOKENS,
+        dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS[1:]),
+    ),
+    "llama3": (
+        ["<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"],
+        dict(
+            bos_token="<|begin_of_text|>",
+            eos_token="<|eot_id|>",
+            pad_token="<|end_of_text|>",
+            additional_special_tokens=[
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eom_id|>",
+                "<|python_tag|>",
+            ],
+        ),
+    ),
+    "mistral": (
+        ["<s>", "</s>", "<pad>"],
+        dict(
+            bos_token="<s>",
+            eos_token="</s>",
+            pad_token="<pad>",
+            additional_special_tokens=[
+                "[INST]",
+                "[/INST]",
+                "[TOOL_CALLS]",
+                "[AVAILABLE_TOOLS]",
+                "[/AVAILABLE_TOOLS]",
+                "[TOOL_RESULTS]",
+                "[/TOOL_RESULTS]",
+            ],
+        ),
+    ),
+}
 
 # Qwen2/Qwen3's pre-tokenizer pattern: newlines are split off letters, so the boundary
 # between a rendered prefix ending in "\n" and sampled text is the same whether the two are
@@ -70,11 +113,12 @@ _WORDS = (
 ).split()
 
 
-def _corpus(seed: int, lines: int = 6000) -> list[str]:
-    """Deterministic text resembling tool-use chats: prose, JSON calls, numbers, scaffolding."""
+def _corpus(seed: int, lines: int = 6000, family: str = "qwen") -> list[str]:
+    """Deterministic text resembling tool-use chats: prose, JSON calls, numbers, and the
+    family's template scaffolding."""
     rng = random.Random(seed)
     out: list[str] = []
-    scaffolding = project_template()
+    scaffolding = project_template(family)
     out.extend([scaffolding] * 3)
     for _ in range(lines):
         kind = rng.random()
@@ -93,7 +137,10 @@ def _corpus(seed: int, lines: int = 6000) -> list[str]:
     return out
 
 
-def build_tokenizer(seed: int, vocab: int):
+def build_tokenizer(seed: int, vocab: int, family: str = "qwen"):
+    """A byte-level BPE tokenizer of chat `family` ('qwen', 'llama3' or 'mistral', `FAMILY_TOKENS`)
+    with trustee's template for it, trained offline on `_corpus(seed)`; the same arguments give
+    the same tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -105,20 +152,16 @@ def build_tokenizer(seed: int, vocab: int):
         ]
     )
     core.decoder = decoders.ByteLevel()
+    trained, roles = FAMILY_TOKENS[family]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=trained + [t for t in roles["additional_special_tokens"] if t not in trained],
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    core.train_from_iterator(_corpus(seed), trainer=trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-    )
-    tok.chat_template = project_template()
+    core.train_from_iterator(_corpus(seed, family=family), trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, **roles)
+    tok.chat_template = project_template(family)
     return tok
 
 

@@ -37,7 +37,8 @@ HELDOUT_SEED = 0x4E1D
 
 class HeldOut:
     """`runner` is the training run's episode runner; greedy and sampled runners are
-    copies of it with the temperature changed."""
+    copies of it with the temperature changed. `progress`: a tqdm bar over each evaluation's
+    episodes (with an ETA), cleared when it ends."""
 
     def __init__(
         self,
@@ -47,10 +48,12 @@ class HeldOut:
         aspects: AspectRanges,
         *,
         max_inflight: int = 64,
+        progress: bool = False,
     ):
         self.env, self.cfg, self.aspects = env, cfg, aspects
         self.runner = runner
         self.max_inflight = max_inflight
+        self.progress = progress
         self._tasks: list[Task] | None = None
 
     async def tasks(self) -> list[Task]:
@@ -86,6 +89,8 @@ class HeldOut:
 
     async def run(self, step: int) -> dict[str, float]:
         """Play the held-out set; returns the `eval/*` metrics."""
+        from tqdm import tqdm
+
         tasks = await self.tasks()
         plays: list[tuple[str, Task, EpisodeRunner, str]] = []
         greedy = self._runner(0.0)
@@ -96,16 +101,28 @@ class HeldOut:
                 plays.append(("sampled", t, sampled, f"eval{step}/t{i}/s{k}"))
         results: list[tuple[str, Trajectory] | None] = [None] * len(plays)
         limiter = anyio.CapacityLimiter(self.max_inflight)
+        bar = tqdm(
+            total=len(plays),
+            desc=f"held-out eval (step {step})",
+            unit="episode",
+            leave=False,
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
 
         async def play(j: int) -> None:
             mode, task, runner, eid = plays[j]
             async with limiter:
                 group = self.env.new_group(task) if hasattr(self.env, "new_group") else None
                 results[j] = (mode, await runner.run(self.env, task, eid, group=group))
+            bar.update(1)
 
-        async with anyio.create_task_group() as tg:
-            for j in range(len(plays)):
-                tg.start_soon(play, j)
+        try:
+            async with anyio.create_task_group() as tg:
+                for j in range(len(plays)):
+                    tg.start_soon(play, j)
+        finally:
+            bar.close()
         return summarize([r for r in results if r is not None])
 
 
