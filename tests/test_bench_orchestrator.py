@@ -17,9 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_orchestrator_reports_the_median_of_interleaved_runs(tmp_path):
     # a subprocess: the benchmark pins its process to one core
     cmd = [sys.executable, "-m", "bench.orchestrator", "--quick", "--inflight", "16,64", "--repeats", "3"]
-    done = subprocess.run(
-        [*cmd, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+    done = subprocess.run([*cmd, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rep = json.loads((tmp_path / "orchestrator.json").read_text())
     assert [lv["inflight_episodes"] for lv in rep["levels"]] == [16, 64]
@@ -46,11 +44,7 @@ def test_orchestrator_reports_the_median_of_interleaved_runs(tmp_path):
 
 def test_orchestrator_help_does_not_run():
     done = subprocess.run(
-        [sys.executable, "-m", "bench.orchestrator", "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-m", "bench.orchestrator", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and "--repeats" in done.stdout
     assert "run 1/" not in done.stdout  # nothing was measured

@@ -156,13 +156,7 @@ def test_update_weights_is_refused_while_the_engine_sleeps_and_allowed_after_wak
         await eng.update_weights(update)
 
     anyio.run(go)
-    assert llm.calls == [
-        "sleep 1",
-        "wake_up None",
-        "reset_prefix_cache",
-        f"add_lora {tmp_path}",
-        "reset_prefix_cache",
-    ]
+    assert llm.calls == ["sleep 1", "wake_up None", "reset_prefix_cache", f"add_lora {tmp_path}", "reset_prefix_cache"]
     assert eng.version == 1 and (eng.stats().sleeps, eng.stats().wakes) == (1, 1)
 
 

@@ -56,9 +56,7 @@ def test_nonfinite_gradients_skip_the_step_and_a_streak_stops_the_run(tmp_path, 
     real = Learner.accumulate
     calls = {"n": 0}
 
-    def poisoned(
-        self, samples, *args, **kwargs
-    ):  # test double: the real accumulate, then NaN gradients from step 1 on
+    def poisoned(self, samples, *args, **kwargs):  # test double: the real accumulate, then NaN gradients from step 1 on
         out = real(self, samples, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] > 1:

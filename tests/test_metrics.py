@@ -50,12 +50,8 @@ def test_trajectories_all_sampled_none_and_the_size_cap(tmp_path):
     trajs = [_traj(i) for i in range(200)]
     for mode, frac in (("all", 0.1), ("sampled", 0.25), ("none", 0.1)):
         d = tmp_path / mode
-        log = RunLog(
-            d,
-            LoggingConfig(progress_bar=False, trajectories=mode, trajectories_fraction=frac),
-            total_steps=1,
-            run_name="t",
-        )
+        log = RunLog(d, LoggingConfig(progress_bar=False, trajectories=mode, trajectories_fraction=frac),
+                     total_steps=1, run_name="t")
         log.trajectories(0, trajs)
         log.close()
         n = len(_lines(d / "trajectories.jsonl"))
@@ -64,12 +60,8 @@ def test_trajectories_all_sampled_none_and_the_size_cap(tmp_path):
         elif mode == "sampled":
             assert 25 <= n <= 75  # ~50 of 200, chosen by a hash of the episode id
             # The same episodes are chosen every time (not the run's RNG).
-            again = RunLog(
-                tmp_path / "again",
-                LoggingConfig(progress_bar=False, trajectories=mode, trajectories_fraction=frac),
-                total_steps=1,
-                run_name="t",
-            )
+            again = RunLog(tmp_path / "again", LoggingConfig(progress_bar=False, trajectories=mode,
+                           trajectories_fraction=frac), total_steps=1, run_name="t")
             again.trajectories(0, trajs)
             again.close()
             assert _lines(tmp_path / "again" / "trajectories.jsonl") == _lines(d / "trajectories.jsonl")
@@ -79,9 +71,7 @@ def test_trajectories_all_sampled_none_and_the_size_cap(tmp_path):
     d = tmp_path / "cap"
     line_bytes = len(_lines(tmp_path / "all" / "trajectories.jsonl")[0]) + 1
     cap_mb = 10.5 * line_bytes / 1e6
-    log = RunLog(
-        d, LoggingConfig(progress_bar=False, trajectories_max_mb=cap_mb), total_steps=1, run_name="t"
-    )
+    log = RunLog(d, LoggingConfig(progress_bar=False, trajectories_max_mb=cap_mb), total_steps=1, run_name="t")
     log.trajectories(0, trajs[:30])
     log.step(0, {"reward_mean": 1.0})
     log.close()
@@ -90,9 +80,8 @@ def test_trajectories_all_sampled_none_and_the_size_cap(tmp_path):
 
 
 def test_log_every_and_elapsed_continue_after_resume(tmp_path):
-    log = RunLog(
-        tmp_path, LoggingConfig(progress_bar=False, log_every=3), total_steps=7, run_name="t", elapsed_s=100.0
-    )
+    log = RunLog(tmp_path, LoggingConfig(progress_bar=False, log_every=3), total_steps=7, run_name="t",
+                 elapsed_s=100.0)
     for s in range(7):
         log.step(s, {"reward_mean": float(s)})
     log.close()

@@ -144,16 +144,10 @@ def test_a_missing_tiny_simulator_is_built_and_warmed_on_the_toy_teacher(tmp_pat
 
     cfg = load_config(
         ROOT / "configs" / "cpu-sim.toml",
-        [
-            f"model.path={tiny_model_dir}",
-            f"simulator.model_path={tmp_path / 'sim'}",
-            "simulator.tiny_sft_steps=3",
-        ],
+        [f"model.path={tiny_model_dir}", f"simulator.model_path={tmp_path / 'sim'}", "simulator.tiny_sft_steps=3"],
     )
     notes = _model_checks(cfg, build=False)
-    assert (
-        any("tiny simulator (test) will be built at" in n for n in notes) and not (tmp_path / "sim").exists()
-    )
+    assert any("tiny simulator (test) will be built at" in n for n in notes) and not (tmp_path / "sim").exists()
     notes = _model_checks(cfg, build=True)
     report = json.loads((tmp_path / "sim" / "trustee_sft.json").read_text())
     assert report["data"] == "simulator" and report["steps"] == 3

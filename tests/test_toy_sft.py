@@ -50,10 +50,7 @@ def test_warm_up_data_mixes_reference_and_guessing_conversations(tiny_tokenizer)
     data = _examples(tiny_tokenizer, 40, seed=1, guess_share=0.5)
 
     def calls(examples):
-        return [
-            "<tool_call>" in tiny_tokenizer.decode([t for t, m in zip(i, k, strict=True) if m])
-            for i, k in examples
-        ]
+        return ["<tool_call>" in tiny_tokenizer.decode([t for t, m in zip(i, k, strict=True) if m]) for i, k in examples]
 
     assert 10 <= sum(calls(data)) <= 30  # about half call a tool, the rest guess
     assert all(calls(_examples(tiny_tokenizer, 8, seed=1, guess_share=0.0)))
