@@ -444,7 +444,7 @@ EVIDENCE: dict[str, list[str]] = {
         "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
     ],
     "environment.mcp.init_timeout": [
-        "test:tests/test_mcp_servers.py::test_server_that_never_answers_initialize_fails_the_episode_in_time:init=0.5"
+        "test:tests/test_mcp_servers.py::test_server_that_never_answers_initialize_fails_the_episode_in_time:init=3.0"
     ],
     "environment.mcp.call_timeout": [
         "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"

@@ -31,7 +31,7 @@ from trustee.types import Message, ToolCall
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE = str(ROOT / "tests" / "mcp_fake_server.py")
-QUICK = Timeouts(init=5.0, call=1.0, grace=0.3)
+QUICK = Timeouts(init=10.0, call=10.0, grace=0.3)
 
 
 def fake(name: str = "fake", *extra: str, scope: str = "episode") -> ServerSpec:
@@ -202,7 +202,7 @@ def test_server_that_never_answers_initialize_fails_the_episode_in_time(tmp_path
     server = fake(
         "f", "--mode", "silent", "--after-first", str(tmp_path / "marker"), "--pidfile", str(pidfile)
     )
-    env = make_env(tmp_path, server, timeouts=Timeouts(init=0.5, call=1.0, grace=0.2))
+    env = make_env(tmp_path, server, timeouts=Timeouts(init=3.0, call=10.0, grace=0.2))
     policy = KeyedPolicy(tiny_tokenizer, lambda key: ["hi"])
 
     async def main():
@@ -212,9 +212,9 @@ def test_server_that_never_answers_initialize_fails_the_episode_in_time(tmp_path
 
     t0 = time.monotonic()
     trajs, m = anyio.run(main)
-    assert time.monotonic() - t0 < 15
+    assert time.monotonic() - t0 < 30
     assert [t.status for t in trajs] == ["error", "error"]
-    assert all("did not answer the initialize handshake within 0.5 s" in t.error for t in trajs)
+    assert all("did not answer the initialize handshake within 3 s" in t.error for t in trajs)
     assert m["mcp/server_faults"] == 2.0
     assert len(pids_in(pidfile)) == 3 and wait_dead(pids_in(pidfile), 2.0) == []
 
@@ -235,17 +235,21 @@ def test_server_that_cannot_start_reports_its_stderr(tmp_path):
         anyio.run(make_env(tmp_path, ServerSpec(name="x", command="no-such-server-xyz")).__aenter__)
 
 
-def test_server_that_hangs_on_a_call_is_killed_and_fails_the_episode(tmp_path, tiny_tokenizer):
+def hanging(tmp_path: Path, tokenizer, call_timeout: float) -> tuple[MCPEnv, Path, EpisodeRunner]:
+    """An environment of one fake server, its pid file, and a runner whose policy calls `hang`."""
     pidfile = tmp_path / "pids"
-    env = make_env(
-        tmp_path, fake("f", "--pidfile", str(pidfile)), timeouts=Timeouts(init=5.0, call=0.5, grace=0.2)
-    )
+    timeouts = Timeouts(init=10.0, call=call_timeout, grace=0.2)
+    env = make_env(tmp_path, fake("f", "--pidfile", str(pidfile)), timeouts=timeouts)
     hang = call_text(ToolCall(name="hang", arguments={}))
+    return env, pidfile, EpisodeRunner(KeyedPolicy(tokenizer, lambda key: [hang, "done"]), tokenizer)
+
+
+def test_server_that_hangs_on_a_call_is_killed_and_fails_the_episode(tmp_path, tiny_tokenizer):
+    env, pidfile, runner = hanging(tmp_path, tiny_tokenizer, 0.5)
 
     async def main():
         async with env:
             task = await env.make_task(Knobs(), random.Random(0))
-            runner = EpisodeRunner(KeyedPolicy(tiny_tokenizer, lambda key: [hang, "done"]), tiny_tokenizer)
             t0 = time.monotonic()
             trajs = await run_group(env, task, 2, runner)
             return trajs, time.monotonic() - t0
@@ -258,16 +262,11 @@ def test_server_that_hangs_on_a_call_is_killed_and_fails_the_episode(tmp_path, t
 
 
 def test_cancelled_episodes_close_their_servers(tmp_path, tiny_tokenizer):
-    pidfile = tmp_path / "pids"
-    env = make_env(
-        tmp_path, fake("f", "--pidfile", str(pidfile)), timeouts=Timeouts(init=5.0, call=30.0, grace=0.2)
-    )
-    hang = call_text(ToolCall(name="hang", arguments={}))
+    env, pidfile, runner = hanging(tmp_path, tiny_tokenizer, 30.0)
 
     async def main():
         async with env:
             task = await env.make_task(Knobs(), random.Random(0))
-            runner = EpisodeRunner(KeyedPolicy(tiny_tokenizer, lambda key: [hang]), tiny_tokenizer)
             with anyio.move_on_after(1.5):  # as a first SIGINT with on_interrupt = 'abandon' does
                 await run_group(env, task, 4, runner)
             return env.pool.running
@@ -443,8 +442,8 @@ reward = "function"
 tasks = "{tasks_file(tmp_path, [{"prompt": "p"}])}"
 workdir_template = "{template}"
 keep_failed_workdirs = true
-init_timeout = 5.0
-call_timeout = 0.4
+init_timeout = 10.0
+call_timeout = 1.0
 shutdown_grace = 0.3
 pool_size = 2
 max_episodes_per_server = 2
@@ -500,13 +499,13 @@ scope = "shared"
             # ignore their stdin closing, so each close waits out the 0.3 s grace, then kills.
             assert 0.3 <= ends[0] < 3.0 and 0.3 <= ends[1] < 3.0 and ends[2] < 0.3
             assert not Path(workdir).exists()
-            # call_timeout: a hung call fails its episode after 0.4 s; keep_failed_workdirs keeps
+            # call_timeout: a hung call fails its episode after 1 s; keep_failed_workdirs keeps
             # the episode's directory and names it.
             h = await env.start(task, "h")
             t0 = time.monotonic()
-            with pytest.raises(ServerFault, match="within 0.4 s") as e:
+            with pytest.raises(ServerFault, match="within 1 s") as e:
                 await env.step(h, call("solo__hang"))
-            assert time.monotonic() - t0 < 3.0
+            assert time.monotonic() - t0 < 5.0
             await env.end_episode(h)
             assert h.data["workdir"] in str(e.value) and Path(h.data["workdir"]).exists()
             shutil.rmtree(h.data["workdir"])

@@ -308,10 +308,7 @@ class TasksFileEnv:
         return EpisodeState(episode_id=episode_id, task=task, messages=messages, group=group, data=data)
 
     async def step(self, state: EpisodeState, action: AgentAction) -> list[Message]:
-        state.messages.append(action.message)
-        if not action.calls and not action.errors:
-            state.data["final"] = action.message.content
-            state.done = True
+        if final_answer(state, action):
             return []
         if self.simulator is not None:
             from trustee.sim.client import SimError
@@ -326,12 +323,7 @@ class TasksFileEnv:
                 state.sim_retries = sim.retries
         else:
             out = [await self._run_python(call) for call in action.calls]
-        state.data["calls"] += action.calls
-        state.data["results"] += [m.content for m in out]
-        state.data["call_errors"] += len(action.errors)
-        out += [error_observation(e) for e in action.errors]
-        state.messages.extend(out)
-        return out
+        return record_turn(state, action, out)
 
     async def _run_python(self, call: ToolCall) -> Message:
         assert self.tools is not None
@@ -346,6 +338,29 @@ class TasksFileEnv:
         return await score_episode(
             state, reward=self.reward, judge=self.judge, judge_weight=self.judge_weight
         )
+
+
+def final_answer(state: EpisodeState, action: AgentAction) -> bool:
+    """Record the assistant turn; a turn without calls is the final answer, which ends the
+    episode (True). Shared with the MCP environment."""
+    state.messages.append(action.message)
+    if action.calls or action.errors:
+        return False
+    state.data["final"] = action.message.content
+    state.done = True
+    return True
+
+
+def record_turn(state: EpisodeState, action: AgentAction, results: list[Message]) -> list[Message]:
+    """Record a turn's well-formed calls and their `results` (one tool message each, in call
+    order) and its malformed calls; the reply is the results, then one error observation per
+    malformed call. Shared with the MCP environment."""
+    state.data["calls"] += action.calls
+    state.data["results"] += [m.content for m in results]
+    state.data["call_errors"] += len(action.errors)
+    out = results + [error_observation(e) for e in action.errors]
+    state.messages.extend(out)
+    return out
 
 
 def episode_view(state: EpisodeState) -> EpisodeView:
