@@ -112,9 +112,8 @@ def test_generated_tasks_verified_on_the_notes_server_train_two_steps(tmp_path, 
     assert processes_running("examples/mcp/notes_server.py") == []
 
 
-@pytest.mark.parametrize(
-    "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGTERM", "SIGINT"]
-)
+@pytest.mark.slow  # a training run per signal: 76-80 s each at load 20 (the SIGKILL and cancellation tests of test_mcp_servers.py are in the default suite)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signalled_run_stops_and_leaves_no_server(tmp_path, tiny_model_dir, sig):
     """SIGTERM (or Ctrl-C's SIGINT) while episodes hold servers: the run stops at a step
     boundary with the signal's status (SIGTERM abandoning the step: its episodes are
