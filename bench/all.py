@@ -29,6 +29,7 @@ BENCHES = {
     "engine": ["--quick"],
     "prefix": [],
     "bfcl_oracle": ["--quick"],
+    "mcp": ["--quick"],
 }
 
 

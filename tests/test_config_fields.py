@@ -70,6 +70,10 @@ EVIDENCE: dict[str, list[str]] = {
     ],
     "model.dtype": ["test:tests/test_field_effects.py::test_model_dtype_is_the_learners_and_engines_dtype"],
     "model.max_model_len": ["test:tests/test_episode.py::test_max_model_len_is_never_exceeded"],
+    "model.adapter": [
+        "test:tests/test_first_hour.py::test_a_new_run_continues_a_trained_adapter",
+        "refused:model.adapter=x,learner.mode=full",
+    ],
     "engines.policy.backend": [
         "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
         "refused:engines.policy.backend=openai,engines.policy.base_url=http://x",
@@ -393,7 +397,7 @@ EVIDENCE: dict[str, list[str]] = {
         "refused:environment.kind=toy,environment.reward=exact,environment.options={x=1}"
     ],
     "environment.few_shot": [
-        "test:tests/test_toy_env.py::test_few_shot_examples_are_other_kinds_of_training_tasks_and_stable",
+        "test:tests/test_toy_env.py::test_few_shot_examples_are_distinct_kinds_of_training_tasks_and_stable",
         "refused:environment.few_shot=2",
     ],
     "environment.uses_simulator": [
@@ -413,6 +417,55 @@ EVIDENCE: dict[str, list[str]] = {
     ],
     "environment.tasks_file.judge_weight": [
         "test:tests/test_envs_custom.py::test_simulated_tools_and_function_plus_judge_on_a_tiny_model"
+    ],
+    "environment.mcp.tasks": [
+        "test:tests/test_mcp.py::test_dry_run_checks_name_a_missing_command_and_a_bad_tasks_file"
+    ],
+    "environment.mcp.servers[].name": [
+        "test:tests/test_mcp.py::test_config_rules_name_the_field_value_and_fix"
+    ],
+    "environment.mcp.servers[].command": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.servers[].args": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.servers[].env": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment:FAKE_TAG"
+    ],
+    "environment.mcp.servers[].url": ["test:tests/test_mcp_servers.py::test_streamable_http_server_by_url"],
+    "environment.mcp.servers[].scope": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.workdir_template": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.keep_failed_workdirs": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.init_timeout": [
+        "test:tests/test_mcp_servers.py::test_server_that_never_answers_initialize_fails_the_episode_in_time:init=3.0"
+    ],
+    "environment.mcp.call_timeout": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.shutdown_grace": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.pool_size": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.max_episodes_per_server": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.generate_attempts": [
+        "test:tests/test_mcp_servers.py::test_generated_tasks_are_kept_only_when_their_calls_succeed_on_a_fresh_server"
+    ],
+    "environment.mcp.reward_fn": [
+        "test:tests/test_mcp_servers.py::test_config_fields_reach_and_change_the_environment"
+    ],
+    "environment.mcp.judge_weight": [
+        "refused:environment.kind=mcp,environment.reward=reference,environment.mcp.judge_weight=0.3"
     ],
     "model.chat_format": [
         "test:tests/test_chat_render.py::test_family_is_detected_from_the_tokenizer_and_the_spec_picks_its_template"

@@ -174,6 +174,19 @@ CASES: dict[str, list[tuple[list[str], str, str]]] = {
             "model.enable_thinking",
             "the llama3 chat format has no reasoning block",
         ),
+        (
+            ["model.enable_thinking=true", "model.chat_format=chatml"],
+            "model.enable_thinking",
+            "the chatml chat format has no reasoning block",
+        ),
+        (
+            ["model.tiny=test", "model.packaged=smollm2-135m-instruct"],
+            "model.packaged",
+            "also builds model.path",
+        ),
+    ],
+    "few_shot_environments": [
+        (["environment.few_shot=2"], "environment.few_shot", "for kinds 'toy' and 'tasks_file' only"),
     ],
     "environment_reward": [
         (
@@ -279,6 +292,11 @@ CASES: dict[str, list[tuple[list[str], str, str]]] = {
             [*MCP, "environment.mcp.reward_fn='m:f'"],
             "environment.mcp.reward_fn",
             "only used with reward 'function'",
+        ),
+        (
+            [*MCP, "environment.mcp.judge_weight=0.3"],
+            "environment.mcp.judge_weight",
+            "only used with reward 'function+judge'",
         ),
         (["environment.mcp.tasks='t.jsonl'"], "environment.mcp", "only used with kind 'mcp'"),
     ],

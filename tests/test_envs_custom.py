@@ -364,3 +364,38 @@ def test_simulated_tools_and_function_plus_judge_on_a_tiny_model(tmp_path, tiny_
         return
     assert score.parts["function"] == 1.0 and score.parts["judge"] in (-1.0, 0.0, 1.0)
     assert score.reward == pytest.approx(0.5 * 1.0 + 0.5 * score.parts["judge"])
+
+
+def test_tasks_file_few_shot_examples_are_other_tasks_calls_with_offered_tools(tmp_path):
+    rows = [
+        {
+            "id": f"t{i}",
+            "prompt": f"What is {i} plus {i + 1}?",
+            "tools": [ADD],
+            "expected_calls": [{"name": "add", "arguments": {"a": i, "b": i + 1}}],
+        }
+        for i in range(5)
+    ]
+    rows.append(
+        {
+            "id": "other",
+            "prompt": "Ping.",
+            "tools": [{**ADD, "name": "ping"}],
+            "expected_calls": [{"name": "ping", "arguments": {"a": 1, "b": 2}}],
+        }
+    )
+    rows.append({"id": "nocalls", "prompt": "Say hi.", "tools": [ADD]})
+    tasks = load_tasks(_write(tmp_path / "t.jsonl", rows))
+    env = TasksFileEnv(
+        tasks, tools={"add": lambda a, b: a + b, "ping": lambda a, b: 0}, reward=lambda v: 0.0, few_shot=2
+    )
+    by_id = {t.id: t for t in tasks}
+    for task in [by_id["t0"], by_id["t3"], by_id["nocalls"]]:
+        shots = env.examples(task)
+        assert [m.role for m in shots] == ["user", "assistant"] * 2
+        assert task.first_query not in [m.content for m in shots]  # never the task itself
+        assert all(c.name == "add" for m in shots for c in m.tool_calls)  # only tools the task offers
+        assert env.examples(task) == shots
+        state = anyio.run(env.start, task, "e")
+        assert state.messages[:-1] == shots and state.messages[-1].content == task.first_query
+    assert TasksFileEnv(tasks, tools={"add": 0, "ping": 0}, reward=lambda v: 0.0).examples(by_id["t0"]) == []

@@ -337,6 +337,59 @@ def test_full_save_pretrained_loads_in_transformers(full2, tiny_model_dir, tmp_p
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # re-tied
 
 
+def shared_groups(seed: int) -> list[Group]:
+    """Two GRPO groups of three whose members share a 17-token prompt (shared-prefix packing
+    needs 16) and continue with 2 to 8 tokens of their own; advantages +1 / 0.5 / -1."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for g in range(2):
+        prompt = [rng.randrange(1024) for _ in range(17)]
+        trajs = []
+        for j in range(3):
+            mask = [1] * rng.randint(1, 4) + [0] * rng.randint(0, 2) + [1] * rng.randint(1, 2)
+            trajs.append(
+                Trajectory(
+                    episode_id=f"s{g}{j}",
+                    task_id=f"g{g}",
+                    tokens=prompt + [rng.randrange(1024) for _ in mask],
+                    loss_mask=[0] * 17 + mask,
+                    logprobs=[0.0] * 17 + [rng.uniform(-3.0, -1.0) if m else 0.0 for m in mask],
+                    versions=[-1] * 17 + [0 if m else -1 for m in mask],
+                    prompt_len=17,
+                )
+            )
+        out.append(Group(task_id=f"g{g}", trajectories=trajs, advantages=[1.0, 0.5, -1.0]))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_shared_prefix_ranks_equal_the_unshared_single_process_learner(
+    mode, tiny_model_dir, full2, lora2, tmp_path
+):
+    """learner.share_prefix = 'auto' on two ranks (the run-time check is collective): the
+    gradient and the step loss equal the single-process learner's with every episode whole."""
+    import msgspec
+
+    dl = full2 if mode == "full" else lora2
+    torch.manual_seed(0)
+    lc = msgspec.structs.replace(learner_cfg(mode), share_prefix="off")
+    ref = Learner(load_policy(tiny_model_dir, lc), GRPO, lc, total_steps=10)
+    put_at_start(dl, ref, tmp_path / "start", full=mode == "full")  # earlier tests stepped `dl`
+    groups = shared_groups(0)
+    loss, _, mbs = ref.accumulate(samples_from_groups(groups))
+    assert all(mb.layout is None for mb in mbs)
+    want = {n: p.grad.clone() for n, p in ref.model.named_parameters() if p.requires_grad}
+    got_loss, got = dl.gradients(groups)
+    assert abs(got_loss - loss) <= RTOL * abs(loss), (got_loss, loss)
+    assert_close(got, want, f"{mode} shared-prefix gradient")
+    m_ref, m2 = ref.step(groups), dl.step(groups)
+    assert abs(m2.loss - m_ref.loss) <= RTOL * abs(m_ref.loss)
+    assert m2.shared_prefix_frac > 0.0 and m2.shared_prefix_fallback == 0  # the ranks did share
+    assert m_ref.shared_prefix_frac == 0.0
+
+
 @pytest.mark.slow  # two runs of two ranks each: 512 s measured on 2 shared cores at load ~15
 def test_training_loop_with_two_ranks_trains_checkpoints_resumes_and_ends_its_ranks(tmp_path, tiny_model_dir):
     """`python -m trustee.run configs/cpu-tiny.toml --set placement.learner_ranks=2` (shrunk as in

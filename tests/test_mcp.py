@@ -208,14 +208,16 @@ def test_reference_reward_orders_correct_over_tool_over_guess_over_malformed():
     malformed = _episode([wrong_args], "I could not find it.", answer="swordfish", call_errors=1)
     truncated = _episode([right], "", answer="swordfish", done=False)
     assert correct.reward == 1.0 and correct.parts["exact"] == 1.0
-    assert right_tool.reward == pytest.approx(0.3) and right_tool.parts["tool_names"] == 1.0
-    assert guess.reward == 0.0
+    # As the toy environment's graded reward: a clean finish 0.1, the right tool 0.3 more.
+    assert right_tool.reward == pytest.approx(0.4) and right_tool.parts["tool_names"] == 1.0
+    assert guess.reward == pytest.approx(0.1)
     # Partial credit is paid only to an episode that finished cleanly.
-    assert malformed.reward == 0.0 and truncated.reward == 0.0 and truncated.parts["finished"] == 0.0
-    assert correct.reward > right_tool.reward > guess.reward >= malformed.reward
+    assert malformed.reward == 0.0 and malformed.parts["well_formed"] == 0.5
+    assert truncated.reward == 0.0 and truncated.parts["finished"] == 0.0
+    assert correct.reward > right_tool.reward > guess.reward > malformed.reward
     # A task without an answer is done when its expected calls were made exactly.
     assert _episode([right], "Done.").reward == 1.0
-    assert _episode([wrong_args], "Done.").reward == pytest.approx(0.3)
+    assert _episode([wrong_args], "Done.").reward == pytest.approx(0.4)
     # Answers of other JSON types.
     assert _episode([right], "Yes, it is there.", answer=True).reward == 1.0
     assert _episode([right], "The count is 4.", answer=4).reward == 1.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from trustee.types import Message, ToolCall
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE = str(ROOT / "tests" / "mcp_fake_server.py")
-QUICK = Timeouts(init=5.0, call=1.0, grace=0.3)
+QUICK = Timeouts(init=10.0, call=10.0, grace=0.3)
 
 
 def fake(name: str = "fake", *extra: str, scope: str = "episode") -> ServerSpec:
@@ -157,7 +158,7 @@ def test_tools_of_two_servers_that_collide_are_prefixed_and_routed(tmp_path):
             return names, [json.loads(m[0].content)["total"] for m in (a, b, a2)]
 
     names, totals = anyio.run(main)
-    assert names == sorted(f"{s}__{t}" for s in "ab" for t in ("add", "crash", "echo", "hang"))
+    assert names == sorted(f"{s}__{t}" for s in "ab" for t in ("add", "crash", "echo", "hang", "info"))
     assert totals == [1, 5, 2]  # each name reaches its own server
 
 
@@ -201,7 +202,7 @@ def test_server_that_never_answers_initialize_fails_the_episode_in_time(tmp_path
     server = fake(
         "f", "--mode", "silent", "--after-first", str(tmp_path / "marker"), "--pidfile", str(pidfile)
     )
-    env = make_env(tmp_path, server, timeouts=Timeouts(init=0.5, call=1.0, grace=0.2))
+    env = make_env(tmp_path, server, timeouts=Timeouts(init=3.0, call=10.0, grace=0.2))
     policy = KeyedPolicy(tiny_tokenizer, lambda key: ["hi"])
 
     async def main():
@@ -211,9 +212,9 @@ def test_server_that_never_answers_initialize_fails_the_episode_in_time(tmp_path
 
     t0 = time.monotonic()
     trajs, m = anyio.run(main)
-    assert time.monotonic() - t0 < 15
+    assert time.monotonic() - t0 < 30
     assert [t.status for t in trajs] == ["error", "error"]
-    assert all("did not answer the initialize handshake within 0.5 s" in t.error for t in trajs)
+    assert all("did not answer the initialize handshake within 3 s" in t.error for t in trajs)
     assert m["mcp/server_faults"] == 2.0
     assert len(pids_in(pidfile)) == 3 and wait_dead(pids_in(pidfile), 2.0) == []
 
@@ -234,17 +235,21 @@ def test_server_that_cannot_start_reports_its_stderr(tmp_path):
         anyio.run(make_env(tmp_path, ServerSpec(name="x", command="no-such-server-xyz")).__aenter__)
 
 
-def test_server_that_hangs_on_a_call_is_killed_and_fails_the_episode(tmp_path, tiny_tokenizer):
+def hanging(tmp_path: Path, tokenizer, call_timeout: float) -> tuple[MCPEnv, Path, EpisodeRunner]:
+    """An environment of one fake server, its pid file, and a runner whose policy calls `hang`."""
     pidfile = tmp_path / "pids"
-    env = make_env(
-        tmp_path, fake("f", "--pidfile", str(pidfile)), timeouts=Timeouts(init=5.0, call=0.5, grace=0.2)
-    )
+    timeouts = Timeouts(init=10.0, call=call_timeout, grace=0.2)
+    env = make_env(tmp_path, fake("f", "--pidfile", str(pidfile)), timeouts=timeouts)
     hang = call_text(ToolCall(name="hang", arguments={}))
+    return env, pidfile, EpisodeRunner(KeyedPolicy(tokenizer, lambda key: [hang, "done"]), tokenizer)
+
+
+def test_server_that_hangs_on_a_call_is_killed_and_fails_the_episode(tmp_path, tiny_tokenizer):
+    env, pidfile, runner = hanging(tmp_path, tiny_tokenizer, 0.5)
 
     async def main():
         async with env:
             task = await env.make_task(Knobs(), random.Random(0))
-            runner = EpisodeRunner(KeyedPolicy(tiny_tokenizer, lambda key: [hang, "done"]), tiny_tokenizer)
             t0 = time.monotonic()
             trajs = await run_group(env, task, 2, runner)
             return trajs, time.monotonic() - t0
@@ -257,16 +262,11 @@ def test_server_that_hangs_on_a_call_is_killed_and_fails_the_episode(tmp_path, t
 
 
 def test_cancelled_episodes_close_their_servers(tmp_path, tiny_tokenizer):
-    pidfile = tmp_path / "pids"
-    env = make_env(
-        tmp_path, fake("f", "--pidfile", str(pidfile)), timeouts=Timeouts(init=5.0, call=30.0, grace=0.2)
-    )
-    hang = call_text(ToolCall(name="hang", arguments={}))
+    env, pidfile, runner = hanging(tmp_path, tiny_tokenizer, 30.0)
 
     async def main():
         async with env:
             task = await env.make_task(Knobs(), random.Random(0))
-            runner = EpisodeRunner(KeyedPolicy(tiny_tokenizer, lambda key: [hang]), tiny_tokenizer)
             with anyio.move_on_after(1.5):  # as a first SIGINT with on_interrupt = 'abandon' does
                 await run_group(env, task, 4, runner)
             return env.pool.running
@@ -418,3 +418,212 @@ def test_example_notes_server_state_and_workdir(tmp_path):
     assert "no note titled 'plumber'" in json.loads(missing[0].content)["error"]
     assert not any(Path(d).exists() for d in dirs)
     assert children_of(os.getpid()) == []
+
+
+# ----------------------------------------------------------------------------- from the config
+
+
+def test_config_fields_reach_and_change_the_environment(tmp_path):
+    """Every [environment.mcp] knob through load_config and build_environment, with its effect."""
+    from trustee.config import load_config
+    from trustee.envs import build_environment
+
+    template = tmp_path / "template"
+    template.mkdir()
+    (template / "seed.txt").write_text("seeded")
+    (tmp_path / "reward.py").write_text("def reward(ep):\n    return 0.25 * len(ep.calls)\n")
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(
+        f"""
+[environment]
+kind = "mcp"
+reward = "function"
+[environment.mcp]
+tasks = "{tasks_file(tmp_path, [{"prompt": "p"}])}"
+workdir_template = "{template}"
+keep_failed_workdirs = true
+init_timeout = 10.0
+call_timeout = 1.0
+shutdown_grace = 0.3
+pool_size = 2
+max_episodes_per_server = 2
+reward_fn = "{tmp_path / "reward.py"}:reward"
+[[environment.mcp.servers]]
+name = "solo"
+command = "{{python}}"
+args = ["-S", "{FAKE}", "--pidfile", "{{workdir}}/pids"]
+env = {{FAKE_TAG = "tagged"}}
+scope = "episode"
+[[environment.mcp.servers]]
+name = "pool"
+command = "{{python}}"
+args = ["-S", "{FAKE}", "--ignore-eof", "--pidfile", "{tmp_path / "pool_pids"}"]
+scope = "shared"
+"""
+    )
+    env = build_environment(load_config(cfg_path))
+    assert isinstance(env, MCPEnv)
+
+    def call(name: str, **arguments) -> AgentAction:
+        return act(ToolCall(name=name, arguments=arguments))
+
+    async def main():
+        async with env:
+            task = await env.make_task(Knobs(), random.Random(0))
+            # Both servers offer the same tools: every name is prefixed by its server.
+            assert {t.name for t in task.tools} >= {"solo__info", "pool__add"}
+            a = await env.start(task, "a")
+            info = json.loads((await env.step(a, call("solo__info")))[0].content)
+            workdir = a.data["workdir"]
+            assert info == {"argv": ["--pidfile", f"{workdir}/pids"], "tag": "tagged"}  # args, {workdir}, env
+            assert (Path(workdir) / "seed.txt").read_text() == "seeded"  # workdir_template
+            score = await env.score(a)
+            assert score.reward == 0.25 and score.parts["function"] == 0.25  # reward_fn
+            # pool_size 2: two episodes at once get two shared servers; max_episodes_per_server 2:
+            # each then serves one more episode and is replaced.
+            b = await env.start(task, "b")
+            totals = [
+                json.loads((await env.step(s, call("pool__add", n=2)))[0].content)["total"] for s in (a, b)
+            ]
+            for s in (a, b):
+                await env.end_episode(s)
+            ends = []
+            for i in range(3):
+                s = await env.start(task, f"c{i}")
+                totals.append(json.loads((await env.step(s, call("pool__add", n=2)))[0].content)["total"])
+                t0 = time.monotonic()
+                await env.end_episode(s)
+                ends.append(time.monotonic() - t0)
+            assert totals == [2, 2, 4, 4, 2]
+            # shutdown_grace: a worn-out shared server is closed when its last episode ends; these
+            # ignore their stdin closing, so each close waits out the 0.3 s grace, then kills.
+            assert 0.3 <= ends[0] < 3.0 and 0.3 <= ends[1] < 3.0 and ends[2] < 0.3
+            assert not Path(workdir).exists()
+            # call_timeout: a hung call fails its episode after 1 s; keep_failed_workdirs keeps
+            # the episode's directory and names it.
+            h = await env.start(task, "h")
+            t0 = time.monotonic()
+            with pytest.raises(ServerFault, match="within 1 s") as e:
+                await env.step(h, call("solo__hang"))
+            assert time.monotonic() - t0 < 5.0
+            await env.end_episode(h)
+            assert h.data["workdir"] in str(e.value) and Path(h.data["workdir"]).exists()
+            shutil.rmtree(h.data["workdir"])
+
+    anyio.run(main)
+    assert len(pids_in(tmp_path / "pool_pids")) == 4  # discovery, then three shared servers
+    assert wait_dead(pids_in(tmp_path / "pool_pids"), 2.0) == []
+    assert children_of(os.getpid()) == []
+
+
+class ScriptedGenerator:
+    """Task generator double: hands out the given tasks in order (named as such; the slow
+    test in test_mcp_train.py uses the real generator with the tiny simulator)."""
+
+    def __init__(self, calls: list[list[ToolCall]]):
+        self.calls = list(calls)
+        self.catalog = None
+
+    async def generate(self, knobs, rng):
+        from trustee.types import Task
+
+        calls = self.calls.pop(0)
+        tools = [t for ts in self.catalog.by_category.values() for t in ts]
+        return Task(
+            id=f"sim-{len(self.calls)}", env="simulated", tools=tools, first_query="q", expected_calls=calls
+        )
+
+
+def test_generated_tasks_are_kept_only_when_their_calls_succeed_on_a_fresh_server(tmp_path):
+    pidfile = tmp_path / "pids"
+    bad_args = [ToolCall(name="add", arguments={"n": "x"})]  # the server fails it (int("x"))
+    crashes = [ToolCall(name="crash", arguments={})]
+    good = [add(1), ToolCall(name="echo", arguments={"text": "hi"})]
+
+    def env(generate_attempts: int, script: list) -> MCPEnv:
+        return MCPEnv(
+            [fake("f", "--pidfile", str(pidfile), scope="shared")],
+            generator=ScriptedGenerator(script),
+            reward=reference_reward,
+            timeouts=QUICK,
+            generate_attempts=generate_attempts,
+        )
+
+    async def main(e: MCPEnv):
+        async with e:
+            try:
+                return await e.make_task(Knobs(), random.Random(0)), e.step_metrics()
+            except ValueError as err:
+                return err, e.step_metrics()
+
+    task, m = anyio.run(main, env(3, [bad_args, crashes, good]))
+    assert task.env == "mcp" and task.id.startswith("mcp-") and task.expected_calls == good
+    assert m["mcp/tasks_generated"] == 3.0 and m["mcp/tasks_kept_share"] == pytest.approx(1 / 3)
+    # Verification runs on fresh servers even for a shared server: discovery, then one per task.
+    assert len(pids_in(pidfile)) == 4 and wait_dead(pids_in(pidfile), 2.0) == []
+    err, m = anyio.run(main, env(2, [bad_args, crashes, good]))
+    assert isinstance(err, ValueError) and "none of 2 generated tasks passed verification" in str(err)
+    assert "closed the connection during tool 'crash'" in str(err) and m["mcp/tasks_kept_share"] == 0.0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_streamable_http_server_by_url(tmp_path):
+    """A server trustee did not start, reached by `url` (the example server in HTTP mode, on
+    the loopback address); each episode gets its own session."""
+    port = _free_port()
+    (tmp_path / "notes.json").write_text(json.dumps({"wifi": "swordfish"}))
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "mcp" / "notes_server.py"),
+            "--dir",
+            str(tmp_path),
+            "--http",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        import socket
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+                time.sleep(0.2)
+        env = MCPEnv(
+            [ServerSpec(name="notes", url=f"http://127.0.0.1:{port}/mcp", scope="episode")],
+            tasks_path=tasks_file(tmp_path, [{"prompt": "p", "tools": ["read_note"]}]),
+            reward=reference_reward,
+            timeouts=Timeouts(init=30.0, call=30.0),
+        )
+
+        async def main():
+            async with env:
+                task = await env.make_task(Knobs(), random.Random(0))
+                s = await env.start(task, "e")
+                out = await env.step(s, act(ToolCall(name="read_note", arguments={"title": "wifi"})))
+                await env.end_episode(s)
+                return out[0].content, env.step_metrics()
+
+        text, m = anyio.run(main)
+        assert json.loads(text) == {"text": "swordfish", "title": "wifi"}
+        assert (
+            m["mcp/server_starts"] == 2.0 and m["mcp/server_faults"] == 0.0
+        )  # discovery + the episode's session
+        assert server.poll() is None  # trustee never owned it, so never stopped it
+    finally:
+        server.kill()
+        server.wait()

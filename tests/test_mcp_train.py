@@ -5,12 +5,15 @@ afterwards (a scan of /proc). The generated-tasks run with the tiny simulator is
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from trustee.interrupt import alive
 from trustee.mcp.servers import resolve_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,3 +87,105 @@ def test_mcp_server_time_trains_two_steps_and_leaves_no_server(tmp_path, tiny_mo
     recs, trajs = train_two_steps("examples/mcp/time.toml", tmp_path / "run", tiny_model_dir)
     check_run(recs, trajs, ROOT / "examples" / "mcp" / "time_tasks.jsonl", episode_scope=False)
     assert processes_running("mcp-server-time") == []
+
+
+@pytest.mark.slow  # the tiny simulator writes every task on CPU: about 3 minutes on 2 busy cores
+def test_generated_tasks_verified_on_the_notes_server_train_two_steps(tmp_path, tiny_model_dir):
+    recs, trajs = train_two_steps(
+        "examples/mcp/config.toml",
+        tmp_path / "run",
+        tiny_model_dir,
+        "--set",
+        "environment.mcp.tasks=generate",
+        "--set",
+        "engines.simulator.backend=hf",
+    )
+    generated = sum(x["mcp/tasks_generated"] for x in recs)
+    kept = sum(x["mcp/tasks_generated"] * x["mcp/tasks_kept_share"] for x in recs)
+    print(f"generated {generated:.0f} tasks, kept {kept:.0f} (share {kept / generated:.2f})")
+    assert all(x["tasks_failed"] == 0.0 and x["groups_trained"] == 2.0 for x in recs)
+    assert kept == 4 and generated >= 4  # two tasks per step, each kept only after its calls ran
+    # Every generated task's reference calls ran on fresh servers: one start per task generated,
+    # on top of discovery and one per episode.
+    assert sum(x["mcp/server_starts"] for x in recs) == 1 + generated + len(trajs)
+    assert all(t["task_id"].startswith("mcp-") for t in trajs)
+    assert processes_running("examples/mcp/notes_server.py") == []
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGTERM", "SIGINT"]
+)
+def test_a_signalled_run_stops_and_leaves_no_server(tmp_path, tiny_model_dir, sig):
+    """SIGTERM (or Ctrl-C's SIGINT) while episodes hold servers: the run stops at a step
+    boundary with the signal's status (SIGTERM abandoning the step: its episodes are
+    cancelled; SIGINT finishing it), and neither the servers nor what they started survive."""
+    pidfile = tmp_path / "pids"
+    fake = ROOT / "tests" / "mcp_fake_server.py"
+    (tmp_path / "tasks.jsonl").write_text(
+        json.dumps(
+            {
+                "prompt": "Echo hi.",
+                "answer": "hi",
+                "expected_calls": [{"name": "echo", "arguments": {"text": "hi"}}],
+            }
+        )
+        + "\n"
+    )
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f"""
+[model]
+path = "{tiny_model_dir}"
+[engines.policy]
+backend = "hf"
+[environment]
+kind = "mcp"
+reward = "reference"
+[environment.mcp]
+tasks = "{tmp_path / "tasks.jsonl"}"
+[[environment.mcp.servers]]
+name = "fake"
+command = "{{python}}"
+args = ["-S", "{fake}", "--child", "--pidfile", "{pidfile}"]
+[rollout]
+max_turns = 2
+max_tokens_per_turn = 24
+[grpo]
+steps = 50
+tasks_per_step = 2
+group_size = 2
+[learner]
+mode = "lora"
+[logging]
+progress_bar = false
+[checkpoint]
+on_interrupt = "{"abandon" if sig == signal.SIGTERM else "finish"}"
+"""
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trustee.run", str(cfg), "--out", str(tmp_path / "run")],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while (
+            len(pidfile.read_text().split()) < 4 if pidfile.exists() else True
+        ):  # discovery + an episode's pair
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no episode started a server"
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 128 + sig, err[-3000:]
+        assert f"stopped by {signal.Signals(sig).name}" in err
+        pids = [int(x) for x in pidfile.read_text().split()]
+        deadline = time.monotonic() + 5
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [p for p in pids if alive(p)] == []
+        assert processes_running(str(fake)) == []
+    finally:
+        proc.kill()

@@ -135,7 +135,9 @@ def test_summary_verdicts(tmp_path):
     flat = make_run(tmp_path / "flat", [[0.0, 1.0, 0.0, 1.0]] * 8)
     assert summarize(read_run(flat))[3].startswith("verdict  unclear")
     one = make_run(tmp_path / "one", [[0.5, 0.5]])
-    assert summarize(read_run(one))[3].startswith("verdict  unknown")
+    lines = summarize(read_run(one))
+    assert lines[2] == "health   too few steps to compare early and late"
+    assert lines[3].startswith("verdict  unknown")
 
 
 def _hacked_shape() -> tuple[list[list[float]], list[float], list[float]]:

@@ -177,7 +177,7 @@ def test_graded_reward_orders_the_outcomes(kind):
     assert 0.0 < anyio.run(play, [broken, *ref]).reward < 1.0
 
 
-def test_few_shot_examples_are_other_kinds_of_training_tasks_and_stable():
+def test_few_shot_examples_are_distinct_kinds_of_training_tasks_and_stable():
     from trustee.envs.toy import is_heldout
 
     env = ToyEnv(few_shot=3)
@@ -190,9 +190,7 @@ def test_few_shot_examples_are_other_kinds_of_training_tasks_and_stable():
         assert len(queries) == 3 and not any(is_heldout(q) for q in queries)
         assert task.first_query not in queries
         assert len(called) == 3 and called <= {"add", "convert_units", "kv_get", "kv_set"}
-        own = {c.name for c in task.expected_calls}
-        assert task.payload["kind"] == "chain" or not (own & called)  # never the task's own tool choice
-        assert shots[-1].role == "assistant" and not shots[-1].tool_calls  # each example ends with its answer
+        assert [m.role for m in shots] == ["user", "assistant"] * 3  # each example: a query and its call
         assert env.examples(task) == shots  # the same task always gets the same examples
         state = anyio.run(env.start, task, "e")
         assert state.messages[0].role == "system" and state.messages[1:-1] == shots

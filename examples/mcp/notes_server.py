@@ -6,6 +6,7 @@ episode's fresh working directory, which trustee fills from `examples/mcp/workdi
 every episode starts from the same notes and what it changes stays its own.
 
     python examples/mcp/notes_server.py --dir /tmp/notes      # speaks MCP on stdin/stdout
+    python examples/mcp/notes_server.py --dir /tmp/notes --http 8000   # Streamable HTTP, /mcp
 """
 
 from __future__ import annotations
@@ -72,8 +73,15 @@ def build_server(directory: Path) -> MCPServer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("."), help="where notes.json lives")
+    parser.add_argument(
+        "--http", type=int, default=0, help="serve Streamable HTTP on 127.0.0.1:PORT/mcp instead"
+    )
     args = parser.parse_args()
-    build_server(args.dir).run("stdio")
+    server = build_server(args.dir)
+    if args.http:
+        server.run("streamable-http", host="127.0.0.1", port=args.http)
+    else:
+        server.run("stdio")
 
 
 if __name__ == "__main__":

@@ -218,14 +218,6 @@ def model_limits(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
                 f"model.tiny = {cfg.model.tiny!r} also builds model.path; set one of them to ''",
             )
         )
-    if cfg.environment.few_shot and cfg.environment.kind not in ("toy", "tasks_file"):
-        p.append(
-            Problem(
-                "environment.few_shot",
-                cfg.environment.few_shot,
-                f"worked examples exist for kinds 'toy' and 'tasks_file' only (kind is {cfg.environment.kind!r}); set it to 0",
-            )
-        )
     if cfg.model.enable_thinking and cfg.model.chat_format in ("llama3", "mistral", "chatml"):
         p.append(
             Problem(
@@ -235,6 +227,20 @@ def model_limits(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
             )
         )
     return p
+
+
+def few_shot_environments(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """Worked examples exist only where the environment has reference conversations."""
+    env = cfg.environment
+    if env.few_shot and env.kind not in ("toy", "tasks_file"):
+        return [
+            Problem(
+                "environment.few_shot",
+                env.few_shot,
+                f"worked examples exist for kinds 'toy' and 'tasks_file' only (kind is {env.kind!r}); set it to 0",
+            )
+        ]
+    return []
 
 
 # ----------------------------------------------------------------------------- engines
@@ -686,6 +692,14 @@ def mcp_problems(m: MCPConfig, reward: str) -> list[Problem]:
     for i, server in enumerate(m.servers):
         p += _mcp_server_problems(f"environment.mcp.servers[{i}]", server, seen)
     uses_fn = reward in ("function", "function+judge")
+    if reward != "function+judge" and m.judge_weight != MCPConfig().judge_weight:
+        p.append(
+            Problem(
+                "environment.mcp.judge_weight",
+                m.judge_weight,
+                f"only used with reward 'function+judge' (reward is {reward!r})",
+            )
+        )
     if uses_fn and not m.reward_fn:
         p.append(Problem("environment.mcp.reward_fn", "", f"reward {reward!r} needs 'module:function'"))
     if not uses_fn and m.reward_fn:
@@ -714,6 +728,7 @@ RULES: tuple[Rule, ...] = (
     split_placement,
     memory_fractions,
     model_limits,
+    few_shot_environments,
     environment_reward,
     python_environment_fields,
     tasks_file_fields,

