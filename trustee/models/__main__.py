@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.perf_counter()
     try:
-        out = get(args.name, args.out or default_dir(args.name), force=args.force)
+        out = get(args.name, args.out or default_dir(args.name), force=args.force, progress=True)
     except PackageMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -92,11 +92,26 @@ def _need_readers() -> None:
             )
 
 
-def sha256(path: Path) -> str:
+def sha256(path: Path, *, progress: bool = False) -> str:
+    """The file's SHA-256; `progress`: a tqdm bar over its bytes (with an ETA) on stderr."""
+    from tqdm import tqdm
+
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    size = path.stat().st_size
+    with (
+        path.open("rb") as f,
+        tqdm(
+            total=size,
+            unit="B",
+            unit_scale=True,
+            desc=f"hashing {path.name}",
+            disable=not progress,
+            leave=False,
+        ) as bar,
+    ):
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+            bar.update(len(block))
     return h.hexdigest()
 
 
@@ -137,7 +152,7 @@ def convert_gguf(gguf: Path, out: Path, *, origin: dict) -> Path:
     return out
 
 
-def origin_of(spec: Packaged, gguf: Path) -> dict:
+def origin_of(spec: Packaged, gguf: Path, *, progress: bool = False) -> dict:
     try:
         version = importlib.metadata.version(spec.distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -147,15 +162,17 @@ def origin_of(spec: Packaged, gguf: Path) -> dict:
         "package": spec.distribution,
         "version": version,
         "file": spec.gguf,
-        "sha256": sha256(gguf),
+        "sha256": sha256(gguf, progress=progress),
         "licence": spec.licence,
         "note": spec.note,
     }
 
 
-def get(name: str, out: str | Path | None = None, *, force: bool = False) -> Path:
+def get(name: str, out: str | Path | None = None, *, force: bool = False, progress: bool = False) -> Path:
     """Write packaged model `name` to `out` (default `.cache/models/<dir>`); a directory that
-    already holds the same file's conversion is kept. Returns the directory."""
+    already holds the same file's conversion is kept. Returns the directory. `progress`: a bar
+    with an ETA while the GGUF file is hashed (transformers draws its own over the tensors it
+    de-quantises)."""
     spec = packaged(name)
     out = Path(out) if out is not None else default_dir(name)
     gguf = gguf_path(spec)
@@ -168,5 +185,5 @@ def get(name: str, out: str | Path | None = None, *, force: bool = False) -> Pat
             and have.get("size") == gguf.stat().st_size
         ):
             return out
-    origin = origin_of(spec, gguf) | {"size": gguf.stat().st_size}
+    origin = origin_of(spec, gguf, progress=progress) | {"size": gguf.stat().st_size}
     return convert_gguf(gguf, out, origin=origin)
