@@ -1,18 +1,31 @@
-"""Learner throughput and peak memory: packed vs padded micro-batches, LoRA vs full (+ QLoRA on CUDA).
+"""Learner throughput and peak memory: shared-prefix, packed and padded micro-batches, LoRA vs full (+ QLoRA on CUDA).
 
 Run:  python -m bench.learner [--quick] [--out DIR]   (CPU, tiny 'demo' model, fp32)
       python -m bench.learner --device cuda            (adds QLoRA; bf16)
 
-The batch is realistic (`bench/trajectories.py`): whole episodes of the toy, simulated and
-BFCL environments, token-exact under the project chat template, so lengths spread over 10x
-and more (toy and simulated episodes of a few hundred tokens, BFCL episodes of several
-thousand), sampled spans where the policy spoke, advantages drawn at random, fixed seed.
+Two batch distributions, both of GRPO groups whose G episodes share their prompt:
+
+- `realistic` (`bench/trajectories.py`): whole episodes of the toy, simulated and BFCL
+  environments, token-exact under the project chat template, so lengths spread over 10x and
+  more (toy and simulated episodes of a few hundred tokens, BFCL episodes of several
+  thousand), sampled spans where the policy spoke. Group g's members all start with episode
+  g*G's prompt and continue with the sampled turns and tool results of episodes g*G..g*G+G-1
+  (a group's episodes share the prompt and differ after it; only lengths and masks matter);
+- `tool-prompt`: the agent-RL shape where the prompt dominates: prompts of 1,000 to 3,000
+  tokens (system prompt and many tool schemas), G = 8 completions of 50 to 300 tokens each,
+  every completion token trained.
+
+Advantages are drawn at random, fixed seed.
 Every (mode, layout) case runs `Learner.step` on that batch in its own subprocess, so each
 has a fresh allocator and its own peak-memory figure. Tokens/s counts real tokens (padding
 excluded) per optimiser step: median over the measured steps after one warm-up step, then
 median over rounds (cases run in ABBA order across rounds, so drift in machine load hits
 all cases alike). The packed layout does no attention work across sequence boundaries
-(`learn/packing.py` segment attention). Two padded layouts, both on the same budget:
+(`learn/attention.py`), and feeds every episode whole (`learner.share_prefix = 'off'`); the
+shared layout feeds each group's prompt once (`'on'`: the run-time check of 'auto' runs once
+per new shape in a run, so it is left out of these steady-state figures). Tokens/s counts the
+episodes' tokens (each prompt G times) in every layout, so shared/packed is the speed-up on
+the same work. Two padded layouts, both on the same budget (realistic distribution only):
 `padded` is the learner's own (`layout='padded'`: arrival-order rows padded to the longest of
 their micro-batch, count x longest <= budget), `trl-padded` is the layout TRL's GRPOTrainer
 trains on (its `_generate_and_score_completions` pads the whole generation batch to its
@@ -46,13 +59,31 @@ DEFAULT_BUDGET = 16384
 """`learner.micro_batch_tokens`'s default (a test keeps the two equal)."""
 PRESETS = {
     # device: model size, dtype, groups x group size samples, longest sequence, token budget
-    "cpu": dict(size="demo", dtype="float32", groups=3, group_size=8, max_len=8192, budget=DEFAULT_BUDGET),
+    "cpu": dict(
+        size="demo",
+        dtype="float32",
+        groups=3,
+        group_size=8,
+        max_len=8192,
+        budget=DEFAULT_BUDGET,
+        tool_groups=3,
+    ),
     "cuda": dict(
-        size="demo", dtype="bfloat16", groups=8, group_size=8, max_len=16384, budget=2 * DEFAULT_BUDGET
+        size="demo",
+        dtype="bfloat16",
+        groups=8,
+        group_size=8,
+        max_len=16384,
+        budget=2 * DEFAULT_BUDGET,
+        tool_groups=8,
     ),
 }
-LAYOUTS = ("packed", "padded", "trl-padded")
-QUICK = {"size": "test", "groups": 1}
+LAYOUTS = ("packed", "shared", "padded", "trl-padded")
+DISTRIBUTIONS = ("realistic", "tool-prompt")
+PADDED = ("padded", "trl-padded")  # run on the realistic distribution only
+QUICK = {"size": "test", "groups": 1, "tool_groups": 2}
+TOOL_PROMPT = dict(group_size=8, prompt=(1000, 3000), completion=(50, 300))
+"""The tool-prompt distribution (issue 28): prompt and completion lengths drawn uniformly."""
 # Episode lengths are measured with the 'demo' tokenizer (vocabulary 2048) whatever the model
 # size; ids are folded into the model's vocabulary (only lengths and masks matter here).
 LENGTH_TOKENIZER = "demo"
@@ -62,13 +93,54 @@ def preset(device: str, quick: bool, budget: int | None = None) -> dict:
     return dict(PRESETS[device], **(QUICK if quick else {}), **({"budget": budget} if budget else {}))
 
 
-def cases(device: str, layouts: tuple[str, ...] = LAYOUTS) -> list[tuple[str, str]]:
+def cases(
+    device: str, layouts: tuple[str, ...] = LAYOUTS, dists: tuple[str, ...] = DISTRIBUTIONS
+) -> list[tuple[str, str, str]]:
+    """(mode, layout, distribution) of every case; the padded layouts on `realistic` only."""
     modes = ["lora", "full"] + (["qlora"] if device == "cuda" else [])
-    return [(m, lay) for m in modes for lay in layouts]
+    return [
+        (m, lay, d)
+        for d in dists
+        for m in modes
+        for lay in layouts
+        if not (lay in PADDED and d != "realistic")
+    ]
+
+
+def tool_prompt_batch(p: dict, seed: int = 0) -> list[list[tuple[list[int], list[int]]]]:
+    """`tool_groups` groups of the tool-prompt distribution: (ids, loss_mask) per episode, ids
+    drawn at random from the tokenizer's range (folded into the model's by `groups_from`)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(p["tool_groups"]):
+        prompt = [rng.randrange(2048) for _ in range(rng.randint(*TOOL_PROMPT["prompt"]))]
+        group = []
+        for _ in range(TOOL_PROMPT["group_size"]):
+            n = rng.randint(*TOOL_PROMPT["completion"])
+            group.append((prompt + [rng.randrange(2048) for _ in range(n)], [0] * len(prompt) + [1] * n))
+        out.append(group)
+    return out
+
+
+def shared_prompt_groups(
+    samples: list[tuple[list[int], list[int]]], group_size: int, max_len: int
+) -> list[list[tuple[list[int], list[int]]]]:
+    """Episodes regrouped so that a group's members share its first episode's prompt and
+    continue with each member's own sampled turns and tool results, cut at max_len."""
+    out = []
+    for g in range(0, len(samples) - group_size + 1, group_size):
+        ids0, mask0 = samples[g]
+        prompt = ids0[: mask0.index(1)]
+        group = []
+        for ids, mask in samples[g : g + group_size]:
+            p = mask.index(1)
+            group.append(((prompt + ids[p:])[:max_len], ([0] * len(prompt) + mask[p:])[:max_len]))
+        out.append(group)
+    return out
 
 
 def realistic_batch(p: dict, seed: int = 0) -> dict:
-    """Realistic episodes (see the module docstring) as plain lists, for `groups_from`."""
+    """Both distributions (see the module docstring) as plain lists, for `groups_from`."""
     from transformers import AutoTokenizer
 
     from bench.trajectories import realistic_samples
@@ -84,20 +156,30 @@ def realistic_batch(p: dict, seed: int = 0) -> dict:
         raise RuntimeError(
             f"only {len(samples)} usable episodes for {n} samples; raise max_len ({p['max_len']})"
         )
-    return dict(samples=samples[:n], summary=summary)
+    tool = tool_prompt_batch(p, seed)
+    return {
+        "realistic": shared_prompt_groups(samples[:n], p["group_size"], p["max_len"]),
+        "tool-prompt": tool,
+        "summary": {"realistic": summary, "tool-prompt": _lengths_summary(tool)},
+    }
 
 
-def groups_from(batch: dict, p: dict, vocab: int, seed: int = 0):
-    """GRPO groups of the batch's episodes, ids folded into `vocab`, with the sampler's
-    log-probs and advantages drawn at random."""
+def _lengths_summary(groups: list) -> dict:
+    lens = sorted(len(ids) for g in groups for ids, _ in g)
+    prompts = sorted(m.index(1) for g in groups for _, m in g[:1])
+    return dict(episodes=len(lens), min=lens[0], max=lens[-1], prompts=prompts)
+
+
+def groups_from(batch: dict, dist: str, vocab: int, seed: int = 0):
+    """GRPO groups of one distribution, ids folded into `vocab`, with the sampler's log-probs
+    and advantages drawn at random."""
     from trustee.types import Group, Trajectory
 
     rng = random.Random(seed)
-    samples = batch["samples"]
     groups = []
-    for g in range(0, len(samples) - p["group_size"] + 1, p["group_size"]):
+    for g, members in enumerate(batch[dist]):
         trajs = []
-        for i, (toks, mask) in enumerate(samples[g : g + p["group_size"]]):
+        for i, (toks, mask) in enumerate(members):
             trajs.append(
                 Trajectory(
                     episode_id=f"{g}-{i}",
@@ -115,7 +197,14 @@ def groups_from(batch: dict, p: dict, vocab: int, seed: int = 0):
 
 
 def run_case(
-    device: str, mode: str, layout: str, steps: int, quick: bool, batch_file: str, budget: int | None = None
+    device: str,
+    mode: str,
+    layout: str,
+    dist: str,
+    steps: int,
+    quick: bool,
+    batch_file: str,
+    budget: int | None = None,
 ) -> dict:
     """One configuration in this process; returns its figures."""
     import torch
@@ -130,15 +219,22 @@ def run_case(
     path = build_tiny_model(ROOT / ".cache" / f"tiny-{p['size']}", size=p["size"], seed=0)
     dtype = getattr(torch, p["dtype"])
     cfg = LearnerConfig(
-        mode=mode, lr=1e-5, micro_batch_tokens=p["budget"], gradient_checkpointing=True, logprob_chunk=1024
+        mode=mode,
+        lr=1e-5,
+        micro_batch_tokens=p["budget"],
+        gradient_checkpointing=True,
+        logprob_chunk=1024,
+        share_prefix="on" if layout == "shared" else "off",
     )
     policy = load_policy(path, cfg, device=torch.device(device if device == "cpu" else "cuda:0"), dtype=dtype)
     if layout == "trl-padded":
         learner = trl_padded_learner(policy, GrpoConfig(beta=0.0), cfg)
     else:
-        learner = Learner(policy, GrpoConfig(beta=0.0), cfg, layout=layout)
+        learner = Learner(
+            policy, GrpoConfig(beta=0.0), cfg, layout="packed" if layout == "shared" else layout
+        )
     batch = json.loads(Path(batch_file).read_text())
-    groups = groups_from(batch, p, policy.model.config.vocab_size)
+    groups = groups_from(batch, dist, policy.model.config.vocab_size)
     if not quick:
         learner.step(groups)  # warm-up (quick: none; lazy start-up costs are small beside a step)
     ms, cpu = [], []
@@ -151,6 +247,7 @@ def run_case(
     return dict(
         mode=mode,
         layout=layout,
+        dist=dist,
         tokens_per_s=statistics.median(x.tokens_per_s for x in ms),
         # CPU seconds of this process (all torch threads): less sensitive to other load than wall time
         tokens_per_cpu_s=statistics.median(x.tokens / c for x, c in zip(ms, cpu, strict=True)),
@@ -163,13 +260,14 @@ def run_case(
         peak_mem_bytes=max(x.peak_mem_bytes for x in ms),
         tokens=m.tokens,
         input_tokens=m.input_tokens,
-        padding_frac=1.0 - m.tokens / m.input_tokens,
+        padding_frac=max(0.0, 1.0 - m.tokens / m.input_tokens),
+        shared_frac=m.shared_prefix_frac,
         loss_tokens=m.loss_tokens,
         micro_batches=m.micro_batches,
         seqs=m.seqs,
         trainable_params=sum(q.numel() for q in policy.trainable_parameters()),
         attn_implementation=getattr(policy.model.config, "_attn_implementation", None),
-        lengths=batch["summary"],
+        lengths=batch["summary"][dist],
         load_avg_before=[round(x, 2) for x in load0],
         load_avg_after=[round(x, 2) for x in os.getloadavg()],
     )
@@ -200,7 +298,13 @@ def learner_samples(groups: list) -> list:
 
 def _attention_work(mb) -> int:
     """Causal attention score entries of a micro-batch: per packed sequence L(L+1)/2, per
-    padded row T(T+1)/2 (SDPA computes the padding too)."""
+    padded row T(T+1)/2 (SDPA computes the padding too); a shared unit P(P+1)/2 for its
+    prefix and S(S+1)/2 + S*P per branch."""
+    if mb.layout is not None:
+        return sum(
+            p * (p + 1) // 2 + sum(s * (s + 1) // 2 + s * p for s in branches)
+            for _, p, branches in mb.layout.units
+        )
     cu = mb.attn_kwargs.get("cu_seq_lens_q")
     if cu is not None:
         lens = (cu[1:] - cu[:-1]).tolist()
@@ -221,14 +325,17 @@ def machine(device: str) -> dict:
 
 
 def ratios(results: list[dict]) -> dict:
-    by = {(r["mode"], r["layout"]): r for r in results}
+    """Same-run ratios. Packed against the padded layouts on `realistic` (keys without a
+    distribution, as before issue 28); shared against packed per distribution, keys
+    '<mode>: shared/packed tokens_per_s (<distribution>)' and the like."""
+    by = {(r["mode"], r["layout"], r["dist"]): r for r in results}
     out = {}
     for mode in sorted({r["mode"] for r in results}):
-        pk = by[(mode, "packed")]
-        for name in ("padded", "trl-padded"):
-            if (mode, name) not in by:
+        pk = by.get((mode, "packed", "realistic"))
+        for name in PADDED:
+            if pk is None or (mode, name, "realistic") not in by:
                 continue
-            pd = by[(mode, name)]
+            pd = by[(mode, name, "realistic")]
             out[f"{mode}: packed/{name} tokens_per_s"] = pk["tokens_per_s"] / pd["tokens_per_s"]
             out[f"{mode}: packed/{name} tokens_per_cpu_s"] = pk["tokens_per_cpu_s"] / pd["tokens_per_cpu_s"]
             # The most packing could gain on this batch if the step's cost were all per token
@@ -237,9 +344,23 @@ def ratios(results: list[dict]) -> dict:
             out[f"{mode}: {name} bound if cost all attention"] = pd["work_attention"] / pk["work_attention"]
             out[f"{mode}: packed/{name} peak_mem"] = pk["peak_mem_bytes"] / pd["peak_mem_bytes"]
             out[f"{mode}: {name} layout padding fraction"] = pd["padding_frac"]
+        for dist in DISTRIBUTIONS:
+            pk, sh = by.get((mode, "packed", dist)), by.get((mode, "shared", dist))
+            if pk is None or sh is None:
+                continue
+            out[f"{mode}: shared/packed tokens_per_s ({dist})"] = sh["tokens_per_s"] / pk["tokens_per_s"]
+            out[f"{mode}: shared/packed tokens_per_cpu_s ({dist})"] = (
+                sh["tokens_per_cpu_s"] / pk["tokens_per_cpu_s"]
+            )
+            out[f"{mode}: shared/packed peak_mem ({dist})"] = sh["peak_mem_bytes"] / pk["peak_mem_bytes"]
+            out[f"{mode}: shared bound if cost per token ({dist})"] = pk["work_tokens"] / sh["work_tokens"]
+            out[f"{mode}: shared bound if cost all attention ({dist})"] = (
+                pk["work_attention"] / sh["work_attention"]
+            )
+            out[f"shared tokens saved ({dist})"] = sh["shared_frac"]
     for mode in ("lora", "qlora"):
-        if (mode, "packed") in by:
-            a, b = by[(mode, "packed")], by[("full", "packed")]
+        if (mode, "packed", "realistic") in by and ("full", "packed", "realistic") in by:
+            a, b = by[(mode, "packed", "realistic")], by[("full", "packed", "realistic")]
             out[f"packed: {mode}/full tokens_per_s"] = a["tokens_per_s"] / b["tokens_per_s"]
             out[f"packed: {mode}/full peak_mem"] = a["peak_mem_bytes"] / b["peak_mem_bytes"]
     return out
@@ -255,15 +376,17 @@ def markdown(report: dict) -> str:
         f"load average before {report['load_avg_before']}, at the end {report['machine']['load_avg_1_5_15']} "
         "(a shared machine: compare only the ratios of one run).",
         f"Config: {json.dumps(report['config'])}",
-        f"Lengths (realistic episodes: toy, simulated, BFCL): {json.dumps(report['lengths'])}",
+        f"Lengths (realistic: toy, simulated, BFCL episodes regrouped to share prompts; tool-prompt): "
+        f"{json.dumps(report['lengths'])}",
         "",
-        "| mode | layout | tokens/s | tokens/CPU-s | step s | peak MiB | padding | micro-batches | trainable params |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| distribution | mode | layout | tokens/s | tokens/CPU-s | step s | peak MiB | padding | shared | micro-batches | trainable params |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         lines.append(
-            f"| {r['mode']} | {r['layout']} | {r['tokens_per_s']:.0f} | {r['tokens_per_cpu_s']:.0f} | {r['step_s']:.2f} | "
-            f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['padding_frac']:.0%} | {r['micro_batches']} | {r['trainable_params']:,} |"
+            f"| {r['dist']} | {r['mode']} | {r['layout']} | {r['tokens_per_s']:.0f} | {r['tokens_per_cpu_s']:.0f} | "
+            f"{r['step_s']:.2f} | {r['peak_mem_bytes'] / 2**20:.0f} | {r['padding_frac']:.0%} | {r['shared_frac']:.0%} | "
+            f"{r['micro_batches']} | {r['trainable_params']:,} |"
         )
     lines += ["", "| ratio (same run) | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report["ratios"].items()]
@@ -271,7 +394,14 @@ def markdown(report: dict) -> str:
 
 
 def _subprocess_case(
-    device: str, mode: str, layout: str, steps: int, quick: bool, batch_file: str, budget: int | None = None
+    device: str,
+    mode: str,
+    layout: str,
+    dist: str,
+    steps: int,
+    quick: bool,
+    batch_file: str,
+    budget: int | None = None,
 ) -> dict:
     """One case in a fresh interpreter (its own allocator and peak memory)."""
     cmd = (
@@ -284,7 +414,7 @@ def _subprocess_case(
             "--steps",
             str(steps),
             "--case",
-            f"{mode},{layout}",
+            f"{mode},{layout},{dist}",
             "--batch-file",
             batch_file,
         ]
@@ -293,7 +423,7 @@ def _subprocess_case(
     )
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"case {mode},{layout} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"case {mode},{layout},{dist} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -340,10 +470,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--layouts",
         default=",".join(LAYOUTS),
-        help="layouts to run, comma-separated; packed is always run (default: all three; on CPU the "
+        help="layouts to run, comma-separated; packed is always run (default: all four; on CPU the "
         "full form's trl-padded cases take longer than the rest together)",
     )
-    ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: 'mode,layout' runs one case and prints JSON
+    ap.add_argument(
+        "--dists",
+        default=",".join(DISTRIBUTIONS),
+        help=f"distributions to run, comma-separated (default: {','.join(DISTRIBUTIONS)})",
+    )
+    ap.add_argument(
+        "--case", help=argparse.SUPPRESS
+    )  # internal: 'mode,layout,dist' runs one case, prints JSON
     ap.add_argument(
         "--batch-file", help=argparse.SUPPRESS
     )  # internal: the episodes, written once by the parent
@@ -353,11 +490,14 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [x for x in layouts if x not in LAYOUTS]
     if unknown:
         ap.error(f"--layouts {a.layouts}: unknown {unknown}; choose from {', '.join(LAYOUTS)}")
+    dists = tuple(dict.fromkeys(a.dists.split(",")))
+    if unknown := [x for x in dists if x not in DISTRIBUTIONS]:
+        ap.error(f"--dists {a.dists}: unknown {unknown}; choose from {', '.join(DISTRIBUTIONS)}")
     steps = a.steps or (1 if a.quick else 2)
     rounds = a.rounds or (1 if a.quick else 2)
     if a.case:
-        mode, layout = a.case.split(",")
-        print(json.dumps(run_case(a.device, mode, layout, steps, a.quick, a.batch_file, a.budget)))
+        mode, layout, dist = a.case.split(",")
+        print(json.dumps(run_case(a.device, mode, layout, dist, steps, a.quick, a.batch_file, a.budget)))
         return
     import tempfile
 
@@ -366,18 +506,19 @@ def main(argv: list[str] | None = None) -> None:
     tmp = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="bench-learner-", delete=False)
     tmp.write(json.dumps(realistic_batch(preset(a.device, a.quick, a.budget))))
     tmp.close()
-    todo = cases(a.device, layouts)
-    runs: dict[tuple[str, str], list[dict]] = {c: [] for c in todo}
+    todo = cases(a.device, layouts, dists)
+    runs: dict[tuple[str, str, str], list[dict]] = {c: [] for c in todo}
     for r in range(rounds):
         order = todo if r % 2 == 0 else todo[::-1]  # ABBA: drift hits all cases alike
-        for mode, layout in order:
-            runs[(mode, layout)].append(
-                _subprocess_case(a.device, mode, layout, steps, a.quick, tmp.name, a.budget)
+        for mode, layout, dist in order:
+            runs[(mode, layout, dist)].append(
+                _subprocess_case(a.device, mode, layout, dist, steps, a.quick, tmp.name, a.budget)
             )
-            last = runs[(mode, layout)][-1]
+            last = runs[(mode, layout, dist)][-1]
             print(
-                f"round {r} {mode:6s} {layout:10s} {last['tokens_per_s']:8.0f} tok/s  {last['peak_mem_bytes'] / 2**20:7.0f} MiB"
-                f"  padding {last['padding_frac']:.0%}  load {last['load_avg_after']}",
+                f"round {r} {dist:11s} {mode:6s} {layout:10s} {last['tokens_per_s']:8.0f} tok/s  "
+                f"{last['peak_mem_bytes'] / 2**20:7.0f} MiB  padding {last['padding_frac']:.0%}  "
+                f"shared {last['shared_frac']:.0%}  load {last['load_avg_after']}",
                 flush=True,
             )
     os.unlink(tmp.name)
@@ -388,24 +529,33 @@ def main(argv: list[str] | None = None) -> None:
         + (" --quick" if a.quick else "")
         + (f" --device {a.device}" if a.device != "cpu" else "")
         + (f" --layouts {','.join(layouts)}" if layouts != LAYOUTS else "")
+        + (f" --dists {','.join(dists)}" if dists != DISTRIBUTIONS else "")
         + (f" --budget {a.budget}" if a.budget else ""),
         device=a.device,
         machine=machine(a.device),
         load_avg_before=before,
-        config=dict(preset(a.device, a.quick, a.budget), steps=steps, rounds=rounds, layouts=list(layouts)),
-        lengths=results[0]["lengths"],
+        config=dict(
+            preset(a.device, a.quick, a.budget),
+            steps=steps,
+            rounds=rounds,
+            layouts=list(layouts),
+            dists=list(dists),
+            tool_prompt=TOOL_PROMPT,
+        ),
+        lengths={r["dist"]: r["lengths"] for r in results},
         results=results,
         ratios=ratios(results),
         goal="packed/padded tokens_per_s >= 1.5 for full and LoRA (issue 14), measured quietly; "
-        "padded = the learner's own budget-binned layout (the stronger baseline), trl-padded beside it",
+        "padded = the learner's own budget-binned layout (the stronger baseline), trl-padded beside it; "
+        "shared/packed tokens_per_s >= 3.0 on tool-prompt for LoRA and full with peak memory no higher (issue 28)",
         wall_s=time.time() - t0,
     )
     path = write_report(a.out, f"learner-{a.device}", report, markdown(report))
     why = plot_bars(
         path.with_suffix(".png"),
-        [f"{r['mode']}\n{r['layout']}" for r in results],
+        [f"{r['mode']}\n{r['layout']}\n{r['dist']}" for r in results],
         [r["tokens_per_s"] for r in results],
-        title=f"Learner tokens/s, realistic episode lengths ({a.device})",
+        title=f"Learner tokens/s, realistic and tool-prompt groups ({a.device})",
         ylabel="real tokens / s",
     )
     if why:
