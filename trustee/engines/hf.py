@@ -506,11 +506,15 @@ class HFEngine:
         logp = torch.log_softmax(scores, dim=-1)  # [B, V]
         toks = logp.argmax(dim=-1)  # [B] greedy default
         free = [
-            i for i, r in enumerate(reqs) if r.params.temperature > 0 and r.generator is None and r.stream is None
+            i
+            for i, r in enumerate(reqs)
+            if r.params.temperature > 0 and r.generator is None and r.stream is None
         ]
         keyed = [i for i, r in enumerate(reqs) if r.params.temperature > 0 and r.stream is not None]
         if keyed:
-            toks[keyed] = _keyed_draw(logp[keyed].exp(), [_uniform(reqs[i].stream, len(reqs[i].ids)) for i in keyed])
+            toks[keyed] = _keyed_draw(
+                logp[keyed].exp(), [_uniform(reqs[i].stream, len(reqs[i].ids)) for i in keyed]
+            )
         if free:
             toks[free] = torch.multinomial(logp[free].exp(), 1, generator=self._gen)[:, 0]
         for i, r in enumerate(reqs):

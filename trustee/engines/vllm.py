@@ -473,7 +473,9 @@ class VLLMEngine:
 
     async def sleep(self, level: int = 1) -> None:
         """Level 1: weights to CPU, KV freed. Level 2: weights and KV dropped; `wake` reloads the
-        checkpoint (vLLM would otherwise serve garbage) and re-adds the active adapter. Waits for
+        checkpoint from disk (vLLM would otherwise serve garbage) only while no full update has
+        been pushed; after one, the reload would be overwritten by the next full update anyway,
+        so `wake` skips it and `generate` refuses until that update arrives. Waits for
         requests in flight, then checks vLLM reports itself asleep. On the CPU build, sleep pauses
         scheduling and clears the prefix cache but frees no memory (its worker's `sleep` only logs,
         vllm/v1/worker/cpu_worker.py)."""
@@ -503,10 +505,13 @@ class VLLMEngine:
                 return
             if self._sleep_level == 2:
                 await self._llm.wake_up(tags=["weights"])
-                await self._llm.collective_rpc("reload_weights")  # vllm#29341: level 2 needs a reload
-                self._needs_weights = self._full_updates > 0
-                if self._lora_req is not None:
-                    await self._llm.add_lora(self._lora_req)  # reload_weights resets the LoRA state
+                if self._full_updates == 0:  # the checkpoint is still the policy: restore it (vllm#29341)
+                    await self._llm.collective_rpc("reload_weights")
+                    if self._lora_req is not None:
+                        await self._llm.add_lora(self._lora_req)  # reload_weights resets the LoRA state
+                else:  # stale either way: the next full update restores every weight, not the disk
+                    self._needs_weights = True
+                    self._stats.reloads_skipped += 1
                 await self._llm.wake_up(tags=["kv_cache"])
             else:
                 await self._llm.wake_up()
