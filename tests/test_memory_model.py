@@ -11,8 +11,7 @@ the learner's bytes stand clear of a process's own noise). Two learners are star
   weight files (its own count and the kernel's read counter of each process); each rank's
   host peak while building, beyond its own shards (which on the CPU live in host memory), below
   one copy of the weights; the step's peak inside the plan's band;
-- LoRA: each rank's host peak while building below one copy of the weights (shards included);
-  the step's peak inside the plan's band.
+- LoRA: the same build bound; the step's peak inside the plan's band.
 On 2 shared cores each start takes about 20 s idle, minutes under load.
 """
 
@@ -37,8 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 WEIGHT_RTOL = 1e-4  # after AdamW steps (see test_learn_distributed.py for why not 1e-5)
 # The band: a rank's measured peak (resident set above its size before the build) against the
 # plan's resident + working bytes. The plan is an estimate per item (activations, gathered
-# groups, reduce-scatter buffers); 0.5x-1.5x is the tolerance it is held to here.
+# groups, reduce-scatter buffers); 0.5x-1.5x is the tolerance it is held to here. The ranks
+# run with glibc's mmap threshold fixed at 64 KiB, so a freed tensor leaves the resident set
+# at once and the peak resident set is the peak of live tensors (what CUDA's
+# max_memory_allocated measures on a GPU), not what the C allocator keeps for reuse.
 BAND = (0.5, 1.5)
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -233,7 +236,11 @@ def _rchar(pid: int) -> int:
 GRPO_FULL = GrpoConfig(beta=0.01, loss_type="grpo", updates_per_batch=2, mini_batches=2)
 
 
-def test_full_two_ranks_equal_one_process_with_updates_nan_and_hold_memory_as_planned(band_model):
+def test_full_two_ranks_equal_one_process_with_updates_nan_and_hold_memory_as_planned(
+    band_model, monkeypatch
+):
+    for k, v in LIVE_MEMORY_ENV.items():
+        monkeypatch.setenv(k, v)  # inherited by the spawned ranks
     weights = (band_model / "model.safetensors").stat().st_size
     torch.manual_seed(0)
     single = Learner(
@@ -253,14 +260,14 @@ def test_full_two_ranks_equal_one_process_with_updates_nan_and_hold_memory_as_pl
         excess = [(r.host_build_peak - r.host_rss_before - shards) / weights for r in dl.ready]
         print("full: build peak beyond own shards, in copies of the weights", [f"{x:.2f}" for x in excess])
         assert all(x < 1.0 for x in excess), excess
-        for step, nan_group in ((0, 2), (1, None)):
-            gs = _groups(step, nan_group=nan_group)
-            got, want = dl.step(gs), single.step(gs)
-            assert got.skipped_nonfinite == want.skipped_nonfinite == (1 if nan_group is not None else 0)
-            assert got.optimizer_steps == want.optimizer_steps == (2 if nan_group is not None else 4)
-            assert dl.step_count == single.step_count == step + 1
-            assert all(s.grads_held == 0 for s in dl.last_rank_steps)  # gradients freed after the step
-            assert all(p.grad is None for p in single.model.parameters())
+        # 2 passes x 2 mini-batches; the NaN sample poisons one mini-batch of each pass.
+        gs = _groups(0, nan_group=2)
+        got, want = dl.step(gs), single.step(gs)
+        assert got.skipped_nonfinite == want.skipped_nonfinite == 1
+        assert got.optimizer_steps == want.optimizer_steps == 2
+        assert dl.step_count == single.step_count == 1
+        assert all(s.grads_held == 0 for s in dl.last_rank_steps)  # gradients freed after the step
+        assert all(p.grad is None for p in single.model.parameters())
         state = single.model.state_dict()
         ours = {n: t for chunk in dl.export_full().chunks for n, t in chunk}
         num = sum(float((ours[n] - state[n]).norm()) ** 2 for n in ours) ** 0.5
@@ -274,13 +281,16 @@ def test_full_two_ranks_equal_one_process_with_updates_nan_and_hold_memory_as_pl
     print("full: measured / planned peak per rank", [f"{r:.2f}" for r in ratios])
 
 
-def test_lora_two_ranks_hold_memory_as_planned(band_model):
+def test_lora_two_ranks_hold_memory_as_planned(band_model, monkeypatch):
+    for k, v in LIVE_MEMORY_ENV.items():
+        monkeypatch.setenv(k, v)
     grpo = GrpoConfig(beta=0.0, loss_type="grpo")
     weights = (band_model / "model.safetensors").stat().st_size
     with DistributedLearner(_spec(band_model, "lora", grpo)) as dl:
-        peaks = [(r.host_build_peak - r.host_rss_before) / weights for r in dl.ready]
-        print("lora: build peak in copies of the weights", [f"{x:.2f}" for x in peaks])
-        assert all(x < 1.0 for x in peaks), peaks  # its base shard and one tensor in flight
+        shards = _plan_resident_bytes("lora", grpo, band_model)
+        excess = [(r.host_build_peak - r.host_rss_before - shards) / weights for r in dl.ready]
+        print("lora: build peak beyond own shards, in copies of the weights", [f"{x:.2f}" for x in excess])
+        assert all(x < 1.0 for x in excess), excess
         dl.step(_groups(3))
         ratios = _in_band(dl, _plan_gib("lora", grpo, band_model))
         assert all(s.grads_held == 0 for s in dl.last_rank_steps)

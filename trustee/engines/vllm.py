@@ -43,7 +43,7 @@ from trustee.engines.base import (
     WeightUpdate,
 )
 from trustee.engines.grammar import json_ebnf
-from trustee.engines.vllm_ext import pack
+from trustee.engines.vllm_ext import ipc_pack, pack
 
 EXTENSION = "trustee.engines.vllm_ext.TrusteeWorkerExtension"
 LORA_NAME, LORA_ID = "trustee-policy", 1  # a stable id: prefix hashes include it
@@ -445,8 +445,9 @@ class VLLMEngine:
 
     async def _load_full(self, update: FullUpdate) -> None:
         for group in whole_layers(update.chunks):
-            packed = [pack(name, t) for name, t in group]
-            await self._llm.collective_rpc("trustee_load_weights", kwargs={"packed": packed})
+            method, kwargs, keep = wire(group)
+            await self._llm.collective_rpc(method, kwargs=kwargs)
+            del keep  # the IPC buffer: the workers have copied it
         self._full_updates += 1
         self._needs_weights = False
         if self._lora_req is not None:
@@ -544,6 +545,17 @@ class VLLMEngine:
         self._llm = None
         if self._lora_dir is not None:
             self._lora_dir.cleanup()
+
+
+def wire(group: list[tuple[str, Any]]) -> tuple[str, dict[str, Any], Any]:
+    """The weight transport of one group: (worker method, its kwargs, what to keep alive until
+    the call returns). Tensors on a GPU (a learner colocated with the engine) go as one CUDA IPC
+    bucket, device to device (`vllm_ext.ipc_pack`; unverified on a GPU here); host tensors go
+    as bytes (`vllm_ext.pack`; the CPU path, tested)."""
+    if group and getattr(group[0][1], "is_cuda", False):
+        payload, buffer = ipc_pack(group)
+        return "trustee_load_ipc", {"payload": payload}, buffer
+    return "trustee_load_weights", {"packed": [pack(name, t) for name, t in group]}, None
 
 
 def _layer_of(name: str) -> str | None:

@@ -102,6 +102,8 @@ class RankStep(msgspec.Struct, kw_only=True):
     step_count: int = 0
     grads_held: int = 0
     """Parameters still holding a gradient when the step returned (0: freed)."""
+    held_at_start_bytes: int = 0
+    """Bytes held when the step began (CUDA: allocated; CPU: resident set)."""
 
 
 class RankMemory(msgspec.Struct, frozen=True, kw_only=True):
@@ -175,6 +177,15 @@ def shard_policy(model: nn.Module, mesh, *, mp_policy, master_dtype: torch.dtype
     finally:
         delattr(body, "_trustee_lm_head")
     _sum_gradients(body)
+
+
+def _held_bytes(device: torch.device) -> int:
+    """CUDA: bytes allocated by tensors; CPU: this process's resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
 
 
 def _reshard(model: nn.Module) -> None:
@@ -373,6 +384,7 @@ class RankWorker:
         rank; the gradients are freed at the end, as in `Learner`."""
         from trustee.learn.learner import finite_update, peak_memory, reset_peak_memory
 
+        held = _held_bytes(self.device)
         reset_peak_memory(self.device)
         old = self._proximal(updates) if proximal else {}
         params = self.policy.trainable_parameters()
@@ -399,6 +411,7 @@ class RankWorker:
             self.learner.scheduler.step()
             self.learner.step_count += 1
         opt.zero_grad(set_to_none=True)  # gradients do not outlive the step
+        self._reshard_all()  # nor do gathered groups (FSDP2 keeps a root gathered after forward)
         return RankStep(
             grads_held=sum(p.grad is not None for p in self.model.parameters()),
             loss=loss_sum / len(updates),
@@ -412,20 +425,26 @@ class RankWorker:
             updates=len(updates),
             skipped=skipped,
             step_count=self.learner.step_count,
+            held_at_start_bytes=held,
         )
+
+    def _reshard_all(self) -> None:
+        _reshard(self.model)
+        if self.policy.ref_model is not None:
+            _reshard(self.policy.ref_model)
 
     def release(self) -> RankMemory:
         """Free the gradients, reference cycles and (CUDA) the allocator's cached blocks, so an
         engine waking on this rank's GPU can map them (`learner.release_memory`)."""
         from trustee.learn.learner import release_memory
 
+        self._reshard_all()
         free = release_memory(self.learner.optimizer, self.device)
-        if self.device.type == "cuda":
-            held = int(torch.cuda.memory_reserved(self.device))
-        else:
-            import psutil
-
-            held = int(psutil.Process().memory_info().rss)
+        held = (
+            int(torch.cuda.memory_reserved(self.device))
+            if self.device.type == "cuda"
+            else _held_bytes(self.device)
+        )
         grads = sum(p.grad is not None for p in self.model.parameters())
         return RankMemory(rank=self.rank, pid=os.getpid(), grads_held=grads, free_bytes=free, held_bytes=held)
 
