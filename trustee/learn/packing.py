@@ -240,18 +240,11 @@ def _split_cluster(samples: list[Sample], members: list[int], p: int, budget: in
     """Units of one cluster that fit the budget: branches first-fit decreasing into units of
     room budget - p (each with its own copy of the prefix); a member alone is plain."""
     lens = {i: len(samples[i].tokens) for i in members}
-    groups: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(members, key=lambda i: (-lens[i], i)):
-        s = lens[i] - p
-        for g, r in enumerate(room):
-            if s <= r:
-                groups[g].append(i)
-                room[g] -= s
-                break
-        else:
-            groups.append([i])
-            room.append(budget - p - s)
+    if budget - p < 1:  # the prefix alone fills the budget: nothing to share within it
+        groups = [[i] for i in members]
+    else:
+        parts = plan_bins([lens[i] - p for i in members], budget - p)
+        groups = [[members[k] for k in part] for part in parts]
     out = []
     for g in groups:
         g = sorted(g)
