@@ -164,7 +164,7 @@ def needs_simulator(env: EnvironmentConfig) -> bool:
 
 def _placement_problems(cfg: Config) -> list[Problem]:
     """Engine and placement rules that need no model sizes (the memory plan, which does, is
-    checked at start-up by `trustee.placement.check_memory`)."""
+    checked at start-up by `trustee.memory.check_memory`)."""
     p: list[Problem] = []
     pl, eng = cfg.placement, cfg.engines
     for role in ("policy", "simulator"):
