@@ -21,3 +21,28 @@ def make_samples(n: int, seed: int = 0, vocab: int = 1000) -> list[Sample]:
             Sample(tokens=toks, loss_mask=mask, sampler_logprobs=lps, advantage=rng.choice([-1.2, 0.4, 1.0]))
         )
     return out
+
+
+def make_groups(seed: int, n: int = 8, *, nan_group: int | None = None) -> list:
+    """`make_samples(n)` as GRPO groups of two trajectories with advantages +1 / -1; group
+    `nan_group` (if given) gets a NaN advantage, to inject a non-finite loss."""
+    from trustee.types import Group, Trajectory
+
+    samples = make_samples(n, seed=seed, vocab=1024)
+    out = []
+    for g in range(0, n, 2):
+        trajs = [
+            Trajectory(
+                episode_id=f"e{i}",
+                task_id=f"t{g}",
+                tokens=s.tokens,
+                loss_mask=s.loss_mask,
+                logprobs=s.sampler_logprobs,
+                versions=[0 if m else -1 for m in s.loss_mask],
+                prompt_len=s.loss_mask.index(1),
+            )
+            for i, s in enumerate(samples[g : g + 2])
+        ]
+        adv = [float("nan"), 1.0] if g // 2 == nan_group else [1.0, -1.0]
+        out.append(Group(task_id=f"t{g}", trajectories=trajs, advantages=adv[: len(trajs)]))
+    return out

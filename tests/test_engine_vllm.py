@@ -124,6 +124,10 @@ class FakeAsyncLLM:
         self.calls.append(f"add_lora {req.lora_path}")
         return True
 
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        self.calls.append(f"rpc {method}")
+        return [len((kwargs or {}).get("packed", []))]
+
     async def generate(self, *args, **kwargs):
         raise self.fail_with
         yield  # an async generator, like AsyncLLM.generate
@@ -156,8 +160,46 @@ def test_update_weights_is_refused_while_the_engine_sleeps_and_allowed_after_wak
         await eng.update_weights(update)
 
     anyio.run(go)
-    assert llm.calls == ["sleep 1", "wake_up None", "reset_prefix_cache", f"add_lora {tmp_path}", "reset_prefix_cache"]
+    assert llm.calls == [
+        "sleep 1",
+        "wake_up None",
+        "reset_prefix_cache",
+        f"add_lora {tmp_path}",
+        "reset_prefix_cache",
+    ]
     assert eng.version == 1 and (eng.stats().sleeps, eng.stats().wakes) == (1, 1)
+
+
+@needs_vllm
+def test_level2_wake_reads_the_disk_only_until_a_full_update_has_been_pushed():
+    """Issue 23 item 5: after a full update, a level-2 wake does not re-read the checkpoint
+    (the next full update overwrites every weight); generation waits for that update."""
+    import anyio
+    import torch
+
+    from trustee.engines.base import FatalEngineError, FullUpdate
+
+    llm = FakeAsyncLLM()
+    eng = _fake_engine(llm)
+    full = FullUpdate(chunks=[[("model.layers.0.mlp.up_proj.weight", torch.ones(2, 2))]])
+
+    async def go():
+        await eng.sleep(2)
+        await eng.wake()  # nothing pushed yet: the checkpoint is the policy, so it is restored
+        assert "rpc reload_weights" in llm.calls
+        await eng.update_weights(full)
+        llm.calls.clear()
+        await eng.sleep(2)
+        await eng.wake()
+        assert "rpc reload_weights" not in llm.calls and eng.stats().reloads_skipped == 1
+        with pytest.raises(FatalEngineError, match="push the current weights"):
+            await eng.generate([1, 2], Sampling(max_tokens=2))
+        await eng.update_weights(
+            FullUpdate(chunks=[[("model.layers.0.mlp.up_proj.weight", torch.ones(2, 2))]])
+        )
+        assert llm.calls[-2:] == ["rpc trustee_load_weights", "reset_prefix_cache"]
+
+    anyio.run(go)
 
 
 @needs_vllm

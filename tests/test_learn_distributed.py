@@ -15,7 +15,7 @@ import signal
 
 import pytest
 import torch
-from learn_samples import make_samples
+from learn_samples import make_groups
 
 from trustee.config import GrpoConfig, LearnerConfig
 from trustee.learn.distributed import (
@@ -43,23 +43,7 @@ BUDGET = 32  # micro_batch_tokens: several micro-batches per rank, unequal count
 
 def groups_of(seed: int, n: int = 8, lengths: list[int] | None = None) -> list[Group]:
     """n samples as groups of two with advantages +1 / -1 (deterministic)."""
-    samples = make_samples(n, seed=seed, vocab=1024)
-    out = []
-    for g in range(0, n, 2):
-        trajs = [
-            Trajectory(
-                episode_id=f"e{i}",
-                task_id=f"t{g}",
-                tokens=s.tokens,
-                loss_mask=s.loss_mask,
-                logprobs=s.sampler_logprobs,
-                versions=[0 if m else -1 for m in s.loss_mask],
-                prompt_len=s.loss_mask.index(1),
-            )
-            for i, s in enumerate(samples[g : g + 2])
-        ]
-        out.append(Group(task_id=f"t{g}", trajectories=trajs, advantages=[1.0, -1.0][: len(trajs)]))
-    return out
+    return make_groups(seed, n)
 
 
 def learner_cfg(mode: str) -> LearnerConfig:

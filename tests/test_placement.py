@@ -59,6 +59,8 @@ class FakeEngine:
 class FakeMemory:
     """The learner's device: records when its cache is released."""
 
+    on_device = False
+
     def __init__(self, calls: list[str], free_gib: float = 10.0):
         self.calls, self.free = calls, free_gib
 
@@ -172,14 +174,37 @@ def test_step_metrics_report_each_steps_prefix_hit_rate_from_engine_counters(mon
     assert m["engine/simulator/requests"] == 6.0
 
 
-def test_cuda_memory_release_empties_the_cache(monkeypatch):
-    import torch
+def test_release_goes_through_the_learner_in_its_own_processes(monkeypatch):
+    """The orchestrator's own empty_cache frees nothing in a rank; the choreography releases
+    through the learner (every rank: tests/test_memory_model.py), and refuses a wake that the
+    measured free memory cannot hold."""
+    from trustee.learn.fsdp_rank import RankMemory
 
-    seen = []
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: seen.append("empty_cache"))  # named fake
-    monkeypatch.setattr(pl.gc, "collect", lambda: seen.append("gc") or 0)
-    pl.CudaMemory(0).release()
-    assert seen == ["gc", "empty_cache"]
+    calls: list[str] = []
+
+    class RanksDouble:  # test double of DistributedLearner.release (the real one: test_memory_model.py)
+        free = 40.0
+
+        def release(self):
+            calls.append("release ranks")
+            return [
+                RankMemory(rank=r, pid=r, grads_held=0, free_bytes=int(self.free * 2**30), held_bytes=0)
+                for r in range(2)
+            ]
+
+    p, _ = _placement(["placement.mode=colocate"], calls, monkeypatch)
+    ranks = RanksDouble()
+    p.memory = pl.LearnerMemory(ranks, on_device=True)
+    p.budgets = {"policy": 20.0, "simulator": 10.0}
+    anyio.run(p.before_learn)
+    anyio.run(p.wake)
+    assert calls[-3:] == ["release ranks", "wake simulator", "wake policy"]
+    assert p.step_metrics()["memory/free_at_wake_gib"] == 40.0
+    anyio.run(p.before_learn)
+    ranks.free = 25.0  # less than the two engines' 30 GiB: refused before any wake, with the figures
+    with pytest.raises(pl.MemoryRefused, match="25.00 GiB free but the next phase needs 30.00 GiB"):
+        anyio.run(p.wake)
+    assert calls[-1] == "release ranks"
 
 
 # ----------------------------------------------------------------------------- refused plans

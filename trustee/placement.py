@@ -37,7 +37,8 @@ from typing import Any, Protocol
 import anyio
 
 from trustee.config import Config, EngineConfig, Resolved
-from trustee.memory import GIB, engine_budgets, engine_roles, policy_sleep_level
+from trustee.engines.base import EngineError, FatalEngineError
+from trustee.memory import GIB, engine_budgets, engine_roles, policy_sleep_level, rank_memory
 
 log = logging.getLogger("trustee.placement")
 
@@ -127,31 +128,25 @@ def export_final(learner: Any, tokenizer: Any, run_dir: Path) -> Path:
 
 
 class DeviceMemory(Protocol):
-    """The learner's device as the choreography sees it."""
+    """The learner's memory as the choreography sees it. `on_device`: the figures are a GPU's
+    (a wake or an update that cannot fit is refused); False for host RAM (logged only: the
+    CPU engines keep their memory while asleep)."""
+
+    on_device: bool
 
     def release(self) -> None:
-        """Return cached, unused memory to the device (before an engine wakes into it)."""
-
-    def free_bytes(self) -> int: ...
-
-
-class CudaMemory:
-    def __init__(self, index: int):
-        self.index = index
-
-    def release(self) -> None:
-        import torch
-
-        gc.collect()  # tensors kept alive only by reference cycles (autograd graphs) go first
-        torch.cuda.empty_cache()  # vLLM's wake maps physical pages the caching allocator may still hold
+        """Free what the learner holds beyond its weights and optimiser state, in every process
+        that holds it (before an engine wakes into that memory)."""
 
     def free_bytes(self) -> int:
-        import torch
-
-        return int(torch.cuda.mem_get_info(self.index)[0])
+        """Free bytes on the learner's device(s) after the last release (the smallest over ranks)."""
 
 
 class HostMemory:
+    """Before the learner exists: this process's host RAM."""
+
+    on_device = False
+
     def release(self) -> None:
         gc.collect()
 
@@ -161,8 +156,74 @@ class HostMemory:
         return int(psutil.virtual_memory().available)
 
 
-def learner_memory(cfg: Config) -> DeviceMemory:
-    return CudaMemory(cfg.placement.learner_gpus[0]) if cfg.placement.learner_gpus else HostMemory()
+class LearnerMemory:
+    """The learner's own memory: `release` runs in each process that holds it (every FSDP2 rank
+    through `DistributedLearner.release`, or this process for the single-process `Learner`),
+    so a caching allocator in another process is emptied too; this process touches no GPU."""
+
+    def __init__(self, learner: Any, on_device: bool = False):
+        self.learner, self.on_device = learner, on_device
+        self._free = 0
+
+    def release(self) -> None:
+        out = self.learner.release()
+        self._free = min(r.free_bytes for r in out) if isinstance(out, list) else int(out)
+
+    def free_bytes(self) -> int:
+        return self._free
+
+
+LEARNER_GPUS = "the learner's GPU (the fullest of its ranks)"
+
+
+class MemoryRefused(FatalEngineError):
+    """The next phase cannot fit in the measured free memory (raised before it starts, so the
+    run stops at the last checkpointed step with the figures instead of an out-of-memory)."""
+
+
+def gpu_free_gib(gpus: list[int]) -> dict[str, float]:
+    """Free GiB of each listed GPU (ids relative to CUDA_VISIBLE_DEVICES) from `nvidia-smi`, so
+    this process opens no CUDA context; {} where there is no nvidia-smi or no GPU listed."""
+    import os
+    import shutil
+    import subprocess
+
+    if not gpus or shutil.which("nvidia-smi") is None:
+        return {}
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,uuid,memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    rows = [[x.strip() for x in line.split(",")] for line in out.strip().splitlines() if line.count(",") == 2]
+    by_key = {k: float(free) / 1024 for idx, uuid, free in rows for k in (idx, uuid)}
+    mask = [m.strip() for m in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if m.strip()]
+    found = {}
+    for g in gpus:
+        key = mask[g] if g < len(mask) else str(g)
+        if key in by_key:
+            found[f"GPU {g}"] = by_key[key]
+    return found
+
+
+def check_free(what: str, free: dict[str, float], need_gib: float) -> None:
+    """Log the measured free memory (device label -> GiB); refuse (MemoryRefused, with the
+    numbers) where `need_gib` does not fit with the memory model's headroom."""
+    from trustee.memory import HEADROOM
+
+    for where, gib in sorted(free.items()):
+        log.info("after %s: %s has %.2f GiB free; the next phase needs %.2f GiB", what, where, gib, need_gib)
+        if gib < need_gib * (1 + HEADROOM):
+            raise MemoryRefused(
+                f"after {what}, {where} has {gib:.2f} GiB free but the next phase needs {need_gib:.2f} GiB "
+                f"(+{HEADROOM:.0%} headroom; the memory model's figures, --dry-run prints them); lower the "
+                "engines' gpu_memory_utilization or learner.micro_batch_tokens"
+            )
 
 
 # ============================================================================= the modes
@@ -204,19 +265,29 @@ class Placement:
                 t0 = time.perf_counter()
                 engines[role] = build_engine(getattr(cfg.engines, role), path, cfg, res, role=role)
                 log.info("%s engine up in %.1fs", role, time.perf_counter() - t0)
+                log.info("after the %s engine: free GiB per GPU %s", role, gpu_free_gib(_gpus_of(cfg)))
+            rank = rank_memory(cfg, res)  # the learner is built next, into what the engines left
+            if rank is not None:
+                check_free(
+                    "building the engines", gpu_free_gib(list(cfg.placement.learner_gpus)), rank.resident_gib
+                )
         except BaseException:
             for e in engines.values():
                 await e.close()
             raise
-        return MODES[cfg.placement.mode](cfg, res, engines, learner_memory(cfg))
+        return MODES[cfg.placement.mode](cfg, res, engines, HostMemory())
 
     @staticmethod
     def sleep_levels(cfg: Config, roles: list[str]) -> dict[str, int]:
         return {r: 0 for r in roles}
 
     def build_learner(self, tokenizer: Any) -> Any:
-        """The learner on this placement's learner devices (after the engines are up)."""
-        return build_learner(self.cfg, self.res, tokenizer)
+        """The learner on this placement's learner devices (after the engines are up); from
+        here on the choreography releases memory through it."""
+        learner = build_learner(self.cfg, self.res, tokenizer)
+        self.memory = LearnerMemory(learner, on_device=bool(self.cfg.placement.learner_gpus))
+        log.info("after the learner: free GiB per GPU %s", gpu_free_gib(_gpus_of(self.cfg)))
+        return learner
 
     def export_final(self, learner: Any, tokenizer: Any) -> Path:
         return export_final(learner, tokenizer, self.run_dir)
@@ -241,6 +312,12 @@ class Placement:
                 self._asleep.add(role)
                 self._times[f"time/sleep_{role}_s"] = time.perf_counter() - s
         self._times["time/sleep_s"] = time.perf_counter() - t0
+        rank = rank_memory(self.cfg, self.res)
+        if self.memory.on_device and rank is not None:  # the update's working set must fit now
+            self.memory.release()
+            working = rank.peak_gib - rank.resident_gib
+            self._times["memory/free_before_learn_gib"] = self.memory.free_bytes() / GIB
+            check_free("the engines slept", {LEARNER_GPUS: self.memory.free_bytes() / GIB}, working)
 
     async def after_learn(self, learner: Any) -> None:
         """Export the update, free the learner's cached memory, wake every sleeping engine (all of
@@ -251,6 +328,10 @@ class Placement:
         await self.push(update)
 
     async def wake(self) -> None:
+        """Release the learner's memory in every process that holds it, check the engines' wake
+        budget fits what is free (refused with the figures, on a GPU), then wake every sleeping
+        engine; a wake that fails stops the run as a fatal engine error (so the last good step's
+        checkpoint is written and the run resumes from it)."""
         t0 = time.perf_counter()
         if self._asleep:
             self.memory.release()
@@ -258,16 +339,24 @@ class Placement:
             need = sum(self.budgets.get(r, 0.0) for r in self._asleep)
             self._times["memory/free_at_wake_gib"] = free
             self._times["memory/wake_budget_gib"] = need
-            (log.warning if free < need else log.info)(
-                "waking %s: %.2f GiB free on the learner's device, engines' budget %.2f GiB",
-                sorted(self._asleep),
-                free,
-                need,
+            log.info(
+                "waking %s: %.2f GiB free for them, their budget %.2f GiB", sorted(self._asleep), free, need
             )
+            if self.memory.on_device:
+                check_free(
+                    f"the learner released its memory, waking {sorted(self._asleep)}",
+                    {LEARNER_GPUS: free},
+                    need,
+                )
         for role in reversed(list(self.levels)):
             if role in self._asleep:
                 s = time.perf_counter()
-                await self.engines[role].wake()
+                try:
+                    await self.engines[role].wake()
+                except EngineError:
+                    raise
+                except Exception as e:
+                    raise FatalEngineError(f"the {role} engine failed to wake: {e}") from e
                 self._asleep.discard(role)
                 self._times[f"time/wake_{role}_s"] = time.perf_counter() - s
         self._times["time/wake_s"] = time.perf_counter() - t0
@@ -389,3 +478,8 @@ class Split(Overlap):
 
 
 MODES: dict[str, type[Placement]] = {"colocate": Colocate, "sync": Sync, "overlap": Overlap, "split": Split}
+
+
+def _gpus_of(cfg: Config) -> list[int]:
+    pl = cfg.placement
+    return sorted(set(pl.policy_gpus) | set(pl.simulator_gpus) | set(pl.learner_gpus))

@@ -86,6 +86,8 @@ class EngineStats(msgspec.Struct, kw_only=True):
     failed: int = 0
     sleeps: int = 0
     wakes: int = 0
+    reloads_skipped: int = 0
+    """Level-2 wakes that did not re-read the checkpoint from disk (a full update follows)."""
 
     @property
     def mean_batch(self) -> float:

@@ -43,7 +43,7 @@ from trustee.engines.base import (
     WeightUpdate,
 )
 from trustee.engines.grammar import json_ebnf
-from trustee.engines.vllm_ext import pack
+from trustee.engines.vllm_ext import ipc_pack, pack
 
 EXTENSION = "trustee.engines.vllm_ext.TrusteeWorkerExtension"
 LORA_NAME, LORA_ID = "trustee-policy", 1  # a stable id: prefix hashes include it
@@ -445,8 +445,9 @@ class VLLMEngine:
 
     async def _load_full(self, update: FullUpdate) -> None:
         for group in whole_layers(update.chunks):
-            packed = [pack(name, t) for name, t in group]
-            await self._llm.collective_rpc("trustee_load_weights", kwargs={"packed": packed})
+            method, kwargs, keep = wire(group)
+            await self._llm.collective_rpc(method, kwargs=kwargs)
+            del keep  # the IPC buffer: the workers have copied it
         self._full_updates += 1
         self._needs_weights = False
         if self._lora_req is not None:
@@ -473,7 +474,9 @@ class VLLMEngine:
 
     async def sleep(self, level: int = 1) -> None:
         """Level 1: weights to CPU, KV freed. Level 2: weights and KV dropped; `wake` reloads the
-        checkpoint (vLLM would otherwise serve garbage) and re-adds the active adapter. Waits for
+        checkpoint from disk (vLLM would otherwise serve garbage) only while no full update has
+        been pushed; after one, the reload would be overwritten by the next full update anyway,
+        so `wake` skips it and `generate` refuses until that update arrives. Waits for
         requests in flight, then checks vLLM reports itself asleep. On the CPU build, sleep pauses
         scheduling and clears the prefix cache but frees no memory (its worker's `sleep` only logs,
         vllm/v1/worker/cpu_worker.py)."""
@@ -503,10 +506,13 @@ class VLLMEngine:
                 return
             if self._sleep_level == 2:
                 await self._llm.wake_up(tags=["weights"])
-                await self._llm.collective_rpc("reload_weights")  # vllm#29341: level 2 needs a reload
-                self._needs_weights = self._full_updates > 0
-                if self._lora_req is not None:
-                    await self._llm.add_lora(self._lora_req)  # reload_weights resets the LoRA state
+                if self._full_updates == 0:  # the checkpoint is still the policy: restore it (vllm#29341)
+                    await self._llm.collective_rpc("reload_weights")
+                    if self._lora_req is not None:
+                        await self._llm.add_lora(self._lora_req)  # reload_weights resets the LoRA state
+                else:  # stale either way: the next full update restores every weight, not the disk
+                    self._needs_weights = True
+                    self._stats.reloads_skipped += 1
                 await self._llm.wake_up(tags=["kv_cache"])
             else:
                 await self._llm.wake_up()
@@ -539,6 +545,17 @@ class VLLMEngine:
         self._llm = None
         if self._lora_dir is not None:
             self._lora_dir.cleanup()
+
+
+def wire(group: list[tuple[str, Any]]) -> tuple[str, dict[str, Any], Any]:
+    """The weight transport of one group: (worker method, its kwargs, what to keep alive until
+    the call returns). Tensors on a GPU (a learner colocated with the engine) go as one CUDA IPC
+    bucket, device to device (`vllm_ext.ipc_pack`; unverified on a GPU here); host tensors go
+    as bytes (`vllm_ext.pack`; the CPU path, tested)."""
+    if group and getattr(group[0][1], "is_cuda", False):
+        payload, buffer = ipc_pack(group)
+        return "trustee_load_ipc", {"payload": payload}, buffer
+    return "trustee_load_weights", {"packed": [pack(name, t) for name, t in group]}, None
 
 
 def _layer_of(name: str) -> str | None:

@@ -50,9 +50,9 @@ from trustee import atomic
 from trustee.config import Config, Resolved
 from trustee.engines.base import FullUpdate, LoraUpdate
 from trustee.learn.export import DEFAULT_CHUNK_BYTES
-from trustee.learn.fsdp_rank import RankSpec, RankStep, rank_main, unpack_tensors
+from trustee.learn.fsdp_rank import RankMemory, RankReady, RankSpec, RankStep, rank_main, unpack_tensors
 from trustee.learn.grpo import LossNorm, TokenLossParts, loss_norm
-from trustee.learn.learner import StepMetrics, samples_from_groups
+from trustee.learn.learner import StepMetrics, samples_from_groups, update_plan
 from trustee.learn.packing import Sample, check_sample
 from trustee.types import Group
 
@@ -120,6 +120,7 @@ class DistributedLearner:
         self._stream: Iterator[Any] | None = None
         self._closed = False
         self._early: dict[int, list[tuple[str, Any]]] = {}
+        self.last_rank_steps: list[RankStep] = []
         ctx = mp.get_context("spawn")  # CUDA and a running asyncio loop do not survive fork
         self._conns, self._procs = [], []
         for r in range(spec.world_size):
@@ -134,8 +135,9 @@ class DistributedLearner:
         except BaseException:
             self.close()
             raise
-        self.load_s = max(x["load_s"] for x in ready)
-        self.pids = [x["pid"] for x in ready]
+        self.ready: list[RankReady] = ready  # per rank: pid, bytes read from the weight files, host memory
+        self.load_s = max(x.load_s for x in ready)
+        self.pids = [x.pid for x in ready]
         log.info(
             "learner: %d FSDP2 ranks (%s) ready in %.1fs, pids %s",
             spec.world_size,
@@ -210,37 +212,58 @@ class DistributedLearner:
 
     # ------------------------------------------------------------------ steps
 
-    def _split(self, groups: list[Group]) -> tuple[list[Sample], list[dict[str, Any]]]:
+    def _samples(self, groups: list[Group]) -> list[Sample]:
         samples = samples_from_groups(groups)
         if not samples:
             raise ValueError("Learner.step got no trajectories; skip the step when every group was filtered")
         for i, s in enumerate(samples):
             check_sample(s, i)
+        return samples
+
+    def _split(self, samples: list[Sample], idx: list[int]) -> list[dict[str, Any]]:
+        """One update over samples[idx]: per rank its ids and samples (balanced by tokens) and
+        the update's normaliser over all of them."""
+        part = [samples[i] for i in idx]
         g = self.spec.grpo
-        norm = global_norm(g.loss_type, samples, max_len=g.dr_grpo_length)
-        parts = balance_by_tokens([len(s.tokens) for s in samples], self.spec.world_size)
-        return samples, [{"samples": [samples[i] for i in b], "norm": norm} for b in parts]
+        norm = global_norm(g.loss_type, part, max_len=g.dr_grpo_length)
+        shares = balance_by_tokens([len(s.tokens) for s in part], self.spec.world_size)
+        return [{"ids": [idx[j] for j in b], "samples": [part[j] for j in b], "norm": norm} for b in shares]
 
     def step(self, groups: list[Group]) -> StepMetrics:
-        """One optimiser step on `groups` (with advantages) over all ranks. Thread-safe."""
+        """One learner step on `groups` (with advantages) over all ranks: the updates of
+        `update_plan` (the single-process learner's), each split over the ranks. Thread-safe."""
         with self._lock:
-            samples, per_rank = self._split(groups)
+            samples = self._samples(groups)
+            g = self.spec.grpo
+            plan = update_plan(len(samples), self.step_count, g.updates_per_batch, g.mini_batches)
+            per_update = [self._split(samples, idx) for idx in plan]
+            per_rank = [
+                {"updates": [u[r] for u in per_update], "proximal": len(plan) > 1}
+                for r in range(self.spec.world_size)
+            ]
             t0 = time.perf_counter()
             shares: list[RankStep] = self._call("step", per_rank)
             wall = time.perf_counter() - t0
-            self.step_count += 1
+            self.step_count = shares[0].step_count
+            self.last_rank_steps = shares
             return self._metrics(samples, shares, wall)
 
     async def step_async(self, groups: list[Group]) -> StepMetrics:
         """`step` in a worker thread, so the event loop (rollouts) keeps running."""
         return await anyio.to_thread.run_sync(self.step, groups)
 
+    def release(self) -> list[RankMemory]:
+        """Every rank frees its gradients and its allocator's cached blocks (before an engine
+        wakes on its GPU); one report per rank, in rank order."""
+        with self._lock:
+            return self._call("release")
+
     def gradients(self, groups: list[Group]) -> tuple[float, dict[str, Any]]:
         """The step's loss and the full gradient of every trainable parameter (HF/PEFT names),
         without an optimiser step. For tests and tools/gpu_check.sh."""
         with self._lock:
-            _, per_rank = self._split(groups)
-            out = self._call("gradients", per_rank)
+            samples = self._samples(groups)
+            out = self._call("gradients", self._split(samples, list(range(len(samples)))))
             return sum(x[0] for x in out), unpack_tensors(out[0][1])
 
     def _metrics(self, samples: list[Sample], shares: list[RankStep], wall: float) -> StepMetrics:
@@ -252,10 +275,14 @@ class DistributedLearner:
         real = sum(len(s.tokens) for s in samples)
         fed = sum(s.input_tokens for s in shares)
         shared = sum(s.shared_tokens for s in shares)
+        first = shares[0]
         return StepMetrics(
             step=self.step_count,
             loss=sum(s.loss for s in shares),
             clip_frac=parts.clipped / n_tok,
+            ratio_min=parts.ratio_min if parts.tokens else 1.0,
+            ratio_max=parts.ratio_max if parts.tokens else 1.0,
+            optimizer_steps=first.updates - first.skipped,
             kl=parts.kl_sum / n_tok,
             entropy=parts.entropy_sum / n_tok,
             is_ratio_min=isx.min if isx.count else 1.0,
@@ -263,8 +290,8 @@ class DistributedLearner:
             is_ratio_max=isx.max if isx.count else 1.0,
             is_masked_frac=isx.masked / units,
             is_truncated_frac=isx.truncated / units,
-            grad_norm=shares[0].grad_norm,
-            lr=shares[0].lr,
+            grad_norm=first.grad_norm,
+            lr=first.lr,
             seqs=len(samples),
             loss_tokens=parts.tokens,
             tokens=real,
@@ -276,6 +303,7 @@ class DistributedLearner:
             peak_mem_bytes=max(s.peak_mem_bytes for s in shares),
             shared_prefix_frac=shared / max(1, shared + fed),
             shared_prefix_fallback=max(s.shared_prefix_fallback for s in shares),
+            skipped_nonfinite=int(first.skipped > 0),
         )
 
     # ------------------------------------------------------------------ weights out

@@ -87,7 +87,9 @@ class RankSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RankStep(msgspec.Struct, kw_only=True):
-    """One rank's share of a step (summed / maxed by the parent into StepMetrics)."""
+    """One rank's share of a step (summed / maxed by the parent into StepMetrics). `loss`:
+    this rank's share averaged over the step's updates; `grad_norm`: the global pre-clip norm
+    averaged over them; `skipped`: updates skipped as non-finite (the same on every rank)."""
 
     loss: float
     parts: TokenLossParts
@@ -99,6 +101,25 @@ class RankStep(msgspec.Struct, kw_only=True):
     peak_mem_bytes: int
     shared_tokens: int = 0
     shared_prefix_fallback: int = 0
+    updates: int = 1
+    skipped: int = 0
+    step_count: int = 0
+    grads_held: int = 0
+    """Parameters still holding a gradient when the step returned (0: freed)."""
+    held_at_start_bytes: int = 0
+    """Bytes held when the step began (CUDA: allocated; CPU: resident set)."""
+
+
+class RankMemory(msgspec.Struct, frozen=True, kw_only=True):
+    """What a rank reports after `release`: its pid, the gradients it still holds (0 after a
+    release), the device's free bytes, and its bytes held (CUDA: reserved by the caching
+    allocator; CPU: resident set)."""
+
+    rank: int
+    pid: int
+    grads_held: int
+    free_bytes: int
+    held_bytes: int
 
 
 # ----------------------------------------------------------------------------- tensors over a pipe
@@ -162,6 +183,27 @@ def shard_policy(model: nn.Module, mesh, *, mp_policy, master_dtype: torch.dtype
     _sum_gradients(body)
 
 
+def _held_bytes(device: torch.device) -> int:
+    """CUDA: bytes allocated by tensors; CPU: this process's resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _reshard(model: nn.Module) -> None:
+    """Reshard every FSDP2 group. After a forward under no_grad the root group stays gathered
+    (FSDP2 keeps the root unsharded for a backward that never comes); the next forward then
+    reuses those gathered parameters and their gradients were found to differ from the
+    single-process learner's (tests/test_memory_model.py), so proximal passes end here."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def _sum_gradients(module) -> None:
     """Reduce gradients with a plain SUM over ranks: divide factor 1, and no PREMUL_SUM op
     (which gloo lacks; `_fsdp_collectives._get_gradient_divide_factors`)."""
@@ -179,6 +221,57 @@ def _die_with_parent() -> None:
         pass  # not Linux: the parent's pipe closing (EOFError) still ends the loop
 
 
+# ----------------------------------------------------------------------------- building a rank
+
+
+def build_sharded_policy(rank: int, spec: RankSpec, device: torch.device, mesh) -> tuple[Any, list[str], int]:
+    """This rank's shard of the policy (and of its KL reference), loaded once: every rank builds
+    the architecture on the meta device and shards it; rank 0 alone reads the weight files and
+    broadcasts each tensor, every rank keeps its shard (`learn/loading.py`). The dtypes are the
+    memory model's (`trustee.memory.learner_dtypes`); the attention implementation is chosen
+    for `device` (flash-attention on a GPU where installed). Returns (policy, its state-dict
+    names in HF order, for exports: sharding re-registers parameters in another order; bytes
+    this rank read from the weight files)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from trustee.learn.loading import (
+        SafetensorsReader,
+        copy_shards,
+        empty_model,
+        fill_shards,
+        init_lora,
+        materialize,
+    )
+    from trustee.learn.policy import attn_implementation, wrap_policy
+    from trustee.memory import learner_dtypes
+
+    mode, dtype = spec.learner.mode, _DTYPES[spec.dtype]
+    dtypes = learner_dtypes(mode, spec.dtype, sharded=True, on_gpu=device.type == "cuda")
+    compute, master = _DTYPES[dtypes.compute], _DTYPES[dtypes.master]
+    mp = (
+        MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+        if compute != master or device.type == "cuda"
+        else MixedPrecisionPolicy()
+    )
+    attn = attn_implementation(device, compute)
+    torch.manual_seed(spec.seed)
+    policy = wrap_policy(empty_model(spec.model_path, dtype, attn), spec.learner)
+    names = list(policy.model.state_dict(keep_vars=True))
+    shard_policy(policy.model, mesh, mp_policy=mp, master_dtype=master if mode == "full" else None)
+    materialize(policy.model, device)
+    reader = SafetensorsReader(spec.model_path) if rank == 0 else None
+    read = fill_shards(policy.model, reader, rank=rank, device=device)
+    if mode != "full":
+        init_lora(policy.model, spec.seed)
+    if spec.grpo.beta > 0 and mode == "full":  # the KL reference: the policy's shards, in its dtype
+        ref = empty_model(spec.model_path, _DTYPES[dtypes.reference], attn).eval().requires_grad_(False)
+        shard_policy(ref, mesh, mp_policy=mp, master_dtype=None)
+        materialize(ref, device)
+        copy_shards(ref, policy.model)
+        policy.ref_model = ref
+    return policy, names, read
+
+
 # ----------------------------------------------------------------------------- the worker
 
 
@@ -188,42 +281,17 @@ class RankWorker:
 
     def __init__(self, rank: int, spec: RankSpec, device: torch.device):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy
 
         from trustee.learn.learner import Learner
-        from trustee.learn.policy import load_policy
 
         self.rank, self.spec, self.device = rank, spec, device
-        dtype = _DTYPES[spec.dtype]
-        mode = spec.learner.mode
-        if mode == "qlora":
+        if spec.learner.mode == "qlora":
             raise ValueError(
                 "learner.mode = 'qlora' cannot be sharded with FSDP2 here; use placement.learner_ranks = 1"
             )
-        on_gpu = device.type == "cuda"
-        mp = (
-            MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-            if on_gpu
-            else MixedPrecisionPolicy()
-        )
-        master = torch.float32 if on_gpu and mode == "full" else None
-        torch.manual_seed(spec.seed)
-        # Every rank loads the model on the CPU (safetensors are memory-mapped); sharding moves
-        # the rank's shard to its device and frees the rest, one group at a time.
-        policy = load_policy(
-            spec.model_path,
-            spec.learner,
-            device="cpu",
-            dtype=dtype,
-            need_reference=spec.grpo.beta > 0 and mode == "full",
-        )
         self.mesh = init_device_mesh(device.type, (spec.world_size,))
-        # HF order, for exports; sharding re-registers parameters in another order.
-        self.names = list(policy.model.state_dict().keys())
+        policy, self.names, self.read_bytes = build_sharded_policy(rank, spec, device, self.mesh)
         self.trainable = [n for n, p in policy.model.named_parameters() if p.requires_grad]
-        shard_policy(policy.model, self.mesh, mp_policy=mp, master_dtype=master)
-        if policy.ref_model is not None:
-            shard_policy(policy.ref_model, self.mesh, mp_policy=mp, master_dtype=None)
         self.policy = policy
         self.learner = Learner(
             policy,
@@ -236,6 +304,7 @@ class RankWorker:
         )
         self.handlers: dict[str, Callable[..., Any]] = {
             "step": self.step,
+            "release": self.release,
             "gradients": self.gradients,
             "export_lora": self.export_lora,
             "export_full": self.export_full,
@@ -254,9 +323,9 @@ class RankWorker:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
-    def _idle_pass(self) -> None:
-        """A forward and backward with zero loss weight: issues the same collectives as a real
-        micro-batch, changes no gradient."""
+    def _idle_pass(self, backward: bool = True) -> None:
+        """A forward (and backward) with zero loss weight: issues the same collectives as a real
+        micro-batch (or a proximal forward), changes no gradient."""
         from trustee.learn.logprobs import token_logprobs
 
         pad = self.spec.pad_id
@@ -264,22 +333,48 @@ class RankWorker:
             [Sample(tokens=[pad, pad], loss_mask=[0, 1], sampler_logprobs=[0.0, 0.0], advantage=0.0)], [0]
         )
         chunk, temp = self.spec.learner.logprob_chunk, self.spec.temperature
-        if self.spec.grpo.beta > 0:
+        if not backward:
+            with torch.no_grad():
+                token_logprobs(self.model, mb, temperature=temp, chunk=chunk)
+            return
+        if self.spec.grpo.beta > 0 or self.spec.grpo.kl_metric:  # as Learner._micro_step
             with torch.no_grad(), self.policy.reference() as ref:
                 token_logprobs(ref, mb, temperature=temp, chunk=chunk)
         logp, _ = token_logprobs(self.model, mb, temperature=temp, chunk=chunk)
         (logp.sum() * 0.0).backward()
 
+    def _sum_over_ranks(self, x: float) -> float:
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def _proximal(self, updates: list[dict[str, Any]]) -> dict[int, torch.Tensor]:
+        """The learner's log-probs, before any update of this step, of every sample this rank
+        trains in some update (by step-wide sample id); forwards paired over ranks."""
+        mine: dict[int, Sample] = {}
+        for u in updates:
+            mine.update(zip(u["ids"], u["samples"], strict=True))
+        ids = sorted(mine)
+        samples = [mine[i] for i in ids]
+        plan = self.learner.plan(samples)  # collective on every rank, as in _accumulate
+        n = len(plan)
+        most = self._max_over_ranks(n)
+        old = self.learner.old_logprobs(samples, mbs=plan) if samples else []
+        for _ in range(most - n):
+            self._idle_pass(backward=False)
+        _reshard(self.model)
+        return dict(zip(ids, old, strict=True))
+
     def _accumulate(
-        self, samples: list[Sample], norm: LossNorm
+        self, samples: list[Sample], norm: LossNorm, old: list[torch.Tensor] | None = None
     ) -> tuple[float, TokenLossParts, int, int, list]:
-        """The step's gradient on this rank, summed over ranks by FSDP; (loss share, parts,
-        real micro-batches, idle passes, the micro-batches)."""
+        """One update's gradient on this rank, summed over ranks by FSDP; (loss share, parts,
+        real micro-batches, idle passes, the micro-batches). old: the samples' proximal log-probs."""
         plan = self.learner.plan(samples)  # collective: the shared-prefix check pairs up
         mine = len(plan)
         most = self._max_over_ranks(mine)
         if samples:
-            loss, parts, mbs = self.learner.accumulate(samples, norm=norm, mbs=plan)
+            loss, parts, mbs = self.learner.accumulate(samples, old, norm=norm, mbs=plan)
         else:
             self.learner.optimizer.zero_grad(set_to_none=True)
             loss, parts, mbs = 0.0, TokenLossParts(), []
@@ -288,36 +383,87 @@ class RankWorker:
             self._idle_pass()
         return loss, parts, mine, most - mine, mbs
 
-    def step(self, samples: list[Sample], norm: LossNorm) -> RankStep:
-        from trustee.learn.learner import peak_memory, reset_peak_memory
+    def step(self, updates: list[dict[str, Any]], proximal: bool) -> RankStep:
+        """The step's optimiser updates (`learner.update_plan`, computed by the parent; this
+        rank's samples of each, with the update's global normaliser). proximal: several
+        updates, so each trains against the log-probs taken before the first. An update whose
+        loss (summed over ranks) or global gradient norm is not finite is skipped on every
+        rank; the gradients are freed at the end, as in `Learner`."""
+        from trustee.learn.learner import finite_update, peak_memory, reset_peak_memory
 
+        held = _held_bytes(self.device)
         reset_peak_memory(self.device)
         fallbacks = self.learner.shared_prefix_fallbacks
-        loss, parts, n_mb, idle, mbs = self._accumulate(samples, norm)
+        old = self._proximal(updates) if proximal else {}
         params = self.policy.trainable_parameters()
-        cfg = self.spec.learner
+        cfg, opt = self.spec.learner, self.learner.optimizer
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
         lr = self.learner.scheduler.get_last_lr()[0]
-        self.learner.optimizer.step()
-        self.learner.scheduler.step()
-        self.learner.step_count += 1
+        loss_sum, norms, parts, skipped, counts = 0.0, [], TokenLossParts(), 0, [0, 0, 0, 0]
+        for u in updates:
+            part_old = [old[i] for i in u["ids"]] if proximal else None
+            loss, p, n_mb, idle, mbs = self._accumulate(u["samples"], u["norm"], part_old)
+            n_in = sum(mb.n_input_tokens for mb in mbs)
+            n_shared = sum(mb.shared_tokens for mb in mbs)
+            grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+            if finite_update(self._sum_over_ranks(loss), grad_norm):
+                opt.step()
+            else:
+                opt.zero_grad(set_to_none=True)
+                skipped += 1
+            loss_sum, counts = (
+                loss_sum + loss,
+                [a + b for a, b in zip(counts, (n_mb, idle, n_in, n_shared), strict=True)],
+            )
+            norms.append(grad_norm)
+            parts.merge(p)
+        if skipped < len(updates):
+            self.learner.scheduler.step()
+            self.learner.step_count += 1
+        opt.zero_grad(set_to_none=True)  # gradients do not outlive the step
+        self._reshard_all()  # nor do gathered groups (FSDP2 keeps a root gathered after forward)
         return RankStep(
-            loss=loss,
+            grads_held=sum(p.grad is not None for p in self.model.parameters()),
+            loss=loss_sum / len(updates),
             parts=parts,
-            micro_batches=n_mb,
-            idle_passes=idle,
-            input_tokens=sum(mb.n_input_tokens for mb in mbs),
-            grad_norm=grad_norm,
+            micro_batches=counts[0],
+            idle_passes=counts[1],
+            input_tokens=counts[2],
+            grad_norm=sum(norms) / len(norms),
             lr=lr,
             peak_mem_bytes=peak_memory(self.device),
-            shared_tokens=sum(mb.shared_tokens for mb in mbs),
+            shared_tokens=counts[3],
             shared_prefix_fallback=int(self.learner.shared_prefix_fallbacks > fallbacks),
+            updates=len(updates),
+            skipped=skipped,
+            step_count=self.learner.step_count,
+            held_at_start_bytes=held,
         )
 
-    def gradients(self, samples: list[Sample], norm: LossNorm) -> tuple[float, bytes | None]:
-        """Accumulate without stepping; (this rank's loss share, rank 0: the full gradients of
-        the trainable parameters as packed tensors). For tests and the GPU check."""
+    def _reshard_all(self) -> None:
+        _reshard(self.model)
+        if self.policy.ref_model is not None:
+            _reshard(self.policy.ref_model)
+
+    def release(self) -> RankMemory:
+        """Free the gradients, reference cycles and (CUDA) the allocator's cached blocks, so an
+        engine waking on this rank's GPU can map them (`learner.release_memory`)."""
+        from trustee.learn.learner import release_memory
+
+        self._reshard_all()
+        free = release_memory(self.learner.optimizer, self.device)
+        held = (
+            int(torch.cuda.memory_reserved(self.device))
+            if self.device.type == "cuda"
+            else _held_bytes(self.device)
+        )
+        grads = sum(p.grad is not None for p in self.model.parameters())
+        return RankMemory(rank=self.rank, pid=os.getpid(), grads_held=grads, free_bytes=free, held_bytes=held)
+
+    def gradients(self, samples: list[Sample], norm: LossNorm, ids: list[int]) -> tuple[float, bytes | None]:
+        """Accumulate one update over all the samples without stepping; (this rank's loss
+        share, rank 0: the full gradients of the trainable parameters as packed tensors).
+        For tests and the GPU check. ids: the samples' step-wide ids (unused here)."""
         loss, *_ = self._accumulate(samples, norm)
         params = dict(self.model.named_parameters())
         grads = {name: _full(params[name].grad).to("cpu") for name in self.trainable}
@@ -469,6 +615,54 @@ def load_dcp_into(model: nn.Module, optimizer: torch.optim.Optimizer, path: str,
 # ----------------------------------------------------------------------------- the process
 
 
+class RankReady(msgspec.Struct, frozen=True, kw_only=True):
+    """A rank's first message: its pid and build time, the bytes it read from the weight
+    files, and host memory around the build (resident set before it, after the imports; peak
+    resident set during it: what the one-reader loading keeps below one model copy)."""
+
+    pid: int
+    load_s: float
+    read_bytes: int
+    host_rss_before: int
+    host_build_peak: int
+
+
+def _warm_imports(model_path: str) -> None:
+    """Import what building a rank needs, so the resident set measured before the build holds
+    the libraries and not the model."""
+    import accelerate  # noqa: F401
+    import peft  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.tensor  # noqa: F401
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    import trustee.learn.learner  # noqa: F401
+
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(model_path))]
+
+
+def _built(rank: int, spec: RankSpec, device: torch.device) -> tuple[RankWorker, RankReady]:
+    import psutil
+
+    from trustee.learn.learner import peak_memory, reset_peak_memory
+
+    t0 = time.perf_counter()
+    _warm_imports(spec.model_path)
+    host = torch.device("cpu")
+    before = int(psutil.Process().memory_info().rss)
+    reset_peak_memory(host)
+    worker = RankWorker(rank, spec, device)
+    ready = RankReady(
+        pid=os.getpid(),
+        load_s=time.perf_counter() - t0,
+        read_bytes=worker.read_bytes,
+        host_rss_before=before,
+        host_build_peak=peak_memory(host),
+    )
+    return worker, ready
+
+
 def rank_main(rank: int, spec: RankSpec, conn) -> None:
     """Entry point of a learner process: join the process group, build the shard, then serve
     (command, kwargs) messages until 'close' or the parent's end of the pipe closes. Replies:
@@ -489,9 +683,8 @@ def rank_main(rank: int, spec: RankSpec, conn) -> None:
         dist.init_process_group(
             backend, init_method=spec.init_method, rank=rank, world_size=spec.world_size, timeout=PG_TIMEOUT
         )
-        t0 = time.perf_counter()
-        worker = RankWorker(rank, spec, device)
-        conn.send(("ok", {"load_s": time.perf_counter() - t0, "pid": os.getpid()}))
+        worker, ready = _built(rank, spec, device)
+        conn.send(("ok", ready))
         while True:
             try:
                 cmd, kwargs = conn.recv()

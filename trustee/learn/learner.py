@@ -172,6 +172,45 @@ def lr_lambda(cfg: LearnerConfig, total_steps: int):
     return f
 
 
+def update_plan(n: int, step_count: int, updates_per_batch: int, mini_batches: int) -> list[list[int]]:
+    """Sample indices of each optimiser update of a step over `n` samples, the one plan both
+    learners follow (the FSDP2 parent computes it and splits each update over the ranks): for
+    each of `updates_per_batch` passes, a shuffle (seeded by the step count, so resume replays
+    it) split into `mini_batches` near-equal parts; empty parts are skipped."""
+    rng = random.Random(step_count)
+    plan = []
+    for _ in range(updates_per_batch):
+        order = list(range(n))
+        if updates_per_batch * mini_batches > 1:
+            rng.shuffle(order)
+        k = min(mini_batches, n)
+        plan += [order[j * n // k : (j + 1) * n // k] for j in range(k)]
+    return [p for p in plan if p]
+
+
+def finite_update(loss: float, grad_norm: float) -> bool:
+    """Whether an optimiser update may apply: a non-finite loss or gradient norm would poison
+    the weights and Adam's moments, so that update is skipped (both learners; the FSDP2 ranks
+    decide on the loss summed over ranks and the global norm, so they agree)."""
+    return math.isfinite(loss) and math.isfinite(grad_norm)
+
+
+def release_memory(optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+    """Free what this process holds beyond its weights and optimiser state: the gradients,
+    objects kept alive by reference cycles, and (CUDA) the caching allocator's unused blocks,
+    so another process (an engine waking) can map them. Returns the device's free bytes."""
+    import gc
+
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 def _padded_bins(lengths: list[int], budget: int) -> list[list[int]]:
     """Arrival-order bins whose padded size (count x longest) fits the budget (padded layout)."""
     bins: list[list[int]] = []
@@ -418,11 +457,12 @@ class Learner:
         return float(loss.detach()), parts
 
     @torch.no_grad()
-    def old_logprobs(self, samples: list[Sample]) -> list[torch.Tensor]:
+    def old_logprobs(self, samples: list[Sample], mbs: list[MicroBatch] | None = None) -> list[torch.Tensor]:
         """The learner's log-probs of each sample's loss tokens before any update of this
-        step (the proximal policy), one [n_loss] tensor per sample, on the model's device."""
+        step (the proximal policy), one [n_loss] tensor per sample, on the model's device.
+        mbs: `plan(samples)` when the caller made it (FSDP ranks: `plan` is collective)."""
         out: list[torch.Tensor | None] = [None] * len(samples)
-        for mb in self.plan(samples):
+        for mb in self.plan(samples) if mbs is None else mbs:
             logp, _ = token_logprobs(
                 self.model, mb, temperature=self.temperature, chunk=self.cfg.logprob_chunk
             )
@@ -430,6 +470,11 @@ class Learner:
             for i, part in zip(mb.sample_ids, torch.split(logp, counts), strict=True):
                 out[i] = part
         return out  # type: ignore[return-value]
+
+    def release(self) -> int:
+        """`release_memory` for this learner (placement calls it before an engine wakes)."""
+        with self._lock:
+            return release_memory(self.optimizer, model_device(self.model))
 
     # ------------------------------------------------------------------ one step
 
@@ -458,19 +503,8 @@ class Learner:
         return total, parts, mbs
 
     def update_plan(self, n: int) -> list[list[int]]:
-        """Sample indices of each optimiser update of a step over `n` samples: for each of
-        `updates_per_batch` passes, a shuffle (seeded by the step count, so resume replays
-        it) split into `mini_batches` near-equal parts; empty parts are skipped."""
-        g = self.grpo
-        rng = random.Random(self.step_count)
-        plan = []
-        for _ in range(g.updates_per_batch):
-            order = list(range(n))
-            if g.updates_per_batch * g.mini_batches > 1:
-                rng.shuffle(order)
-            k = min(g.mini_batches, n)
-            plan += [order[j * n // k : (j + 1) * n // k] for j in range(k)]
-        return [p for p in plan if p]
+        """This step's optimiser updates over `n` samples (`update_plan`, at this step count)."""
+        return update_plan(n, self.step_count, self.grpo.updates_per_batch, self.grpo.mini_batches)
 
     def step(self, groups: list[Group]) -> StepMetrics:
         """One optimiser step on `groups` (with advantages). Thread-safe: steps never overlap."""
@@ -500,9 +534,9 @@ class Learner:
             part_old = None if old is None else [old[i] for i in idx]
             loss, p, m = self.accumulate([samples[i] for i in idx], part_old)
             norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            if math.isfinite(loss) and math.isfinite(norm):
+            if finite_update(loss, norm):
                 self.optimizer.step()
-            else:  # a non-finite loss or gradient would poison the weights and Adam's moments: skip
+            else:
                 log.warning(
                     "learner: non-finite loss %s / grad norm %s; optimiser update skipped", loss, norm
                 )
@@ -515,6 +549,7 @@ class Learner:
         if skipped < len(plan):
             self.scheduler.step()
             self.step_count += 1
+        self.optimizer.zero_grad(set_to_none=True)  # gradients do not outlive the step
         with torch.no_grad():
             update = math.sqrt(
                 sum(float((p.detach() - b).float().pow(2).sum()) for p, b in zip(params, before, strict=True))
