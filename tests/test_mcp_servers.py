@@ -33,6 +33,22 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE = str(ROOT / "tests" / "mcp_fake_server.py")
 QUICK = Timeouts(init=10.0, call=10.0, grace=0.3)
 
+_BEFORE: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _children_before():
+    """The live children of this process when the test starts (the suite's session fixtures, e.g. a
+    vLLM server, are children of the same pytest process and outlive any one test)."""
+    global _BEFORE
+    _BEFORE = set(children_of(os.getpid()))
+    yield
+
+
+def left_children() -> list[int]:
+    """Children of this process that the test started and that are still alive."""
+    return sorted(set(children_of(os.getpid())) - _BEFORE)
+
 
 def fake(name: str = "fake", *extra: str, scope: str = "episode") -> ServerSpec:
     return ServerSpec(name=name, command="{python}", args=("-S", FAKE, *extra), scope=scope)  # type: ignore[arg-type]
@@ -115,7 +131,7 @@ def test_episode_scope_isolates_state_shared_scope_shares_it(tmp_path):
     shared = fake("f", scope="shared")
     assert anyio.run(totals, make_env(tmp_path, shared), 3) == [2, 4, 6]
     assert anyio.run(totals, make_env(tmp_path, shared, max_episodes_per_server=2), 5) == [2, 4, 2, 4, 2]
-    assert children_of(os.getpid()) == []
+    assert left_children() == []
 
 
 def test_shared_pool_spreads_concurrent_episodes_over_pool_size_servers(tmp_path):
@@ -194,7 +210,7 @@ def test_server_exiting_mid_episode_fails_only_that_episode(tmp_path, tiny_token
         "stderr tail: fake server: crashing on purpose" in err
     )  # the server's own words reach the trajectory
     assert m["mcp/server_faults"] == 1.0 and m["mcp/server_starts"] == 4.0
-    assert children_of(os.getpid()) == []  # the crashed server's grandchild went with its group
+    assert left_children() == []  # the crashed server's grandchild went with its group
 
 
 def test_server_that_never_answers_initialize_fails_the_episode_in_time(tmp_path, tiny_tokenizer):
@@ -417,7 +433,7 @@ def test_example_notes_server_state_and_workdir(tmp_path):
     assert json.loads(listed_b[0].content)["titles"] == ["dentist", "groceries", "ideas", "wifi"]
     assert "no note titled 'plumber'" in json.loads(missing[0].content)["error"]
     assert not any(Path(d).exists() for d in dirs)
-    assert children_of(os.getpid()) == []
+    assert left_children() == []
 
 
 # ----------------------------------------------------------------------------- from the config
@@ -513,7 +529,7 @@ scope = "shared"
     anyio.run(main)
     assert len(pids_in(tmp_path / "pool_pids")) == 4  # discovery, then three shared servers
     assert wait_dead(pids_in(tmp_path / "pool_pids"), 2.0) == []
-    assert children_of(os.getpid()) == []
+    assert left_children() == []
 
 
 class ScriptedGenerator:
