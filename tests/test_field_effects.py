@@ -690,6 +690,7 @@ def test_eval_writes_outside_the_model_directory(
     cfg = tmp_path / "eval.toml"
     cfg.write_text(f'[model]\npath = "{tiny_model_dir}"\n')
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TRUSTEE_RUNS_DIR", raising=False)  # the default root: runs/ under the cwd (tmp_path)
     monkeypatch.setattr(cli, "build_policy_engine", lambda c: Oracle(tiny_tokenizer))
     base = [str(cfg), "--no-progress", "--categories", "simple", "--limit", "1"]
     assert cli.main(base) == 0
