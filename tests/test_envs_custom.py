@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import anyio
 import pytest
+from run_harness import train_two_steps
 
 from trustee.config import ConfigError, load_config
 from trustee.envs import BUILDERS, build_environment, check_environment, needs_simulator
@@ -233,30 +232,10 @@ def test_tasks_file_kind_builds_from_the_config_alone():
 
 def test_example_trains_two_steps_through_kind_python(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
-    sets = {
-        "model.path": str(tiny_model_dir),
-        "model.tiny": "''",
-        "grpo.steps": 2,
-        "grpo.tasks_per_step": 2,
-        "grpo.group_size": 2,
-        "grpo.filter_zero_variance": "false",
-        "rollout.max_turns": 2,
-        "rollout.max_tokens_per_turn": 24,
-        "logging.progress_bar": "false",
-    }
-    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    r = subprocess.run(
-        [sys.executable, "-m", "trustee.run", "examples/arithmetic/config.toml", "--out", str(out), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    recs, trajs = train_two_steps("examples/arithmetic/config.toml", out, tiny_model_dir)
     assert [x["step"] for x in recs] == [0, 1]
     assert [x["policy_version"] for x in recs] == [1.0, 2.0]
     assert all(x["groups_trained"] == 2.0 and x["status/error"] == 0.0 for x in recs)
-    trajs = [json.loads(x)["trajectory"] for x in (out / "trajectories.jsonl").read_text().splitlines()]
     assert len(trajs) == 8
     # Every task came from the example's file; every reward is one the example's function gives.
     ids = {json.loads(line)["id"] for line in (EXAMPLE / "tasks.jsonl").read_text().splitlines()}

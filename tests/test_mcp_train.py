@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from run_harness import train_two_steps
 
 from trustee.interrupt import alive
 from trustee.mcp.servers import resolve_command
@@ -33,31 +34,6 @@ def processes_running(needle: str) -> list[str]:
         if needle in cmd and state != "Z":
             out.append(f"{d.name}: {cmd}")
     return out
-
-
-def train_two_steps(config: str, out: Path, model: Path, *extra: str) -> tuple[list[dict], list[dict]]:
-    sets = {
-        "model.path": str(model),
-        "model.tiny": "''",
-        "grpo.steps": 2,
-        "grpo.tasks_per_step": 2,
-        "grpo.group_size": 2,
-        "grpo.filter_zero_variance": "false",
-        "rollout.max_turns": 2,
-        "rollout.max_tokens_per_turn": 24,
-        "logging.progress_bar": "false",
-    }
-    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    r = subprocess.run(
-        [sys.executable, "-m", "trustee.run", config, "--out", str(out), *args, *extra],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    trajs = [json.loads(x)["trajectory"] for x in (out / "trajectories.jsonl").read_text().splitlines()]
-    return recs, trajs
 
 
 def check_run(recs: list[dict], trajs: list[dict], task_file: Path, episode_scope: bool) -> None:
