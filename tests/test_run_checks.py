@@ -162,3 +162,21 @@ def test_a_missing_tiny_simulator_is_built_and_warmed_on_the_toy_teacher(tmp_pat
         assert "simulator.tiny_sft_steps" in str(e) and "simulator.model_path" in str(e)
     else:
         raise AssertionError("simulator.tiny_sft_steps without simulator.model_path was accepted")
+
+
+def test_a_tiny_model_built_from_another_recipe_is_refused(tmp_path, tiny_model_dir):
+    """A cached tiny model warmed for fewer steps than the config asks (an older README job's
+    model) is not silently reused: the start names the field, both values and the fix."""
+    from trustee.run import tiny_recipe_problem
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    cfg = load_config(ROOT / "configs" / "cpu-tiny.toml", [f"model.path={model}"])
+    problem = tiny_recipe_problem(cfg)  # built, never warmed: 0 steps against the config's
+    assert f"model.tiny_sft_steps = {cfg.model.tiny_sft_steps}" in problem and "built with 0" in problem
+    (model / "trustee_sft.json").write_text(json.dumps({"steps": cfg.model.tiny_sft_steps}))
+    assert tiny_recipe_problem(cfg) == ""
+    other = load_config(ROOT / "configs" / "cpu-tiny.toml", [f"model.path={model}", "model.tiny=demo"])
+    assert "model.tiny = 'demo'" in tiny_recipe_problem(other) and "built with 'test'" in tiny_recipe_problem(other)
+    r = _run("configs/cpu-tiny.toml", "--dry-run", "--set", f"model.path={model}", "--set", "model.tiny_sft_steps=7")
+    assert r.returncode != 0 and "model.tiny_sft_steps = 7" in r.stderr and "Traceback" not in r.stderr

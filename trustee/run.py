@@ -94,6 +94,29 @@ def _build_tiny(cfg: Config, path: Path, role: Literal["policy", "simulator"] = 
     return notes
 
 
+def tiny_recipe_problem(cfg: Config) -> str:
+    """Why the existing tiny policy model at model.path is not the one the config describes
+    ('' when it is): its size (trustee_tiny.json, written by the build) and its warm-up length
+    (trustee_sft.json, written by the SFT warm-up; absent = not warmed). A run must not silently
+    reuse a model built from another recipe."""
+    path = Path(cfg.model.path)
+    stamp = path / "trustee_tiny.json"
+    if not cfg.model.tiny or not stamp.exists():
+        return ""
+    sft = path / "trustee_sft.json"
+    built = {
+        "model.tiny": json.loads(stamp.read_text()).get("size"),
+        "model.tiny_sft_steps": json.loads(sft.read_text()).get("steps") if sft.exists() else 0,
+    }
+    for field, want in (("model.tiny", cfg.model.tiny), ("model.tiny_sft_steps", cfg.model.tiny_sft_steps)):
+        if built[field] != want:
+            return (
+                f"{field} = {want!r}, but the tiny model at model.path = {cfg.model.path!r} was built with "
+                f"{built[field]!r}: delete that directory to rebuild it, or point model.path at a new directory"
+            )
+    return ""
+
+
 def _model_checks(cfg: Config, build: bool) -> list[str]:
     """Start-up checks on the model directory; builds a tiny model when the config names one
     that does not exist yet (an existing directory is never modified). Returns notes."""
@@ -244,6 +267,8 @@ def start_problems(cfg: Config, res: Resolved, *, dry_run: bool) -> tuple[list[s
             )
     if unsupported := _unsupported_problem(cfg):
         problems.append(unsupported)
+    if recipe := tiny_recipe_problem(cfg):
+        problems.append(recipe)
     sim_problem, sim_skipped = _simulator_tokenizer_check(cfg, res, dry_run=dry_run)
     problems += [sim_problem] if sim_problem else []
     skipped += [sim_skipped] if sim_skipped else []
