@@ -183,7 +183,8 @@ def test_cli_run_writes_resolved_config(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     r = _run(
         "configs/cpu-tiny.toml",
-        *("--set", f"model.path={tiny_model_dir}", "--set", "grpo.steps=1", "--set", "grpo.tasks_per_step=2"),
+        *("--set", f"model.path={tiny_model_dir}", "--set", "model.tiny=''", "--set", "grpo.steps=1"),
+        *("--set", "grpo.tasks_per_step=2"),
         *(
             "--set",
             "grpo.group_size=2",
