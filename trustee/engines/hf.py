@@ -16,7 +16,8 @@ their cache is left-padded and stacked onto the running one. Weights never chang
 inside a batch (updates and sleep wait for it to drain, and while one waits no newcomer joins),
 so each `Completion.policy_version` is exact. Torch work runs in a worker thread, so the event
 loop stays free. A decode step appends to a KV cache with room and, for Llama-family models,
-runs the decoder layers directly (`engines/hf_decode.py`; the same logits as the model's forward). `EngineStats.batches` counts decode steps, `max_batch` the most rows in one.
+runs the decoder layers directly (`engines/hf_decode.py`; the same logits as the model's
+forward). `EngineStats.batches` counts decode steps, `max_batch` the most rows in one.
 
 Callers: `build_engine` (backend 'hf'), the episode runner and learner tests, `bench/engine.py`.
 """
