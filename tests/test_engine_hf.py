@@ -279,7 +279,9 @@ def _tiny_arch(arch: str):
 def _decode_scenario(eng: HFEngine) -> list:
     """Requests that exercise the decode loop: left padding (different prompt lengths), copies of
     one prompt, rows finishing at different times, late rows joining (max_batch 3), and more
-    new tokens than one cache reallocation's room (hf_decode.ROOM)."""
+    new tokens than one cache reallocation's room (hf_decode.ROOM). No stop tokens: every
+    request runs to its max_tokens."""
+    eng.eos_ids = frozenset()
     prompts = [[5, 6, 7], [9] * 11, [5, 6, 7], [30, 31], [12, 13, 14, 15, 16, 17, 18], [40]]
     lengths = [90, 7, 20, 3, 70, 12]
 
@@ -338,3 +340,28 @@ def test_fast_decode_with_a_lora_adapter_equals_the_model_forward(tiny_model_dir
         assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
     plain = _decode_scenario(HFEngine(load_reference(tiny_model_dir), max_batch=3))
     assert [o.logprobs for o in plain] != [o.logprobs for o in outs[0]]  # the adapter was in use
+
+
+def test_unseeded_and_seeded_sampling_follow_the_softmax(engine):
+    # Free rows draw one uniform from the engine's generator and invert the CDF; seeded rows do
+    # the same with their own generator. Both must sample the tempered softmax.
+    from trustee.engines.hf import _Request
+
+    loop = asyncio.new_event_loop()
+    params = [Sampling(temperature=0.5), Sampling(temperature=0.5, seed=7)]
+    reqs = [
+        _Request([1], p, frozenset(), 1, loop.create_future(), generator=torch.Generator().manual_seed(7))
+        if p.seed is not None
+        else _Request([1], p, frozenset(), 1, loop.create_future())
+        for p in params * 4
+    ]
+    logits = torch.tensor([0.0, 0.3, 0.6, -0.4]).repeat(8, 1)  # [8, 4]
+    counts = torch.zeros(2, 4)
+    for _ in range(1500):
+        toks, lps = engine._sample(logits, reqs)
+        counts[0] += torch.bincount(toks[0::2], minlength=4)
+        counts[1] += torch.bincount(toks[1::2], minlength=4)
+    want = torch.softmax(logits[0] / 0.5, -1)
+    assert torch.allclose(counts / counts.sum(-1, keepdim=True), want.expand(2, 4), atol=0.02)
+    assert torch.allclose(lps, torch.log_softmax(logits / 0.5, -1).gather(1, toks[:, None])[:, 0])
+    loop.close()

@@ -515,14 +515,15 @@ class HFEngine:
         ]
         keyed = [i for i, r in enumerate(reqs) if r.params.temperature > 0 and r.stream is not None]
         if keyed:
-            toks[keyed] = _keyed_draw(
-                logp[keyed].exp(), [_uniform(reqs[i].stream, len(reqs[i].ids)) for i in keyed]
-            )
-        if free:
-            toks[free] = torch.multinomial(logp[free].exp(), 1, generator=self._gen)[:, 0]
+            us = [_uniform(reqs[i].stream, len(reqs[i].ids)) for i in keyed]
+            toks[keyed] = _draw(logp[keyed].exp(), torch.tensor(us, dtype=torch.float64))
+        if free:  # one uniform per row and an inverse CDF (torch.multinomial costs several times more)
+            us = torch.rand(len(free), generator=self._gen, dtype=torch.float64, device=self._gen.device)
+            toks[free] = _draw(logp[free].exp(), us)
         for i, r in enumerate(reqs):
             if r.params.temperature > 0 and r.generator is not None:
-                toks[i] = torch.multinomial(logp[i].exp(), 1, generator=r.generator)[0]
+                u = torch.rand(1, generator=r.generator, dtype=torch.float64, device=r.generator.device)
+                toks[i] = _draw(logp[i : i + 1].exp(), u)[0]
         return toks, logp.gather(1, toks[:, None])[:, 0]
 
     def _apply_grammar(self, scores: torch.Tensor, reqs: list[_Request], rows: list[int]) -> None:
@@ -719,11 +720,12 @@ def _uniform(stream: bytes, index: int) -> float:
     return (int.from_bytes(h, "little") >> 11) / float(1 << 53)
 
 
-def _keyed_draw(probs: torch.Tensor, us: list[float]) -> torch.Tensor:
-    """Inverse-CDF sampling: probs [N, V], one uniform per row -> token ids [N]. Tokens of
-    probability 0 (masked by grammar or top-k/top-p) have empty intervals and are never drawn."""
+def _draw(probs: torch.Tensor, us: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: probs [N, V], one uniform in [0, 1) per row (us [N]) -> token ids
+    [N]. Tokens of probability 0 (masked by grammar or top-k/top-p) have empty intervals and are
+    never drawn."""
     cdf = probs.double().cumsum(-1)  # [N, V]
-    x = torch.tensor(us, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1]  # [N]
+    x = us.to(dtype=cdf.dtype, device=cdf.device) * cdf[:, -1]  # [N]
     idx = torch.searchsorted(cdf, x[:, None], right=True)[:, 0]  # [N]
     return idx.clamp(max=probs.shape[-1] - 1)
 
