@@ -261,3 +261,107 @@ def test_a_group_s_copies_of_one_prompt_are_prefilled_once(engine, reference):
         ref = teacher_logprobs(reference, p, o.token_ids, 0.9)
         assert (ref - torch.tensor(o.logprobs)).abs().max().item() <= 1e-4
     assert len({tuple(o.token_ids) for o in outs[:4]}) > 1  # the copies sampled apart
+
+
+def _tiny_arch(arch: str):
+    """A random-weight tiny model of another Llama-family type (GQA; Qwen2 has q/k/v biases)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(1)
+    shape = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2,
+    )  # fmt: skip
+    cfg = LlamaConfig(**shape) if arch == "llama" else Qwen2Config(**shape)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def _decode_scenario(eng: HFEngine) -> list:
+    """Requests that exercise the decode loop: left padding (different prompt lengths), copies of
+    one prompt, rows finishing at different times, late rows joining (max_batch 3), and more
+    new tokens than one cache reallocation's room (hf_decode.ROOM). No stop tokens: every
+    request runs to its max_tokens."""
+    eng.eos_ids = frozenset()
+    prompts = [[5, 6, 7], [9] * 11, [5, 6, 7], [30, 31], [12, 13, 14, 15, 16, 17, 18], [40]]
+    lengths = [90, 7, 20, 3, 70, 12]
+
+    async def run():
+        calls = [
+            eng.generate(p, Sampling(max_tokens=n, temperature=0.9, seed=i, stop_token_ids=()))
+            for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
+        ]
+        return await asyncio.gather(
+            *calls, eng.generate([7, 8, 9, 10], Sampling(max_tokens=80, temperature=0.0))
+        )
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen2"])
+def test_fast_decode_equals_the_model_forward(tiny_model_dir, arch):
+    # hf_decode's path (a KV cache with room, decoder layers called directly) must give the same
+    # tokens and the same log-probs, bit for bit, as transformers' DynamicCache + model forward.
+    from trustee.engines.hf_decode import fast_decode_ok
+
+    outs = []
+    for fast in (True, False):
+        model = load_reference(tiny_model_dir) if arch == "qwen3" else _tiny_arch(arch)
+        eng = HFEngine(model, max_batch=3)
+        eng.fast_decode = fast
+        assert fast_decode_ok(model)
+        outs.append(_decode_scenario(eng))
+    fast_outs, slow_outs = outs
+    assert [len(o.token_ids) for o in fast_outs][:6] == [90, 7, 20, 3, 70, 12]
+    for a, b in zip(fast_outs, slow_outs, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == b.logprobs
+
+
+def test_fast_decode_with_a_lora_adapter_equals_the_model_forward(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from trustee.learn.export import export_lora
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        load_reference(tiny_model_dir),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+        ),
+    )
+    update = export_lora(peft_model)
+    outs = []
+    for fast in (True, False):
+        eng = HFEngine(load_reference(tiny_model_dir), max_batch=3)
+        eng.fast_decode = fast
+        asyncio.run(eng.update_weights(update))
+        outs.append(_decode_scenario(eng))
+    for a, b in zip(*outs, strict=True):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+    plain = _decode_scenario(HFEngine(load_reference(tiny_model_dir), max_batch=3))
+    assert [o.logprobs for o in plain] != [o.logprobs for o in outs[0]]  # the adapter was in use
+
+
+def test_unseeded_and_seeded_sampling_follow_the_softmax(engine):
+    # Free rows draw one uniform from the engine's generator and invert the CDF; seeded rows do
+    # the same with their own generator. Both must sample the tempered softmax.
+    from trustee.engines.hf import _Request
+
+    loop = asyncio.new_event_loop()
+    params = [Sampling(temperature=0.5), Sampling(temperature=0.5, seed=7)]
+    reqs = [
+        _Request([1], p, frozenset(), 1, loop.create_future(), generator=torch.Generator().manual_seed(7))
+        if p.seed is not None
+        else _Request([1], p, frozenset(), 1, loop.create_future())
+        for p in params * 4
+    ]
+    logits = torch.tensor([0.0, 0.3, 0.6, -0.4]).repeat(8, 1)  # [8, 4]
+    counts = torch.zeros(2, 4)
+    for _ in range(1500):
+        toks, lps = engine._sample(logits, reqs)
+        counts[0] += torch.bincount(toks[0::2], minlength=4)
+        counts[1] += torch.bincount(toks[1::2], minlength=4)
+    want = torch.softmax(logits[0] / 0.5, -1)
+    assert torch.allclose(counts / counts.sum(-1, keepdim=True), want.expand(2, 4), atol=0.02)
+    assert torch.allclose(lps, torch.log_softmax(logits / 0.5, -1).gather(1, toks[:, None])[:, 0])
+    loop.close()

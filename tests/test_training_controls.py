@@ -40,11 +40,16 @@ def _learner(base_model, **grpo) -> Learner:
 
 
 def test_one_update_per_batch_cannot_clip(base_model):
-    m = _learner(base_model).step(fixed_groups())
+    learner = _learner(base_model)
+    before = torch.cat([p.detach().flatten().clone() for p in learner.policy.trainable_parameters()])
+    m = learner.step(fixed_groups())
+    after = torch.cat([p.detach().flatten() for p in learner.policy.trainable_parameters()])
     assert m.optimizer_steps == 1
     assert m.clip_frac == 0.0
     assert m.ratio_min == pytest.approx(1.0) and m.ratio_max == pytest.approx(1.0)
     assert m.update_norm > 0.0 and m.param_norm > 0.0
+    assert m.update_norm == pytest.approx(float((after - before).double().norm()), rel=1e-6)
+    assert m.param_norm == pytest.approx(float(after.double().norm()), rel=1e-6)
 
 
 def test_several_updates_per_batch_make_the_clip_bind(base_model):

@@ -15,7 +15,9 @@ was cancelled are dropped from the cache, and queued requests join: they are pre
 their cache is left-padded and stacked onto the running one. Weights never change
 inside a batch (updates and sleep wait for it to drain, and while one waits no newcomer joins),
 so each `Completion.policy_version` is exact. Torch work runs in a worker thread, so the event
-loop stays free. `EngineStats.batches` counts decode steps, `max_batch` the most rows in one.
+loop stays free. A decode step appends to a KV cache with room and, for Llama-family models,
+runs the decoder layers directly (`engines/hf_decode.py`; the same logits as the model's
+forward). `EngineStats.batches` counts decode steps, `max_batch` the most rows in one.
 
 Callers: `build_engine` (backend 'hf'), the episode runner and learner tests, `bench/engine.py`.
 """
@@ -47,6 +49,7 @@ from trustee.engines.base import (
     WeightUpdate,
 )
 from trustee.engines.grammar import json_grammar
+from trustee.engines.hf_decode import decode_logits, room_cache
 
 ADAPTER = "policy"
 
@@ -162,6 +165,9 @@ class HFEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exclusive_waiters = 0  # sleep/wake/update calls waiting for the gate
         self.prefilled_rows = 0  # prompt rows prefill ran (one per distinct prompt of a batch)
+        self.fast_decode = True
+        """Decode with `hf_decode` (a KV cache with room, Llama-family layers called directly;
+        the same logits); False: transformers' DynamicCache and the model's forward (tests)."""
 
     @classmethod
     def from_pretrained(
@@ -397,7 +403,9 @@ class HFEngine:
             mask[i, width - len(prompt) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [U, T]
         ids, mask, pos = ids.to(self._device), mask.to(self._device), pos.to(self._device)
-        cache = DynamicCache(config=self._model.config)
+        cache = (
+            room_cache(self._model.config) if self.fast_decode else DynamicCache(config=self._model.config)
+        )
         out = self._model(
             input_ids=ids,
             attention_mask=mask,
@@ -481,15 +489,10 @@ class HFEngine:
     def _forward_one(self, b: _Batch, toks: torch.Tensor) -> None:
         n = len(b.reqs)
         b.mask = torch.cat([b.mask, b.mask.new_ones((n, 1))], dim=1)  # [B, L+1]
-        out = self._model(
-            input_ids=toks.view(n, 1).to(self._device),
-            attention_mask=b.mask,
-            position_ids=b.next_pos.view(n, 1),
-            past_key_values=b.cache,
-            use_cache=True,
-        )
-        b.cache = out.past_key_values
-        b.logits = out.logits[:, -1].float()  # [B, V]
+        toks = toks.to(self._device)
+        b.logits = decode_logits(
+            self._model, toks, b.next_pos, b.mask, b.cache, fast=self.fast_decode
+        )  # [B, V]
         b.next_pos = b.next_pos + 1
 
     def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -512,14 +515,15 @@ class HFEngine:
         ]
         keyed = [i for i, r in enumerate(reqs) if r.params.temperature > 0 and r.stream is not None]
         if keyed:
-            toks[keyed] = _keyed_draw(
-                logp[keyed].exp(), [_uniform(reqs[i].stream, len(reqs[i].ids)) for i in keyed]
-            )
-        if free:
-            toks[free] = torch.multinomial(logp[free].exp(), 1, generator=self._gen)[:, 0]
+            us = [_uniform(reqs[i].stream, len(reqs[i].ids)) for i in keyed]
+            toks[keyed] = _draw(logp[keyed].exp(), torch.tensor(us, dtype=torch.float64))
+        if free:  # one uniform per row and an inverse CDF (torch.multinomial costs several times more)
+            us = torch.rand(len(free), generator=self._gen, dtype=torch.float64, device=self._gen.device)
+            toks[free] = _draw(logp[free].exp(), us)
         for i, r in enumerate(reqs):
             if r.params.temperature > 0 and r.generator is not None:
-                toks[i] = torch.multinomial(logp[i].exp(), 1, generator=r.generator)[0]
+                u = torch.rand(1, generator=r.generator, dtype=torch.float64, device=r.generator.device)
+                toks[i] = _draw(logp[i : i + 1].exp(), u)[0]
         return toks, logp.gather(1, toks[:, None])[:, 0]
 
     def _apply_grammar(self, scores: torch.Tensor, reqs: list[_Request], rows: list[int]) -> None:
@@ -716,11 +720,12 @@ def _uniform(stream: bytes, index: int) -> float:
     return (int.from_bytes(h, "little") >> 11) / float(1 << 53)
 
 
-def _keyed_draw(probs: torch.Tensor, us: list[float]) -> torch.Tensor:
-    """Inverse-CDF sampling: probs [N, V], one uniform per row -> token ids [N]. Tokens of
-    probability 0 (masked by grammar or top-k/top-p) have empty intervals and are never drawn."""
+def _draw(probs: torch.Tensor, us: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: probs [N, V], one uniform in [0, 1) per row (us [N]) -> token ids
+    [N]. Tokens of probability 0 (masked by grammar or top-k/top-p) have empty intervals and are
+    never drawn."""
     cdf = probs.double().cumsum(-1)  # [N, V]
-    x = torch.tensor(us, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1]  # [N]
+    x = us.to(dtype=cdf.dtype, device=cdf.device) * cdf[:, -1]  # [N]
     idx = torch.searchsorted(cdf, x[:, None], right=True)[:, 0]  # [N]
     return idx.clamp(max=probs.shape[-1] - 1)
 

@@ -222,6 +222,15 @@ def _padded_bins(lengths: list[int], budget: int) -> list[list[int]]:
     return bins
 
 
+def _norm(tensors: list[torch.Tensor]) -> float:
+    """L2 norm of all `tensors` together, accumulated in float64 (a few foreach kernels and one
+    device sync, not a sync per tensor)."""
+    if not tensors:
+        return 0.0
+    parts = torch._foreach_norm(tensors, 2, dtype=torch.float64)
+    return float(torch.linalg.vector_norm(torch.stack(parts)))
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak: CUDA's allocator counter, or Linux's VmHWM (peak RSS) on CPU."""
     if device.type == "cuda":
@@ -523,7 +532,7 @@ class Learner:
         self._fell_back = 0
         t0 = time.perf_counter()
         params = self.policy.trainable_parameters()
-        before = [p.detach().clone() for p in params]
+        before = torch._foreach_mul([p.detach() for p in params], 1.0)  # a copy, one foreach kernel
         plan = self.update_plan(len(samples))
         old = self.old_logprobs(samples) if len(plan) > 1 else None
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
@@ -551,10 +560,9 @@ class Learner:
             self.step_count += 1
         self.optimizer.zero_grad(set_to_none=True)  # gradients do not outlive the step
         with torch.no_grad():
-            update = math.sqrt(
-                sum(float((p.detach() - b).float().pow(2).sum()) for p, b in zip(params, before, strict=True))
-            )
-            pnorm = math.sqrt(sum(float(p.detach().float().pow(2).sum()) for p in params))
+            after = [p.detach() for p in params]
+            torch._foreach_sub_(before, after)  # before := before - after, the step's change (sign aside)
+            update, pnorm = _norm(before), _norm(after)
         wall = time.perf_counter() - t0
         m = self._metrics(
             samples,
