@@ -259,6 +259,24 @@ CASES: dict[str, list[tuple[list[str], str, str]]] = {
             "from an adapter is not built yet",
         ),
     ],
+    "simulator_on_the_policy_base": [
+        (["simulator.engine='policy-base'", "learner.mode=full"], "simulator.engine", "learner.mode = 'full' trains"),
+        (
+            ["simulator.engine='policy-base'", "simulator.model_path='sim'"],
+            "simulator.model_path",
+            "the simulator is model.path's base",
+        ),
+        (
+            ["simulator.engine='policy-base'", "engines.simulator.max_num_seqs=8"],
+            "engines.simulator.max_num_seqs",
+            "no simulator engine is built",
+        ),
+        (
+            ["simulator.engine='policy-base'", "placement.simulator_gpus=[0]"],
+            "placement.simulator_gpus",
+            "runs on placement.policy_gpus",
+        ),
+    ],
     "mcp_fields": [
         (MCP, "environment.mcp.tasks", "needs a JSONL tasks file, or 'generate'"),
         (MCP, "environment.mcp.servers", "needs at least one server"),

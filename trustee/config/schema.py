@@ -103,6 +103,8 @@ class EnginesConfig(Section, kw_only=True):
 
 
 class SimulatorConfig(Section, kw_only=True):
+    engine: Literal["own", "policy-base"] = "own"
+    """'own': the simulator runs on an engine of its own ([engines.simulator], simulator.model_path); 'policy-base': on the policy engine with the LoRA adapter switched off per request (learner.mode 'lora' or 'qlora' only: the base never moves), so one engine and one copy of the weights serve every role."""
     model_path: str = ""
     """Simulator model directory; '' = the policy's base model (TRUSTEE: one free 8B model plays every role)."""
     temperature: Annotated[float, Meta(ge=0.0)] = 0.7
