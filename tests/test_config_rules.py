@@ -260,7 +260,11 @@ CASES: dict[str, list[tuple[list[str], str, str]]] = {
         ),
     ],
     "simulator_on_the_policy_base": [
-        (["simulator.engine='policy-base'", "learner.mode=full"], "simulator.engine", "learner.mode = 'full' trains"),
+        (
+            ["simulator.engine='policy-base'", "learner.mode=full"],
+            "simulator.engine",
+            "learner.mode = 'full' trains",
+        ),
         (
             ["simulator.engine='policy-base'", "simulator.model_path='sim'"],
             "simulator.model_path",

@@ -15,8 +15,8 @@ import copy
 
 import anyio
 import torch
-
 from engine_harness import load_reference, reference_greedy
+
 from trustee.config import load_config, resolve
 from trustee.engines.base import LoraUpdate, Sampling
 from trustee.engines.policy_base import PolicyBase
@@ -27,7 +27,10 @@ GREEDY = Sampling(max_tokens=10, temperature=0.0)
 
 def _prompts(n: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(3)
-    return [torch.randint(10, 900, (int(torch.randint(4, 30, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    return [
+        torch.randint(10, 900, (int(torch.randint(4, 30, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 def _random_lora(reference, seed: int) -> LoraUpdate:
@@ -35,7 +38,9 @@ def _random_lora(reference, seed: int) -> LoraUpdate:
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    cfg = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )
     model = get_peft_model(copy.deepcopy(reference), cfg)
     tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     return LoraUpdate(config=model.peft_config["default"].to_dict(), tensors=tensors)
@@ -99,7 +104,6 @@ def test_the_hf_engine_keeps_a_batch_to_one_adapter_state(tiny_model_dir):
 
     async def scenario():
         await eng.update_weights(_random_lora(reference, 7))
-        batches0 = eng.stats().batches
         outs = await asyncio.gather(
             *[eng.generate(p, base if i % 2 else GREEDY) for i, p in enumerate(prompts)]
         )

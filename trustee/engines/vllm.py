@@ -371,7 +371,9 @@ class VLLMEngine:
                 TokensPrompt(prompt_token_ids=list(prompt)),
                 sp,
                 uuid.uuid4().hex,
-                lora_request=self._lora_req if params.adapter else None,  # per request: the base serves the simulator
+                lora_request=self._lora_req
+                if params.adapter
+                else None,  # per request: the base serves the simulator
                 data_parallel_rank=self._rank(key),
             ):
                 final = out
