@@ -371,9 +371,8 @@ class VLLMEngine:
                 TokensPrompt(prompt_token_ids=list(prompt)),
                 sp,
                 uuid.uuid4().hex,
-                lora_request=self._lora_req
-                if params.adapter
-                else None,  # per request: the base serves the simulator
+                # Per request: a base request (the simulator on the policy's base) carries no adapter.
+                lora_request=self._lora_req if params.adapter else None,
                 data_parallel_rank=self._rank(key),
             ):
                 final = out
