@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import anyio
 import torch
@@ -21,7 +24,8 @@ from trustee.config import load_config, resolve
 from trustee.engines.base import LoraUpdate, Sampling
 from trustee.engines.policy_base import PolicyBase
 
-POLICY_BASE = ["simulator.engine='policy-base'", "environment.kind=simulated", "environment.reward=judge"]
+ROOT = Path(__file__).resolve().parents[1]
+SIMULATED = ["environment.kind=simulated", "environment.reward=judge"]
 GREEDY = Sampling(max_tokens=10, temperature=0.0)
 
 
@@ -53,7 +57,7 @@ def _ids_and_logprobs(outs) -> list[tuple[list[int], list[float]]]:
 def test_simulator_on_the_policy_base_never_sees_the_adapter(tiny_model_dir, tmp_path):
     from trustee.placement import Placement
 
-    cfg = load_config(None, [f"model.path={tiny_model_dir}", *POLICY_BASE])
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", "simulator.engine='policy-base'", *SIMULATED])
     reference = load_reference(tiny_model_dir)
     prompts = _prompts(4)
 
@@ -115,3 +119,29 @@ def test_the_hf_engine_keeps_a_batch_to_one_adapter_state(tiny_model_dir):
     assert [o.token_ids for o in outs[1::2]] == want[1::2]  # base requests: the base model
     assert [o.token_ids for o in outs[0::2]] != want[0::2]  # adapter requests: not the base
     assert widest == 3  # the six were queued together but never decoded in one batch
+
+
+def test_one_gpu_trustee_plans_one_engine_under_the_card():
+    """configs/1gpu-trustee.toml: the simulator on the policy's base passes --dry-run with one
+    engine (no simulator weights or KV cache in the plan) and every phase under 95% of 23.5 GiB."""
+    r = subprocess.run(
+        [sys.executable, "-m", "trustee.run", "configs/1gpu-trustee.toml", "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    sim_line = next(x for x in r.stdout.splitlines() if x.strip().startswith("simulator"))
+    assert "on the policy engine, adapter off: vllm on GPUs [0]" in sim_line
+    rows = [x for x in r.stdout.splitlines() if x.strip().startswith(("GPU", "host"))]
+    assert rows and not any("simulator" in x for x in rows)  # one engine, one copy of the weights
+    assert sum(x.count("policy weights ") for x in rows if " rollout " in x) == 1
+    totals = [
+        float(x.split()[x.split().index(ph) + 1])
+        for x in rows
+        if "GPU" in x
+        for ph in ("rollout", "learning")
+        if f" {ph} " in x
+    ]
+    assert len(totals) == 2 and max(totals) <= 0.95 * 23.5
+    assert "simulator.engine = 'policy-base'" in r.stdout

@@ -53,7 +53,7 @@ def resolve(cfg: Config, run_dir: str | os.PathLike) -> Resolved:
         engines={
             "policy": f"{cfg.engines.policy.backend} on {where(pl.policy_gpus)}",
             "simulator": (
-                f"the policy engine ({cfg.engines.policy.backend} on {where(pl.policy_gpus)}), adapter off"
+                f"on the policy engine, adapter off: {cfg.engines.policy.backend} on {where(pl.policy_gpus)}"
                 if cfg.simulator.engine == "policy-base"
                 else f"openai at {cfg.engines.simulator.base_url}"
                 if cfg.engines.simulator.backend == "openai"

@@ -131,9 +131,8 @@ class HFEngine:
         source_dir: str | Path | None = None,
         seed: int = 0,
     ):
-        # Frozen from the start, as peft freezes the base when an adapter arrives: torch's matmul
-        # takes another path for weights that require grad (last-bit differences), and the base's
-        # outputs must not change when an adapter is loaded (simulator.engine = 'policy-base').
+        # Frozen, as peft freezes the base when an adapter arrives (torch's matmul takes another path
+        # for weights that require grad): the base's outputs must not move when one is loaded.
         self._model = model.eval().requires_grad_(False)
         self._tokenizer = tokenizer
         self._device = next(model.parameters()).device
@@ -364,10 +363,8 @@ class HFEngine:
 
     @contextlib.contextmanager
     def _adapter_state(self, adapter: bool) -> Iterator[None]:
-        """The LoRA adapter switched off while a batch of base requests runs (peft's
-        `disable_adapter`: each LoRA layer returns its base layer's output alone); a no-op
-        before any adapter was loaded. The gate is held, so no update or sleep changes the
-        model meanwhile."""
+        """The adapter off (peft's `disable_adapter`) while a batch of base requests runs; the
+        gate is held, so no update or sleep changes the model meanwhile."""
         if adapter or self._peft is None:
             yield
             return
