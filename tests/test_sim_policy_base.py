@@ -123,7 +123,8 @@ def test_the_hf_engine_keeps_a_batch_to_one_adapter_state(tiny_model_dir):
 
 def test_one_gpu_trustee_plans_one_engine_under_the_card():
     """configs/1gpu-trustee.toml: the simulator on the policy's base passes --dry-run with one
-    engine (no simulator weights or KV cache in the plan) and every phase under 95% of 23.5 GiB."""
+    engine (no simulator weights or KV cache in the plan); its return code 0 says every phase
+    leaves 5% of 23.5 GiB free (the budget figures: tests/test_placement.py)."""
     r = subprocess.run(
         [sys.executable, "-m", "trustee.run", "configs/1gpu-trustee.toml", "--dry-run"],
         capture_output=True,
@@ -136,12 +137,4 @@ def test_one_gpu_trustee_plans_one_engine_under_the_card():
     rows = [x for x in r.stdout.splitlines() if x.strip().startswith(("GPU", "host"))]
     assert rows and not any("simulator" in x for x in rows)  # one engine, one copy of the weights
     assert sum(x.count("policy weights ") for x in rows if " rollout " in x) == 1
-    totals = [
-        float(x.split()[x.split().index(ph) + 1])
-        for x in rows
-        if "GPU" in x
-        for ph in ("rollout", "learning")
-        if f" {ph} " in x
-    ]
-    assert len(totals) == 2 and max(totals) <= 0.95 * 23.5
     assert "simulator.engine = 'policy-base'" in r.stdout
