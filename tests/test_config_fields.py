@@ -158,6 +158,10 @@ EVIDENCE: dict[str, list[str]] = {
     "simulator.tool_catalog": [
         "test:tests/test_sim_roles.py::test_catalog_prefers_one_category:catalog",
     ],
+    "simulator.few_shot": [
+        "test:tests/test_sim_policy_base.py::test_worked_scenarios_come_before_the_task_request",
+        "refused:simulator.few_shot=2",
+    ],
     "simulator.tiny_sft_steps": [
         "refused:simulator.tiny_sft_steps=5",
         "test:tests/test_run_checks.py::test_a_missing_tiny_simulator_is_built_and_warmed_on_the_toy_teacher",

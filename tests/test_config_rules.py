@@ -187,6 +187,7 @@ CASES: dict[str, list[tuple[list[str], str, str]]] = {
     ],
     "few_shot_environments": [
         (["environment.few_shot=2"], "environment.few_shot", "for kinds 'toy' and 'tasks_file' only"),
+        (["simulator.few_shot=2"], "simulator.few_shot", "worked scenarios are written for catalog draws"),
     ],
     "environment_reward": [
         (

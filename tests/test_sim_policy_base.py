@@ -138,3 +138,28 @@ def test_one_gpu_trustee_plans_one_engine_under_the_card():
     assert rows and not any("simulator" in x for x in rows)  # one engine, one copy of the weights
     assert sum(x.count("policy weights ") for x in rows if " rollout " in x) == 1
     assert "simulator.engine = 'policy-base'" in r.stdout
+
+
+def test_worked_scenarios_come_before_the_task_request(tiny_tokenizer):
+    """simulator.few_shot = 2: the task generator's scenario request follows two worked turns
+    (another catalog draw's request and the toy teacher's scenario for it); 0: none."""
+    import random
+
+    from trustee.config import EnvironmentConfig, SimulatorConfig
+    from trustee.envs.simulated import build_simulated_env
+    from trustee.sim.fakes import FakeJsonEngine  # engine double: random schema-valid JSON
+    from trustee.types import Knobs
+
+    def prompt(few_shot: int) -> str:
+        sim = SimulatorConfig(tool_catalog=str(ROOT / "configs/catalogs/toy-tools.jsonl"), few_shot=few_shot)
+        engine = FakeJsonEngine(tiny_tokenizer)
+        env = build_simulated_env(sim, EnvironmentConfig(reward="judge"), engine, tiny_tokenizer)
+        anyio.run(env.make_task, Knobs(difficulty=1.0, n_tools=2, n_expected_calls=1), random.Random(0))
+        return tiny_tokenizer.decode(engine.prompts[0])
+
+    with_examples, without = prompt(2), prompt(0)
+    assert with_examples.count("<|im_start|>assistant") == 3  # two worked answers, then the request's
+    assert without.count("<|im_start|>assistant") == 1
+    worked = with_examples.split("<|im_start|>assistant\n")[1]
+    assert '"expected_calls": [{"name": ' in worked and '"first_query": "' in worked  # the teacher's scenario
+    assert with_examples.count("<|im_start|>system") == 1

@@ -230,17 +230,27 @@ def model_limits(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
 
 
 def few_shot_environments(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
-    """Worked examples exist only where the environment has reference conversations."""
-    env = cfg.environment
+    """Worked examples exist only where the environment has reference conversations, and worked
+    scenarios only where the task generator draws from a catalog."""
+    env, p = cfg.environment, []
     if env.few_shot and env.kind not in ("toy", "tasks_file"):
-        return [
+        p.append(
             Problem(
                 "environment.few_shot",
                 env.few_shot,
                 f"worked examples exist for kinds 'toy' and 'tasks_file' only (kind is {env.kind!r}); set it to 0",
             )
-        ]
-    return []
+        )
+    if cfg.simulator.few_shot and not cfg.simulator.tool_catalog:
+        p.append(
+            Problem(
+                "simulator.few_shot",
+                cfg.simulator.few_shot,
+                "worked scenarios are written for catalog draws; set simulator.tool_catalog = "
+                "'configs/catalogs/toy-tools.jsonl' or simulator.few_shot = 0",
+            )
+        )
+    return p
 
 
 # ----------------------------------------------------------------------------- engines
