@@ -125,6 +125,10 @@ EVIDENCE: dict[str, list[str]] = {
     "engines.simulator.base_url": ["refused:engines.simulator.base_url=http://x"],
     "engines.simulator.timeout_s": _openai_only("simulator", "timeout_s", "5.0"),
     "engines.simulator.max_retries": _openai_only("simulator", "max_retries", "1"),
+    "simulator.engine": [
+        "test:tests/test_sim_policy_base.py::test_simulator_on_the_policy_base_never_sees_the_adapter:policy-base",
+        "refused:simulator.engine=policy-base,learner.mode=full",
+    ],
     "simulator.model_path": [
         "test:tests/test_field_effects.py::test_simulator_model_path_picks_the_simulator_model"
     ],
@@ -153,6 +157,10 @@ EVIDENCE: dict[str, list[str]] = {
     ],
     "simulator.tool_catalog": [
         "test:tests/test_sim_roles.py::test_catalog_prefers_one_category:catalog",
+    ],
+    "simulator.few_shot": [
+        "test:tests/test_sim_policy_base.py::test_worked_scenarios_come_before_the_task_request",
+        "refused:simulator.few_shot=2",
     ],
     "simulator.tiny_sft_steps": [
         "refused:simulator.tiny_sft_steps=5",

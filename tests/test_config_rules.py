@@ -187,6 +187,7 @@ CASES: dict[str, list[tuple[list[str], str, str]]] = {
     ],
     "few_shot_environments": [
         (["environment.few_shot=2"], "environment.few_shot", "for kinds 'toy' and 'tasks_file' only"),
+        (["simulator.few_shot=2"], "simulator.few_shot", "worked scenarios are written for catalog draws"),
     ],
     "environment_reward": [
         (
@@ -257,6 +258,28 @@ CASES: dict[str, list[tuple[list[str], str, str]]] = {
             ["model.adapter='a'", "placement.learner_ranks=2"],
             "model.adapter",
             "from an adapter is not built yet",
+        ),
+    ],
+    "simulator_on_the_policy_base": [
+        (
+            ["simulator.engine='policy-base'", "learner.mode=full"],
+            "simulator.engine",
+            "learner.mode = 'full' trains",
+        ),
+        (
+            ["simulator.engine='policy-base'", "simulator.model_path='sim'"],
+            "simulator.model_path",
+            "the simulator is model.path's base",
+        ),
+        (
+            ["simulator.engine='policy-base'", "engines.simulator.max_num_seqs=8"],
+            "engines.simulator.max_num_seqs",
+            "no simulator engine is built",
+        ),
+        (
+            ["simulator.engine='policy-base'", "placement.simulator_gpus=[0]"],
+            "placement.simulator_gpus",
+            "runs on placement.policy_gpus",
         ),
     ],
     "mcp_fields": [

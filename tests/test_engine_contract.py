@@ -439,3 +439,43 @@ def test_lora_update_changes_greedy_outputs_to_the_adapted_model(backend, tmp_pa
     # logprobs follow the adapted model too
     ref = teacher_logprobs(peft_model, prompts[0], out[0].token_ids, 1.0)
     assert (ref - torch.tensor(out[0].logprobs)).abs().max().item() <= backend.logprob_tol
+
+
+def test_base_requests_never_see_the_adapter(backend, tmp_path):
+    """`Sampling.adapter = False` (the simulator on the policy's base, `PolicyBase`): greedy
+    outputs are the base model's and stay the same, bit for bit, across adapter updates, while
+    adapter requests in flight beside them do change (vLLM: one batch, per-request LoRA; HF:
+    one adapter state per batch)."""
+    if not backend.updates:
+        pytest.skip(f"{backend.name} engines take no weights")
+    from peft import get_peft_model_state_dict
+
+    from trustee.engines.policy_base import PolicyBase
+
+    prompts = _prompts(4, seed=21)
+    greedy = Sampling(max_tokens=8, temperature=0.0)
+    sim = PolicyBase(backend.engine)
+    before = backend.run(_gather(sim, prompts, greedy))
+    eos = _eos(backend)
+    assert [o.token_ids for o in before] == [reference_greedy(backend.reference, p, 8, eos) for p in prompts]
+    for seed in (31, 32, 33):
+        peft_model = _random_lora(backend.reference, seed=seed).eval()
+        peft_model.save_pretrained(tmp_path / str(seed))
+        tensors = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+        update = LoraUpdate(
+            config=peft_model.peft_config["default"].to_dict(),
+            tensors=tensors,
+            path=str(tmp_path / str(seed)),
+        )
+        backend.run(backend.engine.update_weights(update))
+
+        async def both():
+            return await asyncio.gather(
+                *[e.generate(p, greedy) for p in prompts for e in (backend.engine, sim)]
+            )
+
+        outs = backend.run(both())
+        policy, base = outs[0::2], outs[1::2]
+        assert [(o.token_ids, o.logprobs) for o in base] == [(o.token_ids, o.logprobs) for o in before], seed
+        assert [o.token_ids for o in policy] == [reference_greedy(peft_model, p, 8, eos) for p in prompts]
+        assert [o.token_ids for o in policy] != [o.token_ids for o in before]

@@ -354,10 +354,19 @@ def policy_sleep_level(cfg: Config) -> int:
 
 def engine_roles(cfg: Config) -> list[str]:
     """The engines this run builds: the policy, plus the simulator when the environment uses
-    one (`envs.needs_simulator`)."""
+    one (`envs.needs_simulator`) on an engine of its own (simulator.engine = 'own'; with
+    'policy-base' the policy engine serves it, its weights and KV cache budgeted once)."""
     from trustee.envs import needs_simulator
 
-    return ["policy", "simulator"] if needs_simulator(cfg.environment) else ["policy"]
+    own = needs_simulator(cfg.environment) and cfg.simulator.engine == "own"
+    return ["policy", "simulator"] if own else ["policy"]
+
+
+def simulator_on_policy_base(cfg: Config) -> bool:
+    """The environment's simulator plays on the policy engine's base (no engine of its own)."""
+    from trustee.envs import needs_simulator
+
+    return needs_simulator(cfg.environment) and cfg.simulator.engine == "policy-base"
 
 
 def engine_items(
@@ -465,6 +474,11 @@ def memory_plan(cfg: Config, res: Resolved, *, gpu_gib: float | None = None) -> 
 
     host = dev("host", None)
     _place_engines(cfg, res, cap, dev, notes)
+    if simulator_on_policy_base(cfg):
+        notes.append(
+            "simulator.engine = 'policy-base': the simulator plays on the policy engine with its adapter off, "
+            "so one engine and one copy of the engine weights serve both roles (their requests share its KV cache)"
+        )
     rank = rank_memory(cfg, res)
     if rank is not None:
         places = [f"GPU {g}" for g in pl.learner_gpus] or ["host"]

@@ -38,7 +38,15 @@ import anyio
 
 from trustee.config import Config, EngineConfig, Resolved
 from trustee.engines.base import EngineError, FatalEngineError
-from trustee.memory import GIB, engine_budgets, engine_roles, policy_sleep_level, rank_memory
+from trustee.engines.policy_base import PolicyBase
+from trustee.memory import (
+    GIB,
+    engine_budgets,
+    engine_roles,
+    policy_sleep_level,
+    rank_memory,
+    simulator_on_policy_base,
+)
 
 log = logging.getLogger("trustee.placement")
 
@@ -244,6 +252,9 @@ class Placement:
         self.engines = engines
         self.memory = memory
         self.levels = self.sleep_levels(cfg, list(engines))
+        self.base_view = PolicyBase(engines["policy"]) if simulator_on_policy_base(cfg) else None
+        """The simulator on the policy engine's base (simulator.engine = 'policy-base'): not one
+        of `engines`, as the policy role sleeps, wakes, updates and closes the shared engine."""
         self.budgets = engine_budgets(cfg, res)
         self.needs_path = cfg.engines.policy.backend == "vllm"
         self._times: dict[str, float] = {}
@@ -298,7 +309,7 @@ class Placement:
 
     @property
     def simulator(self) -> Any | None:
-        return self.engines.get("simulator")
+        return self.engines.get("simulator") or self.base_view
 
     # ------------------------------------------------------------------ the choreography
 
@@ -393,7 +404,8 @@ class Placement:
         (prefix-cache hit rate from the engine's counters, generated tokens, batch size)."""
         out = {k: float(v) for k, v in self._times.items()}
         self._times = {}
-        for role, engine in self.engines.items():
+        counted = {**self.engines, **({"simulator": self.base_view} if self.base_view else {})}
+        for role, engine in counted.items():
             st = engine.stats()
             prev = self._last_stats.get(role)
             self._last_stats[role] = st

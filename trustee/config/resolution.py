@@ -53,7 +53,9 @@ def resolve(cfg: Config, run_dir: str | os.PathLike) -> Resolved:
         engines={
             "policy": f"{cfg.engines.policy.backend} on {where(pl.policy_gpus)}",
             "simulator": (
-                f"openai at {cfg.engines.simulator.base_url}"
+                f"on the policy engine, adapter off: {cfg.engines.policy.backend} on {where(pl.policy_gpus)}"
+                if cfg.simulator.engine == "policy-base"
+                else f"openai at {cfg.engines.simulator.base_url}"
                 if cfg.engines.simulator.backend == "openai"
                 else f"{cfg.engines.simulator.backend} on {where(pl.simulator_gpus)}"
             ),

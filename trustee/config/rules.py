@@ -230,17 +230,27 @@ def model_limits(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
 
 
 def few_shot_environments(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
-    """Worked examples exist only where the environment has reference conversations."""
-    env = cfg.environment
+    """Worked examples exist only where the environment has reference conversations, and worked
+    scenarios only where the task generator draws from a catalog."""
+    env, p = cfg.environment, []
     if env.few_shot and env.kind not in ("toy", "tasks_file"):
-        return [
+        p.append(
             Problem(
                 "environment.few_shot",
                 env.few_shot,
                 f"worked examples exist for kinds 'toy' and 'tasks_file' only (kind is {env.kind!r}); set it to 0",
             )
-        ]
-    return []
+        )
+    if cfg.simulator.few_shot and not cfg.simulator.tool_catalog:
+        p.append(
+            Problem(
+                "simulator.few_shot",
+                cfg.simulator.few_shot,
+                "worked scenarios are written for catalog draws; set simulator.tool_catalog = "
+                "'configs/catalogs/toy-tools.jsonl' or simulator.few_shot = 0",
+            )
+        )
+    return p
 
 
 # ----------------------------------------------------------------------------- engines
@@ -620,6 +630,50 @@ def adapter_needs_an_adapter_learner(cfg: Config, raw: dict[str, Any]) -> list[P
     return []
 
 
+def simulator_on_the_policy_base(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """simulator.engine = 'policy-base' needs a base that never moves (an adapter learner) and
+    leaves nothing for a simulator engine of its own to set."""
+    if cfg.simulator.engine != "policy-base":
+        return []
+    own = "or set simulator.engine = 'own' for a simulator engine of its own"
+    p: list[Problem] = []
+    if cfg.learner.mode == "full":
+        p.append(
+            Problem(
+                "simulator.engine",
+                "policy-base",
+                "the simulator would play on the policy's base weights, but learner.mode = 'full' trains them, so "
+                f"the environment would change with the policy; set learner.mode = 'lora' (or 'qlora'), {own}",
+            )
+        )
+    if cfg.simulator.model_path:
+        p.append(
+            Problem(
+                "simulator.model_path",
+                cfg.simulator.model_path,
+                f"with simulator.engine = 'policy-base' the simulator is model.path's base; remove the line, {own}",
+            )
+        )
+    for key in (raw.get("engines") or {}).get("simulator") or {}:
+        p.append(
+            Problem(
+                f"engines.simulator.{key}",
+                raw["engines"]["simulator"][key],
+                f"with simulator.engine = 'policy-base' no simulator engine is built (the policy engine serves the "
+                f"simulator's requests); remove [engines.simulator], {own}",
+            )
+        )
+    if cfg.placement.simulator_gpus:
+        p.append(
+            Problem(
+                "placement.simulator_gpus",
+                cfg.placement.simulator_gpus,
+                f"with simulator.engine = 'policy-base' the simulator runs on placement.policy_gpus; remove the line, {own}",
+            )
+        )
+    return p
+
+
 def mcp_fields(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
     """[environment.mcp] is checked with kind 'mcp' and refused with any other kind."""
     env = cfg.environment
@@ -734,6 +788,7 @@ RULES: tuple[Rule, ...] = (
     tasks_file_fields,
     judge_mode_with_rubric,
     adapter_needs_an_adapter_learner,
+    simulator_on_the_policy_base,
     mcp_fields,
 )
 

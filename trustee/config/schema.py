@@ -103,6 +103,8 @@ class EnginesConfig(Section, kw_only=True):
 
 
 class SimulatorConfig(Section, kw_only=True):
+    engine: Literal["own", "policy-base"] = "own"
+    """'own': the simulator runs on an engine of its own ([engines.simulator], simulator.model_path); 'policy-base': on the policy engine with the LoRA adapter switched off per request (learner.mode 'lora' or 'qlora' only: the base never moves), so one engine and one copy of the weights serve every role."""
     model_path: str = ""
     """Simulator model directory; '' = the policy's base model (TRUSTEE: one free 8B model plays every role)."""
     temperature: Annotated[float, Meta(ge=0.0)] = 0.7
@@ -127,6 +129,8 @@ class SimulatorConfig(Section, kw_only=True):
     """Token budget of one task-generator output (one tool, or the scenario); checked like max_tokens at the hardest knobs."""
     tool_catalog: str = ""
     """Optional JSONL of tool specs to draw task tools from instead of inventing them."""
+    few_shot: NonNeg = 0
+    """Worked scenarios put before each task-generator request: this many other catalog draws, each with the scenario the toy teacher writes for it (trustee/envs/toy_teacher.py, named as such; needs simulator.tool_catalog), so a small simulator sees what a usable task looks like."""
     tiny_sft_steps: NonNeg = 0
     """With model.tiny and a simulator.model_path that does not exist yet: build a tiny model there and SFT-warm it this many steps on the toy teacher's answers in the task, user and tool roles (trustee/envs/toy_teacher.py; use with the toy catalog), so a CPU simulator writes toy tasks instead of noise."""
 

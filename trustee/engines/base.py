@@ -22,6 +22,8 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
     reproduce; RL sampling keeps them off. `json_schema`, when set, constrains the output to
     JSON valid for that schema (simulator roles). `stop_token_ids` end generation and are
     included in the returned ids (the chat layer expects the end-of-turn id in the sample).
+    `adapter` False: sample from the base weights with the LoRA adapter switched off (the
+    simulator playing on the policy's base, `PolicyBase`); engines without an adapter ignore it.
     """
 
     max_tokens: int = 256
@@ -31,6 +33,7 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
     stop_token_ids: tuple[int, ...] = ()
     json_schema: dict[str, Any] | None = None
     seed: int | None = None
+    adapter: bool = True
 
 
 class Completion(msgspec.Struct, frozen=True, kw_only=True):

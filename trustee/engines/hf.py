@@ -14,10 +14,12 @@ is as much prefix reuse as this engine has. Between steps, finished rows and row
 was cancelled are dropped from the cache, and queued requests join: they are prefilled and
 their cache is left-padded and stacked onto the running one. Weights never change
 inside a batch (updates and sleep wait for it to drain, and while one waits no newcomer joins),
-so each `Completion.policy_version` is exact. Torch work runs in a worker thread, so the event
-loop stays free. A decode step appends to a KV cache with room and, for Llama-family models,
-runs the decoder layers directly (`engines/hf_decode.py`; the same logits as the model's
-forward). `EngineStats.batches` counts decode steps, `max_batch` the most rows in one.
+so each `Completion.policy_version` is exact. A batch holds requests of one adapter state
+(`Sampling.adapter`): a batch of base requests (the simulator on the policy's base) runs with
+the LoRA adapter switched off. Torch work runs in a worker thread, so the event loop stays
+free. A decode step appends to a KV cache with room and, for Llama-family models, runs the
+decoder layers directly (`engines/hf_decode.py`; the same logits as the model's forward).
+`EngineStats.batches` counts decode steps, `max_batch` the most rows in one.
 
 Callers: `build_engine` (backend 'hf'), the episode runner and learner tests, `bench/engine.py`.
 """
@@ -29,7 +31,7 @@ import contextlib
 import gc
 import json
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,7 +134,9 @@ class HFEngine:
         source_dir: str | Path | None = None,
         seed: int = 0,
     ):
-        self._model = model.eval()
+        # Frozen, as peft freezes the base when an adapter arrives (torch's matmul takes another path
+        # for weights that require grad): the base's outputs must not move when one is loaded.
+        self._model = model.eval().requires_grad_(False)
         self._tokenizer = tokenizer
         self._device = next(model.parameters()).device
         self._dtype = next(model.parameters()).dtype
@@ -322,16 +326,19 @@ class HFEngine:
                     "weights were dropped by sleep(2) after a full-weight update; push the current "
                     "weights with update_weights(FullUpdate) before generating"
                 )
-            batch = await asyncio.to_thread(self._prefill, reqs)
-            while batch.reqs:
-                self._stats.batches += 1
-                self._stats.max_batch = max(self._stats.max_batch, len(batch.reqs))
-                done = await asyncio.to_thread(self._step, batch)
-                self._finish(done, version)
-                joiners = self._take(self.max_batch - len(batch.reqs)) if self._exclusive_waiters == 0 else []
-                if joiners:
-                    members += joiners
-                    await asyncio.to_thread(self._join, batch, joiners)
+            adapter = reqs[0].params.adapter  # `_take` keeps a batch to one adapter state
+            with self._adapter_state(adapter):
+                batch = await asyncio.to_thread(self._prefill, reqs)
+                while batch.reqs:
+                    self._stats.batches += 1
+                    self._stats.max_batch = max(self._stats.max_batch, len(batch.reqs))
+                    done = await asyncio.to_thread(self._step, batch)
+                    self._finish(done, version)
+                    room = self.max_batch - len(batch.reqs)
+                    joiners = self._take(room, adapter) if self._exclusive_waiters == 0 else []
+                    if joiners:
+                        members += joiners
+                        await asyncio.to_thread(self._join, batch, joiners)
         except FatalEngineError as e:
             self._fail(members, e)
         except Exception as e:  # a torch/xgrammar failure mid-batch: the engine state is unknown
@@ -340,16 +347,35 @@ class HFEngine:
         finally:
             self._stats.busy_s += time.perf_counter() - t0
 
-    def _take(self, room: int) -> list[_Request]:
-        """Up to `room` queued requests (skipping those whose callers already left)."""
+    def _take(self, room: int, adapter: bool | None = None) -> list[_Request]:
+        """Up to `room` queued requests (skipping those whose callers already left) that share
+        one adapter state (`Sampling.adapter`): `adapter`, or the oldest request's. The others
+        stay queued in order for a later batch."""
         taken: list[_Request] = []
-        while self._pending and len(taken) < room:
-            r = self._pending.pop(0)
-            if not r.dropped:
+        left: list[_Request] = []
+        for r in self._pending:
+            if r.dropped:
+                continue
+            if adapter is None:
+                adapter = r.params.adapter
+            if len(taken) < room and r.params.adapter == adapter:
                 taken.append(r)
-        if not self._pending:
+            else:
+                left.append(r)
+        self._pending = left
+        if not left:
             self._has_work.clear()
         return taken
+
+    @contextlib.contextmanager
+    def _adapter_state(self, adapter: bool) -> Iterator[None]:
+        """The adapter off (peft's `disable_adapter`) while a batch of base requests runs; the
+        gate is held, so no update or sleep changes the model meanwhile."""
+        if adapter or self._peft is None:
+            yield
+            return
+        with self._peft.disable_adapter():
+            yield
 
     @contextlib.asynccontextmanager
     async def _exclusive(self) -> AsyncIterator[None]:
@@ -699,7 +725,7 @@ def _load_model(path: Path, device: str, dtype: torch.dtype) -> Any:
 
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    return model.to(device).eval()
+    return model.to(device).eval().requires_grad_(False)  # frozen: see HFEngine.__init__
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -744,19 +770,15 @@ def _truncate(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return out
 
 
+# The LoRA config fields that fix the adapter's tensors: an update that changes one needs a new adapter.
+LORA_SHAPE_KEYS = tuple(
+    "r lora_alpha target_modules use_rslora use_dora rank_pattern alpha_pattern bias".split()
+)
+
+
 def _same_lora_shape(old: Any, new: Any) -> bool:
-    keys = (
-        "r",
-        "lora_alpha",
-        "target_modules",
-        "use_rslora",
-        "use_dora",
-        "rank_pattern",
-        "alpha_pattern",
-        "bias",
-    )
     norm = lambda v: sorted(v) if isinstance(v, (set, list, tuple)) else v  # noqa: E731
-    return all(norm(getattr(old, k, None)) == norm(getattr(new, k, None)) for k in keys)
+    return all(norm(getattr(old, k, None)) == norm(getattr(new, k, None)) for k in LORA_SHAPE_KEYS)
 
 
 def _lora_tensors(update: LoraUpdate) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

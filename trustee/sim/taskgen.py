@@ -20,6 +20,7 @@ Then validates in code (unique names, valid schemas, every expected call passes
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -277,8 +278,11 @@ class TaskGenerator:
         catalog: ToolCatalog | None = None,
         max_regenerations: int = 3,
         max_tokens: int = 2048,
+        examples: Callable[[Knobs, random.Random], list[Message]] | None = None,
     ):
         self.client = client
+        self.examples = examples
+        """Catalog draws only: worked (request, answer) turns put before the scenario request."""
         self.max_tokens = max_tokens
         self.domains = domains or load_domains()
         self.catalog = catalog
@@ -292,6 +296,8 @@ class TaskGenerator:
         last: list[str] = []
         for _ in range(self.max_regenerations + 1):
             domain, history, tools, writes = await self._tools(knobs, rng, key=task_id)
+            if self.examples is not None and self.catalog is not None:  # [system, *worked turns, request]
+                history = [history[0], *self.examples(knobs, rng), *history[1:]]
             scenario = await self._scenario(knobs, history, tools, key=task_id)
             calls = [ToolCall(name=c.name, arguments=c.arguments) for c in scenario.expected_calls]
             last = task_problems(tools, calls)
