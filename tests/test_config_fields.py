@@ -355,6 +355,9 @@ EVIDENCE: dict[str, list[str]] = {
     "checkpoint.on_interrupt": [
         "test:tests/test_faults.py::test_on_interrupt_abandon_drops_the_step_finish_completes_it"
     ],
+    "checkpoint.before_wake": [
+        "test:tests/test_faults.py::test_a_failed_wake_costs_no_trained_step_and_resume_continues_after_it"
+    ],
     # training controls (issue 9)
     "grpo.updates_per_batch": [
         "test:tests/test_training_controls.py::test_several_updates_per_batch_make_the_clip_bind"

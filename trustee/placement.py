@@ -319,6 +319,11 @@ class Placement:
             self._times["memory/free_before_learn_gib"] = self.memory.free_bytes() / GIB
             check_free("the engines slept", {LEARNER_GPUS: self.memory.free_bytes() / GIB}, working)
 
+    @property
+    def wake_pending(self) -> bool:
+        """Engines are asleep, so `after_learn` will wake them."""
+        return bool(self._asleep)
+
     async def after_learn(self, learner: Any) -> None:
         """Export the update, free the learner's cached memory, wake every sleeping engine (all of
         them, back to back: none generates while another still sleeps on its device), then push

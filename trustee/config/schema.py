@@ -521,6 +521,11 @@ class CheckpointConfig(Section, kw_only=True):
     """'auto': continue from the run directory's last checkpoint; 'never': refuse a directory that holds one."""
     on_interrupt: Literal["finish", "abandon"] = "finish"
     """On SIGINT/SIGTERM: 'finish' the step in progress or 'abandon' its rollouts; then checkpoint and exit."""
+    before_wake: Literal["auto", "always", "never"] = "auto"
+    """Checkpoint a step after its update and before its sleeping engines wake, so a wake that
+    takes the run down costs no trained step: 'auto' for LoRA/QLoRA (an adapter and its AdamW
+    state, small), 'always' also for full fine-tuning (every weight and both moments, each
+    step), 'never'. A wake that raises is checkpointed on the way out whatever this says."""
 
 
 class Config(Section, kw_only=True):
