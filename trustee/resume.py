@@ -433,7 +433,7 @@ async def continue_run(run: Any, update: Any) -> tuple[int, dict[str, Any]]:
     return int(meta["step"]) + 1, meta
 
 
-def checkpoint_before_wake(cfg: Config) -> bool:
+def saves_before_waking(cfg: Config) -> bool:
     """Whether a step is checkpointed between its update and its engines' wake
     (`checkpoint.before_wake`: 'auto' only where that checkpoint is an adapter, small)."""
     when = cfg.checkpoint.before_wake

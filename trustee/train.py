@@ -343,7 +343,7 @@ class _Run:
         `checkpoint.before_wake` says so, the step is checkpointed first: a wake that takes the
         run down then costs no trained step. A wake or push that raises logs the step's record
         (it trained) before the fault stops the run."""
-        if self.placement.wake_pending and resume.checkpoint_before_wake(self.cfg):
+        if self.placement.wake_pending and resume.saves_before_waking(self.cfg):
             self.saved_step = resume.checkpoint_or_warn(self, step)
         try:
             await self.placement.after_learn(self.learner)  # export, wake, push the update
