@@ -160,6 +160,40 @@ def test_live_peak_counts_what_is_allocated_and_forgets_what_is_freed():
     assert quiet.peak is not None and quiet.peak - after < size / 8
 
 
+def test_offload_round_trip_is_bit_exact_and_empties_the_storages(tiny_model_dir):
+    from trustee.learn.offload import offload_targets
+
+    grpo = GrpoConfig(beta=0.01, loss_type="grpo")
+
+    def learner():
+        torch.manual_seed(0)
+        return Learner(
+            load_policy(tiny_model_dir, _learner_cfg("full"), need_reference=True),
+            grpo,
+            _learner_cfg("full"),
+            total_steps=10,
+        )
+
+    moved, kept = learner(), learner()
+    for lr in (moved, kept):
+        lr.step(_groups(5, n=2))
+    targets = offload_targets(moved.optimizer, moved.policy.ref_model)
+    assert len(targets) > 3 * sum(
+        1 for p in moved.model.parameters() if p.requires_grad
+    )  # moments + steps + reference
+    before = [t.clone() for t in targets]
+    nbytes = sum(t.untyped_storage().nbytes() for t in targets)
+    assert moved.offload() == nbytes
+    assert all(t.untyped_storage().nbytes() == 0 for t in targets)  # the memory where it trains is freed
+    moved.reload()
+    assert all(torch.equal(a, b) for a, b in zip(targets, before, strict=True))
+    moved.offload()  # the next step brings the state back by itself
+    for lr in (moved, kept):
+        lr.step(_groups(6, n=2))
+    for (n, a), b in zip(moved.model.state_dict().items(), kept.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n  # AdamW continued from the reloaded moments, bit for bit
+
+
 # ----------------------------------------------------------------------------- two gloo ranks
 
 
@@ -230,6 +264,13 @@ def _plan_resident_bytes(mode: str, grpo: GrpoConfig, path: Path) -> float:
     return sum(i.gib for i in rank.resident if "moments" not in i.what) * 2**30
 
 
+def _plan_offloaded_bytes(grpo: GrpoConfig, path: Path) -> float:
+    """A full fine-tuning rank's AdamW moments and KL reference shards, per the plan."""
+    cfg = Config(learner=_learner_cfg("full"), grpo=grpo, placement=PlacementConfig(learner_ranks=2))
+    rank = memory.learner_items(cfg, memory.model_shape(path), "float32", on_gpu=False)
+    return sum(i.gib for i in rank.resident if i.what.startswith(memory.OFFLOADED)) * 2**30
+
+
 def _in_band(dl: DistributedLearner, plan_gib: float) -> list[float]:
     ratios = []
     for ready, share in zip(dl.ready, dl.last_rank_steps, strict=True):
@@ -291,6 +332,11 @@ def test_full_two_ranks_equal_one_process_with_updates_nan_and_hold_memory_as_pl
         reports = dl.release()
         assert [m.rank for m in reports] == [0, 1] and [m.pid for m in reports] == dl.pids
         assert all(m.grads_held == 0 and m.free_bytes > 0 for m in reports)
+        # Offload on every rank: its AdamW moments and reference shards, back bit for bit.
+        out = dl.offload()
+        planned = _plan_offloaded_bytes(GRPO_FULL, band_model)
+        assert all(0.9 * planned <= moved <= 1.1 * planned for moved, _ in out), (out, planned)
+        assert dl.reload() == [d for _, d in out]
     print("full: measured / planned peak per rank", [f"{r:.2f}" for r in ratios])
 
 

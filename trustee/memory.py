@@ -43,6 +43,8 @@ from trustee.config import Config, EngineConfig, Problem, Resolved
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "nf4": 0.5}
+OFFLOADED = ("learner AdamW moments", "learner KL reference")
+"""The learner items `learner.offload` moves to the host during rollout (learn/offload.py)."""
 HEADROOM = 0.05
 """Share of each GPU that every phase of the plan leaves free (allocator fragmentation, NCCL)."""
 
@@ -474,10 +476,14 @@ def memory_plan(cfg: Config, res: Resolved, *, gpu_gib: float | None = None) -> 
     rank = rank_memory(cfg, res)
     if rank is not None:
         places = [f"GPU {g}" for g in pl.learner_gpus] or ["host"]
+        moved = [i for i in rank.resident if cfg.learner.offload and i.what.startswith(OFFLOADED)]
+        kept = [i for i in rank.resident if i not in moved]
         for place in places:
             d = dev(place, cap if place != "host" else None)
-            d.rollout += rank.resident + rank.context
+            d.rollout += (kept if place != "host" else rank.resident) + rank.context
             d.learning += rank.resident + rank.context + rank.working
+            if place != "host":  # learner.offload: on the host while the engines are awake
+                host.rollout += [Item(f"{i.what} (offloaded)", i.gib) for i in moved]
         if places == ["host"] and learner_ranks(cfg) > 1:  # gloo ranks: each holds its own share
             for phase in ("rollout", "learning"):
                 items = getattr(host, phase)

@@ -208,6 +208,7 @@ def save_state(run: Any, step: int, at: Boundary | None = None) -> Path:
 
     at = at or boundary(run, step)
     learner = run.learner
+    learner.reload()  # state offloaded to the host (learner.offload) is saved from where it trains
     extra = None
     if isinstance(learner, DistributedLearner):  # the ranks write DCP shards into the checkpoint
         state: dict[str, Any] = {}

@@ -359,6 +359,8 @@ class LearnerConfig(Section, kw_only=True):
     """Rows of the [tokens x vocab] log-softmax computed at once."""
     share_prefix: Literal["auto", "on", "off"] = "auto"
     """A GRPO group's common prompt computed once per micro-batch (same loss and gradients as each episode whole): 'auto' also checks the first micro-batch of each new shape against the unshared layout and falls back (warning, learn/shared_prefix_fallback) on a mismatch; 'on' without the check; 'off' packs every episode whole."""
+    offload: bool = False
+    """Placement 'colocate': move the AdamW state and the KL reference to host RAM before the engines wake, and back after they sleep (trustee/learn/offload.py); the policy's weights stay for the push."""
 
 
 # ----------------------------------------------------------------------------- placement

@@ -310,6 +310,8 @@ class RankWorker:
         self.handlers: dict[str, Callable[..., Any]] = {
             "step": self.step,
             "release": self.release,
+            "offload": self.offload,
+            "reload": self.reload,
             "gradients": self.gradients,
             "export_lora": self.export_lora,
             "export_full": self.export_full,
@@ -408,6 +410,7 @@ class RankWorker:
         rank; the gradients are freed at the end, as in `Learner`."""
         from trustee.learn.learner import finite_update, peak_memory, reset_peak_memory
 
+        self.learner.reload()  # an offloaded rank trains only after its state is back
         held = _held_bytes(self.device)
         reset_peak_memory(self.device)
         fallbacks = self.learner.shared_prefix_fallbacks
@@ -477,6 +480,23 @@ class RankWorker:
         )
         grads = sum(p.grad is not None for p in self.model.parameters())
         return RankMemory(rank=self.rank, pid=os.getpid(), grads_held=grads, free_bytes=free, held_bytes=held)
+
+    def offload(self) -> tuple[int, str]:
+        """`Learner.offload` on this rank's shards, then `release` (CUDA: the moved bytes go back
+        to the driver); (bytes moved, `learn/offload.digest` of them before the move)."""
+        from trustee.learn.offload import digest, offload_targets
+
+        before = digest(offload_targets(self.learner.optimizer, self.policy.ref_model))
+        moved = self.learner.offload()
+        self.release()
+        return moved, before
+
+    def reload(self) -> str:
+        """`Learner.reload`; the digest of the reloaded tensors (equal to `offload`'s: bit-exact)."""
+        from trustee.learn.offload import digest, offload_targets
+
+        self.learner.reload()
+        return digest(offload_targets(self.learner.optimizer, self.policy.ref_model))
 
     def gradients(self, samples: list[Sample], norm: LossNorm, ids: list[int]) -> tuple[float, bytes | None]:
         """Accumulate one update over all the samples without stepping; (this rank's loss
