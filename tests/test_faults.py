@@ -56,7 +56,9 @@ def test_nonfinite_gradients_skip_the_step_and_a_streak_stops_the_run(tmp_path, 
     real = Learner.accumulate
     calls = {"n": 0}
 
-    def poisoned(self, samples, *args, **kwargs):  # test double: the real accumulate, then NaN gradients from step 1 on
+    def poisoned(
+        self, samples, *args, **kwargs
+    ):  # test double: the real accumulate, then NaN gradients from step 1 on
         out = real(self, samples, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] > 1:
@@ -124,15 +126,16 @@ def test_dead_engine_checkpoints_last_good_step_and_the_same_command_resumes(
     assert [r["step"] for r in _metrics(out)] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("before_wake", ["auto", "never"])
+@pytest.mark.parametrize(("before_wake", "offload"), [("auto", False), ("never", True)])
 def test_a_failed_wake_costs_no_trained_step_and_resume_continues_after_it(
-    before_wake, tmp_path, tiny_model_dir, monkeypatch
+    before_wake, offload, tmp_path, tiny_model_dir, monkeypatch
 ):
     """Colocated LoRA run: the policy engine sleeps while the learner trains; its wake after
     step 1's update raises. 'auto' has checkpointed step 1 before that wake (it is on disk when
-    the wake runs); 'never' gets it written on the way out. Either way the checkpoint is step
-    1's trained state (not step 0's boundary holding step 1's weights), and the same command
-    continues at step 2, training no step twice."""
+    the wake runs); 'never' gets it written on the way out, here with learner.offload, so the
+    AdamW state is on the host when the wake fails and comes back for the checkpoint. Either
+    way the checkpoint is step 1's trained state (not step 0's boundary holding step 1's
+    weights), and the same command continues at step 2, training no step twice."""
     from trustee.checkpoint import latest_checkpoint, load_checkpoint
     from trustee.engines.hf import HFEngine
     from trustee.interrupt import EXIT_FAULT, RunStopped
@@ -163,6 +166,7 @@ def test_a_failed_wake_costs_no_trained_step_and_resume_continues_after_it(
         "placement.mode=colocate",
         "checkpoint.every_steps=0",
         f"checkpoint.before_wake={before_wake}",
+        f"learner.offload={str(offload).lower()}",
     )
     with pytest.raises(RunStopped) as ei:
         _train(cfg, out)
@@ -174,6 +178,11 @@ def test_a_failed_wake_costs_no_trained_step_and_resume_continues_after_it(
     assert meta["learner_steps"] == 2 and meta["policy_version"] == 2  # as if step 1's push had landed
     assert state["trainable"].keys() == seen["trained"].keys()
     assert all(torch.equal(state["trainable"][n], t) for n, t in seen["trained"].items())
+    moments = [v for st in state["optimizer"]["state"].values() for v in st.values() if v.dim() > 0]
+    # AdamW's moments as saved: full-sized and readable (an offloaded, emptied storage is not).
+    assert moments and all(
+        v.untyped_storage().nbytes() == v.numel() * 4 and torch.isfinite(v).all() for v in moments
+    )
     assert [r["step"] for r in _metrics(out)] == [0, 1]  # step 1 trained: its record is kept
     monkeypatch.setattr(HFEngine, "wake", real_wake)
     _train(cfg, out)

@@ -60,6 +60,8 @@ class HostCopy:
         seen: set[int] = set()
         for t in tensors:
             s = t.untyped_storage()
+            if not s.resizable():  # read from a checkpoint file by torch.load (a resumed CPU run)
+                s = _own_storage(t)
             if s.nbytes() == 0 or s.data_ptr() in seen:
                 continue
             seen.add(s.data_ptr())
@@ -77,6 +79,17 @@ class HostCopy:
             s.resize_(host.numel())
             _bytes(s).copy_(host)
         self._held = []
+
+
+def _own_storage(t: torch.Tensor) -> torch.UntypedStorage:
+    """Point `t` at a fresh (resizable) copy of its data; its storage. For tensors that are the
+    only users of their storage (optimiser state, a reference's parameters), as the ones
+    `torch.load` returns are."""
+    fresh = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+    with torch.no_grad():
+        fresh.copy_(t)
+        t.set_(fresh)
+    return t.untyped_storage()
 
 
 def _bytes(s: torch.UntypedStorage) -> torch.Tensor:
