@@ -363,6 +363,13 @@ EVIDENCE: dict[str, list[str]] = {
     "checkpoint.on_interrupt": [
         "test:tests/test_faults.py::test_on_interrupt_abandon_drops_the_step_finish_completes_it"
     ],
+    "learner.offload": [
+        "test:tests/test_memory_model.py::test_offload_round_trip_is_bit_exact_and_empties_the_storages",
+        "test:tests/test_placement.py::test_colocate_offload_moves_the_learner_state_out_before_the_wake_and_back_after_sleep",
+    ],
+    "checkpoint.before_wake": [
+        "test:tests/test_faults.py::test_a_failed_wake_costs_no_trained_step_and_resume_continues_after_it"
+    ],
     # training controls (issue 9)
     "grpo.updates_per_batch": [
         "test:tests/test_training_controls.py::test_several_updates_per_batch_make_the_clip_bind"

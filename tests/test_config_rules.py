@@ -130,6 +130,9 @@ CASES: dict[str, list[tuple[list[str], str, str]]] = {
             "[3] run no engine",
         ),
     ],
+    "offload_needs_colocate": [
+        (["learner.offload=true"], "learner.offload", "placement.mode = 'sync' never puts engines to sleep"),
+    ],
     "sync_placement": [
         (
             [*VLLM, "placement.mode=sync", "placement.policy_gpus=[0]", "placement.learner_gpus=[0]"],

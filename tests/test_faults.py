@@ -56,7 +56,9 @@ def test_nonfinite_gradients_skip_the_step_and_a_streak_stops_the_run(tmp_path, 
     real = Learner.accumulate
     calls = {"n": 0}
 
-    def poisoned(self, samples, *args, **kwargs):  # test double: the real accumulate, then NaN gradients from step 1 on
+    def poisoned(
+        self, samples, *args, **kwargs
+    ):  # test double: the real accumulate, then NaN gradients from step 1 on
         out = real(self, samples, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] > 1:
@@ -121,6 +123,70 @@ def test_dead_engine_checkpoints_last_good_step_and_the_same_command_resumes(
     monkeypatch.setattr(HFEngine, "_step", real)
     monkeypatch.setattr(train_mod._Run, "step", real_step)
     _train(cfg, out)
+    assert [r["step"] for r in _metrics(out)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("before_wake", "offload"), [("auto", False), ("never", True)])
+def test_a_failed_wake_costs_no_trained_step_and_resume_continues_after_it(
+    before_wake, offload, tmp_path, tiny_model_dir, monkeypatch
+):
+    """Colocated LoRA run: the policy engine sleeps while the learner trains; its wake after
+    step 1's update raises. 'auto' has checkpointed step 1 before that wake (it is on disk when
+    the wake runs); 'never' gets it written on the way out, here with learner.offload, so the
+    AdamW state is on the host when the wake fails and comes back for the checkpoint. Either
+    way the checkpoint is step 1's trained state (not step 0's boundary holding step 1's
+    weights), and the same command continues at step 2, training no step twice."""
+    from trustee.checkpoint import latest_checkpoint, load_checkpoint
+    from trustee.engines.hf import HFEngine
+    from trustee.interrupt import EXIT_FAULT, RunStopped
+    from trustee.learn.learner import Learner
+
+    real_wake, real_step = HFEngine.wake, Learner.step
+    seen = {"wakes": 0, "steps": 0, "on_disk": None, "trained": None}
+
+    async def wake_fails_at_step_1(self):  # test double: the real wake, except the second one raises
+        seen["wakes"] += 1
+        if seen["wakes"] == 2:
+            seen["on_disk"] = (out / "checkpoints" / "step-000001").is_dir()
+            raise RuntimeError("CUDA out of memory while mapping the KV cache (simulated)")
+        return await real_wake(self)
+
+    def counted_step(self, groups):  # the real step; its trainable weights kept for comparison
+        m = real_step(self, groups)
+        seen["steps"] += 1
+        seen["trained"] = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        return m
+
+    monkeypatch.setattr(HFEngine, "wake", wake_fails_at_step_1)
+    monkeypatch.setattr(Learner, "step", counted_step)
+    out = tmp_path / "run"
+    cfg = _cfg(
+        tiny_model_dir,
+        3,
+        "placement.mode=colocate",
+        "checkpoint.every_steps=0",
+        f"checkpoint.before_wake={before_wake}",
+        f"learner.offload={str(offload).lower()}",
+    )
+    with pytest.raises(RunStopped) as ei:
+        _train(cfg, out)
+    assert ei.value.status == EXIT_FAULT and "failed to wake" in ei.value.message
+    assert seen["steps"] == 2 and seen["on_disk"] is (before_wake == "auto")
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and ckpt.name == "step-000001"
+    state, meta = load_checkpoint(ckpt)
+    assert meta["learner_steps"] == 2 and meta["policy_version"] == 2  # as if step 1's push had landed
+    assert state["trainable"].keys() == seen["trained"].keys()
+    assert all(torch.equal(state["trainable"][n], t) for n, t in seen["trained"].items())
+    moments = [v for st in state["optimizer"]["state"].values() for v in st.values() if v.dim() > 0]
+    # AdamW's moments as saved: full-sized and readable (an offloaded, emptied storage is not).
+    assert moments and all(
+        v.untyped_storage().nbytes() == v.numel() * 4 and torch.isfinite(v).all() for v in moments
+    )
+    assert [r["step"] for r in _metrics(out)] == [0, 1]  # step 1 trained: its record is kept
+    monkeypatch.setattr(HFEngine, "wake", real_wake)
+    _train(cfg, out)
+    assert seen["steps"] == 3  # the resumed run trained step 2 only
     assert [r["step"] for r in _metrics(out)] == [0, 1, 2]
 
 

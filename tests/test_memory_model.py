@@ -11,7 +11,9 @@ the learner's bytes stand clear of a process's own noise). Two learners are star
   weight files (its own count and the kernel's read counter of each process); each rank's
   host peak while building, beyond its own shards (which on the CPU live in host memory), below
   one copy of the weights; the step's peak inside the plan's band;
-- LoRA: the same build bound; the step's peak against the plan (a looser band: see LORA_BAND).
+- LoRA: the same build bound; the step's peak inside the plan's band.
+The peak is of live allocations (`trustee/learn/hostmem.py`, the CPU counterpart of CUDA's
+max_memory_allocated), checked by `test_live_peak_sees_an_allocation_that_rss_would_hide`.
 On 2 shared cores each start takes about 20 s idle, minutes under load.
 """
 
@@ -34,17 +36,16 @@ from trustee.types import Group
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHT_RTOL = 1e-4  # after AdamW steps (see test_learn_distributed.py for why not 1e-5)
-# The band: a rank's measured peak (resident set above its size before the build) against the
-# plan's resident + working bytes. The plan is an estimate per item (activations, gathered
-# groups, reduce-scatter buffers); 0.5x-1.5x is the tolerance it is held to here. The ranks
-# run with glibc's mmap threshold fixed at 64 KiB, so a freed tensor leaves the resident set
-# at once and the peak resident set is the peak of live tensors (what CUDA's
-# max_memory_allocated measures on a GPU), not what the C allocator keeps for reuse.
+# The band: a rank's measured peak of live allocations (the CPU counterpart of CUDA's
+# max_memory_allocated: `hostmem.live_bytes`, sampled during the step, above its value before
+# the build) against the plan's resident + working bytes. The plan is an estimate per item
+# (activations, gathered groups, reduce-scatter buffers); 0.5x-1.5x is the tolerance the issue
+# holds it to, for full fine-tuning and LoRA alike. Peak RSS is not the measure: it also counts
+# ~25 MiB of libtorch code paged in by the first step and the allocator's free lists (see
+# trustee/learn/hostmem.py), which made a LoRA rank look 2.2x its plan.
 BAND = (0.5, 1.5)
-# The LoRA learner does NOT meet BAND on the CPU: measured 2.4x the plan (75 MiB live against
-# 31.7 planned on this model; the cause, some 40 MiB beyond the planned items, is not found
-# yet). This looser bound only keeps a regression from going unseen; the report says so.
-LORA_BAND = (0.5, 3.0)
+# Ranks run with glibc's mmap threshold fixed at 64 KiB, so a freed tensor leaves the resident
+# set at once: the build's peak RSS (the one-copy check) is then not inflated by freed blocks.
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
@@ -135,6 +136,64 @@ def test_update_plan_is_shared_and_seeded_by_the_step():
     assert update_plan(5, 0, 1, 1) == [[0, 1, 2, 3, 4]]
 
 
+def test_live_peak_counts_what_is_allocated_and_forgets_what_is_freed():
+    import platform
+    import time
+
+    from trustee.learn.hostmem import LivePeak, live_bytes
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("live_bytes reads glibc's mallinfo2")
+    start = live_bytes()
+    assert start is not None and start > 0
+    size = 64 * 2**20
+    with LivePeak() as meter:
+        x = torch.ones(size // 4)  # 64 MiB, written (so also resident)
+        time.sleep(0.02)  # the sampler runs meanwhile
+        del x
+        time.sleep(0.005)
+    assert meter.peak is not None and meter.peak - start >= 0.99 * size
+    after = live_bytes()
+    assert after is not None and after - start < size / 8  # freed bytes leave the count at once
+    with LivePeak() as quiet:
+        time.sleep(0.005)
+    assert quiet.peak is not None and quiet.peak - after < size / 8
+
+
+def test_offload_round_trip_is_bit_exact_and_empties_the_storages(tiny_model_dir):
+    from trustee.learn.offload import offload_targets
+
+    grpo = GrpoConfig(beta=0.01, loss_type="grpo")
+
+    def learner():
+        torch.manual_seed(0)
+        return Learner(
+            load_policy(tiny_model_dir, _learner_cfg("full"), need_reference=True),
+            grpo,
+            _learner_cfg("full"),
+            total_steps=10,
+        )
+
+    moved, kept = learner(), learner()
+    for lr in (moved, kept):
+        lr.step(_groups(5, n=2))
+    targets = offload_targets(moved.optimizer, moved.policy.ref_model)
+    assert len(targets) > 3 * sum(
+        1 for p in moved.model.parameters() if p.requires_grad
+    )  # moments + steps + reference
+    before = [t.clone() for t in targets]
+    nbytes = sum(t.untyped_storage().nbytes() for t in targets)
+    assert moved.offload() == nbytes
+    assert all(t.untyped_storage().nbytes() == 0 for t in targets)  # the memory where it trains is freed
+    moved.reload()
+    assert all(torch.equal(a, b) for a, b in zip(targets, before, strict=True))
+    moved.offload()  # the next step brings the state back by itself
+    for lr in (moved, kept):
+        lr.step(_groups(6, n=2))
+    for (n, a), b in zip(moved.model.state_dict().items(), kept.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n  # AdamW continued from the reloaded moments, bit for bit
+
+
 # ----------------------------------------------------------------------------- two gloo ranks
 
 
@@ -205,12 +264,20 @@ def _plan_resident_bytes(mode: str, grpo: GrpoConfig, path: Path) -> float:
     return sum(i.gib for i in rank.resident if "moments" not in i.what) * 2**30
 
 
-def _in_band(dl: DistributedLearner, plan_gib: float, band: tuple[float, float] = BAND) -> list[float]:
+def _plan_offloaded_bytes(grpo: GrpoConfig, path: Path) -> float:
+    """A full fine-tuning rank's AdamW moments and KL reference shards, per the plan."""
+    cfg = Config(learner=_learner_cfg("full"), grpo=grpo, placement=PlacementConfig(learner_ranks=2))
+    rank = memory.learner_items(cfg, memory.model_shape(path), "float32", on_gpu=False)
+    return sum(i.gib for i in rank.resident if i.what.startswith(memory.OFFLOADED)) * 2**30
+
+
+def _in_band(dl: DistributedLearner, plan_gib: float) -> list[float]:
     ratios = []
     for ready, share in zip(dl.ready, dl.last_rank_steps, strict=True):
-        measured = (share.peak_mem_bytes - ready.host_rss_before) / 2**30
+        assert ready.host_live_before > 0 and share.peak_live_bytes > ready.host_live_before
+        measured = (share.peak_live_bytes - ready.host_live_before) / 2**30
         ratios.append(measured / plan_gib)
-    assert all(band[0] <= r <= band[1] for r in ratios), (ratios, plan_gib)
+    assert all(BAND[0] <= r <= BAND[1] for r in ratios), (ratios, plan_gib)
     return ratios
 
 
@@ -265,6 +332,11 @@ def test_full_two_ranks_equal_one_process_with_updates_nan_and_hold_memory_as_pl
         reports = dl.release()
         assert [m.rank for m in reports] == [0, 1] and [m.pid for m in reports] == dl.pids
         assert all(m.grads_held == 0 and m.free_bytes > 0 for m in reports)
+        # Offload on every rank: its AdamW moments and reference shards, back bit for bit.
+        out = dl.offload()
+        planned = _plan_offloaded_bytes(GRPO_FULL, band_model)
+        assert all(0.9 * planned <= moved <= 1.1 * planned for moved, _ in out), (out, planned)
+        assert dl.reload() == [d for _, d in out]
     print("full: measured / planned peak per rank", [f"{r:.2f}" for r in ratios])
 
 
@@ -279,6 +351,6 @@ def test_lora_two_ranks_hold_memory_as_planned(band_model, monkeypatch):
         print("lora: build peak beyond own shards, in copies of the weights", [f"{x:.2f}" for x in excess])
         assert all(x < 1.0 for x in excess), excess
         dl.step(_groups(3))
-        ratios = _in_band(dl, _plan_gib("lora", grpo, band_model), LORA_BAND)
+        ratios = _in_band(dl, _plan_gib("lora", grpo, band_model))
         assert all(s.grads_held == 0 for s in dl.last_rank_steps)
     print("lora: measured / planned peak per rank", [f"{r:.2f}" for r in ratios])

@@ -8,7 +8,9 @@ Owns:
   (`os._exit`): checkpoints are written beside the last complete one and renamed into place,
   so the last complete checkpoint survives. A fatal fault (`FatalEngineError`, a streak of
   non-finite steps) is handled the same way: checkpoint the last good boundary, then stop with
-  the reason. The exception `RunStopped` carries the exit status and the line to print.
+  the reason; a fault after a step's update (a wake, a push) checkpoints that step, whose
+  trained state it is (`_Run.trained_step`), so resuming does not train it twice. The
+  exception `RunStopped` carries the exit status and the line to print.
 - `start_reaper()`: starts a small watchdog process that keeps track of the run's descendants
   (vLLM engine cores, learner ranks, their workers) and kills those left when the run's
   process ends by any path, `kill -9` included.
@@ -192,6 +194,11 @@ class StopGuard:
         raise RunStopped(EXIT_FAULT, f"run stopped: {self.fault}; {where}; run the same command to resume")
 
     def _checkpoint_boundary(self, b: Boundary | None) -> str:
+        trained = getattr(self.run, "trained_step", None)
+        if trained is not None and (b is None or trained > b.step):
+            # The fault came after this step's update (its wake or its push): the learner and the
+            # curriculum are this step's, and nothing has drawn from an RNG since the update.
+            b = boundary(self.run, trained)
         if b is None or b.step < 0:
             return "no step finished, so there is no checkpoint"
         if getattr(self.run, "saved_step", None) == b.step:

@@ -17,7 +17,8 @@ What the learner holds (one rank of `placement.learner_ranks`, parameters sharde
 - full fine-tuning, FSDP2 on GPU: fp32 master weights, fp32 AdamW moments (both resident
   between updates), fp32 gradient shards (freed after every update by `release`), a bf16
   KL reference shard when grpo.beta > 0; during an update the bf16 root group (embeddings
-  and head, kept gathered by FSDP2) and two gathered decoder layers, and the unsharded
+  and head, kept gathered by FSDP2) with its all-gather buffer (kept until the first layer's
+  copy-out) and two gathered decoder layers (or one with its buffer), and the unsharded
   gradients of the root and of one layer before their reduce-scatter (bf16 + fp32);
 - full fine-tuning in one process: everything in the run's dtype (weights, grads, moments);
 - LoRA: the frozen base in the run's dtype (QLoRA: NF4 linears plus the embeddings, head and
@@ -42,6 +43,8 @@ from trustee.config import Config, EngineConfig, Problem, Resolved
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "nf4": 0.5}
+OFFLOADED = ("learner AdamW moments", "learner KL reference")
+"""The learner items `learner.offload` moves to the host during rollout (learn/offload.py)."""
 HEADROOM = 0.05
 """Share of each GPU that every phase of the plan leaves free (allocator fragmentation, NCCL)."""
 
@@ -327,8 +330,13 @@ def learner_items(
         ),
     ]
     if sharded:
-        gathered = (shape.embed_params + 2 * shape.layer_params) * cb
-        working.append(Item("learner gathered root group + 2 layers (FSDP2)", gathered / GIB))
+        # FSDP2's forward keeps each group's all-gather buffer until the next group's copy-out
+        # (torch 2.13 `FSDPParamGroup.wait_for_unshard`, implicit prefetch): at the first layer
+        # the root is held twice (its parameters and its buffer) beside a layer and its buffer.
+        gathered = 2 * (shape.embed_params + shape.layer_params) * cb
+        working.append(
+            Item("learner gathered root group, its all-gather buffer and 2 layers (FSDP2)", gathered / GIB)
+        )
         if lc.mode == "full":  # unsharded grads before their reduce-scatter: compute + fp32 copies
             unsharded = (shape.embed_params + shape.layer_params) * (cb + 4)
             working.append(Item("learner unsharded grads before reduce-scatter", unsharded / GIB))
@@ -482,10 +490,14 @@ def memory_plan(cfg: Config, res: Resolved, *, gpu_gib: float | None = None) -> 
     rank = rank_memory(cfg, res)
     if rank is not None:
         places = [f"GPU {g}" for g in pl.learner_gpus] or ["host"]
+        moved = [i for i in rank.resident if cfg.learner.offload and i.what.startswith(OFFLOADED)]
+        kept = [i for i in rank.resident if i not in moved]
         for place in places:
             d = dev(place, cap if place != "host" else None)
-            d.rollout += rank.resident + rank.context
+            d.rollout += (kept if place != "host" else rank.resident) + rank.context
             d.learning += rank.resident + rank.context + rank.working
+            if place != "host":  # learner.offload: on the host while the engines are awake
+                host.rollout += [Item(f"{i.what} (offloaded)", i.gib) for i in moved]
         if places == ["host"] and learner_ranks(cfg) > 1:  # gloo ranks: each holds its own share
             for phase in ("rollout", "learning"):
                 items = getattr(host, phase)

@@ -149,6 +149,12 @@ class DeviceMemory(Protocol):
     def free_bytes(self) -> int:
         """Free bytes on the learner's device(s) after the last release (the smallest over ranks)."""
 
+    def offload(self) -> None:
+        """Move the learner's AdamW state and KL reference to host memory (learner.offload)."""
+
+    def reload(self) -> None:
+        """Undo `offload`."""
+
 
 class HostMemory:
     """Before the learner exists: this process's host RAM."""
@@ -163,6 +169,12 @@ class HostMemory:
 
         return int(psutil.virtual_memory().available)
 
+    def offload(self) -> None:
+        pass  # no learner yet
+
+    def reload(self) -> None:
+        pass
+
 
 class LearnerMemory:
     """The learner's own memory: `release` runs in each process that holds it (every FSDP2 rank
@@ -176,6 +188,12 @@ class LearnerMemory:
     def release(self) -> None:
         out = self.learner.release()
         self._free = min(r.free_bytes for r in out) if isinstance(out, list) else int(out)
+
+    def offload(self) -> None:
+        self.learner.offload()
+
+    def reload(self) -> None:
+        self.learner.reload()
 
     def free_bytes(self) -> int:
         return self._free
@@ -323,12 +341,19 @@ class Placement:
                 self._asleep.add(role)
                 self._times[f"time/sleep_{role}_s"] = time.perf_counter() - s
         self._times["time/sleep_s"] = time.perf_counter() - t0
+        if self.cfg.learner.offload and self._asleep:
+            self.memory.reload()  # the AdamW state and reference come back into the freed memory
         rank = rank_memory(self.cfg, self.res)
         if self.memory.on_device and rank is not None:  # the update's working set must fit now
             self.memory.release()
             working = rank.peak_gib - rank.resident_gib
             self._times["memory/free_before_learn_gib"] = self.memory.free_bytes() / GIB
             check_free("the engines slept", {LEARNER_GPUS: self.memory.free_bytes() / GIB}, working)
+
+    @property
+    def wake_pending(self) -> bool:
+        """Engines are asleep, so `after_learn` will wake them."""
+        return bool(self._asleep)
 
     async def after_learn(self, learner: Any) -> None:
         """Export the update, free the learner's cached memory, wake every sleeping engine (all of
@@ -345,6 +370,8 @@ class Placement:
         checkpoint is written and the run resumes from it)."""
         t0 = time.perf_counter()
         if self._asleep:
+            if self.cfg.learner.offload:
+                self.memory.offload()  # learn/offload.py: the policy's weights stay for the push
             self.memory.release()
             free = self.memory.free_bytes() / GIB
             need = sum(self.budgets.get(r, 0.0) for r in self._asleep)

@@ -51,6 +51,7 @@ SAFE_TO_CHANGE = (
     "checkpoint.keep",
     "checkpoint.resume",
     "checkpoint.on_interrupt",
+    "checkpoint.before_wake",
     "eval.",
 )
 
@@ -207,6 +208,7 @@ def save_state(run: Any, step: int, at: Boundary | None = None) -> Path:
 
     at = at or boundary(run, step)
     learner = run.learner
+    learner.reload()  # state offloaded to the host (learner.offload) is saved from where it trains
     extra = None
     if isinstance(learner, DistributedLearner):  # the ranks write DCP shards into the checkpoint
         state: dict[str, Any] = {}
@@ -228,7 +230,9 @@ def save_state(run: Any, step: int, at: Boundary | None = None) -> Path:
     meta = {
         "curriculum": msgspec.to_builtins(run.curriculum.state()),
         "learner_steps": learner.step_count,
-        "policy_version": run.policy_engine.version,
+        # Saved between the update and its push (before a wake, or on a fault there): the version
+        # the engine serves once the step's update lands, as a checkpoint after the push holds.
+        "policy_version": run.policy_engine.version + int(getattr(run, "push_pending", False)),
         "elapsed_s": run.log.elapsed() if hasattr(run, "log") else 0.0,
         "wandb_id": run.log.wandb_id if hasattr(run, "log") else None,
         "config": json.loads(msgspec.json.encode(run.cfg)),
@@ -428,6 +432,13 @@ async def continue_run(run: Any, update: Any) -> tuple[int, dict[str, Any]]:
     run.saved_step = int(meta["step"])
     log.info("resumed from %s", ckpt)
     return int(meta["step"]) + 1, meta
+
+
+def saves_before_waking(cfg: Config) -> bool:
+    """Whether a step is checkpointed between its update and its engines' wake
+    (`checkpoint.before_wake`: 'auto' only where that checkpoint is an adapter, small)."""
+    when = cfg.checkpoint.before_wake
+    return when == "always" or (when == "auto" and cfg.learner.mode in ("lora", "qlora"))
 
 
 def checkpoint_or_warn(run: Any, step: int) -> int | None:

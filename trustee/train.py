@@ -216,6 +216,11 @@ class _Run:
     def __init__(self, cfg: Config, res: Resolved):
         self.cfg, self.res = cfg, res
         self.run_dir = Path(res.run_dir)
+        self.trained_step: int | None = None
+        """The last step whose update the learner has made (the trained state is its, even when
+        the step did not finish: interrupt.StopGuard checkpoints it on a fault)."""
+        self.push_pending = False
+        """Between a step's update and its push (resume.save_state records the version after it)."""
 
     async def setup(self) -> None:
         from transformers import AutoTokenizer
@@ -309,10 +314,12 @@ class _Run:
         self._update_curriculum(record, groups, knobs)
         train_groups = self._train_groups(step, groups, record)
         t1 = time.perf_counter()
+        record["time/rollout_s"] = t_roll
+        every = cfg.checkpoint.every_steps
+        due = bool(every and (step + 1) % every == 0) or step + 1 == cfg.grpo.steps
         if train_groups:
             await self.placement.before_learn()  # what shares the learner's memory sleeps
             metrics = await self.learner.step_async(train_groups)
-            await self.placement.after_learn(self.learner)  # export, wake, push the update
             record.update(
                 {
                     f"learn/{k}": v
@@ -320,16 +327,32 @@ class _Run:
                     if isinstance(v, int | float)
                 }
             )
-        record["time/rollout_s"] = t_roll
+            self.trained_step, self.push_pending = step, True
+            await self._after_learn(step, record, t1, due)
         record["time/learn_s"] = time.perf_counter() - t1
         record["policy_version"] = float(self.policy_engine.version)
         record.update(self.placement.step_metrics())  # phase times, per-engine counters
         self.log.step(step, record)
         self.warn_health(step, record)
-        every = cfg.checkpoint.every_steps
-        if (every and (step + 1) % every == 0) or step + 1 == cfg.grpo.steps:
+        if due and self.saved_step != step:  # not when the step was saved before its wake
             self.saved_step = resume.checkpoint_or_warn(self, step)
         return record
+
+    async def _after_learn(self, step: int, record: dict[str, Any], t1: float, due: bool) -> None:
+        """Export, wake, push (placement.after_learn). When engines are about to wake and
+        `checkpoint.before_wake` says so, the step is checkpointed first: a wake that takes the
+        run down then costs no trained step. A checkpoint due this step (`due`) is written there
+        too, while the learner's state is still where it trains (learner.offload moves it out
+        for the wake). A wake or push that raises logs the step's record (it trained) before
+        the fault stops the run."""
+        if self.placement.wake_pending and (due or resume.saves_before_waking(self.cfg)):
+            self.saved_step = resume.checkpoint_or_warn(self, step)
+        try:
+            await self.placement.after_learn(self.learner)  # export, wake, push the update
+        except FatalEngineError:
+            self.log.step(step, record | {"time/learn_s": time.perf_counter() - t1})
+            raise
+        self.push_pending = False
 
     def _update_curriculum(self, record: dict[str, Any], groups: list[Group], knobs: list[Knobs]) -> None:
         """The curriculum's metrics for the knobs the tasks were drawn at, then its update on the

@@ -432,6 +432,21 @@ def colocate_placement(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
     return p
 
 
+def offload_needs_colocate(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """learner.offload frees memory for engines that wake beside the learner: only 'colocate'."""
+    if not cfg.learner.offload or cfg.placement.mode == "colocate":
+        return []
+    return [
+        Problem(
+            "learner.offload",
+            True,
+            f"offload moves the learner's state to host RAM while engines wake on its devices, but "
+            f"placement.mode = '{cfg.placement.mode}' never puts engines to sleep beside it; set "
+            "placement.mode = 'colocate' or learner.offload = false",
+        )
+    ]
+
+
 def sync_placement(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
     """'sync': engines stay resident while the learner trains, so they cannot share its GPUs."""
     pl = cfg.placement
@@ -778,6 +793,7 @@ RULES: tuple[Rule, ...] = (
     adapter_fits_the_policy_engine,
     learner_devices,
     colocate_placement,
+    offload_needs_colocate,
     sync_placement,
     split_placement,
     memory_fractions,

@@ -363,6 +363,8 @@ class LearnerConfig(Section, kw_only=True):
     """Rows of the [tokens x vocab] log-softmax computed at once."""
     share_prefix: Literal["auto", "on", "off"] = "auto"
     """A GRPO group's common prompt computed once per micro-batch (same loss and gradients as each episode whole): 'auto' also checks the first micro-batch of each new shape against the unshared layout and falls back (warning, learn/shared_prefix_fallback) on a mismatch; 'on' without the check; 'off' packs every episode whole."""
+    offload: bool = False
+    """Placement 'colocate': move the AdamW state and the KL reference to host RAM before the engines wake, and back after they sleep (trustee/learn/offload.py); the policy's weights stay for the push."""
 
 
 # ----------------------------------------------------------------------------- placement
@@ -525,6 +527,11 @@ class CheckpointConfig(Section, kw_only=True):
     """'auto': continue from the run directory's last checkpoint; 'never': refuse a directory that holds one."""
     on_interrupt: Literal["finish", "abandon"] = "finish"
     """On SIGINT/SIGTERM: 'finish' the step in progress or 'abandon' its rollouts; then checkpoint and exit."""
+    before_wake: Literal["auto", "always", "never"] = "auto"
+    """Checkpoint a step after its update and before its sleeping engines wake, so a wake that
+    takes the run down costs no trained step: 'auto' for LoRA/QLoRA (an adapter and its AdamW
+    state, small), 'always' also for full fine-tuning (every weight and both moments, each
+    step), 'never'. A wake that raises is checkpointed on the way out whatever this says."""
 
 
 class Config(Section, kw_only=True):

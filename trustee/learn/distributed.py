@@ -258,6 +258,18 @@ class DistributedLearner:
         with self._lock:
             return self._call("release")
 
+    def offload(self) -> list[tuple[int, str]]:
+        """Every rank moves its AdamW state and KL reference shards to host memory
+        (`learn/offload.py`) and releases; per rank (bytes moved, digest before the move)."""
+        with self._lock:
+            return self._call("offload")
+
+    def reload(self) -> list[str]:
+        """Every rank takes its offloaded state back; per rank the digest after (bit-exact when
+        equal to `offload`'s)."""
+        with self._lock:
+            return self._call("reload")
+
     def gradients(self, groups: list[Group]) -> tuple[float, dict[str, Any]]:
         """The step's loss and the full gradient of every trainable parameter (HF/PEFT names),
         without an optimiser step. For tests and tools/gpu_check.sh."""

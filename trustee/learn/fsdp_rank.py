@@ -108,6 +108,11 @@ class RankStep(msgspec.Struct, kw_only=True):
     """Parameters still holding a gradient when the step returned (0: freed)."""
     held_at_start_bytes: int = 0
     """Bytes held when the step began (CUDA: allocated; CPU: resident set)."""
+    peak_live_bytes: int = 0
+    """Peak bytes held by live allocations during the step: CUDA max_memory_allocated; CPU the
+    sampled peak of `hostmem.live_bytes` (0 without glibc). What the memory model's band is
+    checked against (peak_mem_bytes on the CPU is the resident set, which also counts library
+    code and the allocator's free lists)."""
 
 
 class RankMemory(msgspec.Struct, frozen=True, kw_only=True):
@@ -305,6 +310,8 @@ class RankWorker:
         self.handlers: dict[str, Callable[..., Any]] = {
             "step": self.step,
             "release": self.release,
+            "offload": self.offload,
+            "reload": self.reload,
             "gradients": self.gradients,
             "export_lora": self.export_lora,
             "export_full": self.export_full,
@@ -384,6 +391,18 @@ class RankWorker:
         return loss, parts, mine, most - mine, mbs
 
     def step(self, updates: list[dict[str, Any]], proximal: bool) -> RankStep:
+        """`_step`, with the live host bytes' peak sampled around it on the CPU
+        (`hostmem.LivePeak`; on CUDA `_step` reads the allocator's peak)."""
+        if self.device.type != "cpu":
+            return self._step(updates, proximal)
+        from trustee.learn.hostmem import LivePeak
+
+        with LivePeak() as meter:
+            out = self._step(updates, proximal)
+        out.peak_live_bytes = meter.peak or 0
+        return out
+
+    def _step(self, updates: list[dict[str, Any]], proximal: bool) -> RankStep:
         """The step's optimiser updates (`learner.update_plan`, computed by the parent; this
         rank's samples of each, with the update's global normaliser). proximal: several
         updates, so each trains against the log-probs taken before the first. An update whose
@@ -391,6 +410,7 @@ class RankWorker:
         rank; the gradients are freed at the end, as in `Learner`."""
         from trustee.learn.learner import finite_update, peak_memory, reset_peak_memory
 
+        self.learner.reload()  # an offloaded rank trains only after its state is back
         held = _held_bytes(self.device)
         reset_peak_memory(self.device)
         fallbacks = self.learner.shared_prefix_fallbacks
@@ -432,6 +452,7 @@ class RankWorker:
             grad_norm=sum(norms) / len(norms),
             lr=lr,
             peak_mem_bytes=peak_memory(self.device),
+            peak_live_bytes=peak_memory(self.device) if self.device.type == "cuda" else 0,
             shared_tokens=counts[3],
             shared_prefix_fallback=int(self.learner.shared_prefix_fallbacks > fallbacks),
             updates=len(updates),
@@ -459,6 +480,23 @@ class RankWorker:
         )
         grads = sum(p.grad is not None for p in self.model.parameters())
         return RankMemory(rank=self.rank, pid=os.getpid(), grads_held=grads, free_bytes=free, held_bytes=held)
+
+    def offload(self) -> tuple[int, str]:
+        """`Learner.offload` on this rank's shards, then `release` (CUDA: the moved bytes go back
+        to the driver); (bytes moved, `learn/offload.digest` of them before the move)."""
+        from trustee.learn.offload import digest, offload_targets
+
+        before = digest(offload_targets(self.learner.optimizer, self.policy.ref_model))
+        moved = self.learner.offload()
+        self.release()
+        return moved, before
+
+    def reload(self) -> str:
+        """`Learner.reload`; the digest of the reloaded tensors (equal to `offload`'s: bit-exact)."""
+        from trustee.learn.offload import digest, offload_targets
+
+        self.learner.reload()
+        return digest(offload_targets(self.learner.optimizer, self.policy.ref_model))
 
     def gradients(self, samples: list[Sample], norm: LossNorm, ids: list[int]) -> tuple[float, bytes | None]:
         """Accumulate one update over all the samples without stepping; (this rank's loss
@@ -618,13 +656,16 @@ def load_dcp_into(model: nn.Module, optimizer: torch.optim.Optimizer, path: str,
 class RankReady(msgspec.Struct, frozen=True, kw_only=True):
     """A rank's first message: its pid and build time, the bytes it read from the weight
     files, and host memory around the build (resident set before it, after the imports; peak
-    resident set during it: what the one-reader loading keeps below one model copy)."""
+    resident set during it: what the one-reader loading keeps below one model copy; live
+    allocated bytes before it, `hostmem.live_bytes`, the base of `RankStep.peak_live_bytes`
+    on the CPU, 0 without glibc)."""
 
     pid: int
     load_s: float
     read_bytes: int
     host_rss_before: int
     host_build_peak: int
+    host_live_before: int = 0
 
 
 def _warm_imports(model_path: str) -> None:
@@ -645,11 +686,13 @@ def _warm_imports(model_path: str) -> None:
 def _built(rank: int, spec: RankSpec, device: torch.device) -> tuple[RankWorker, RankReady]:
     import psutil
 
+    from trustee.learn.hostmem import live_bytes
     from trustee.learn.learner import peak_memory, reset_peak_memory
 
     t0 = time.perf_counter()
     _warm_imports(spec.model_path)
     host = torch.device("cpu")
+    live = live_bytes() or 0
     before = int(psutil.Process().memory_info().rss)
     reset_peak_memory(host)
     worker = RankWorker(rank, spec, device)
@@ -659,6 +702,7 @@ def _built(rank: int, spec: RankSpec, device: torch.device) -> tuple[RankWorker,
         read_bytes=worker.read_bytes,
         host_rss_before=before,
         host_build_peak=peak_memory(host),
+        host_live_before=live,
     )
     return worker, ready
 

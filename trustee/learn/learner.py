@@ -48,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio.to_thread
 import msgspec
@@ -301,6 +302,7 @@ class Learner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, horizon))
         self.step_count = 0
         self._lock = threading.Lock()
+        self._offloaded: Any = None  # a learn/offload.HostCopy while the state is on the host
 
     @property
     def model(self) -> torch.nn.Module:
@@ -485,6 +487,27 @@ class Learner:
         with self._lock:
             return release_memory(self.optimizer, model_device(self.model))
 
+    def offload(self) -> int:
+        """Move the AdamW state and the KL reference to host memory (`learn/offload.py`; placement
+        calls it before a wake with learner.offload); returns the bytes moved. `reload`, a
+        checkpoint or the next step brings them back."""
+        from trustee.learn.offload import HostCopy, offload_targets
+
+        with self._lock:
+            if self._offloaded is None:
+                self._offloaded = HostCopy(offload_targets(self.optimizer, self.policy.ref_model))
+            return self._offloaded.nbytes
+
+    def reload(self) -> None:
+        """Undo `offload` (a no-op when nothing is offloaded)."""
+        with self._lock:
+            self._reload()
+
+    def _reload(self) -> None:
+        if self._offloaded is not None:
+            self._offloaded.restore()
+            self._offloaded = None
+
     # ------------------------------------------------------------------ one step
 
     def accumulate(
@@ -527,6 +550,7 @@ class Learner:
     def _step(self, samples: list[Sample]) -> StepMetrics:
         if not samples:
             raise ValueError("Learner.step got no trajectories; skip the step when every group was filtered")
+        self._reload()  # an offloaded learner trains only after its state is back
         device = model_device(self.model)
         reset_peak_memory(device)
         self._fell_back = 0
