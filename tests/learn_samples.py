@@ -23,12 +23,12 @@ def make_samples(n: int, seed: int = 0, vocab: int = 1000) -> list[Sample]:
     return out
 
 
-def make_groups(seed: int, n: int = 8, *, nan_group: int | None = None) -> list:
+def make_groups(seed: int, n: int = 8, *, nan_group: int | None = None, vocab: int = 1024) -> list:
     """`make_samples(n)` as GRPO groups of two trajectories with advantages +1 / -1; group
     `nan_group` (if given) gets a NaN advantage, to inject a non-finite loss."""
     from trustee.types import Group, Trajectory
 
-    samples = make_samples(n, seed=seed, vocab=1024)
+    samples = make_samples(n, seed=seed, vocab=vocab)
     out = []
     for g in range(0, n, 2):
         trajs = [

@@ -8,14 +8,14 @@ import math
 import anyio
 import pytest
 import torch
-from learn_samples import make_samples
+from learn_samples import make_groups, make_samples
 
 from trustee.config import GrpoConfig, LearnerConfig
 from trustee.learn.learner import Learner, lr_lambda, samples_from_groups
 from trustee.learn.logprobs import token_logprobs
 from trustee.learn.packing import build_packed
 from trustee.learn.policy import check_reference_fits, load_policy, module_bytes, wrap_policy
-from trustee.types import Group, Trajectory
+from trustee.types import Group
 
 
 @pytest.fixture(scope="module")
@@ -27,24 +27,7 @@ def base_model(tiny_model_dir):
 
 def fixed_groups(seed: int = 0) -> list[Group]:
     """Two groups of two; in each, one sequence has advantage +1 and the other -1."""
-    samples = make_samples(4, seed=seed)
-    groups = []
-    for g in range(2):
-        trajs = []
-        for s in samples[2 * g : 2 * g + 2]:
-            trajs.append(
-                Trajectory(
-                    episode_id="e",
-                    task_id=f"t{g}",
-                    tokens=s.tokens,
-                    loss_mask=s.loss_mask,
-                    logprobs=s.sampler_logprobs,
-                    versions=[0 if m else -1 for m in s.loss_mask],
-                    prompt_len=s.loss_mask.index(1),
-                )
-            )
-        groups.append(Group(task_id=f"t{g}", trajectories=trajs, advantages=[1.0, -1.0]))
-    return groups
+    return make_groups(seed, n=4, vocab=1000)
 
 
 def seq_mean_logps(model, groups) -> list[float]:
