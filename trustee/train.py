@@ -438,6 +438,7 @@ class _Run:
         t0 = time.perf_counter()
         out = await self.heldout.run(step)
         out["time/eval_s"] = time.perf_counter() - t0
+        self.log.eval_trajectories(step, self.heldout.last)
         return out
 
     async def final_eval(self) -> None:
