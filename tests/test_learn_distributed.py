@@ -205,6 +205,29 @@ def test_loss_and_gradients_equal_the_single_process_learner(mode, tiny_model_di
         assert_close(got, want, f"{mode} gradient")
 
 
+def test_malformed_turn_credit_reaches_the_ranks(tiny_model_dir, full2):
+    """grpo.turn_credit = 'malformed' (the default): the ranks give a flagged turn's tokens
+    min(advantage, malformed_advantage), as the one-process learner does."""
+    from msgspec.structs import replace
+
+    groups = groups_of(0)
+    flagged = []
+    for g in groups:
+        trajs = []
+        for t in g.trajectories:
+            loss = [i for i, m in enumerate(t.loss_mask) if m]
+            trajs.append(replace(t, malformed_turns=[(loss[len(loss) // 2], loss[-1] + 1)]))
+        flagged.append(replace(g, trajectories=trajs))
+    ref = reference(tiny_model_dir, "full")
+    loss, _, _ = ref.accumulate(samples_from_groups(flagged, GRPO.malformed_advantage))
+    want = {n: p.grad.clone() for n, p in ref.model.named_parameters() if p.requires_grad}
+    plain, _, _ = ref.accumulate(samples_from_groups(groups))
+    assert abs(plain - loss) > 1e-3 * abs(loss)  # the spans change the loss
+    got_loss, got = full2.gradients(flagged)
+    assert abs(got_loss - loss) <= RTOL * abs(loss), (got_loss, loss)
+    assert_close(got, want, "full gradient with malformed turns")
+
+
 def test_a_rank_with_no_sequence_still_steps(tiny_model_dir, full2):
     """One sequence, two ranks: rank 1 only runs idle passes; the gradient is unchanged."""
     ref = reference(tiny_model_dir, "full")
