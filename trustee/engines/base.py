@@ -78,6 +78,15 @@ class FullUpdate(msgspec.Struct, frozen=True, kw_only=True):
         if (self.chunks is None) == (self.buckets is None):
             raise ValueError("FullUpdate needs exactly one of `chunks` and `buckets`")
 
+    def chunks_for(self, engine: str) -> Any:
+        """`chunks`, for an engine that loads only those; TypeError when these are buckets."""
+        if self.chunks is None:
+            raise TypeError(
+                f"{engine} loads full weights as chunks; shared buckets are for the vLLM engine "
+                "(set learner.weight_transport = 'bytes')"
+            )
+        return self.chunks
+
 
 WeightUpdate = LoraUpdate | FullUpdate
 

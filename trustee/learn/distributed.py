@@ -193,15 +193,15 @@ class DistributedLearner:
             ready = wait(watch + [p.sentinel for p in self._procs], timeout)
             if not ready:
                 raise RankError(f"learner ranks did not answer within {timeout}s")
+            for i, p in enumerate(self._procs):  # a death first: the others' errors follow from it
+                if p.sentinel in ready and not self._conns[i].poll():
+                    raise RankError(self._death(i))
             for i, c in enumerate(self._conns):
                 if c in ready:
                     msg = self._read(i)
                     if i == r:
                         return msg
                     self._early.setdefault(i, []).append(msg)
-            for i, p in enumerate(self._procs):
-                if p.sentinel in ready and not self._conns[i].poll():
-                    raise RankError(self._death(i))
 
     def _read(self, r: int) -> tuple[str, Any]:
         try:
