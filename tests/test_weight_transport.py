@@ -82,7 +82,9 @@ def test_each_worker_opens_the_bucket_of_its_own_device_and_nothing_else():
         assert got1[0][1].dtype == torch.bfloat16 and got1[0][1].shape == (2, 3)
         assert all(float(t.float().min()) == float(t.float().max()) == 2.0 for _, t in got1)
         assert all(float(t.float().min()) == float(t.float().max()) == 1.0 for _, t in got0)
-        with pytest.raises(ValueError, match=r"no weight bucket for this worker's device cpu:5.*'cpu:0', 'cpu:1'"):
+        with pytest.raises(
+            ValueError, match=r"no weight bucket for this worker's device cpu:5.*'cpu:0', 'cpu:1'"
+        ):
             open_bucket(merged, torch.device("cpu", 5))
         with pytest.raises(RuntimeError, match="two learner ranks share device cpu:0"):
             merge_payloads([p0, p0])
@@ -94,10 +96,24 @@ def test_each_worker_opens_the_bucket_of_its_own_device_and_nothing_else():
     assert not Path(p0["handles"]["cpu:0"][0]).exists()  # close frees it (removes the file)
 
 
+def test_a_full_update_is_chunks_or_buckets_and_chunk_engines_refuse_buckets():
+    with pytest.raises(ValueError, match="exactly one of `chunks` and `buckets`"):
+        FullUpdate()
+    with pytest.raises(ValueError, match="exactly one"):
+        FullUpdate(chunks=[], buckets=[])
+    assert FullUpdate(chunks=[[]]).chunks_for("the HF engine") == [[]]
+    with pytest.raises(
+        TypeError, match="the HF engine loads full weights as chunks.*weight_transport = 'bytes'"
+    ):
+        FullUpdate(buckets=iter([])).chunks_for("the HF engine")
+
+
 def test_auto_picks_the_shared_route_only_where_every_policy_worker_has_a_rank_beside_it():
     cfg = load_config("configs/8gpu.toml")
     assert weight_transport(cfg) == "shared"
-    apart = load_config("configs/8gpu.toml", ["placement.learner_gpus=[0,1,2,3]", "placement.learner_ranks=4"])
+    apart = load_config(
+        "configs/8gpu.toml", ["placement.learner_gpus=[0,1,2,3]", "placement.learner_ranks=4"]
+    )
     assert weight_transport(apart) == "bytes"  # policy GPUs 4..7 hold no rank
     assert weight_transport(load_config("configs/8gpu.toml", ["learner.weight_transport=bytes"])) == "bytes"
     assert weight_transport(load_config(None)) == "bytes"  # the CPU default
@@ -184,7 +200,7 @@ def _push(workers: list[VllmWorkerDouble], update: FullUpdate) -> VLLMEngine:
     return engine
 
 
-def test_two_ranks_share_buckets_per_device_equal_to_the_bytes_route(small_model):
+def test_two_ranks_share_buckets_per_device_equal_to_the_bytes_route(small_model, tmp_path):
     before = set(_left_over())
     with DistributedLearner(
         _spec(small_model), export_dtype="bfloat16", transport="shared", bucket_bytes=40_000
@@ -229,3 +245,11 @@ def test_two_ranks_share_buckets_per_device_equal_to_the_bytes_route(small_model
         again = [(n, t) for chunk in dl.export_full("bytes").chunks for n, t in chunk]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(again, want, strict=True))
         assert set(_left_over()) == before
+        # A shared-route learner still writes its model directory (by the bytes transport).
+        from safetensors.torch import load_file
+
+        out = dl.save_pretrained(tmp_path / "model", small_model)
+        files = {}
+        for f in sorted(out.glob("*.safetensors")):
+            files.update(load_file(f))
+        assert sorted(files) == sorted(names) and all(torch.equal(files[n], t) for n, t in want)

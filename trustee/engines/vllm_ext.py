@@ -111,7 +111,9 @@ class SharedBucket:
         dtype = dtype or t.dtype
         n = t.numel() * dtype.itemsize
         if self.offset + n > self.buffer.numel():
-            raise ValueError(f"{name}: {n} bytes do not fit the bucket's {self.buffer.numel() - self.offset} free")
+            raise ValueError(
+                f"{name}: {n} bytes do not fit the bucket's {self.buffer.numel() - self.offset} free"
+            )
         self.buffer[self.offset : self.offset + n].view(dtype).view(t.shape).copy_(t.detach())
         self.items.append([name, str(dtype).removeprefix("torch."), list(t.shape), self.offset, n])
         self.offset += aligned(n)
@@ -179,7 +181,9 @@ def open_bucket(payload: dict[str, Any], device: Any, key: str | None = None) ->
     out = []
     for name, dtype, shape, offset, n in payload["items"]:
         if offset + n > shared.numel():
-            raise ValueError(f"{name}: bytes {offset}..{offset + n} lie outside the {shared.numel()}-byte bucket")
+            raise ValueError(
+                f"{name}: bytes {offset}..{offset + n} lie outside the {shared.numel()}-byte bucket"
+            )
         part = shared[offset : offset + n].view(getattr(torch, dtype)).reshape(shape)
         out.append((name, part.to(device, copy=True)))
     if payload["kind"] == "cuda":

@@ -498,7 +498,7 @@ class DistributedLearner:
         if self.mode != "full":
             self.export_lora(path=out, tensors=False)
             return out
-        return write_model(out, model_path, self.export_full().chunks)
+        return write_model(out, model_path, self.export_full("bytes").chunks)
 
     # ------------------------------------------------------------------ checkpoints
 
