@@ -189,9 +189,10 @@ def _spec(path: Path) -> RankSpec:
     )
 
 
-def _left_over() -> list[str]:
-    """Bucket files of learner ranks on disk (SharedBucket names them trustee-rank<r>-...)."""
-    return glob.glob("/dev/shm/trustee-rank*") if Path("/dev/shm").is_dir() else []
+def _left_over(pids: list[int]) -> list[str]:
+    """Bucket files of these learner ranks on disk (SharedBucket names them
+    trustee-rank<r>-pid<pid>-...)."""
+    return [f for p in pids for f in glob.glob(f"/dev/shm/trustee-rank*-pid{p}-*")]
 
 
 def _push(workers: list[VllmWorkerDouble], update: FullUpdate) -> VLLMEngine:
@@ -201,7 +202,6 @@ def _push(workers: list[VllmWorkerDouble], update: FullUpdate) -> VLLMEngine:
 
 
 def test_two_ranks_share_buckets_per_device_equal_to_the_bytes_route(small_model, tmp_path):
-    before = set(_left_over())
     with DistributedLearner(
         _spec(small_model), export_dtype="bfloat16", transport="shared", bucket_bytes=40_000
     ) as dl:
@@ -230,21 +230,23 @@ def test_two_ranks_share_buckets_per_device_equal_to_the_bytes_route(small_model
         first = next(stream)
         paths = {k: h[0] for k, h in first["handles"].items()}
         assert sorted(paths) == ["cpu:0", "cpu:1"]
-        assert all(f"trustee-rank{k[-1]}-" in p for k, p in paths.items())  # rank r filed under 'cpu:r'
+        assert all(
+            f"trustee-rank{k[-1]}-pid{dl.pids[int(k[-1])]}-" in p for k, p in paths.items()
+        )  # rank r files under cpu:r
         assert all(Path(p).exists() for p in paths.values())
         assert [n for n, _ in open_bucket(first, torch.device("cpu", 1))] == [i[0] for i in first["items"]]
         second = next(stream)  # the acknowledgement: the ranks free the first bucket
         assert not any(Path(p).exists() for p in paths.values())
         assert second["items"][0][0] != first["items"][0][0]
         stream.close()  # stop early: the ranks finish their gathers without sharing
-        assert set(_left_over()) == before
+        assert _left_over(dl.pids) == []
 
         # A worker whose device has no rank refuses, and the learner is still usable after it.
         with pytest.raises(ValueError, match="no weight bucket for this worker's device cpu:5"):
             _push([VllmWorkerDouble(torch.device("cpu", 5))], dl.export_full())
         again = [(n, t) for chunk in dl.export_full("bytes").chunks for n, t in chunk]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(again, want, strict=True))
-        assert set(_left_over()) == before
+        assert _left_over(dl.pids) == []
         # A shared-route learner still writes its model directory (by the bytes transport).
         from safetensors.torch import load_file
 

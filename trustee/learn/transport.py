@@ -26,6 +26,7 @@ processes. Bytes through the pipes stays as the CPU transport and the fallback
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -120,7 +121,8 @@ def share_full(
     size = {n: aligned(state[n].numel() * (dtype or state[n].dtype).itemsize) for n in order}
     key, shared, streaming = rank_key(device, rank), 0, True
     for group in plan_buckets([(n, size[n]) for n in order], bucket_bytes):
-        bucket = SharedBucket(sum(size[n] for n in group), device, tag=f"rank{rank}") if streaming else None
+        tag = f"rank{rank}-pid{os.getpid()}"  # host buckets: /dev/shm/trustee-<tag>-...
+        bucket = SharedBucket(sum(size[n] for n in group), device, tag=tag) if streaming else None
         try:
             for name in group:
                 w = full(state[name]).detach()
