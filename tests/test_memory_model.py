@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from learn_samples import make_groups
+from learn_samples import make_groups, random_qwen3
 
 from trustee import memory
 from trustee.config import Config, GrpoConfig, LearnerConfig, PlacementConfig, load_config, resolve
@@ -201,23 +201,8 @@ def test_offload_round_trip_is_bit_exact_and_empties_the_storages(tiny_model_dir
 def band_model(tmp_path_factory) -> Path:
     """A 6M-parameter random Qwen3 (4 layers, untied 4k vocabulary: the largest tensor is 17%
     of the weights) in float32, 24 MB."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
     out = tmp_path_factory.mktemp("band-model")
-    cfg = Qwen3Config(
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(1)
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(out)
-    return out
+    return random_qwen3(out, vocab=4096, hidden=256, layers=4, heads=4, tied=False, seed=1)
 
 
 def _groups(seed: int, n: int = 8, nan_group: int | None = None) -> list[Group]:

@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from learn_samples import random_qwen3
 
 from trustee.config import GrpoConfig, LearnerConfig, load_config, weight_transport
 from trustee.engines.base import FullUpdate
@@ -124,24 +125,9 @@ def test_auto_picks_the_shared_route_only_where_every_policy_worker_has_a_rank_b
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> Path:
-    """A random Qwen3 with tied embeddings, 3 layers, float32, about 0.9 MB."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
+    """A random Qwen3 with tied embeddings, 3 layers, float32, about 1 MB."""
     out = tmp_path_factory.mktemp("transport-model")
-    cfg = Qwen3Config(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(3)
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(out)
-    return out
+    return random_qwen3(out, vocab=512, hidden=64, layers=3, heads=2, tied=True, seed=3)
 
 
 class VllmWorkerDouble(TrusteeWorkerExtension):

@@ -46,7 +46,7 @@ import multiprocessing as mp
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -433,57 +433,54 @@ class DistributedLearner:
         )
 
     def _chunks(self) -> Iterator[list[tuple[str, Any]]]:
-        """The bytes stream; the ranks get the command on the first `next()`, so a stream that
-        is dropped unstarted costs nothing."""
-        t0, pipe0 = self._start_export("bytes")
-        done, n, pieces = False, 0, 0
-        try:
-            while True:
-                kind, payload = self._next(0)
-                if kind == "ok":
-                    done = True
-                    break
-                chunk = list(unpack_tensors(payload).items())
-                n += sum(t.numel() * t.element_size() for _, t in chunk)
-                pieces += 1
-                yield chunk
-                self._conns[0].send("next")
-        except GeneratorExit:
-            pass
-        except BaseException:
-            self._stream = None
-            self.close()
-            raise
-        self._end_export("bytes", done, t0, pipe0, n, pieces)
+        """The bytes stream: rank 0's chunks, each acknowledged ('next') to rank 0 alone."""
+
+        def receive() -> tuple[Any, int] | None:
+            kind, payload = self._next(0)
+            if kind == "ok":
+                return None
+            chunk = list(unpack_tensors(payload).items())
+            return chunk, sum(t.numel() * t.element_size() for _, t in chunk)
+
+        return self._export("bytes", receive, self._conns[:1])
 
     def _buckets(self) -> Iterator[dict[str, Any]]:
         """The shared stream: per bucket, every rank's handle (`learn/transport.share_full`),
-        merged into one payload. The consumer asking for the next bucket is the acknowledgement
-        (its workers copied this one): only then does every rank get 'next' and free it."""
-        t0, pipe0 = self._start_export("shared")
+        merged into one payload, acknowledged ('next') to every rank."""
+
+        def receive() -> tuple[Any, int] | None:
+            msgs = [self._next(r) for r in range(len(self._conns))]
+            kinds = sorted({k for k, _ in msgs})
+            if kinds == ["ok"]:
+                return None
+            if kinds != ["bucket"]:
+                raise RankError(f"the ranks sent {kinds} where every rank should send a bucket or 'ok'")
+            payload = merge_payloads([p for _, p in msgs])
+            return payload, sum(item[4] for item in payload["items"])
+
+        return self._export("shared", receive, self._conns)
+
+    def _export(self, transport: str, receive: Callable[[], Any], ack_to: list[Any]) -> Iterator[Any]:
+        """A lazy stream of `receive()`'s pieces (None: the ranks are done). The ranks get the
+        command on the first `next()`, so a stream dropped unstarted costs nothing; the
+        consumer asking for the next piece acknowledges this one ('next' to `ack_to`): only
+        then do the ranks free it and gather the next."""
+        t0, pipe0 = self._start_export(transport)
         done, n, pieces = False, 0, 0
         try:
-            while True:
-                msgs = [self._next(r) for r in range(len(self._conns))]
-                kinds = sorted({k for k, _ in msgs})
-                if kinds == ["ok"]:
-                    done = True
-                    break
-                if kinds != ["bucket"]:
-                    raise RankError(f"the ranks sent {kinds} where every rank should send a bucket or 'ok'")
-                payload = merge_payloads([p for _, p in msgs])
-                n += sum(item[4] for item in payload["items"])
-                pieces += 1
-                yield payload
-                for c in self._conns:
+            while (got := receive()) is not None:
+                n, pieces = n + got[1], pieces + 1
+                yield got[0]
+                for c in ack_to:
                     c.send("next")
+            done = True
         except GeneratorExit:
             pass
         except BaseException:
             self._stream = None
             self.close()
             raise
-        self._end_export("shared", done, t0, pipe0, n, pieces)
+        self._end_export(transport, done, t0, pipe0, n, pieces)
 
     def _end_stream(self) -> None:
         if self._stream is not None:
