@@ -22,7 +22,8 @@ it must meet (a row whose bound is not met prints FAIL and the exit status is 1)
   as exp(learner - sampler) per token: mean within [0.9, 1.1], every token within [0.33, 3]
   (grpo.is_max's default truncation);
 - `cuda-ipc-transport`: the shared route on a GPU: a learner rank's `share_full` (buckets in
-  GPU memory, CUDA IPC handles keyed by the GPU's UUID, each kept until acknowledged) into
+  GPU memory, CUDA IPC handles keyed by the GPU's UUID, each kept until acknowledged, then
+  freed: the sender's allocated bytes after it equal those before) into
   `VllmWorkerDouble`, a plain process on the same GPU standing in for the vLLM worker (it
   opens the bucket filed under its own GPU's UUID with the worker extension's `open_bucket`);
   bit-exact and two buckets, with GB/s;
@@ -214,16 +215,19 @@ def transport_row(kind: str) -> tuple[str, str, str, str]:
     else:
         model = SimpleNamespace(state_dict=lambda keep_vars: dict(items))  # what share_full reads
         kw = {"rank": 0, "device": torch.device(device), "dtype": torch.bfloat16, "conn": parent}
+        held = torch.cuda.memory_allocated(device) if kind == "ipc" else 0
         buckets = share_full(model, [n for n, _ in items], bucket_bytes=2**20, full=lambda t: t, **kw)
+        left = torch.cuda.memory_allocated(device) - held if kind == "ipc" else 0  # buckets not freed
         parent.send("done")
     got = parent.recv()
     wall = time.perf_counter() - t0
     proc.join(60)
     nbytes = sum(t.numel() * t.element_size() for _, t in want)
     same = got == _digest(want)
-    ok = same and (kind == "bytes" or buckets == 2)  # a bucket per unit: the embedding, then layer 0
+    # A bucket per unit (the embedding, then layer 0), and every bucket freed once acknowledged.
+    ok = same and (kind == "bytes" or (buckets == 2 and left == 0))
     return (
-        "ok" if ok else f"FAIL (bit-exact {same}, {buckets} buckets)",
+        "ok" if ok else f"FAIL (bit-exact {same}, {buckets} buckets, {left} bytes not freed)",
         f"bit-exact {same}; {nbytes / 2**20:.0f} MiB in {buckets or 1} piece(s) at {nbytes / wall / 1e9:.2f} GB/s",
         "",
         "",

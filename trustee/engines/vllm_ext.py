@@ -134,9 +134,16 @@ class SharedBucket:
         return {"kind": self.kind, "handles": {key: handle}, "items": [list(i) for i in self.items]}
 
     def close(self) -> None:
+        """Free the buffer. CUDA: torch keeps a buffer it exported until the receivers' mappings
+        are gone (its IPC limbo); `ipc_collect` frees it then, so each bucket goes back to the
+        allocator before the next one is filled (the receiver let go before acknowledging)."""
         import os
 
+        import torch
+
         self.buffer = None
+        if self.kind == "cuda":
+            torch.cuda.ipc_collect()
         if self.path is not None:
             try:
                 os.unlink(self.path)

@@ -136,6 +136,4 @@ def share_full(
         finally:
             if bucket is not None:
                 bucket.close()
-    if device.type == "cuda":
-        torch.cuda.ipc_collect()  # buffers whose receivers have let go go back to the allocator
     return shared
