@@ -69,3 +69,22 @@ def random_qwen3(out, *, vocab: int, hidden: int, layers: int, heads: int, tied:
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(out)
     return out
+
+
+def rank_spec_for(path, learner, grpo, world: int = 2):
+    """The RankSpec of a CPU learner test: `world` gloo ranks of one torch thread, seed 0, on a
+    free loopback port."""
+    from trustee.learn.distributed import _free_port
+    from trustee.learn.fsdp_rank import RankSpec
+
+    return RankSpec(
+        model_path=str(path),
+        learner=learner,
+        grpo=grpo,
+        temperature=1.0,
+        total_steps=10,
+        world_size=world,
+        init_method=f"tcp://127.0.0.1:{_free_port()}",
+        threads=1,
+        seed=0,
+    )

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from learn_samples import make_groups, random_qwen3
+from learn_samples import make_groups, random_qwen3, rank_spec_for
 
 from trustee import memory
 from trustee.config import Config, GrpoConfig, LearnerConfig, PlacementConfig, load_config, resolve
-from trustee.learn.distributed import DistributedLearner, _free_port
+from trustee.learn.distributed import DistributedLearner
 from trustee.learn.fsdp_rank import RankSpec
 from trustee.learn.learner import Learner, update_plan
 from trustee.learn.policy import load_policy
@@ -222,17 +222,7 @@ def _learner_cfg(mode: str) -> LearnerConfig:
 
 
 def _spec(path: Path, mode: str, grpo: GrpoConfig) -> RankSpec:
-    return RankSpec(
-        model_path=str(path),
-        learner=_learner_cfg(mode),
-        grpo=grpo,
-        temperature=1.0,
-        total_steps=10,
-        world_size=2,
-        init_method=f"tcp://127.0.0.1:{_free_port()}",
-        threads=1,
-        seed=0,
-    )
+    return rank_spec_for(path, _learner_cfg(mode), grpo)
 
 
 def _plan_gib(mode: str, grpo: GrpoConfig, path: Path) -> float:

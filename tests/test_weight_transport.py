@@ -24,13 +24,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from learn_samples import random_qwen3
+from learn_samples import random_qwen3, rank_spec_for
 
 from trustee.config import GrpoConfig, LearnerConfig, load_config, weight_transport
 from trustee.engines.base import FullUpdate
 from trustee.engines.vllm import VLLMEngine, _Sink
 from trustee.engines.vllm_ext import SharedBucket, TrusteeWorkerExtension, aligned, open_bucket
-from trustee.learn.distributed import DistributedLearner, _free_port
+from trustee.learn.distributed import DistributedLearner
 from trustee.learn.fsdp_rank import RankSpec
 from trustee.learn.transport import merge_payloads, plan_buckets
 
@@ -162,17 +162,7 @@ class FakeAsyncLLM:
 
 def _spec(path: Path) -> RankSpec:
     learner = LearnerConfig(mode="full", lr=1e-3, micro_batch_tokens=64, gradient_checkpointing=False)
-    return RankSpec(
-        model_path=str(path),
-        learner=learner,
-        grpo=GrpoConfig(beta=0.0, loss_type="grpo"),
-        temperature=1.0,
-        total_steps=10,
-        world_size=2,
-        init_method=f"tcp://127.0.0.1:{_free_port()}",
-        threads=1,
-        seed=0,
-    )
+    return rank_spec_for(path, learner, GrpoConfig(beta=0.0, loss_type="grpo"))
 
 
 def _left_over(pids: list[int]) -> list[str]:
