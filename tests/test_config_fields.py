@@ -367,6 +367,10 @@ EVIDENCE: dict[str, list[str]] = {
         "test:tests/test_memory_model.py::test_offload_round_trip_is_bit_exact_and_empties_the_storages",
         "test:tests/test_placement.py::test_colocate_offload_moves_the_learner_state_out_before_the_wake_and_back_after_sleep",
     ],
+    "learner.weight_transport": [
+        "test:tests/test_weight_transport.py::test_auto_picks_the_shared_route_only_where_every_policy_worker_has_a_rank_beside_it",
+        "refused:learner.weight_transport=shared",
+    ],
     "checkpoint.before_wake": [
         "test:tests/test_faults.py::test_a_failed_wake_costs_no_trained_step_and_resume_continues_after_it"
     ],

@@ -15,18 +15,17 @@ import signal
 
 import pytest
 import torch
-from learn_samples import make_groups
+from learn_samples import make_groups, rank_spec_for
 
 from trustee.config import GrpoConfig, LearnerConfig
 from trustee.learn.distributed import (
     DistributedLearner,
     RankError,
-    _free_port,
     balance_by_tokens,
     global_norm,
 )
 from trustee.learn.export import export_full, export_lora
-from trustee.learn.fsdp_rank import RankSpec, load_dcp_into
+from trustee.learn.fsdp_rank import load_dcp_into
 from trustee.learn.learner import Learner, samples_from_groups
 from trustee.learn.packing import plan_bins
 from trustee.learn.policy import load_policy
@@ -68,18 +67,7 @@ def reference(path, mode: str) -> Learner:
 
 
 def start(path, mode: str, world: int) -> DistributedLearner:
-    spec = RankSpec(
-        model_path=str(path),
-        learner=learner_cfg(mode),
-        grpo=GRPO,
-        temperature=1.0,
-        total_steps=10,
-        world_size=world,
-        init_method=f"tcp://127.0.0.1:{_free_port()}",
-        threads=1,
-        seed=0,
-    )
-    return DistributedLearner(spec)
+    return DistributedLearner(rank_spec_for(path, learner_cfg(mode), GRPO, world))
 
 
 def assert_close(

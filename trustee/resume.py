@@ -52,6 +52,7 @@ SAFE_TO_CHANGE = (
     "checkpoint.resume",
     "checkpoint.on_interrupt",
     "checkpoint.before_wake",
+    "learner.weight_transport",
     "eval.",
 )
 

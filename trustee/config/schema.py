@@ -369,6 +369,8 @@ class LearnerConfig(Section, kw_only=True):
     """A GRPO group's common prompt computed once per micro-batch (same loss and gradients as each episode whole): 'auto' also checks the first micro-batch of each new shape against the unshared layout and falls back (warning, learn/shared_prefix_fallback) on a mismatch; 'on' without the check; 'off' packs every episode whole."""
     offload: bool = False
     """Placement 'colocate': move the AdamW state and the KL reference to host RAM before the engines wake, and back after they sleep (trustee/learn/offload.py); the policy's weights stay for the push."""
+    weight_transport: Literal["auto", "bytes", "shared"] = "auto"
+    """How a multi-rank full learner sends its weights to the vLLM policy engine: 'bytes' through rank 0's pipe (the CPU transport); 'shared': each rank shares buckets on its own device and only handles travel, each engine worker copying the one on its device (CUDA IPC; a /dev/shm file on the CPU); 'auto' = 'shared' for a colocated vLLM engine whose every GPU holds a learner rank, else 'bytes'."""
 
 
 # ----------------------------------------------------------------------------- placement
