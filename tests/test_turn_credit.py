@@ -86,7 +86,9 @@ def _group() -> Group:
     good_then_broken = _traj(20, [4, 3], [1], 1.0, "a")  # a good call, then a broken second call
     broken_first = _traj(20, [2, 5], [0], -1.0, "b")
     clean = _traj(20, [3], [], 0.0, "c")
-    return Group(task_id="t", trajectories=[good_then_broken, broken_first, clean], advantages=[1.5, -0.4, 0.0])
+    return Group(
+        task_id="t", trajectories=[good_then_broken, broken_first, clean], advantages=[1.5, -0.4, 0.0]
+    )
 
 
 def _expected(t: Trajectory, a: float, ceiling: float | None) -> list[float]:
@@ -124,7 +126,11 @@ def test_turn_credit_reads_the_grpo_section():
 def test_packed_and_shared_micro_batches_hold_the_per_token_advantages():
     g = _group()
     samples = samples_from_groups([g], -1.0)
-    want = [x for s, t, a in zip(samples, g.trajectories, g.advantages, strict=True) for x in _expected(t, a, -1.0)]
+    want = [
+        x
+        for s, t, a in zip(samples, g.trajectories, g.advantages, strict=True)
+        for x in _expected(t, a, -1.0)
+    ]
     packed = build_packed(samples, list(range(len(samples))))
     assert packed.adv.tolist() == pytest.approx(want)
     (units,) = plan_shared(samples, budget=4096)
@@ -136,7 +142,13 @@ def test_packed_and_shared_micro_batches_hold_the_per_token_advantages():
 
 
 def test_bad_spans_are_refused():
-    s = Sample(tokens=[1, 2, 3, 4], loss_mask=[0, 1, 1, 1], sampler_logprobs=[0.0] * 4, advantage=1.0, spans=((2, 9, -1.0),))
+    s = Sample(
+        tokens=[1, 2, 3, 4],
+        loss_mask=[0, 1, 1, 1],
+        sampler_logprobs=[0.0] * 4,
+        advantage=1.0,
+        spans=((2, 9, -1.0),),
+    )
     with pytest.raises(ValueError, match="advantage span"):
         check_sample(s, 0)
 
@@ -152,7 +164,9 @@ def _flagged_logprob_change(base_model, turn_credit: str) -> float:
     """One step on a group whose best episode's second turn is malformed: the change of the
     summed log-prob of that turn's tokens under the updated policy."""
     lcfg = LearnerConfig(mode="full", lr=1e-2, gradient_checkpointing=False, max_grad_norm=0.0)
-    learner = Learner(wrap_policy(copy.deepcopy(base_model), lcfg), GrpoConfig(beta=0.0, turn_credit=turn_credit), lcfg)
+    learner = Learner(
+        wrap_policy(copy.deepcopy(base_model), lcfg), GrpoConfig(beta=0.0, turn_credit=turn_credit), lcfg
+    )
     g = _group()
     sample = samples_from_groups([g])[0]
     a, b = g.trajectories[0].malformed_turns[0]

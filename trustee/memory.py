@@ -26,7 +26,12 @@ What the learner holds (one rank of `placement.learner_ranks`, parameters sharde
   back), fp32 adapter, fp32 adapter gradients and moments;
 - activations: with gradient checkpointing each layer's input per token plus one layer's
   recomputed intermediates (forward and backward), else every layer's intermediates; the
-  log-prob chunk in fp32 (logits, softmax, gradient); the CUDA context of the process.
+  log-prob chunk in fp32 (logits, softmax, gradient); the CUDA context of the process;
+- the full-weight push to the awake engines (`push_items`, added to the rollout phase, which
+  is when the engines hold their KV caches): each rank's one gathered weight in the export
+  dtype (the ranks cast their shard before the gather) and, on the shared route
+  (`learner.weight_transport`), its bucket and the engine worker's copy of it; on the bytes
+  route the worker's copy of a chunk.
 The figures are estimates stated as such; `tests/test_memory_model.py` measures a two-rank
 learner on the CPU against them, and `tools/gpu_check.sh` does on a GPU.
 """
@@ -39,7 +44,7 @@ from typing import Any
 
 import msgspec
 
-from trustee.config import Config, EngineConfig, Problem, Resolved
+from trustee.config import Config, EngineConfig, Problem, Resolved, weight_transport
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "nf4": 0.5}
@@ -52,6 +57,11 @@ HEADROOM = 0.05
 # eager mode, its CUDA graphs; both stay resident while the engine sleeps (apis.md 1.9). Stated
 # estimates; `placement` logs the measured free memory after each build.
 CONTEXT_GIB = 0.75
+BUCKET_BYTES = 512 * 2**20
+"""A shared-route bucket's byte budget per rank (`learn/transport.py`): whole decoder layers up
+to this, or one unit alone when it is larger."""
+CHUNK_BYTES = 256 * 2**20
+"""A bytes-route chunk (`learn/export.py` DEFAULT_CHUNK_BYTES)."""
 GRAPHS_GIB = 0.75
 ENGINE_WORKSPACE_GIB = 1.0  # sampler / activation workspace of an engine with a fixed KV size
 
@@ -344,6 +354,27 @@ def learner_items(
     return LearnerMemory(resident=resident, working=working, context=context)
 
 
+def push_items(shape: ModelShape, export_dtype: str, transport: str) -> list[Item]:
+    """What a learner GPU holds beside the awake engines while a full update is pushed, at
+    its peak: one gathered weight (the largest: the embedding, or a layer's largest linear) in
+    the export dtype; on the shared route the bucket being filled (its budget, or one unit
+    alone when larger: a whole layer, or the embedding) and the engine worker's copy of it;
+    on the bytes route the worker's copy of a chunk."""
+    b = DTYPE_BYTES[export_dtype]
+    h, q, kv, i = shape.dims
+    weight = max(shape.vocab_size * h, h * i, h * q) * b
+    items = [Item(f"weight push: one gathered weight ({export_dtype})", weight / GIB)]
+    if transport == "shared":
+        bucket = max(BUCKET_BYTES, shape.vocab_size * h * b, shape.layer_params * b)
+        items += [
+            Item("weight push: its bucket", bucket / GIB),
+            Item("weight push: the engine worker's copy of the bucket", bucket / GIB),
+        ]
+    else:
+        items.append(Item("weight push: the engine worker's copy of a chunk", max(CHUNK_BYTES, weight) / GIB))
+    return items
+
+
 def rank_memory(cfg: Config, res: Resolved) -> LearnerMemory | None:
     """One rank of this run's learner, or None when the policy's shape is unknown."""
     shape = model_shape(cfg.model.path)
@@ -492,9 +523,15 @@ def memory_plan(cfg: Config, res: Resolved, *, gpu_gib: float | None = None) -> 
         places = [f"GPU {g}" for g in pl.learner_gpus] or ["host"]
         moved = [i for i in rank.resident if cfg.learner.offload and i.what.startswith(OFFLOADED)]
         kept = [i for i in rank.resident if i not in moved]
+        push = []
+        shape = model_shape(cfg.model.path)
+        if cfg.learner.mode == "full" and shape is not None and res.device == "cuda":
+            push = push_items(shape, res.dtype, weight_transport(cfg))
         for place in places:
             d = dev(place, cap if place != "host" else None)
             d.rollout += (kept if place != "host" else rank.resident) + rank.context
+            if place != "host":
+                d.rollout += push
             d.learning += rank.resident + rank.context + rank.working
             if place != "host":  # learner.offload: on the host while the engines are awake
                 host.rollout += [Item(f"{i.what} (offloaded)", i.gib) for i in moved]

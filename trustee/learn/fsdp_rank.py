@@ -556,9 +556,10 @@ class RankWorker:
             if id(t) in seen:  # tied weights: engines re-tie on load
                 continue
             seen.add(id(t))
-            w = _full(t).detach()
+            t = t.detach()
+            w = _full(t.to(out_dtype) if out_dtype is not None else t)  # cast the shard: half the gather
             if self.rank == 0:
-                w = w.to("cpu", out_dtype) if out_dtype is not None else w.to("cpu")
+                w = w.to("cpu")
                 chunk[name] = w
                 size += w.numel() * w.element_size()
             del w

@@ -125,7 +125,8 @@ def share_full(
         bucket = SharedBucket(sum(size[n] for n in group), device, tag=tag) if streaming else None
         try:
             for name in group:
-                w = full(state[name]).detach()
+                t = state[name].detach()
+                w = full(t.to(dtype) if dtype is not None else t)  # cast the shard, gather half the bytes
                 if bucket is not None:
                     bucket.put(name, w, dtype)
                 del w
