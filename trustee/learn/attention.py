@@ -15,15 +15,19 @@ The shared-prefix split is exact (Prefix Grouper, arXiv 2506.05433): a branch to
 over [prefix, own tokens] is softmax-merged from two parts by their log-sum-exp, so outputs and
 every gradient equal those of each episode attended whole. Kernels, chosen per call:
 
-- CPU: `_PrefixBranchAttention`, the merge written out. One call of torch's CPU flash kernel
-  puts every branch query of a unit over the prefix (no mask), one causal call per branch over
-  its own tokens; the outputs merge by their log-sum-exp. The backward calls the kernel's own
+- CPU: `_SharedRowAttention`, one autograd node for the whole row (its gradients come back
+  as one concatenation, not as a zero-filled row per slice). Per unit, the prefix is one
+  causal call of torch's CPU flash kernel. Its branches take the merge written out: one call
+  puts every branch query over the prefix (no mask), one causal call per branch over its own
+  tokens, and the outputs merge by their log-sum-exp; the backward calls the kernel's own
   backward on each part with the *merged* output and log-sum-exp, which gives each key block's
   exact share of the gradient (the same identity ring attention relies on). Measured on this
   2-core CPU (one unit: prefix 2,000, eight branches of 50-300, 2 heads of 64, forward +
   backward, CPU seconds of one thread): 0.18 s, against 0.22 s for one masked SDPA call per
   branch over [prefix, branch], 0.47 s for one SDPA call over the unit with a dense mask, and
-  0.65 s for the unshared layout (each episode whole).
+  0.65 s for the unshared layout (each episode whole). A small unit's branches (N x (P + N) up
+  to `MASKED_BRANCHES`) instead take one masked call over [prefix, branches]: at bench.vs_trl's
+  size (prefix ~290, four branches of 24) the calls' fixed cost outweighs the masked blocks.
 - CUDA with flash-attn: one `flash_attn_varlen_func` call per layer. Keys and values are gathered
   per segment (a branch's keys are its prefix's then its own: `SharedLayout.kv_index`) and the
   causal mask of flash-attn >= 2.1 is aligned to the bottom-right corner when a segment has more
@@ -51,6 +55,7 @@ Does not build micro-batches (`learn/packing.py`) or compute log-probs (`learn/l
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -254,100 +259,142 @@ def _shared(layout: SharedLayout, query, key, value, scaling) -> torch.Tensor:
 
 def _cpu_merge(layout: SharedLayout, query, key, value, scaling) -> torch.Tensor:
     key, value, _ = _kv_heads_for_sdpa(query, key, value, masked=True)  # repeated: the CPU kernel has no GQA
-    outs = []
-    for start, p, branches in layout.units:
-        a, b = start, start + p
-        if p:
-            outs.append(
-                torch.nn.functional.scaled_dot_product_attention(
-                    query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scale=scaling, is_causal=True
-                )
-            )  # [1, H, P, D]
-        if branches:
-            e = b + sum(branches)
-            q_br = query[:, :, b:e]
-            outs.append(
-                _PrefixBranchAttention.apply(
-                    q_br,
-                    key[:, :, a:b],
-                    value[:, :, a:b],
-                    key[:, :, b:e],
-                    value[:, :, b:e],
-                    branches,
-                    scaling,
-                )
-            )  # [1, H, sum S, D]
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+    out = _SharedRowAttention.apply(query, key, value, layout.units, scaling)  # [1, H, T, D]
+    return out.transpose(1, 2).contiguous()
 
 
-def _cpu_attn(q, k, v, causal: bool, scale):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+MASKED_BRANCHES = 1 << 16
+"""Branch queries x keys of a unit (N x (P + N)) up to which its branches take one masked
+kernel call (the mask is N x (P + N) floats, cached per shape) instead of the prefix call, one
+causal call per branch and the merge: fewer, larger calls win while the unit is small."""
 
 
-def _cpu_attn_backward(g, q, k, v, out, lse, causal: bool, scale):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        g, q, k, v, out, lse, 0.0, causal, scale=scale
+@functools.lru_cache(maxsize=64)
+def _branch_mask(p: int, branches: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [1, 1, N, P + N]: every branch query sees the prefix and its own branch
+    causally (0), nothing else (-inf)."""
+    n = sum(branches)
+    allow = torch.zeros(n, p + n, dtype=torch.bool)
+    allow[:, :p] = True
+    at = 0
+    for s in branches:
+        allow[at : at + s, p + at : p + at + s] = torch.ones(s, s, dtype=torch.bool).tril()
+        at += s
+    return torch.zeros(n, p + n, dtype=dtype).masked_fill_(~allow, float("-inf"))[None, None]
+
+
+def _cpu_attn(q, k, v, causal: bool, scale, mask=None):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, attn_mask=mask, scale=scale
     )
 
 
-class _PrefixBranchAttention(torch.autograd.Function):
-    """Branch queries over their prefix (all of it) and over their own branch (causal), merged.
+def _cpu_attn_backward(g, q, k, v, out, lse, causal: bool, scale, mask=None):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        g, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale
+    )
 
-    q, k_own, v_own: [1, H, N, D], the unit's branches one after another (lengths `branches`);
-    k_pre, v_pre: [1, H, P, D]. With (o1, l1) the attention of every branch query over the
+
+def _masked(p: int, branches: tuple[int, ...]) -> bool:
+    n = sum(branches)
+    return n * (p + n) <= MASKED_BRANCHES
+
+
+class _SharedRowAttention(torch.autograd.Function):
+    """Shared-prefix attention over a whole row in one autograd node (no per-slice gradients).
+
+    q, k, v: [1, H, T, D] (k, v with the query's heads), any strides (the CPU flash kernel reads
+    strides; slices are views). Per unit: the prefix causally over itself, then its branches.
+    Branch queries over [prefix, own tokens] are either one masked kernel call (small units,
+    `MASKED_BRANCHES`) or the merge: with (o1, l1) the attention of every branch query over the
     prefix and (o2, l2) each branch's causal attention over itself, out = o1 w1 + o2 w2, where
-    w_i = exp(l_i - lse) and lse = log(exp l1 + exp l2). The backward: for attention with
-    output `out` and log-sum-exp `lse` over keys split in blocks, each block's dq/dk/dv is the
-    kernel's backward on that block given the *full* out and lse (the softmax of a block is
-    exp(s - lse) and the row term is rowsum(dout * out)), so two backward calls give it exactly.
+    w_i = exp(l_i - lse) and lse = log(exp l1 + exp l2). The merge's backward: for attention
+    with output `out` and log-sum-exp `lse` over keys split in blocks, each block's dq/dk/dv is
+    the kernel's backward on that block given the *full* out and lse (the softmax of a block is
+    exp(s - lse) and the row term is rowsum(dout * out)), so the calls give it exactly. The
+    gradients come back as one cat of the per-unit pieces, in row order.
     """
 
     @staticmethod
-    def forward(ctx, q, k_pre, v_pre, k_own, v_own, branches, scale):
-        q, k_pre, v_pre, k_own, v_own = (x.contiguous() for x in (q, k_pre, v_pre, k_own, v_own))
-        o1, l1 = _cpu_attn(q, k_pre, v_pre, False, scale)  # [1, H, N, D], [1, H, N]
-        parts = []
-        at = 0
-        for s in branches:
-            parts.append(
-                _cpu_attn(
-                    q[:, :, at : at + s], k_own[:, :, at : at + s], v_own[:, :, at : at + s], True, scale
-                )
-            )
-            at += s
-        o2 = torch.cat([o for o, _ in parts], dim=2)
-        l2 = torch.cat([lse for _, lse in parts], dim=2)
-        lse = torch.logaddexp(l1, l2)  # [1, H, N] float32
-        out = (o1 * torch.exp(l1 - lse)[..., None] + o2 * torch.exp(l2 - lse)[..., None]).to(q.dtype)
-        ctx.save_for_backward(q, k_pre, v_pre, k_own, v_own, out, lse)
-        ctx.branches, ctx.scale = branches, scale
+    def forward(ctx, q, k, v, units, scale):
+        outs, lses = [], []
+        for start, p, branches in units:
+            a, b = start, start + p
+            o, lse = _cpu_attn(
+                q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], True, scale
+            )  # [1, H, P, D], [1, H, P]
+            outs.append(o)
+            lses.append(lse)
+            if branches:
+                o, lse = _branches_forward(q, k, v, a, p, branches, scale)  # [1, H, N, D], [1, H, N]
+                outs.append(o)
+                lses.append(lse)
+        out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.units, ctx.scale = units, scale
         return out
 
     @staticmethod
     def backward(ctx, g):
-        q, k_pre, v_pre, k_own, v_own, out, lse = ctx.saved_tensors
-        g = g.contiguous()
-        dq, dk_pre, dv_pre = _cpu_attn_backward(g, q, k_pre, v_pre, out, lse, False, ctx.scale)
-        dqs, dks, dvs = [], [], []
-        at = 0
-        for s in ctx.branches:
-            sl = slice(at, at + s)
-            r = _cpu_attn_backward(
-                g[:, :, sl].contiguous(),
-                q[:, :, sl].contiguous(),
-                k_own[:, :, sl].contiguous(),
-                v_own[:, :, sl].contiguous(),
-                out[:, :, sl].contiguous(),
-                lse[:, :, sl].contiguous(),
-                True,
-                ctx.scale,
-            )
-            dqs.append(r[0])
-            dks.append(r[1])
-            dvs.append(r[2])
-            at += s
-        dq = dq + torch.cat(dqs, dim=2)
-        return dq, dk_pre, dv_pre, torch.cat(dks, dim=2), torch.cat(dvs, dim=2), None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        saved = (g, q, k, v, out, lse)
+        dq, dk, dv = [], [], []
+        for start, p, branches in ctx.units:
+            a, b = start, start + p
+            gq, gk, gv = _cpu_attn_backward(*(t[:, :, a:b] for t in saved), True, ctx.scale)
+            if not branches:
+                dq.append(gq)
+                dk.append(gk)
+                dv.append(gv)
+                continue
+            bq, pk, pv, ok, ov = _branches_backward(saved, a, p, branches, ctx.scale)
+            dq += [gq, bq]
+            dk += [gk + pk, ok]
+            dv += [gv + pv, ov]
+        return torch.cat(dq, dim=2), torch.cat(dk, dim=2), torch.cat(dv, dim=2), None, None
+
+
+def _branches_forward(q, k, v, a: int, p: int, branches: tuple[int, ...], scale):
+    """A unit's branch queries (rows a + p ...) over their prefix (rows a ...) and own tokens:
+    (out [1, H, N, D], lse [1, H, N])."""
+    b = a + p
+    e = b + sum(branches)
+    if _masked(p, branches):
+        kk, vv = (torch.cat([x[:, :, a:b], x[:, :, b:e]], dim=2) for x in (k, v))
+        return _cpu_attn(q[:, :, b:e], kk, vv, False, scale, _branch_mask(p, branches, q.dtype))
+    o1, l1 = _cpu_attn(q[:, :, b:e], k[:, :, a:b], v[:, :, a:b], False, scale)
+    parts, at = [], b
+    for s in branches:
+        parts.append(_cpu_attn(q[:, :, at : at + s], k[:, :, at : at + s], v[:, :, at : at + s], True, scale))
+        at += s
+    o2 = torch.cat([o for o, _ in parts], dim=2)
+    l2 = torch.cat([lse for _, lse in parts], dim=2)
+    lse = torch.logaddexp(l1, l2)  # [1, H, N] float32
+    out = (o1 * torch.exp(l1 - lse)[..., None] + o2 * torch.exp(l2 - lse)[..., None]).to(q.dtype)
+    return out, lse
+
+
+def _branches_backward(saved, a: int, p: int, branches: tuple[int, ...], scale):
+    """Gradients of `_branches_forward`: (dq of the branch queries, dk / dv of the prefix rows,
+    dk / dv of the branch rows). saved: (grad_out, q, k, v, out, lse), whole rows."""
+    g, q, k, v, out, lse = saved
+    b = a + p
+    e = b + sum(branches)
+    rows = [t[:, :, b:e] for t in (g, q)]
+    if _masked(p, branches):
+        kk, vv = (torch.cat([x[:, :, a:b], x[:, :, b:e]], dim=2) for x in (k, v))
+        mask = _branch_mask(p, branches, q.dtype)
+        dq, dk, dv = _cpu_attn_backward(*rows, kk, vv, out[:, :, b:e], lse[:, :, b:e], False, scale, mask)
+        return dq, dk[:, :, :p], dv[:, :, :p], dk[:, :, p:], dv[:, :, p:]
+    dq, dk_pre, dv_pre = _cpu_attn_backward(
+        *rows, k[:, :, a:b], v[:, :, a:b], out[:, :, b:e], lse[:, :, b:e], False, scale
+    )
+    own, at = [], b
+    for s in branches:
+        own.append(_cpu_attn_backward(*(t[:, :, at : at + s] for t in saved), True, scale))
+        at += s
+    dq = dq + torch.cat([r[0] for r in own], dim=2)
+    return dq, dk_pre, dv_pre, torch.cat([r[1] for r in own], dim=2), torch.cat([r[2] for r in own], dim=2)
 
 
 def _sdpa_gather(layout: SharedLayout, query, key, value, scaling) -> torch.Tensor:

@@ -5,6 +5,8 @@ whose *next* token is a loss token, and apply lm_head + log-softmax to those row
 chunk of rows at a time. Each chunk runs under activation checkpointing when gradients are
 on, so at no point does a float32 [tokens x vocab] tensor exist for the whole sequence: the
 backward keeps only the gathered hidden states and recomputes one chunk's logits at a time.
+A micro-batch whose logits all fit one chunk and `SMALL_LOGITS` elements keeps them instead
+(no recompute; tiny models and short completions, where the recompute was a tenth of a step).
 Logits are divided by the sampling temperature first, as the engines do, so the result is
 comparable with the sampler's log-probs.
 
@@ -21,6 +23,10 @@ from torch.utils.checkpoint import checkpoint
 
 from trustee.learn.attention import use_segment_attention
 from trustee.learn.packing import MicroBatch, to_device
+
+SMALL_LOGITS = 1 << 22
+"""Logit elements (16 MiB in float32) up to which a one-chunk micro-batch's backward keeps its
+logits rather than recomputing them; within the 3 x chunk x vocab the memory plan counts."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -85,6 +91,11 @@ def body_forward(body: nn.Module, mb: MicroBatch) -> torch.Tensor:
     return h.reshape(-1, h.shape[-1])
 
 
+def _vocab(head: nn.Module) -> int:
+    w = getattr(head, "weight", None)
+    return int(w.shape[0]) if isinstance(w, torch.Tensor) else 1 << 62  # unknown: always checkpoint
+
+
 def token_logprobs(
     model: nn.Module, mb: MicroBatch, *, temperature: float = 1.0, chunk: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,9 +110,10 @@ def token_logprobs(
     h = body_forward(body, mb)[mb.src]  # [N, H]
     logps, ents = [], []
     grad = torch.is_grad_enabled()
+    keep = h.shape[0] <= chunk and h.shape[0] * _vocab(head) <= SMALL_LOGITS
     for start in range(0, h.shape[0], chunk):
         hc, tc = h[start : start + chunk], mb.targets[start : start + chunk]  # [n, H], [n]
-        if grad:
+        if grad and not keep:
             lp, ent = checkpoint(_chunk_logprobs, hc, tc, head, temperature, use_reentrant=False)
         else:
             lp, ent = _chunk_logprobs(hc, tc, head, temperature)
