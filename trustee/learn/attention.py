@@ -174,7 +174,7 @@ def segment_attention(
             raise NotImplementedError(f"attention dropout {dropout}: the learner's packed attention has none")
         assert query.shape[0] == 1, "a packed micro-batch is one row"
     if layout is not None:
-        return _shared(layout, query, key, value, scaling), None
+        return _shared(module, layout, query, key, value, scaling), None
     if cu is not None:
         if query.device.type == "cuda" and query.dtype != torch.float32 and _have_flash_attn():
             return _flash_varlen(
@@ -245,7 +245,7 @@ def _kv_heads_for_sdpa(
 # ----------------------------------------------------------------------------- shared prefix
 
 
-def _shared(layout: SharedLayout, query, key, value, scaling) -> torch.Tensor:
+def _shared(module, layout: SharedLayout, query, key, value, scaling) -> torch.Tensor:
     """Shared-prefix attention over a whole row: [1, H, T, D] -> [1, T, H, D]."""
     kernel = resolve_kernel(layout.kernel, query.device, query.dtype)
     if kernel == "flash-varlen":
@@ -253,14 +253,22 @@ def _shared(layout: SharedLayout, query, key, value, scaling) -> torch.Tensor:
             query, key, value, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, layout.kv_index, scaling
         )
     if kernel == "cpu-merge":
-        return _cpu_merge(layout, query, key, value, scaling)
+        return _cpu_merge(layout, query, key, value, scaling, last=_is_last_layer(module))
     return _sdpa_gather(layout, query, key, value, scaling)
 
 
-def _cpu_merge(layout: SharedLayout, query, key, value, scaling) -> torch.Tensor:
+def _cpu_merge(layout: SharedLayout, query, key, value, scaling, *, last: bool = False) -> torch.Tensor:
     key, value, _ = _kv_heads_for_sdpa(query, key, value, masked=True)  # repeated: the CPU kernel has no GQA
-    out = _SharedRowAttention.apply(query, key, value, layout.units, scaling)  # [1, H, T, D]
+    out = _SharedRowAttention.apply(query, key, value, layout.units, scaling, last)  # [1, H, T, D]
     return out.transpose(1, 2).contiguous()
+
+
+def _is_last_layer(module) -> bool:
+    """Whether `module` is the model's last attention layer (transformers' attention modules
+    carry layer_idx and config); False when it cannot tell."""
+    idx = getattr(module, "layer_idx", None)
+    n = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+    return isinstance(idx, int) and isinstance(n, int) and idx == n - 1
 
 
 MASKED_BRANCHES = 1 << 16
@@ -313,17 +321,26 @@ class _SharedRowAttention(torch.autograd.Function):
     the kernel's backward on that block given the *full* out and lse (the softmax of a block is
     exp(s - lse) and the row term is rowsum(dout * out)), so the calls give it exactly. The
     gradients come back as one cat of the per-unit pieces, in row order.
+
+    `last` (the model's last layer): a prefix's rows other than its last are left at zero, out
+    and gradient. Only the rows that predict a loss token are read after the last layer (the
+    log-prob gather; every layer after attention works row by row), and no prefix row but the
+    last predicts one (a prefix ends before its members' first trained token), so their
+    incoming gradient is exactly zero and skipping them changes no loss, log-prob or gradient.
+    The prefix's last row (it predicts the boundary token) is one query over the whole prefix.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, units, scale):
+    def forward(ctx, q, k, v, units, scale, last):
         outs, lses = [], []
         for start, p, branches in units:
             a, b = start, start + p
-            o, lse = _cpu_attn(
-                q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], True, scale
-            )  # [1, H, P, D], [1, H, P]
-            outs.append(o)
+            if last and branches:
+                o, lse = _cpu_attn(q[:, :, b - 1 : b], k[:, :, a:b], v[:, :, a:b], False, scale)
+                o, lse = _zero_rows_before(o, p - 1), _zero_rows_before(lse, p - 1)
+            else:
+                o, lse = _cpu_attn(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], True, scale)
+            outs.append(o)  # [1, H, P, D], lse [1, H, P]
             lses.append(lse)
             if branches:
                 o, lse = _branches_forward(q, k, v, a, p, branches, scale)  # [1, H, N, D], [1, H, N]
@@ -331,7 +348,7 @@ class _SharedRowAttention(torch.autograd.Function):
                 lses.append(lse)
         out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.units, ctx.scale = units, scale
+        ctx.units, ctx.scale, ctx.last = units, scale, last
         return out
 
     @staticmethod
@@ -341,7 +358,14 @@ class _SharedRowAttention(torch.autograd.Function):
         dq, dk, dv = [], [], []
         for start, p, branches in ctx.units:
             a, b = start, start + p
-            gq, gk, gv = _cpu_attn_backward(*(t[:, :, a:b] for t in saved), True, ctx.scale)
+            if ctx.last and branches:
+                rows = [t[:, :, b - 1 : b] for t in saved]  # g, q: the prefix's last row
+                gq, gk, gv = _cpu_attn_backward(
+                    *rows[:2], k[:, :, a:b], v[:, :, a:b], *rows[4:], False, ctx.scale
+                )
+                gq = _zero_rows_before(gq, p - 1)
+            else:
+                gq, gk, gv = _cpu_attn_backward(*(t[:, :, a:b] for t in saved), True, ctx.scale)
             if not branches:
                 dq.append(gq)
                 dk.append(gk)
@@ -351,7 +375,12 @@ class _SharedRowAttention(torch.autograd.Function):
             dq += [gq, bq]
             dk += [gk + pk, ok]
             dv += [gv + pv, ov]
-        return torch.cat(dq, dim=2), torch.cat(dk, dim=2), torch.cat(dv, dim=2), None, None
+        return torch.cat(dq, dim=2), torch.cat(dk, dim=2), torch.cat(dv, dim=2), None, None, None
+
+
+def _zero_rows_before(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x [1, H, m, ...] with n zero rows put before it on dim 2."""
+    return torch.cat([x.new_zeros(x.shape[0], x.shape[1], n, *x.shape[3:]), x], dim=2)
 
 
 def _branches_forward(q, k, v, a: int, p: int, branches: tuple[int, ...], scale):

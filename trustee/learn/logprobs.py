@@ -78,7 +78,9 @@ def body_forward(body: nn.Module, mb: MicroBatch) -> torch.Tensor:
     get per-sequence attention, so no attention work crosses a sequence boundary; shared-prefix
     ones let each branch see its prefix and itself; padded ones compute what SDPA computes, and
     all keep grouped-query attention on SDPA's fast kernels (transformers' own SDPA path passes
-    enable_gqa on CPU, which runs the math kernel, several times slower)."""
+    enable_gqa on CPU, which runs the math kernel, several times slower). With a shared-prefix
+    layout on the CPU kernel, the last layer leaves a prefix's rows before its last at zero
+    (`attention._SharedRowAttention`): read only the rows that predict loss tokens (`mb.src`)."""
     use_segment_attention(body, shared=mb.layout is not None)
     out = body(
         input_ids=mb.input_ids,
