@@ -263,16 +263,13 @@ def test_shared_logprobs_equal_packed_over_random_group_shapes(base_model, shape
 # ----------------------------------------------------------------------------- exactness
 
 
-@pytest.mark.parametrize("kernel", ["cpu-merge", "cpu-merge-masked", "sdpa-gather"])
-def test_every_cpu_kernel_gives_the_packed_logprobs_and_gradients(base_model, episodes, kernel, monkeypatch):
+@pytest.mark.parametrize("kernel", ["cpu-merge", "sdpa-gather"])
+def test_both_cpu_kernels_give_the_packed_logprobs_and_gradients(base_model, episodes, kernel):
     samples = grouped(episodes["toy"], 4, multi_turn=True, groups=2, cont=60)
     (units, *rest) = plan_shared(samples, 16384)
     assert not rest
     models = [copy.deepcopy(base_model) for _ in range(2)]
-    # cpu-merge's two branch paths: the merge (forced here) and one masked call (forced below)
-    masked = kernel == "cpu-merge-masked"
-    monkeypatch.setattr(attention, "MASKED_BRANCHES", 1 << 40 if masked else 0)
-    mb = build_shared(samples, units, kernel="cpu-merge" if masked else kernel)
+    mb = build_shared(samples, units, kernel=kernel)
     whole = build_packed([samples[i] for i in mb.sample_ids], mb.sample_ids)
     a, ent_a = token_logprobs(models[0], mb, temperature=0.9)
     b, ent_b = token_logprobs(models[1], whole, temperature=0.9)

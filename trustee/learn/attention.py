@@ -25,9 +25,10 @@ every gradient equal those of each episode attended whole. Kernels, chosen per c
   2-core CPU (one unit: prefix 2,000, eight branches of 50-300, 2 heads of 64, forward +
   backward, CPU seconds of one thread): 0.18 s, against 0.22 s for one masked SDPA call per
   branch over [prefix, branch], 0.47 s for one SDPA call over the unit with a dense mask, and
-  0.65 s for the unshared layout (each episode whole). A small unit's branches (N x (P + N) up
-  to `MASKED_BRANCHES`) instead take one masked call over [prefix, branches]: at bench.vs_trl's
-  size (prefix ~290, four branches of 24) the calls' fixed cost outweighs the masked blocks.
+  0.65 s for the unshared layout (each episode whole). At bench.vs_trl's size (prefix ~290,
+  four branches of 24) one masked call per unit over [prefix, branches] measured the same as
+  the merge within noise, so the merge serves every size. In the model's last layer a
+  prefix's rows other than its last are skipped (see `_SharedRowAttention`).
 - CUDA with flash-attn: one `flash_attn_varlen_func` call per layer. Keys and values are gathered
   per segment (a branch's keys are its prefix's then its own: `SharedLayout.kv_index`) and the
   causal mask of flash-attn >= 2.1 is aligned to the bottom-right corner when a segment has more
@@ -55,7 +56,6 @@ Does not build micro-batches (`learn/packing.py`) or compute log-probs (`learn/l
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -271,52 +271,25 @@ def _is_last_layer(module) -> bool:
     return isinstance(idx, int) and isinstance(n, int) and idx == n - 1
 
 
-MASKED_BRANCHES = 1 << 16
-"""Branch queries x keys of a unit (N x (P + N)) up to which its branches take one masked
-kernel call (the mask is N x (P + N) floats, cached per shape) instead of the prefix call, one
-causal call per branch and the merge: fewer, larger calls win while the unit is small."""
+def _cpu_attn(q, k, v, causal: bool, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
 
 
-@functools.lru_cache(maxsize=64)
-def _branch_mask(p: int, branches: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [1, 1, N, P + N]: every branch query sees the prefix and its own branch
-    causally (0), nothing else (-inf)."""
-    n = sum(branches)
-    allow = torch.zeros(n, p + n, dtype=torch.bool)
-    allow[:, :p] = True
-    at = 0
-    for s in branches:
-        allow[at : at + s, p + at : p + at + s] = torch.ones(s, s, dtype=torch.bool).tril()
-        at += s
-    return torch.zeros(n, p + n, dtype=dtype).masked_fill_(~allow, float("-inf"))[None, None]
-
-
-def _cpu_attn(q, k, v, causal: bool, scale, mask=None):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, causal, attn_mask=mask, scale=scale
-    )
-
-
-def _cpu_attn_backward(g, q, k, v, out, lse, causal: bool, scale, mask=None):
+def _cpu_attn_backward(g, q, k, v, out, lse, causal: bool, scale):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        g, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale
+        g, q, k, v, out, lse, 0.0, causal, scale=scale
     )
-
-
-def _masked(p: int, branches: tuple[int, ...]) -> bool:
-    n = sum(branches)
-    return n * (p + n) <= MASKED_BRANCHES
 
 
 class _SharedRowAttention(torch.autograd.Function):
     """Shared-prefix attention over a whole row in one autograd node (no per-slice gradients).
 
     q, k, v: [1, H, T, D] (k, v with the query's heads), any strides (the CPU flash kernel reads
-    strides; slices are views). Per unit: the prefix causally over itself, then its branches.
-    Branch queries over [prefix, own tokens] are either one masked kernel call (small units,
-    `MASKED_BRANCHES`) or the merge: with (o1, l1) the attention of every branch query over the
-    prefix and (o2, l2) each branch's causal attention over itself, out = o1 w1 + o2 w2, where
-    w_i = exp(l_i - lse) and lse = log(exp l1 + exp l2). The merge's backward: for attention
+    strides; slices are views). Per unit: the prefix causally over itself, then its branches'
+    queries over [prefix, own tokens] by the merge: with (o1, l1) the attention of every
+    branch query over the prefix and (o2, l2) each branch's causal attention over itself,
+    out = o1 w1 + o2 w2, where w_i = exp(l_i - lse) and lse = log(exp l1 + exp l2). The
+    merge's backward: for attention
     with output `out` and log-sum-exp `lse` over keys split in blocks, each block's dq/dk/dv is
     the kernel's backward on that block given the *full* out and lse (the softmax of a block is
     exp(s - lse) and the row term is rowsum(dout * out)), so the calls give it exactly. The
@@ -332,6 +305,7 @@ class _SharedRowAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, units, scale, last):
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         outs, lses = [], []
         for start, p, branches in units:
             a, b = start, start + p
@@ -354,7 +328,7 @@ class _SharedRowAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         q, k, v, out, lse = ctx.saved_tensors
-        saved = (g, q, k, v, out, lse)
+        saved = (g if g.stride(-1) == 1 else g.contiguous(), q, k, v, out, lse)
         dq, dk, dv = [], [], []
         for start, p, branches in ctx.units:
             a, b = start, start + p
@@ -388,9 +362,6 @@ def _branches_forward(q, k, v, a: int, p: int, branches: tuple[int, ...], scale)
     (out [1, H, N, D], lse [1, H, N])."""
     b = a + p
     e = b + sum(branches)
-    if _masked(p, branches):
-        kk, vv = (torch.cat([x[:, :, a:b], x[:, :, b:e]], dim=2) for x in (k, v))
-        return _cpu_attn(q[:, :, b:e], kk, vv, False, scale, _branch_mask(p, branches, q.dtype))
     o1, l1 = _cpu_attn(q[:, :, b:e], k[:, :, a:b], v[:, :, a:b], False, scale)
     parts, at = [], b
     for s in branches:
@@ -410,11 +381,6 @@ def _branches_backward(saved, a: int, p: int, branches: tuple[int, ...], scale):
     b = a + p
     e = b + sum(branches)
     rows = [t[:, :, b:e] for t in (g, q)]
-    if _masked(p, branches):
-        kk, vv = (torch.cat([x[:, :, a:b], x[:, :, b:e]], dim=2) for x in (k, v))
-        mask = _branch_mask(p, branches, q.dtype)
-        dq, dk, dv = _cpu_attn_backward(*rows, kk, vv, out[:, :, b:e], lse[:, :, b:e], False, scale, mask)
-        return dq, dk[:, :, :p], dv[:, :, :p], dk[:, :, p:], dv[:, :, p:]
     dq, dk_pre, dv_pre = _cpu_attn_backward(
         *rows, k[:, :, a:b], v[:, :, a:b], out[:, :, b:e], lse[:, :, b:e], False, scale
     )
