@@ -46,3 +46,45 @@ def make_groups(seed: int, n: int = 8, *, nan_group: int | None = None, vocab: i
         adv = [float("nan"), 1.0] if g // 2 == nan_group else [1.0, -1.0]
         out.append(Group(task_id=f"t{g}", trajectories=trajs, advantages=adv[: len(trajs)]))
     return out
+
+
+def random_qwen3(out, *, vocab: int, hidden: int, layers: int, heads: int, tied: bool, seed: int):
+    """A random float32 Qwen3 saved at `out` (weights and config; no tokenizer): the learner
+    tests' models whose sizes they choose. MLP width 4 x hidden, half as many KV heads, head
+    dim hidden / heads."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    cfg = Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        head_dim=hidden // heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=tied,
+    )
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(out)
+    return out
+
+
+def rank_spec_for(path, learner, grpo, world: int = 2):
+    """The RankSpec of a CPU learner test: `world` gloo ranks of one torch thread, seed 0, on a
+    free loopback port."""
+    from trustee.learn.distributed import _free_port
+    from trustee.learn.fsdp_rank import RankSpec
+
+    return RankSpec(
+        model_path=str(path),
+        learner=learner,
+        grpo=grpo,
+        temperature=1.0,
+        total_steps=10,
+        world_size=world,
+        init_method=f"tcp://127.0.0.1:{_free_port()}",
+        threads=1,
+        seed=0,
+    )

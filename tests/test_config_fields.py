@@ -367,6 +367,10 @@ EVIDENCE: dict[str, list[str]] = {
         "test:tests/test_memory_model.py::test_offload_round_trip_is_bit_exact_and_empties_the_storages",
         "test:tests/test_placement.py::test_colocate_offload_moves_the_learner_state_out_before_the_wake_and_back_after_sleep",
     ],
+    "learner.weight_transport": [
+        "test:tests/test_weight_transport.py::test_auto_picks_the_shared_route_only_where_every_policy_worker_has_a_rank_beside_it",
+        "refused:learner.weight_transport=shared",
+    ],
     "checkpoint.before_wake": [
         "test:tests/test_faults.py::test_a_failed_wake_costs_no_trained_step_and_resume_continues_after_it"
     ],
@@ -386,6 +390,10 @@ EVIDENCE: dict[str, list[str]] = {
     "grpo.overlong": ["test:tests/test_training_controls.py::test_overlong_modes"],
     "grpo.overlong_buffer": ["test:tests/test_training_controls.py::test_overlong_penalty_ramp:buffer"],
     "grpo.overlong_penalty": ["test:tests/test_training_controls.py::test_overlong_penalty_ramp:penalty"],
+    "grpo.turn_credit": [
+        "test:tests/test_turn_credit.py::test_the_update_lowers_a_malformed_turn_that_episode_credit_would_raise"
+    ],
+    "grpo.malformed_advantage": ["test:tests/test_turn_credit.py::test_turn_credit_reads_the_grpo_section"],
     "grpo.kl_metric": [
         "test:tests/test_training_controls.py::test_kl_metric_measures_the_drift_from_the_start",
         "refused:learner.mode=full,grpo.kl_metric=true,grpo.beta=0",

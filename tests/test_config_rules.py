@@ -133,6 +133,26 @@ CASES: dict[str, list[tuple[list[str], str, str]]] = {
     "offload_needs_colocate": [
         (["learner.offload=true"], "learner.offload", "placement.mode = 'sync' never puts engines to sleep"),
     ],
+    "shared_weights_fit": [
+        (
+            ["learner.weight_transport=shared"],
+            "learner.weight_transport",
+            "learner.mode = 'lora' sends an adapter, not full weights; placement.learner_ranks = 1",
+        ),
+        (
+            [
+                *VLLM,
+                "learner.weight_transport=shared",
+                "learner.mode=full",
+                "placement.mode=colocate",
+                "placement.policy_gpus=[0,1,2]",
+                "placement.learner_gpus=[0,1]",
+                "placement.learner_ranks=2",
+            ],
+            "learner.weight_transport",
+            "policy GPUs [2] hold no learner rank",
+        ),
+    ],
     "sync_placement": [
         (
             [*VLLM, "placement.mode=sync", "placement.policy_gpus=[0]", "placement.learner_gpus=[0]"],

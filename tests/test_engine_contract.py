@@ -386,6 +386,44 @@ def test_full_update_changes_greedy_outputs_and_version(backend):
     assert all(o.policy_version == v0 + 1 for o in new)
 
 
+def _shared_buckets(state: list[tuple[str, torch.Tensor]], decoy: str) -> Any:
+    """Whole-layer buckets of `state` filed under 'cpu:0' (the device of vLLM's CPU worker),
+    each beside a decoy bucket of zeros filed under `decoy`: what two learner ranks send. Each
+    pair is freed when the engine asks for the next (its acknowledgement), as the ranks do."""
+    from trustee.engines.vllm_ext import SharedBucket, aligned
+    from trustee.learn.transport import merge_payloads, plan_buckets
+
+    size = {n: aligned(t.numel() * t.element_size()) for n, t in state}
+    tensors = dict(state)
+    for group in plan_buckets([(n, size[n]) for n, _ in state], bucket_bytes=2**20):
+        mine, other = (SharedBucket(sum(size[n] for n in group), "cpu") for _ in range(2))
+        for n in group:
+            mine.put(n, tensors[n])
+            other.put(n, torch.zeros_like(tensors[n]))
+        try:
+            yield merge_payloads([mine.payload("cpu:0"), other.payload(decoy)])
+        finally:
+            mine.close(), other.close()
+
+
+def test_shared_buckets_reach_the_worker_on_their_device(backend):
+    """The shared weight route's receiving end in a real engine: the payload crosses
+    collective_rpc as plain values and the worker opens the bucket filed under its own device
+    (not the decoy beside it). vLLM only: the other engines load chunks (HF refuses buckets)."""
+    if backend.name != "vllm":
+        pytest.skip(f"{backend.name} engines do not open shared buckets")
+    prompts = _prompts(4, seed=10)
+    v0 = backend.engine.version
+    new_state = perturbed_state(backend.reference, seed=321)
+    backend.run(backend.engine.update_weights(FullUpdate(buckets=_shared_buckets(new_state, "cpu:1"))))
+    assert backend.engine.version == v0 + 1
+    backend.reference.load_state_dict(dict(new_state), strict=False)
+    new = backend.run(_gather(backend.engine, prompts, Sampling(max_tokens=8, temperature=0.0)))
+    assert [o.token_ids for o in new] == [
+        reference_greedy(backend.reference, p, 8, _eos(backend)) for p in prompts
+    ]
+
+
 def test_prefix_cache_hits_rise_then_reset_after_update(backend):
     prompt = [10 + (7 * i) % 900 for i in range(300)]
     if not backend.prefix_cache:

@@ -15,18 +15,17 @@ import signal
 
 import pytest
 import torch
-from learn_samples import make_groups
+from learn_samples import make_groups, rank_spec_for
 
 from trustee.config import GrpoConfig, LearnerConfig
 from trustee.learn.distributed import (
     DistributedLearner,
     RankError,
-    _free_port,
     balance_by_tokens,
     global_norm,
 )
 from trustee.learn.export import export_full, export_lora
-from trustee.learn.fsdp_rank import RankSpec, load_dcp_into
+from trustee.learn.fsdp_rank import load_dcp_into
 from trustee.learn.learner import Learner, samples_from_groups
 from trustee.learn.packing import plan_bins
 from trustee.learn.policy import load_policy
@@ -68,18 +67,7 @@ def reference(path, mode: str) -> Learner:
 
 
 def start(path, mode: str, world: int) -> DistributedLearner:
-    spec = RankSpec(
-        model_path=str(path),
-        learner=learner_cfg(mode),
-        grpo=GRPO,
-        temperature=1.0,
-        total_steps=10,
-        world_size=world,
-        init_method=f"tcp://127.0.0.1:{_free_port()}",
-        threads=1,
-        seed=0,
-    )
-    return DistributedLearner(spec)
+    return DistributedLearner(rank_spec_for(path, learner_cfg(mode), GRPO, world))
 
 
 def assert_close(
@@ -203,6 +191,29 @@ def test_loss_and_gradients_equal_the_single_process_learner(mode, tiny_model_di
         got_loss, got = dl.gradients(groups)
         assert abs(got_loss - loss) <= RTOL * abs(loss), (got_loss, loss)
         assert_close(got, want, f"{mode} gradient")
+
+
+def test_malformed_turn_credit_reaches_the_ranks(tiny_model_dir, full2):
+    """grpo.turn_credit = 'malformed' (the default): the ranks give a flagged turn's tokens
+    min(advantage, malformed_advantage), as the one-process learner does."""
+    from msgspec.structs import replace
+
+    groups = groups_of(0)
+    flagged = []
+    for g in groups:
+        trajs = []
+        for t in g.trajectories:
+            loss = [i for i, m in enumerate(t.loss_mask) if m]
+            trajs.append(replace(t, malformed_turns=[(loss[len(loss) // 2], loss[-1] + 1)]))
+        flagged.append(replace(g, trajectories=trajs))
+    ref = reference(tiny_model_dir, "full")
+    loss, _, _ = ref.accumulate(samples_from_groups(flagged, GRPO.malformed_advantage))
+    want = {n: p.grad.clone() for n, p in ref.model.named_parameters() if p.requires_grad}
+    plain, _, _ = ref.accumulate(samples_from_groups(groups))
+    assert abs(plain - loss) > 1e-3 * abs(loss)  # the spans change the loss
+    got_loss, got = full2.gradients(flagged)
+    assert abs(got_loss - loss) <= RTOL * abs(loss), (got_loss, loss)
+    assert_close(got, want, "full gradient with malformed turns")
 
 
 def test_a_rank_with_no_sequence_still_steps(tiny_model_dir, full2):

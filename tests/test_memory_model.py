@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from learn_samples import make_groups
+from learn_samples import make_groups, random_qwen3, rank_spec_for
 
 from trustee import memory
 from trustee.config import Config, GrpoConfig, LearnerConfig, PlacementConfig, load_config, resolve
-from trustee.learn.distributed import DistributedLearner, _free_port
+from trustee.learn.distributed import DistributedLearner
 from trustee.learn.fsdp_rank import RankSpec
 from trustee.learn.learner import Learner, update_plan
 from trustee.learn.policy import load_policy
@@ -201,23 +201,8 @@ def test_offload_round_trip_is_bit_exact_and_empties_the_storages(tiny_model_dir
 def band_model(tmp_path_factory) -> Path:
     """A 6M-parameter random Qwen3 (4 layers, untied 4k vocabulary: the largest tensor is 17%
     of the weights) in float32, 24 MB."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
     out = tmp_path_factory.mktemp("band-model")
-    cfg = Qwen3Config(
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(1)
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(out)
-    return out
+    return random_qwen3(out, vocab=4096, hidden=256, layers=4, heads=4, tied=False, seed=1)
 
 
 def _groups(seed: int, n: int = 8, nan_group: int | None = None) -> list[Group]:
@@ -237,17 +222,7 @@ def _learner_cfg(mode: str) -> LearnerConfig:
 
 
 def _spec(path: Path, mode: str, grpo: GrpoConfig) -> RankSpec:
-    return RankSpec(
-        model_path=str(path),
-        learner=_learner_cfg(mode),
-        grpo=grpo,
-        temperature=1.0,
-        total_steps=10,
-        world_size=2,
-        init_method=f"tcp://127.0.0.1:{_free_port()}",
-        threads=1,
-        seed=0,
-    )
+    return rank_spec_for(path, _learner_cfg(mode), grpo)
 
 
 def _plan_gib(mode: str, grpo: GrpoConfig, path: Path) -> float:

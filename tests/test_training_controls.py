@@ -324,6 +324,15 @@ def test_eval_during_training_logs_heldout_metrics(tmp_path, tiny_model_dir):
     assert evals[-1]["final_eval"] == 1.0
     assert all(r["eval/greedy_episodes"] == 2 and r["eval/sampled_episodes"] == 2 for r in evals)
     assert all(0.0 <= r["health/malformed_share"] <= 1.0 for r in recs if not r.get("final_eval"))
+    # Every held-out episode is written with its step and mode, and its reward is the one the
+    # evaluation's metric averaged.
+    played = [json.loads(x) for x in (tmp_path / "run" / "eval_trajectories.jsonl").read_text().splitlines()]
+    assert sorted((p["step"], p["mode"]) for p in played) == sorted(
+        (s, m) for s in (0, 1, 2) for m in ("greedy", "sampled") for _ in range(2)
+    )
+    for r in evals:
+        mine = [p["trajectory"]["reward"] for p in played if p["step"] == r["step"] and p["mode"] == "greedy"]
+        assert sum(mine) / len(mine) == pytest.approx(r["eval/reward_greedy"])
     lines = last["summary"].splitlines()  # trustee.summary's four lines
     assert len(lines) == 4 and lines[0].startswith("reward ") and lines[2].startswith("health ")
 

@@ -4,8 +4,10 @@ Run by `tools/gpu_check.sh` (which says what it needs). Each row is one point, w
 it must meet (a row whose bound is not met prints FAIL and the exit status is 1):
 - `cpu-ref-{full,lora}`: the single-process learner on the CPU in float32, the reference; its
   loss and every gradient must be finite and the gradient non-zero;
-- `cpu-transport-bytes`: the bytes weight transport (`engines/vllm_ext.pack` / `unpack`, the
-  CPU path) between two processes, bit-exact;
+- `cpu-transport-{bytes,shared}`: the weight transports between two processes, bit-exact:
+  bytes (`engines/vllm_ext.pack` / `unpack`, the CPU path), and the learner rank's side of the
+  shared route (`learn/transport.share_full`: buckets in /dev/shm, handles keyed by device,
+  each kept until the receiver acknowledges) into `VllmWorkerDouble` (below);
 - `fsdp-gloo-1-lora`: the FSDP2 learner, one gloo rank: gradient within 1e-5 of the reference;
 - `cuda-fp32-{full,lora}`: the learner on CUDA in float32: gradient within 1e-4 (relative L2)
   of the CPU reference (kernels differ, the math does not);
@@ -19,9 +21,12 @@ it must meet (a row whose bound is not met prints FAIL and the exit status is 1)
   learner gap (bf16 base + adapter, what vLLM serves, against NF4 base + adapter, what trains)
   as exp(learner - sampler) per token: mean within [0.9, 1.1], every token within [0.33, 3]
   (grpo.is_max's default truncation);
-- `cuda-ipc-transport`: the GPU weight transport (`vllm_ext.ipc_pack` / `ipc_unpack`) between
-  two processes on one GPU; the receiver is `VllmWorkerDouble`, a plain process standing in
-  for the vLLM worker (it calls the worker extension's unpacking code); bit-exact, with GB/s;
+- `cuda-ipc-transport`: the shared route on a GPU: a learner rank's `share_full` (buckets in
+  GPU memory, CUDA IPC handles keyed by the GPU's UUID, each kept until acknowledged, then
+  freed: the sender's allocated bytes after it equal those before) into
+  `VllmWorkerDouble`, a plain process on the same GPU standing in for the vLLM worker (it
+  opens the bucket filed under its own GPU's UUID with the worker extension's `open_bucket`);
+  bit-exact and two buckets, with GB/s;
 - `fsdp-nccl-{1,2}-{full,lora}`: the FSDP2 learner on 1 and (two GPUs) 2 NCCL ranks, gradient
   within 1e-4 of the reference, and its rank's peak within the plan's band;
 - `vllm`: when vLLM is installed, the signatures the engine relies on (sleep(level),
@@ -161,49 +166,69 @@ def _bytes_receiver(conn) -> None:
 
 
 def VllmWorkerDouble(conn, device: str) -> None:  # noqa: N802 - named as the thing it stands in for
-    """Stands in for the vLLM worker on the same GPU: maps the sender's IPC bucket with the
-    worker extension's own `ipc_unpack` and replies the digests of what it copied out."""
-    from trustee.engines.vllm_ext import ipc_unpack
+    """Stands in for the vLLM worker on the sender's device: per ('bucket', payload) it opens the
+    bucket filed under its own device with the worker extension's own `open_bucket` (on a GPU:
+    by the GPU's UUID), copies it out and acknowledges ('next'), as the engine does before the
+    learner frees a bucket; at 'done' it replies the digests of everything it copied."""
+    from trustee.engines.vllm_ext import open_bucket
 
-    torch.cuda.set_device(device)
-    torch.zeros(1, device=device)  # the CUDA context, before the timed part
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        torch.zeros(1, device=device)  # the CUDA context, before the timed part
     conn.send("ready")
-    conn.send(_digest(ipc_unpack(conn.recv(), device)))
+    got = []
+    while (msg := conn.recv()) != "done":
+        got += open_bucket(msg[1], device)
+        conn.send("next")
+    conn.send(_digest(got))
 
 
 def _sample_weights(device: str) -> list[tuple[str, torch.Tensor]]:
     g = torch.Generator(device="cpu").manual_seed(0)
     shapes = {"model.embed_tokens.weight": (4096, 1024), "model.layers.0.mlp.up_proj.weight": (2048, 1024)}
-    return [(n, torch.randn(s, generator=g).to(device, torch.bfloat16)) for n, s in shapes.items()]
+    return [(n, torch.randn(s, generator=g).to(device, torch.float32)) for n, s in shapes.items()]
 
 
 def transport_row(kind: str) -> tuple[str, str, str, str]:
-    from trustee.engines.vllm_ext import ipc_pack, pack
+    """kind 'bytes': packed tensors through a pipe; 'shared' (host) / 'ipc' (CUDA): the learner
+    rank's side of the shared route, `learn/transport.share_full` (plan, bucket on the rank's
+    device, cast to bf16 in the copy, handle keyed by device, kept until acknowledged, freed),
+    into `VllmWorkerDouble` in another process. Bit-exact against the bf16 weights."""
+    from types import SimpleNamespace
+
+    from trustee.engines.vllm_ext import pack
+    from trustee.learn.transport import share_full
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     device = "cuda:0" if kind == "ipc" else "cpu"
     items = _sample_weights(device)
-    target, args = (VllmWorkerDouble, (child, device)) if kind == "ipc" else (_bytes_receiver, (child,))
-    proc = ctx.Process(target=target, args=args)
+    want = [(n, t.to(torch.bfloat16)) for n, t in items]
+    target = _bytes_receiver if kind == "bytes" else VllmWorkerDouble
+    proc = ctx.Process(target=target, args=(child,) if kind == "bytes" else (child, device))
     proc.start()
     assert parent.recv() == "ready"
     t0 = time.perf_counter()
-    keep = None
-    if kind == "ipc":
-        payload, keep = ipc_pack(items)
-        parent.send(payload)
+    buckets = 0
+    if kind == "bytes":
+        parent.send([pack(n, t) for n, t in want])
     else:
-        parent.send([pack(n, t) for n, t in items])
+        model = SimpleNamespace(state_dict=lambda keep_vars: dict(items))  # what share_full reads
+        kw = {"rank": 0, "device": torch.device(device), "dtype": torch.bfloat16, "conn": parent}
+        held = torch.cuda.memory_allocated(device) if kind == "ipc" else 0
+        buckets = share_full(model, [n for n, _ in items], bucket_bytes=2**20, full=lambda t: t, **kw)
+        left = torch.cuda.memory_allocated(device) - held if kind == "ipc" else 0  # buckets not freed
+        parent.send("done")
     got = parent.recv()
     wall = time.perf_counter() - t0
     proc.join(60)
-    del keep
-    nbytes = sum(t.numel() * t.element_size() for _, t in items)
-    same = got == _digest(items)
+    nbytes = sum(t.numel() * t.element_size() for _, t in want)
+    same = got == _digest(want)
+    # A bucket per unit (the embedding, then layer 0), and every bucket freed once acknowledged.
+    ok = same and (kind == "bytes" or (buckets == 2 and left == 0))
     return (
-        "ok" if same else "FAIL (bytes differ)",
-        f"bit-exact {same}; {nbytes / 2**20:.0f} MiB at {nbytes / wall / 1e9:.2f} GB/s",
+        "ok" if ok else f"FAIL (bit-exact {same}, {buckets} buckets, {left} bytes not freed)",
+        f"bit-exact {same}; {nbytes / 2**20:.0f} MiB in {buckets or 1} piece(s) at {nbytes / wall / 1e9:.2f} GB/s",
         "",
         "",
     )
@@ -231,6 +256,7 @@ def cpu_rows(path: Path, check: list[Group], bench: list[Group], ref: dict) -> N
 
         row(f"cpu-ref-{mode}", cpu_ref)
     row("cpu-transport-bytes", lambda: transport_row("bytes"))
+    row("cpu-transport-shared", lambda: transport_row("shared"))
 
 
 def cuda_rows(path: Path, check: list[Group], bench: list[Group], ref: dict, cuda: bool) -> None:

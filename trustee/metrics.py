@@ -79,6 +79,7 @@ class RunLog:
         self._metrics = open(self.dir / "metrics.jsonl", "ab")
         self._trajs = open(self.dir / "trajectories.jsonl", "ab") if cfg.trajectories != "none" else None
         self._traj_bytes = self._trajs.tell() if self._trajs is not None else 0
+        self._evals = open(self.dir / "eval_trajectories.jsonl", "ab") if cfg.trajectories != "none" else None
         self.trajectories_dropped = 0
         self._t0 = time.monotonic() - elapsed_s
         self._bar = None
@@ -163,10 +164,25 @@ class RunLog:
             self._trajs.write(buf)
             self._trajs.flush()
 
+    def eval_trajectories(self, step: int, results: list[tuple[str, Trajectory]]) -> None:
+        """The held-out evaluation's episodes, one line each with its mode ('greedy' or
+        'sampled'), to eval_trajectories.jsonl: every one while trajectories are logged at all
+        (an evaluation is a fixed, small set; it is not under trajectories_max_mb)."""
+        if self._evals is None or not results:
+            return
+        buf = bytearray()
+        for mode, t in results:
+            _enc.encode_into({"step": step, "mode": mode, "trajectory": t}, buf, -1)
+            buf += b"\n"
+        self._evals.write(buf)
+        self._evals.flush()
+
     def close(self) -> None:
         self._metrics.close()
         if self._trajs is not None:
             self._trajs.close()
+        if self._evals is not None:
+            self._evals.close()
         if self._bar is not None:
             self._bar.close()
         if self._wandb is not None:

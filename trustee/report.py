@@ -381,7 +381,7 @@ def build_page(run: RunData, *, episodes: int = 4) -> str:
     for step, t in pick_episodes(run, episodes):
         parts.append(episode_html(step, t, tok))
     if not run.trajectories:
-        parts.append("<p>No trajectories.jsonl (logging.save_trajectories = false).</p>")
+        parts.append("<p>No trajectories.jsonl (logging.trajectories = 'none').</p>")
     parts.append("<p class=meta>Metric keys: docs/run-dir.md.</p></body></html>")
     return "\n".join(parts)
 

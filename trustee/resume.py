@@ -52,6 +52,7 @@ SAFE_TO_CHANGE = (
     "checkpoint.resume",
     "checkpoint.on_interrupt",
     "checkpoint.before_wake",
+    "learner.weight_transport",
     "eval.",
 )
 
@@ -300,7 +301,7 @@ def truncate_logs(run_dir: Path, last_step: int) -> dict[str, int]:
     """Drop records of steps after `last_step` (and a torn last line) from the run's JSONL logs,
     atomically. Returns lines dropped per file."""
     dropped: dict[str, int] = {}
-    for name in ("metrics.jsonl", "trajectories.jsonl"):
+    for name in ("metrics.jsonl", "trajectories.jsonl", "eval_trajectories.jsonl"):
         path = Path(run_dir) / name
         if not path.exists():
             continue

@@ -21,7 +21,7 @@ names below from `trustee.config`.
 from trustee.config.backends import HONOURED_BY, honours, unhonoured_fields
 from trustee.config.load import load_config
 from trustee.config.overrides import apply_overrides
-from trustee.config.placement_rules import needs_simulator
+from trustee.config.placement_rules import needs_simulator, weight_transport
 from trustee.config.problems import ConfigError, Problem, field_docs, struct_type
 from trustee.config.resolution import Resolved, resolve
 from trustee.config.rules import REWARD_RANGES, RULES, cross_checks, curriculum_thresholds
@@ -95,6 +95,7 @@ __all__ = [
     "honours",
     "load_config",
     "needs_simulator",
+    "weight_transport",
     "resolve",
     "resolve_dtype",
     "struct_type",

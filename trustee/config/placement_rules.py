@@ -106,6 +106,54 @@ def colocate_placement(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
     return p
 
 
+def weight_transport(cfg: Config) -> str:
+    """The transport a multi-rank full learner's weights take to the policy engine, 'bytes' or
+    'shared' (`learn/transport.py`): learner.weight_transport, with 'auto' = 'shared' for a
+    colocated vLLM policy engine whose every GPU holds a learner rank (each worker then finds a
+    bucket on its own GPU), else 'bytes'."""
+    lt = cfg.learner.weight_transport
+    if lt != "auto":
+        return lt
+    pl = cfg.placement
+    shared = (
+        pl.mode == "colocate"
+        and cfg.learner.mode == "full"
+        and pl.learner_ranks > 1
+        and cfg.engines.policy.backend == "vllm"
+        and bool(pl.learner_gpus)
+        and set(pl.policy_gpus) <= set(pl.learner_gpus)
+    )
+    return "shared" if shared else "bytes"
+
+
+def shared_weights_fit(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
+    """learner.weight_transport = 'shared' needs what the route is built on: a multi-rank full
+    learner, a vLLM policy engine, and (on GPUs) a learner rank on every policy GPU."""
+    if cfg.learner.weight_transport != "shared":
+        return []
+    pl, why = cfg.placement, []
+    if cfg.learner.mode != "full":
+        why.append(f"learner.mode = '{cfg.learner.mode}' sends an adapter, not full weights")
+    if pl.learner_ranks < 2:
+        why.append("placement.learner_ranks = 1: the single-process learner shares CUDA tensors by itself")
+    if cfg.engines.policy.backend != "vllm":
+        why.append(f"engines.policy.backend = '{cfg.engines.policy.backend}' cannot open shared buckets")
+    bare = sorted(set(pl.policy_gpus) - set(pl.learner_gpus)) if pl.learner_gpus else []
+    if bare:
+        why.append(f"policy GPUs {bare} hold no learner rank, so their workers would get no bucket")
+    if not why:
+        return []
+    return [
+        Problem(
+            "learner.weight_transport",
+            "shared",
+            "the shared weight route needs a multi-rank full learner and a vLLM policy engine with a "
+            f"learner rank on each of its GPUs, but {'; '.join(why)}; set learner.weight_transport = 'bytes' "
+            "(or 'auto')",
+        )
+    ]
+
+
 def offload_needs_colocate(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
     """learner.offload frees memory for engines that wake beside the learner: only 'colocate'."""
     if not cfg.learner.offload or cfg.placement.mode == "colocate":

@@ -22,6 +22,7 @@ from trustee.config.placement_rules import (
     learner_devices,
     memory_fractions,
     offload_needs_colocate,
+    shared_weights_fit,
     split_placement,
     sync_placement,
 )
@@ -618,6 +619,7 @@ RULES: tuple[Rule, ...] = (
     learner_devices,
     colocate_placement,
     offload_needs_colocate,
+    shared_weights_fit,
     sync_placement,
     split_placement,
     memory_fractions,

@@ -62,10 +62,30 @@ class LoraUpdate(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class FullUpdate(msgspec.Struct, frozen=True, kw_only=True):
-    """Full weights as chunks of (HF parameter name, tensor). `chunks` is any iterable of
-    lists, so a learner can stream an 8B model without materialising a second copy."""
+    """Full weights, one of two ways (exactly one is set):
+    - `chunks`: (HF parameter name, tensor) lists, any iterable, so a learner can stream an 8B
+      model without materialising a second copy (the bytes transport; every engine);
+    - `buckets`: shared-bucket payloads (`vllm_ext.SharedBucket`): whole decoder layers that the
+      learner ranks keep in their own device memory, each filed under its device's key; only
+      the handles travel. The consumer must be done with a bucket (its workers copied it out)
+      before it asks the iterator for the next one: asking acknowledges it, and the ranks then
+      free it. Only the vLLM engine opens them (`learner.weight_transport`)."""
 
-    chunks: Any  # Iterable[list[tuple[str, torch.Tensor]]]
+    chunks: Any = None  # Iterable[list[tuple[str, torch.Tensor]]]
+    buckets: Any = None  # Iterable[dict[str, Any]], vllm_ext's payloads
+
+    def __post_init__(self) -> None:
+        if (self.chunks is None) == (self.buckets is None):
+            raise ValueError("FullUpdate needs exactly one of `chunks` and `buckets`")
+
+    def chunks_for(self, engine: str) -> Any:
+        """`chunks`, for an engine that loads only those; TypeError when these are buckets."""
+        if self.chunks is None:
+            raise TypeError(
+                f"{engine} loads full weights as chunks; shared buckets are for the vLLM engine "
+                "(set learner.weight_transport = 'bytes')"
+            )
+        return self.chunks
 
 
 WeightUpdate = LoraUpdate | FullUpdate

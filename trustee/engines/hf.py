@@ -586,7 +586,7 @@ class HFEngine:
                     "engine sleeps at level 2 (weights dropped); call wake() before update_weights"
                 )
             if isinstance(update, FullUpdate):
-                await asyncio.to_thread(self._load_full, update.chunks)
+                await asyncio.to_thread(self._load_full, update.chunks_for("the HF engine"))
                 self._full_updates += 1
                 self._needs_weights = False
             elif isinstance(update, LoraUpdate):

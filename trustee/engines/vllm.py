@@ -43,7 +43,7 @@ from trustee.engines.base import (
     WeightUpdate,
 )
 from trustee.engines.grammar import json_ebnf
-from trustee.engines.vllm_ext import ipc_pack, pack
+from trustee.engines.vllm_ext import ipc_pack, layer_of, pack
 
 EXTENSION = "trustee.engines.vllm_ext.TrusteeWorkerExtension"
 LORA_NAME, LORA_ID = "trustee-policy", 1  # a stable id: prefix hashes include it
@@ -451,10 +451,15 @@ class VLLMEngine:
                 gate.set()
 
     async def _load_full(self, update: FullUpdate) -> None:
-        for group in whole_layers(update.chunks):
-            method, kwargs, keep = wire(group)
-            await self._llm.collective_rpc(method, kwargs=kwargs)
-            del keep  # the IPC buffer: the workers have copied it
+        if update.buckets is not None:  # shared by the learner ranks, one handle per device
+            for payload in update.buckets:  # asking for the next one acknowledges this one
+                await self._llm.collective_rpc("trustee_load_bucket", kwargs={"payload": payload})
+        else:
+            for group in whole_layers(update.chunks):
+                method, kwargs, keep = wire(group)
+                await self._llm.collective_rpc(method, kwargs=kwargs)
+                if keep is not None:
+                    keep.close()  # the shared bucket: the workers have copied it
         self._full_updates += 1
         self._needs_weights = False
         if self._lora_req is not None:
@@ -555,23 +560,16 @@ class VLLMEngine:
 
 
 def wire(group: list[tuple[str, Any]]) -> tuple[str, dict[str, Any], Any]:
-    """The weight transport of one group: (worker method, its kwargs, what to keep alive until
-    the call returns). Tensors on a GPU (a learner colocated with the engine) go as one CUDA IPC
-    bucket, device to device (`vllm_ext.ipc_pack`; unverified on a GPU here); host tensors go
-    as bytes (`vllm_ext.pack`; the CPU path, tested)."""
+    """The weight transport of one group of tensors in this process: (worker method, its
+    kwargs, the shared bucket to close once the call returned, or None). Tensors on a GPU (a
+    single-process learner colocated with the engine) go as one CUDA IPC bucket, device to
+    device (`vllm_ext.ipc_pack`; unverified on a GPU here); host tensors go as bytes
+    (`vllm_ext.pack`; the CPU path, tested). The multi-rank learner shares its buckets from
+    the ranks themselves (`FullUpdate.buckets`), not through here."""
     if group and getattr(group[0][1], "is_cuda", False):
-        payload, buffer = ipc_pack(group)
-        return "trustee_load_ipc", {"payload": payload}, buffer
+        payload, bucket = ipc_pack(group)
+        return "trustee_load_bucket", {"payload": payload}, bucket
     return "trustee_load_weights", {"packed": [pack(name, t) for name, t in group]}, None
-
-
-def _layer_of(name: str) -> str | None:
-    """'model.layers.3.mlp.up_proj.weight' -> 'model.layers.3'; None outside decoder layers."""
-    parts = name.split(".")
-    if "layers" in parts[:-1]:
-        i = parts.index("layers")
-        return ".".join(parts[: i + 2])
-    return None
 
 
 def whole_layers(chunks: Any) -> Iterator[list[tuple[str, Any]]]:
@@ -584,9 +582,9 @@ def whole_layers(chunks: Any) -> Iterator[list[tuple[str, Any]]]:
         items = held + list(chunk)
         if not items:
             continue
-        last = _layer_of(items[-1][0])
-        held = [it for it in items if last is not None and _layer_of(it[0]) == last]
-        ready = [it for it in items if last is None or _layer_of(it[0]) != last]
+        last = layer_of(items[-1][0])
+        held = [it for it in items if last is not None and layer_of(it[0]) == last]
+        ready = [it for it in items if last is None or layer_of(it[0]) != last]
         if ready:
             yield ready
     if held:

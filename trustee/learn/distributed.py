@@ -23,10 +23,17 @@ first onto the rank with the fewest tokens), and every rank runs as many micro-b
 the busiest one (idle passes with zero weight), so their collectives pair up.
 
 Weights out. LoRA: rank 0 gathers the adapter (a few MB) and sends it whole. Full: every
-weight is all-gathered one tensor at a time and rank 0 streams chunks of about
-`chunk_bytes` to the parent, one at a time (the next chunk is gathered after the parent has
-taken the previous one), so no device ever holds a second full copy; the engine consumes
-the chunks as a lazy `FullUpdate`. Checkpoints: `torch.distributed.checkpoint` (DCP), each
+weight is all-gathered one tensor at a time, by one of two transports
+(`learner.weight_transport`), both lazy `FullUpdate`s, one piece at a time (the next is
+gathered after the engine has taken the previous one), so no device ever holds a second full
+copy:
+- 'bytes': rank 0 streams chunks of about `chunk_bytes` through its pipe (`FullUpdate.chunks`;
+  the CPU transport and the fallback);
+- 'shared': every rank fills a bucket of whole layers on its own device and sends only its
+  handle; the parent merges them, one per device, into `FullUpdate.buckets` for the engine's
+  workers, each of which copies the bucket on its own device (`learn/transport.py`).
+`pipe_bytes` counts what each rank's pipe carried, so a test can see which one ran.
+Checkpoints: `torch.distributed.checkpoint` (DCP), each
 rank writing its shards; DCP reshards on load, so a checkpoint written by two ranks loads
 on one or on four, and in the single-process `Learner` (`fsdp_rank.load_dcp_into`).
 """
@@ -39,21 +46,24 @@ import multiprocessing as mp
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
+import msgspec
 
 from trustee import atomic
-from trustee.config import Config, Resolved
+from trustee.config import Config, Resolved, weight_transport
 from trustee.engines.base import FullUpdate, LoraUpdate
 from trustee.learn.export import DEFAULT_CHUNK_BYTES
 from trustee.learn.fsdp_rank import RankMemory, RankReady, RankSpec, RankStep, rank_main, unpack_tensors
 from trustee.learn.grpo import LossNorm, TokenLossParts, loss_norm
-from trustee.learn.learner import StepMetrics, samples_from_groups, update_plan
+from trustee.learn.learner import StepMetrics, samples_from_groups, turn_credit, update_plan
 from trustee.learn.packing import Sample, check_sample
+from trustee.learn.transport import DEFAULT_BUCKET_BYTES, merge_payloads
 from trustee.types import Group
 
 log = logging.getLogger("trustee.learn.distributed")
@@ -93,18 +103,37 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class ExportStats(msgspec.Struct, frozen=True, kw_only=True):
+    """The last full-weight export: its transport, the weight bytes it moved (what the engine
+    received), the pieces (chunks or buckets), its seconds (from the first gather to the last
+    acknowledgement, the engine's loading included) and the bytes rank 0's pipe carried."""
+
+    transport: str
+    weight_bytes: int
+    pieces: int
+    seconds: float
+    rank0_pipe_bytes: int
+
+
 class DistributedLearner:
     """The learner of `spec.world_size` FSDP2 ranks; same surface as `Learner` for the run:
     `step` / `step_async` -> StepMetrics, `export_lora` / `export_full`, `save` / `load`
     (DCP), `save_pretrained`, `close` (ends every rank; also on errors and at exit).
 
     mode: 'lora' or 'full' (spec.learner.mode). export_dtype: dtype of exported full weights
-    (the engine's, e.g. 'bfloat16'); None keeps the master dtype. Build it on a long-lived
+    (the engine's, e.g. 'bfloat16'); None keeps the master dtype. transport: how `export_full`
+    moves them, 'bytes' or 'shared' (see the module docstring). Build it on a long-lived
     thread (not in `anyio.to_thread`): the ranks' parent-death signal follows that thread.
     """
 
     def __init__(
-        self, spec: RankSpec, *, export_dtype: str | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+        self,
+        spec: RankSpec,
+        *,
+        export_dtype: str | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        transport: str = "bytes",
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     ):
         if spec.world_size < 1:
             raise ValueError(f"learner ranks = {spec.world_size}: need at least 1")
@@ -113,7 +142,11 @@ class DistributedLearner:
                 f"placement.learner_gpus = {spec.gpus}: {spec.world_size} learner ranks need one GPU each; "
                 "list as many GPUs as placement.learner_ranks"
             )
+        if transport not in ("bytes", "shared"):
+            raise ValueError(f"transport = {transport!r}: use 'bytes' or 'shared'")
         self.spec, self.export_dtype, self.chunk_bytes = spec, export_dtype, chunk_bytes
+        self.transport, self.bucket_bytes = transport, bucket_bytes
+        self.last_export: ExportStats | None = None
         self.mode = spec.learner.mode
         self.step_count = 0
         self._lock = threading.Lock()
@@ -123,6 +156,7 @@ class DistributedLearner:
         self.last_rank_steps: list[RankStep] = []
         ctx = mp.get_context("spawn")  # CUDA and a running asyncio loop do not survive fork
         self._conns, self._procs = [], []
+        self.pipe_bytes = [0] * spec.world_size  # received from each rank's pipe, cumulative
         for r in range(spec.world_size):
             parent, child = ctx.Pipe(duplex=True)
             p = ctx.Process(target=rank_main, args=(r, spec, child), name=f"trustee-learner-{r}", daemon=True)
@@ -159,19 +193,21 @@ class DistributedLearner:
             ready = wait(watch + [p.sentinel for p in self._procs], timeout)
             if not ready:
                 raise RankError(f"learner ranks did not answer within {timeout}s")
+            for i, p in enumerate(self._procs):  # a death first: the others' errors follow from it
+                if p.sentinel in ready and not self._conns[i].poll():
+                    raise RankError(self._death(i))
             for i, c in enumerate(self._conns):
                 if c in ready:
                     msg = self._read(i)
                     if i == r:
                         return msg
                     self._early.setdefault(i, []).append(msg)
-            for i, p in enumerate(self._procs):
-                if p.sentinel in ready and not self._conns[i].poll():
-                    raise RankError(self._death(i))
 
     def _read(self, r: int) -> tuple[str, Any]:
         try:
-            kind, payload = self._conns[r].recv()
+            buf = self._conns[r].recv_bytes()  # what Connection.recv does, counted
+            self.pipe_bytes[r] += len(buf)
+            kind, payload = ForkingPickler.loads(buf)
         except (EOFError, OSError):  # a killed rank: EOF, or ECONNRESET when it left data unread
             raise RankError(self._death(r)) from None
         if kind == "error":
@@ -213,7 +249,7 @@ class DistributedLearner:
     # ------------------------------------------------------------------ steps
 
     def _samples(self, groups: list[Group]) -> list[Sample]:
-        samples = samples_from_groups(groups)
+        samples = samples_from_groups(groups, turn_credit(self.spec.grpo))
         if not samples:
             raise ValueError("Learner.step got no trajectories; skip the step when every group was filtered")
         for i, s in enumerate(samples):
@@ -338,51 +374,113 @@ class DistributedLearner:
             config=config, path=str(path) if path is not None else None, tensors=weights if tensors else None
         )
 
-    def export_full(self) -> FullUpdate:
+    def export_full(self, transport: str | None = None) -> FullUpdate:
         """Every weight as a lazy FullUpdate streamed from the ranks (HF names, tied weights
-        once, in `export_dtype`). Consume it before the next learner call: a new call first
-        finishes (and drops) whatever is left of an unconsumed stream."""
+        once, in `export_dtype`): `chunks` for the 'bytes' transport, `buckets` for 'shared'
+        (default: the learner's `transport`). Consume it before the next learner call: a new
+        call first finishes (and drops) whatever is left of an unconsumed stream."""
         if self.mode != "full":
             raise TypeError("a LoRA learner exports its adapter (export_lora)")
+        transport = transport or self.transport
+        if transport not in ("bytes", "shared"):
+            raise ValueError(f"transport = {transport!r}: use 'bytes' or 'shared'")
         with self._lock:
             self._end_stream()
+            if transport == "shared":
+                self._stream = self._buckets()
+                return FullUpdate(buckets=self._stream)
             self._stream = self._chunks()
         return FullUpdate(chunks=self._stream)
 
-    def _chunks(self) -> Iterator[list[tuple[str, Any]]]:
-        """The stream; the ranks get the command on the first `next()`, so a stream that is
-        dropped unstarted costs nothing."""
+    def _start_export(self, transport: str) -> tuple[float, int]:
         if self._closed:
             raise RankError("the distributed learner is closed")
-        done = False
-        t0, n = time.perf_counter(), 0
+        kw = {"chunk_bytes": self.chunk_bytes, "dtype": self.export_dtype, "transport": transport}
+        for c in self._conns:
+            c.send(("export_full", {**kw, "bucket_bytes": self.bucket_bytes}))
+        return time.perf_counter(), self.pipe_bytes[0]
+
+    def _end_export(self, transport: str, done: bool, t0: float, pipe0: int, n: int, pieces: int) -> None:
+        """After the stream: a consumer that stopped early gets 'stop' sent to the ranks still
+        waiting (they finish their gathers without sending), then every rank's 'ok'."""
+        self._stream = None
+        # 'bytes': rank 0 streams, the others reply when their gathers end; 'shared': every
+        # rank waits for an acknowledgement after each bucket, and replies after the last.
+        waiting = list(range(len(self._conns))) if transport == "shared" else [0]
+        if not done:
+            for r in waiting:
+                self._conns[r].send("stop")
+            for r in waiting:
+                kind, _ = self._next(r)
+                assert kind == "ok", f"rank {r} sent {kind!r} after 'stop'"
+        for r in range(len(self._conns)):
+            if r not in waiting:
+                self._next(r)
+        self.last_export = ExportStats(
+            transport=transport,
+            weight_bytes=n,
+            pieces=pieces,
+            seconds=time.perf_counter() - t0,
+            rank0_pipe_bytes=self.pipe_bytes[0] - pipe0,
+        )
+        log.info(
+            "learner: %s export, %.1f MB of weights in %d pieces, %.2fs (rank 0's pipe: %.1f kB)",
+            transport,
+            n / 2**20,
+            pieces,
+            self.last_export.seconds,
+            self.last_export.rank0_pipe_bytes / 1e3,
+        )
+
+    def _chunks(self) -> Iterator[list[tuple[str, Any]]]:
+        """The bytes stream: rank 0's chunks, each acknowledged ('next') to rank 0 alone."""
+
+        def receive() -> tuple[Any, int] | None:
+            kind, payload = self._next(0)
+            if kind == "ok":
+                return None
+            chunk = list(unpack_tensors(payload).items())
+            return chunk, sum(t.numel() * t.element_size() for _, t in chunk)
+
+        return self._export("bytes", receive, self._conns[:1])
+
+    def _buckets(self) -> Iterator[dict[str, Any]]:
+        """The shared stream: per bucket, every rank's handle (`learn/transport.share_full`),
+        merged into one payload, acknowledged ('next') to every rank."""
+
+        def receive() -> tuple[Any, int] | None:
+            msgs = [self._next(r) for r in range(len(self._conns))]
+            kinds = sorted({k for k, _ in msgs})
+            if kinds == ["ok"]:
+                return None
+            if kinds != ["bucket"]:
+                raise RankError(f"the ranks sent {kinds} where every rank should send a bucket or 'ok'")
+            payload = merge_payloads([p for _, p in msgs])
+            return payload, sum(item[4] for item in payload["items"])
+
+        return self._export("shared", receive, self._conns)
+
+    def _export(self, transport: str, receive: Callable[[], Any], ack_to: list[Any]) -> Iterator[Any]:
+        """A lazy stream of `receive()`'s pieces (None: the ranks are done). The ranks get the
+        command on the first `next()`, so a stream dropped unstarted costs nothing; the
+        consumer asking for the next piece acknowledges this one ('next' to `ack_to`): only
+        then do the ranks free it and gather the next."""
+        t0, pipe0 = self._start_export(transport)
+        done, n, pieces = False, 0, 0
         try:
-            for c in self._conns:
-                c.send(("export_full", {"chunk_bytes": self.chunk_bytes, "dtype": self.export_dtype}))
-            while True:
-                kind, payload = self._next(0)
-                if kind == "ok":
-                    done = True
-                    break
-                chunk = list(unpack_tensors(payload).items())
-                n += sum(t.numel() * t.element_size() for _, t in chunk)
-                yield chunk
-                self._conns[0].send("next")
+            while (got := receive()) is not None:
+                n, pieces = n + got[1], pieces + 1
+                yield got[0]
+                for c in ack_to:
+                    c.send("next")
+            done = True
         except GeneratorExit:
             pass
         except BaseException:
             self._stream = None
             self.close()
             raise
-        self._stream = None
-        if not done:  # the consumer stopped early: let rank 0 finish its gathers without sending
-            self._conns[0].send("stop")
-            kind, _ = self._next(0)
-            assert kind == "ok", f"rank 0 sent {kind!r} after 'stop'"
-        for r in range(1, len(self._conns)):
-            self._next(r)
-        self.last_export = (n, time.perf_counter() - t0)
-        log.info("learner: streamed %.1f MB of weights in %.2fs", n / 2**20, self.last_export[1])
+        self._end_export(transport, done, t0, pipe0, n, pieces)
 
     def _end_stream(self) -> None:
         if self._stream is not None:
@@ -397,7 +495,7 @@ class DistributedLearner:
         if self.mode != "full":
             self.export_lora(path=out, tensors=False)
             return out
-        return write_model(out, model_path, self.export_full().chunks)
+        return write_model(out, model_path, self.export_full("bytes").chunks)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -505,7 +603,9 @@ def rank_spec(cfg: Config, res: Resolved, *, pad_id: int, threads: int | None = 
 
 def build_distributed_learner(cfg: Config, res: Resolved, *, pad_id: int) -> DistributedLearner:
     """The FSDP2 learner over placement.learner_ranks processes (called by train.py when > 1)."""
-    return DistributedLearner(rank_spec(cfg, res, pad_id=pad_id), export_dtype=res.dtype)
+    return DistributedLearner(
+        rank_spec(cfg, res, pad_id=pad_id), export_dtype=res.dtype, transport=weight_transport(cfg)
+    )
 
 
 # ----------------------------------------------------------------------------- train.py glue

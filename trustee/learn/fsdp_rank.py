@@ -521,13 +521,24 @@ class RankWorker:
         return (pack_tensors(full), lora_config_dict(self.model)) if self.rank == 0 else None
 
     @torch.no_grad()
-    def export_full(self, chunk_bytes: int, dtype: str | None, conn) -> None:
-        """Stream every weight (HF names, tied weights once) to the parent from rank 0, one chunk
-        of about chunk_bytes at a time; a chunk is sent only after the parent took the last one,
-        so at most one chunk beyond the shards exists on any device."""
+    def export_full(
+        self, chunk_bytes: int, dtype: str | None, conn, transport: str = "bytes", bucket_bytes: int = 0
+    ) -> int:
+        """Every weight (HF names, tied weights once) to the parent. 'bytes': rank 0 streams
+        chunks of about chunk_bytes through its pipe, each sent only after the parent took the
+        last one, so at most one chunk beyond the shards exists on any device. 'shared': every
+        rank shares buckets of whole layers on its own device and sends only their handles
+        (`learn/transport.share_full`). Returns the buckets shared (0 for 'bytes')."""
         if hasattr(self.model, "peft_config"):
             raise TypeError("export_full is for learner.mode = 'full'; a LoRA learner exports its adapter")
         out_dtype = _DTYPES[dtype] if dtype else None
+        if transport == "shared":
+            from trustee.learn.transport import share_full
+
+            kw = {"rank": self.rank, "device": self.device, "dtype": out_dtype, "conn": conn}
+            return share_full(self.model, self.names, bucket_bytes=bucket_bytes, full=_full, **kw)
+        if transport != "bytes":
+            raise ValueError(f"weight transport {transport!r}: use 'bytes' or 'shared'")
         seen: set[int] = set()
         chunk: dict[str, torch.Tensor] = {}
         size, streaming = 0, True
@@ -554,6 +565,7 @@ class RankWorker:
             if size >= chunk_bytes:
                 flush()
         flush()
+        return 0
 
     # ------------------------------------------------------------------ DCP checkpoints
 
@@ -710,7 +722,8 @@ def _built(rank: int, spec: RankSpec, device: torch.device) -> tuple[RankWorker,
 def rank_main(rank: int, spec: RankSpec, conn) -> None:
     """Entry point of a learner process: join the process group, build the shard, then serve
     (command, kwargs) messages until 'close' or the parent's end of the pipe closes. Replies:
-    ('ok', payload), ('chunk', bytes) while streaming, ('error', traceback) then exit."""
+    ('ok', payload), ('chunk', bytes) or ('bucket', handle payload) while exporting, ('error',
+    traceback) then exit."""
     _die_with_parent()
     torch.set_num_threads(spec.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

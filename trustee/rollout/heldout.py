@@ -55,6 +55,8 @@ class HeldOut:
         self.max_inflight = max_inflight
         self.progress = progress
         self._tasks: list[Task] | None = None
+        self.last: list[tuple[str, Trajectory]] = []
+        """The last evaluation's episodes with their mode (the run log writes them)."""
 
     async def tasks(self) -> list[Task]:
         if self._tasks is None:
@@ -123,7 +125,8 @@ class HeldOut:
                     tg.start_soon(play, j)
         finally:
             bar.close()
-        return summarize([r for r in results if r is not None])
+        self.last = [r for r in results if r is not None]
+        return summarize(self.last)
 
 
 def summarize(results: list[tuple[str, Any]]) -> dict[str, float]:
