@@ -285,6 +285,36 @@ def test_both_cpu_kernels_give_the_packed_logprobs_and_gradients(base_model, epi
         assert float((p.grad - q.grad).abs().max()) <= TOL * max(1.0, float(q.grad.abs().max())), name
 
 
+def test_the_last_layer_skips_the_prefix_rows_no_loss_token_reads(base_model, episodes):
+    """cpu-merge in the model's last layer: a prefix's rows before its last stay zero (nothing
+    after the last layer reads them); every earlier layer computes them. The log-probs and
+    gradients this leaves exact are checked by the tests above and below."""
+    samples = grouped(episodes["toy"], 4, multi_turn=False, groups=1, cont=24)
+    (units,) = plan_shared(samples, 16384)
+    mb = build_shared(samples, units, kernel="cpu-merge")
+    start, p, branches = mb.layout.units[0]
+    assert branches and p > 1
+    got = {}
+    layers = base_model.model.layers
+    hooks = [
+        layer.self_attn.register_forward_hook(lambda m, a, out, i=i: got.__setitem__(i, out[0]))
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        with torch.no_grad():
+            token_logprobs(base_model, mb)
+    finally:
+        for h in hooks:
+            h.remove()
+    last, first = got[len(layers) - 1][0], got[0][0]  # [T, hidden]
+    assert float(last[start : start + p - 1].abs().max()) == 0.0
+    assert (
+        float(last[start + p - 1].abs().max()) > 0.0
+        and float(last[start + p :].abs().min(-1).values.max()) > 0
+    )
+    assert float(first[start : start + p - 1].abs().amax(-1).min()) > 0.0
+
+
 CASES = [  # (source, G, multi-turn, mode): G = 2, 4, 8, each source, both modes, with and without tool results
     ("toy", 8, True, "full"),
     ("simulated", 4, True, "lora"),
@@ -366,7 +396,7 @@ def test_share_prefix_auto_falls_back_when_the_shared_path_is_wrong(
     the mismatch on the first micro-batch, warns, reports it, and trains the unshared layout."""
     samples = grouped(episodes["toy"], 4, multi_turn=True, groups=1, cont=60)
 
-    def own_tokens_only(layout, query, key, value, scaling):  # prefix and branches as separate sequences
+    def own_tokens_only(layout, query, key, value, scaling, **_):  # prefix and branches as separate sequences
         return attention._packed_sdpa(query, key, value, layout.cu_q, scaling)
 
     monkeypatch.setattr(attention, "_cpu_merge", own_tokens_only)

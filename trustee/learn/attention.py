@@ -15,15 +15,20 @@ The shared-prefix split is exact (Prefix Grouper, arXiv 2506.05433): a branch to
 over [prefix, own tokens] is softmax-merged from two parts by their log-sum-exp, so outputs and
 every gradient equal those of each episode attended whole. Kernels, chosen per call:
 
-- CPU: `_PrefixBranchAttention`, the merge written out. One call of torch's CPU flash kernel
-  puts every branch query of a unit over the prefix (no mask), one causal call per branch over
-  its own tokens; the outputs merge by their log-sum-exp. The backward calls the kernel's own
+- CPU: `_SharedRowAttention`, one autograd node for the whole row (its gradients come back
+  as one concatenation, not as a zero-filled row per slice). Per unit, the prefix is one
+  causal call of torch's CPU flash kernel. Its branches take the merge written out: one call
+  puts every branch query over the prefix (no mask), one causal call per branch over its own
+  tokens, and the outputs merge by their log-sum-exp; the backward calls the kernel's own
   backward on each part with the *merged* output and log-sum-exp, which gives each key block's
   exact share of the gradient (the same identity ring attention relies on). Measured on this
   2-core CPU (one unit: prefix 2,000, eight branches of 50-300, 2 heads of 64, forward +
   backward, CPU seconds of one thread): 0.18 s, against 0.22 s for one masked SDPA call per
   branch over [prefix, branch], 0.47 s for one SDPA call over the unit with a dense mask, and
-  0.65 s for the unshared layout (each episode whole).
+  0.65 s for the unshared layout (each episode whole). At bench.vs_trl's size (prefix ~290,
+  four branches of 24) one masked call per unit over [prefix, branches] measured the same as
+  the merge within noise, so the merge serves every size. In the model's last layer a
+  prefix's rows other than its last are skipped (see `_SharedRowAttention`).
 - CUDA with flash-attn: one `flash_attn_varlen_func` call per layer. Keys and values are gathered
   per segment (a branch's keys are its prefix's then its own: `SharedLayout.kv_index`) and the
   causal mask of flash-attn >= 2.1 is aligned to the bottom-right corner when a segment has more
@@ -169,7 +174,7 @@ def segment_attention(
             raise NotImplementedError(f"attention dropout {dropout}: the learner's packed attention has none")
         assert query.shape[0] == 1, "a packed micro-batch is one row"
     if layout is not None:
-        return _shared(layout, query, key, value, scaling), None
+        return _shared(module, layout, query, key, value, scaling), None
     if cu is not None:
         if query.device.type == "cuda" and query.dtype != torch.float32 and _have_flash_attn():
             return _flash_varlen(
@@ -240,7 +245,7 @@ def _kv_heads_for_sdpa(
 # ----------------------------------------------------------------------------- shared prefix
 
 
-def _shared(layout: SharedLayout, query, key, value, scaling) -> torch.Tensor:
+def _shared(module, layout: SharedLayout, query, key, value, scaling) -> torch.Tensor:
     """Shared-prefix attention over a whole row: [1, H, T, D] -> [1, T, H, D]."""
     kernel = resolve_kernel(layout.kernel, query.device, query.dtype)
     if kernel == "flash-varlen":
@@ -248,36 +253,22 @@ def _shared(layout: SharedLayout, query, key, value, scaling) -> torch.Tensor:
             query, key, value, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, layout.kv_index, scaling
         )
     if kernel == "cpu-merge":
-        return _cpu_merge(layout, query, key, value, scaling)
+        return _cpu_merge(layout, query, key, value, scaling, last=_is_last_layer(module))
     return _sdpa_gather(layout, query, key, value, scaling)
 
 
-def _cpu_merge(layout: SharedLayout, query, key, value, scaling) -> torch.Tensor:
+def _cpu_merge(layout: SharedLayout, query, key, value, scaling, *, last: bool = False) -> torch.Tensor:
     key, value, _ = _kv_heads_for_sdpa(query, key, value, masked=True)  # repeated: the CPU kernel has no GQA
-    outs = []
-    for start, p, branches in layout.units:
-        a, b = start, start + p
-        if p:
-            outs.append(
-                torch.nn.functional.scaled_dot_product_attention(
-                    query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scale=scaling, is_causal=True
-                )
-            )  # [1, H, P, D]
-        if branches:
-            e = b + sum(branches)
-            q_br = query[:, :, b:e]
-            outs.append(
-                _PrefixBranchAttention.apply(
-                    q_br,
-                    key[:, :, a:b],
-                    value[:, :, a:b],
-                    key[:, :, b:e],
-                    value[:, :, b:e],
-                    branches,
-                    scaling,
-                )
-            )  # [1, H, sum S, D]
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+    out = _SharedRowAttention.apply(query, key, value, layout.units, scaling, last)  # [1, H, T, D]
+    return out.transpose(1, 2).contiguous()
+
+
+def _is_last_layer(module) -> bool:
+    """Whether `module` is the model's last attention layer (transformers' attention modules
+    carry layer_idx and config); False when it cannot tell."""
+    idx = getattr(module, "layer_idx", None)
+    n = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+    return isinstance(idx, int) and isinstance(n, int) and idx == n - 1
 
 
 def _cpu_attn(q, k, v, causal: bool, scale):
@@ -290,64 +281,115 @@ def _cpu_attn_backward(g, q, k, v, out, lse, causal: bool, scale):
     )
 
 
-class _PrefixBranchAttention(torch.autograd.Function):
-    """Branch queries over their prefix (all of it) and over their own branch (causal), merged.
+class _SharedRowAttention(torch.autograd.Function):
+    """Shared-prefix attention over a whole row in one autograd node (no per-slice gradients).
 
-    q, k_own, v_own: [1, H, N, D], the unit's branches one after another (lengths `branches`);
-    k_pre, v_pre: [1, H, P, D]. With (o1, l1) the attention of every branch query over the
-    prefix and (o2, l2) each branch's causal attention over itself, out = o1 w1 + o2 w2, where
-    w_i = exp(l_i - lse) and lse = log(exp l1 + exp l2). The backward: for attention with
-    output `out` and log-sum-exp `lse` over keys split in blocks, each block's dq/dk/dv is the
-    kernel's backward on that block given the *full* out and lse (the softmax of a block is
-    exp(s - lse) and the row term is rowsum(dout * out)), so two backward calls give it exactly.
+    q, k, v: [1, H, T, D] (k, v with the query's heads), any strides (the CPU flash kernel reads
+    strides; slices are views). Per unit: the prefix causally over itself, then its branches'
+    queries over [prefix, own tokens] by the merge: with (o1, l1) the attention of every
+    branch query over the prefix and (o2, l2) each branch's causal attention over itself,
+    out = o1 w1 + o2 w2, where w_i = exp(l_i - lse) and lse = log(exp l1 + exp l2). The
+    merge's backward: for attention
+    with output `out` and log-sum-exp `lse` over keys split in blocks, each block's dq/dk/dv is
+    the kernel's backward on that block given the *full* out and lse (the softmax of a block is
+    exp(s - lse) and the row term is rowsum(dout * out)), so the calls give it exactly. The
+    gradients come back as one cat of the per-unit pieces, in row order.
+
+    `last` (the model's last layer): a prefix's rows other than its last are left at zero, out
+    and gradient. Only the rows that predict a loss token are read after the last layer (the
+    log-prob gather; every layer after attention works row by row), and no prefix row but the
+    last predicts one (a prefix ends before its members' first trained token), so their
+    incoming gradient is exactly zero and skipping them changes no loss, log-prob or gradient.
+    The prefix's last row (it predicts the boundary token) is one query over the whole prefix.
     """
 
     @staticmethod
-    def forward(ctx, q, k_pre, v_pre, k_own, v_own, branches, scale):
-        q, k_pre, v_pre, k_own, v_own = (x.contiguous() for x in (q, k_pre, v_pre, k_own, v_own))
-        o1, l1 = _cpu_attn(q, k_pre, v_pre, False, scale)  # [1, H, N, D], [1, H, N]
-        parts = []
-        at = 0
-        for s in branches:
-            parts.append(
-                _cpu_attn(
-                    q[:, :, at : at + s], k_own[:, :, at : at + s], v_own[:, :, at : at + s], True, scale
-                )
-            )
-            at += s
-        o2 = torch.cat([o for o, _ in parts], dim=2)
-        l2 = torch.cat([lse for _, lse in parts], dim=2)
-        lse = torch.logaddexp(l1, l2)  # [1, H, N] float32
-        out = (o1 * torch.exp(l1 - lse)[..., None] + o2 * torch.exp(l2 - lse)[..., None]).to(q.dtype)
-        ctx.save_for_backward(q, k_pre, v_pre, k_own, v_own, out, lse)
-        ctx.branches, ctx.scale = branches, scale
+    def forward(ctx, q, k, v, units, scale, last):
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        outs, lses = [], []
+        for start, p, branches in units:
+            a, b = start, start + p
+            if last and branches:
+                o, lse = _cpu_attn(q[:, :, b - 1 : b], k[:, :, a:b], v[:, :, a:b], False, scale)
+                o, lse = _zero_rows_before(o, p - 1), _zero_rows_before(lse, p - 1)
+            else:
+                o, lse = _cpu_attn(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], True, scale)
+            outs.append(o)  # [1, H, P, D], lse [1, H, P]
+            lses.append(lse)
+            if branches:
+                o, lse = _branches_forward(q, k, v, a, p, branches, scale)  # [1, H, N, D], [1, H, N]
+                outs.append(o)
+                lses.append(lse)
+        out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.units, ctx.scale, ctx.last = units, scale, last
         return out
 
     @staticmethod
     def backward(ctx, g):
-        q, k_pre, v_pre, k_own, v_own, out, lse = ctx.saved_tensors
-        g = g.contiguous()
-        dq, dk_pre, dv_pre = _cpu_attn_backward(g, q, k_pre, v_pre, out, lse, False, ctx.scale)
-        dqs, dks, dvs = [], [], []
-        at = 0
-        for s in ctx.branches:
-            sl = slice(at, at + s)
-            r = _cpu_attn_backward(
-                g[:, :, sl].contiguous(),
-                q[:, :, sl].contiguous(),
-                k_own[:, :, sl].contiguous(),
-                v_own[:, :, sl].contiguous(),
-                out[:, :, sl].contiguous(),
-                lse[:, :, sl].contiguous(),
-                True,
-                ctx.scale,
-            )
-            dqs.append(r[0])
-            dks.append(r[1])
-            dvs.append(r[2])
-            at += s
-        dq = dq + torch.cat(dqs, dim=2)
-        return dq, dk_pre, dv_pre, torch.cat(dks, dim=2), torch.cat(dvs, dim=2), None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        saved = (g if g.stride(-1) == 1 else g.contiguous(), q, k, v, out, lse)
+        dq, dk, dv = [], [], []
+        for start, p, branches in ctx.units:
+            a, b = start, start + p
+            if ctx.last and branches:
+                rows = [t[:, :, b - 1 : b] for t in saved]  # g, q: the prefix's last row
+                gq, gk, gv = _cpu_attn_backward(
+                    *rows[:2], k[:, :, a:b], v[:, :, a:b], *rows[4:], False, ctx.scale
+                )
+                gq = _zero_rows_before(gq, p - 1)
+            else:
+                gq, gk, gv = _cpu_attn_backward(*(t[:, :, a:b] for t in saved), True, ctx.scale)
+            if not branches:
+                dq.append(gq)
+                dk.append(gk)
+                dv.append(gv)
+                continue
+            bq, pk, pv, ok, ov = _branches_backward(saved, a, p, branches, ctx.scale)
+            dq += [gq, bq]
+            dk += [gk + pk, ok]
+            dv += [gv + pv, ov]
+        return torch.cat(dq, dim=2), torch.cat(dk, dim=2), torch.cat(dv, dim=2), None, None, None
+
+
+def _zero_rows_before(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x [1, H, m, ...] with n zero rows put before it on dim 2."""
+    return torch.cat([x.new_zeros(x.shape[0], x.shape[1], n, *x.shape[3:]), x], dim=2)
+
+
+def _branches_forward(q, k, v, a: int, p: int, branches: tuple[int, ...], scale):
+    """A unit's branch queries (rows a + p ...) over their prefix (rows a ...) and own tokens:
+    (out [1, H, N, D], lse [1, H, N])."""
+    b = a + p
+    e = b + sum(branches)
+    o1, l1 = _cpu_attn(q[:, :, b:e], k[:, :, a:b], v[:, :, a:b], False, scale)
+    parts, at = [], b
+    for s in branches:
+        parts.append(_cpu_attn(q[:, :, at : at + s], k[:, :, at : at + s], v[:, :, at : at + s], True, scale))
+        at += s
+    o2 = torch.cat([o for o, _ in parts], dim=2)
+    l2 = torch.cat([lse for _, lse in parts], dim=2)
+    lse = torch.logaddexp(l1, l2)  # [1, H, N] float32
+    out = (o1 * torch.exp(l1 - lse)[..., None] + o2 * torch.exp(l2 - lse)[..., None]).to(q.dtype)
+    return out, lse
+
+
+def _branches_backward(saved, a: int, p: int, branches: tuple[int, ...], scale):
+    """Gradients of `_branches_forward`: (dq of the branch queries, dk / dv of the prefix rows,
+    dk / dv of the branch rows). saved: (grad_out, q, k, v, out, lse), whole rows."""
+    g, q, k, v, out, lse = saved
+    b = a + p
+    e = b + sum(branches)
+    rows = [t[:, :, b:e] for t in (g, q)]
+    dq, dk_pre, dv_pre = _cpu_attn_backward(
+        *rows, k[:, :, a:b], v[:, :, a:b], out[:, :, b:e], lse[:, :, b:e], False, scale
+    )
+    own, at = [], b
+    for s in branches:
+        own.append(_cpu_attn_backward(*(t[:, :, at : at + s] for t in saved), True, scale))
+        at += s
+    dq = dq + torch.cat([r[0] for r in own], dim=2)
+    return dq, dk_pre, dv_pre, torch.cat([r[1] for r in own], dim=2), torch.cat([r[2] for r in own], dim=2)
 
 
 def _sdpa_gather(layout: SharedLayout, query, key, value, scaling) -> torch.Tensor:

@@ -5,6 +5,8 @@ whose *next* token is a loss token, and apply lm_head + log-softmax to those row
 chunk of rows at a time. Each chunk runs under activation checkpointing when gradients are
 on, so at no point does a float32 [tokens x vocab] tensor exist for the whole sequence: the
 backward keeps only the gathered hidden states and recomputes one chunk's logits at a time.
+A micro-batch whose logits all fit one chunk and `SMALL_LOGITS` elements keeps them instead
+(no recompute; tiny models and short completions, where the recompute was a tenth of a step).
 Logits are divided by the sampling temperature first, as the engines do, so the result is
 comparable with the sampler's log-probs.
 
@@ -21,6 +23,10 @@ from torch.utils.checkpoint import checkpoint
 
 from trustee.learn.attention import use_segment_attention
 from trustee.learn.packing import MicroBatch, to_device
+
+SMALL_LOGITS = 1 << 22
+"""Logit elements (16 MiB in float32) up to which a one-chunk micro-batch's backward keeps its
+logits rather than recomputing them; within the 3 x chunk x vocab the memory plan counts."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -72,7 +78,9 @@ def body_forward(body: nn.Module, mb: MicroBatch) -> torch.Tensor:
     get per-sequence attention, so no attention work crosses a sequence boundary; shared-prefix
     ones let each branch see its prefix and itself; padded ones compute what SDPA computes, and
     all keep grouped-query attention on SDPA's fast kernels (transformers' own SDPA path passes
-    enable_gqa on CPU, which runs the math kernel, several times slower)."""
+    enable_gqa on CPU, which runs the math kernel, several times slower). With a shared-prefix
+    layout on the CPU kernel, the last layer leaves a prefix's rows before its last at zero
+    (`attention._SharedRowAttention`): read only the rows that predict loss tokens (`mb.src`)."""
     use_segment_attention(body, shared=mb.layout is not None)
     out = body(
         input_ids=mb.input_ids,
@@ -83,6 +91,11 @@ def body_forward(body: nn.Module, mb: MicroBatch) -> torch.Tensor:
     )
     h = out.last_hidden_state  # [R, T, H]
     return h.reshape(-1, h.shape[-1])
+
+
+def _vocab(head: nn.Module) -> int:
+    w = getattr(head, "weight", None)
+    return int(w.shape[0]) if isinstance(w, torch.Tensor) else 1 << 62  # unknown: always checkpoint
 
 
 def token_logprobs(
@@ -99,9 +112,10 @@ def token_logprobs(
     h = body_forward(body, mb)[mb.src]  # [N, H]
     logps, ents = [], []
     grad = torch.is_grad_enabled()
+    keep = h.shape[0] <= chunk and h.shape[0] * _vocab(head) <= SMALL_LOGITS
     for start in range(0, h.shape[0], chunk):
         hc, tc = h[start : start + chunk], mb.targets[start : start + chunk]  # [n, H], [n]
-        if grad:
+        if grad and not keep:
             lp, ent = checkpoint(_chunk_logprobs, hc, tc, head, temperature, use_reentrant=False)
         else:
             lp, ent = _chunk_logprobs(hc, tc, head, temperature)
