@@ -51,7 +51,8 @@ from trustee.engines.base import (
     WeightUpdate,
 )
 from trustee.engines.grammar import json_grammar
-from trustee.engines.hf_decode import decode_logits, room_cache
+from trustee.engines.hf_decode import decode_logits, fast_decode_ok, room_cache
+from trustee.engines.hf_sample import sample
 
 ADAPTER = "policy"
 
@@ -86,6 +87,7 @@ class _Batch:
     mask: torch.Tensor  # [B, L] 1 for real tokens, 0 for left padding
     next_pos: torch.Tensor  # [B] position id of the next token
     logits: torch.Tensor  # [B, V] logits for the next token, float32
+    fast: bool = False  # decode with hf_decode's layer-by-layer step (see `HFEngine.fast_decode`)
 
 
 class _Grammars:
@@ -330,9 +332,7 @@ class HFEngine:
             with self._adapter_state(adapter):
                 batch = await asyncio.to_thread(self._prefill, reqs)
                 while batch.reqs:
-                    self._stats.batches += 1
-                    self._stats.max_batch = max(self._stats.max_batch, len(batch.reqs))
-                    done = await asyncio.to_thread(self._step, batch)
+                    done = await asyncio.to_thread(self._steps, batch, adapter)
                     self._finish(done, version)
                     room = self.max_batch - len(batch.reqs)
                     joiners = self._take(room, adapter) if self._exclusive_waiters == 0 else []
@@ -447,7 +447,26 @@ class HFEngine:
             idx = torch.tensor(rows, device=self._device)  # [B]
             cache.batch_select_indices(idx)
             mask, next_pos, logits = mask[idx], next_pos[idx], logits[idx]
-        return _Batch(reqs, cache, mask, next_pos, logits)
+        fast = self.fast_decode and fast_decode_ok(self._model)
+        return _Batch(reqs, cache, mask, next_pos, logits, fast)
+
+    def _steps(self, b: _Batch, adapter: bool) -> list[_Request]:
+        """Decode steps in the worker thread until a request finishes (its caller is answered on
+        the event loop), a queued request could join, or the engine closes: one thread hop per
+        such event instead of one per token. The tokens are the same as one hop per step."""
+        while True:
+            self._stats.batches += 1
+            self._stats.max_batch = max(self._stats.max_batch, len(b.reqs))
+            done = self._step(b)
+            if done or not b.reqs or self._closed or self._joinable(len(b.reqs), adapter):
+                return done
+
+    def _joinable(self, rows: int, adapter: bool) -> bool:
+        """Whether a queued request could join a batch of `rows` rows now (read from the worker
+        thread: `_pending` is only appended to or replaced on the event loop)."""
+        if rows >= self.max_batch or self._exclusive_waiters:
+            return False
+        return any(not r.dropped and r.params.adapter == adapter for r in self._pending)
 
     @torch.inference_mode()
     def _step(self, b: _Batch) -> list[_Request]:
@@ -499,7 +518,7 @@ class HFEngine:
         both caches are left-padded to a common length and stacked on the batch dimension."""
         nb = self._prefill(reqs)
         if not b.reqs:
-            b.reqs, b.cache, b.mask, b.next_pos, b.logits = nb.reqs, nb.cache, nb.mask, nb.next_pos, nb.logits
+            vars(b).update(vars(nb))  # every field of the new batch
             return
         width = max(b.mask.shape[1], nb.mask.shape[1])
         for old, new in zip(b.cache.layers, nb.cache.layers, strict=True):
@@ -516,53 +535,12 @@ class HFEngine:
         n = len(b.reqs)
         b.mask = torch.cat([b.mask, b.mask.new_ones((n, 1))], dim=1)  # [B, L+1]
         toks = toks.to(self._device)
-        b.logits = decode_logits(
-            self._model, toks, b.next_pos, b.mask, b.cache, fast=self.fast_decode
-        )  # [B, V]
+        b.logits = decode_logits(self._model, toks, b.next_pos, b.mask, b.cache, fast=b.fast)  # [B, V]
         b.next_pos = b.next_pos + 1
 
     def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [B, V] -> (token ids [B], log-probs [B] under the distribution sampled from:
-        after temperature, top-k/top-p and the grammar mask; greedy rows use temperature 1)."""
-        temps = torch.tensor([r.params.temperature or 1.0 for r in reqs], device=logits.device)
-        scores = logits / temps[:, None]  # [B, V]
-        for i, r in enumerate(reqs):
-            if r.params.top_k > 0 or r.params.top_p < 1.0:
-                scores[i] = _truncate(scores[i], r.params.top_k, r.params.top_p)
-        constrained = [i for i, r in enumerate(reqs) if r.matcher is not None]
-        if constrained:
-            self._apply_grammar(scores, reqs, constrained)
-        logp = torch.log_softmax(scores, dim=-1)  # [B, V]
-        toks = logp.argmax(dim=-1)  # [B] greedy default
-        free = [
-            i
-            for i, r in enumerate(reqs)
-            if r.params.temperature > 0 and r.generator is None and r.stream is None
-        ]
-        keyed = [i for i, r in enumerate(reqs) if r.params.temperature > 0 and r.stream is not None]
-        if keyed:
-            us = [_uniform(reqs[i].stream, len(reqs[i].ids)) for i in keyed]
-            toks[keyed] = _draw(logp[keyed].exp(), torch.tensor(us, dtype=torch.float64))
-        if free:  # one uniform per row and an inverse CDF (torch.multinomial costs several times more)
-            us = torch.rand(len(free), generator=self._gen, dtype=torch.float64, device=self._gen.device)
-            toks[free] = _draw(logp[free].exp(), us)
-        for i, r in enumerate(reqs):
-            if r.params.temperature > 0 and r.generator is not None:
-                u = torch.rand(1, generator=r.generator, dtype=torch.float64, device=r.generator.device)
-                toks[i] = _draw(logp[i : i + 1].exp(), u)[0]
-        return toks, logp.gather(1, toks[:, None])[:, 0]
-
-    def _apply_grammar(self, scores: torch.Tensor, reqs: list[_Request], rows: list[int]) -> None:
-        import xgrammar as xgr
-
-        bitmask = xgr.allocate_token_bitmask(len(reqs), self.vocab_size)  # [B, ceil(V/32)] int32
-        for i in rows:
-            reqs[i].matcher.fill_next_token_bitmask(bitmask, i)
-        on_cpu = scores.device.type == "cpu"
-        target = scores if on_cpu else scores.cpu()
-        xgr.apply_token_bitmask_inplace(target, bitmask, vocab_size=self.vocab_size, indices=rows)
-        if not on_cpu:
-            scores.copy_(target)
+        """logits [B, V] -> (token ids [B], log-probs [B]); see `hf_sample.sample`."""
+        return sample(logits, reqs, self._gen, self.vocab_size)
 
     # ------------------------------------------------------------------ sampler state
 
@@ -736,38 +714,6 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _uniform(stream: bytes, index: int) -> float:
-    """A uniform in [0, 1) that depends only on (stream, index): 53 bits of a blake2b digest."""
-    import hashlib
-
-    h = hashlib.blake2b(stream + index.to_bytes(8, "little"), digest_size=8).digest()
-    return (int.from_bytes(h, "little") >> 11) / float(1 << 53)
-
-
-def _draw(probs: torch.Tensor, us: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: probs [N, V], one uniform in [0, 1) per row (us [N]) -> token ids
-    [N]. Tokens of probability 0 (masked by grammar or top-k/top-p) have empty intervals and are
-    never drawn."""
-    cdf = probs.double().cumsum(-1)  # [N, V]
-    x = us.to(dtype=cdf.dtype, device=cdf.device) * cdf[:, -1]  # [N]
-    idx = torch.searchsorted(cdf, x[:, None], right=True)[:, 0]  # [N]
-    return idx.clamp(max=probs.shape[-1] - 1)
-
-
-def _truncate(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """scores [V] -> scores with tokens outside top-k / the top-p nucleus set to -inf."""
-    out = scores.clone()
-    if top_k > 0:
-        kth = torch.topk(out, min(top_k, out.numel())).values[-1]
-        out[out < kth] = float("-inf")
-    if top_p < 1.0:
-        sorted_s, order = torch.sort(out, descending=True)
-        cum = torch.softmax(sorted_s, -1).cumsum(-1)
-        cut = cum - torch.softmax(sorted_s, -1) >= top_p  # drop tokens once the mass before them reaches p
-        out[order[cut]] = float("-inf")
-    return out
 
 
 # The LoRA config fields that fix the adapter's tensors: an update that changes one needs a new adapter.
