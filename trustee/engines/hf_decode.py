@@ -109,9 +109,10 @@ def decode_logits(
     """One decode step: toks [B] (the sampled tokens), pos [B] (their position ids), mask
     [B, L] (1 for real columns, 0 for left padding; L counts the new token) -> next-token
     logits [B, V] float32, `cache` extended by one column (in place). Uses the model's forward
-    when `fast` is off; otherwise (the caller checked `fast_decode_ok`) the same modules and ops layer by layer. The mask is what
-    transformers' SDPA mask builder gives a one-token query: none when no row is padded,
-    else a [B, 1, 1, L] boolean mask."""
+    when `fast` is off; otherwise (the caller checked `fast_decode_ok`) the same modules and
+    ops layer by layer. The attention mask is the additive form SDPA makes of the boolean mask
+    transformers builds for a one-token query: none when no row is padded, else [B, 1, 1, L]
+    with -inf on padding."""
     n = toks.shape[0]
     ids, position = toks.view(n, 1), pos.view(n, 1)  # [B, 1]
     if not fast:
@@ -120,8 +121,11 @@ def decode_logits(
         )
         return out.logits[:, -1].float()
     inner = model.model
-    attend = None if bool(mask.all()) else mask.bool()[:, None, None, :]  # [B, 1, 1, L]
     hidden = inner.embed_tokens(ids)  # [B, 1, H]
+    attend = None  # what SDPA makes of transformers' boolean mask, made once for all layers:
+    if not bool(mask.all()):  # 0 where a row attends, -inf on its left padding
+        attend = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device)
+        attend = attend.masked_fill_(mask == 0, float("-inf"))[:, None, None, :]  # [B, 1, 1, L]
     cos, sin = inner.rotary_emb(hidden, position)  # [B, 1, D] each
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, 1, D]
     for i, layer in enumerate(inner.layers[: model.config.num_hidden_layers]):
@@ -161,8 +165,9 @@ def _attend(
     v = attn.v_proj(x).view(n, 1, -1, d).transpose(1, 2)  # [B, Hkv, 1, D]
     keys, values = cache.update(k, v, i)  # [B, Hkv, L, D]
     groups, extra = attn.num_key_value_groups, {}
-    if groups > 1:  # as transformers' sdpa_attention_forward decides: GQA in SDPA only without a mask
-        if mask is None and keys.shape[-1] == values.shape[-1] <= 256:
+    if groups > 1:  # GQA inside SDPA; with a mask off CPU, repeated heads as transformers does
+        # (the CPU kernel gives the same numbers either way; CUDA's would fall back to the math kernel)
+        if (mask is None or x.device.type == "cpu") and keys.shape[-1] == values.shape[-1] <= 256:
             extra["enable_gqa"] = True
         else:
             keys, values = _repeat(keys, groups), _repeat(values, groups)
