@@ -386,6 +386,10 @@ EVIDENCE: dict[str, list[str]] = {
     "grpo.overlong": ["test:tests/test_training_controls.py::test_overlong_modes"],
     "grpo.overlong_buffer": ["test:tests/test_training_controls.py::test_overlong_penalty_ramp:buffer"],
     "grpo.overlong_penalty": ["test:tests/test_training_controls.py::test_overlong_penalty_ramp:penalty"],
+    "grpo.turn_credit": [
+        "test:tests/test_turn_credit.py::test_the_update_lowers_a_malformed_turn_that_episode_credit_would_raise"
+    ],
+    "grpo.malformed_advantage": ["test:tests/test_turn_credit.py::test_turn_credit_reads_the_grpo_section"],
     "grpo.kl_metric": [
         "test:tests/test_training_controls.py::test_kl_metric_measures_the_drift_from_the_start",
         "refused:learner.mode=full,grpo.kl_metric=true,grpo.beta=0",

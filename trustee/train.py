@@ -385,12 +385,18 @@ class _Run:
             buffer=g.overlong_buffer,
             penalty=g.overlong_penalty,
         )
-        adv = compute_advantages(shaped, scale=g.scale_rewards, filter_zero_variance=g.filter_zero_variance)
+        adv = compute_advantages(
+            shaped,
+            scale=g.scale_rewards,
+            filter_zero_variance=g.filter_zero_variance,
+            keep_malformed=g.turn_credit == "malformed",
+        )
         train_groups = adv.groups[: g.tasks_per_step] if g.dynamic_sampling else adv.groups
         if g.overlong == "mask":
             train_groups, masked = drop_truncated(train_groups)
             record["overlong_masked"] = float(masked)
         record["groups_filtered"] = float(adv.filtered)
+        record["groups_malformed_only"] = float(adv.malformed_only)
         record["groups_trained"] = float(len(train_groups))
         advs = [a for grp in train_groups for a in grp.advantages]
         record["adv/abs_mean"] = sum(abs(a) for a in advs) / len(advs) if advs else 0.0

@@ -163,7 +163,10 @@ class Trajectory(msgspec.Struct, kw_only=True):
     the sampler's log-prob (after temperature) where the mask is 1 and 0.0 elsewhere;
     `versions[i]` is the policy version that sampled token i and -1 where the mask is 0.
     `prompt_len` is the length of the first rendered prompt (no sampled token before it).
-    Status `sim_error` and `error` episodes carry no usable reward and never train.
+    `malformed_turns` holds the token spans [start, end) of the sampled turns that wrote a
+    call that did not run (`Counters.malformed_calls`), in order; the learner may give their
+    tokens their own advantage (`grpo.turn_credit`). Status `sim_error` and `error` episodes
+    carry no usable reward and never train.
     """
 
     episode_id: str
@@ -180,6 +183,7 @@ class Trajectory(msgspec.Struct, kw_only=True):
     error: str = ""
     messages: list[Message] = msgspec.field(default_factory=list)
     knobs: dict[str, float] = msgspec.field(default_factory=dict)
+    malformed_turns: list[tuple[int, int]] = msgspec.field(default_factory=list)
 
     def check(self) -> None:
         """Raise AssertionError if the length/mask invariants do not hold (internal bug)."""
@@ -194,6 +198,8 @@ class Trajectory(msgspec.Struct, kw_only=True):
             raise AssertionError("loss_mask holds values other than 0 and 1") from None
         assert mask.count(0) + mask.count(1) == n, "loss_mask holds values other than 0 and 1"
         assert mask.find(1, 0, self.prompt_len) < 0, "sampled token inside the prompt"
+        for a, b in self.malformed_turns:
+            assert self.prompt_len <= a < b <= n, f"malformed turn span ({a}, {b}) outside the sampled tokens"
 
     @property
     def trainable(self) -> bool:

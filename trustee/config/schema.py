@@ -323,6 +323,10 @@ class GrpoConfig(Section, kw_only=True):
     """Soft penalty ramp: an episode whose sampled tokens exceed (budget - this) loses up to overlong_penalty, linearly; a truncated one loses all of it."""
     overlong_penalty: Annotated[float, Meta(ge=0.0)] = 1.0
     """Largest penalty (overlong = 'penalty'); the budget is rollout.max_turns x rollout.max_tokens_per_turn."""
+    turn_credit: Literal["episode", "malformed"] = "malformed"
+    """episode: every sampled token gets its episode's advantage; malformed: the tokens of a turn whose call did not run (bad format, arguments outside the schema, unknown tool) get min(episode advantage, malformed_advantage), so a broken call is never reinforced by a good outcome around it."""
+    malformed_advantage: Annotated[float, Meta(le=0.0)] = -1.0
+    """The advantage ceiling of a malformed turn's tokens (turn_credit = 'malformed'), in the same units as the group-relative advantages."""
     kl_metric: bool = False
     """Log the k3 KL from the starting policy (LoRA: adapter off; full: the reference copy) even when beta = 0: one extra forward pass per micro-batch."""
 

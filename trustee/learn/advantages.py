@@ -29,11 +29,14 @@ class AdvantageBatch(msgspec.Struct, kw_only=True):
 
     Invariant: every group in `groups` has `len(advantages) == len(trajectories)`.
     `filtered` counts zero-variance groups dropped (dynamic sampling); `reward_mean` and
-    `reward_std` are over every trajectory passed in, kept or not.
+    `reward_std` are over every trajectory passed in, kept or not. `malformed_only` counts
+    the zero-variance groups kept for their malformed turns alone (`keep_malformed`); they
+    come last in `groups`.
     """
 
     groups: list[Group]
     filtered: int = 0
+    malformed_only: int = 0
     reward_mean: float = 0.0
     reward_std: float = 0.0
 
@@ -55,6 +58,7 @@ def compute_advantages(
     *,
     scale: ScaleMode = "group",
     filter_zero_variance: bool = True,
+    keep_malformed: bool = False,
     eps: float = STD_EPS,
 ) -> AdvantageBatch:
     """A_i = (r_i - mean_group(r)) / (std + eps), with std per `scale`.
@@ -62,13 +66,17 @@ def compute_advantages(
     scale 'group': std of the group; 'batch': std of all kept rewards; 'none': no division.
     Groups with one trajectory are rejected (nothing to compare). With
     `filter_zero_variance` off, constant groups stay in with advantages exactly 0 (useful
-    with a KL term). New Group records are returned; the inputs are not modified.
+    with a KL term). With `keep_malformed` (per-turn credit), a filtered group still trains
+    its episodes that hold a malformed turn (`Trajectory.malformed_turns`), with advantage 0:
+    the learner gives those turns' tokens `grpo.malformed_advantage`, and nothing else of them
+    moves. New Group records are returned; the inputs are not modified.
     """
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"scale = {scale!r}: choose 'group', 'batch' or 'none' (grpo.scale_rewards)")
     all_rewards = [r for g in groups for r in g.rewards]
     mean_all, std_all = _mean_std(all_rewards)
     kept: list[Group] = []
+    malformed: list[Group] = []
     filtered = 0
     for g in groups:
         if len(g.trajectories) < 2:
@@ -78,6 +86,9 @@ def compute_advantages(
             )
         if filter_zero_variance and _is_constant(g.rewards):
             filtered += 1
+            bad = [t for t in g.trajectories if t.malformed_turns] if keep_malformed else []
+            if bad:
+                malformed.append(Group(task_id=g.task_id, trajectories=bad, advantages=[0.0] * len(bad)))
             continue
         kept.append(g)
     batch_std = _mean_std([r for g in kept for r in g.rewards])[1]
@@ -87,7 +98,13 @@ def compute_advantages(
         denom = {"group": std + eps, "batch": batch_std + eps, "none": 1.0}[scale]
         adv = [(r - mean) / denom for r in g.rewards]
         out.append(Group(task_id=g.task_id, trajectories=g.trajectories, advantages=adv))
-    return AdvantageBatch(groups=out, filtered=filtered, reward_mean=mean_all, reward_std=std_all)
+    return AdvantageBatch(
+        groups=out + malformed,
+        filtered=filtered,
+        malformed_only=len(malformed),
+        reward_mean=mean_all,
+        reward_std=std_all,
+    )
 
 
 # ----------------------------------------------------------------------------- truncation

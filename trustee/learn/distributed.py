@@ -52,7 +52,7 @@ from trustee.engines.base import FullUpdate, LoraUpdate
 from trustee.learn.export import DEFAULT_CHUNK_BYTES
 from trustee.learn.fsdp_rank import RankMemory, RankReady, RankSpec, RankStep, rank_main, unpack_tensors
 from trustee.learn.grpo import LossNorm, TokenLossParts, loss_norm
-from trustee.learn.learner import StepMetrics, samples_from_groups, update_plan
+from trustee.learn.learner import StepMetrics, samples_from_groups, turn_credit, update_plan
 from trustee.learn.packing import Sample, check_sample
 from trustee.types import Group
 
@@ -213,7 +213,7 @@ class DistributedLearner:
     # ------------------------------------------------------------------ steps
 
     def _samples(self, groups: list[Group]) -> list[Sample]:
-        samples = samples_from_groups(groups)
+        samples = samples_from_groups(groups, turn_credit(self.spec.grpo))
         if not samples:
             raise ValueError("Learner.step got no trajectories; skip the step when every group was filtered")
         for i, s in enumerate(samples):

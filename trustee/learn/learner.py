@@ -142,8 +142,10 @@ class StepMetrics(msgspec.Struct, kw_only=True):
     packs episodes whole for the rest of the run)."""
 
 
-def samples_from_groups(groups: list[Group]) -> list[Sample]:
-    """One Sample per trajectory; every group must already carry its advantages."""
+def samples_from_groups(groups: list[Group], malformed_advantage: float | None = None) -> list[Sample]:
+    """One Sample per trajectory; every group must already carry its advantages. With
+    `malformed_advantage` set (`grpo.turn_credit = 'malformed'`), the tokens of each malformed
+    turn (`Trajectory.malformed_turns`) get min(episode advantage, malformed_advantage)."""
     out: list[Sample] = []
     for g in groups:
         if len(g.advantages) != len(g.trajectories):
@@ -152,10 +154,19 @@ def samples_from_groups(groups: list[Group]) -> list[Sample]:
                 "compute them with trustee.learn.advantages.compute_advantages before Learner.step"
             )
         for t, a in zip(g.trajectories, g.advantages, strict=True):
+            spans: tuple[tuple[int, int, float], ...] = ()
+            if malformed_advantage is not None and t.malformed_turns:
+                low = min(a, malformed_advantage)
+                spans = tuple((start, end, low) for start, end in t.malformed_turns)
             out.append(
-                Sample(tokens=t.tokens, loss_mask=t.loss_mask, sampler_logprobs=t.logprobs, advantage=a)
+                Sample(tokens=t.tokens, loss_mask=t.loss_mask, sampler_logprobs=t.logprobs, advantage=a, spans=spans)
             )
     return out
+
+
+def turn_credit(grpo: GrpoConfig) -> float | None:
+    """The `malformed_advantage` argument of `samples_from_groups` for a run's [grpo]."""
+    return grpo.malformed_advantage if grpo.turn_credit == "malformed" else None
 
 
 def lr_lambda(cfg: LearnerConfig, total_steps: int):
@@ -541,7 +552,7 @@ class Learner:
     def step(self, groups: list[Group]) -> StepMetrics:
         """One optimiser step on `groups` (with advantages). Thread-safe: steps never overlap."""
         with self._lock:
-            return self._step(samples_from_groups(groups))
+            return self._step(samples_from_groups(groups, turn_credit(self.grpo)))
 
     async def step_async(self, groups: list[Group]) -> StepMetrics:
         """`step` in a worker thread, so the event loop (rollouts) keeps running."""

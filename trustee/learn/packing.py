@@ -50,13 +50,28 @@ MIN_SHARED_PREFIX = 16
 class Sample(msgspec.Struct, frozen=True, kw_only=True):
     """One trajectory for the learner: ids, mask, the sampler's log-probs and its advantage.
 
-    Invariant: equal lengths; loss_mask[0] == 0; at least one loss token.
+    `spans` overrides the advantage on token ranges: (start, end, advantage) for tokens
+    start..end-1 (per-turn credit, `grpo.turn_credit`); elsewhere every loss token has
+    `advantage`. Invariant: equal lengths; loss_mask[0] == 0; at least one loss token;
+    spans inside the tokens, in order, not overlapping.
     """
 
     tokens: list[int]
     loss_mask: list[int]
     sampler_logprobs: list[float]
     advantage: float
+    spans: tuple[tuple[int, int, float], ...] = ()
+
+    def token_advantages(self, positions: list[int]) -> list[float]:
+        """The advantage of each token at `positions` (ascending)."""
+        if not self.spans:
+            return [self.advantage] * len(positions)
+        out, spans, k = [], self.spans, 0
+        for i in positions:
+            while k < len(spans) and spans[k][1] <= i:
+                k += 1
+            out.append(spans[k][2] if k < len(spans) and spans[k][0] <= i else self.advantage)
+        return out
 
     @property
     def n_loss(self) -> int:
@@ -77,6 +92,11 @@ def check_sample(s: Sample, i: int) -> None:
         raise ValueError(
             f"sample {i}: no loss tokens; drop untrainable trajectories before the learner (Trajectory.trainable)"
         )
+    end = 0
+    for a, b, _ in s.spans:
+        if not end <= a < b <= n:
+            raise ValueError(f"sample {i}: advantage span ({a}, {b}) out of order or outside its {n} tokens")
+        end = b
 
 
 def plan_bins(lengths: list[int], budget: int) -> list[list[int]]:
@@ -158,7 +178,7 @@ def _flat_targets(samples: list[Sample], places: list[tuple[int, int, int]]) -> 
         seq += [k] * len(pos)
         seq_tokens += [len(pos)] * len(pos)
         old += [s.sampler_logprobs[i] for i in pos]
-        adv += [s.advantage] * len(pos)
+        adv += s.token_advantages(pos)
     return dict(
         src=torch.tensor(src, dtype=torch.long),
         targets=torch.tensor(tgt, dtype=torch.long),

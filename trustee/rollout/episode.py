@@ -53,6 +53,9 @@ from trustee.types import (
 log = logging.getLogger("trustee.rollout")
 
 FORMAT_ERROR_KINDS = frozenset({"invalid_json", "not_an_object", "missing_name", "unclosed"})
+MALFORMED_KINDS = FORMAT_ERROR_KINDS | {"schema", "unknown_tool"}
+"""Error kinds of a call that did not run (`Counters.malformed_calls`): its turn is flagged in
+`Trajectory.malformed_turns`."""
 
 
 @runtime_checkable
@@ -76,6 +79,7 @@ class _Episode:
     counters: Counters = field(default_factory=Counters)
     state: EpisodeState | None = None
     conv: Conversation | None = None
+    malformed_turns: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -162,9 +166,12 @@ class EpisodeRunner:
             if c.turns >= self.cfg.max_turns or room < 1:
                 return "truncated"
             comp = await self._sample(conv, fmt, room, ep.episode_id)
+            start = len(conv.ids)
             conv.append_sampled(comp.token_ids, comp.logprobs, comp.policy_version)
             c.turns += 1
             action = self._action(comp, parser, turns, c)
+            if any(e.kind in MALFORMED_KINDS for e in action.errors):
+                ep.malformed_turns.append((start, len(conv.ids)))
             conv.add_assistant(action.message)
             replies = await env.step(state, action)
             c.sim_retries = state.sim_retries
@@ -292,6 +299,7 @@ class EpisodeRunner:
             error=error,
             messages=conv.messages if conv else [],
             knobs=dict(ep.task.knobs),
+            malformed_turns=ep.malformed_turns if conv else [],
         )
         traj.check()
         return traj
