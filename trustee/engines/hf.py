@@ -3,22 +3,24 @@
 Owns `HFEngine`: dynamic batching of concurrent `generate` calls over a plain transformers
 causal LM with a KV cache, exact log-probs of the sampled tokens after temperature, per-request
 JSON constraints through xgrammar, in-place full-weight and LoRA updates, and sleep/wake.
-It does not own tokenization or chat rendering (callers pass token ids) and has no prefix cache
-across batches.
+It does not own tokenization or chat rendering (callers pass token ids). A prompt that extends
+a sequence the engine finished earlier (an episode's next turn) reuses that sequence's keys and
+values and prefills only its new tokens (`engines/hf_prefix.py`; emptied on weight updates).
 
 How batching works (continuous batching at the step level): callers enqueue requests; one
 background task prefills up to `max_batch` of them as a left-padded batch with a KV cache,
 then decodes one token per step for every live row. Identical prompts in one prefill (a GRPO
-group's G episodes open with the same prompt) are run once and their cache rows repeated, which
-is as much prefix reuse as this engine has. Between steps, finished rows and rows whose caller
-was cancelled are dropped from the cache, and queued requests join: they are prefilled and
-their cache is left-padded and stacked onto the running one. Weights never change
-inside a batch (updates and sleep wait for it to drain, and while one waits no newcomer joins),
-so each `Completion.policy_version` is exact. A batch holds requests of one adapter state
-(`Sampling.adapter`): a batch of base requests (the simulator on the policy's base) runs with
-the LoRA adapter switched off. Torch work runs in a worker thread, so the event loop stays
-free. A decode step appends to a KV cache with room and, for Llama-family models, runs the
-decoder layers directly (`engines/hf_decode.py`; the same logits as the model's forward).
+group's G episodes open with the same prompt) are run once and their cache rows repeated.
+Between steps, finished rows and rows whose caller was cancelled are dropped from the cache,
+and queued requests join: they are prefilled and their cache is left-padded and stacked onto
+the running one. Weights never change inside a batch (updates and sleep wait for it to drain,
+and while one waits no newcomer joins), so each `Completion.policy_version` is exact. A batch
+holds requests of one adapter state (`Sampling.adapter`): a batch of base requests (the
+simulator on the policy's base) runs with the LoRA adapter switched off. Torch work runs in a
+worker thread, so the event loop stays free; the thread runs decode steps until a request
+finishes or a queued one could join. A decode step appends to a KV cache with room and, for
+Llama-family models, runs the decoder layers directly (`engines/hf_decode.py`; the same
+logits as the model's forward).
 `EngineStats.batches` counts decode steps, `max_batch` the most rows in one.
 
 Callers: `build_engine` (backend 'hf'), the episode runner and learner tests, `bench/engine.py`.
@@ -52,9 +54,12 @@ from trustee.engines.base import (
 )
 from trustee.engines.grammar import json_grammar
 from trustee.engines.hf_decode import decode_logits, fast_decode_ok, room_cache
+from trustee.engines.hf_prefix import PrefixStore, reuse_layout, row_kv
 from trustee.engines.hf_sample import sample
 
 ADAPTER = "policy"
+PREFIX_CACHE_BYTES = 512 * 2**20
+"""Default byte budget of the stored keys and values reused across an episode's turns."""
 
 
 @dataclass(eq=False)
@@ -88,6 +93,7 @@ class _Batch:
     next_pos: torch.Tensor  # [B] position id of the next token
     logits: torch.Tensor  # [B, V] logits for the next token, float32
     fast: bool = False  # decode with hf_decode's layer-by-layer step (see `HFEngine.fast_decode`)
+    adapter: bool = True  # the batch's adapter state (`Sampling.adapter`), what its keys were computed under
 
 
 class _Grammars:
@@ -135,6 +141,7 @@ class HFEngine:
         max_model_len: int | None = None,
         source_dir: str | Path | None = None,
         seed: int = 0,
+        prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
     ):
         # Frozen, as peft freezes the base when an adapter arrives (torch's matmul takes another path
         # for weights that require grad): the base's outputs must not move when one is loaded.
@@ -171,6 +178,10 @@ class HFEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exclusive_waiters = 0  # sleep/wake/update calls waiting for the gate
         self.prefilled_rows = 0  # prompt rows prefill ran (one per distinct prompt of a batch)
+        self.prefilled_tokens = 0  # token positions prefill ran (padding included)
+        self.prefix = PrefixStore(prefix_cache_bytes)
+        """Finished sequences' keys and values for the prompts that extend them (hf_prefix.py);
+        emptied on every weight update and sleep. `prefix_cache_bytes` = 0 turns reuse off."""
         self.fast_decode = True
         """Decode with `hf_decode` (a KV cache with room, Llama-family layers called directly;
         the same logits); False: transformers' DynamicCache and the model's forward (tests)."""
@@ -414,24 +425,25 @@ class HFEngine:
     def _prefill(self, reqs: list[_Request]) -> _Batch:
         """Prefill `reqs` as a left-padded batch. A GRPO group sends its G episodes' opening
         prompt G times: each distinct prompt is run once, and its cache rows, mask, position
-        and last logits are repeated for its copies (each copy then samples on its own)."""
+        and last logits are repeated for its copies (each copy then samples on its own). A
+        prompt that extends a stored sequence (`prefix`) reuses its keys and values and runs
+        only the rest; every prompt run is stored in turn."""
         from transformers import DynamicCache
 
         first: dict[tuple[int, ...], int] = {}
         rows = [first.setdefault(tuple(r.prompt), len(first)) for r in reqs]  # request -> prompt row
-        prompts = list(first)
-        width = max(len(p) for p in prompts)
-        pad = 0
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # [U, T]
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [U, T]
-        for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt) :] = torch.tensor(prompt)
-            mask[i, width - len(prompt) :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [U, T]
-        ids, mask, pos = ids.to(self._device), mask.to(self._device), pos.to(self._device)
+        prompts, tag = list(first), reqs[0].params.adapter  # `_take` keeps a batch to one adapter state
+        matches = [self.prefix.match(p, tag) for p in prompts] if self.prefix.budget else []
         cache = (
             room_cache(self._model.config) if self.fast_decode else DynamicCache(config=self._model.config)
         )
+        if any(e is not None for e, _ in matches):
+            past, ids, mask, pos = reuse_layout(prompts, matches, self._device)
+            for layer, (k, v) in enumerate(past):
+                cache.update(k, v, layer)
+            self.prefix.reused_tokens += sum(m for _, m in matches)
+        else:
+            ids, mask, pos = _left_padded(prompts, self._device)
         out = self._model(
             input_ids=ids,
             attention_mask=mask,
@@ -443,12 +455,16 @@ class HFEngine:
         logits = out.logits[:, -1].float()  # [U, V]
         cache, next_pos = out.past_key_values, pos[:, -1] + 1
         self.prefilled_rows += len(prompts)
+        self.prefilled_tokens += int(ids.shape[0] * ids.shape[1])
+        if self.prefix.budget:
+            for u, p in enumerate(prompts):
+                self.prefix.add(p, tag, *row_kv(cache, mask, u))
         if len(prompts) < len(reqs):
             idx = torch.tensor(rows, device=self._device)  # [B]
             cache.batch_select_indices(idx)
             mask, next_pos, logits = mask[idx], next_pos[idx], logits[idx]
         fast = self.fast_decode and fast_decode_ok(self._model)
-        return _Batch(reqs, cache, mask, next_pos, logits, fast)
+        return _Batch(reqs, cache, mask, next_pos, logits, fast, tag)
 
     def _steps(self, b: _Batch, adapter: bool) -> list[_Request]:
         """Decode steps in the worker thread until a request finishes (its caller is answered on
@@ -489,8 +505,10 @@ class HFEngine:
                 r.finish = "length"
             if r.finish is None:
                 keep.append(i)
-            else:
-                done.append(r)
+                continue
+            done.append(r)
+            if self.prefix.budget:  # its keys cover the prompt and every token but the last
+                self.prefix.add(tuple(r.prompt + r.ids[:-1]), b.adapter, *row_kv(b.cache, b.mask, i))
         self._stats.generated_tokens += len(b.reqs) - sum(r.dropped for r in b.reqs)
         if len(keep) < len(b.reqs):
             self._select(b, keep)
@@ -563,6 +581,7 @@ class HFEngine:
                 raise RecoverableEngineError(
                     "engine sleeps at level 2 (weights dropped); call wake() before update_weights"
                 )
+            self.prefix.clear()  # stored keys and values were computed under the old weights
             if isinstance(update, FullUpdate):
                 await asyncio.to_thread(self._load_full, update.chunks)
                 self._full_updates += 1
@@ -643,6 +662,7 @@ class HFEngine:
                 return
             self._awake.clear()
             self._sleep_level = level
+            self.prefix.clear()
             await asyncio.to_thread(self._release, level)
             self._stats.sleeps += 1
 
@@ -704,6 +724,18 @@ def _load_model(path: Path, device: str, dtype: torch.dtype) -> Any:
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval().requires_grad_(False)  # frozen: see HFEngine.__init__
+
+
+def _left_padded(prompts: list[tuple[int, ...]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Prefill inputs of prompts left-padded to the longest: ids, mask and position ids [U, T]."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)  # [U, T]; pad id 0
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [U, T]
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = torch.tensor(prompt)
+        mask[i, width - len(prompt) :] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [U, T]
+    return ids.to(device), mask.to(device), pos.to(device)
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
