@@ -108,3 +108,16 @@ def test_prefix_store_longest_match_budget_and_order():
     assert store.nbytes == 16 * 40 <= store.budget
     store.add(tuple(range(300, 400)), True, *_kv(100))  # bigger than the budget: not kept
     assert len(store) == 2
+
+
+def test_a_group_split_across_batches_prefills_its_prompt_once(tiny_model_dir):
+    # The copies of a group's opening prompt are run once when they share a batch; a copy that
+    # arrives after the batch started reuses the stored prompt and prefills one token.
+    prompt, greedy = list(range(3, 80)), Sampling(max_tokens=5, temperature=0.0)
+    eng = _engine(tiny_model_dir, True)
+    first = asyncio.run(eng.generate(prompt, greedy))
+    tokens0 = eng.prefilled_tokens
+    again = asyncio.run(eng.generate(prompt, greedy))
+    assert eng.prefix.reused_tokens == len(prompt) - 1 and eng.prefilled_tokens - tokens0 == 1
+    plain = asyncio.run(_engine(tiny_model_dir, False).generate(prompt, greedy))
+    assert first.token_ids == again.token_ids == plain.token_ids
