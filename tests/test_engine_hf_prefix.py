@@ -121,3 +121,16 @@ def test_a_group_split_across_batches_prefills_its_prompt_once(tiny_model_dir):
     assert eng.prefix.reused_tokens == len(prompt) - 1 and eng.prefilled_tokens - tokens0 == 1
     plain = asyncio.run(_engine(tiny_model_dir, False).generate(prompt, greedy))
     assert first.token_ids == again.token_ids == plain.token_ids
+
+
+def test_enable_prefix_caching_false_turns_reuse_off(tiny_model_dir):
+    from trustee.config.schema import EngineConfig
+
+    on = HFEngine.from_config(EngineConfig(), model_path=tiny_model_dir)
+    off = HFEngine.from_config(EngineConfig(enable_prefix_caching=False), model_path=tiny_model_dir)
+    prompt, greedy = list(range(3, 80)), Sampling(max_tokens=3, temperature=0.0)
+    for eng in (on, off):
+        for _ in range(2):
+            asyncio.run(eng.generate(prompt, greedy))
+    assert on.prefix.reused_tokens == len(prompt) - 1
+    assert off.prefix.reused_tokens == 0 and len(off.prefix) == 0

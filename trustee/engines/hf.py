@@ -215,7 +215,8 @@ class HFEngine:
         device: str = "cpu",
         seed: int = 0,
     ) -> HFEngine:
-        """Build from an `EngineConfig` (trustee.config): `max_num_seqs` caps the batch.
+        """Build from an `EngineConfig` (trustee.config): `max_num_seqs` caps the batch,
+        `enable_prefix_caching` = false turns prefix reuse off.
         dtype 'auto' = bfloat16 on CUDA, float32 on CPU."""
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
@@ -228,6 +229,8 @@ class HFEngine:
             seed=seed,
         )
         engine.sleep_mode = cfg.enable_sleep_mode
+        if not cfg.enable_prefix_caching:
+            engine.prefix.budget = 0
         return engine
 
     # ------------------------------------------------------------------ event-loop plumbing
