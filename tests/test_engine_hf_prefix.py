@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 from engine_harness import load_reference, perturbed_state
 
@@ -56,8 +57,10 @@ def _same(a: list[list], b: list[list]) -> None:
             assert (torch.tensor(x.logprobs) - torch.tensor(y.logprobs)).abs().max().item() < 1e-5
 
 
-def test_reuse_gives_the_tokens_of_whole_prefills_and_prefills_less(tiny_model_dir):
+@pytest.mark.parametrize("fast", [True, False])  # hf_decode's cache with room; transformers' DynamicCache
+def test_reuse_gives_the_tokens_of_whole_prefills_and_prefills_less(tiny_model_dir, fast):
     with_reuse, without = _engine(tiny_model_dir, True), _engine(tiny_model_dir, False)
+    with_reuse.fast_decode = without.fast_decode = fast
     a = asyncio.run(_episodes(with_reuse, turns=3))
     b = asyncio.run(_episodes(without, turns=3))
     _same(a, b)
