@@ -88,7 +88,10 @@ EVIDENCE: dict[str, list[str]] = {
     + [
         "test:tests/test_engine_vllm.py::test_engine_env_strips_expandable_segments_and_the_legacy_kv_variable"
     ],
-    "engines.policy.enable_prefix_caching": _vllm_only("policy", "enable_prefix_caching", "false"),
+    "engines.policy.enable_prefix_caching": [
+        "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
+        "test:tests/test_engine_hf_prefix.py::test_enable_prefix_caching_false_turns_reuse_off",
+    ],
     "engines.policy.enable_sleep_mode": _vllm_only("policy", "enable_sleep_mode", "false"),
     "engines.policy.max_lora_rank": _vllm_only("policy", "max_lora_rank", "8")
     + ["refused:engines.policy.backend=vllm,engines.policy.max_lora_rank=8,learner.lora_rank=16"],
@@ -111,7 +114,10 @@ EVIDENCE: dict[str, list[str]] = {
     ],
     "engines.simulator.gpu_memory_utilization": _vllm_only("simulator", "gpu_memory_utilization", "0.5"),
     "engines.simulator.kv_cache_gib": _vllm_only("simulator", "kv_cache_gib", "2.0"),
-    "engines.simulator.enable_prefix_caching": _vllm_only("simulator", "enable_prefix_caching", "false"),
+    "engines.simulator.enable_prefix_caching": [
+        "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
+        "test:tests/test_engine_hf_prefix.py::test_enable_prefix_caching_false_turns_reuse_off",
+    ],
     "engines.simulator.enable_sleep_mode": [
         "test:tests/test_field_effects.py::test_vllm_engine_fields_reach_the_engine_args",
         "test:tests/test_field_effects.py::test_simulator_sleep_mode_lets_the_engine_sleep_or_refuses",

@@ -2,7 +2,7 @@
 
 A field set on a backend that cannot honour it is refused at load time (the rule
 `backend_capabilities` in `rules.py`), never silently ignored. The HF engine is one process on
-one device with no memory cap, compilation, prefix cache, sleep mode or hot-loaded adapter slot;
+one device with no memory cap, compilation, sleep mode or hot-loaded adapter slot;
 a remote (openai) server's parallelism, memory and batching are configured on the server (the
 placement never asks it to sleep and it never receives an adapter); vLLM honours everything
 except the HTTP client's fields.
@@ -23,7 +23,7 @@ HONOURED_BY: dict[str, tuple[str, ...]] = {
     "max_num_seqs": ("hf", "vllm"),
     "gpu_memory_utilization": ("vllm",),
     "kv_cache_gib": ("vllm",),
-    "enable_prefix_caching": ("vllm",),
+    "enable_prefix_caching": ("hf", "vllm"),
     "enable_sleep_mode": ("vllm",),
     "max_lora_rank": ("vllm",),
     "tensor_parallel_size": ("vllm",),

@@ -67,7 +67,7 @@ class EngineConfig(Section, kw_only=True):
     kv_cache_gib: Annotated[float, Meta(ge=0.0)] = 0.0
     """Fixed KV-cache size per GPU in GiB (vLLM; on CPU: VLLM_CPU_KVCACHE_SPACE); 0 = use the fraction."""
     enable_prefix_caching: bool = True
-    """Reuse KV blocks of repeated prompt prefixes (multi-turn episodes, GRPO groups)."""
+    """Reuse KV blocks of repeated prompt prefixes (multi-turn episodes, GRPO groups); on the HF engine, a finished turn's KV cache for the next turn."""
     enable_sleep_mode: bool = True
     """Allow sleep/wake so the engine can hand its memory to the learner (placement 'colocate' needs it on every engine beside the learner)."""
     max_lora_rank: Annotated[int, Meta(ge=0)] = 64

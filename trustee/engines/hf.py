@@ -3,22 +3,24 @@
 Owns `HFEngine`: dynamic batching of concurrent `generate` calls over a plain transformers
 causal LM with a KV cache, exact log-probs of the sampled tokens after temperature, per-request
 JSON constraints through xgrammar, in-place full-weight and LoRA updates, and sleep/wake.
-It does not own tokenization or chat rendering (callers pass token ids) and has no prefix cache
-across batches.
+It does not own tokenization or chat rendering (callers pass token ids). A prompt that extends
+a sequence the engine finished earlier (an episode's next turn) reuses that sequence's keys and
+values and prefills only its new tokens (`engines/hf_prefix.py`; emptied on weight updates).
 
 How batching works (continuous batching at the step level): callers enqueue requests; one
 background task prefills up to `max_batch` of them as a left-padded batch with a KV cache,
 then decodes one token per step for every live row. Identical prompts in one prefill (a GRPO
-group's G episodes open with the same prompt) are run once and their cache rows repeated, which
-is as much prefix reuse as this engine has. Between steps, finished rows and rows whose caller
-was cancelled are dropped from the cache, and queued requests join: they are prefilled and
-their cache is left-padded and stacked onto the running one. Weights never change
-inside a batch (updates and sleep wait for it to drain, and while one waits no newcomer joins),
-so each `Completion.policy_version` is exact. A batch holds requests of one adapter state
-(`Sampling.adapter`): a batch of base requests (the simulator on the policy's base) runs with
-the LoRA adapter switched off. Torch work runs in a worker thread, so the event loop stays
-free. A decode step appends to a KV cache with room and, for Llama-family models, runs the
-decoder layers directly (`engines/hf_decode.py`; the same logits as the model's forward).
+group's G episodes open with the same prompt) are run once and their cache rows repeated.
+Between steps, finished rows and rows whose caller was cancelled are dropped from the cache,
+and queued requests join: they are prefilled and their cache is left-padded and stacked onto
+the running one. Weights never change inside a batch (updates and sleep wait for it to drain,
+and while one waits no newcomer joins), so each `Completion.policy_version` is exact. A batch
+holds requests of one adapter state (`Sampling.adapter`): a batch of base requests (the
+simulator on the policy's base) runs with the LoRA adapter switched off. Torch work runs in a
+worker thread, so the event loop stays free; the thread runs decode steps until a request
+finishes or a queued one could join. A decode step appends to a KV cache with room and, for
+Llama-family models, runs the decoder layers directly (`engines/hf_decode.py`; the same
+logits as the model's forward).
 `EngineStats.batches` counts decode steps, `max_batch` the most rows in one.
 
 Callers: `build_engine` (backend 'hf'), the episode runner and learner tests, `bench/engine.py`.
@@ -51,9 +53,13 @@ from trustee.engines.base import (
     WeightUpdate,
 )
 from trustee.engines.grammar import json_grammar
-from trustee.engines.hf_decode import decode_logits, room_cache
+from trustee.engines.hf_decode import decode_logits, fast_decode_ok, room_cache
+from trustee.engines.hf_prefix import PrefixStore, reuse_layout, row_kv
+from trustee.engines.hf_sample import sample
 
 ADAPTER = "policy"
+PREFIX_CACHE_BYTES = 512 * 2**20
+"""Default byte budget of the stored keys and values reused across an episode's turns."""
 
 
 @dataclass(eq=False)
@@ -86,6 +92,8 @@ class _Batch:
     mask: torch.Tensor  # [B, L] 1 for real tokens, 0 for left padding
     next_pos: torch.Tensor  # [B] position id of the next token
     logits: torch.Tensor  # [B, V] logits for the next token, float32
+    fast: bool = False  # decode with hf_decode's layer-by-layer step (see `HFEngine.fast_decode`)
+    adapter: bool = True  # the batch's adapter state (`Sampling.adapter`), what its keys were computed under
 
 
 class _Grammars:
@@ -133,6 +141,7 @@ class HFEngine:
         max_model_len: int | None = None,
         source_dir: str | Path | None = None,
         seed: int = 0,
+        prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
     ):
         # Frozen, as peft freezes the base when an adapter arrives (torch's matmul takes another path
         # for weights that require grad): the base's outputs must not move when one is loaded.
@@ -169,6 +178,10 @@ class HFEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exclusive_waiters = 0  # sleep/wake/update calls waiting for the gate
         self.prefilled_rows = 0  # prompt rows prefill ran (one per distinct prompt of a batch)
+        self.prefilled_tokens = 0  # token positions prefill ran (padding included)
+        self.prefix = PrefixStore(prefix_cache_bytes)
+        """Finished sequences' keys and values for the prompts that extend them (hf_prefix.py);
+        emptied on every weight update and sleep. `prefix_cache_bytes` = 0 turns reuse off."""
         self.fast_decode = True
         """Decode with `hf_decode` (a KV cache with room, Llama-family layers called directly;
         the same logits); False: transformers' DynamicCache and the model's forward (tests)."""
@@ -202,7 +215,8 @@ class HFEngine:
         device: str = "cpu",
         seed: int = 0,
     ) -> HFEngine:
-        """Build from an `EngineConfig` (trustee.config): `max_num_seqs` caps the batch.
+        """Build from an `EngineConfig` (trustee.config): `max_num_seqs` caps the batch,
+        `enable_prefix_caching` = false turns prefix reuse off.
         dtype 'auto' = bfloat16 on CUDA, float32 on CPU."""
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
@@ -215,6 +229,8 @@ class HFEngine:
             seed=seed,
         )
         engine.sleep_mode = cfg.enable_sleep_mode
+        if not cfg.enable_prefix_caching:
+            engine.prefix.budget = 0
         return engine
 
     # ------------------------------------------------------------------ event-loop plumbing
@@ -330,9 +346,7 @@ class HFEngine:
             with self._adapter_state(adapter):
                 batch = await asyncio.to_thread(self._prefill, reqs)
                 while batch.reqs:
-                    self._stats.batches += 1
-                    self._stats.max_batch = max(self._stats.max_batch, len(batch.reqs))
-                    done = await asyncio.to_thread(self._step, batch)
+                    done = await asyncio.to_thread(self._steps, batch, adapter)
                     self._finish(done, version)
                     room = self.max_batch - len(batch.reqs)
                     joiners = self._take(room, adapter) if self._exclusive_waiters == 0 else []
@@ -414,24 +428,25 @@ class HFEngine:
     def _prefill(self, reqs: list[_Request]) -> _Batch:
         """Prefill `reqs` as a left-padded batch. A GRPO group sends its G episodes' opening
         prompt G times: each distinct prompt is run once, and its cache rows, mask, position
-        and last logits are repeated for its copies (each copy then samples on its own)."""
+        and last logits are repeated for its copies (each copy then samples on its own). A
+        prompt that extends a stored sequence (`prefix`) reuses its keys and values and runs
+        only the rest; every prompt run is stored in turn."""
         from transformers import DynamicCache
 
         first: dict[tuple[int, ...], int] = {}
         rows = [first.setdefault(tuple(r.prompt), len(first)) for r in reqs]  # request -> prompt row
-        prompts = list(first)
-        width = max(len(p) for p in prompts)
-        pad = 0
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # [U, T]
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [U, T]
-        for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt) :] = torch.tensor(prompt)
-            mask[i, width - len(prompt) :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [U, T]
-        ids, mask, pos = ids.to(self._device), mask.to(self._device), pos.to(self._device)
+        prompts, tag = list(first), reqs[0].params.adapter  # `_take` keeps a batch to one adapter state
+        matches = [self.prefix.match(p, tag) for p in prompts] if self.prefix.budget else []
         cache = (
             room_cache(self._model.config) if self.fast_decode else DynamicCache(config=self._model.config)
         )
+        if any(e is not None for e, _ in matches):
+            past, ids, mask, pos = reuse_layout(prompts, matches, self._device)
+            for layer, (k, v) in enumerate(past):
+                cache.update(k, v, layer)
+            self.prefix.reused_tokens += sum(m for _, m in matches)
+        else:
+            ids, mask, pos = _left_padded(prompts, self._device)
         out = self._model(
             input_ids=ids,
             attention_mask=mask,
@@ -443,11 +458,34 @@ class HFEngine:
         logits = out.logits[:, -1].float()  # [U, V]
         cache, next_pos = out.past_key_values, pos[:, -1] + 1
         self.prefilled_rows += len(prompts)
+        self.prefilled_tokens += int(ids.shape[0] * ids.shape[1])
+        if self.prefix.budget:
+            for u, p in enumerate(prompts):
+                self.prefix.add(p, tag, *row_kv(cache, mask, u))
         if len(prompts) < len(reqs):
             idx = torch.tensor(rows, device=self._device)  # [B]
             cache.batch_select_indices(idx)
             mask, next_pos, logits = mask[idx], next_pos[idx], logits[idx]
-        return _Batch(reqs, cache, mask, next_pos, logits)
+        fast = self.fast_decode and fast_decode_ok(self._model)
+        return _Batch(reqs, cache, mask, next_pos, logits, fast, tag)
+
+    def _steps(self, b: _Batch, adapter: bool) -> list[_Request]:
+        """Decode steps in the worker thread until a request finishes (its caller is answered on
+        the event loop), a queued request could join, or the engine closes: one thread hop per
+        such event instead of one per token. The tokens are the same as one hop per step."""
+        while True:
+            self._stats.batches += 1
+            self._stats.max_batch = max(self._stats.max_batch, len(b.reqs))
+            done = self._step(b)
+            if done or not b.reqs or self._closed or self._joinable(len(b.reqs), adapter):
+                return done
+
+    def _joinable(self, rows: int, adapter: bool) -> bool:
+        """Whether a queued request could join a batch of `rows` rows now (read from the worker
+        thread: `_pending` is only appended to or replaced on the event loop)."""
+        if rows >= self.max_batch or self._exclusive_waiters:
+            return False
+        return any(not r.dropped and r.params.adapter == adapter for r in self._pending)
 
     @torch.inference_mode()
     def _step(self, b: _Batch) -> list[_Request]:
@@ -470,8 +508,10 @@ class HFEngine:
                 r.finish = "length"
             if r.finish is None:
                 keep.append(i)
-            else:
-                done.append(r)
+                continue
+            done.append(r)
+            if self.prefix.budget:  # its keys cover the prompt and every token but the last
+                self.prefix.add(tuple(r.prompt + r.ids[:-1]), b.adapter, *row_kv(b.cache, b.mask, i))
         self._stats.generated_tokens += len(b.reqs) - sum(r.dropped for r in b.reqs)
         if len(keep) < len(b.reqs):
             self._select(b, keep)
@@ -499,7 +539,7 @@ class HFEngine:
         both caches are left-padded to a common length and stacked on the batch dimension."""
         nb = self._prefill(reqs)
         if not b.reqs:
-            b.reqs, b.cache, b.mask, b.next_pos, b.logits = nb.reqs, nb.cache, nb.mask, nb.next_pos, nb.logits
+            vars(b).update(vars(nb))  # every field of the new batch
             return
         width = max(b.mask.shape[1], nb.mask.shape[1])
         for old, new in zip(b.cache.layers, nb.cache.layers, strict=True):
@@ -516,53 +556,12 @@ class HFEngine:
         n = len(b.reqs)
         b.mask = torch.cat([b.mask, b.mask.new_ones((n, 1))], dim=1)  # [B, L+1]
         toks = toks.to(self._device)
-        b.logits = decode_logits(
-            self._model, toks, b.next_pos, b.mask, b.cache, fast=self.fast_decode
-        )  # [B, V]
+        b.logits = decode_logits(self._model, toks, b.next_pos, b.mask, b.cache, fast=b.fast)  # [B, V]
         b.next_pos = b.next_pos + 1
 
     def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [B, V] -> (token ids [B], log-probs [B] under the distribution sampled from:
-        after temperature, top-k/top-p and the grammar mask; greedy rows use temperature 1)."""
-        temps = torch.tensor([r.params.temperature or 1.0 for r in reqs], device=logits.device)
-        scores = logits / temps[:, None]  # [B, V]
-        for i, r in enumerate(reqs):
-            if r.params.top_k > 0 or r.params.top_p < 1.0:
-                scores[i] = _truncate(scores[i], r.params.top_k, r.params.top_p)
-        constrained = [i for i, r in enumerate(reqs) if r.matcher is not None]
-        if constrained:
-            self._apply_grammar(scores, reqs, constrained)
-        logp = torch.log_softmax(scores, dim=-1)  # [B, V]
-        toks = logp.argmax(dim=-1)  # [B] greedy default
-        free = [
-            i
-            for i, r in enumerate(reqs)
-            if r.params.temperature > 0 and r.generator is None and r.stream is None
-        ]
-        keyed = [i for i, r in enumerate(reqs) if r.params.temperature > 0 and r.stream is not None]
-        if keyed:
-            us = [_uniform(reqs[i].stream, len(reqs[i].ids)) for i in keyed]
-            toks[keyed] = _draw(logp[keyed].exp(), torch.tensor(us, dtype=torch.float64))
-        if free:  # one uniform per row and an inverse CDF (torch.multinomial costs several times more)
-            us = torch.rand(len(free), generator=self._gen, dtype=torch.float64, device=self._gen.device)
-            toks[free] = _draw(logp[free].exp(), us)
-        for i, r in enumerate(reqs):
-            if r.params.temperature > 0 and r.generator is not None:
-                u = torch.rand(1, generator=r.generator, dtype=torch.float64, device=r.generator.device)
-                toks[i] = _draw(logp[i : i + 1].exp(), u)[0]
-        return toks, logp.gather(1, toks[:, None])[:, 0]
-
-    def _apply_grammar(self, scores: torch.Tensor, reqs: list[_Request], rows: list[int]) -> None:
-        import xgrammar as xgr
-
-        bitmask = xgr.allocate_token_bitmask(len(reqs), self.vocab_size)  # [B, ceil(V/32)] int32
-        for i in rows:
-            reqs[i].matcher.fill_next_token_bitmask(bitmask, i)
-        on_cpu = scores.device.type == "cpu"
-        target = scores if on_cpu else scores.cpu()
-        xgr.apply_token_bitmask_inplace(target, bitmask, vocab_size=self.vocab_size, indices=rows)
-        if not on_cpu:
-            scores.copy_(target)
+        """logits [B, V] -> (token ids [B], log-probs [B]); see `hf_sample.sample`."""
+        return sample(logits, reqs, self._gen, self.vocab_size)
 
     # ------------------------------------------------------------------ sampler state
 
@@ -585,6 +584,7 @@ class HFEngine:
                 raise RecoverableEngineError(
                     "engine sleeps at level 2 (weights dropped); call wake() before update_weights"
                 )
+            self.prefix.clear()  # stored keys and values were computed under the old weights
             if isinstance(update, FullUpdate):
                 await asyncio.to_thread(self._load_full, update.chunks_for("the HF engine"))
                 self._full_updates += 1
@@ -665,6 +665,7 @@ class HFEngine:
                 return
             self._awake.clear()
             self._sleep_level = level
+            self.prefix.clear()
             await asyncio.to_thread(self._release, level)
             self._stats.sleeps += 1
 
@@ -728,6 +729,18 @@ def _load_model(path: Path, device: str, dtype: torch.dtype) -> Any:
     return model.to(device).eval().requires_grad_(False)  # frozen: see HFEngine.__init__
 
 
+def _left_padded(prompts: list[tuple[int, ...]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Prefill inputs of prompts left-padded to the longest: ids, mask and position ids [U, T]."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)  # [U, T]; pad id 0
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [U, T]
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = torch.tensor(prompt)
+        mask[i, width - len(prompt) :] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [U, T]
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     """Zero-pad `t` on the left of `dim` up to `width` (masked positions in the KV cache)."""
     missing = width - t.shape[dim]
@@ -736,38 +749,6 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _uniform(stream: bytes, index: int) -> float:
-    """A uniform in [0, 1) that depends only on (stream, index): 53 bits of a blake2b digest."""
-    import hashlib
-
-    h = hashlib.blake2b(stream + index.to_bytes(8, "little"), digest_size=8).digest()
-    return (int.from_bytes(h, "little") >> 11) / float(1 << 53)
-
-
-def _draw(probs: torch.Tensor, us: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: probs [N, V], one uniform in [0, 1) per row (us [N]) -> token ids
-    [N]. Tokens of probability 0 (masked by grammar or top-k/top-p) have empty intervals and are
-    never drawn."""
-    cdf = probs.double().cumsum(-1)  # [N, V]
-    x = us.to(dtype=cdf.dtype, device=cdf.device) * cdf[:, -1]  # [N]
-    idx = torch.searchsorted(cdf, x[:, None], right=True)[:, 0]  # [N]
-    return idx.clamp(max=probs.shape[-1] - 1)
-
-
-def _truncate(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """scores [V] -> scores with tokens outside top-k / the top-p nucleus set to -inf."""
-    out = scores.clone()
-    if top_k > 0:
-        kth = torch.topk(out, min(top_k, out.numel())).values[-1]
-        out[out < kth] = float("-inf")
-    if top_p < 1.0:
-        sorted_s, order = torch.sort(out, descending=True)
-        cum = torch.softmax(sorted_s, -1).cumsum(-1)
-        cut = cum - torch.softmax(sorted_s, -1) >= top_p  # drop tokens once the mass before them reaches p
-        out[order[cut]] = float("-inf")
-    return out
 
 
 # The LoRA config fields that fix the adapter's tensors: an update that changes one needs a new adapter.

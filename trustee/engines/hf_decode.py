@@ -33,6 +33,10 @@ FAST_TYPES = frozenset({"llama", "qwen2", "qwen3"})
 position_ids, past_key_values) and whose model forward is embed -> rotary -> layers -> norm."""
 
 
+ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "num_key_value_groups")
+"""What `_attend` uses of an attention module (Llama, Qwen2 and Qwen3 all have them)."""
+
+
 class RoomLayer(DynamicLayer):
     """A full-attention cache layer whose `keys` / `values` ([B, H, L, D]) are views of buffers
     with spare columns, so appending a token writes it in place instead of copying the cache.
@@ -89,6 +93,7 @@ def fast_decode_ok(model: Any) -> bool:
         and all(t == "full_attention" for t in getattr(cfg, "layer_types", None) or ["full_attention"])
         and all(hasattr(inner, a) for a in ("embed_tokens", "rotary_emb", "layers", "norm"))
         and hasattr(model, "lm_head")
+        and all(hasattr(layer.self_attn, a) for layer in inner.layers for a in ATTENTION_PARTS)
     )
 
 
@@ -104,28 +109,76 @@ def decode_logits(
     """One decode step: toks [B] (the sampled tokens), pos [B] (their position ids), mask
     [B, L] (1 for real columns, 0 for left padding; L counts the new token) -> next-token
     logits [B, V] float32, `cache` extended by one column (in place). Uses the model's forward
-    when `fast` is off or `fast_decode_ok` is false; otherwise the same modules layer by layer. The mask is what
-    transformers' SDPA mask builder gives a one-token query: none when no row is padded,
-    else a [B, 1, 1, L] boolean mask."""
+    when `fast` is off; otherwise (the caller checked `fast_decode_ok`) the same modules and
+    ops layer by layer. The attention mask is the additive form SDPA makes of the boolean mask
+    transformers builds for a one-token query: none when no row is padded, else [B, 1, 1, L]
+    with -inf on padding."""
     n = toks.shape[0]
     ids, position = toks.view(n, 1), pos.view(n, 1)  # [B, 1]
-    if not (fast and fast_decode_ok(model)):
+    if not fast:
         out = model(
             input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
         )
         return out.logits[:, -1].float()
     inner = model.model
-    attend = None if bool(mask.all()) else mask.bool()[:, None, None, :]  # [B, 1, 1, L]
     hidden = inner.embed_tokens(ids)  # [B, 1, H]
-    rotary = inner.rotary_emb(hidden, position)
-    for layer in inner.layers[: model.config.num_hidden_layers]:
-        hidden = layer(
-            hidden,
-            attention_mask=attend,
-            position_embeddings=rotary,
-            position_ids=position,
-            past_key_values=cache,
-            use_cache=True,
+    attend = None  # what SDPA makes of transformers' boolean mask, made once for all layers:
+    if not bool(mask.all()):  # 0 where a row attends, -inf on its left padding
+        attend = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device)
+        attend = attend.masked_fill_(mask == 0, float("-inf"))[:, None, None, :]  # [B, 1, 1, L]
+    cos, sin = inner.rotary_emb(hidden, position)  # [B, 1, D] each
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, 1, D]
+    for i, layer in enumerate(inner.layers[: model.config.num_hidden_layers]):
+        residual = hidden
+        hidden = residual + _attend(
+            layer.self_attn, layer.input_layernorm(hidden), cos, sin, attend, cache, i
         )
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     hidden = inner.norm(hidden)
     return model.lm_head(hidden)[:, -1].float()  # [B, V]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, the same ops as transformers' `apply_rotary_pos_emb` / `rotate_half`."""
+    half = x.shape[-1] // 2
+    return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
+
+
+def _attend(
+    attn: Any,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,
+    cache: DynamicCache,
+    i: int,
+) -> torch.Tensor:
+    """One query token's self-attention for a Llama-family attention module: the ops of its
+    forward and of transformers' SDPA integration, without their per-call plumbing.
+    x [B, 1, H] (normed) -> [B, 1, H]."""
+    n, d = x.shape[0], attn.head_dim
+    q = attn.q_proj(x).view(n, 1, -1, d)  # [B, 1, Hq, D]
+    k = attn.k_proj(x).view(n, 1, -1, d)  # [B, 1, Hkv, D]
+    if hasattr(attn, "q_norm"):  # Qwen3
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)  # [B, Hq|Hkv, 1, D]
+    v = attn.v_proj(x).view(n, 1, -1, d).transpose(1, 2)  # [B, Hkv, 1, D]
+    keys, values = cache.update(k, v, i)  # [B, Hkv, L, D]
+    groups, extra = attn.num_key_value_groups, {}
+    if groups > 1:  # GQA inside SDPA; with a mask off CPU, repeated heads as transformers does
+        # (the CPU kernel gives the same numbers either way; CUDA's would fall back to the math kernel)
+        if (mask is None or x.device.type == "cpu") and keys.shape[-1] == values.shape[-1] <= 256:
+            extra["enable_gqa"] = True
+        else:
+            keys, values = _repeat(keys, groups), _repeat(values, groups)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, dropout_p=0.0, scale=attn.scaling, is_causal=False, **extra
+    )  # [B, Hq, 1, D]
+    out = out.transpose(1, 2).contiguous().reshape(n, 1, -1).contiguous()
+    return attn.o_proj(out)
+
+
+def _repeat(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hkv, L, D] -> [B, Hkv * groups, L, D], each head repeated in place (transformers' repeat_kv)."""
+    b, h, length, d = t.shape
+    return t[:, :, None].expand(b, h, groups, length, d).reshape(b, h * groups, length, d)
