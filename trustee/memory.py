@@ -58,10 +58,10 @@ HEADROOM = 0.05
 # estimates; `placement` logs the measured free memory after each build.
 CONTEXT_GIB = 0.75
 BUCKET_BYTES = 512 * 2**20
-"""A shared-route bucket's byte budget per rank (`learn/transport.py`): whole decoder layers up
-to this, or one unit alone when it is larger."""
+"""A shared-route bucket's byte budget per rank (`learn/transport.py` DEFAULT_BUCKET_BYTES is
+this): whole decoder layers up to this, or one unit alone when it is larger."""
 CHUNK_BYTES = 256 * 2**20
-"""A bytes-route chunk (`learn/export.py` DEFAULT_CHUNK_BYTES)."""
+"""A bytes-route chunk (`learn/export.py` DEFAULT_CHUNK_BYTES is this)."""
 GRAPHS_GIB = 0.75
 ENGINE_WORKSPACE_GIB = 1.0  # sampler / activation workspace of an engine with a fixed KV size
 

@@ -27,8 +27,9 @@ from torch import nn
 
 from trustee.engines.base import FullUpdate, LoraUpdate
 from trustee.learn.logprobs import unwrap
+from trustee.memory import CHUNK_BYTES
 
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+DEFAULT_CHUNK_BYTES = CHUNK_BYTES  # the memory model counts the engine's copy of one chunk
 _QUANT_KEY = re.compile(r"\.weight\.(absmax|quant_map|nested_|quant_state)")
 
 

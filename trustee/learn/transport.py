@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from trustee.engines.vllm_ext import SharedBucket, aligned, device_key, layer_of
+from trustee.memory import BUCKET_BYTES
 
-DEFAULT_BUCKET_BYTES = 512 * 2**20  # per rank, on its own device, beside one gathered weight
+DEFAULT_BUCKET_BYTES = BUCKET_BYTES  # per rank, on its own device, beside one gathered weight (memory.push_items)
 
 
 def plan_buckets(sizes: list[tuple[str, int]], bucket_bytes: int) -> list[list[str]]:
