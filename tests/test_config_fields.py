@@ -427,6 +427,7 @@ EVIDENCE: dict[str, list[str]] = {
     ],
     "environment.few_shot": [
         "test:tests/test_toy_env.py::test_few_shot_examples_are_distinct_kinds_of_training_tasks_and_stable",
+        "test:tests/test_sim_policy_base.py::test_the_simulated_policy_sees_the_toy_examples_and_never_trains_on_them",
         "refused:environment.few_shot=2",
     ],
     "environment.uses_simulator": [

@@ -209,7 +209,12 @@ CASES: dict[str, list[tuple[list[str], str, str]]] = {
         ),
     ],
     "few_shot_environments": [
-        (["environment.few_shot=2"], "environment.few_shot", "for kinds 'toy' and 'tasks_file' only"),
+        (
+            ["environment.kind=bfcl", "environment.reward=progress", "environment.few_shot=2"],
+            "environment.few_shot",
+            "for kinds 'toy', 'tasks_file' and 'simulated' only",
+        ),
+        (["environment.few_shot=2"], "environment.few_shot", "the simulated kind's worked examples are the toy"),
         (["simulator.few_shot=2"], "simulator.few_shot", "worked scenarios are written for catalog draws"),
     ],
     "environment_reward": [

@@ -163,3 +163,67 @@ def test_worked_scenarios_come_before_the_task_request(tiny_tokenizer):
     worked = with_examples.split("<|im_start|>assistant\n")[1]
     assert '"expected_calls": [{"name": ' in worked and '"first_query": "' in worked  # the teacher's scenario
     assert with_examples.count("<|im_start|>system") == 1
+
+
+def test_the_simulated_policy_sees_the_toy_examples_and_never_trains_on_them(
+    tiny_model_dir, tiny_tokenizer, tmp_path
+):
+    """environment.few_shot = 3 in the simulated kind (configs/cpu-trustee.toml): the policy's
+    prompt is [system, three worked examples, the generated opening message], the examples
+    being the toy environment's own (cpu-smollm's), each call written as Hermes <tool_call>
+    JSON; every example token is prompt (loss mask 0), and the simulator's requests never hold
+    them. A catalog without the toy tools is refused, naming the field. The simulator is an
+    engine double (FakeJsonEngine: random schema-valid JSON); the policy is the tiny HF model."""
+    import random
+
+    import pytest
+
+    from trustee.config import EnvironmentConfig, RolloutConfig, SimulatorConfig
+    from trustee.engines.hf import HFEngine
+    from trustee.envs.simulated import build_simulated_env
+    from trustee.envs.toy import ToyEnv
+    from trustee.rollout.episode import EpisodeRunner
+    from trustee.sim.fakes import FakeJsonEngine  # engine double: random schema-valid JSON
+    from trustee.types import Knobs
+
+    catalog = str(ROOT / "configs/catalogs/toy-tools.jsonl")
+    sim = SimulatorConfig(tool_catalog=catalog, judge_mode="scripted", max_user_turns=1)
+    simulator = FakeJsonEngine(tiny_tokenizer)
+    env = build_simulated_env(sim, EnvironmentConfig(reward="judge", few_shot=3), simulator, tiny_tokenizer)
+    policy = HFEngine.from_pretrained(tiny_model_dir, max_batch=4, seed=1)
+    runner = EpisodeRunner(
+        policy, tiny_tokenizer, cfg=RolloutConfig(max_turns=2, max_tokens_per_turn=12), max_model_len=4096
+    )
+
+    async def episode():
+        task = await env.make_task(Knobs(difficulty=1.0, n_tools=4, n_expected_calls=1), random.Random(0))
+        try:
+            return task, await runner.run(env, task, "e0")
+        finally:
+            await policy.close()
+
+    task, traj = anyio.run(episode)
+    shots = ToyEnv(few_shot=3).examples(task)
+    assert [m.role for m in shots] == ["user", "assistant"] * 3
+    assert traj.messages[0].role == "system" and traj.messages[1:7] == shots
+    assert traj.messages[7].role == "user" and traj.messages[7].content == task.first_query
+    prompt = tiny_tokenizer.decode(traj.tokens[: traj.prompt_len])
+    assert prompt.count('<tool_call>\n{"name": "') == 3  # each call as the policy must write it
+    assert all(m.content in prompt for m in shots if m.role == "user")
+    assert prompt.index(shots[-2].content) < prompt.rindex(task.first_query)
+    assert traj.status in ("ok", "truncated") and sum(traj.loss_mask) > 0
+    assert not any(traj.loss_mask[: traj.prompt_len])  # no example token is ever trained on
+    seen = [tiny_tokenizer.decode(p) for p in simulator.prompts]
+    assert seen and not any(m.content in s for s in seen for m in shots if m.role == "user")
+
+    other = tmp_path / "other.jsonl"
+    other.write_text(
+        '{"name": "ping", "description": "Ping.", "parameters": {"type": "object", "properties": {}}}\n'
+    )
+    with pytest.raises(ValueError, match=r"environment.few_shot = 3 with simulator.tool_catalog = .*lacks"):
+        build_simulated_env(
+            SimulatorConfig(tool_catalog=str(other), judge_mode="scripted"),
+            EnvironmentConfig(reward="judge", few_shot=3),
+            simulator,
+            tiny_tokenizer,
+        )

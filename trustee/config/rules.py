@@ -220,15 +220,26 @@ def model_limits(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
 
 
 def few_shot_environments(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
-    """Worked examples exist only where the environment has reference conversations, and worked
-    scenarios only where the task generator draws from a catalog."""
+    """Worked examples exist only where the environment has reference conversations (the
+    simulated kind borrows the toy environment's, so it needs the toy tools as its catalog), and
+    worked scenarios only where the task generator draws from a catalog."""
     env, p = cfg.environment, []
-    if env.few_shot and env.kind not in ("toy", "tasks_file"):
+    if env.few_shot and env.kind not in ("toy", "tasks_file", "simulated"):
         p.append(
             Problem(
                 "environment.few_shot",
                 env.few_shot,
-                f"worked examples exist for kinds 'toy' and 'tasks_file' only (kind is {env.kind!r}); set it to 0",
+                f"worked examples exist for kinds 'toy', 'tasks_file' and 'simulated' only (kind is {env.kind!r}); "
+                "set it to 0",
+            )
+        )
+    if env.few_shot and env.kind == "simulated" and not cfg.simulator.tool_catalog:
+        p.append(
+            Problem(
+                "environment.few_shot",
+                env.few_shot,
+                "the simulated kind's worked examples are the toy tools' calls; set simulator.tool_catalog = "
+                "'configs/catalogs/toy-tools.jsonl' or environment.few_shot = 0",
             )
         )
     if cfg.simulator.few_shot and not cfg.simulator.tool_catalog:

@@ -254,7 +254,7 @@ class EnvironmentConfig(Section, kw_only=True):
     uses_simulator: bool = False
     """kind 'python': start the simulator engine and hand the factory a client of it (ctx.simulator), for simulated tools or the judge."""
     few_shot: Annotated[int, Meta(ge=0, le=3)] = 0
-    """kinds 'toy' and 'tasks_file': worked examples (other training tasks' reference conversations, never held-out ones) shown as earlier turns before each task, so a pretrained model that has never called these tools sees the call syntax without SFT."""
+    """kinds 'toy', 'tasks_file' and 'simulated': worked examples (other training tasks' reference conversations, never held-out ones) shown as earlier turns before each task, so a pretrained model that has never called these tools sees the call syntax without SFT. For 'simulated' they are the toy environment's own (its one-call tasks; needs simulator.tool_catalog with the toy tools, configs/catalogs/toy-tools.jsonl), written in code: the simulator does not play them."""
 
 
 # ----------------------------------------------------------------------------- rollout

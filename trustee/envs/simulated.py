@@ -21,6 +21,7 @@ simulator's view of them in the episode's log. It does not tokenize or sample th
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -93,8 +94,12 @@ class SimulatedEnv:
         domains: list[str] | None = None,
         judge_client: SimClient | None = None,
         task_examples: Any = None,
+        policy_examples: Callable[[Task], list[Message]] | None = None,
     ):
         self.client = client
+        self.policy_examples = policy_examples
+        """environment.few_shot: worked turns put between the task's system prompt and its
+        opening query (the policy's prompt only: the simulator's log never holds them)."""
         self.taskgen = TaskGenerator(
             client,
             domains=domains,
@@ -142,6 +147,7 @@ class SimulatedEnv:
             tools=ToolSimulator(self.client, task, group.memo, key=task.id, error_rate=rate),
         )
         messages = [Message(role="system", content=task.system_prompt)] if task.system_prompt else []
+        messages += self.policy_examples(task) if self.policy_examples else []
         messages.append(Message(role="user", content=task.first_query))
         return EpisodeState(
             episode_id=episode_id, task=task, messages=messages, group=group, data={"sim": episode}
@@ -313,6 +319,7 @@ def build_simulated_env(
         task_max_tokens=sim.task_max_tokens,
         catalog=catalog,
         task_examples=_worked_scenarios(sim.few_shot) if sim.few_shot else None,
+        policy_examples=_toy_examples(env.few_shot, catalog, sim.tool_catalog) if env.few_shot else None,
     )
 
 
@@ -321,3 +328,19 @@ def _worked_scenarios(n: int) -> Any:
     from trustee.envs.toy_teacher import worked_scenarios
 
     return lambda knobs, rng: worked_scenarios(n, knobs, rng)
+
+
+def _toy_examples(n: int, catalog: ToolCatalog | None, path: str) -> Callable[[Task], list[Message]]:
+    """environment.few_shot: the toy environment's worked examples (envs/toy.py, the same ones
+    configs/cpu-smollm.toml's policy sees), for a catalog that holds the toy tools they call."""
+    from trustee.envs.toy import ToyEnv
+
+    called = ["add", "convert_units", "kv_get", "kv_set"]  # the toy's one-call kinds' tools
+    names = {t.name for tools in (catalog.by_category.values() if catalog else []) for t in tools}
+    if missing := [t for t in called if t not in names]:
+        raise ValueError(
+            f"environment.few_shot = {n} with simulator.tool_catalog = {path!r}: the worked examples call the "
+            f"toy tools {called}, and this catalog lacks {missing}; use configs/catalogs/toy-tools.jsonl "
+            "or set environment.few_shot = 0"
+        )
+    return ToyEnv(few_shot=n).examples

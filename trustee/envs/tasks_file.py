@@ -18,7 +18,6 @@ current difficulty (the easiest ones when none is). Called through `envs.BUILDER
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import math
 import random
@@ -31,7 +30,7 @@ import anyio
 import msgspec
 
 from trustee.chat.parse import ToolCallParser, canonical_json, error_observation
-from trustee.envs.base import AgentAction, EpisodeState, Knobs, Score
+from trustee.envs.base import AgentAction, EpisodeState, Knobs, Score, example_rng, worked_turns
 from trustee.types import Message, Rubric, Task, ToolCall, ToolSpec
 
 if TYPE_CHECKING:
@@ -270,14 +269,7 @@ class TasksFileEnv:
             for t in self.tasks
             if t.id != task.id and t.expected_calls and {c.name for c in t.expected_calls} <= offered
         ]
-        rng = random.Random(int.from_bytes(hashlib.blake2b(task.id.encode(), digest_size=8).digest(), "big"))
-        out: list[Message] = []
-        for shot in rng.sample(pool, min(self.few_shot, len(pool))):
-            out += [
-                Message(role="user", content=shot.first_query),
-                Message(role="assistant", tool_calls=list(shot.expected_calls)),
-            ]
-        return out
+        return worked_turns(example_rng(task).sample(pool, min(self.few_shot, len(pool))))
 
     async def make_task(self, knobs: Knobs, rng: random.Random) -> Task:
         easiest = self.tasks[0].payload.get("difficulty", 1.0)

@@ -23,7 +23,7 @@ import re
 from typing import Any
 
 from trustee.chat.parse import ToolCallParser, canonical_json, error_observation
-from trustee.envs.base import AgentAction, EpisodeState, Knobs, Score
+from trustee.envs.base import AgentAction, EpisodeState, Knobs, Score, example_rng, worked_turns
 from trustee.types import Message, Task, ToolCall, ToolSpec
 
 SYSTEM_PROMPT = (
@@ -273,27 +273,19 @@ class ToyEnv:
         )
 
     def examples(self, task: Task) -> list[Message]:
-        """`few_shot` worked examples for `task`, as earlier turns: each the query of a
-        training-split one-call task of a different kind (so N = 3 of the 4 one-call kinds:
-        the task's own kind is among them 3 times in 4, and choosing which example fits is
-        left to the policy) and the assistant turn with its reference call.
-        They stop at the call: with the tool's result and an answer after it, SmolLM2-135M
-        copied the answer pattern and never called a tool (0 of 16 samples; bench/README).
-        Chosen by a hash of the task's id: the same task always gets the same examples
-        (held-out scores compare across evaluations); never a held-out or chained task."""
+        """`few_shot` worked examples for `task`, as earlier turns (`envs.base.worked_turns`):
+        each the query of a training-split one-call task of a different kind (so N = 3 of the
+        4 one-call kinds: the task's own kind is among them 3 times in 4, and choosing which
+        example fits is left to the policy) and the assistant turn with its reference call.
+        Chosen by a hash of the task's id (`example_rng`); never a held-out or chained task.
+        Any task over the toy tools can ask: the simulated environment over the toy catalog
+        shows its policy these same examples (environment.few_shot there)."""
         if not self.few_shot:
             return []
-        rng = random.Random(int.from_bytes(hashlib.blake2b(task.id.encode(), digest_size=8).digest(), "big"))
-        kinds = list(ONE_CALL_KINDS)
+        rng = example_rng(task)
         knobs = Knobs(difficulty=task.knobs.get("difficulty", 0.0), n_tools=len(TOOLS), n_expected_calls=1)
-        out: list[Message] = []
-        for kind in rng.sample(kinds, self.few_shot):
-            shot = ToyEnv(kinds=(kind,)).task(knobs, rng)
-            out += [
-                Message(role="user", content=shot.first_query),
-                Message(role="assistant", tool_calls=list(shot.expected_calls)),
-            ]
-        return out
+        kinds = rng.sample(list(ONE_CALL_KINDS), self.few_shot)
+        return worked_turns([ToyEnv(kinds=(kind,)).task(knobs, rng) for kind in kinds])
 
     async def start(self, task: Task, episode_id: str, group: Any = None) -> EpisodeState:
         messages = [
