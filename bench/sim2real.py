@@ -134,12 +134,12 @@ def tool_reply_match(trajectories: Path) -> tuple[float, int]:
 
     hits = total = 0
     for line in trajectories.read_text().splitlines() if trajectories.exists() else []:
-        messages = [Message(**m) for m in json.loads(line)["trajectory"]["messages"]]
+        messages = msgspec.convert(json.loads(line)["trajectory"]["messages"], list[Message])
         store: dict[str, str] = {}
         queue: list[Any] = []
         for m in messages:
             if m.role == "assistant":
-                queue = [c for c in m.tool_calls]
+                queue = list(m.tool_calls)
             elif m.role == "tool" and queue:
                 call = queue.pop(0)
                 if call.name not in TOY_TOOLS:
@@ -210,6 +210,7 @@ async def real_eval(cfg: Any, run_dir: Path, adapter: Any, judge_max_tokens: int
             t0 = time.perf_counter()
             arms[arm] = await heldout.run(0)  # the same episode ids: paired samples
             arms[arm]["wall_s"] = time.perf_counter() - t0
+            arms[arm]["policy_version"] = policy.version
             episodes += [(arm, tasks[t.task_id], t) for _, t in heldout.last]
         t0 = time.perf_counter()
         judges = await judge_episodes(episodes, policy, tok, template, judge_max_tokens)
@@ -226,6 +227,32 @@ def judge_view(task: Any, messages: list[Any]) -> list[Any]:
     return messages[start:]
 
 
+async def judge_rewards(
+    judge: Any, scored: list[tuple[str, Any, Any]]
+) -> tuple[list[float | None], list[str]]:
+    """Each episode's reward from `judge` (None where it failed its retry budget), and the
+    failures' messages. The judge reads the episode as the simulated environment logs it."""
+    from trustee.sim.client import SimError
+    from trustee.sim.log import SimLog
+
+    rewards: list[float | None] = [None] * len(scored)
+    errors: list[str] = []
+
+    async def one(i: int) -> None:
+        _, task, traj = scored[i]
+        try:
+            log = SimLog.replay(task, judge_view(task, traj.messages))
+            score, _ = await judge.score(task, log, ENDING, key=f"{task.id}/{traj.episode_id}")
+            rewards[i] = score.reward
+        except SimError as e:
+            errors.append(str(e)[:300])
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(scored)):
+            tg.start_soon(one, i)
+    return rewards, errors
+
+
 async def judge_episodes(
     episodes: list[tuple[str, Any, Any]], policy: Any, tok: Any, template: Any, max_tokens: int
 ) -> dict[str, Any]:
@@ -233,9 +260,8 @@ async def judge_episodes(
     verdicts) on each real episode, against its real exact result."""
     from trustee.engines.policy_base import PolicyBase
     from trustee.eval.judge_agreement import agreement, judge_passes
-    from trustee.sim.client import SimClient, SimError
+    from trustee.sim.client import SimClient
     from trustee.sim.judge import Judge, ScriptedJudge
-    from trustee.sim.log import SimLog
 
     client = SimClient(PolicyBase(policy), tok, temperature=0.1, max_tokens=max_tokens, template=template)
     judges = {"scripted": ScriptedJudge(), "model": Judge(client, mode="trustee", votes=1, temperature=0.1)}
@@ -244,26 +270,11 @@ async def judge_episodes(
     real_reward = [t.reward for _, _, t in scored]
     out: dict[str, Any] = {"episodes": len(scored), "real_pass_rate": _mean([float(x) for x in real_pass])}
     for name, judge in judges.items():
-        rewards: list[float | None] = [None] * len(scored)
-        errors, last_error = 0, [""]
-
-        async def one(i: int, judge: Any = judge, rewards: list = rewards) -> None:
-            nonlocal errors
-            _, task, traj = scored[i]
-            try:
-                log = SimLog.replay(task, judge_view(task, traj.messages))
-                score, _ = await judge.score(task, log, ENDING, key=f"{task.id}/{traj.episode_id}")
-                rewards[i] = score.reward
-            except SimError as e:
-                errors += 1
-                last_error[0] = str(e)[:300]
-
-        async with anyio.create_task_group() as tg:
-            for i in range(len(scored)):
-                tg.start_soon(one, i)
+        rewards, errors = await judge_rewards(judge, scored)
+        failed = {"judge_errors": len(errors), "last_error": errors[-1] if errors else ""}
         keep = [i for i, r in enumerate(rewards) if r is not None]
         if not keep:
-            out[name] = {"n": 0, "judge_errors": errors, "last_error": last_error[0]}
+            out[name] = {"n": 0, **failed}
             continue
         a = agreement(
             [judge_passes("trustee", float(rewards[i] or 0.0)) for i in keep],
@@ -274,19 +285,22 @@ async def judge_episodes(
         row = msgspec.to_builtins(a)
         row["confusion"] = {k.replace("bfcl", "real"): v for k, v in row["confusion"].items()}
         row["real_pass_rate"] = row.pop("bfcl_pass_rate")
-        out[name] = {**row, "judge_errors": errors, "last_error": last_error[0]}
+        out[name] = {**row, **failed}
     return out
 
 
 # ------------------------------------------------------------------ generated tasks on the real tools
 
 
-def task_validity(model: str, n: int, seed: int, out: Path) -> dict[str, Any]:
-    """bench/sim_tasks.py's check on `n` tasks the untouched base writes for cpu-trustee."""
+def task_validity(model: str, n: int, seed: int, out: Path, sets: list[str]) -> dict[str, Any]:
+    """bench/sim_tasks.py's check on `n` tasks the untouched base writes for cpu-trustee (with
+    the training run's overrides `sets`)."""
     from bench.sim_tasks import check_task, generate
     from trustee.config import load_config, resolve
 
-    cfg = load_config(str(ROOT / SIM_CONFIG), [f"model.path={model}", "model.packaged=''", "model.tiny=''"])
+    cfg = load_config(
+        str(ROOT / SIM_CONFIG), [f"model.path={model}", "model.packaged=''", "model.tiny=''", *sets]
+    )
     tasks, failed, _ = anyio.run(generate, cfg, resolve(cfg, out / "sim_tasks-run"), n, 1.0, seed)
     checked = [check_task(t) for t in tasks]
     return {
@@ -393,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "--model-path", default="", help="a model directory instead of --model (tests: the tiny model)"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gen-tasks", type=int, default=0, help="generated tasks checked (default: the size's)")
     ap.add_argument("--set", action="append", default=[], help="override for the simulated training run")
     ap.add_argument("--real-set", action="append", default=[], help="override for the real evaluation")
     args = ap.parse_args(argv)
@@ -421,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         adapter,
         sim_cfg.simulator.max_tokens,
     )
-    valid = task_validity(model, size["gen_tasks"], args.seed, runs)
+    valid = task_validity(model, args.gen_tasks or size["gen_tasks"], args.seed, runs, sim_sets)
     arms = real["arms"]
     report = {
         "benchmark": "sim2real",
