@@ -84,6 +84,8 @@ def sim_summary(recs: list[dict], trajectories: Path) -> dict[str, Any]:
             "reward_mean": r.get("reward_mean", float("nan")),
             "groups_trained": r.get("groups_trained", 0.0),
             "groups_filtered": r.get("groups_filtered", 0.0),
+            # trained for their reward variance, not only for malformed turns (grpo.turn_credit)
+            "groups_with_variance": r.get("groups_trained", 0.0) - r.get("groups_malformed_only", 0.0),
             "tool_calls_mean": r.get("tool_calls_mean", float("nan")),
         }
         for r in steps
@@ -97,7 +99,7 @@ def sim_summary(recs: list[dict], trajectories: Path) -> dict[str, Any]:
         row["tool_call_share"] = sum(seen) / len(seen) if seen else float("nan")
     return {
         "sim_gain": _mean(rewards[-half:]) - _mean(rewards[:half]) if rewards else float("nan"),
-        "every_step_trains": bool(per_step) and all(r["groups_trained"] > 0 for r in per_step),
+        "every_step_has_variance": bool(per_step) and all(r["groups_with_variance"] > 0 for r in per_step),
         "per_step": per_step,
     }
 
@@ -373,12 +375,13 @@ def _markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
         )
     lines += [
         "",
-        "| simulated step | reward | groups trained | filtered | episodes with a tool call |",
-        "|---:|---:|---:|---:|---:|",
+        "| simulated step | reward | groups trained | with reward variance | filtered | episodes with a tool call |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in f["sim"]["per_step"]:
         lines.append(
-            f"| {r['step']} | {r['reward_mean']:.3f} | {r['groups_trained']:.0f} | {r['groups_filtered']:.0f} | "
+            f"| {r['step']} | {r['reward_mean']:.3f} | {r['groups_trained']:.0f} | {r['groups_with_variance']:.0f} | "
+            f"{r['groups_filtered']:.0f} | "
             f"{r['tool_call_share']:.0%} |"
         )
     load0, load1 = f["machine"]["load_avg_1_5_15"], f["load_avg_end"]

@@ -64,7 +64,13 @@ def test_simulated_tool_replies_are_checked_against_the_real_tools_on_a_replayed
 def test_the_simulated_run_summary_reads_each_steps_groups_and_tool_calls(tmp_path):
     recs = [
         {"step": 0, "reward_mean": -1.0, "groups_trained": 1.0, "groups_filtered": 1.0},
-        {"step": 1, "reward_mean": 0.0, "groups_trained": 2.0, "groups_filtered": 0.0},
+        {
+            "step": 1,
+            "reward_mean": 0.0,
+            "groups_trained": 2.0,
+            "groups_filtered": 1.0,
+            "groups_malformed_only": 1.0,
+        },
         {"step": 2, "reward_mean": 0.5, "groups_trained": 0.0, "groups_filtered": 2.0},
     ]
     path = tmp_path / "trajectories.jsonl"
@@ -76,7 +82,8 @@ def test_the_simulated_run_summary_reads_each_steps_groups_and_tool_calls(tmp_pa
     assert out["sim_gain"] == pytest.approx(
         0.5 - (-1.0)
     )  # last half minus the first (the middle of 3 in neither)
-    assert not out["every_step_trains"]
+    assert [r["groups_with_variance"] for r in out["per_step"]] == [1.0, 1.0, 0.0]
+    assert not out["every_step_has_variance"]
     assert [r["tool_call_share"] for r in out["per_step"]] == [
         0.5,
         1.0,
