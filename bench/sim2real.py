@@ -420,7 +420,6 @@ def main(argv: list[str] | None = None) -> int:
     if runs.exists():  # a run directory left from before would resume instead of training afresh
         shutil.rmtree(runs)
     model = args.model_path or _model(SIM_CONFIG, runs, args.model)
-    from trustee.config import load_config
     from trustee.eval.__main__ import trained_adapter
 
     sim_sets = [f"grpo.steps={size['steps']}", "checkpoint.every_steps=0", *args.set]
@@ -430,14 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     adapter = trained_adapter(runs / "sim")
     if adapter is None:
         raise SystemExit(f"the simulated run left no adapter in {runs / 'sim'}")
-    sim_cfg = load_config(str(runs / "sim" / "config.json"))
+    judge_tokens = json.loads((runs / "sim" / "config.json").read_text())["simulator"]["max_tokens"]
     metric = "sampled" if size["heldout_samples"] else "greedy"
     real = anyio.run(
         real_eval,
         real_config(model, size, args.real_set),
         runs / "real",
         adapter,
-        sim_cfg.simulator.max_tokens,
+        judge_tokens,
     )
     valid = task_validity(model, args.gen_tasks or size["gen_tasks"], args.seed, runs, sim_sets)
     arms = real["arms"]
