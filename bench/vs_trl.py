@@ -20,6 +20,12 @@ after its first; per generated token divides by the completion tokens of those s
 seconds per step (the process's, all threads) are reported beside wall time: under load their
 ratio moves less than the wall ratio.
 
+Threads: each side runs as its users get it. trustee's side applies trustee.run's CPU rule
+(trustee/threads.py: a model this small runs on one thread, where its step takes about half
+the time it takes on two); TRL's keeps torch's default, one thread per core, its faster
+setting here (on one thread its step took 0.39 s against 0.28 s on two, 2 cores, measured
+while writing this). Each side's thread count is in the JSON and the table.
+
 First-step loss: one batch of completions sampled once (token ids), fed to both losses on
 copies of the same weights: trustee's `Learner.accumulate` (is_mode 'off', so the objective
 is the same clipped surrogate TRL computes) and TRL's `GRPOTrainer.compute_loss` on the same
@@ -102,10 +108,14 @@ def run_trustee(p: dict) -> dict[str, Any]:
     from trustee.learn.advantages import compute_advantages
     from trustee.learn.learner import Learner
     from trustee.learn.policy import load_policy
+    from trustee.threads import cpu_threads
     from trustee.types import Group, Trajectory
 
     torch.manual_seed(0)
     path, prompts = _model_and_prompts(p)
+    threads, _ = cpu_threads(path)  # what trustee.run does on CPU (trustee/threads.py)
+    if threads:
+        torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(path)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     engine = HFEngine.from_pretrained(path, max_batch=64)
@@ -176,6 +186,12 @@ def _step_figures(later: list[float], cpu: list[float], toks: list[int]) -> dict
     )
 
 
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _summary(name: str, times: list[float], cpu: list[float], gen: list[int]) -> dict[str, Any]:
     """One process's run of one side: every step's time, figures over those after the first."""
     return dict(
@@ -185,6 +201,7 @@ def _summary(name: str, times: list[float], cpu: list[float], gen: list[int]) ->
         step_cpu_s_all=[round(t, 3) for t in cpu],
         generated_tokens=gen[1:],
         peak_rss_bytes=_peak_rss(),
+        threads=_threads(),
     )
 
 
@@ -374,6 +391,7 @@ def _combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         step_s_measured=later,
         generated_tokens=toks,
         peak_rss_bytes=max(r["peak_rss_bytes"] for r in rounds),
+        threads=rounds[0]["threads"],
         rounds=rounds,
     )
 
@@ -444,10 +462,10 @@ def main(argv: list[str] | None = None) -> None:
             f"Each side ran {p['rounds']} times in its own process, the sides alternating; step s is the median "
             "over every measured step of every round.",
             "",
-            "| | step s (median) | step CPU s (median) | s per generated token | peak RSS MiB |",
-            "|---|---:|---:|---:|---:|",
-            f"| trustee | {t['step_s_median']} | {t['step_cpu_s_median']} | {t['s_per_generated_token']:.5f} | {t['peak_rss_bytes'] / 2**20:.0f} |",
-            f"| TRL | {r['step_s_median']} | {r['step_cpu_s_median']} | {r['s_per_generated_token']:.5f} | {r['peak_rss_bytes'] / 2**20:.0f} |",
+            "| | step s (median) | step CPU s (median) | s per generated token | peak RSS MiB | torch threads |",
+            "|---|---:|---:|---:|---:|---:|",
+            f"| trustee | {t['step_s_median']} | {t['step_cpu_s_median']} | {t['s_per_generated_token']:.5f} | {t['peak_rss_bytes'] / 2**20:.0f} | {t['threads']} |",
+            f"| TRL | {r['step_s_median']} | {r['step_cpu_s_median']} | {r['s_per_generated_token']:.5f} | {r['peak_rss_bytes'] / 2**20:.0f} | {r['threads']} |",
             "",
             f"step_time_ratio (TRL / trustee) = **{rep['step_time_ratio']}**; CPU time per step "
             f"{rep['step_cpu_time_ratio']}; per generated token {rep['per_token_time_ratio']}; peak RSS {rep['peak_rss_ratio']}.",

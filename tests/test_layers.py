@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "trustee"
 
 LAYERS: list[set[str]] = [
     {"run", "eval", "report", "__main__"},
-    {"train", "resume", "interrupt", "checkpoint", "metrics", "summary"},
+    {"train", "resume", "interrupt", "checkpoint", "metrics", "summary", "threads"},
     {"placement", "rollout", "learn", "models", "memory"},
     {"envs", "curriculum"},
     {"sim", "mcp"},

@@ -23,6 +23,7 @@ import msgspec
 from trustee import atomic
 from trustee.config import Config, ConfigError, Problem, Resolved, load_config, resolve
 from trustee.paths import default_run_dir
+from trustee.threads import cpu_threads, cpu_threads_applied
 
 EXIT_CONFIG = 2
 
@@ -527,6 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     if plan.finished and not args.dry_run:
         return 0
     notes = _model_checks(cfg, build=not args.dry_run)
+    threads = None
+    if res.device == "cpu":
+        threads, why = cpu_threads(res.policy_model)
+        notes.append(f"CPU threads: {why}")
     print(format_plan(cfg, res, notes))
     lines, placement_problems = placement_plan(cfg, res, measure=not args.dry_run)
     print("\n".join(lines))
@@ -546,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_bytes(run_dir / "config.json", msgspec.json.format(msgspec.json.encode(cfg)))
     atomic.write_bytes(run_dir / "resolved.json", msgspec.json.format(msgspec.json.encode(res)))
-    return _train(cfg, res, run_dir)
+    with cpu_threads_applied(threads):
+        return _train(cfg, res, run_dir)
 
 
 if __name__ == "__main__":
