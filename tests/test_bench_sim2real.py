@@ -133,7 +133,7 @@ def test_real_evaluation_and_both_judges_on_the_tiny_model(tiny_model_dir, tmp_p
     assert sum(ja["scripted"]["confusion"].values()) == 8
 
 
-@pytest.mark.slow  # the whole pipeline through trustee.run on the tiny random model: minutes
+@pytest.mark.slow  # the whole pipeline through trustee.run on the tiny random model: 40 s to 5 min
 def test_sim2real_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     sets = [
