@@ -22,9 +22,9 @@ tools/install.sh --models) on configs/cpu-smollm.toml, with no SFT. Its control 
 form the issue allows: with lr 0 the weights never move, so the control arm is the untouched
 model evaluated on the same held-out tasks, with the same samples per task, at the same steps,
 with one task of two episodes per step instead of the training batch (`control_form` in the
-JSON says which form ran). The JSON adds `model` and the held-out score parts per arm
-(`aspects`: tool_names, arguments, exact, ...), so tool choice and argument copying show
-apart from the reward. `--quick` is one seed.
+JSON says which form ran). The two arms run one after the other (memory), each on every
+core. The JSON adds `model` and the held-out score parts per arm (`aspects`: tool_names,
+arguments, exact, ...), so tool choice and argument copying show apart from the reward. `--quick` is one seed.
 """
 
 from __future__ import annotations
@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     args.config = args.config or ("configs/cpu-smollm.toml" if args.model else "configs/cpu-tiny.toml")
     args.seeds = args.seeds or ("0" if args.model and args.quick else "0,1,2")
     if args.model:
-        args.jobs = min(args.jobs, 2)  # one trained and one control arm side by side
+        # One arm at a time: a SmolLM2 arm holds 10-16 GB of RSS on CPU (2026-12-06), two side
+        # by side need about 23 GB and one was OOM-killed; one after the other, each gets every core.
+        args.jobs = 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
