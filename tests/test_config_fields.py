@@ -168,6 +168,13 @@ EVIDENCE: dict[str, list[str]] = {
         "test:tests/test_sim_policy_base.py::test_worked_scenarios_come_before_the_task_request",
         "refused:simulator.few_shot=2",
     ],
+    "simulator.tool_few_shot": [
+        "test:tests/test_sim_taskcheck.py::test_worked_tool_calls_hold_real_results_before_every_task_block",
+        "refused:simulator.tool_few_shot=2",
+    ],
+    "simulator.grounded_tasks": [
+        "test:tests/test_sim_taskcheck.py::test_grounded_tasks_are_regenerated_and_counted",
+    ],
     "simulator.tiny_sft_steps": [
         "refused:simulator.tiny_sft_steps=5",
         "test:tests/test_run_checks.py::test_a_missing_tiny_simulator_is_built_and_warmed_on_the_toy_teacher",

@@ -216,6 +216,7 @@ CASES: dict[str, list[tuple[list[str], str, str]]] = {
         ),
         (["environment.few_shot=2"], "environment.few_shot", "the simulated kind's worked examples are the toy"),
         (["simulator.few_shot=2"], "simulator.few_shot", "worked scenarios are written for catalog draws"),
+        (["simulator.tool_few_shot=2"], "simulator.tool_few_shot", "worked tool calls are the toy tools' calls"),
     ],
     "environment_reward": [
         (

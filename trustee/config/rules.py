@@ -251,6 +251,15 @@ def few_shot_environments(cfg: Config, raw: dict[str, Any]) -> list[Problem]:
                 "'configs/catalogs/toy-tools.jsonl' or simulator.few_shot = 0",
             )
         )
+    if cfg.simulator.tool_few_shot and not cfg.simulator.tool_catalog:
+        p.append(
+            Problem(
+                "simulator.tool_few_shot",
+                cfg.simulator.tool_few_shot,
+                "worked tool calls are the toy tools' calls; set simulator.tool_catalog = "
+                "'configs/catalogs/toy-tools.jsonl' or simulator.tool_few_shot = 0",
+            )
+        )
     return p
 
 

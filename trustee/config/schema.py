@@ -130,7 +130,11 @@ class SimulatorConfig(Section, kw_only=True):
     tool_catalog: str = ""
     """Optional JSONL of tool specs to draw task tools from instead of inventing them."""
     few_shot: NonNeg = 0
-    """Worked scenarios put before each task-generator request: this many other catalog draws, each with the scenario the toy teacher writes for it (trustee/envs/toy_teacher.py, named as such; needs simulator.tool_catalog), so a small simulator sees what a usable task looks like."""
+    """Worked scenarios put before each task-generator request, each with the scenario the toy teacher writes (trustee/envs/toy_teacher.py, named as such; needs simulator.tool_catalog), so a small simulator sees what a usable task looks like. Each task then picks one of its drawn tools as its focus: a one-call task's reference call is held to it, and the worked scenarios are tasks of that tool over the same draw, so the question's wording fits the call."""
+    tool_few_shot: NonNeg = 0
+    """Worked tool-role turns put once before every episode's task block in the simulator's log: this many calls of the toy tools with the real tools' results (trustee/envs/toy_teacher.py, named as such; computed when the prompts are built, never during training; needs simulator.tool_catalog), so a small simulator writes a result instead of echoing the arguments."""
+    grounded_tasks: bool = False
+    """Reject (and regenerate) a generated task whose reference-call values are not written in its opening message or hidden information (numbers and strings as whole words; booleans exempt); counted per step as sim/tasks_ungrounded. No tool is run to check a task."""
     tiny_sft_steps: NonNeg = 0
     """With model.tiny and a simulator.model_path that does not exist yet: build a tiny model there and SFT-warm it this many steps on the toy teacher's answers in the task, user and tool roles (trustee/envs/toy_teacher.py; use with the toy catalog), so a CPU simulator writes toy tasks instead of noise."""
 

@@ -95,8 +95,13 @@ class SimulatedEnv:
         judge_client: SimClient | None = None,
         task_examples: Any = None,
         policy_examples: Callable[[Task], list[Message]] | None = None,
+        tool_examples: list[Message] | None = None,
+        grounded_tasks: bool = False,
     ):
         self.client = client
+        self.tool_examples = tool_examples or []
+        """simulator.tool_few_shot: worked tool-role turns put in every episode's log before
+        the task block (the same for every task, so prefix-cached once)."""
         self.policy_examples = policy_examples
         """environment.few_shot: worked turns put between the task's system prompt and its
         opening query (the policy's prompt only: the simulator's log never holds them)."""
@@ -107,6 +112,7 @@ class SimulatedEnv:
             max_regenerations=max_task_regenerations,
             max_tokens=task_max_tokens,
             examples=task_examples,
+            grounded=grounded_tasks,
         )
         self.judge: Judge | ScriptedJudge = (
             ScriptedJudge()
@@ -121,6 +127,7 @@ class SimulatedEnv:
         )
         self.max_user_turns = max_user_turns
         self.sim_errors = 0
+        self._rejected = (0, 0)  # the task generator's counters at the last step_metrics
         self.meter = SimMeter(client, client.engine)
 
     def step_metrics(self) -> dict[str, float]:
@@ -128,6 +135,10 @@ class SimulatedEnv:
         calls it once per step."""
         out = self.meter.step()
         out["sim/episode_errors"] = float(self.sim_errors)
+        now = (self.taskgen.rejected, self.taskgen.ungrounded)
+        out["sim/tasks_rejected"] = float(now[0] - self._rejected[0])
+        out["sim/tasks_ungrounded"] = float(now[1] - self._rejected[1])
+        self._rejected = now
         return out
 
     async def make_task(self, knobs: Knobs, rng: random.Random) -> Task:
@@ -142,7 +153,7 @@ class SimulatedEnv:
         group = group if isinstance(group, SimGroup) else self.new_group(task)
         rate = float(task.knobs.get("tool_error_rate", 0.0))
         episode = SimEpisode(
-            log=SimLog(task),
+            log=SimLog(task, self.tool_examples),
             user=UserSimulator(self.client, task, key=task.id),
             tools=ToolSimulator(self.client, task, group.memo, key=task.id, error_rate=rate),
         )
@@ -320,6 +331,8 @@ def build_simulated_env(
         catalog=catalog,
         task_examples=_worked_scenarios(sim.few_shot) if sim.few_shot else None,
         policy_examples=_toy_examples(env.few_shot, catalog, sim.tool_catalog) if env.few_shot else None,
+        tool_examples=_worked_tool_calls(sim.tool_few_shot),
+        grounded_tasks=sim.grounded_tasks,
     )
 
 
@@ -327,7 +340,14 @@ def _worked_scenarios(n: int) -> Any:
     """simulator.few_shot: the toy teacher's worked scenarios (envs/toy_teacher.py) per request."""
     from trustee.envs.toy_teacher import worked_scenarios
 
-    return lambda knobs, rng: worked_scenarios(n, knobs, rng)
+    return lambda knobs, rng, draw=None, focus="": worked_scenarios(n, knobs, rng, draw, focus)
+
+
+def _worked_tool_calls(n: int) -> list[Message]:
+    """simulator.tool_few_shot: the toy teacher's worked tool calls with their real results."""
+    from trustee.envs.toy_teacher import worked_tool_calls
+
+    return worked_tool_calls(n) if n else []
 
 
 def _toy_examples(n: int, catalog: ToolCatalog | None, path: str) -> Callable[[Task], list[Message]]:

@@ -144,12 +144,17 @@ def _query(kind: str, rng: random.Random, digits: int) -> tuple[str, list[ToolCa
     return make_query(kind, rng, digits)
 
 
+KIND_OF_TOOL = {"add": "add", "multiply": "multiply", "convert_units": "convert", "kv_get": "kv_get", "kv_set": "kv_set"}
+"""The one-call task kind whose reference call is this toy tool."""
+
+
 def scenario(
-    tools: list[ToolSpec], knobs: Knobs, rng: random.Random
+    tools: list[ToolSpec], knobs: Knobs, rng: random.Random, *, focus: str = ""
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the scenario JSON a competent task generator writes for this tool draw, the toy
-    payload behind it: the store and the answer)."""
-    kind = rng.choice(_kinds(tools, knobs.n_expected_calls))
+    payload behind it: the store and the answer). `focus`: a toy tool name; the scenario is
+    then the one-call task of that tool."""
+    kind = KIND_OF_TOOL[focus] if focus else rng.choice(_kinds(tools, knobs.n_expected_calls))
     query, calls, payload = _query(kind, rng, number_digits(knobs.difficulty))
     value = {  # in ScenarioDraft's field order, which the grammar enforces
         "expected_calls": [{"name": c.name, "arguments": c.arguments} for c in calls],
@@ -173,12 +178,18 @@ def _tool_reply(result: dict[str, Any]) -> str:
 
 
 def teach_task(
-    knobs: Knobs, rng: random.Random, catalog: ToolCatalog
+    knobs: Knobs,
+    rng: random.Random,
+    catalog: ToolCatalog,
+    *,
+    draw: tuple[str, list[ToolSpec]] | None = None,
+    focus: str = "",
 ) -> tuple[Task, Example, dict[str, Any]]:
-    """One catalog draw, the teacher's scenario for it (as the task role's example), the
-    `Task` the generator would build from that answer, and the toy payload behind it."""
-    domain, tools = catalog.sample(knobs.n_tools, rng)
-    value, payload = scenario(tools, knobs, rng)
+    """One catalog draw (or the given `draw`: domain and tools), the teacher's scenario for
+    it (of the `focus` tool's kind when given) as the task role's example, the `Task` the
+    generator would build from that answer, and the toy payload behind it."""
+    domain, tools = draw if draw is not None else catalog.sample(knobs.n_tools, rng)
+    value, payload = scenario(tools, knobs, rng, focus=focus)
     schema = scenario_schema(tools, max(1, knobs.n_expected_calls))
     example = Example(
         "task", scenario_messages(knobs, catalog_history(domain, tools)), answer_json(value), schema
@@ -223,12 +234,43 @@ def examples(n: int, seed: int, guess_share: float = 0.5) -> list[Example]:
     return out
 
 
-def worked_scenarios(n: int, knobs: Knobs, rng: random.Random) -> list[Message]:
-    """`n` worked task-generator turns for few-shot prompting (simulator.few_shot): for other
-    draws from the toy catalog, the scenario request as the generator sends it and the
-    teacher's answer, as (user, assistant) pairs to put after the generator's system prompt."""
+def worked_scenarios(
+    n: int,
+    knobs: Knobs,
+    rng: random.Random,
+    draw: tuple[str, list[ToolSpec]] | None = None,
+    focus: str = "",
+) -> list[Message]:
+    """`n` worked task-generator turns for few-shot prompting (simulator.few_shot): the
+    scenario request as the generator sends it and the teacher's answer, as (user, assistant)
+    pairs to put after the generator's system prompt. Without `draw`, each over another draw
+    from the toy catalog; with it (the task's own domain and tools) and `focus` (the tool the
+    task is about), each is a task of that tool's kind with other values, so the question's
+    wording the model copies fits the reference call it is held to."""
     catalog, out = toy_catalog(), []
     for _ in range(n):
-        _, example, _ = teach_task(knobs, rng, catalog)
+        _, example, _ = teach_task(knobs, rng, catalog, draw=draw, focus=focus if focus in KIND_OF_TOOL else "")
         out += [example.messages[-1], Message(role="assistant", content=example.answer)]
+    return out
+
+
+def worked_tool_calls(n: int, seed: int = 0) -> list[Message]:
+    """`n` worked tool-role turns for few-shot prompting (simulator.tool_few_shot), named as
+    such: a call of a toy tool as the tool role is asked it (`SimLog.tool_request`) and the
+    real tool's result as `ToolReply` fields, cycling add, multiply, convert_units, kv_set and
+    kv_get (the get reads the set's key). Put once before every episode's task block, so a
+    small simulator sees results computed, not arguments echoed."""
+    rng, store, out = random.Random(seed), {}, []
+    order = ["add", "multiply", "convert_units", "kv_set", "kv_get"]
+    for i in range(n):
+        name = order[i % len(order)]
+        if name == "kv_get" and store:
+            call = ToolCall(name="kv_get", arguments={"key": rng.choice(sorted(store))})
+        else:
+            _, calls, _ = _query(KIND_OF_TOOL[name], rng, 1)
+            call = calls[0]
+        request = SimLog.tool_request(call, False)
+        if i == 0:
+            request = "Worked examples of the TOOL part (other tasks, real results):\n" + request
+        out += [Message(role="user", content=request), Message(role="assistant", content=_tool_reply(execute(call, store)))]
     return out

@@ -5,7 +5,8 @@ layout is chosen for the KV cache (a prefix cache keyed on token blocks reuses a
 longest prefix that an earlier prompt or output already filled):
 
 1. the run-wide rules of every role (`prompts/sim_system.txt`): one fixed text, the same for
-   every task, so it is cached once for the whole run;
+   every task, so it is cached once for the whole run; then the run's worked tool-role turns
+   when there are any (simulator.tool_few_shot: the same for every task, so also cached once);
 2. the group's task block (domain, persona, goal, hidden facts, opening message, tools):
    identical for every episode of a GRPO group;
 3. this episode's events in order, each rendered once and never rewritten: the agent's
@@ -72,9 +73,9 @@ class SimLog:
     """One episode's simulator chat. `messages` only ever grows (append-only), except that a
     request is sent as `messages + [request]` and joins the log with its answer afterwards."""
 
-    def __init__(self, task: Task):
+    def __init__(self, task: Task, examples: list[Message] | None = None):
         self.task = task
-        self.messages: list[Message] = [system_message(), task_message(task)]
+        self.messages: list[Message] = [system_message(), *(examples or []), task_message(task)]
         self.agent_calls: list[tuple[ToolCall, bool]] = []
         """The agent's parsed calls in order, each with whether it passed its schema."""
 

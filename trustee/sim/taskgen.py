@@ -13,13 +13,16 @@ laid out as one growing chat, so each repeats the previous prompt and answer as 
    only name the task's tools with arguments of each tool's own (bounded) schema.
 
 Then validates in code (unique names, valid schemas, every expected call passes
-`ToolCallParser.validate`) and regenerates on failure within a budget. Called by
+`ToolCallParser.validate`; optionally every reference-call value appears in the opening
+message or hidden information, `ungrounded_values`) and regenerates on failure within a
+budget. No tool is ever run to check a task. Called by
 `envs/simulated.py`; does not run episodes or score them.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -212,6 +215,32 @@ def check_tool(draft: ToolDraft, earlier: list[str]) -> None:
         raise OutputRejected(f"tool {draft.name!r} repeats a parameter name: {params}")
 
 
+def value_texts(v: Any) -> list[str]:
+    """How an argument value may be written in a user's message (lower case)."""
+    if isinstance(v, bool):
+        return [str(v).lower()]
+    if isinstance(v, int | float):
+        f = float(v)
+        return [str(int(f))] if f.is_integer() else [str(v), f"{f:g}"]
+    return [str(v).lower()]
+
+
+def ungrounded_values(calls: list[ToolCall], given: str) -> list[str]:
+    """The reference calls' argument values that the user's text `given` (opening message and
+    hidden information) does not hold as a whole word, number or phrase, so no policy could
+    make those calls from what it is told. Booleans are left out (a flag is rarely said in
+    words)."""
+    text = given.lower()
+    out = []
+    for call in calls:
+        for name, v in call.arguments.items():
+            if isinstance(v, bool) or not isinstance(v, str | int | float):
+                continue
+            if not any(re.search(rf"(?<![\w.]){re.escape(t)}(?![\w])", text) for t in value_texts(v)):
+                out.append(f"{call.name}.{name} = {v!r} is not in the opening message or hidden information")
+    return out
+
+
 def task_problems(tools: list[ToolSpec], calls: list[ToolCall]) -> list[str]:
     """Everything wrong with a generated task (empty list: valid)."""
     try:
@@ -224,9 +253,12 @@ def task_problems(tools: list[ToolSpec], calls: list[ToolCall]) -> list[str]:
     return problems
 
 
-def scenario_schema(tools: list[ToolSpec], n_calls: int) -> dict[str, Any]:
-    """ScenarioDraft's schema with `expected_calls` restricted to the task's tools."""
+def scenario_schema(tools: list[ToolSpec], n_calls: int, focus: str = "") -> dict[str, Any]:
+    """ScenarioDraft's schema with `expected_calls` restricted to the task's tools (to the
+    `focus` tool alone when the task has one reference call and a focus)."""
     schema = schema_of(ScenarioDraft)
+    if focus and n_calls <= 1:
+        tools = [t for t in tools if t.name == focus] or tools
     variants = [
         {
             "type": "object",
@@ -268,7 +300,12 @@ def scenario_messages(knobs: Knobs, history: list[Message]) -> list[Message]:
 
 
 class TaskGenerator:
-    """Invents (or draws) tools, then a scenario; validates; regenerates on failure."""
+    """Invents (or draws) tools, then a scenario; validates; regenerates on failure.
+
+    With `examples` (catalog draws only) each task first picks a focus: one of its drawn
+    tools, evenly, which a one-call task's reference call is held to; the worked turns are
+    asked for that tool's kind over the task's own draw. With `grounded`, a scenario whose
+    reference-call values are not in the user's text is rejected and regenerated too."""
 
     def __init__(
         self,
@@ -278,17 +315,23 @@ class TaskGenerator:
         catalog: ToolCatalog | None = None,
         max_regenerations: int = 3,
         max_tokens: int = 2048,
-        examples: Callable[[Knobs, random.Random], list[Message]] | None = None,
+        examples: Callable[..., list[Message]] | None = None,
+        grounded: bool = False,
     ):
         self.client = client
         self.examples = examples
-        """Catalog draws only: worked (request, answer) turns put before the scenario request."""
+        """Catalog draws only: `examples(knobs, rng, (domain, tools), focus)` gives worked
+        (request, answer) turns put before the scenario request."""
+        self.grounded = grounded
         self.max_tokens = max_tokens
         self.domains = domains or load_domains()
         self.catalog = catalog
         self.max_regenerations = max_regenerations
         self.system = Message(role="system", content=load_prompt("task_system"))
         self.rejected = 0
+        """Generated scenarios rejected by the checks (each one regenerated)."""
+        self.ungrounded = 0
+        """Of those, rejected for reference-call values the user's text does not hold."""
 
     async def generate(self, knobs: Knobs, rng: random.Random) -> Task:
         """One validated task; SimError after `max_regenerations` failed attempts."""
@@ -296,11 +339,16 @@ class TaskGenerator:
         last: list[str] = []
         for _ in range(self.max_regenerations + 1):
             domain, history, tools, writes = await self._tools(knobs, rng, key=task_id)
+            focus = ""
             if self.examples is not None and self.catalog is not None:  # [system, *worked turns, request]
-                history = [history[0], *self.examples(knobs, rng), *history[1:]]
-            scenario = await self._scenario(knobs, history, tools, key=task_id)
+                focus = rng.choice(tools).name
+                history = [history[0], *self.examples(knobs, rng, (domain, tools), focus), *history[1:]]
+            scenario = await self._scenario(knobs, history, tools, key=task_id, focus=focus)
             calls = [ToolCall(name=c.name, arguments=c.arguments) for c in scenario.expected_calls]
             last = task_problems(tools, calls)
+            if not last and self.grounded:
+                last = ungrounded_values(calls, f"{scenario.first_query}\n" + "\n".join(scenario.hidden_info))
+                self.ungrounded += bool(last)
             if not last:
                 return build_task(task_id, domain, tools, scenario, calls, knobs, writes)
             self.rejected += 1
@@ -342,9 +390,9 @@ class TaskGenerator:
         )
 
     async def _scenario(
-        self, knobs: Knobs, history: list[Message], tools: list[ToolSpec], *, key: str
+        self, knobs: Knobs, history: list[Message], tools: list[ToolSpec], *, key: str, focus: str = ""
     ) -> ScenarioDraft:
-        schema = scenario_schema(tools, max(1, knobs.n_expected_calls))
+        schema = scenario_schema(tools, max(1, knobs.n_expected_calls), focus)
         value, _ = await self.client.ask(
             "task",
             scenario_messages(knobs, history),
