@@ -296,18 +296,23 @@ async def judge_episodes(
 
 def task_validity(model: str, n: int, seed: int, out: Path, sets: list[str]) -> dict[str, Any]:
     """bench/sim_tasks.py's check on `n` tasks the untouched base writes for cpu-trustee (with
-    the training run's overrides `sets`)."""
+    the training run's overrides `sets`, at its curriculum's start difficulty): the tasks the
+    training would use, so after the generator's own checks (simulator.grounded_tasks)."""
     from bench.sim_tasks import check_task, generate
     from trustee.config import load_config, resolve
 
     cfg = load_config(
         str(ROOT / SIM_CONFIG), [f"model.path={model}", "model.packaged=''", "model.tiny=''", *sets]
     )
-    tasks, failed, _ = anyio.run(generate, cfg, resolve(cfg, out / "sim_tasks-run"), n, 1.0, seed)
+    difficulty = cfg.curriculum.start_difficulty
+    tasks, failed, counts = anyio.run(generate, cfg, resolve(cfg, out / "sim_tasks-run"), n, difficulty, seed)
     checked = [check_task(t) for t in tasks]
     return {
         "tasks": n,
+        "difficulty": difficulty,
         "generator_failures": failed,
+        "scenarios_rejected": counts["rejected"],
+        "scenarios_ungrounded": counts["ungrounded"],
         "task_valid_share": sum(c["valid"] for c in checked) / n,
         "executable_share": sum(c["executable"] for c in checked) / n,
         "grounded_share": sum(c["grounded"] for c in checked) / n,
