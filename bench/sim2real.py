@@ -65,9 +65,9 @@ TOY_TOOLS = ("add", "multiply", "convert_units", "kv_get", "kv_set")
 ENDING = "the assistant gave its final answer (the real environment ends the episode there)"
 
 SIZES = {  # simulated steps (of the config's 8 tasks x 4), held-out tasks x samples, generated tasks checked
-    # quick: a simulated step of SmolLM2 cost ~590 s at step 0 under load (its own simulator calls on
-    # the same engine: ~80k prompt tokens a step); 4 steps + two held-out arms + the model judge + 8
-    # generated tasks is the most that fits the hour (estimate, not timed end to end)
+    # quick: a simulated step of SmolLM2 cost 477 s at step 0 (niced, load ~2; its simulator calls run
+    # on the same engine: ~75k prompt tokens a step); 4 steps + two held-out arms + the model judge + 8
+    # generated tasks: ~2,700 s estimated on 2 quiet cores (not timed end to end)
     "quick": {"steps": 4, "heldout_tasks": 16, "heldout_samples": 2, "gen_tasks": 8},
     "full": {"steps": 8, "heldout_tasks": 32, "heldout_samples": 2, "gen_tasks": 16},
 }
