@@ -338,12 +338,11 @@ def _plot(sim: dict[str, Any], real: dict[str, Any], metric: str, path: Path) ->
             [r["reward_mean"] for r in rows],
         )
     }
-    last = rows[-1]["step"] if rows else 0
-    for arm in ("control", "trained"):
-        series[f"real held-out reward ({metric}), {arm}"] = (
-            [0, last],
-            [_held_out(real["arms"][arm], metric)] * 2,
-        )
+    # Each arm was evaluated once: the control has the weights step 0 started from, the trained
+    # adapter those after the last step's update; one point each, where those weights stand.
+    after = rows[-1]["step"] + 1 if rows else 1
+    for arm, x in (("control (untouched)", 0), ("trained (after the last update)", after)):
+        series[f"real held-out reward ({metric}), {arm}"] = ([x], [_held_out(real["arms"][arm.split()[0]], metric)])
     return plot_lines(
         path,
         series,
