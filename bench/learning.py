@@ -83,6 +83,10 @@ def _call_errors(run_dir: Path, mode: str) -> tuple[int, int]:
     evaluation in `mode`, from its eval_trajectories.jsonl: an arm that calls tools five times
     as often has more episodes with a broken call at the same rate per call, and this tells the
     two apart. (0, 0) when the run kept no held-out episodes."""
+    import msgspec
+
+    from trustee.types import Counters
+
     path = run_dir / "eval_trajectories.jsonl"
     if not path.exists():
         return 0, 0
@@ -94,10 +98,9 @@ def _call_errors(run_dir: Path, mode: str) -> tuple[int, int]:
     bad = written = 0
     for r in rows:
         if r["step"] == last:
-            c = r["trajectory"]["counters"]
-            broken = c["format_errors"] + c["schema_errors"] + c["unknown_tools"]
-            bad += broken
-            written += c["tool_calls"] + broken
+            c = msgspec.convert(r["trajectory"]["counters"], Counters)
+            bad += c.malformed_calls
+            written += c.tool_calls + c.malformed_calls
     return bad, written
 
 

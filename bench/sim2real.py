@@ -58,10 +58,10 @@ if str(ROOT) not in sys.path:
 
 from bench.common import machine, plot_lines, write_report  # noqa: E402
 from bench.learning import _curve, _mean, _model, _run  # noqa: E402
+from bench.sim_tasks import TOY_TOOLS  # noqa: E402
 
 SIM_CONFIG = "configs/cpu-trustee.toml"
 REAL_CONFIG = "configs/cpu-smollm.toml"
-TOY_TOOLS = ("add", "multiply", "convert_units", "kv_get", "kv_set")
 ENDING = "the assistant gave its final answer (the real environment ends the episode there)"
 
 SIZES = {  # simulated steps (of the config's 8 tasks x 4), held-out tasks x samples, generated tasks checked
@@ -341,8 +341,8 @@ def _plot(sim: dict[str, Any], real: dict[str, Any], metric: str, path: Path) ->
     # Each arm was evaluated once: the control has the weights step 0 started from, the trained
     # adapter those after the last step's update; one point each, where those weights stand.
     after = rows[-1]["step"] + 1 if rows else 1
-    for arm, x in (("control (untouched)", 0), ("trained (after the last update)", after)):
-        series[f"real held-out reward ({metric}), {arm}"] = ([x], [_held_out(real["arms"][arm.split()[0]], metric)])
+    for arm, label, x in (("control", "untouched", 0), ("trained", "after the last update", after)):
+        series[f"real held-out reward ({metric}), {arm} ({label})"] = ([x], [_held_out(real["arms"][arm], metric)])
     return plot_lines(
         path,
         series,

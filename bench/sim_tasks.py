@@ -43,8 +43,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import add_out_arg, machine, write_report  # noqa: E402
+from trustee.envs.toy_teacher import KIND_OF_TOOL  # noqa: E402
 
-TOY_TOOLS = {"add", "multiply", "convert_units", "kv_get", "kv_set"}
+TOY_TOOLS = frozenset(KIND_OF_TOOL)  # the toy tools, each with the one-call kind that calls it
 
 
 def check_task(task: Any) -> dict[str, Any]:

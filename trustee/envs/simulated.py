@@ -353,9 +353,10 @@ def _worked_tool_calls(n: int) -> list[Message]:
 def _toy_examples(n: int, catalog: ToolCatalog | None, path: str) -> Callable[[Task], list[Message]]:
     """environment.few_shot: the toy environment's worked examples (envs/toy.py, the same ones
     configs/cpu-smollm.toml's policy sees), for a catalog that holds the toy tools they call."""
-    from trustee.envs.toy import ToyEnv
+    from trustee.envs.toy import ONE_CALL_KINDS, ToyEnv
+    from trustee.envs.toy_teacher import KIND_OF_TOOL
 
-    called = ["add", "convert_units", "kv_get", "kv_set"]  # the toy's one-call kinds' tools
+    called = [tool for tool, kind in KIND_OF_TOOL.items() if kind in ONE_CALL_KINDS]
     names = {t.name for tools in (catalog.by_category.values() if catalog else []) for t in tools}
     if missing := [t for t in called if t not in names]:
         raise ValueError(
