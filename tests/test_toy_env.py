@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import anyio
 import pytest
 
-from trustee.chat.parse import ToolCallParser
+from trustee.chat.parse import ToolCallParser, canonical_json
 from trustee.envs.base import AgentAction, Environment, Knobs
-from trustee.envs.toy import FINISH_CREDIT, TOOLS, ToyEnv, answer_correct, check_tools, execute
+from trustee.envs.toy import FINISH_CREDIT, MAX_SLIPS, TOOLS, ToyEnv, answer_correct, check_tools, execute
 from trustee.types import Message, ToolCall, ToolCallError
 
 
@@ -210,3 +211,37 @@ def test_few_shot_examples_score_like_reference_conversations_and_bad_counts_are
         if m.role == "assistant":
             anyio.run(env.step, state, AgentAction(message=m, calls=list(m.tool_calls)))
     assert anyio.run(env.score, state).reward == 1.0
+
+
+@pytest.mark.parametrize("kind", ["convert", "kv_get"])
+def test_slipped_demonstration_is_refused_then_recovers_and_scores_one(kind):
+    """A slipping demonstrator's first calls are well formed, refused by the real tool with an
+    error, and distinct; then the reference call and answer follow, and the whole conversation
+    still replays to reward 1 (refused calls are not malformed)."""
+    env = ToyEnv(kinds=(kind,))
+    for seed in range(20):
+        task = env.task(Knobs(n_tools=2), random.Random(seed))
+        msgs = env.sft_messages(task, slip=random.Random(seed))
+        calls = [c for m in msgs if m.role == "assistant" for c in m.tool_calls]
+        results = [json.loads(m.content) for m in msgs if m.role == "tool"]
+        slips = len(calls) - 1
+        assert 1 <= slips <= MAX_SLIPS
+        assert all("error" in r for r in results[:slips]) and "error" not in results[-1]
+        assert calls[-1] == task.expected_calls[0] and len({canonical_json(c.arguments) for c in calls}) == len(calls)
+        parser = ToolCallParser(task.tools)
+        assert all(parser.validate(c) is None for c in calls)
+
+        async def replay(task=task, msgs=msgs):
+            state = await env.start(task, "e")
+            for m in msgs[2:]:
+                if m.role == "assistant":
+                    await env.step(state, AgentAction(message=m, calls=list(m.tool_calls)))
+            return await env.score(state)
+
+        assert anyio.run(replay).reward == 1.0
+
+
+def test_slips_only_where_a_tool_can_refuse():
+    for kind in ("add", "kv_set", "chain"):
+        task = ToyEnv(kinds=(kind,)).task(Knobs(n_expected_calls=2), random.Random(0))
+        assert ToyEnv().sft_messages(task, slip=random.Random(0)) == ToyEnv().sft_messages(task)

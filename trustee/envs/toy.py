@@ -360,12 +360,17 @@ class ToyEnv:
             },
         )
 
-    def sft_messages(self, task: Task, *, guess: random.Random | None = None) -> list[Message]:
+    def sft_messages(
+        self, task: Task, *, guess: random.Random | None = None, slip: random.Random | None = None
+    ) -> list[Message]:
         """The reference conversation: the expected calls one per turn, their real results,
         then a one-sentence answer. With `guess` (a seeded rng), the conversation of a
         demonstrator that skips the tools and states a wrong answer in the same words (exact
         reward 0, graded FINISH_CREDIT): the imperfect half of the warm-up data that RL has to
-        learn to beat."""
+        learn to beat. With `slip` (a seeded rng) and a task whose tool can refuse a call
+        (`slipped_calls`), the demonstrator's first calls are wrong ones the tool rejects, and it
+        recovers with the right call: the warm-up trains on the recovery only
+        (`models/sft.encode_conversation` masks a call the tool answered with an error)."""
         store = dict(task.payload.get("store", {}))
         msgs = [
             Message(role="system", content=task.system_prompt),
@@ -375,11 +380,35 @@ class ToyEnv:
         if guess is not None:
             msgs.append(Message(role="assistant", content=final_text(p, wrong_answer(p, guess))))
             return msgs
+        for wrong in slipped_calls(task.expected_calls[0], store, slip) if slip is not None else []:
+            msgs.append(Message(role="assistant", tool_calls=[wrong]))
+            msgs.append(Message(role="tool", content=canonical_json(execute(wrong, store)), name=wrong.name))
         for call in task.expected_calls:
             msgs.append(Message(role="assistant", tool_calls=[call]))
             msgs.append(Message(role="tool", content=canonical_json(execute(call, store)), name=call.name))
         msgs.append(Message(role="assistant", content=final_text(p, p.get("answer"))))
         return msgs
+
+
+MAX_SLIPS = 2  # a slipped demonstration's wrong calls: with the recovery and the answer, 4 turns
+
+
+def slipped_calls(call: ToolCall, store: dict[str, str], rng: random.Random) -> list[ToolCall]:
+    """1 to MAX_SLIPS distinct well-formed calls like `call` that its tool refuses (a unit of
+    the other dimension, or a key the store does not hold), each further one with chance
+    0.4. Empty for a call no tool refuses (add, kv_set, chain)."""
+    a = call.arguments
+    if call.name == "convert_units":
+        dim = UNITS[a["to_unit"]][0]
+        options = [{**a, "to_unit": u} for u, (d, _) in UNITS.items() if d != dim]
+    elif call.name == "kv_get":
+        options = [{"key": k} for k in _KEYS if k not in store]
+    else:
+        return []
+    n = 1
+    while n < MAX_SLIPS and rng.random() < 0.4:
+        n += 1
+    return [ToolCall(name=call.name, arguments=args) for args in rng.sample(options, min(n, len(options)))]
 
 
 def final_text(payload: dict[str, Any], answer: Any) -> str:

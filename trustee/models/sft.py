@@ -45,6 +45,8 @@ class SftReport(msgspec.Struct, kw_only=True):
     eval_samples: int
     guess_share: float = 0.0
     """Share of the warm-up conversations that skip the tools and guess (`GUESS_SHARE`)."""
+    slip_share: float = 0.0
+    """Share of the calling ones whose demonstrator slips first and recovers (`SLIP_SHARE`)."""
     data: str = "policy"
     """'policy' (toy reference conversations) or 'simulator' (the toy teacher's role answers)."""
     wall_s: float
@@ -70,8 +72,19 @@ def encode_conversation(tokenizer: Any, task: Task, messages: list[Message]) -> 
         text = text[: text.index("<|im_end|>") + len("<|im_end|>")]
         ids = fmt.encode(text)
         conv.append_sampled(ids, [0.0] * len(ids), 0)
+        if k + 1 < len(messages) and messages[k + 1].role == "tool" and _refused(messages[k + 1].content):
+            conv.mask[len(conv.mask) - len(ids) :] = [0] * len(ids)  # a demonstrator's slip: context only
         conv.add_assistant(m)
     return conv.ids, conv.mask
+
+
+def _refused(content: str | None) -> bool:
+    """A tool result that is an error object (`{"error": ...}`)."""
+    try:
+        obj = json.loads(content or "")
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and "error" in obj
 
 
 def _knobs(rng: random.Random) -> Knobs:
@@ -92,15 +105,25 @@ warmed policy calls a tool on fewer than half of its first turns, and the reward
 guess, up to 1 through the tools) is the only thing that tells GRPO which to keep."""
 
 
+SLIP_SHARE = 0.3
+"""Share of the calling warm-up conversations (of a task whose tool can refuse a call) in which
+the demonstrator first slips: one or two well-formed calls the tool refuses (`ToyEnv.sft_messages`),
+then the right call. Only the recovery is trained (the refused calls are context, mask 0).
+Without them a warmed model had never seen a tool's error, and RL, which makes it call 5 times
+as often, met one on most wrong first calls: its calls after an error broke about a third of
+the time, and those were most of the trained policy's malformed episodes (issue 26)."""
+
+
 def _examples(
-    tokenizer: Any, n: int, seed: int, guess_share: float = GUESS_SHARE
+    tokenizer: Any, n: int, seed: int, guess_share: float = GUESS_SHARE, slip_share: float = 0.0
 ) -> list[tuple[list[int], list[int]]]:
     env, rng = ToyEnv(), random.Random(seed)
     out = []
     for _ in range(n):
         task = env.task(_knobs(rng), rng)
         guess = rng if rng.random() < guess_share else None
-        out.append(encode_conversation(tokenizer, task, env.sft_messages(task, guess=guess)))
+        slip = rng if slip_share and rng.random() < slip_share else None
+        out.append(encode_conversation(tokenizer, task, env.sft_messages(task, guess=guess, slip=slip)))
     return out
 
 
@@ -235,19 +258,20 @@ def sft_warm(
     model_dir: str | Path,
     steps: int,
     *,
-    batch_size: int = 4,
+    batch_size: int = 0,
     lr: float = 3e-3,
     seed: int = 0,
     eval_samples: int = 32,
     out_dir: str | Path | None = None,
     guess_share: float = GUESS_SHARE,
+    slip_share: float = SLIP_SHARE,
     data: Literal["policy", "simulator"] = "policy",
     progress: bool = False,
 ) -> SftReport:
     """Train the model in `model_dir` for `steps` steps on toy reference conversations
     (`data='policy'`) or on the toy teacher's simulator-role answers (`'simulator'`,
     `envs/toy_teacher.py`) and save it to `out_dir` (default: in place). Returns (and writes) the
-    report. `progress`: a tqdm bar over the steps on stderr (loss, ETA)."""
+    report. `batch_size` 0: 8 conversations a step (policy), 4 (simulator). `progress`: a tqdm bar."""
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -255,6 +279,7 @@ def sft_warm(
     if steps < 1:
         raise ValueError(f"sft steps = {steps}: give at least 1 (e.g. --sft 300)")
     t0 = time.perf_counter()
+    batch_size = batch_size or (8 if data == "policy" else 4)
     model_dir = Path(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -262,7 +287,7 @@ def sft_warm(
     # Fresh examples for every step (no repeats): a tiny model that sees the same few hundred
     # conversations again memorises their numbers instead of learning to copy them.
     n = max(256, batch_size * steps)
-    examples = _examples(tok, n, seed, guess_share) if data == "policy" else _sim_examples(tok, n, seed)
+    examples = _examples(tok, n, seed, guess_share, slip_share) if data == "policy" else _sim_examples(tok, n, seed)
     rng = random.Random(seed)
     rng.shuffle(examples)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -303,6 +328,7 @@ def sft_warm(
         attempt_rate=attempts,
         eval_samples=eval_samples,
         guess_share=guess_share if data == "policy" else 0.0,
+        slip_share=slip_share if data == "policy" else 0.0,
         data=data,
         wall_s=time.perf_counter() - t0,
     )

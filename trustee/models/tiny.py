@@ -113,7 +113,7 @@ _WORDS = (
 ).split()
 
 
-def _corpus(seed: int, lines: int = 6000, family: str = "qwen") -> list[str]:
+def _corpus(seed: int, lines: int = 6000, family: str = "qwen", toy_lines: int = 1500) -> list[str]:
     """Deterministic text resembling tool-use chats: prose, JSON calls, numbers, and the
     family's template scaffolding."""
     rng = random.Random(seed)
@@ -134,6 +134,26 @@ def _corpus(seed: int, lines: int = 6000, family: str = "qwen") -> list[str]:
         else:
             s = json.dumps({"type": "object", "properties": {rng.choice(_WORDS): {"type": "string"}}})
         out.append(s)
+    out.extend(_toy_corpus(seed, toy_lines))
+    return out
+
+
+def _toy_corpus(seed: int, conversations: int) -> list[str]:
+    """The text of toy-environment conversations (tool schemas, queries, calls, results,
+    answers), so the tokenizer has tokens for the words the tiny model is warmed and trained
+    on, as a real model's tokenizer has for its domain's words."""
+    from trustee.chat.parse import canonical_json
+    from trustee.envs.base import Knobs
+    from trustee.envs.toy import ToyEnv
+
+    env, rng, out = ToyEnv(), random.Random(seed + 1), []
+    for _ in range(conversations):
+        task = env.task(Knobs(difficulty=rng.random()), rng)
+        out.extend(json.dumps(t.to_openai()) for t in task.tools)
+        for m in env.sft_messages(task, guess=rng if rng.random() < 0.5 else None)[1:]:
+            out.extend(json.dumps({"name": c.name, "arguments": c.arguments}) for c in m.tool_calls or [])
+            out.append(m.content or "")
+    out.append(task.system_prompt)
     return out
 
 
@@ -175,7 +195,7 @@ def build_tiny_model(out: str | Path, *, size: str = "test", seed: int = 0, forc
         raise ValueError(f"size {size!r} unknown; choose one of {sorted(SIZES)}")
     out = Path(out)
     stamp = out / "trustee_tiny.json"
-    want = {"size": size, "seed": seed, "format": 1}
+    want = {"size": size, "seed": seed, "format": 2}
     if not force and stamp.exists() and json.loads(stamp.read_text()) == want:
         return out
     out.mkdir(parents=True, exist_ok=True)
