@@ -178,5 +178,9 @@ def test_a_tiny_model_built_from_another_recipe_is_refused(tmp_path, tiny_model_
     assert tiny_recipe_problem(cfg) == ""
     other = load_config(ROOT / "configs" / "cpu-tiny.toml", [f"model.path={model}", "model.tiny=demo"])
     assert "model.tiny = 'demo'" in tiny_recipe_problem(other) and "built with 'test'" in tiny_recipe_problem(other)
+    stamp = json.loads((model / "trustee_tiny.json").read_text())
+    (model / "trustee_tiny.json").write_text(json.dumps({**stamp, "format": 1}))  # an older trustee's build
+    assert "built by an older trustee (format 1" in tiny_recipe_problem(cfg)
+    (model / "trustee_tiny.json").write_text(json.dumps(stamp))
     r = _run("configs/cpu-tiny.toml", "--dry-run", "--set", f"model.path={model}", "--set", "model.tiny_sft_steps=7")
     assert r.returncode != 0 and "model.tiny_sft_steps = 7" in r.stderr and "Traceback" not in r.stderr

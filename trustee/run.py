@@ -104,6 +104,15 @@ def tiny_recipe_problem(cfg: Config) -> str:
     stamp = path / "trustee_tiny.json"
     if not cfg.model.tiny or not stamp.exists():
         return ""
+    from trustee.models.tiny import TINY_FORMAT
+
+    made = json.loads(stamp.read_text()).get("format")
+    if made != TINY_FORMAT:
+        return (
+            f"the tiny model at model.path = {cfg.model.path!r} was built by an older trustee (format {made!r}; "
+            f"this one builds format {TINY_FORMAT}, with another tokenizer): delete that directory to rebuild it, "
+            "or point model.path at a new directory"
+        )
     sft = path / "trustee_sft.json"
     built = {
         "model.tiny": json.loads(stamp.read_text()).get("size"),

@@ -185,6 +185,12 @@ def build_tokenizer(seed: int, vocab: int, family: str = "qwen"):
     return tok
 
 
+TINY_FORMAT = 2
+"""Bumped when the same size and seed would build different files: 2 = the tokenizer also learns
+the toy conversations' words (issue 26). A directory stamped with another format is rebuilt by
+`build_tiny_model` and refused by `trustee.run` (`tiny_recipe_problem`)."""
+
+
 def build_tiny_model(out: str | Path, *, size: str = "test", seed: int = 0, force: bool = False) -> Path:
     """Write a tokenizer + random-weight Qwen3 model to `out` (skipped if already built with
     the same size and seed). Returns the directory."""
@@ -195,7 +201,7 @@ def build_tiny_model(out: str | Path, *, size: str = "test", seed: int = 0, forc
         raise ValueError(f"size {size!r} unknown; choose one of {sorted(SIZES)}")
     out = Path(out)
     stamp = out / "trustee_tiny.json"
-    want = {"size": size, "seed": seed, "format": 2}
+    want = {"size": size, "seed": seed, "format": TINY_FORMAT}
     if not force and stamp.exists() and json.loads(stamp.read_text()) == want:
         return out
     out.mkdir(parents=True, exist_ok=True)
