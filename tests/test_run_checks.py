@@ -144,10 +144,16 @@ def test_a_missing_tiny_simulator_is_built_and_warmed_on_the_toy_teacher(tmp_pat
 
     cfg = load_config(
         ROOT / "configs" / "cpu-sim.toml",
-        [f"model.path={tiny_model_dir}", f"simulator.model_path={tmp_path / 'sim'}", "simulator.tiny_sft_steps=3"],
+        [
+            f"model.path={tiny_model_dir}",
+            f"simulator.model_path={tmp_path / 'sim'}",
+            "simulator.tiny_sft_steps=3",
+        ],
     )
     notes = _model_checks(cfg, build=False)
-    assert any("tiny simulator (test) will be built at" in n for n in notes) and not (tmp_path / "sim").exists()
+    assert (
+        any("tiny simulator (test) will be built at" in n for n in notes) and not (tmp_path / "sim").exists()
+    )
     notes = _model_checks(cfg, build=True)
     report = json.loads((tmp_path / "sim" / "trustee_sft.json").read_text())
     assert report["data"] == "simulator" and report["steps"] == 3
@@ -177,10 +183,19 @@ def test_a_tiny_model_built_from_another_recipe_is_refused(tmp_path, tiny_model_
     (model / "trustee_sft.json").write_text(json.dumps({"steps": cfg.model.tiny_sft_steps}))
     assert tiny_recipe_problem(cfg) == ""
     other = load_config(ROOT / "configs" / "cpu-tiny.toml", [f"model.path={model}", "model.tiny=demo"])
-    assert "model.tiny = 'demo'" in tiny_recipe_problem(other) and "built with 'test'" in tiny_recipe_problem(other)
+    assert "model.tiny = 'demo'" in tiny_recipe_problem(other) and "built with 'test'" in tiny_recipe_problem(
+        other
+    )
     stamp = json.loads((model / "trustee_tiny.json").read_text())
     (model / "trustee_tiny.json").write_text(json.dumps({**stamp, "format": 1}))  # an older trustee's build
     assert "built by an older trustee (format 1" in tiny_recipe_problem(cfg)
     (model / "trustee_tiny.json").write_text(json.dumps(stamp))
-    r = _run("configs/cpu-tiny.toml", "--dry-run", "--set", f"model.path={model}", "--set", "model.tiny_sft_steps=7")
+    r = _run(
+        "configs/cpu-tiny.toml",
+        "--dry-run",
+        "--set",
+        f"model.path={model}",
+        "--set",
+        "model.tiny_sft_steps=7",
+    )
     assert r.returncode != 0 and "model.tiny_sft_steps = 7" in r.stderr and "Traceback" not in r.stderr

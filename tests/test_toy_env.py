@@ -227,7 +227,9 @@ def test_slipped_demonstration_is_refused_then_recovers_and_scores_one(kind):
         slips = len(calls) - 1
         assert 1 <= slips <= MAX_SLIPS
         assert all("error" in r for r in results[:slips]) and "error" not in results[-1]
-        assert calls[-1] == task.expected_calls[0] and len({canonical_json(c.arguments) for c in calls}) == len(calls)
+        assert calls[-1] == task.expected_calls[0] and len(
+            {canonical_json(c.arguments) for c in calls}
+        ) == len(calls)
         parser = ToolCallParser(task.tools)
         assert all(parser.validate(c) is None for c in calls)
 

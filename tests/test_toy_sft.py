@@ -50,7 +50,10 @@ def test_warm_up_data_mixes_reference_and_guessing_conversations(tiny_tokenizer)
     data = _examples(tiny_tokenizer, 40, seed=1, guess_share=0.5)
 
     def calls(examples):
-        return ["<tool_call>" in tiny_tokenizer.decode([t for t, m in zip(i, k, strict=True) if m]) for i, k in examples]
+        return [
+            "<tool_call>" in tiny_tokenizer.decode([t for t, m in zip(i, k, strict=True) if m])
+            for i, k in examples
+        ]
 
     assert 10 <= sum(calls(data)) <= 30  # about half call a tool, the rest guess
     assert all(calls(_examples(tiny_tokenizer, 8, seed=1, guess_share=0.0)))
@@ -67,7 +70,10 @@ def test_a_refused_call_is_context_and_the_recovery_is_trained(tiny_tokenizer):
     ids, mask = encode_conversation(tiny_tokenizer, task, msgs)
     trained = tiny_tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m])
     context = tiny_tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m])
-    assert trained.count("<tool_call>") == 1 and f'"to_unit": "{task.expected_calls[0].arguments["to_unit"]}"' in trained
+    assert (
+        trained.count("<tool_call>") == 1
+        and f'"to_unit": "{task.expected_calls[0].arguments["to_unit"]}"' in trained
+    )
     for call in refused:
         assert f'"to_unit": "{call.arguments["to_unit"]}"' in context
         assert f'"to_unit": "{call.arguments["to_unit"]}"' not in trained
@@ -78,7 +84,13 @@ def test_warm_up_data_slips_at_about_the_share_asked(tiny_tokenizer):
     from trustee.models.sft import _examples
 
     data = _examples(tiny_tokenizer, 200, seed=3, guess_share=0.0, slip_share=0.5)
-    slipped = sum("cannot convert" in tiny_tokenizer.decode(i) or "not found" in tiny_tokenizer.decode(i) for i, _ in data)
+    slipped = sum(
+        "cannot convert" in tiny_tokenizer.decode(i) or "not found" in tiny_tokenizer.decode(i)
+        for i, _ in data
+    )
     # convert and kv_get are 2 of the 5 kinds (chain only with 2 calls asked): about 0.5 x 2/5 x 200 = 40
     assert 15 <= slipped <= 70, slipped
-    assert not any("cannot convert" in tiny_tokenizer.decode(i) for i, _ in _examples(tiny_tokenizer, 60, seed=3, slip_share=0.0))
+    assert not any(
+        "cannot convert" in tiny_tokenizer.decode(i)
+        for i, _ in _examples(tiny_tokenizer, 60, seed=3, slip_share=0.0)
+    )

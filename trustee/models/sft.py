@@ -140,6 +140,15 @@ def _sim_examples(tokenizer: Any, n: int, seed: int) -> list[tuple[list[int], li
     return out
 
 
+def _warm_up_data(
+    tokenizer: Any, n: int, seed: int, data: str, guess_share: float, slip_share: float
+) -> list[tuple[list[int], list[int]]]:
+    """`n` (ids, mask) examples: toy conversations for the policy, role answers for the simulator."""
+    if data == "policy":
+        return _examples(tokenizer, n, seed, guess_share, slip_share)
+    return _sim_examples(tokenizer, n, seed)
+
+
 def _batch(examples: list[tuple[list[int], list[int]]], pad: int) -> tuple[Any, Any, Any]:
     import torch
 
@@ -287,7 +296,7 @@ def sft_warm(
     # Fresh examples for every step (no repeats): a tiny model that sees the same few hundred
     # conversations again memorises their numbers instead of learning to copy them.
     n = max(256, batch_size * steps)
-    examples = _examples(tok, n, seed, guess_share, slip_share) if data == "policy" else _sim_examples(tok, n, seed)
+    examples = _warm_up_data(tok, n, seed, data, guess_share, slip_share)
     rng = random.Random(seed)
     rng.shuffle(examples)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

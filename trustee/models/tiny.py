@@ -113,7 +113,7 @@ _WORDS = (
 ).split()
 
 
-def _corpus(seed: int, lines: int = 6000, family: str = "qwen", toy_lines: int = 1500) -> list[str]:
+def _corpus(seed: int, lines: int = 6000, family: str = "qwen", toy_conversations: int = 1500) -> list[str]:
     """Deterministic text resembling tool-use chats: prose, JSON calls, numbers, and the
     family's template scaffolding."""
     rng = random.Random(seed)
@@ -134,7 +134,7 @@ def _corpus(seed: int, lines: int = 6000, family: str = "qwen", toy_lines: int =
         else:
             s = json.dumps({"type": "object", "properties": {rng.choice(_WORDS): {"type": "string"}}})
         out.append(s)
-    out.extend(_toy_corpus(seed, toy_lines))
+    out.extend(_toy_corpus(seed, toy_conversations))
     return out
 
 
@@ -142,9 +142,8 @@ def _toy_corpus(seed: int, conversations: int) -> list[str]:
     """The text of toy-environment conversations (tool schemas, queries, calls, results,
     answers), so the tokenizer has tokens for the words the tiny model is warmed and trained
     on, as a real model's tokenizer has for its domain's words."""
-    from trustee.chat.parse import canonical_json
     from trustee.envs.base import Knobs
-    from trustee.envs.toy import ToyEnv
+    from trustee.envs.toy import SYSTEM_PROMPT, ToyEnv
 
     env, rng, out = ToyEnv(), random.Random(seed + 1), []
     for _ in range(conversations):
@@ -153,7 +152,7 @@ def _toy_corpus(seed: int, conversations: int) -> list[str]:
         for m in env.sft_messages(task, guess=rng if rng.random() < 0.5 else None)[1:]:
             out.extend(json.dumps({"name": c.name, "arguments": c.arguments}) for c in m.tool_calls or [])
             out.append(m.content or "")
-    out.append(task.system_prompt)
+    out.append(SYSTEM_PROMPT)
     return out
 
 
