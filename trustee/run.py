@@ -106,7 +106,8 @@ def tiny_recipe_problem(cfg: Config) -> str:
         return ""
     from trustee.models.tiny import TINY_FORMAT
 
-    made = json.loads(stamp.read_text()).get("format")
+    stamped = json.loads(stamp.read_text())
+    made = stamped.get("format")
     if made != TINY_FORMAT:
         return (
             f"the tiny model at model.path = {cfg.model.path!r} was built by an older trustee (format {made!r}; "
@@ -115,7 +116,7 @@ def tiny_recipe_problem(cfg: Config) -> str:
         )
     sft = path / "trustee_sft.json"
     built = {
-        "model.tiny": json.loads(stamp.read_text()).get("size"),
+        "model.tiny": stamped.get("size"),
         "model.tiny_sft_steps": json.loads(sft.read_text()).get("steps") if sft.exists() else 0,
     }
     for field, want in (("model.tiny", cfg.model.tiny), ("model.tiny_sft_steps", cfg.model.tiny_sft_steps)):
